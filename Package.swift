@@ -1,0 +1,94 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "quotad",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "quotad", targets: ["quotad"]),
+        .executable(name: "quotactl", targets: ["quotactl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.0"),
+    ],
+    targets: [
+        // C library, owned by QuotaRedis only.
+        .systemLibrary(
+            name: "CHiredis",
+            pkgConfig: "hiredis",
+            providers: [.apt(["libhiredis-dev"])]
+        ),
+        // The domain: stock, leases, fencing, sizing. No I/O.
+        .target(name: "QuotaCore"),
+        // RESP2 framing with hard limits.
+        .target(name: "QuotaRESP", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        // The only importer of CHiredis: connection owner thread, Lua scripts, key layout.
+        .target(
+            name: "QuotaRedis",
+            dependencies: [
+                "CHiredis", "QuotaCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
+        // YAML configuration as validated value types.
+        .target(name: "QuotaConfig", dependencies: ["QuotaCore", .product(name: "Yams", package: "Yams")]),
+        // The sidecar: Unix socket server, dispatch, lease manager.
+        .target(
+            name: "QuotaServer",
+            dependencies: [
+                "QuotaCore", "QuotaRESP", "QuotaRedis", "QuotaConfig",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "quotad",
+            dependencies: [
+                "QuotaServer", "QuotaConfig",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "quotactl",
+            dependencies: [
+                "QuotaRedis", "QuotaConfig", "QuotaCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig"]),
+        .testTarget(
+            name: "QuotaRESPTests",
+            dependencies: ["QuotaRESP", .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "NIOTestUtils", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: [
+                "QuotaRESP", "QuotaRedis", "QuotaCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
+    ]
+)
+
+for target in package.targets where target.type != .system {
+    target.swiftSettings = (target.swiftSettings ?? []) + strict
+}
