@@ -146,7 +146,7 @@ public struct VoucherStock: Sendable {
     }
 
     /// Decide one claim of `qty` tokens.
-    public mutating func claim(qty: Int, now: Instant) -> ClaimDecision {
+    public mutating func claim(qty: Int, now: Instant, countDemand: Bool = true) -> ClaimDecision {
         if draining { return reject(.unavailable, "draining: this host no longer serves claims") }
         switch status {
         case .paused: return reject(.inactive, "voucher is paused")
@@ -154,8 +154,10 @@ public struct VoucherStock: Sendable {
         case .active: break
         }
         fence(now: now)
-        lastDemand = now
-        rate.record(qty, now: now)
+        if countDemand {
+            lastDemand = now
+            rate.record(qty, now: now)
+        }
         if available(now: now) >= qty { return .served(take(qty)) }
         if soldOut { return reject(.soldout, "voucher sold out in this region") }
         if let b = backoffUntil, now < b, !leaseInFlight {
@@ -167,7 +169,7 @@ public struct VoucherStock: Sendable {
     /// Decide a parked claim again after a lease answer: serve it, or say what to answer.
     /// Unlike ``claim(qty:now:)`` it never parks twice: no stock and no lease coming means refuse.
     public mutating func retryParked(qty: Int, now: Instant) -> ClaimDecision {
-        let d = claim(qty: qty, now: now)
+        let d = claim(qty: qty, now: now, countDemand: false)
         guard d == .wait else { return d }
         if leaseInFlight || nextLeaseWouldBeSent(now: now) { return .wait }
         return reject(.unavailable, "quota authority unreachable and no local stock")

@@ -1,0 +1,205 @@
+import QuotaCore
+
+/// Configuration of one `quotad`, from one YAML file plus flag overrides.
+/// Every property documents its YAML key and default.
+public struct SidecarConfig: Sendable {
+    /// `host_id`: this host's id in leases and claim ids. Default: the machine's hostname.
+    public var hostID: String
+    /// `region`: the region this host leases from. Required.
+    public var region: String
+    /// `regions.<name>.redis`: each region's Redis URL. The own region's is required.
+    public var regions: [String: String]
+    public var socket: Socket
+    /// `durability`: `none` (reply at once). `journal` and `kafka` come with the durable-claims work.
+    public var durability: Durability
+    /// `lease.*`: this host's default lease policy (Redis region defaults and per-voucher overrides win).
+    public var lease: LeasePolicy
+    public var limits: Limits
+    /// `redis_timeout_ms`: timeout of every Redis call. Default 1000.
+    public var redisTimeout: Duration
+    /// `avail_refresh`: seconds between refreshes of the pool size and voucher state. Default 1.
+    public var availRefresh: Duration
+    /// `policy_refresh`: seconds between refreshes of lease policy from Redis. Default 2.
+    public var policyRefresh: Duration
+    /// `event_loops`: threads serving the socket. Default: number of cores.
+    public var eventLoops: Int
+    /// `log_level`: trace|debug|info|notice|warning|error|critical. Default info.
+    public var logLevel: String
+
+    public enum Durability: String, Sendable { case none, journal, kafka }
+
+    public struct Socket: Sendable {
+        /// `socket.path`. Default `/run/quotad/quotad.sock`.
+        public var path: String = "/run/quotad/quotad.sock"
+        /// `socket.mode`: file mode, octal. Default 0660.
+        public var mode: Int = 0o660
+        /// `socket.allowed_uids`: peers allowed to connect (SO_PEERCRED); empty = any uid. Default [].
+        public var allowedUIDs: [UInt32] = []
+        /// `socket.allowed_gids`: peers' gids allowed to connect; empty = any gid. Default [].
+        public var allowedGIDs: [UInt32] = []
+        /// `socket.admin_uids`: uids allowed `DRAIN` besides root and quotad's own uid. Default [].
+        public var adminUIDs: [UInt32] = []
+    }
+
+    public struct Limits: Sendable {
+        /// `limits.max_connections`. Default 10000.
+        public var maxConnections = 10_000
+        /// `limits.max_pending_per_connection`: unanswered pipelined commands per connection before
+        /// reading pauses. Default 1024.
+        public var maxPendingPerConnection = 1024
+        /// `limits.max_waiting_claims`: claims per voucher parked waiting for a lease; more get BUSY. Default 10000.
+        public var maxWaitingClaims = 10_000
+        /// `limits.claim_timeout_ms`: longest a claim waits for a lease before UNAVAILABLE. Default 2000.
+        public var claimTimeout: Duration = .seconds(2)
+        /// `limits.max_qty`: largest QTY of one claim. Default 1000.
+        public var maxQty = 1000
+        /// `limits.max_vouchers`: vouchers tracked by this host. Default 100000.
+        public var maxVouchers = 100_000
+        /// `limits.max_arguments`, `limits.max_argument_bytes`, `limits.max_frame_bytes`: RESP frame limits.
+        /// Defaults 32, 4096, 65536.
+        public var maxArguments = 32
+        public var maxArgumentBytes = 4096
+        public var maxFrameBytes = 65536
+    }
+
+    public init(hostID: String, region: String, regions: [String: String]) {
+        self.hostID = hostID
+        self.region = region
+        self.regions = regions
+        self.socket = Socket()
+        self.durability = .none
+        self.lease = LeasePolicy()
+        self.limits = Limits()
+        self.redisTimeout = .seconds(1)
+        self.availRefresh = .seconds(1)
+        self.policyRefresh = .seconds(2)
+        self.eventLoops = 0
+        self.logLevel = "info"
+    }
+
+    /// The own region's Redis URL.
+    public var redisURL: String { regions[region] ?? "" }
+
+    static let notBuilt = [
+        "journal": "the local journal arrives with the durable-claims work (durability: journal)",
+        "kafka": "the Kafka stream arrives with the durable-claims work",
+        "per_user": "per-user limits arrive with their own work",
+        "borrow": "borrowing between regions is not built yet",
+        "metrics": "the Prometheus endpoint arrives with the observability work",
+    ]
+
+    /// Parse YAML text, apply `overrides` (dotted key → value), validate.
+    public static func load(yaml: String, overrides: [(String, String)] = [], defaultHostID: String)
+        throws(ConfigError) -> SidecarConfig
+    {
+        var root = try ConfigNode.parse(yaml: yaml)
+        for (k, v) in overrides {
+            let parts = k.split(separator: ".").map(String.init)
+            guard !parts.isEmpty else { throw ConfigError(key: k, "empty key in override") }
+            try root.set(path: parts, value: .scalar(v))
+        }
+        return try decode(root, defaultHostID: defaultHostID)
+    }
+
+    static func decode(_ root: ConfigNode, defaultHostID: String) throws(ConfigError) -> SidecarConfig {
+        var r = try ConfigReader(root)
+        guard let region = try r.string("region"), !region.isEmpty else {
+            throw ConfigError(key: "region", "is required (the region this host leases from)")
+        }
+        var regions: [String: String] = [:]
+        var rr = try r.child("regions")
+        for name in rr.keys {
+            var one = try rr.child(name)
+            guard let url = try one.string("redis"), !url.isEmpty else {
+                throw ConfigError(key: one.key("redis"), "is required")
+            }
+            regions[name] = url
+            try one.finish()
+        }
+        try rr.finish()
+        guard regions[region] != nil else {
+            throw ConfigError(key: "regions.\(region).redis", "is required: the Redis of this host's region '\(region)'")
+        }
+        let host = try r.string("host_id") ?? defaultHostID
+        guard !host.isEmpty, host.utf8.count <= 64, !host.contains("|"), !host.contains(" ") else {
+            throw ConfigError(key: "host_id", "must be 1-64 characters without '|' or spaces")
+        }
+        var c = SidecarConfig(hostID: host, region: region, regions: regions)
+
+        var s = try r.child("socket")
+        if let p = try s.string("path") {
+            guard p.hasPrefix("/"), p.utf8.count < 108 else {
+                throw ConfigError(key: "socket.path", "must be an absolute path shorter than 108 bytes")
+            }
+            c.socket.path = p
+        }
+        if let m = try s.string("mode") {
+            guard let v = Int(m.hasPrefix("0o") ? String(m.dropFirst(2)) : m, radix: 8), v >= 0, v <= 0o777 else {
+                throw ConfigError(key: "socket.mode", "must be an octal file mode like 0660, got '\(m)'")
+            }
+            c.socket.mode = v
+        }
+        c.socket.allowedUIDs = try s.intList("allowed_uids") ?? []
+        c.socket.allowedGIDs = try s.intList("allowed_gids") ?? []
+        c.socket.adminUIDs = try s.intList("admin_uids") ?? []
+        try s.finish()
+
+        if let d = try r.string("durability") {
+            guard let v = Durability(rawValue: d) else {
+                throw ConfigError(key: "durability", "must be one of journal, kafka, none; got '\(d)'")
+            }
+            guard v == .none else {
+                throw ConfigError(
+                    key: "durability", "'\(d)' is not supported yet (the journal and Kafka stream are not built); use none")
+            }
+            c.durability = v
+        }
+
+        var l = try r.child("lease")
+        var p = LeasePolicy()
+        if let v = try l.int("min", min: 1) { p.min = v }
+        if let v = try l.int("max", min: 1) { p.max = v }
+        if let v = try l.double("target_seconds", min: 0.001) { p.targetSeconds = v }
+        var marginSet = false
+        if let v = try l.double("ttl", min: 1, max: 3600) { p.ttl = .milliseconds(Int64(v * 1000)) }
+        if let v = try l.double("safety_margin", min: 0.01) {
+            p.safetyMargin = .milliseconds(Int64(v * 1000))
+            marginSet = true
+        }
+        if !marginSet { p.safetyMargin = LeasePolicy.defaultMargin(ttl: p.ttl) }
+        if let v = try l.double("low_watermark", min: 0, max: 0.99) { p.lowWatermark = v }
+        if let v = try l.double("idle_return_seconds", min: 0.1) { p.idleReturn = .milliseconds(Int64(v * 1000)) }
+        try l.finish()
+        guard p.max >= p.min else { throw ConfigError(key: "lease.max", "must be >= lease.min (\(p.min))") }
+        guard p.safetyMargin < p.ttl else { throw ConfigError(key: "lease.safety_margin", "must be < lease.ttl") }
+        c.lease = p
+
+        var lim = try r.child("limits")
+        if let v = try lim.int("max_connections", min: 1) { c.limits.maxConnections = v }
+        if let v = try lim.int("max_pending_per_connection", min: 1) { c.limits.maxPendingPerConnection = v }
+        if let v = try lim.int("max_waiting_claims", min: 0) { c.limits.maxWaitingClaims = v }
+        if let v = try lim.int("claim_timeout_ms", min: 1) { c.limits.claimTimeout = .milliseconds(v) }
+        if let v = try lim.int("max_qty", min: 1) { c.limits.maxQty = v }
+        if let v = try lim.int("max_vouchers", min: 1) { c.limits.maxVouchers = v }
+        if let v = try lim.int("max_arguments", min: 4, max: 1024) { c.limits.maxArguments = v }
+        if let v = try lim.int("max_argument_bytes", min: 64, max: 1 << 20) { c.limits.maxArgumentBytes = v }
+        if let v = try lim.int("max_frame_bytes", min: 256, max: 16 << 20) { c.limits.maxFrameBytes = v }
+        try lim.finish()
+
+        if let v = try r.int("redis_timeout_ms", min: 10, max: 60_000) { c.redisTimeout = .milliseconds(v) }
+        if let v = try r.double("avail_refresh", min: 0.05, max: 60) { c.availRefresh = .milliseconds(Int64(v * 1000)) }
+        if let v = try r.double("policy_refresh", min: 0.1, max: 600) {
+            c.policyRefresh = .milliseconds(Int64(v * 1000))
+        }
+        if let v = try r.int("event_loops", min: 0, max: 256) { c.eventLoops = v }
+        if let v = try r.string("log_level") {
+            let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+            guard levels.contains(v) else {
+                throw ConfigError(key: "log_level", "must be one of \(levels.joined(separator: ", "))")
+            }
+            c.logLevel = v
+        }
+        try r.finish(notBuilt: notBuilt)
+        return c
+    }
+}

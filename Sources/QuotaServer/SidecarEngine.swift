@@ -1,0 +1,225 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import QuotaConfig
+import QuotaCore
+import QuotaRedis
+import Synchronization
+
+/// The sidecar's state shared by all connections: the voucher registry, the Redis
+/// store, claim ids, counters, and the periodic work (ticks and refreshes).
+public final class SidecarEngine: Sendable {
+    public let config: SidecarConfig
+    public let store: QuotaStore
+    let logger: Logger
+    let startedAt = Date()
+    private let vouchers = NIOLockedValueBox<[String: VoucherRuntime]>([:])
+    private let _regionPolicy = NIOLockedValueBox(LeasePolicyOverride())
+    private let claimSeq = Atomic<Int>(0)
+    private let claimPrefix: String
+    private let _draining = Atomic<Bool>(false)
+
+    // Counters outside any voucher.
+    let connectionsCurrent = Atomic<Int>(0)
+    let connectionsTotal = Atomic<Int>(0)
+    let connectionsRefused = Atomic<Int>(0)
+    let protocolErrors = Atomic<Int>(0)
+    let commandErrors = Atomic<Int>(0)
+    let globalRejections = NIOLockedValueBox<[QuotaErrorCode: Int]>([:])
+    let redisErrors = Atomic<Int>(0)
+
+    public init(config: SidecarConfig, store: QuotaStore, logger: Logger) {
+        self.config = config
+        self.store = store
+        self.logger = logger
+        // Claim ids: region.host.boot.seq — unique across regions, hosts and restarts
+        // (boot = start time in ms, base 36, plus 16 random bits).
+        let ms = UInt64(Date().timeIntervalSince1970 * 1000)
+        let boot = String(ms, radix: 36) + String(UInt16.random(in: 0...UInt16.max), radix: 36)
+        self.claimPrefix = "\(config.region).\(config.hostID).\(boot)."
+    }
+
+    var regionPolicy: LeasePolicyOverride { _regionPolicy.withLockedValue { $0 } }
+    public var isDraining: Bool { _draining.load(ordering: .relaxed) }
+
+    func nextClaimID() -> String {
+        let n = claimSeq.wrappingAdd(1, ordering: .relaxed).newValue
+        return claimPrefix + String(n, radix: 36)
+    }
+
+    func countRejection(_ code: QuotaErrorCode) {
+        globalRejections.withLockedValue { $0[code, default: 0] += 1 }
+    }
+
+    // MARK: - Requests
+
+    /// Handle `CLAIM` / `AVAIL` for `voucher` (already validated).
+    func request(_ req: VoucherRuntime.Request, voucher: String, loop: any EventLoop) -> Outcome {
+        if isDraining, case .claim = req {
+            countRejection(.unavailable)
+            return .now(.error(QuotaError(.unavailable, "draining: this host no longer serves claims")))
+        }
+        let existing = vouchers.withLockedValue { $0[voucher] }
+        let rt: VoucherRuntime
+        if let existing {
+            rt = existing
+        } else {
+            let created: VoucherRuntime? = vouchers.withLockedValue { map in
+                if let r = map[voucher] { return r }
+                guard map.count < config.limits.maxVouchers else { return nil }
+                let r = VoucherRuntime(id: voucher, engine: self, policy: config.lease)
+                map[voucher] = r
+                return r
+            }
+            guard let created else {
+                countRejection(.busy)
+                return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
+            }
+            rt = created
+            if existing == nil, created !== existing {
+                // The first request for a voucher loads it; the runtime starts in `.loading`.
+                let outcome = rt.handle(req, now: monotonicNow(), loop: loop)
+                if case .later = outcome { rt.startLoadOnce() }
+                return outcome
+            }
+        }
+        return rt.handle(req, now: monotonicNow(), loop: loop)
+    }
+
+    // MARK: - Periodic work
+
+    private var runtimes: [VoucherRuntime] { vouchers.withLockedValue { Array($0.values) } }
+
+    /// Fencing, renewals, refills, idle returns, parked-claim timeouts: every `interval`.
+    func runTicker(interval: Duration = .milliseconds(50)) async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: interval)
+            let now = monotonicNow()
+            for rt in runtimes { rt.tick(now: now) }
+        }
+    }
+
+    /// Pool size, voucher state and lease policy from Redis: every `avail_refresh`.
+    func runRefresher() async {
+        var lastPolicy = ContinuousClock.now - .seconds(3600)
+        while !Task.isCancelled {
+            if ContinuousClock.now - lastPolicy >= config.policyRefresh {
+                if let p = try? await store.regionPolicy() {
+                    _regionPolicy.withLockedValue { $0 = p }
+                    lastPolicy = .now
+                }
+            }
+            let ready = runtimes.filter(\.isReady)
+            if !ready.isEmpty {
+                do {
+                    let recs = try await store.vouchers(ready.map(\.id))
+                    let now = monotonicNow()
+                    let policy = regionPolicy
+                    for (rt, rec) in zip(ready, recs) { rt.refreshed(rec, regionPolicy: policy, now: now) }
+                } catch {
+                    redisErrors.add(1, ordering: .relaxed)
+                    logger.debug("refresh failed", metadata: ["error": "\(error)"])
+                }
+            }
+            try? await Task.sleep(for: config.availRefresh)
+        }
+    }
+
+    // MARK: - Drain
+
+    /// Stop claiming, give back every unused token; waits up to `timeout` for Redis to take them.
+    /// Returns the number of vouchers that still hold tokens (0 on success).
+    @discardableResult
+    public func drain(timeout: Duration = .seconds(10)) async -> Int {
+        _draining.store(true, ordering: .relaxed)
+        for rt in runtimes { rt.drain() }
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let unsettled = runtimes.filter { !$0.isSettled }
+            if unsettled.isEmpty { return 0 }
+            if ContinuousClock.now >= deadline {
+                logger.error("tokens could not be returned before the deadline; they stay leased until reclaimed",
+                             metadata: ["vouchers": "\(unsettled.map(\.id))"])
+                return unsettled.count
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+            for rt in unsettled { rt.retryReturns() }
+        }
+    }
+
+    // MARK: - INFO
+
+    public func info(section: String?) -> String {
+        let now = monotonicNow()
+        let snaps = runtimes.compactMap { rt in rt.snapshot(now: now).map { (rt.id, $0) } }.sorted { $0.0 < $1.0 }
+        var total = VoucherCounters()
+        var local = 0
+        for (_, s) in snaps {
+            total.claimsOK += s.counters.claimsOK
+            total.tokensServed += s.counters.tokensServed
+            total.leasesTaken += s.counters.leasesTaken
+            total.tokensLeased += s.counters.tokensLeased
+            total.leasesRenewed += s.counters.leasesRenewed
+            total.leasesReturned += s.counters.leasesReturned
+            total.tokensReturned += s.counters.tokensReturned
+            total.leasesFenced += s.counters.leasesFenced
+            total.tokensLost += s.counters.tokensLost
+            for (k, v) in s.counters.rejected { total.rejected[k, default: 0] += v }
+            local += s.local
+        }
+        for (k, v) in globalRejections.withLockedValue({ $0 }) { total.rejected[k, default: 0] += v }
+        let want = section?.lowercased()
+        func on(_ s: String) -> Bool { want == nil || want == "all" || want == "everything" || want == s }
+        var out = ""
+        if on("server") {
+            out += "# Server\r\n"
+            out += "quotad_version:\(QuotadVersion.string)\r\n"
+            out += "host_id:\(config.hostID)\r\nregion:\(config.region)\r\n"
+            out += "process_id:\(getpid())\r\n"
+            out += "uptime_seconds:\(Int(Date().timeIntervalSince(startedAt)))\r\n"
+            out += "durability:\(config.durability.rawValue)\r\n"
+            out += "draining:\(isDraining ? 1 : 0)\r\n"
+            out += "redis:\(store.connection.endpoint)\r\n\r\n"
+        }
+        if on("clients") {
+            out += "# Clients\r\n"
+            out += "connected_clients:\(connectionsCurrent.load(ordering: .relaxed))\r\n"
+            out += "total_connections_received:\(connectionsTotal.load(ordering: .relaxed))\r\n"
+            out += "rejected_connections:\(connectionsRefused.load(ordering: .relaxed))\r\n\r\n"
+        }
+        if on("stats") {
+            out += "# Stats\r\n"
+            out += "claims_ok:\(total.claimsOK)\r\n"
+            for code in QuotaErrorCode.allCases where code != .err {
+                out += "claims_\(code.rawValue):\(total.rejected[code, default: 0])\r\n"
+            }
+            out += "tokens_served:\(total.tokensServed)\r\n"
+            out += "tokens_local:\(local)\r\n"
+            out += "leases_taken:\(total.leasesTaken)\r\ntokens_leased:\(total.tokensLeased)\r\n"
+            out += "leases_renewed:\(total.leasesRenewed)\r\n"
+            out += "leases_returned:\(total.leasesReturned)\r\ntokens_returned:\(total.tokensReturned)\r\n"
+            out += "leases_fenced:\(total.leasesFenced)\r\ntokens_lost_to_expiry:\(total.tokensLost)\r\n"
+            out += "redis_commands:\(store.connection.commandsSent)\r\n"
+            out += "redis_errors:\(redisErrors.load(ordering: .relaxed))\r\n"
+            out += "protocol_errors:\(protocolErrors.load(ordering: .relaxed))\r\n"
+            out += "command_errors:\(commandErrors.load(ordering: .relaxed))\r\n"
+            out += "journal_backlog_bytes:0\r\nkafka_backlog:0\r\n\r\n"
+        }
+        if on("vouchers") {
+            out += "# Vouchers\r\n"
+            for (id, s) in snaps {
+                let rejected = QuotaErrorCode.allCases.filter { s.counters.rejected[$0, default: 0] > 0 }
+                    .map { ",\($0.rawValue)=\(s.counters.rejected[$0]!)" }.joined()
+                out += "voucher:\(id):status=\(s.status),ok=\(s.counters.claimsOK),served=\(s.counters.tokensServed),"
+                out += "local=\(s.local),pool=\(s.pool),leases=\(s.leases),lease_size=\(s.leaseSize),"
+                out += "rate=\(Int(s.rate)),parked=\(s.parked),soldout=\(s.soldOut ? 1 : 0)\(rejected)\r\n"
+            }
+        }
+        return out
+    }
+}
+
+public enum QuotadVersion {
+    public static let string = "0.1.0"
+}

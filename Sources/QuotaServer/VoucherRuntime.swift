@@ -1,0 +1,413 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import QuotaCore
+import QuotaRedis
+
+/// One voucher on this host: the ``VoucherStock`` value behind a lock, the claims parked
+/// waiting for a lease, and the I/O that the stock asks for.
+///
+/// The claim path takes the lock, decides, and releases it; it never holds the lock
+/// across I/O and never completes a promise while holding it.
+final class VoucherRuntime: @unchecked Sendable {
+    let id: String
+    private unowned let engine: SidecarEngine
+    private let lock = NIOLock()
+
+    enum Phase {
+        /// Metadata is being fetched from Redis.
+        case loading
+        /// Redis does not know the voucher: NOVOUCHER until `until`.
+        case missing(until: Instant)
+        /// Redis could not be reached for the metadata: UNAVAILABLE until `until`.
+        case failed(until: Instant)
+        case ready
+    }
+
+    enum Request: Sendable {
+        case claim(qty: Int)
+        case avail
+    }
+
+    private struct Parked {
+        var qty: Int
+        var deadline: Instant
+        var promise: EventLoopPromise<Reply>
+    }
+
+    // Guarded by `lock`.
+    private var phase: Phase = .loading
+    private var stock: VoucherStock
+    private var parked = CircularBuffer<Parked>()
+    private var parkedTokens = 0
+    private var loadWaiters: [(Request, EventLoopPromise<Reply>)] = []
+    private var record: VoucherRecord?
+    private var ioInFlight = 0
+
+    /// What to do after the lock is released.
+    private struct Actions {
+        var lease: LeaseRequest?
+        var renew: [String] = []
+        var returns: [ReturnRequest] = []
+        var load = false
+        var completions: [(EventLoopPromise<Reply>, Reply)] = []
+        var redispatch: [(Request, EventLoopPromise<Reply>)] = []
+    }
+
+    init(id: String, engine: SidecarEngine, policy: LeasePolicy) {
+        self.id = id
+        self.engine = engine
+        self.stock = VoucherStock(policy: policy)
+    }
+
+    // MARK: - Requests (event loop threads)
+
+    func handle(_ req: Request, now: Instant, loop: any EventLoop) -> Outcome {
+        var a = Actions()
+        let outcome: Outcome
+        lock.lock()
+        switch phase {
+        case .loading:
+            outcome = parkForLoad(req, loop: loop, &a)
+        case .missing(let until):
+            if now < until {
+                outcome = .now(.error(QuotaError(.novoucher, "no such voucher '\(id)'")))
+            } else {
+                phase = .loading
+                a.load = true
+                outcome = parkForLoad(req, loop: loop, &a)
+            }
+        case .failed(let until):
+            if now < until {
+                outcome = .now(.error(QuotaError(.unavailable, "quota authority unreachable")))
+            } else {
+                phase = .loading
+                a.load = true
+                outcome = parkForLoad(req, loop: loop, &a)
+            }
+        case .ready:
+            switch req {
+            case .avail:
+                outcome = .now(.value(.integer(max(0, stock.poolHint) + stock.available(now: now))))
+            case .claim(let qty):
+                outcome = claimReady(qty: qty, now: now, loop: loop, &a)
+            }
+        }
+        lock.unlock()
+        perform(a)
+        return outcome
+    }
+
+    private func parkForLoad(_ req: Request, loop: any EventLoop, _ a: inout Actions) -> Outcome {
+        guard loadWaiters.count < engine.config.limits.maxWaitingClaims else {
+            return .now(.error(QuotaError(.busy, "too many requests waiting for voucher '\(id)'")))
+        }
+        let p = loop.makePromise(of: Reply.self)
+        loadWaiters.append((req, p))
+        return .later(p.futureResult)
+    }
+
+    private func claimReady(qty: Int, now: Instant, loop: any EventLoop, _ a: inout Actions) -> Outcome {
+        let outcome: Outcome
+        switch stock.claim(qty: qty, now: now) {
+        case .served:
+            outcome = .now(.claimID(engine.nextClaimID()))
+        case .reject(let e):
+            outcome = .now(.error(e))
+        case .wait:
+            if parked.count >= engine.config.limits.maxWaitingClaims {
+                stock.countRejection(.busy)
+                outcome = .now(.error(QuotaError(.busy, "too many claims waiting for stock of '\(id)'")))
+            } else {
+                let p = loop.makePromise(of: Reply.self)
+                parked.append(Parked(qty: qty, deadline: now + engine.config.limits.claimTimeout, promise: p))
+                parkedTokens += qty
+                outcome = .later(p.futureResult)
+            }
+        }
+        collect(now: now, &a)
+        return outcome
+    }
+
+    /// Serve or refuse parked claims, in order, after the stock changed.
+    private func serveParked(now: Instant, _ a: inout Actions) {
+        while let w = parked.first {
+            let reply: Reply
+            if w.deadline <= now {
+                stock.countRejection(.unavailable)
+                reply = .error(QuotaError(.unavailable, "no lease arrived within the claim timeout"))
+            } else {
+                switch stock.retryParked(qty: w.qty, now: now) {
+                case .served: reply = .claimID(engine.nextClaimID())
+                case .reject(let e): reply = .error(e)
+                case .wait: return
+                }
+            }
+            parked.removeFirst()
+            parkedTokens -= w.qty
+            a.completions.append((w.promise, reply))
+        }
+    }
+
+    private func failParked(_ e: QuotaError, _ a: inout Actions) {
+        while let w = parked.popFirst() {
+            stock.countRejection(e.code)
+            a.completions.append((w.promise, .error(e)))
+        }
+        parkedTokens = 0
+    }
+
+    private func collect(now: Instant, _ a: inout Actions) {
+        if a.lease == nil, let l = stock.nextLease(now: now, waiting: parkedTokens) { a.lease = l }
+        a.returns += stock.takeReturns()
+    }
+
+    // MARK: - Periodic work (ticker)
+
+    func tick(now: Instant) {
+        var a = Actions()
+        lock.lock()
+        if case .ready = phase {
+            stock.fence(now: now)
+            serveParked(now: now, &a)
+            a.renew = stock.renewals(now: now)
+            stock.returnIfIdle(now: now)
+            collect(now: now, &a)
+        }
+        lock.unlock()
+        perform(a)
+    }
+
+    /// Fresh metadata from the periodic refresh (nil: the voucher is gone from Redis).
+    func refreshed(_ rec: VoucherRecord?, regionPolicy: LeasePolicyOverride, now: Instant) {
+        var a = Actions()
+        lock.lock()
+        if case .ready = phase {
+            if let rec {
+                let starvedAgain = record.map { rec.starvedMs > $0.starvedMs } ?? false
+                record = rec
+                stock.policy = regionPolicy.overlaid(by: rec.policy).applied(to: engine.config.lease)
+                stock.setStatus(rec.status)
+                stock.refreshed(pool: rec.pool)
+                // Another host found the pool empty: give back stock this host is not using,
+                // so the last tokens are not stranded here.
+                if starvedAgain { stock.returnIfIdle(now: now, idleFor: .seconds(1)) }
+            } else {
+                stock.setStatus(.closed)
+                phase = .missing(until: now + .seconds(1))
+                failParked(QuotaError(.novoucher, "voucher '\(id)' was deleted"), &a)
+            }
+            serveParked(now: now, &a)
+            collect(now: now, &a)
+        }
+        lock.unlock()
+        perform(a)
+    }
+
+    var isReady: Bool {
+        lock.withLock {
+            if case .ready = phase { return true }
+            return false
+        }
+    }
+
+    // MARK: - Drain
+
+    func drain() {
+        var a = Actions()
+        lock.lock()
+        stock.drain()
+        failParked(QuotaError(.unavailable, "draining: this host no longer serves claims"), &a)
+        for (_, p) in loadWaiters {
+            a.completions.append((p, .error(QuotaError(.unavailable, "draining: this host no longer serves claims"))))
+        }
+        loadWaiters.removeAll()
+        a.returns += stock.takeReturns()
+        lock.unlock()
+        perform(a)
+    }
+
+    /// Nothing held, nothing to give back, nothing on the wire.
+    var isSettled: Bool {
+        lock.withLock { stock.tokensHeld == 0 && ioInFlight == 0 && !stock.leaseInFlight }
+    }
+
+    /// Retry returns that failed (Redis down) during drain or shutdown.
+    func retryReturns() {
+        var a = Actions()
+        lock.lock()
+        a.returns = stock.takeReturns()
+        lock.unlock()
+        perform(a)
+    }
+
+    // MARK: - Stats
+
+    struct Snapshot {
+        var status: String
+        var counters: VoucherCounters
+        var local: Int
+        var pool: Int
+        var leases: Int
+        var rate: Double
+        var parked: Int
+        var soldOut: Bool
+        var leaseSize: Int
+    }
+
+    func snapshot(now: Instant) -> Snapshot? {
+        lock.withLock {
+            guard case .ready = phase else { return nil }
+            return Snapshot(
+                status: stock.draining ? "draining" : stock.status.rawValue, counters: stock.counters,
+                local: stock.available(now: now), pool: stock.poolHint, leases: stock.leases.count,
+                rate: stock.rate.rate, parked: parked.count, soldOut: stock.soldOut,
+                leaseSize: stock.policy.leaseSize(rate: stock.rate.rate))
+        }
+    }
+
+    // MARK: - I/O
+
+    private func perform(_ a: Actions) {
+        for (p, r) in a.completions { p.succeed(r) }
+        for (req, p) in a.redispatch {
+            switch handle(req, now: monotonicNow(), loop: p.futureResult.eventLoop) {
+            case .now(let r): p.succeed(r)
+            case .later(let f): f.cascade(to: p)
+            }
+        }
+        if a.load { startLoad() }
+        if let l = a.lease { startLease(l) }
+        for r in a.renew { startRenew(r) }
+        for r in a.returns { startReturn(r) }
+    }
+
+    private func beginIO() { lock.withLock { ioInFlight += 1 } }
+
+    private var loadStarted = false
+
+    /// Start the first metadata load (the runtime was created in `.loading`).
+    func startLoadOnce() {
+        let first = lock.withLock { () -> Bool in
+            defer { loadStarted = true }
+            return !loadStarted
+        }
+        if first { startLoad() }
+    }
+
+    func startLoad() {
+        let store = engine.store
+        Task {
+            let result = await attempt { () async throws(RedisError) in try await store.voucher(self.id) }
+            let policy = self.engine.regionPolicy
+            self.loaded(result, regionPolicy: policy)
+        }
+    }
+
+    private func loaded(_ result: Result<VoucherRecord?, RedisError>, regionPolicy: LeasePolicyOverride) {
+        var a = Actions()
+        let now = monotonicNow()
+        lock.lock()
+        switch result {
+        case .success(let rec?):
+            record = rec
+            stock.policy = regionPolicy.overlaid(by: rec.policy).applied(to: engine.config.lease)
+            stock.setStatus(rec.status)
+            stock.refreshed(pool: rec.pool)
+            phase = .ready
+            a.redispatch = loadWaiters
+        case .success(nil):
+            phase = .missing(until: now + .seconds(1))
+            a.completions = loadWaiters.map { ($0.1, .error(QuotaError(.novoucher, "no such voucher '\(id)'"))) }
+        case .failure(let e):
+            engine.logger.warning("voucher load failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
+            phase = .failed(until: now + .milliseconds(250))
+            a.completions = loadWaiters.map {
+                ($0.1, .error(QuotaError(.unavailable, "quota authority unreachable: \(e)")))
+            }
+        }
+        loadWaiters.removeAll()
+        lock.unlock()
+        perform(a)
+    }
+
+    private func startLease(_ l: LeaseRequest) {
+        let engine = self.engine
+        let ttl = lock.withLock { stock.policy.ttl }
+        Task {
+            let result = await attempt { () async throws(RedisError) in
+                try await engine.store.lease(voucher: self.id, host: engine.config.hostID, want: l.want,
+                                             need: l.need, ttl: ttl)
+            }
+            self.leaseDone(result, request: l)
+        }
+    }
+
+    private func leaseDone(_ result: Result<LeaseReply, RedisError>, request: LeaseRequest) {
+        var a = Actions()
+        let now = monotonicNow()
+        lock.lock()
+        switch result {
+        case .success(.granted(let g)): stock.leaseGranted(g, sentAt: request.sentAt, now: now)
+        case .success(.refused(let r)): stock.leaseRefused(r)
+        case .failure(let e):
+            engine.logger.warning("lease failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
+            stock.leaseFailed(now: now)
+        }
+        serveParked(now: now, &a)
+        collect(now: now, &a)
+        lock.unlock()
+        perform(a)
+    }
+
+    private func startRenew(_ leaseID: String) {
+        let engine = self.engine
+        let ttl = lock.withLock { stock.policy.ttl }
+        let sentAt = monotonicNow()
+        beginIO()
+        Task {
+            let result = await attempt { () async throws(RedisError) in
+                try await engine.store.renew(voucher: self.id, lease: leaseID, host: engine.config.hostID, ttl: ttl)
+            }
+            var a = Actions()
+            let now = monotonicNow()
+            self.lock.lock()
+            self.ioInFlight -= 1
+            switch result {
+            case .success(let o):
+                if o != .renewed(ttl: ttl) {
+                    engine.logger.warning("lease not renewed", metadata: ["quota.voucher": "\(self.id)",
+                                                                          "quota.lease": "\(leaseID)", "outcome": "\(o)"])
+                }
+                self.stock.renewed(leaseID, outcome: o, sentAt: sentAt, now: now)
+            case .failure: self.stock.renewFailed(leaseID)
+            }
+            self.collect(now: now, &a)
+            self.lock.unlock()
+            self.perform(a)
+        }
+    }
+
+    private func startReturn(_ r: ReturnRequest) {
+        let engine = self.engine
+        beginIO()
+        Task {
+            let result = await attempt { () async throws(RedisError) in
+                try await engine.store.giveBack(voucher: self.id, lease: r.leaseId, host: engine.config.hostID,
+                                                returnedTotal: r.returnedTotal, close: r.close)
+            }
+            self.lock.withLock {
+                self.ioInFlight -= 1
+                switch result {
+                case .success(let n): self.stock.returned(r, applied: n)
+                case .failure: self.stock.returnFailed(r)
+                }
+            }
+        }
+    }
+}
+
+/// Run a Redis call and keep its typed error.
+func attempt<T>(_ body: () async throws(RedisError) -> T) async -> Result<T, RedisError> {
+    do { return .success(try await body()) } catch { return .failure(error) }
+}

@@ -1,0 +1,376 @@
+import ArgumentParser
+import Foundation
+import Logging
+import QuotaConfig
+import QuotaCore
+import QuotaRedis
+
+@main
+struct Quotactl: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quotactl",
+        abstract: "Operate quotad: vouchers, lease policy, status.",
+        subcommands: [VoucherCommand.self, LeaseCommand.self, StatusCommand.self])
+}
+
+/// Where to find the regions' Redis and the local quotad.
+struct Connection: ParsableArguments {
+    @Option(name: .long, help: "quotad config file (uses regions, region, socket).") var config: String?
+    @Option(name: .long, help: "Redis URL of a single region (instead of --config).") var redis: String?
+    @Option(name: .long, help: "Redis call timeout in milliseconds.") var timeoutMs: Int = 2000
+    @Flag(name: .long, help: "Machine-readable JSON output.") var json = false
+
+    /// Region name → Redis URL, and the default region.
+    func regions() throws -> (regions: [String: String], home: String, socket: String?) {
+        if let redis {
+            _ = try RedisEndpoint(url: redis)
+            let home = (try? loadConfig())?.region ?? "default"
+            return ([home: redis], home, nil)
+        }
+        guard config != nil else {
+            throw ValidationError("say where Redis is: --redis redis://127.0.0.1:6379 or --config /etc/quotad.yaml")
+        }
+        let c = try loadConfig()!
+        return (c.regions, c.region, c.socket.path)
+    }
+
+    func loadConfig() throws -> SidecarConfig? {
+        guard let config else { return nil }
+        guard let text = try? String(contentsOfFile: config, encoding: .utf8) else {
+            throw ValidationError("cannot read config file '\(config)'")
+        }
+        do {
+            return try SidecarConfig.load(yaml: text, defaultHostID: "quotactl")
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+
+    func store(_ url: String) throws -> QuotaStore {
+        var logger = Logger(label: "quotactl")
+        logger.logLevel = .error
+        return try QuotaStore(url: url, timeout: .milliseconds(timeoutMs), logger: logger)
+    }
+
+    func home() throws -> QuotaStore {
+        let r = try regions()
+        return try store(r.regions[r.home]!)
+    }
+}
+
+func emitJSON(_ value: some Encodable) throws {
+    let e = JSONEncoder()
+    e.outputFormatting = [.prettyPrinted, .sortedKeys]
+    print(String(decoding: try e.encode(value), as: UTF8.self))
+}
+
+func requireVoucherID(_ id: String) throws {
+    guard QuotaStore.isValidVoucherID(id) else {
+        throw ValidationError("invalid voucher id '\(id)': use 1-64 of A-Z a-z 0-9 _ . : -")
+    }
+}
+
+/// Run Redis calls against `url`; a failure becomes an error that says what to do.
+func withRedis<T>(_ url: String, _ body: () async throws(RedisError) -> T) async throws -> T {
+    let r: Result<T, RedisError>
+    do { r = .success(try await body()) } catch { r = .failure(error) }
+    switch r {
+    case .success(let v): return v
+    case .failure(let e): throw redisFailure(e, url)
+    }
+}
+
+/// Turn a Redis failure into an error that says what to do.
+func redisFailure(_ e: RedisError, _ url: String) -> ValidationError {
+    switch e {
+    case .unreachable(let why):
+        return ValidationError("cannot reach Redis at \(url): \(why). Is redis-server running? Check --redis/--config.")
+    default:
+        return ValidationError("Redis at \(url): \(e)")
+    }
+}
+
+struct VoucherJSON: Codable {
+    var id: String
+    var region: String
+    var state: String
+    var limit: Int
+    var total_limit: Int
+    var pool: Int
+    var per_user: Int
+    var leased: Int
+    var returned: Int
+    var leases_outstanding: Int
+    var tokens_outstanding: Int
+    var lease_policy: [String: Double]
+
+    init(_ r: VoucherRecord, leases: [LeaseRecord]) {
+        id = r.id
+        region = r.region
+        state = r.status.rawValue
+        limit = r.limit
+        total_limit = r.totalLimit
+        pool = r.pool
+        per_user = r.perUser
+        leased = r.leased
+        returned = r.returned
+        leases_outstanding = leases.count
+        tokens_outstanding = leases.reduce(0) { $0 + $1.granted - $1.returned }
+        var p: [String: Double] = [:]
+        if let v = r.policy.min { p["min"] = Double(v) }
+        if let v = r.policy.max { p["max"] = Double(v) }
+        if let v = r.policy.targetSeconds { p["target_seconds"] = v }
+        if let v = r.policy.ttlSeconds { p["ttl"] = v }
+        lease_policy = p
+    }
+}
+
+struct VoucherCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "voucher", abstract: "Create and inspect vouchers.",
+        subcommands: [Create.self, Show.self, List.self, Pause.self, Resume.self, Close.self])
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a voucher and its region pools.")
+        @Argument(help: "Voucher id.") var id: String
+        @Option(name: .long, help: "Total limit across all regions.") var limit: Int
+        @Option(name: .long, help: "Per-user limit (0 = none).") var perUser: Int = 0
+        @Option(name: .long, parsing: .singleValue, help: "Region allocation R=N (repeatable); default: all to the home region.")
+        var region: [String] = []
+        @Option(name: .long, help: "Shards (reserved; must be 1 in this version).") var shards: Int = 1
+        @OptionGroup var conn: Connection
+
+        func run() async throws {
+            try requireVoucherID(id)
+            guard limit >= 0 else { throw ValidationError("--limit must be >= 0") }
+            guard perUser >= 0 else { throw ValidationError("--per-user must be >= 0") }
+            guard shards == 1 else { throw ValidationError("--shards: sharded pools are not built yet; use 1") }
+            let r = try conn.regions()
+            var alloc: [(String, Int)] = []
+            if region.isEmpty {
+                alloc = [(r.home, limit)]
+            } else {
+                for s in region {
+                    let parts = s.split(separator: "=")
+                    guard parts.count == 2, let n = Int(parts[1]), n >= 0 else {
+                        throw ValidationError("--region takes REGION=N, got '\(s)'")
+                    }
+                    let name = String(parts[0])
+                    guard r.regions[name] != nil else {
+                        throw ValidationError("--region \(name): no Redis known for region '\(name)' (add regions.\(name).redis to the config)")
+                    }
+                    alloc.append((name, n))
+                }
+                let sum = alloc.reduce(0) { $0 + $1.1 }
+                guard sum == limit else {
+                    throw ValidationError("--region allocations add up to \(sum), but --limit is \(limit)")
+                }
+            }
+            var created: [String] = []
+            for (name, n) in alloc {
+                let url = r.regions[name]!
+                let s = try conn.store(url)
+                let ok = try await withRedis(url) { () async throws(RedisError) in
+                    try await s.createVoucher(id: id, limit: n, perUser: perUser, totalLimit: limit, region: name)
+                }
+                guard ok else {
+                    throw ValidationError("voucher '\(id)' already exists in region \(name)"
+                        + (created.isEmpty ? "" : " (created in \(created.joined(separator: ", ")) before this)"))
+                }
+                created.append(name)
+            }
+            if conn.json {
+                try emitJSON(["id": id, "limit": String(limit), "regions": alloc.map { "\($0.0)=\($0.1)" }.joined(separator: ",")])
+            } else {
+                print("created voucher \(id): limit \(limit)\(perUser > 0 ? ", \(perUser) per user" : ""), "
+                    + alloc.map { "\($0.0)=\($0.1)" }.joined(separator: " "))
+            }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a voucher's pool and leases in every region.")
+        @Argument var id: String
+        @OptionGroup var conn: Connection
+
+        func run() async throws {
+            try requireVoucherID(id)
+            let r = try conn.regions()
+            var out: [VoucherJSON] = []
+            var leaseLists: [[LeaseRecord]] = []
+            for (name, url) in r.regions.sorted(by: { $0.key < $1.key }) {
+                let s = try conn.store(url)
+                let found = try await withRedis(url) { () async throws(RedisError) -> (VoucherRecord, [LeaseRecord])? in
+                    guard let rec = try await s.voucher(id) else { return nil }
+                    return (rec, try await s.leases(voucher: id))
+                }
+                guard let (rec, leases) = found else { continue }
+                var j = VoucherJSON(rec, leases: leases)
+                if j.region.isEmpty { j.region = name }
+                out.append(j)
+                leaseLists.append(leases)
+            }
+            guard !out.isEmpty else { throw ValidationError("no voucher '\(id)' (see: quotactl voucher list)") }
+            if conn.json { return try emitJSON(out) }
+            for (j, leases) in zip(out, leaseLists) {
+                print("voucher \(j.id)  region \(j.region)  state \(j.state)")
+                print("  limit \(j.limit) (total \(j.total_limit))  pool \(j.pool)  per-user \(j.per_user == 0 ? "none" : String(j.per_user))")
+                print("  leased \(j.leased)  returned \(j.returned)  outstanding \(j.tokens_outstanding) in \(j.leases_outstanding) lease(s)")
+                if !j.lease_policy.isEmpty {
+                    print("  lease policy: " + j.lease_policy.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
+                }
+                for l in leases {
+                    print("    lease \(l.id) host \(l.host) granted \(l.granted) returned \(l.returned) expires_ms \(l.expiresMs)")
+                }
+            }
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List vouchers of the home region.")
+        @OptionGroup var conn: Connection
+
+        func run() async throws {
+            let r = try conn.regions()
+            let url = r.regions[r.home]!
+            let s = try conn.store(url)
+            let recs = try await withRedis(url) { () async throws(RedisError) in
+                try await s.vouchers(try await s.voucherIDs())
+            }
+            let rows = recs.compactMap { $0 }.map { VoucherJSON($0, leases: []) }
+            if conn.json { return try emitJSON(rows) }
+            if rows.isEmpty { print("no vouchers in region \(r.home)") }
+            for j in rows { print("\(j.id)\t\(j.state)\tlimit \(j.limit)\tpool \(j.pool)") }
+        }
+    }
+
+    struct Pause: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop claims (sidecars answer INACTIVE).")
+        @Argument var id: String
+        @OptionGroup var conn: Connection
+        func run() async throws { try await setState(id, .paused, conn) }
+    }
+
+    struct Resume: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Allow claims again.")
+        @Argument var id: String
+        @OptionGroup var conn: Connection
+        func run() async throws { try await setState(id, .active, conn) }
+    }
+
+    struct Close: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "End the voucher for good (sidecars return their stock).")
+        @Argument var id: String
+        @OptionGroup var conn: Connection
+        func run() async throws { try await setState(id, .closed, conn) }
+    }
+}
+
+func setState(_ id: String, _ s: VoucherStatus, _ conn: Connection) async throws {
+    try requireVoucherID(id)
+    let r = try conn.regions()
+    var found = false
+    for (_, url) in r.regions.sorted(by: { $0.key < $1.key }) {
+        let store = try conn.store(url)
+        if try await withRedis(url, { () async throws(RedisError) in try await store.setStatus(id, s) }) { found = true }
+    }
+    guard found else { throw ValidationError("no voucher '\(id)' (see: quotactl voucher list)") }
+    if conn.json { try emitJSON(["id": id, "state": s.rawValue]) } else { print("voucher \(id): \(s.rawValue)") }
+}
+
+struct LeaseCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lease", abstract: "Lease policy (picked up by running sidecars within policy_refresh).",
+        subcommands: [Set.self])
+
+    struct Set: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Set a region's default lease policy, or one voucher's override (--voucher).")
+        @Option(name: .long) var voucher: String?
+        @Option(name: .long, help: "Region whose Redis holds the policy (default: the home region).") var region: String?
+        @Option(name: .long) var min: Int?
+        @Option(name: .long) var max: Int?
+        @Option(name: .long) var targetSeconds: Double?
+        @Option(name: .long, help: "Lease time to live, seconds (>= 1).") var ttl: Double?
+        @OptionGroup var conn: Connection
+
+        func run() async throws {
+            if let voucher { try requireVoucherID(voucher) }
+            if let min, min < 1 { throw ValidationError("--min must be >= 1") }
+            if let max, max < 1 { throw ValidationError("--max must be >= 1") }
+            if let min, let max, max < min { throw ValidationError("--max must be >= --min") }
+            if let targetSeconds, !(targetSeconds > 0) { throw ValidationError("--target-seconds must be > 0") }
+            if let ttl, !(ttl >= 1 && ttl <= 3600) { throw ValidationError("--ttl must be between 1 and 3600 seconds") }
+            let p = LeasePolicyOverride(min: min, max: max, targetSeconds: targetSeconds, ttlSeconds: ttl)
+            guard !p.isEmpty else { throw ValidationError("nothing to set: give --min, --max, --target-seconds or --ttl") }
+            let r = try conn.regions()
+            let name = region ?? r.home
+            guard let url = r.regions[name] else { throw ValidationError("--region \(name): no Redis known for it") }
+            let store = try conn.store(url)
+            let voucher = self.voucher
+            guard try await withRedis(url, { () async throws(RedisError) in try await store.setPolicy(p, voucher: voucher) })
+            else {
+                throw ValidationError("no voucher '\(voucher ?? "")' in region \(name)")
+            }
+            let what = voucher.map { "voucher \($0)" } ?? "region \(name) default"
+            if conn.json {
+                try emitJSON(["scope": what, "fields": QuotaStorePolicyText.describe(p)])
+            } else {
+                print("lease policy for \(what): \(QuotaStorePolicyText.describe(p))")
+            }
+        }
+    }
+}
+
+enum QuotaStorePolicyText {
+    static func describe(_ p: LeasePolicyOverride) -> String {
+        var a: [String] = []
+        if let v = p.min { a.append("min=\(v)") }
+        if let v = p.max { a.append("max=\(v)") }
+        if let v = p.targetSeconds { a.append("target_seconds=\(v)") }
+        if let v = p.ttlSeconds { a.append("ttl=\(v)") }
+        return a.joined(separator: " ")
+    }
+}
+
+struct StatusCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "The local quotad's INFO, readable.")
+    @Option(name: .long, help: "quotad socket (default: socket.path of --config, else /run/quotad/quotad.sock).")
+    var socket: String?
+    @OptionGroup var conn: Connection
+
+    func run() async throws {
+        let path = try socket ?? conn.loadConfig()?.socket.path ?? "/run/quotad/quotad.sock"
+        var logger = Logger(label: "quotactl")
+        logger.logLevel = .error
+        let c = HiredisConnection(endpoint: .unix(path: path), timeout: .milliseconds(conn.timeoutMs), logger: logger)
+        defer { c.close() }
+        let reply: RedisValue
+        do {
+            reply = try await c.send(["INFO", "all"])
+        } catch {
+            throw ValidationError("cannot reach quotad at \(path): \(error). Is it running? Use --socket PATH.")
+        }
+        guard let text = reply.string else { throw ValidationError("unexpected reply from quotad: \(reply)") }
+        var sections: [String: [String: String]] = [:]
+        var current = ""
+        var order: [String] = []
+        for raw in text.split(whereSeparator: \.isNewline) {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.hasPrefix("# ") {
+                current = String(line.dropFirst(2)).lowercased()
+                order.append(current)
+                continue
+            }
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            sections[current, default: [:]][String(line[..<colon])] = String(line[line.index(after: colon)...])
+        }
+        if conn.json { return try emitJSON(sections) }
+        for s in order {
+            print(s.capitalized)
+            for (k, v) in (sections[s] ?? [:]).sorted(by: { $0.key < $1.key }) {
+                print("  " + k.padding(toLength: 28, withPad: " ", startingAt: 0) + " " + v)
+            }
+        }
+    }
+}
