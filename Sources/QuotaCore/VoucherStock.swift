@@ -51,12 +51,23 @@ public struct ReturnRequest: Sendable, Equatable {
     public var leaseId: String
     public var returnedTotal: Int
     public var close: Bool
+
+    public init(leaseId: String, returnedTotal: Int, close: Bool) {
+        self.leaseId = leaseId
+        self.returnedTotal = returnedTotal
+        self.close = close
+    }
 }
 
 /// The part of one claim taken from one lease.
 public struct ClaimShare: Sendable, Equatable {
     public var leaseId: String
     public var tokens: Int
+
+    public init(leaseId: String, tokens: Int) {
+        self.leaseId = leaseId
+        self.tokens = tokens
+    }
 }
 
 public enum VoucherStatus: String, Sendable, Equatable {

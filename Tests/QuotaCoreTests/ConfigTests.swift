@@ -1,0 +1,76 @@
+import QuotaConfig
+import QuotaCore
+import Testing
+
+@Suite("Configuration")
+struct ConfigTests {
+    let minimal = """
+        host_id: host-a
+        region: sg
+        regions:
+          sg: { redis: "unix:///tmp/t/redis.sock" }
+        socket: { path: /tmp/t/quotad-a.sock }
+        durability: none
+        """
+
+    func load(_ yaml: String, _ overrides: [(String, String)] = []) throws(ConfigError) -> SidecarConfig {
+        try SidecarConfig.load(yaml: yaml, overrides: overrides, defaultHostID: "box")
+    }
+
+    func errorKey(_ yaml: String, _ overrides: [(String, String)] = []) -> String? {
+        do {
+            _ = try load(yaml, overrides)
+            return nil
+        } catch {
+            return error.key
+        }
+    }
+
+    @Test func minimalFileLoadsWithDocumentedDefaults() throws {
+        let c = try load(minimal)
+        #expect(c.hostID == "host-a" && c.region == "sg" && c.redisURL == "unix:///tmp/t/redis.sock")
+        #expect(c.socket.path == "/tmp/t/quotad-a.sock" && c.socket.mode == 0o660)
+        #expect(c.lease == LeasePolicy())
+        #expect(c.limits.claimTimeout == .seconds(2))
+        #expect(c.availRefresh == .seconds(1))
+    }
+
+    @Test func hostIDDefaultsToTheMachineName() throws {
+        let c = try load(minimal.replacingOccurrences(of: "host_id: host-a\n", with: ""))
+        #expect(c.hostID == "box")
+    }
+
+    @Test func unknownKeysAreRefusedByName() {
+        #expect(errorKey(minimal + "\nbogus: 1") == "bogus")
+        #expect(errorKey(minimal + "\nlease: { min: 5, maxx: 9 }") == "lease.maxx")
+        #expect(errorKey(minimal.replacingOccurrences(of: "{ path:", with: "{ paht:")) == "socket.paht")
+    }
+
+    @Test func badValuesNameTheKey() {
+        #expect(errorKey(minimal + "\nlease: { ttl: abc }") == "lease.ttl")
+        #expect(errorKey(minimal + "\nlease: { min: 0 }") == "lease.min")
+        #expect(errorKey(minimal + "\nlease: { min: 50, max: 10 }") == "lease.max")
+        #expect(errorKey(minimal.replacingOccurrences(of: "durability: none", with: "durability: maybe")) == "durability")
+        #expect(errorKey(minimal + "\nsocket_mode: 1") == "socket_mode")
+        #expect(errorKey(minimal.replacingOccurrences(of: "region: sg", with: "region: id")) == "regions.id.redis")
+        #expect(errorKey(minimal + "\nlimits: { max_qty: -3 }") == "limits.max_qty")
+        #expect(errorKey("region: [1, 2]") == "region")
+    }
+
+    @Test func featuresNotBuiltYetAreRefusedNotIgnored() throws {
+        #expect(errorKey(minimal + "\nkafka: { brokers: x }") == "kafka")
+        #expect(errorKey(minimal + "\nper_user: { mode: central }") == "per_user")
+        #expect(errorKey(minimal.replacingOccurrences(of: "durability: none", with: "durability: journal")) == "durability")
+    }
+
+    @Test func flagOverridesWinOverTheFile() throws {
+        let c = try load(minimal, [("lease.ttl", "4"), ("socket.path", "/tmp/x.sock"), ("host_id", "h2")])
+        #expect(c.lease.ttl == .seconds(4) && c.socket.path == "/tmp/x.sock" && c.hostID == "h2")
+        #expect(c.lease.safetyMargin == .seconds(1))
+    }
+
+    @Test func socketModeIsOctal() throws {
+        #expect(try load(minimal + "\n", [("socket.mode", "0600")]).socket.mode == 0o600)
+        #expect(errorKey(minimal, [("socket.mode", "0999")]) == "socket.mode")
+    }
+}

@@ -1,0 +1,305 @@
+import QuotaCore
+import Testing
+
+/// A fake monotonic clock: tests move time by hand.
+/// `nextLease` through a function, so `#require` can take its result.
+func lease(_ s: inout VoucherStock, now: Instant, waiting: Int) -> LeaseRequest? {
+    s.nextLease(now: now, waiting: waiting)
+}
+
+struct FakeClock {
+    var now = Instant(nanoseconds: 1_000_000_000)
+    mutating func advance(_ d: Duration) { now = now + d }
+}
+
+@Suite("Lease policy")
+struct LeasePolicyTests {
+    @Test func leaseSizeFollowsDemandClampedToMinAndMax() {
+        let p = LeasePolicy(min: 10, max: 1000, targetSeconds: 2)
+        #expect(p.leaseSize(rate: 0) == 10)
+        #expect(p.leaseSize(rate: 3) == 10)
+        #expect(p.leaseSize(rate: 100) == 200)
+        #expect(p.leaseSize(rate: 1_000_000) == 1000)
+    }
+
+    @Test func refillThresholdIsTheWatermarkFractionOfTheLease() {
+        let p = LeasePolicy(lowWatermark: 0.25)
+        #expect(p.refillThreshold(leaseSize: 100) == 25)
+        #expect(p.refillThreshold(leaseSize: 3) == 0)
+    }
+
+    @Test func serveDeadlineIsSentTimePlusTTLMinusMargin() {
+        let p = LeasePolicy(ttl: .seconds(10), safetyMargin: .seconds(2))
+        let t0 = Instant(nanoseconds: 5_000_000_000)
+        #expect(p.serveDeadline(sentAt: t0, ttl: .seconds(10)) == t0 + .seconds(8))
+    }
+
+    @Test func defaultMarginIsAFifthOfTTLButAtLeastOneSecond() {
+        #expect(LeasePolicy(ttl: .seconds(10)).safetyMargin == .seconds(2))
+        #expect(LeasePolicy(ttl: .seconds(3)).safetyMargin == .seconds(1))
+        #expect(LeasePolicy(ttl: .seconds(2)).safetyMargin == .seconds(1))
+        #expect(LeasePolicy(ttl: .seconds(1)).safetyMargin < .seconds(1))
+    }
+
+    @Test func invalidPoliciesAreRefusedWithTheFieldName() {
+        #expect(throws: QuotaError(.err, "lease max must be >= min")) { try LeasePolicy(min: 10, max: 5).validate() }
+        #expect(throws: QuotaError(.err, "lease min must be >= 1")) { try LeasePolicy(min: 0).validate() }
+    }
+
+    @Test func overridesLayerRegionThenVoucherOverTheHostDefault() {
+        let base = LeasePolicy(min: 10, max: 100)
+        let region = LeasePolicyOverride(min: 20, ttlSeconds: 4)
+        let voucher = LeasePolicyOverride(max: 50)
+        let p = region.overlaid(by: voucher).applied(to: base)
+        #expect(p.min == 20 && p.max == 50 && p.ttl == .seconds(4))
+        #expect(p.safetyMargin < p.ttl)
+    }
+
+    @Test func rateEstimatorTracksDemandAndDecaysWhenIdle() {
+        var r = RateEstimator()
+        var c = FakeClock()
+        for _ in 0..<40 {
+            r.record(25, now: c.now)
+            c.advance(.milliseconds(25))
+        }
+        #expect(r.rate > 700 && r.rate < 1300)
+        for _ in 0..<40 {
+            c.advance(.milliseconds(250))
+            r.roll(now: c.now)
+        }
+        #expect(r.rate < 1)
+    }
+}
+
+@Suite("Voucher stock")
+struct VoucherStockTests {
+    func stock(_ p: LeasePolicy = LeasePolicy(min: 10, max: 100, ttl: .seconds(10), safetyMargin: .seconds(2)))
+        -> VoucherStock
+    {
+        VoucherStock(policy: p)
+    }
+
+    @Test func firstClaimWaitsAndAsksForALease() throws {
+        var s = stock()
+        let c = FakeClock()
+        #expect(s.claim(qty: 1, now: c.now) == .wait)
+        let req = try #require(lease(&s, now: c.now, waiting: 1))
+        #expect(req.want == 10 && req.need == 1 && req.sentAt == c.now)
+        #expect(s.nextLease(now: c.now, waiting: 1) == nil, "only one lease in flight")
+    }
+
+    @Test func grantedLeaseServesExactlyItsTokens() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let req = try #require(lease(&s, now: c.now, waiting: 1))
+        c.advance(.milliseconds(1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 0), sentAt: req.sentAt, now: c.now)
+        var served = 0
+        for _ in 0..<15 {
+            if case .served = s.claim(qty: 1, now: c.now) { served += 1 }
+        }
+        #expect(served == 10)
+        #expect(s.claim(qty: 1, now: c.now) == .reject(QuotaError(.soldout, "voucher sold out in this region")))
+    }
+
+    @Test func refillStartsAtTheLowWatermarkBeforeStockRunsOut() throws {
+        var s = stock(LeasePolicy(min: 10, max: 10, lowWatermark: 0.5))
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 100), sentAt: r.sentAt, now: c.now)
+        // 10 tokens; the parked claim is served by the shell via retryParked.
+        guard case .served = s.retryParked(qty: 1, now: c.now) else { Issue.record("parked claim not served"); return }
+        for _ in 0..<3 { _ = s.claim(qty: 1, now: c.now) }
+        #expect(s.available(now: c.now) == 6)
+        #expect(s.nextLease(now: c.now, waiting: 0) == nil, "6 > watermark 5")
+        _ = s.claim(qty: 1, now: c.now)
+        #expect(s.available(now: c.now) == 5)
+        #expect(s.nextLease(now: c.now, waiting: 0) != nil, "5 <= watermark 5: refill while stock remains")
+    }
+
+    @Test func leaseIsNotServedPastItsDeadlineAndItsRestIsReturned() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        // The reply takes 500 ms: the life is still measured from the send time.
+        c.advance(.milliseconds(500))
+        s.leaseGranted(LeaseGrant(id: "7", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        _ = s.retryParked(qty: 1, now: c.now)
+        _ = s.takeReturns()
+        // Deadline = sent + 10 s - 2 s margin = sent + 8 s. At sent + 7.9 s it is still served.
+        c.advance(.milliseconds(7400))
+        guard case .served = s.claim(qty: 1, now: c.now) else { Issue.record("should serve before deadline"); return }
+        c.advance(.milliseconds(100))  // exactly sent + 8 s
+        #expect(s.available(now: c.now) == 0)
+        #expect(s.claim(qty: 1, now: c.now) == .wait)
+        let returns = s.takeReturns()
+        #expect(returns == [ReturnRequest(leaseId: "7", returnedTotal: 8, close: true)])
+        #expect(s.counters.leasesFenced == 1)
+    }
+
+    @Test func aLeaseWhoseReplyCameTooLateIsReturnedUnserved() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        c.advance(.seconds(9))
+        s.leaseGranted(LeaseGrant(id: "3", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        #expect(s.available(now: c.now) == 0)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "3", returnedTotal: 10, close: true)])
+    }
+
+    @Test func renewalExtendsTheDeadlineFromTheRenewalSendTime() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 100, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        #expect(s.renewals(now: c.now).isEmpty, "plenty of time left")
+        c.advance(.seconds(5))  // 3 s of serving left <= ttl/3
+        let ids = s.renewals(now: c.now)
+        #expect(ids == ["1"])
+        #expect(s.renewals(now: c.now).isEmpty, "renewal already in flight")
+        let sent = c.now
+        c.advance(.milliseconds(200))
+        s.renewed("1", outcome: .renewed(ttl: .seconds(10)), sentAt: sent, now: c.now)
+        c.advance(.milliseconds(7700))  // sent + 7.9 s: before the new deadline sent + 8 s
+        guard case .served = s.claim(qty: 1, now: c.now) else { Issue.record("renewed lease not served"); return }
+        c.advance(.milliseconds(100))
+        #expect(s.available(now: c.now) == 0, "fenced at the renewed deadline")
+    }
+
+    @Test func refusedRenewalOfAnExpiredLeaseStopsServingAndReturnsTheRest() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        _ = s.retryParked(qty: 1, now: c.now)
+        c.advance(.seconds(6))
+        _ = s.renewals(now: c.now)
+        s.renewed("1", outcome: .expired, sentAt: c.now, now: c.now)
+        #expect(s.available(now: c.now) == 0)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 9, close: true)])
+    }
+
+    @Test func goneLeaseIsDroppedWithoutAReturn() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        c.advance(.seconds(6))
+        _ = s.renewals(now: c.now)
+        s.renewed("1", outcome: .gone, sentAt: c.now, now: c.now)
+        #expect(s.available(now: c.now) == 0)
+        #expect(s.takeReturns().isEmpty)
+        #expect(s.counters.tokensLost == 10)
+    }
+
+    @Test func redisUnreachableServesLocalStockThenFailsClosed() throws {
+        var s = stock(LeasePolicy(min: 5, max: 5, lowWatermark: 0.9))
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 5, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        _ = s.retryParked(qty: 1, now: c.now)
+        let refill = try #require(lease(&s, now: c.now, waiting: 0))
+        s.leaseFailed(now: c.now)
+        _ = refill
+        var served = 0
+        var unavailable = 0
+        for _ in 0..<10 {
+            switch s.claim(qty: 1, now: c.now) {
+            case .served: served += 1
+            case .reject(let e) where e.code == .unavailable: unavailable += 1
+            default: break
+            }
+        }
+        #expect(served == 4)
+        #expect(unavailable == 6)
+        // After the backoff the next lease is tried again, by itself.
+        c.advance(.seconds(3))
+        #expect(s.nextLease(now: c.now, waiting: 0) != nil)
+    }
+
+    @Test func parkedClaimIsRefusedWhenNoLeaseCanComeInsteadOfWaitingForever() throws {
+        var s = stock()
+        let c = FakeClock()
+        #expect(s.claim(qty: 1, now: c.now) == .wait)
+        _ = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseFailed(now: c.now)
+        guard case .reject(let e) = s.retryParked(qty: 1, now: c.now) else {
+            Issue.record("parked claim should be refused")
+            return
+        }
+        #expect(e.code == .unavailable)
+    }
+
+    @Test func idleStockGoesBackAfterIdleReturn() throws {
+        var s = stock(LeasePolicy(min: 10, max: 10, idleReturn: .seconds(30)))
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(60), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        _ = s.retryParked(qty: 1, now: c.now)
+        c.advance(.seconds(29))
+        s.returnIfIdle(now: c.now)
+        #expect(s.tokensHeld == 9)
+        c.advance(.seconds(1))
+        s.returnIfIdle(now: c.now)
+        #expect(s.tokensHeld == 0)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 9, close: true)])
+        #expect(s.nextLease(now: c.now, waiting: 0) == nil, "no demand: no new lease")
+    }
+
+    @Test func drainReturnsEverythingAndRefusesClaims() throws {
+        var s = stock()
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        s.drain()
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 10, close: true)])
+        guard case .reject(let e) = s.claim(qty: 1, now: c.now) else { Issue.record("draining must refuse"); return }
+        #expect(e.code == .unavailable)
+        // A lease that lands during the drain goes straight back.
+        s.leaseGranted(LeaseGrant(id: "2", granted: 5, ttl: .seconds(10), poolAfter: 50), sentAt: c.now, now: c.now)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "2", returnedTotal: 5, close: true)])
+    }
+
+    @Test func pausedVoucherIsInactiveAndGivesItsStockBack() throws {
+        var s = stock()
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        s.setStatus(.paused)
+        #expect(s.claim(qty: 1, now: c.now) == .reject(QuotaError(.inactive, "voucher is paused")))
+        #expect(s.takeReturns().map(\.returnedTotal) == [10])
+    }
+
+    @Test func multiTokenClaimSpansLeasesAndNeverExceedsStock() throws {
+        var s = stock()
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 3, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        s.leaseGranted(LeaseGrant(id: "2", granted: 4, ttl: .seconds(20), poolAfter: 46), sentAt: r.sentAt, now: c.now)
+        #expect(s.claim(qty: 5, now: c.now) == .served([ClaimShare(leaseId: "1", tokens: 3), ClaimShare(leaseId: "2", tokens: 2)]))
+        #expect(s.claim(qty: 3, now: c.now) == .wait)
+        #expect(s.available(now: c.now) == 2)
+        // Lease 1 was fully served: closed at Redis with nothing to give back.
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 0, close: true)])
+    }
+
+    @Test func leaseRequestAsksForWhatParkedClaimsNeed() throws {
+        var s = stock(LeasePolicy(min: 10, max: 100))
+        let c = FakeClock()
+        _ = s.claim(qty: 250, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 250))
+        #expect(r.need == 250 && r.want == 250)
+    }
+}
