@@ -12,6 +12,7 @@ let package = Package(
     products: [
         .executable(name: "quotad", targets: ["quotad"]),
         .executable(name: "quotactl", targets: ["quotactl"]),
+        .executable(name: "quota-bench", targets: ["quota-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -39,6 +40,12 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
+        ),
+        // A RESP client over a Unix socket (tests, quota-bench).
+        .target(
+            name: "QuotaClient",
+            dependencies: ["QuotaRESP", .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "NIOPosix", package: "swift-nio")]
         ),
         // YAML configuration as validated value types.
         .target(name: "QuotaConfig", dependencies: ["QuotaCore", .product(name: "Yams", package: "Yams")]),
@@ -71,6 +78,15 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .executableTarget(
+            name: "quota-bench",
+            dependencies: [
+                "QuotaClient", "QuotaRESP",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
         .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig"]),
         .testTarget(
             name: "QuotaRESPTests",
@@ -80,7 +96,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "QuotaRESP", "QuotaRedis", "QuotaCore",
+                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

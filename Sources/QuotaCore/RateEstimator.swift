@@ -4,7 +4,7 @@ public struct RateEstimator: Sendable {
     private var windowStart: Instant?
     private var windowCount: Int = 0
     /// Length of one sampling window.
-    public var window: Duration = .milliseconds(250)
+    public var window: Duration = .milliseconds(100)
     /// Weight of the newest window.
     public var alpha: Double = 0.5
 

@@ -1,0 +1,88 @@
+import NIOCore
+import NIOPosix
+import QuotaRESP
+
+
+final class ClientHandler: ChannelDuplexHandler, @unchecked Sendable {
+    typealias InboundIn = RESPValue
+    typealias OutboundIn = (ByteBuffer, [EventLoopPromise<RESPValue>])
+    typealias OutboundOut = ByteBuffer
+    private var waiting = CircularBuffer<EventLoopPromise<RESPValue>>()
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let (bytes, promises) = unwrapOutboundIn(data)
+        waiting.append(contentsOf: promises)
+        context.write(wrapOutboundOut(bytes), promise: promise)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let v = unwrapInboundIn(data)
+        waiting.popFirst()?.succeed(v)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        while let p = waiting.popFirst() { p.fail(ChannelError.ioOnClosedChannel) }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        while let p = waiting.popFirst() { p.fail(error) }
+        context.close(promise: nil)
+    }
+}
+
+/// A small RESP client over a Unix socket: pipelined, replies in order.
+public final class RESPClient: Sendable {
+    public let channel: any Channel
+
+    public init(channel: any Channel) { self.channel = channel }
+
+    public static func connect(_ path: String, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> RESPClient {
+        let ch = try await ClientBootstrap(group: group)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPValueDecoder()))
+                    try ch.pipeline.syncOperations.addHandler(ClientHandler())
+                }
+            }
+            .connect(unixDomainSocketPath: path).get()
+        return RESPClient(channel: ch)
+    }
+
+    public func send(_ args: String...) async throws -> RESPValue { try await send(args) }
+
+    public func send(_ args: [String]) async throws -> RESPValue {
+        var b = channel.allocator.buffer(capacity: 64)
+        b.writeRESPCommand(args)
+        return try await sendRaw(b, replies: 1)[0]
+    }
+
+    /// Several commands in one write; replies in order.
+    public func pipeline(_ cmds: [[String]]) async throws -> [RESPValue] {
+        var b = channel.allocator.buffer(capacity: 64 * cmds.count)
+        for c in cmds { b.writeRESPCommand(c) }
+        return try await sendRaw(b, replies: cmds.count)
+    }
+
+    /// Raw bytes, expecting `replies` replies.
+    public func sendRaw(_ bytes: ByteBuffer, replies: Int) async throws -> [RESPValue] {
+        let promises = (0..<replies).map { _ in channel.eventLoop.makePromise(of: RESPValue.self) }
+        channel.writeAndFlush((bytes, promises), promise: nil)
+        var out: [RESPValue] = []
+        for p in promises { out.append(try await p.futureResult.get()) }
+        return out
+    }
+
+    public var isActive: Bool { channel.isActive }
+
+    /// Wait until the server closes the connection.
+    public func waitClosed(timeout: Duration = .seconds(5)) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while channel.isActive {
+            guard ContinuousClock.now < deadline else { throw ChannelError.connectTimeout(.seconds(5)) }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    public func close() { channel.close(promise: nil) }
+}
