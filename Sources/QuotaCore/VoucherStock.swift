@@ -44,6 +44,8 @@ public struct LeaseRequest: Sendable, Equatable {
     public var need: Int
     /// When the request was sent, on the monotonic clock: the lease's life is measured from here.
     public var sentAt: Instant
+    /// Fully served leases to close in the same round trip (nothing to give back for them).
+    public var close: [String] = []
 }
 
 /// Give back the unused part of a lease: `returnedTotal` is cumulative, so a retry changes nothing.
@@ -142,6 +144,9 @@ public struct VoucherStock: Sendable {
     public var rate = RateEstimator()
     public var counters = VoucherCounters()
     private var pendingReturns: [ReturnRequest] = []
+    /// Fully served leases not yet closed at Redis: they ride along on the next lease request.
+    public private(set) var finished: [String] = []
+    private var finishedSince: Instant?
 
     public init(policy: LeasePolicy) {
         self.policy = policy
@@ -216,9 +221,9 @@ public struct VoucherStock: Sendable {
         precondition(left == 0, "take() called without enough stock")
         counters.claimsOK += 1
         counters.tokensServed += qty
-        // Leases fully served are done: close them at Redis (returnedTotal 0) and forget them.
+        // Leases fully served are done: they are closed at Redis with the next lease request.
         while let first = leases.first, first.remaining == 0 {
-            pendingReturns.append(ReturnRequest(leaseId: first.id, returnedTotal: 0, close: true))
+            finished.append(first.id)
             leases.removeFirst()
         }
         return shares
@@ -271,7 +276,23 @@ public struct VoucherStock: Sendable {
         guard waiting > avail || avail <= policy.refillThreshold(leaseSize: size) else { return nil }
         let need = max(0, waiting - avail)
         leaseInFlight = true
-        return LeaseRequest(want: max(size, need), need: need, sentAt: now)
+        defer {
+            finished.removeAll()
+            finishedSince = nil
+        }
+        return LeaseRequest(want: max(size, need), need: need, sentAt: now, close: finished)
+    }
+
+    /// Close finished leases with their own round trip when no lease request took them along
+    /// within `after` (or at once when no lease will come: sold out, inactive, draining).
+    public mutating func closeFinished(now: Instant, after: Duration = .seconds(1)) {
+        guard !finished.isEmpty else { return }
+        if finishedSince == nil { finishedSince = now }
+        let stale = now - finishedSince! >= after
+        guard stale || draining || soldOut || status != .active else { return }
+        for id in finished { pendingReturns.append(ReturnRequest(leaseId: id, returnedTotal: 0, close: true)) }
+        finished.removeAll()
+        finishedSince = nil
     }
 
     /// Redis granted a lease requested at `sentAt`.
@@ -311,8 +332,9 @@ public struct VoucherStock: Sendable {
     }
 
     /// Redis could not be reached (or timed out): back off before the next try.
-    public mutating func leaseFailed(now: Instant) {
+    public mutating func leaseFailed(now: Instant, request: LeaseRequest? = nil) {
         leaseInFlight = false
+        if let request { finished += request.close }
         consecutiveFailures += 1
         let ms = min(2_000, 50 << min(consecutiveFailures, 6))
         backoffUntil = now + .milliseconds(ms)
@@ -391,6 +413,9 @@ public struct VoucherStock: Sendable {
     public mutating func returnAll() {
         for l in leases { close(l) }
         leases.removeAll()
+        for id in finished { pendingReturns.append(ReturnRequest(leaseId: id, returnedTotal: 0, close: true)) }
+        finished.removeAll()
+        finishedSince = nil
     }
 
     /// Stop claiming for good on this host and give everything back.

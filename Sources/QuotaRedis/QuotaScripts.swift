@@ -29,9 +29,21 @@ enum QuotaScripts {
         return {1, 'created'}
         """
 
-    /// KEYS: meta, leases, exp. ARGV: host, want, need, ttl_ms, exhaustion_fraction.
+    /// KEYS: meta, leases, exp. ARGV: host, want, need, ttl_ms, exhaustion_fraction, then ids of this
+    /// host's fully served leases to close (nothing goes back to the pool for them).
     /// Reply: {1, granted, lease_id, pool_after, ttl_ms} | {0, 0, '', 0} sold out | {-1} unknown | {-2, state}.
     static let lease = """
+        \(parseLease)
+        for i = 6, #ARGV do
+          local v = redis.call('HGET', KEYS[2], ARGV[i])
+          if v then
+            local host = parse(v)
+            if host == ARGV[1] then
+              redis.call('HDEL', KEYS[2], ARGV[i])
+              redis.call('ZREM', KEYS[3], ARGV[i])
+            end
+          end
+        end
         local m = redis.call('HMGET', KEYS[1], 'state', 'pool')
         if not m[1] then return {-1} end
         if m[1] ~= 'active' then return {-2, m[1]} end

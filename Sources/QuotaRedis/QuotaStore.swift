@@ -181,12 +181,15 @@ public final class QuotaStore: Sendable {
 
     // MARK: Leases
 
-    public func lease(voucher: String, host: String, want: Int, need: Int, ttl: Duration)
+    /// Take a lease of up to `want` tokens (at least `need` if the pool has them), closing the
+    /// fully served leases `close` in the same round trip.
+    public func lease(voucher: String, host: String, want: Int, need: Int, ttl: Duration, close: [String] = [])
         async throws(RedisError) -> LeaseReply
     {
         let r = try await eval(
             QuotaScripts.lease, keys: voucherKeys(voucher),
-            args: [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction)])
+            args: [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction)]
+                + close)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("LEASE: \(r)") }
         switch status {
         case 1:

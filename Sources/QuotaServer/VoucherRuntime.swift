@@ -159,6 +159,7 @@ final class VoucherRuntime: @unchecked Sendable {
 
     private func collect(now: Instant, _ a: inout Actions) {
         if a.lease == nil, let l = stock.nextLease(now: now, waiting: parkedTokens) { a.lease = l }
+        stock.closeFinished(now: now)
         a.returns += stock.takeReturns()
     }
 
@@ -229,7 +230,7 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// Nothing held, nothing to give back, nothing on the wire.
     var isSettled: Bool {
-        lock.withLock { stock.tokensHeld == 0 && ioInFlight == 0 && !stock.leaseInFlight }
+        lock.withLock { stock.tokensHeld == 0 && stock.finished.isEmpty && ioInFlight == 0 && !stock.leaseInFlight }
     }
 
     /// Retry returns that failed (Redis down) during drain or shutdown.
@@ -337,7 +338,7 @@ final class VoucherRuntime: @unchecked Sendable {
         Task {
             let result = await attempt { () async throws(RedisError) in
                 try await engine.store.lease(voucher: self.id, host: engine.config.hostID, want: l.want,
-                                             need: l.need, ttl: ttl)
+                                             need: l.need, ttl: ttl, close: l.close)
             }
             self.leaseDone(result, request: l)
         }
@@ -352,7 +353,8 @@ final class VoucherRuntime: @unchecked Sendable {
         case .success(.refused(let r)): stock.leaseRefused(r)
         case .failure(let e):
             engine.logger.warning("lease failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
-            stock.leaseFailed(now: now)
+            engine.redisErrors.add(1, ordering: .relaxed)
+            stock.leaseFailed(now: now, request: request)
         }
         serveParked(now: now, &a)
         collect(now: now, &a)
@@ -380,7 +382,9 @@ final class VoucherRuntime: @unchecked Sendable {
                                                                           "quota.lease": "\(leaseID)", "outcome": "\(o)"])
                 }
                 self.stock.renewed(leaseID, outcome: o, sentAt: sentAt, now: now)
-            case .failure: self.stock.renewFailed(leaseID)
+            case .failure:
+                engine.redisErrors.add(1, ordering: .relaxed)
+                self.stock.renewFailed(leaseID)
             }
             self.collect(now: now, &a)
             self.lock.unlock()
@@ -400,7 +404,9 @@ final class VoucherRuntime: @unchecked Sendable {
                 self.ioInFlight -= 1
                 switch result {
                 case .success(let n): self.stock.returned(r, applied: n)
-                case .failure: self.stock.returnFailed(r)
+                case .failure:
+                    engine.redisErrors.add(1, ordering: .relaxed)
+                    self.stock.returnFailed(r)
                 }
             }
         }

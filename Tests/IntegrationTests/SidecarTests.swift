@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import NIOCore
+import QuotaClient
 import QuotaRESP
 import QuotaRedis
 import Testing

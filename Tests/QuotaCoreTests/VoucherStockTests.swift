@@ -291,7 +291,44 @@ struct VoucherStockTests {
         #expect(s.claim(qty: 5, now: c.now) == .served([ClaimShare(leaseId: "1", tokens: 3), ClaimShare(leaseId: "2", tokens: 2)]))
         #expect(s.claim(qty: 3, now: c.now) == .wait)
         #expect(s.available(now: c.now) == 2)
-        // Lease 1 was fully served: closed at Redis with nothing to give back.
+        // Lease 1 was fully served: it is closed with the next lease request, not with a round trip of its own.
+        #expect(s.takeReturns().isEmpty)
+        #expect(s.finished == ["1"])
+        let next = try #require(lease(&s, now: c.now, waiting: 3))
+        #expect(next.close == ["1"])
+        #expect(s.finished.isEmpty)
+    }
+
+    @Test func finishedLeasesAreClosedOnTheirOwnWhenNoLeaseRequestComes() throws {
+        var s = stock(LeasePolicy(min: 2, max: 2, lowWatermark: 0))
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 2, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        s.leaseGranted(LeaseGrant(id: "2", granted: 2, ttl: .seconds(20), poolAfter: 48), sentAt: r.sentAt, now: c.now)
+        _ = s.retryParked(qty: 1, now: c.now)
+        _ = s.claim(qty: 1, now: c.now)
+        #expect(s.finished == ["1"])
+        s.closeFinished(now: c.now)
+        #expect(s.takeReturns().isEmpty, "not yet: a lease request may still take it along")
+        c.advance(.seconds(1))
+        s.closeFinished(now: c.now)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 0, close: true)])
+    }
+
+    @Test func aFailedLeaseRequestKeepsTheLeasesItWasToClose() throws {
+        var s = stock()
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 1, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        _ = s.retryParked(qty: 1, now: c.now)
+        _ = s.claim(qty: 1, now: c.now)
+        let r2 = try #require(lease(&s, now: c.now, waiting: 1))
+        #expect(r2.close == ["1"])
+        s.leaseFailed(now: c.now, request: r2)
+        #expect(s.finished == ["1"])
+        s.drain()
         #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 0, close: true)])
     }
 
