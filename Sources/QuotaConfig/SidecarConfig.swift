@@ -113,6 +113,11 @@ public struct SidecarConfig: Sendable {
             guard let url = try one.string("redis"), !url.isEmpty else {
                 throw ConfigError(key: one.key("redis"), "is required")
             }
+            let tcp = url.hasPrefix("redis://") && url.count > "redis://".count
+            let unix = (url.hasPrefix("unix:///") && url.count > "unix:///".count) || (url.hasPrefix("/") && url.count > 1)
+            guard tcp || unix else {
+                throw ConfigError(key: one.key("redis"), "must be redis://HOST:PORT or unix:///PATH, got '\(url)'")
+            }
             regions[name] = url
             try one.finish()
         }

@@ -71,6 +71,7 @@ final class VoucherRuntime: @unchecked Sendable {
             outcome = parkForLoad(req, loop: loop, &a)
         case .missing(let until):
             if now < until {
+                engine.countRejection(.novoucher)
                 outcome = .now(.error(QuotaError(.novoucher, "no such voucher '\(id)'")))
             } else {
                 phase = .loading
@@ -79,6 +80,7 @@ final class VoucherRuntime: @unchecked Sendable {
             }
         case .failed(let until):
             if now < until {
+                engine.countRejection(.unavailable)
                 outcome = .now(.error(QuotaError(.unavailable, "quota authority unreachable")))
             } else {
                 phase = .loading
@@ -319,10 +321,12 @@ final class VoucherRuntime: @unchecked Sendable {
             a.redispatch = loadWaiters
         case .success(nil):
             phase = .missing(until: now + .seconds(1))
+            for _ in loadWaiters { engine.countRejection(.novoucher) }
             a.completions = loadWaiters.map { ($0.1, .error(QuotaError(.novoucher, "no such voucher '\(id)'"))) }
         case .failure(let e):
             engine.logger.warning("voucher load failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
             phase = .failed(until: now + .milliseconds(250))
+            for _ in loadWaiters { engine.countRejection(.unavailable) }
             a.completions = loadWaiters.map {
                 ($0.1, .error(QuotaError(.unavailable, "quota authority unreachable: \(e)")))
             }

@@ -221,6 +221,7 @@ struct SidecarTests {
         #expect(try await c.send("PING") == .simpleString("PONG"))
         #expect(q.child.isRunning)
         #expect(try await q.stat("claims_ok") == 0)
+        #expect(try await q.stat("claims_novoucher") == 1)
         #expect(try await q.stat("protocol_errors") == frames.count)
         let a = try await redis.account("safe")
         #expect(a.pool == 100 && a.leased == 0, "nothing was leased by bad input")
@@ -284,6 +285,27 @@ struct SidecarTests {
         #expect(dup != 0 && dmsg.contains("already exists"))
         c.close()
         #expect(try await q.stop() == 0)
+    }
+
+    @Test func drainReturnsEveryTokenRefusesClaimsAndKeepsServingInfo() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "dr", limit: 10_000, perUser: 0, totalLimit: 10_000, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a")
+        let c = try await RESPClient.connect(q.socket)
+        var ok = 0
+        for _ in 0..<100 where try await c.send("CLAIM", "dr", "u").errorCode == nil { ok += 1 }
+        #expect(ok == 100)
+        #expect(try await redis.account("dr").outstanding > 0, "the sidecar holds unused tokens")
+        #expect(try await c.send("DRAIN") == .simpleString("OK"))
+        let a = try await redis.account("dr")
+        #expect(a.leases == 0 && a.pool == 10_000 - 100, "every unused token is back when DRAIN answers")
+        #expect(try await c.send("CLAIM", "dr", "u").errorCode == "UNAVAILABLE")
+        #expect(try await q.info()["draining"] == "1")
+        #expect(try await c.send("CLAIM", "nosuch", "u").errorCode == "UNAVAILABLE")
+        c.close()
+        #expect(try await q.stop() == 0)
+        #expect(try await redis.account("dr").pool == 10_000 - 100)
     }
 
     @Test func badConfigIsRefusedAtStartNamingTheKey() async throws {

@@ -1,3 +1,4 @@
+import Foundation
 import QuotaConfig
 import QuotaCore
 import Testing
@@ -55,6 +56,7 @@ struct ConfigTests {
         #expect(errorKey(minimal.replacingOccurrences(of: "region: sg", with: "region: id")) == "regions.id.redis")
         #expect(errorKey(minimal + "\nlimits: { max_qty: -3 }") == "limits.max_qty")
         #expect(errorKey("region: [1, 2]") == "region")
+        #expect(errorKey("region: sg\nregions: { sg: { redis: localhost } }") == "regions.sg.redis")
     }
 
     @Test func featuresNotBuiltYetAreRefusedNotIgnored() throws {
@@ -72,5 +74,27 @@ struct ConfigTests {
     @Test func socketModeIsOctal() throws {
         #expect(try load(minimal + "\n", [("socket.mode", "0600")]).socket.mode == 0o600)
         #expect(errorKey(minimal, [("socket.mode", "0999")]) == "socket.mode")
+    }
+}
+
+@Suite("Shipped config files")
+struct ShippedConfigTests {
+    static let configDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("config")
+
+    @Test(arguments: ["quotad.example.yaml", "quotad.full.yaml"])
+    func shippedConfigLoads(_ name: String) throws {
+        let text = try String(contentsOf: Self.configDir.appendingPathComponent(name), encoding: .utf8)
+        let c = try SidecarConfig.load(yaml: text, defaultHostID: "box")
+        #expect(c.region == "sg")
+    }
+
+    @Test func fullConfigDocumentsTheDefaults() throws {
+        let text = try String(contentsOf: Self.configDir.appendingPathComponent("quotad.full.yaml"), encoding: .utf8)
+        let c = try SidecarConfig.load(yaml: text, defaultHostID: "box")
+        let d = try SidecarConfig.load(yaml: "region: sg\nregions: { sg: { redis: \"redis://h:1\" } }", defaultHostID: "box")
+        #expect(c.lease == d.lease)
+        #expect(c.limits.maxWaitingClaims == d.limits.maxWaitingClaims && c.limits.claimTimeout == d.limits.claimTimeout)
+        #expect(c.socket.mode == d.socket.mode && c.redisTimeout == d.redisTimeout && c.availRefresh == d.availRefresh)
     }
 }
