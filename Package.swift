@@ -28,6 +28,21 @@ let package = Package(
             pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
         ),
+        // C library, owned by QuotaKafka only.
+        .systemLibrary(
+            name: "CRdKafka",
+            pkgConfig: "rdkafka",
+            providers: [.apt(["librdkafka-dev"])]
+        ),
+        // The only importer of CRdKafka: idempotent producer, consumer, mock cluster.
+        .target(
+            name: "QuotaKafka",
+            dependencies: [
+                "CRdKafka",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
         // The domain: stock, leases, fencing, sizing. No I/O.
         .target(name: "QuotaCore"),
         // RESP2 framing with hard limits.

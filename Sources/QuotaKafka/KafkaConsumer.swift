@@ -1,0 +1,117 @@
+import CRdKafka
+import Foundation
+
+/// One consumed message.
+public struct KafkaMessage: Sendable {
+    public var key: String
+    public var value: [UInt8]
+    public var partition: Int32
+    public var offset: Int64
+}
+
+/// A consumer-group member reading one topic from the earliest offset
+/// (tests, `quota-ledger`). Not thread-safe: use it from one task.
+public final class KafkaConsumer: @unchecked Sendable {
+    private let rk: OpaquePointer
+    private var isClosed = false
+
+    public init(brokers: String, topic: String, group: String, properties: [String: String] = [:]) throws(KafkaError) {
+        var props: [(String, String)] = [
+            ("bootstrap.servers", brokers), ("group.id", group), ("auto.offset.reset", "earliest"),
+            ("enable.auto.commit", "true"), ("enable.partition.eof", "false"),
+        ]
+        for (k, v) in properties.sorted(by: { $0.key < $1.key }) {
+            props.removeAll { $0.0 == k }
+            props.append((k, v))
+        }
+        let conf = try RdKafkaConfig.make(props)
+        var err = [CChar](repeating: 0, count: 512)
+        guard let rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, &err, err.count) else {
+            rd_kafka_conf_destroy(conf)
+            throw KafkaError(code: -1, name: "CREATE", message: cString(err))
+        }
+        self.rk = rk
+        rd_kafka_poll_set_consumer(rk)
+        let list = rd_kafka_topic_partition_list_new(1)
+        rd_kafka_topic_partition_list_add(list, topic, RD_KAFKA_PARTITION_UA)
+        let rc = rd_kafka_subscribe(rk, list)
+        rd_kafka_topic_partition_list_destroy(list)
+        if rc != RD_KAFKA_RESP_ERR_NO_ERROR { throw RdKafkaConfig.error(rc) }
+    }
+
+    /// The next message, or nil after `timeoutMs` without one. Transient broker errors are skipped.
+    public func poll(timeoutMs: Int32) -> KafkaMessage? {
+        guard let m = rd_kafka_consumer_poll(rk, timeoutMs) else { return nil }
+        defer { rd_kafka_message_destroy(m) }
+        let p = m.pointee
+        guard p.err == RD_KAFKA_RESP_ERR_NO_ERROR else { return nil }
+        let value = p.payload.map { Array(UnsafeRawBufferPointer(start: $0, count: p.len)) } ?? []
+        let key = p.key.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: p.key_len), as: UTF8.self) } ?? ""
+        return KafkaMessage(key: key, value: value, partition: p.partition, offset: p.offset)
+    }
+
+    /// Read until `idle` passes with no message (or `limit` passes).
+    public func drain(idle: Duration = .seconds(3), limit: Duration = .seconds(60)) -> [KafkaMessage] {
+        var out: [KafkaMessage] = []
+        let end = ContinuousClock.now + limit
+        var lastMessage = ContinuousClock.now
+        while ContinuousClock.now < end && ContinuousClock.now - lastMessage < idle {
+            if let m = poll(timeoutMs: 100) {
+                out.append(m)
+                lastMessage = .now
+            }
+        }
+        return out
+    }
+
+    public func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        rd_kafka_consumer_close(rk)
+        rd_kafka_destroy(rk)
+    }
+
+    deinit { close() }
+}
+
+/// librdkafka's in-process mock cluster, on real 127.0.0.1 ports, for fault injection.
+public final class KafkaMockCluster: @unchecked Sendable {
+    private let rk: OpaquePointer
+    private let cluster: OpaquePointer
+    public let bootstrapServers: String
+
+    public init(brokers: Int32 = 3) throws(KafkaError) {
+        let conf = try RdKafkaConfig.make([("log_level", "0")])
+        var err = [CChar](repeating: 0, count: 512)
+        guard let rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, &err, err.count) else {
+            throw KafkaError(code: -1, name: "CREATE", message: cString(err))
+        }
+        guard let c = rd_kafka_mock_cluster_new(rk, brokers) else {
+            rd_kafka_destroy(rk)
+            throw KafkaError(code: -1, name: "MOCK", message: "cannot create mock cluster")
+        }
+        self.rk = rk
+        self.cluster = c
+        self.bootstrapServers = String(cString: rd_kafka_mock_cluster_bootstraps(c))
+    }
+
+    public func createTopic(_ name: String, partitions: Int32 = 3) {
+        _ = rd_kafka_mock_topic_create(cluster, name, partitions, 1)
+        for p in 0..<partitions { _ = rd_kafka_mock_partition_set_leader(cluster, name, p, 1) }
+    }
+
+    public func setBroker(_ id: Int32, up: Bool) {
+        _ = up ? rd_kafka_mock_broker_set_up(cluster, id) : rd_kafka_mock_broker_set_down(cluster, id)
+    }
+
+    /// Make the next `count` Produce requests fail with a retriable error.
+    public func failNextProduces(_ count: Int) {
+        var errs = [rd_kafka_resp_err_t](repeating: RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, count: count)
+        rd_kafka_mock_push_request_errors_array(cluster, 0 /* Produce */, count, &errs)
+    }
+
+    deinit {
+        rd_kafka_mock_cluster_destroy(cluster)
+        rd_kafka_destroy(rk)
+    }
+}

@@ -1,0 +1,128 @@
+import CRdKafka
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+
+/// An idempotent producer (`enable.idempotence=true`, `acks=all`) for one topic.
+///
+/// Delivery reports and errors are read from librdkafka's main event queue by one
+/// dedicated thread (no C callbacks carrying Swift objects) and handed to `onDelivery`
+/// / `onError` in batches. The handles are freed by ``close(flushTimeout:)``.
+public final class KafkaProducer: @unchecked Sendable {
+    public let topic: String
+    private let rk: OpaquePointer
+    private let rkt: OpaquePointer
+    private let queue: OpaquePointer
+    private let logger: Logger
+    private let running = NIOLockedValueBox(true)
+    private var thread: Thread?
+    private let onDelivery: @Sendable ([DeliveryReport]) -> Void
+    private let onError: @Sendable (KafkaError) -> Void
+    private let closed = NIOLockedValueBox(false)
+
+    /// - Parameters:
+    ///   - properties: any librdkafka property; `enable.idempotence` and `acks` are forced.
+    public init(
+        brokers: String, topic: String, properties: [String: String] = [:], logger: Logger,
+        onDelivery: @escaping @Sendable ([DeliveryReport]) -> Void,
+        onError: @escaping @Sendable (KafkaError) -> Void = { _ in }
+    ) throws(KafkaError) {
+        var props: [(String, String)] = [
+            ("bootstrap.servers", brokers), ("linger.ms", "5"), ("batch.num.messages", "10000"),
+            ("queue.buffering.max.messages", "1000000"), ("message.timeout.ms", "0"),
+            ("socket.keepalive.enable", "true"),
+        ]
+        for (k, v) in properties.sorted(by: { $0.key < $1.key }) {
+            props.removeAll { $0.0 == k }
+            props.append((k, v))
+        }
+        props.append(("enable.idempotence", "true"))
+        props.append(("acks", "all"))
+        let conf = try RdKafkaConfig.make(props)
+        rd_kafka_conf_set_events(conf, Int32(RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_ERROR))
+        var err = [CChar](repeating: 0, count: 512)
+        guard let rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, &err, err.count) else {
+            rd_kafka_conf_destroy(conf)
+            throw KafkaError(code: -1, name: "CREATE", message: cString(err))
+        }
+        guard let rkt = rd_kafka_topic_new(rk, topic, nil) else {
+            rd_kafka_destroy(rk)
+            throw RdKafkaConfig.error(rd_kafka_last_error())
+        }
+        self.rk = rk
+        self.rkt = rkt
+        self.queue = rd_kafka_queue_get_main(rk)
+        self.topic = topic
+        self.logger = logger
+        self.onDelivery = onDelivery
+        self.onError = onError
+        let t = Thread { [unowned self] in self.pollLoop() }
+        t.name = "kafka-events"
+        thread = t
+        t.start()
+        logger.info("kafka producer started", metadata: ["kafka.brokers": "\(brokers)", "kafka.topic": "\(topic)",
+                                                         "librdkafka": "\(RdKafkaConfig.version)"])
+    }
+
+    /// Queue one message. Throws when librdkafka's local queue is full (`_QUEUE_FULL`) or the topic is unknown.
+    public func produce(key: String, value: [UInt8], sequence: UInt64) throws(KafkaError) {
+        let rc = value.withUnsafeBytes { v in
+            key.withCString { k in
+                rd_kafka_produce(
+                    rkt, RD_KAFKA_PARTITION_UA, RD_KAFKA_MSG_F_COPY, UnsafeMutableRawPointer(mutating: v.baseAddress),
+                    v.count, k, strlen(k), UnsafeMutableRawPointer(bitPattern: UInt(sequence)))
+            }
+        }
+        if rc != 0 { throw RdKafkaConfig.error(rd_kafka_last_error()) }
+    }
+
+    /// Messages not yet delivered (queued or in flight).
+    public var outstanding: Int { Int(rd_kafka_outq_len(rk)) }
+
+    /// Wait up to `timeout` for every queued message to be delivered. Returns what is still outstanding.
+    @discardableResult
+    public func flush(timeout: Duration) -> Int {
+        _ = rd_kafka_flush(rk, Int32(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+        return outstanding
+    }
+
+    /// Flush (bounded), stop the event thread, free the handles. Idempotent.
+    public func close(flushTimeout: Duration = .seconds(5)) {
+        guard closed.withLockedValue({ let was = $0; $0 = true; return !was }) else { return }
+        flush(timeout: flushTimeout)
+        running.withLockedValue { $0 = false }
+        while thread?.isFinished == false { usleep(10_000) }
+        rd_kafka_queue_destroy(queue)
+        rd_kafka_topic_destroy(rkt)
+        rd_kafka_destroy(rk)
+    }
+
+    private func pollLoop() {
+        var batch: [DeliveryReport] = []
+        while running.withLockedValue({ $0 }) {
+            guard let ev = rd_kafka_queue_poll(queue, 100) else { continue }
+            switch rd_kafka_event_type(ev) {
+            case RD_KAFKA_EVENT_DR:
+                let n = rd_kafka_event_message_count(ev)
+                var msgs = [UnsafePointer<rd_kafka_message_t>?](repeating: nil, count: n)
+                let got = rd_kafka_event_message_array(ev, &msgs, n)
+                batch.removeAll(keepingCapacity: true)
+                for i in 0..<got {
+                    guard let m = msgs[i] else { continue }
+                    let seq = UInt64(UInt(bitPattern: m.pointee._private))
+                    let e = m.pointee.err
+                    batch.append(DeliveryReport(sequence: seq, error: e == RD_KAFKA_RESP_ERR_NO_ERROR ? nil : RdKafkaConfig.error(e)))
+                }
+                if !batch.isEmpty { onDelivery(batch) }
+            case RD_KAFKA_EVENT_ERROR:
+                var e = RdKafkaConfig.error(rd_kafka_event_error(ev), String(cString: rd_kafka_event_error_string(ev)))
+                e.isFatal = rd_kafka_event_error_is_fatal(ev) != 0
+                logger.warning("kafka error", metadata: ["error": "\(e)"])
+                onError(e)
+            default:
+                break
+            }
+            rd_kafka_event_destroy(ev)
+        }
+    }
+}
