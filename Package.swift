@@ -45,6 +45,15 @@ let package = Package(
         ),
         // The domain: stock, leases, fencing, sizing. No I/O.
         .target(name: "QuotaCore"),
+        // The local write-ahead journal: segments, group commit, recovery.
+        .target(
+            name: "QuotaJournal",
+            dependencies: [
+                "QuotaCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
         // RESP2 framing with hard limits.
         .target(name: "QuotaRESP", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         // The only importer of CHiredis: connection owner thread, Lua scripts, key layout.
@@ -68,7 +77,7 @@ let package = Package(
         .target(
             name: "QuotaServer",
             dependencies: [
-                "QuotaCore", "QuotaRESP", "QuotaRedis", "QuotaConfig",
+                "QuotaCore", "QuotaRESP", "QuotaRedis", "QuotaConfig", "QuotaJournal", "QuotaKafka",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -102,7 +111,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
-        .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig"]),
+        .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig", "QuotaJournal"]),
         .testTarget(
             name: "QuotaRESPTests",
             dependencies: ["QuotaRESP", .product(name: "NIOCore", package: "swift-nio"),

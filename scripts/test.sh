@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+source scripts/kafka-env.sh
 swift build --build-tests
 swift test 2>&1 | tee .build/test-output.txt

@@ -67,7 +67,10 @@ public final class RESPClient: Sendable {
     /// Raw bytes, expecting `replies` replies.
     public func sendRaw(_ bytes: ByteBuffer, replies: Int) async throws -> [RESPValue] {
         let promises = (0..<replies).map { _ in channel.eventLoop.makePromise(of: RESPValue.self) }
-        channel.writeAndFlush((bytes, promises), promise: nil)
+        channel.writeAndFlush((bytes, promises)).whenFailure { error in
+            // Never written (closed channel): nobody else will answer these.
+            for p in promises { p.fail(error) }
+        }
         var out: [RESPValue] = []
         for p in promises { out.append(try await p.futureResult.get()) }
         return out

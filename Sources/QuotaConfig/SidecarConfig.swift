@@ -10,8 +10,11 @@ public struct SidecarConfig: Sendable {
     /// `regions.<name>.redis`: each region's Redis URL. The own region's is required.
     public var regions: [String: String]
     public var socket: Socket
-    /// `durability`: `none` (reply at once). `journal` and `kafka` come with the durable-claims work.
+    /// `durability`: `journal` (default: reply after the local fsync), `kafka` (reply after Kafka
+    /// acknowledged with acks=all), `none` (reply at once; unsafe: a crash can lose answered claims).
     public var durability: Durability
+    public var journal: JournalSettings
+    public var kafka: KafkaSettings
     /// `lease.*`: this host's default lease policy (Redis region defaults and per-voucher overrides win).
     public var lease: LeasePolicy
     public var limits: Limits
@@ -41,6 +44,29 @@ public struct SidecarConfig: Sendable {
         public var adminUIDs: [UInt32] = []
     }
 
+    public struct JournalSettings: Sendable {
+        /// `journal.dir`. Default `/var/lib/quotad/journal`; optional with `durability: none`.
+        public var dir: String? = nil
+        /// `journal.max_bytes`: bound on unshipped journal bytes; over it claims get UNAVAILABLE. Default 1 GiB.
+        public var maxBytes = 1 << 30
+        /// `journal.segment_bytes`: roll segments past this size. Default 4 MiB.
+        public var segmentBytes = 4 << 20
+    }
+
+    public struct KafkaSettings: Sendable {
+        /// `kafka.brokers`: bootstrap servers. Required with `durability: journal|kafka`.
+        public var brokers: String? = nil
+        /// `kafka.topic`. Default `quota.claims`.
+        public var topic = "quota.claims"
+        /// `kafka.properties`: any librdkafka property, passed through (idempotence and acks=all are forced).
+        public var properties: [String: String] = [:]
+        /// `kafka.unavailable_after_ms`: with no delivery progress for this long Kafka counts as down
+        /// (`durability: kafka` then answers UNAVAILABLE). Default 2000.
+        public var unavailableAfter: Duration = .seconds(2)
+        /// `kafka.flush_timeout_ms`: how long shutdown waits for Kafka. Default 10000.
+        public var flushTimeout: Duration = .seconds(10)
+    }
+
     public struct Limits: Sendable {
         /// `limits.max_connections`. Default 10000.
         public var maxConnections = 10_000
@@ -67,7 +93,9 @@ public struct SidecarConfig: Sendable {
         self.region = region
         self.regions = regions
         self.socket = Socket()
-        self.durability = .none
+        self.durability = .journal
+        self.journal = JournalSettings()
+        self.kafka = KafkaSettings()
         self.lease = LeasePolicy()
         self.limits = Limits()
         self.redisTimeout = .seconds(1)
@@ -81,8 +109,6 @@ public struct SidecarConfig: Sendable {
     public var redisURL: String { regions[region] ?? "" }
 
     static let notBuilt = [
-        "journal": "the local journal arrives with the durable-claims work (durability: journal)",
-        "kafka": "the Kafka stream arrives with the durable-claims work",
         "per_user": "per-user limits arrive with their own work",
         "borrow": "borrowing between regions is not built yet",
         "metrics": "the Prometheus endpoint arrives with the observability work",
@@ -153,12 +179,38 @@ public struct SidecarConfig: Sendable {
             guard let v = Durability(rawValue: d) else {
                 throw ConfigError(key: "durability", "must be one of journal, kafka, none; got '\(d)'")
             }
-            guard v == .none else {
-                throw ConfigError(
-                    key: "durability", "'\(d)' is not supported yet (the journal and Kafka stream are not built); use none")
-            }
             c.durability = v
         }
+        var j = try r.child("journal")
+        if let v = try j.string("dir") {
+            guard v.hasPrefix("/") else { throw ConfigError(key: "journal.dir", "must be an absolute path") }
+            c.journal.dir = v
+        }
+        if let v = try j.int("max_bytes", min: 4096) { c.journal.maxBytes = v }
+        if let v = try j.int("segment_bytes", min: 4096, max: 1 << 30) { c.journal.segmentBytes = v }
+        try j.finish()
+        if c.durability != .none && c.journal.dir == nil { c.journal.dir = "/var/lib/quotad/journal" }
+        var k = try r.child("kafka")
+        if let v = try k.string("brokers") {
+            guard !v.isEmpty else { throw ConfigError(key: "kafka.brokers", "must not be empty") }
+            c.kafka.brokers = v
+        }
+        if let v = try k.string("topic") {
+            guard !v.isEmpty, v.count <= 249 else { throw ConfigError(key: "kafka.topic", "must be 1-249 characters") }
+            c.kafka.topic = v
+        }
+        if let node = k.node("properties") {
+            guard case .map(let m) = node else { throw ConfigError(key: "kafka.properties", "must be a mapping") }
+            for (pk, pv) in m {
+                guard case .scalar(let sv) = pv else {
+                    throw ConfigError(key: "kafka.properties.\(pk)", "must be a string")
+                }
+                c.kafka.properties[pk] = sv
+            }
+        }
+        if let v = try k.int("unavailable_after_ms", min: 100) { c.kafka.unavailableAfter = .milliseconds(v) }
+        if let v = try k.int("flush_timeout_ms", min: 0) { c.kafka.flushTimeout = .milliseconds(v) }
+        try k.finish()
 
         var l = try r.child("lease")
         var p = LeasePolicy()
@@ -205,6 +257,9 @@ public struct SidecarConfig: Sendable {
             c.logLevel = v
         }
         try r.finish(notBuilt: notBuilt)
+        if c.durability != .none && c.kafka.brokers == nil {
+            throw ConfigError(key: "kafka.brokers", "is required with durability: \(c.durability.rawValue)")
+        }
         return c
     }
 }

@@ -203,7 +203,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         guard a[2].readableBytes > 0, a[2].readableBytes <= 256 else {
             return syntax("user id must be 1-256 bytes")
         }
-        return engine.request(.claim(qty: qty), voucher: v, loop: loop)
+        return engine.request(.claim(qty: qty, user: String(buffer: a[2])), voucher: v, loop: loop)
     }
 
     private func syntax(_ m: String) -> Outcome {

@@ -12,6 +12,7 @@ import Synchronization
 public final class SidecarEngine: Sendable {
     public let config: SidecarConfig
     public let store: QuotaStore
+    let pipeline: ClaimPipeline
     let logger: Logger
     let startedAt = Date()
     private let vouchers = NIOLockedValueBox<[String: VoucherRuntime]>([:])
@@ -29,9 +30,10 @@ public final class SidecarEngine: Sendable {
     let globalRejections = NIOLockedValueBox<[QuotaErrorCode: Int]>([:])
     let redisErrors = Atomic<Int>(0)
 
-    public init(config: SidecarConfig, store: QuotaStore, logger: Logger) {
+    init(config: SidecarConfig, store: QuotaStore, pipeline: ClaimPipeline, logger: Logger) {
         self.config = config
         self.store = store
+        self.pipeline = pipeline
         self.logger = logger
         // Claim ids: region.host.boot.seq — unique across regions, hosts and restarts
         // (boot = start time in ms, base 36, plus 16 random bits).
@@ -97,6 +99,7 @@ public final class SidecarEngine: Sendable {
             try? await Task.sleep(for: interval)
             let now = monotonicNow()
             for rt in runtimes { rt.tick(now: now) }
+            pipeline.tick()
         }
     }
 
@@ -204,7 +207,12 @@ public final class SidecarEngine: Sendable {
             out += "redis_errors:\(redisErrors.load(ordering: .relaxed))\r\n"
             out += "protocol_errors:\(protocolErrors.load(ordering: .relaxed))\r\n"
             out += "command_errors:\(commandErrors.load(ordering: .relaxed))\r\n"
-            out += "journal_backlog_bytes:0\r\nkafka_backlog:0\r\n\r\n"
+            let p = pipeline.stats
+            out += "journal_backlog_bytes:\(p.journalBacklogBytes)\r\njournal_unshipped_claims:\(p.journalUnshipped)\r\n"
+            out += "journal_segments:\(p.journalSegments)\r\njournal_syncs:\(p.syncs)\r\njournal_records_synced:\(p.recordsSynced)\r\n"
+            out += "journal_healthy:\(pipeline.journal.map { $0.isHealthy ? 1 : 0 } ?? 1)\r\n"
+            out += "kafka_backlog:\(p.inFlight)\r\nkafka_shipped:\(p.shipped)\r\nkafka_delivery_errors:\(p.deliveryErrors)\r\n"
+            out += "kafka_down:\(pipeline.kafkaDown ? 1 : 0)\r\n\r\n"
         }
         if on("vouchers") {
             out += "# Vouchers\r\n"

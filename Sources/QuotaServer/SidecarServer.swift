@@ -6,6 +6,7 @@ import NIOCore
 import NIOPosix
 import QuotaConfig
 import QuotaCore
+import QuotaJournal
 import QuotaRESP
 import QuotaRedis
 import ServiceLifecycle
@@ -18,9 +19,22 @@ public final class SidecarService: Service, Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
 
+    private let recovered: JournalRecovery?
+
     public init(config: SidecarConfig, logger: Logger) throws {
         let store = try QuotaStore(url: config.redisURL, timeout: config.redisTimeout, logger: logger)
-        self.engine = SidecarEngine(config: config, store: store, logger: logger)
+        // Read what the journal says before anything new is written to it.
+        let rec = config.journal.dir.map { JournalRecovery.read(dir: $0) }
+        if let rec {
+            for t in rec.tornTails { logger.notice("journal: \(t)") }
+            for i in rec.issues { logger.error("journal corruption: \(i)") }
+            if !rec.leaseStateTrusted {
+                logger.error("journal: lease state not trusted (corrupt newest segment); leases of the previous run stay leased until reconciled")
+            }
+        }
+        self.recovered = rec
+        let pipeline = try ClaimPipeline(config: config, recovered: rec, logger: logger)
+        self.engine = SidecarEngine(config: config, store: store, pipeline: pipeline, logger: logger)
         let threads = config.eventLoops > 0 ? config.eventLoops : System.coreCount
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         self.logger = logger
@@ -33,6 +47,12 @@ public final class SidecarService: Service, Sendable {
             "socket": "\(config.socket.path)", "region": "\(config.region)", "host": "\(config.hostID)",
             "redis": "\(engine.store.connection.endpoint)",
         ])
+        if let rec = recovered {
+            engine.pipeline.reship(rec)
+            let n = rec.segments.reduce(0) { $0 + $1.claims.count }
+            if n > 0 { logger.info("journal: shipping claims of the previous run again", metadata: ["claims": "\(n)"]) }
+        }
+        let recovery = Task { await returnRecoveredLeases() }
         let ticker = Task { await engine.runTicker() }
         let refresher = Task { await engine.runRefresher() }
 
@@ -42,8 +62,11 @@ public final class SidecarService: Service, Sendable {
         logger.info("shutting down: closing the socket, returning tokens")
         try? await channel.close()
         let left = await engine.drain()
+        recovery.cancel()
+        _ = await recovery.value
         ticker.cancel()
         refresher.cancel()
+        engine.pipeline.close(flushTimeout: config.kafka.flushTimeout)
         try? await Task.sleep(for: .milliseconds(50))
         try? FileManager.default.removeItem(atPath: config.socket.path)
         engine.store.connection.close()
@@ -52,6 +75,36 @@ public final class SidecarService: Service, Sendable {
             logger.info("all unused tokens returned; bye")
         } else {
             logger.error("exiting with tokens still leased", metadata: ["vouchers": "\(left)"])
+        }
+    }
+
+    /// Give back what the previous run's leases did not serve, on the journal's word
+    /// (`granted - served`; cumulative, so a repeat after another crash changes nothing).
+    /// Not with `durability: none`: replies there do not wait for the journal, so its counts may be low.
+    private func returnRecoveredLeases() async {
+        guard let rec = recovered, engine.config.durability != .none, rec.leaseStateTrusted else { return }
+        var open = rec.openLeases
+        var delay: Duration = .milliseconds(100)
+        while !open.isEmpty && !Task.isCancelled {
+            var failed: [JournalRecord.OpenLease] = []
+            for l in open {
+                let r = await attempt { () async throws(RedisError) in
+                    try await engine.store.giveBack(voucher: l.voucher, lease: l.lease, host: engine.config.hostID,
+                                                    returnedTotal: l.granted - l.served, close: true)
+                }
+                switch r {
+                case .success(let n):
+                    engine.pipeline.recordLease(.leaseClosed(voucher: l.voucher, lease: l.lease))
+                    logger.info("returned a lease of the previous run", metadata: [
+                        "quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)", "tokens": "\(n)"])
+                case .failure: failed.append(l)
+                }
+            }
+            open = failed
+            if !open.isEmpty {
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(5))
+            }
         }
     }
 

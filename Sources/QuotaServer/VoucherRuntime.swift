@@ -1,3 +1,4 @@
+import Glibc
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -25,12 +26,13 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     enum Request: Sendable {
-        case claim(qty: Int)
+        case claim(qty: Int, user: String)
         case avail
     }
 
     private struct Parked {
         var qty: Int
+        var user: String
         var deadline: Instant
         var promise: EventLoopPromise<Reply>
     }
@@ -91,8 +93,8 @@ final class VoucherRuntime: @unchecked Sendable {
             switch req {
             case .avail:
                 outcome = .now(.value(.integer(max(0, stock.poolHint) + stock.available(now: now))))
-            case .claim(let qty):
-                outcome = claimReady(qty: qty, now: now, loop: loop, &a)
+            case .claim(let qty, let user):
+                outcome = claimReady(qty: qty, user: user, now: now, loop: loop, &a)
             }
         }
         lock.unlock()
@@ -109,11 +111,15 @@ final class VoucherRuntime: @unchecked Sendable {
         return .later(p.futureResult)
     }
 
-    private func claimReady(qty: Int, now: Instant, loop: any EventLoop, _ a: inout Actions) -> Outcome {
+    private func claimReady(qty: Int, user: String, now: Instant, loop: any EventLoop, _ a: inout Actions) -> Outcome {
+        if let refusal = engine.pipeline.refusal() {
+            stock.countRejection(.unavailable)
+            return .now(.error(refusal))
+        }
         let outcome: Outcome
         switch stock.claim(qty: qty, now: now) {
-        case .served:
-            outcome = .now(.claimID(engine.nextClaimID()))
+        case .served(let shares):
+            outcome = granted(shares, qty: qty, user: user, loop: loop, promise: nil, &a)
         case .reject(let e):
             outcome = .now(.error(e))
         case .wait:
@@ -122,13 +128,56 @@ final class VoucherRuntime: @unchecked Sendable {
                 outcome = .now(.error(QuotaError(.busy, "too many claims waiting for stock of '\(id)'")))
             } else {
                 let p = loop.makePromise(of: Reply.self)
-                parked.append(Parked(qty: qty, deadline: now + engine.config.limits.claimTimeout, promise: p))
+                parked.append(Parked(qty: qty, user: user, deadline: now + engine.config.limits.claimTimeout, promise: p))
                 parkedTokens += qty
                 outcome = .later(p.futureResult)
             }
         }
         collect(now: now, &a)
         return outcome
+    }
+
+    /// A claim was granted from local stock: record it as the durability mode requires, then answer.
+    /// Called under the lock; the journal append keeps this voucher's records in decision order.
+    private func granted(_ shares: [ClaimShare], qty: Int, user: String, loop: any EventLoop,
+                         promise: EventLoopPromise<Reply>?, _ a: inout Actions) -> Outcome {
+        let id = engine.nextClaimID()
+        let event = ClaimEvent(claimID: id, voucher: self.id, user: user, qty: qty, region: engine.config.region,
+                               host: engine.config.hostID, shares: shares, tsMs: wallClockMs())
+        let pipeline = engine.pipeline
+        if pipeline.durability == .none {
+            _ = pipeline.recordClaim(event) { _ in }
+            if let promise { a.completions.append((promise, .claimID(id))) }
+            return .now(.claimID(id))
+        }
+        let p = promise ?? loop.makePromise(of: Reply.self)
+        let once = ReplyOnce(p)
+        _ = pipeline.recordClaim(event) { [self] ok in
+            if ok {
+                once.complete(.claimID(id))
+            } else if once.complete(.error(QuotaError(.unavailable, "claim could not be made durable: \(pipeline.refusal()?.message ?? "journal write failed")"))) {
+                self.putBack(shares, code: .unavailable)
+            }
+        }
+        if pipeline.durability == .kafka {
+            loop.scheduleTask(in: .nanoseconds(engine.config.limits.claimTimeout.nanosecondsClamped)) { [self] in
+                if once.complete(.error(QuotaError(.unavailable, "Kafka did not acknowledge the claim in time"))) {
+                    // The record may still ship: journal its cancellation so the stream nets to zero.
+                    pipeline.recordCancellation(event)
+                    self.putBack(shares, code: .unavailable)
+                }
+            }
+        }
+        return .later(p.futureResult)
+    }
+
+    /// Tokens of a claim that was not made durable go back to local stock.
+    private func putBack(_ shares: [ClaimShare], code: QuotaErrorCode) {
+        lock.withLock {
+            stock.putBack(shares, now: monotonicNow())
+            stock.counters.claimsOK -= 1
+            stock.countRejection(code)
+        }
     }
 
     /// Serve or refuse parked claims, in order, after the stock changed.
@@ -139,10 +188,20 @@ final class VoucherRuntime: @unchecked Sendable {
                 stock.countRejection(.unavailable)
                 reply = .error(QuotaError(.unavailable, "no lease arrived within the claim timeout"))
             } else {
-                switch stock.retryParked(qty: w.qty, now: now) {
-                case .served: reply = .claimID(engine.nextClaimID())
-                case .reject(let e): reply = .error(e)
-                case .wait: return
+                if let refusal = engine.pipeline.refusal() {
+                    stock.countRejection(.unavailable)
+                    reply = .error(refusal)
+                } else {
+                    switch stock.retryParked(qty: w.qty, now: now) {
+                    case .served(let shares):
+                        parked.removeFirst()
+                        parkedTokens -= w.qty
+                        _ = granted(shares, qty: w.qty, user: w.user, loop: w.promise.futureResult.eventLoop,
+                                    promise: w.promise, &a)
+                        continue
+                    case .reject(let e): reply = .error(e)
+                    case .wait: return
+                    }
                 }
             }
             parked.removeFirst()
@@ -352,8 +411,13 @@ final class VoucherRuntime: @unchecked Sendable {
         var a = Actions()
         let now = monotonicNow()
         lock.lock()
+        if case .success = result {
+            for closed in request.close { engine.pipeline.recordLease(.leaseClosed(voucher: id, lease: closed)) }
+        }
         switch result {
-        case .success(.granted(let g)): stock.leaseGranted(g, sentAt: request.sentAt, now: now)
+        case .success(.granted(let g)):
+            if g.granted > 0 { engine.pipeline.recordLease(.leaseGranted(voucher: id, lease: g.id, granted: g.granted)) }
+            stock.leaseGranted(g, sentAt: request.sentAt, now: now)
         case .success(.refused(let r)): stock.leaseRefused(r)
         case .failure(let e):
             engine.logger.warning("lease failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
@@ -385,6 +449,7 @@ final class VoucherRuntime: @unchecked Sendable {
                     engine.logger.warning("lease not renewed", metadata: ["quota.voucher": "\(self.id)",
                                                                           "quota.lease": "\(leaseID)", "outcome": "\(o)"])
                 }
+                if o == .gone { engine.pipeline.recordLease(.leaseClosed(voucher: self.id, lease: leaseID)) }
                 self.stock.renewed(leaseID, outcome: o, sentAt: sentAt, now: now)
             case .failure:
                 engine.redisErrors.add(1, ordering: .relaxed)
@@ -407,7 +472,9 @@ final class VoucherRuntime: @unchecked Sendable {
             self.lock.withLock {
                 self.ioInFlight -= 1
                 switch result {
-                case .success(let n): self.stock.returned(r, applied: n)
+                case .success(let n):
+                    if r.close { engine.pipeline.recordLease(.leaseClosed(voucher: self.id, lease: r.leaseId)) }
+                    self.stock.returned(r, applied: n)
                 case .failure:
                     engine.redisErrors.add(1, ordering: .relaxed)
                     self.stock.returnFailed(r)
@@ -420,4 +487,31 @@ final class VoucherRuntime: @unchecked Sendable {
 /// Run a Redis call and keep its typed error.
 func attempt<T>(_ body: () async throws(RedisError) -> T) async -> Result<T, RedisError> {
     do { return .success(try await body()) } catch { return .failure(error) }
+}
+
+/// Completes a reply promise exactly once (durable, failed or timed out, whichever is first).
+final class ReplyOnce: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var done = false
+    private let promise: EventLoopPromise<Reply>
+
+    init(_ p: EventLoopPromise<Reply>) { promise = p }
+
+    /// Returns true if this call completed the promise.
+    @discardableResult
+    func complete(_ r: Reply) -> Bool {
+        let first = lock.withLock { () -> Bool in
+            defer { done = true }
+            return !done
+        }
+        if first { promise.succeed(r) }
+        return first
+    }
+}
+
+@inline(__always)
+func wallClockMs() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
 }

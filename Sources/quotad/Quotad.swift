@@ -23,7 +23,7 @@ struct Quotad: AsyncParsableCommand {
     @Option(name: .long, help: "Override region.") var region: String?
     @Option(name: .long, help: "Redis URL of this host's region (regions.<region>.redis).") var redis: String?
     @Option(name: .long, help: "Override socket.path.") var socket: String?
-    @Option(name: .long, help: "Override durability (none).") var durability: String?
+    @Option(name: .long, help: "Override durability (journal|kafka|none).") var durability: String?
     @Option(name: .long, help: "Override log_level.") var logLevel: String?
     @Option(name: .long, parsing: .singleValue, help: "Override any key: --set lease.ttl=5 (repeatable).")
     var set: [String] = []

@@ -25,7 +25,7 @@ func claimUntilSoldOut(_ c: RESPClient, voucher: String, user: String, maxUnavai
     }
 }
 
-@Suite("quotad against real redis-server", .serialized)
+@Suite("quotad against real redis-server", .serialized, .timeLimit(.minutes(3)))
 struct SidecarTests {
     @Test func threeSidecarsWith300ClientsSellExactlyTheLimitAndLeaveNothingLeased() async throws {
         let redis = try await RedisServer()

@@ -60,9 +60,33 @@ struct ConfigTests {
     }
 
     @Test func featuresNotBuiltYetAreRefusedNotIgnored() throws {
-        #expect(errorKey(minimal + "\nkafka: { brokers: x }") == "kafka")
         #expect(errorKey(minimal + "\nper_user: { mode: central }") == "per_user")
-        #expect(errorKey(minimal.replacingOccurrences(of: "durability: none", with: "durability: journal")) == "durability")
+        #expect(errorKey(minimal + "\nborrow: true") == "borrow")
+    }
+
+    @Test func contractMinimalFileWithJournalAndKafkaLoads() throws {
+        let c = try load("""
+            host_id: host-a
+            region: sg
+            regions:
+              sg: { redis: "unix:///tmp/t/redis.sock" }
+            socket: { path: /tmp/t/quotad-a.sock }
+            durability: journal
+            journal: { dir: /tmp/t/journal-a }
+            kafka: { brokers: "127.0.0.1:9092", topic: quota.claims }
+            """)
+        #expect(c.durability == .journal && c.journal.dir == "/tmp/t/journal-a")
+        #expect(c.kafka.brokers == "127.0.0.1:9092" && c.kafka.topic == "quota.claims")
+    }
+
+    @Test func durableModesNeedKafkaAndKnowTheirKeys() {
+        let base = minimal.replacingOccurrences(of: "durability: none", with: "durability: kafka")
+        #expect(errorKey(base) == "kafka.brokers")
+        #expect(errorKey(base + "\nkafka: { brokers: b, bogus: 1 }") == "kafka.bogus")
+        #expect(errorKey(base + "\nkafka: { brokers: b }\njournal: { dir: relative }") == "journal.dir")
+        #expect(errorKey(base + "\nkafka: { brokers: b, properties: { linger.ms: [1] } }") == "kafka.properties.linger.ms")
+        #expect(errorKey(minimal.replacingOccurrences(of: "durability: none", with: "")) == "kafka.brokers",
+                "journal is the default durability")
     }
 
     @Test func flagOverridesWinOverTheFile() throws {
@@ -92,7 +116,7 @@ struct ShippedConfigTests {
     @Test func fullConfigDocumentsTheDefaults() throws {
         let text = try String(contentsOf: Self.configDir.appendingPathComponent("quotad.full.yaml"), encoding: .utf8)
         let c = try SidecarConfig.load(yaml: text, defaultHostID: "box")
-        let d = try SidecarConfig.load(yaml: "region: sg\nregions: { sg: { redis: \"redis://h:1\" } }", defaultHostID: "box")
+        let d = try SidecarConfig.load(yaml: "region: sg\ndurability: none\nregions: { sg: { redis: \"redis://h:1\" } }", defaultHostID: "box")
         #expect(c.lease == d.lease)
         #expect(c.limits.maxWaitingClaims == d.limits.maxWaitingClaims && c.limits.claimTimeout == d.limits.claimTimeout)
         #expect(c.socket.mode == d.socket.mode && c.redisTimeout == d.redisTimeout && c.availRefresh == d.availRefresh)
