@@ -1,0 +1,216 @@
+import Foundation
+import Glibc
+import Logging
+import NIOConcurrencyHelpers
+import QuotaCore
+import QuotaJournal
+import Testing
+
+func tempDir() -> String {
+    var t = Array("/tmp/qj-XXXXXX".utf8CString)
+    return t.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
+}
+
+func claim(_ id: String, lease: String = "1", qty: Int = 1, voucher: String = "v") -> JournalRecord {
+    .claim(ClaimEvent(claimID: id, voucher: voucher, user: "u-\(id)", qty: qty, region: "sg", host: "h",
+                      shares: [ClaimShare(leaseId: lease, tokens: qty)], tsMs: 1_700_000_000_000))
+}
+
+/// Open a journal on `dir`, append `records`, wait for all to be durable, close it.
+func writeJournal(_ dir: String, _ records: [JournalRecord], segmentBytes: Int = 4 << 20,
+                  onDurable: @escaping @Sendable ([DurableClaim]) -> Void = { _ in }) throws -> Journal {
+    var o = Journal.Options(dir: dir)
+    o.segmentBytes = segmentBytes
+    let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t"),
+                        onDurable: onDurable)
+    let done = DispatchSemaphore(value: 0)
+    for r in records { j.append(r) { _ in done.signal() } }
+    for _ in records { done.wait() }
+    return j
+}
+
+func appendAndWait(_ j: Journal, _ records: [JournalRecord]) {
+    let done = DispatchSemaphore(value: 0)
+    for r in records { j.append(r) { _ in done.signal() } }
+    for _ in records { done.wait() }
+}
+
+func segments(_ dir: String) -> [String] {
+    ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".qj") }.sorted()
+        .map { "\(dir)/\($0)" }
+}
+
+@Suite("Journal record format")
+struct JournalCodecTests {
+    @Test func everyRecordKindRoundTrips() {
+        let records: [JournalRecord] = [
+            claim("c1"), .leaseGranted(voucher: "v", lease: "7", granted: 500), .leaseClosed(voucher: "v", lease: "7"),
+            .snapshot([.init(voucher: "v", lease: "3", granted: 10, served: 4)]),
+            .claim(ClaimEvent(kind: .unclaimed, claimID: "x", voucher: "v", user: "ü \"q\"", qty: 3, region: "sg",
+                              host: "h", shares: [.init(leaseId: "1", tokens: 1), .init(leaseId: "2", tokens: 2)], tsMs: 5)),
+        ]
+        var buf: [UInt8] = []
+        for r in records { JournalCodec.encode(r, into: &buf) }
+        var off = 0
+        for r in records {
+            guard case .record(let got, let next) = JournalCodec.decode(buf, at: off) else {
+                Issue.record("failed at \(off)")
+                return
+            }
+            #expect(got == r)
+            off = next
+        }
+        #expect(off == buf.count)
+    }
+
+    @Test func everyTruncationIsIncompleteNeverAMisreadRecord() {
+        var buf: [UInt8] = []
+        JournalCodec.encode(claim("c1"), into: &buf)
+        for cut in 0..<buf.count {
+            #expect(JournalCodec.decode(Array(buf.prefix(cut)), at: 0) == .incomplete)
+        }
+    }
+
+    @Test func everyFlippedByteIsDetected() {
+        var buf: [UInt8] = []
+        JournalCodec.encode(claim("c1", qty: 2), into: &buf)
+        for i in 0..<buf.count {
+            var bad = buf
+            bad[i] ^= 0x40
+            switch JournalCodec.decode(bad, at: 0) {
+            case .record(let r, _): Issue.record("flipped byte \(i) decoded as \(r)")
+            default: break
+            }
+        }
+    }
+
+    @Test func kafkaValueIsTheContractJSON() throws {
+        guard case .claim(let e) = claim("sg.h.1.a", qty: 2) else { return }
+        let obj = try #require(try JSONSerialization.jsonObject(with: Data(e.kafkaValue)) as? [String: Any])
+        #expect(obj["type"] as? String == "claimed")
+        #expect(obj["claim_id"] as? String == "sg.h.1.a")
+        #expect(obj["voucher"] as? String == "v" && obj["user"] as? String == "u-sg.h.1.a")
+        #expect(obj["qty"] as? Int == 2 && obj["region"] as? String == "sg" && obj["host"] as? String == "h")
+        #expect(obj["lease"] as? String == "1" && obj["ts_ms"] as? Int == 1_700_000_000_000)
+        #expect(Set(obj.keys) == ["type", "claim_id", "voucher", "user", "qty", "region", "host", "lease", "ts_ms"])
+    }
+}
+
+@Suite("Journal files", .serialized)
+struct JournalFileTests {
+    @Test func recoveryKnowsLeasesAndUnshippedClaims() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let j = try writeJournal(dir, [
+            .leaseGranted(voucher: "v", lease: "1", granted: 10), claim("a"), claim("b", qty: 3),
+            .leaseGranted(voucher: "v", lease: "2", granted: 5), claim("c", lease: "2"),
+            .leaseClosed(voucher: "v", lease: "2"),
+        ])
+        j.close()
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.issues.isEmpty && r.tornTails.isEmpty && r.leaseStateTrusted)
+        #expect(r.openLeases == [.init(voucher: "v", lease: "1", granted: 10, served: 4)])
+        #expect(r.segments.flatMap(\.claims).map(\.claimID) == ["a", "b", "c"])
+    }
+
+    @Test func tornLastRecordIsDroppedAndReported() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let j = try writeJournal(dir, [.leaseGranted(voucher: "v", lease: "1", granted: 10), claim("a"), claim("b")])
+        j.close()
+        let path = try #require(segments(dir).last)
+        let size = try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int
+        #expect(truncate(path, off_t(size - 5)) == 0)
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.issues.isEmpty)
+        #expect(r.tornTails.count == 1 && r.tornTails[0].contains(path))
+        #expect(r.segments.flatMap(\.claims).map(\.claimID) == ["a"])
+        #expect(r.leaseStateTrusted, "a torn tail holds only unanswered records")
+        #expect(r.openLeases.first?.served == 1)
+    }
+
+    @Test func flippedByteInTheMiddleIsReportedWithFileAndOffsetAndNothingAfterIsTrusted() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let j = try writeJournal(dir, [.leaseGranted(voucher: "v", lease: "1", granted: 10), claim("a"), claim("b"), claim("c")])
+        j.close()
+        let path = try #require(segments(dir).last)
+        var bytes = [UInt8](FileManager.default.contents(atPath: path)!)
+        // Find claim "b" and flip a byte inside it.
+        var off = 0
+        var starts: [Int] = []
+        while case .record(_, let next) = JournalCodec.decode(bytes, at: off) {
+            starts.append(off)
+            off = next
+        }
+        let bStart = starts[3]  // snapshot, grant, a, b
+        bytes[bStart + 12] ^= 0xff
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.issues.count == 1)
+        #expect(r.issues.first?.contains("\(path) at offset \(bStart)") == true, "\(r.issues)")
+        #expect(r.segments.flatMap(\.claims).map(\.claimID) == ["a"], "c is after the corrupt record: not trusted")
+        #expect(!r.leaseStateTrusted, "served counts past the corruption are unknown")
+    }
+
+    @Test func snapshotAtEachSegmentStartKeepsServedCountsWhenOldSegmentsAreDeleted() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let shipped = NIOLockedValueBox<[DurableClaim]>([])
+        let j = try writeJournal(dir, [.leaseGranted(voucher: "v", lease: "1", granted: 1000)], segmentBytes: 1024) { c in
+            shipped.withLockedValue { $0 += c }
+        }
+        for chunk in 0..<10 { appendAndWait(j, (0..<20).map { claim("c\(chunk * 20 + $0)") }) }
+        let all = shipped.withLockedValue { $0 }
+        #expect(all.count == 200)
+        #expect(Set(all.map(\.position.segment)).count >= 5, "small segments rolled")
+        // Kafka acknowledged everything: every sealed segment can go.
+        for (seg, n) in Dictionary(grouping: all, by: \.position.segment).mapValues(\.count) {
+            j.markShipped(segment: seg, count: n)
+        }
+        j.close()
+        #expect(segments(dir).count == 1, "only the open segment is left")
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.openLeases == [.init(voucher: "v", lease: "1", granted: 1000, served: 200)],
+                "the newest segment's snapshot carries what deleted segments served")
+        #expect(r.segments.flatMap(\.claims).isEmpty || r.segments.flatMap(\.claims).count < 200)
+    }
+
+    @Test func groupCommitSyncsManyRecordsAtOnce() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let j = try writeJournal(dir, (0..<5000).map { claim("c\($0)") })
+        let (syncs, records) = j.syncStats
+        j.close()
+        #expect(records >= 5000)
+        #expect(syncs < records / 5, "\(records) records in \(syncs) syncs")
+    }
+
+    @Test func diskFullFailsWritesWithoutCorruptingTheSegmentAndRecovers() throws {
+        let dir = tempDir()
+        defer {
+            umount(dir)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        try #require(mount("tmpfs", dir, "tmpfs", 0, "size=64k") == 0, "needs root to mount a tmpfs")
+        var o = Journal.Options(dir: dir)
+        o.segmentBytes = 1 << 30
+        let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
+        let failures = NIOLockedValueBox(0)
+        let ok = NIOLockedValueBox(0)
+        let done = DispatchSemaphore(value: 0)
+        for i in 0..<3000 {
+            j.append(claim("c\(i)")) { r in
+                if case .success = r { ok.withLockedValue { $0 += 1 } } else { failures.withLockedValue { $0 += 1 } }
+                done.signal()
+            }
+        }
+        for _ in 0..<3000 { done.wait() }
+        #expect(failures.withLockedValue { $0 } > 0, "the disk filled up")
+        #expect(!j.isHealthy && j.lastError?.contains("No space") == true, "\(j.lastError ?? "")")
+        j.close()
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.issues.isEmpty && r.tornTails.isEmpty, "failed writes were cut back: \(r.issues) \(r.tornTails)")
+        #expect(r.segments.flatMap(\.claims).count == ok.withLockedValue { $0 })
+    }
+}
