@@ -120,7 +120,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient",
+                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient", "QuotaKafka",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -9,13 +9,18 @@ public struct KafkaMessage: Sendable {
     public var offset: Int64
 }
 
-/// A consumer-group member reading one topic from the earliest offset
-/// (tests, `quota-ledger`). Not thread-safe: use it from one task.
+/// Reads one topic from the earliest offset (tests, `quota-ledger`). Not thread-safe: use it from one task.
+///
+/// `.group` joins a consumer group (`subscribe`); `.allPartitions` assigns every partition of the topic
+/// directly, with no group coordination (Tansu's group coordinator does not hand out partitions to
+/// librdkafka 2.16 here; tests read back with this mode).
 public final class KafkaConsumer: @unchecked Sendable {
+    public enum Mode: Sendable { case group, allPartitions }
     private let rk: OpaquePointer
     private var isClosed = false
 
-    public init(brokers: String, topic: String, group: String, properties: [String: String] = [:]) throws(KafkaError) {
+    public init(brokers: String, topic: String, group: String, mode: Mode = .allPartitions,
+                properties: [String: String] = [:]) throws(KafkaError) {
         var props: [(String, String)] = [
             ("bootstrap.servers", brokers), ("group.id", group), ("auto.offset.reset", "earliest"),
             ("enable.auto.commit", "true"), ("enable.partition.eof", "false"),
@@ -32,11 +37,44 @@ public final class KafkaConsumer: @unchecked Sendable {
         }
         self.rk = rk
         rd_kafka_poll_set_consumer(rk)
-        let list = rd_kafka_topic_partition_list_new(1)
-        rd_kafka_topic_partition_list_add(list, topic, RD_KAFKA_PARTITION_UA)
-        let rc = rd_kafka_subscribe(rk, list)
-        rd_kafka_topic_partition_list_destroy(list)
-        if rc != RD_KAFKA_RESP_ERR_NO_ERROR { throw RdKafkaConfig.error(rc) }
+        switch mode {
+        case .group:
+            let list = rd_kafka_topic_partition_list_new(1)
+            rd_kafka_topic_partition_list_add(list, topic, RD_KAFKA_PARTITION_UA)
+            let rc = rd_kafka_subscribe(rk, list)
+            rd_kafka_topic_partition_list_destroy(list)
+            if rc != RD_KAFKA_RESP_ERR_NO_ERROR { throw RdKafkaConfig.error(rc) }
+        case .allPartitions:
+            let n = try Self.partitionCount(rk, topic: topic)
+            let list = rd_kafka_topic_partition_list_new(n)
+            for p in 0..<n { rd_kafka_topic_partition_list_add(list, topic, p)?.pointee.offset = Int64(RD_KAFKA_OFFSET_BEGINNING) }
+            let rc = rd_kafka_assign(rk, list)
+            rd_kafka_topic_partition_list_destroy(list)
+            if rc != RD_KAFKA_RESP_ERR_NO_ERROR { throw RdKafkaConfig.error(rc) }
+        }
+    }
+
+    private static func partitionCount(_ rk: OpaquePointer, topic: String) throws(KafkaError) -> Int32 {
+        guard let rkt = rd_kafka_topic_new(rk, topic, nil) else { throw RdKafkaConfig.error(rd_kafka_last_error()) }
+        defer { rd_kafka_topic_destroy(rkt) }
+        var lastError = RD_KAFKA_RESP_ERR_NO_ERROR
+        for _ in 0..<50 {
+            var md: UnsafePointer<rd_kafka_metadata>?
+            let rc = rd_kafka_metadata(rk, 0, rkt, &md, 2000)
+            if rc == RD_KAFKA_RESP_ERR_NO_ERROR, let md {
+                defer { rd_kafka_metadata_destroy(md) }
+                if md.pointee.topic_cnt > 0, md.pointee.topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR,
+                    md.pointee.topics[0].partition_cnt > 0
+                {
+                    return md.pointee.topics[0].partition_cnt
+                }
+                lastError = md.pointee.topic_cnt > 0 ? md.pointee.topics[0].err : RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC
+            } else {
+                lastError = rc
+            }
+            usleep(100_000)
+        }
+        throw RdKafkaConfig.error(lastError)
     }
 
     /// The next message, or nil after `timeoutMs` without one. Transient broker errors are skipped.
@@ -50,11 +88,14 @@ public final class KafkaConsumer: @unchecked Sendable {
         return KafkaMessage(key: key, value: value, partition: p.partition, offset: p.offset)
     }
 
-    /// Read until `idle` passes with no message (or `limit` passes).
-    public func drain(idle: Duration = .seconds(3), limit: Duration = .seconds(60)) -> [KafkaMessage] {
+    /// Read until `idle` passes with no message (or `limit` passes). Waits up to `firstWait`
+    /// for the first message: joining the consumer group takes a few seconds.
+    public func drain(idle: Duration = .seconds(3), firstWait: Duration = .seconds(20), limit: Duration = .seconds(60))
+        -> [KafkaMessage]
+    {
         var out: [KafkaMessage] = []
         let end = ContinuousClock.now + limit
-        var lastMessage = ContinuousClock.now
+        var lastMessage = ContinuousClock.now + (firstWait > idle ? firstWait - idle : .zero)
         while ContinuousClock.now < end && ContinuousClock.now - lastMessage < idle {
             if let m = poll(timeoutMs: 100) {
                 out.append(m)

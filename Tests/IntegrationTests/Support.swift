@@ -5,6 +5,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import QuotaClient
+import QuotaKafka
 import QuotaRESP
 import QuotaRedis
 import Testing
@@ -62,8 +63,13 @@ final class ChildProcess: @unchecked Sendable {
 
     init(_ exe: String, _ args: [String], log: String) throws {
         self.log = log
-        _ = FileManager.default.createFile(atPath: log, contents: nil)
-        let fh = FileHandle(forWritingAtPath: log)!
+        let fh: FileHandle
+        if log == "/dev/null" {
+            fh = FileHandle.nullDevice
+        } else {
+            _ = FileManager.default.createFile(atPath: log, contents: nil)
+            fh = FileHandle(forWritingAtPath: log)!
+        }
         process.executableURL = URL(fileURLWithPath: exe)
         process.arguments = args
         process.standardOutput = fh
@@ -148,26 +154,55 @@ final class RedisServer: @unchecked Sendable {
 
 /// A real quotad process.
 final class Quotad: @unchecked Sendable {
-    let child: ChildProcess
+    private(set) var child: ChildProcess
     let socket: String
     let config: String
 
-    init(redis: RedisServer, dir: TempDir, host: String, extraYAML: String = "", args: [String] = []) async throws {
+    let logPath: String
+    private(set) var restarts = 0
+
+    /// `durable`: journal under `dir` and Kafka at `kafka` (topic `topic`), in `durability` mode.
+    init(redis: RedisServer, dir: TempDir, host: String, extraYAML: String = "", args: [String] = [],
+         kafka: KafkaBroker? = nil, topic: String = "quota.claims", durability: String? = nil,
+         journalMaxBytes: Int? = nil) async throws {
         socket = dir.file("\(host).sock")
         config = dir.file("\(host).yaml")
-        let yaml = """
+        logPath = dir.file("\(host).log")
+        var yaml = """
             host_id: \(host)
             region: sg
             regions:
               sg: { redis: "\(redis.url)" }
             socket: { path: \(socket) }
-            durability: none
-            \(extraYAML)
+
             """
+        if let kafka {
+            yaml += "durability: \(durability ?? "journal")\n"
+            yaml += "journal: { dir: \(dir.file("journal-\(host)")), segment_bytes: 65536"
+            yaml += journalMaxBytes.map { ", max_bytes: \($0) }\n" } ?? " }\n"
+            yaml += "kafka: { brokers: \"\(kafka.brokers)\", topic: \(topic) }\n"
+        } else {
+            yaml += "durability: \(durability ?? "none")\n"
+        }
+        yaml += extraYAML
         try yaml.write(toFile: config, atomically: true, encoding: .utf8)
-        child = try ChildProcess(Bin.path("quotad"), ["--config", config] + args, log: dir.file("\(host).log"))
+        child = try ChildProcess(Bin.path("quotad"), ["--config", config] + args, log: logPath)
+        try await waitReady()
+    }
+
+    /// All runs' logs.
+    var allLogs: String { (0...restarts).map { (try? String(contentsOfFile: $0 == 0 ? logPath : "\(logPath).\($0)", encoding: .utf8)) ?? "" }.joined() }
+
+    /// Start again with the same config (after kill -9): a new log file per run.
+    func restart() async throws {
+        restarts += 1
+        child = try ChildProcess(Bin.path("quotad"), ["--config", config], log: "\(logPath).\(restarts)")
+        try await waitReady()
+    }
+
+    private func waitReady() async throws {
         let socket = self.socket
-        try await eventually("quotad \(host) answers PING") {
+        try await eventually("quotad answers PING", timeout: .seconds(20)) {
             guard let c = try? await RESPClient.connect(socket) else { return false }
             defer { c.close() }
             return try await c.send("PING") == .simpleString("PONG")
@@ -204,3 +239,80 @@ func quotactl(_ args: [String]) async throws -> (Int32, String) {
     return (status, p.output)
 }
 
+
+/// A real Kafka-compatible broker: Tansu (memory storage) on a free loopback port.
+final class KafkaBroker: @unchecked Sendable {
+    let port: Int
+    let child: ChildProcess
+    let dir = TempDir()
+    var brokers: String { "127.0.0.1:\(port)" }
+
+    init() async throws {
+        guard let bin = ProcessInfo.processInfo.environment["TANSU_BIN"] else {
+            throw TestError.failed("TANSU_BIN is not set: run the tests with `make test` (scripts/test.sh sources scripts/kafka-env.sh)")
+        }
+        port = try freePort()
+        let url = "tcp://127.0.0.1:\(port)"
+        // Tansu logs a lot at info level: keep only warnings.
+        setenv("RUST_LOG", "warn", 1)
+        child = try ChildProcess(bin, ["broker", "--listener-url", url, "--advertised-listener-url", url],
+                                 log: "/dev/null")
+        let port = self.port
+        try await eventually("tansu listens on \(port)") { canConnect(port) }
+    }
+
+    /// Every message of `topic`, read by a fresh consumer group until `idle` passes with none.
+    func consume(_ topic: String, idle: Duration = .seconds(4)) throws -> [KafkaMessage] {
+        let c = try KafkaConsumer(brokers: brokers, topic: topic, group: "test-\(UUID().uuidString)")
+        defer { c.close() }
+        return c.drain(idle: idle, limit: .seconds(120))
+    }
+}
+
+func freePort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &addr) { p in
+        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+    }
+    guard ok else { throw TestError.failed("no free port") }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+func canConnect(_ port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = UInt16(port).bigEndian
+    return withUnsafeMutablePointer(to: &addr) { p in
+        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+    }
+}
+
+/// A claim event read back from Kafka.
+struct StreamedClaim: Equatable {
+    var type: String
+    var claimID: String
+    var voucher: String
+    var qty: Int
+    var raw: [UInt8]
+
+    init?(_ m: KafkaMessage) {
+        guard let o = try? JSONSerialization.jsonObject(with: Data(m.value)) as? [String: Any],
+            let t = o["type"] as? String, let id = o["claim_id"] as? String, let v = o["voucher"] as? String,
+            let q = o["qty"] as? Int
+        else { return nil }
+        type = t
+        claimID = id
+        voucher = v
+        qty = q
+        raw = m.value
+    }
+}
