@@ -203,8 +203,10 @@ public final class Journal: @unchecked Sendable {
             if case .claim(let e) = p.record { claims.append(DurableClaim(position: pos, event: e)) }
         }
         if let err = writeAll(buf) ?? sync() {
-            // Cut the segment back to the last good record: nothing half-written stays behind.
+            // Cut the segment back to the last good record, and the file position with it: nothing
+            // half-written stays behind and the next write does not leave a hole.
             _ = ftruncate(fd, off_t(goodOffset))
+            _ = lseek(fd, off_t(goodOffset), SEEK_SET)
             leases = saved
             nextSequence -= UInt64(batch.count)
             fail(batch, err)
