@@ -19,6 +19,8 @@ public final class KafkaProducer: @unchecked Sendable {
     private let onDelivery: @Sendable ([DeliveryReport]) -> Void
     private let onError: @Sendable (KafkaError) -> Void
     private let closed = NIOLockedValueBox(false)
+    private var probeThread: Thread?
+    private let lastProbeOK = NIOLockedValueBox(ContinuousClock.now)
 
     /// - Parameters:
     ///   - properties: any librdkafka property; `enable.idempotence` and `acks` are forced.
@@ -60,6 +62,10 @@ public final class KafkaProducer: @unchecked Sendable {
         t.name = "kafka-events"
         thread = t
         t.start()
+        let p = Thread { [unowned self] in self.probeLoop() }
+        p.name = "kafka-probe"
+        probeThread = p
+        p.start()
         logger.info("kafka producer started", metadata: ["kafka.brokers": "\(brokers)", "kafka.topic": "\(topic)",
                                                          "librdkafka": "\(RdKafkaConfig.version)"])
     }
@@ -74,6 +80,21 @@ public final class KafkaProducer: @unchecked Sendable {
             }
         }
         if rc != 0 { throw RdKafkaConfig.error(rd_kafka_last_error()) }
+    }
+
+    /// Time since a broker last answered the liveness probe (a metadata request every 500 ms),
+    /// so an unreachable broker is noticed even when nothing is being produced.
+    public var sinceBrokerAnswered: Duration { ContinuousClock.now - lastProbeOK.withLockedValue { $0 } }
+
+    private func probeLoop() {
+        while running.withLockedValue({ $0 }) {
+            var md: UnsafePointer<rd_kafka_metadata>?
+            if rd_kafka_metadata(rk, 0, rkt, &md, 1000) == RD_KAFKA_RESP_ERR_NO_ERROR, let md {
+                rd_kafka_metadata_destroy(md)
+                lastProbeOK.withLockedValue { $0 = .now }
+            }
+            for _ in 0..<5 where running.withLockedValue({ $0 }) { usleep(100_000) }
+        }
     }
 
     /// Messages not yet delivered (queued or in flight).
@@ -91,7 +112,7 @@ public final class KafkaProducer: @unchecked Sendable {
         guard closed.withLockedValue({ let was = $0; $0 = true; return !was }) else { return }
         flush(timeout: flushTimeout)
         running.withLockedValue { $0 = false }
-        while thread?.isFinished == false { usleep(10_000) }
+        while thread?.isFinished == false || probeThread?.isFinished == false { usleep(10_000) }
         rd_kafka_queue_destroy(queue)
         rd_kafka_topic_destroy(rkt)
         rd_kafka_destroy(rk)

@@ -212,7 +212,9 @@ final class ClaimPipeline: Sendable {
             ship.withLockedValue { s in for (seq, _, _) in retry { s.inFlight.removeValue(forKey: seq) } }
             Self.produce(retry, producer: producerBox, ship: ship, logger: logger)
         }
-        let down = ship.withLockedValue { s in !s.inFlight.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }
+        let stalled = ship.withLockedValue { s in !s.inFlight.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }
+        let silent = producerBox.withLockedValue { $0 }.map { $0.sinceBrokerAnswered > unavailableAfter } ?? false
+        let down = stalled || silent
         let was = _kafkaDown.exchange(down, ordering: .relaxed)
         if down != was {
             if down {
