@@ -105,7 +105,7 @@ let package = Package(
         .executableTarget(
             name: "quota-bench",
             dependencies: [
-                "QuotaClient", "QuotaRESP",
+                "QuotaClient", "QuotaRESP", "QuotaKafka",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -3,6 +3,7 @@
 # hundreds of concurrent clients until it sells out; then graceful shutdown and the books.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/kafka-env.sh
 LIMIT=${LIMIT:-20000}
 CLIENTS=${CLIENTS:-300}
 BIN=${BIN:-.build/release}
@@ -16,6 +17,12 @@ redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly no --d
 pids+=($!)
 for _ in $(seq 50); do redis-cli -s "$T/redis.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
+KPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+echo "== starting a Kafka-compatible broker (Tansu) on 127.0.0.1:$KPORT"
+"$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" >/dev/null 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$KPORT) 2>/dev/null && break; sleep 0.1; done
+
 echo "== creating voucher flash-sale with limit $LIMIT"
 $BIN/quotactl voucher create flash-sale --limit "$LIMIT" --redis "unix://$T/redis.sock"
 
@@ -26,7 +33,10 @@ region: sg
 regions:
   sg: { redis: "unix://$T/redis.sock" }
 socket: { path: $T/quotad-$h.sock }
-durability: none
+durability: journal
+journal: { dir: $T/journal-$h }
+kafka: { brokers: "127.0.0.1:$KPORT", topic: quota.claims }
+log_level: warning
 YAML
   $BIN/quotad --config "$T/$h.yaml" > "$T/quotad-$h.log" 2>&1 &
   pids+=($!)
@@ -46,14 +56,17 @@ for h in a b c; do
 done
 before=$($BIN/quotactl voucher show flash-sale --json --redis "unix://$T/redis.sock")
 echo "== graceful shutdown (SIGTERM): every unused token goes back"
-for i in 1 2 3; do kill -TERM "${pids[$i]}"; done
-for i in 1 2 3; do wait "${pids[$i]}" || true; done
+for i in 2 3 4; do kill -TERM "${pids[$i]}"; done
+for i in 2 3 4; do wait "${pids[$i]}" || true; done
 after=$($BIN/quotactl voucher show flash-sale --json --redis "unix://$T/redis.sock")
+echo "== reading the claims back from Kafka topic quota.claims"
+$BIN/quota-bench stream --brokers "127.0.0.1:$KPORT" --topic quota.claims --voucher flash-sale --json > "$T/stream.json"
 
-python3 - "$T/result.json" "$LIMIT" "$before" "$after" <<'PY'
+python3 - "$T/result.json" "$LIMIT" "$before" "$after" "$T/stream.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); limit = int(sys.argv[2])
 b = json.loads(sys.argv[3])[0]; a = json.loads(sys.argv[4])[0]
+k = json.load(open(sys.argv[5]))
 sold = int(r["sold"])
 print()
 print(f"  limit            {limit}")
@@ -63,7 +76,9 @@ print(f"  claims/s         {r['claims_per_second']}   over {r['seconds']} s")
 print(f"  replies          {r['errors']}")
 print(f"  tokens returned at shutdown  {a['returned'] - b['returned']}")
 print(f"  redis pool after shutdown    {a['pool']}   leases outstanding {a['leases_outstanding']}")
-ok = sold <= limit and sold + a['pool'] == limit and a['leases_outstanding'] == 0 and r['duplicate_claim_ids'] == '0'
-print("  books balance: sold + pool == limit" if ok else "  BOOKS DO NOT BALANCE")
+print(f"  on Kafka         {k['distinct_claimed']} claims ({k['events']} events, {k['resent_duplicates']} re-sends, {k['unclaimed']} cancellations)")
+ok = (sold <= limit and sold + a['pool'] == limit and a['leases_outstanding'] == 0 and r['duplicate_claim_ids'] == '0'
+      and k['net_claims'] == sold)
+print("  books balance: sold + pool == limit, and Kafka has every claim" if ok else "  BOOKS DO NOT BALANCE")
 sys.exit(0 if ok else 1)
 PY

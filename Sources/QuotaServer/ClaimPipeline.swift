@@ -60,8 +60,11 @@ final class ClaimPipeline: Sendable {
         }
         if let brokers = config.kafka.brokers {
             let journal = self.journal
+            // In kafka mode every reply waits for the broker: do not linger (load batches by itself).
+            var props = config.kafka.properties
+            if config.durability == .kafka && props["linger.ms"] == nil { props["linger.ms"] = "0" }
             let producer = try KafkaProducer(
-                brokers: brokers, topic: config.kafka.topic, properties: config.kafka.properties, logger: logger,
+                brokers: brokers, topic: config.kafka.topic, properties: props, logger: logger,
                 onDelivery: { reports in ClaimPipeline.delivered(reports, ship: shipBox, journal: journal, logger: logger) })
             producerBox.withLockedValue { $0 = producer }
         }

@@ -3,6 +3,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import QuotaClient
+import QuotaKafka
 import QuotaRESP
 
 @main
@@ -10,7 +11,7 @@ struct QuotaBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quota-bench",
         abstract: "Load generator for quotad.",
-        subcommands: [Flash.self])
+        subcommands: [Flash.self, Stream.self])
 }
 
 /// Counters shared by all client tasks.
@@ -116,6 +117,7 @@ struct Flash: AsyncParsableCommand {
             try await g.waitForAll()
         }
         progressTask.cancel()
+        await progressTask.value
         if progress { FileHandle.standardError.write(Data("\n".utf8)) }
         let elapsed = secs(ContinuousClock.now - start)
         let s = stats.snapshot
@@ -141,4 +143,49 @@ struct Flash: AsyncParsableCommand {
 func secs(_ d: Duration) -> Double {
     let (s, a) = d.components
     return Double(s) + Double(a) / 1e18
+}
+
+struct Stream: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Read a claims topic back and count it: claimed and unclaimed events, distinct claim ids, re-sends.")
+
+    @Option(name: .long) var brokers: String
+    @Option(name: .long) var topic = "quota.claims"
+    @Option(name: .long, help: "Only this voucher.") var voucher: String?
+    @Option(name: .long, help: "Stop after this many seconds without a message.") var idle: Double = 4
+    @Flag(name: .long) var json = false
+
+    func run() async throws {
+        let c = try KafkaConsumer(brokers: brokers, topic: topic, group: "quota-bench-\(UUID().uuidString)")
+        defer { c.close() }
+        var events = 0
+        var claimed: [String: Int] = [:]
+        var unclaimed = Set<String>()
+        var tokens = 0
+        for m in c.drain(idle: .milliseconds(Int64(idle * 1000)), limit: .seconds(600)) {
+            guard let o = try? JSONSerialization.jsonObject(with: Data(m.value)) as? [String: Any],
+                let id = o["claim_id"] as? String, let type = o["type"] as? String
+            else { continue }
+            if let voucher, o["voucher"] as? String != voucher { continue }
+            events += 1
+            if type == "claimed" {
+                claimed[id, default: 0] += 1
+                if claimed[id] == 1 { tokens += o["qty"] as? Int ?? 0 }
+            } else {
+                unclaimed.insert(id)
+            }
+        }
+        let resent = claimed.values.reduce(0) { $0 + $1 - 1 }
+        let result: [String: Int] = [
+            "events": events, "distinct_claimed": claimed.count, "unclaimed": unclaimed.count,
+            "net_claims": claimed.count - unclaimed.count, "tokens_claimed": tokens, "resent_duplicates": resent,
+        ]
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.sortedKeys]
+            print(String(decoding: try e.encode(result), as: UTF8.self))
+        } else {
+            for (k, v) in result.sorted(by: { $0.key < $1.key }) { print("\(k): \(v)") }
+        }
+    }
 }
