@@ -15,6 +15,8 @@ public struct SidecarConfig: Sendable {
     public var durability: Durability
     public var journal: JournalSettings
     public var kafka: KafkaSettings
+    public var perUser: PerUserSettings
+    public var claims: ClaimSettings
     /// `lease.*`: this host's default lease policy (Redis region defaults and per-voucher overrides win).
     public var lease: LeasePolicy
     public var limits: Limits
@@ -67,6 +69,27 @@ public struct SidecarConfig: Sendable {
         public var flushTimeout: Duration = .seconds(10)
     }
 
+    public struct PerUserSettings: Sendable {
+        public enum Mode: String, Sendable { case central, local }
+        public enum OnUnavailable: String, Sendable { case failClosed = "fail-closed", local }
+        /// `per_user.mode`: `central` (checked atomically in Redis across all hosts, default) or `local`
+        /// (this host's own record only: for deployments that route each user to one host).
+        public var mode: Mode = .central
+        /// `per_user.on_unavailable`: when Redis cannot be asked, `fail-closed` (UNAVAILABLE, default) or
+        /// `local` (this host's record only: a user may then exceed the limit across hosts).
+        public var onUnavailable: OnUnavailable = .failClosed
+        /// `per_user.groups`: hash slots a voucher's user counts are spread over. Default 64.
+        public var groups = 64
+    }
+
+    public struct ClaimSettings: Sendable {
+        /// `claims.dedupe_window_seconds`: `CLAIM … REQ id` answers are kept this long (and shipped journal
+        /// segments with them, so they survive a restart). Default 60.
+        public var dedupeWindow: Duration = .seconds(60)
+        /// `claims.max_tracked`: claims remembered for `UNCLAIM` (oldest forgotten first). Default 1,000,000.
+        public var maxTracked = 1_000_000
+    }
+
     public struct Limits: Sendable {
         /// `limits.max_connections`. Default 10000.
         public var maxConnections = 10_000
@@ -96,6 +119,8 @@ public struct SidecarConfig: Sendable {
         self.durability = .journal
         self.journal = JournalSettings()
         self.kafka = KafkaSettings()
+        self.perUser = PerUserSettings()
+        self.claims = ClaimSettings()
         self.lease = LeasePolicy()
         self.limits = Limits()
         self.redisTimeout = .seconds(1)
@@ -109,7 +134,6 @@ public struct SidecarConfig: Sendable {
     public var redisURL: String { regions[region] ?? "" }
 
     static let notBuilt = [
-        "per_user": "per-user limits arrive with their own work",
         "borrow": "borrowing between regions is not built yet",
         "metrics": "the Prometheus endpoint arrives with the observability work",
     ]
@@ -243,6 +267,27 @@ public struct SidecarConfig: Sendable {
         if let v = try lim.int("max_frame_bytes", min: 256, max: 16 << 20) { c.limits.maxFrameBytes = v }
         try lim.finish()
 
+        var pu = try r.child("per_user")
+        if let v = try pu.string("mode") {
+            guard let m = PerUserSettings.Mode(rawValue: v) else {
+                throw ConfigError(key: "per_user.mode", "must be central or local, got '\(v)'")
+            }
+            c.perUser.mode = m
+        }
+        if let v = try pu.string("on_unavailable") {
+            guard let m = PerUserSettings.OnUnavailable(rawValue: v) else {
+                throw ConfigError(key: "per_user.on_unavailable", "must be fail-closed or local, got '\(v)'")
+            }
+            c.perUser.onUnavailable = m
+        }
+        if let v = try pu.int("groups", min: 1, max: 16384) { c.perUser.groups = v }
+        try pu.finish()
+        var cl = try r.child("claims")
+        if let v = try cl.double("dedupe_window_seconds", min: 0, max: 86400) {
+            c.claims.dedupeWindow = .milliseconds(Int64(v * 1000))
+        }
+        if let v = try cl.int("max_tracked", min: 0) { c.claims.maxTracked = v }
+        try cl.finish()
         if let v = try r.int("redis_timeout_ms", min: 10, max: 60_000) { c.redisTimeout = .milliseconds(v) }
         if let v = try r.double("avail_refresh", min: 0.05, max: 60) { c.availRefresh = .milliseconds(Int64(v * 1000)) }
         if let v = try r.double("policy_refresh", min: 0.1, max: 600) {

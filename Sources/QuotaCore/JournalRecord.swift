@@ -25,7 +25,9 @@ public enum JournalRecord: Sendable, Equatable {
 
 /// A granted claim (or a cancellation of one) as journaled and streamed to Kafka.
 public struct ClaimEvent: Sendable, Equatable {
-    public enum Kind: UInt8, Sendable { case claimed = 1, unclaimed = 2 }
+    /// `claimed` and `unclaimed` are shipped to Kafka; `intent` (a claim waiting for its per-user
+    /// check) stays in the journal, so a crash between the check and the claim can be undone.
+    public enum Kind: UInt8, Sendable { case claimed = 1, unclaimed = 2, intent = 3 }
     public var kind: Kind
     public var claimID: String
     public var voucher: String
@@ -35,9 +37,12 @@ public struct ClaimEvent: Sendable, Equatable {
     public var host: String
     public var shares: [ClaimShare]
     public var tsMs: Int64
+    /// The client's request id (`CLAIM … REQ id`), journal only.
+    public var req: String?
 
     public init(kind: Kind = .claimed, claimID: String, voucher: String, user: String, qty: Int, region: String,
-                host: String, shares: [ClaimShare], tsMs: Int64) {
+                host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil) {
+        self.req = req
         self.kind = kind
         self.claimID = claimID
         self.voucher = voucher
@@ -106,7 +111,7 @@ public enum JournalCodec {
         body.reserveCapacity(96)
         switch r {
         case .claim(let c):
-            body.append(c.kind == .claimed ? 1 : 5)
+            body.append(c.kind == .claimed ? 1 : c.kind == .unclaimed ? 5 : 6)
             put(c.claimID, &body)
             put(c.voucher, &body)
             put(c.user, &body)
@@ -118,6 +123,12 @@ public enum JournalCodec {
             for s in c.shares {
                 put(s.leaseId, &body)
                 put(UInt64(s.tokens), &body)
+            }
+            if let req = c.req {
+                body.append(1)
+                put(req, &body)
+            } else {
+                body.append(0)
             }
         case .leaseGranted(let v, let l, let g):
             body.append(2)
@@ -163,8 +174,8 @@ public enum JournalCodec {
         var r = Reader(bytes: body, at: 1)
         let record: JournalRecord?
         switch body[0] {
-        case 1, 5:
-            record = r.claim(kind: body[0] == 1 ? .claimed : .unclaimed)
+        case 1, 5, 6:
+            record = r.claim(kind: body[0] == 1 ? .claimed : body[0] == 5 ? .unclaimed : .intent)
         case 2:
             if let v = r.string(), let l = r.string(), let g = r.int() {
                 record = .leaseGranted(voucher: v, lease: l, granted: g)
@@ -238,8 +249,18 @@ public enum JournalCodec {
                 guard let l = string(), let t = int() else { return nil }
                 shares.append(ClaimShare(leaseId: l, tokens: t))
             }
+            guard at < bytes.count else { return nil }
+            let hasReq = bytes[at]
+            at += 1
+            var req: String?
+            if hasReq == 1 {
+                guard let r = string() else { return nil }
+                req = r
+            } else if hasReq != 0 {
+                return nil
+            }
             return .claim(ClaimEvent(kind: kind, claimID: id, voucher: v, user: u, qty: q, region: rg, host: h,
-                                     shares: shares, tsMs: Int64(bitPattern: ts)))
+                                     shares: shares, tsMs: Int64(bitPattern: ts), req: req))
         }
 
         mutating func snapshot() -> JournalRecord? {

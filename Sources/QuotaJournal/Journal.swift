@@ -37,8 +37,10 @@ public final class Journal: @unchecked Sendable {
         public var segmentBytes: Int = 4 << 20
         /// Roll a segment holding claims after this long, so shipped segments get deleted. Default 2 s.
         public var rollAfter: Duration = .seconds(2)
-        /// Bound on unshipped bytes (segments not yet deleted). Default 1 GiB.
+        /// Bound on unshipped bytes. Default 1 GiB.
         public var maxBytes: Int = 1 << 30
+        /// Keep fully shipped segments this long (so `REQ` answers and `UNCLAIM` survive a restart). Default 60 s.
+        public var retention: Duration = .seconds(60)
         public init(dir: String) { self.dir = dir }
     }
 
@@ -52,6 +54,9 @@ public final class Journal: @unchecked Sendable {
         var claims: Int
         var shipped: Int = 0
         var sealed: Bool
+        var sealedAt = ContinuousClock.now
+        var markedShipped = false
+        var done: Bool { sealed && shipped >= claims }
     }
 
     public let options: Options
@@ -97,7 +102,12 @@ public final class Journal: @unchecked Sendable {
         for o in recovered.openLeases { leases[LeaseKey(voucher: o.voucher, lease: o.lease)] = o }
         state.withLockedValue { s in
             for seg in recovered.segments {
-                s.segments[seg.id] = Segment(bytes: seg.bytes, claims: seg.claims.count, sealed: true)
+                var info = Segment(bytes: seg.bytes, claims: seg.claims.count, sealed: true)
+                if seg.shipped {
+                    info.shipped = info.claims
+                    info.markedShipped = true
+                }
+                s.segments[seg.id] = info
             }
         }
         current = (recovered.segments.map(\.id).max() ?? 0)
@@ -123,19 +133,36 @@ public final class Journal: @unchecked Sendable {
 
     /// The shipper acknowledged `count` claims of `segment`.
     public func markShipped(segment: UInt64, count: Int) {
-        var delete = false
+        state.withLockedValue { s in s.segments[segment]?.shipped += count }
+        sweep()
+    }
+
+    /// Mark fully shipped segments (`.shipped` file) and delete those older than the retention.
+    private func sweep() {
+        var mark: [UInt64] = []
+        var delete: [UInt64] = []
         state.withLockedValue { s in
-            guard var seg = s.segments[segment] else { return }
-            seg.shipped += count
-            s.segments[segment] = seg
-            delete = seg.sealed && seg.shipped >= seg.claims
+            for (id, seg) in s.segments where seg.done {
+                if !seg.markedShipped {
+                    mark.append(id)
+                    s.segments[id]?.markedShipped = true
+                }
+                if ContinuousClock.now - seg.sealedAt >= options.retention { delete.append(id) }
+            }
         }
-        if delete { deleteSegment(segment) }
+        for id in mark {
+            let p = JournalRecovery.path(dir: options.dir, id: id) + ".shipped"
+            let f = open(p, O_WRONLY | O_CREAT | O_CLOEXEC, 0o640)
+            if f >= 0 { Glibc.close(f) }
+        }
+        for id in delete { deleteSegment(id) }
         publish()
     }
 
     /// Bytes in segments not yet deleted (their claims are not all shipped).
     public var backlogBytes: Int { backlog.load(ordering: .relaxed) }
+    /// Segments on disk, shipped ones kept for the retention included.
+    public var segmentsOnDisk: Int { state.withLockedValue { $0.segments.count } }
     public var unshippedClaims: Int {
         state.withLockedValue { $0.segments.values.reduce(0) { $0 + $1.claims - $1.shipped } }
     }
@@ -158,7 +185,7 @@ public final class Journal: @unchecked Sendable {
 
     /// Mirror `state` into the hot-path atomics; call after every change.
     private func publish() {
-        let (h, b) = state.withLockedValue { s in (s.healthy, s.segments.values.reduce(0) { $0 + $1.bytes }) }
+        let (h, b) = state.withLockedValue { s in (s.healthy, s.segments.values.reduce(0) { $0 + ($1.done ? 0 : $1.bytes) }) }
         healthyFlag.store(h, ordering: .relaxed)
         backlog.store(b, ordering: .relaxed)
     }
@@ -178,6 +205,7 @@ public final class Journal: @unchecked Sendable {
             }
             if !batch.isEmpty { write(batch) }
             maybeRoll(force: false)
+            sweep()
             if stop { return }
         }
     }
@@ -200,7 +228,7 @@ public final class Journal: @unchecked Sendable {
             nextSequence += 1
             positions.append(pos)
             apply(p.record)
-            if case .claim(let e) = p.record { claims.append(DurableClaim(position: pos, event: e)) }
+            if case .claim(let e) = p.record, e.kind != .intent { claims.append(DurableClaim(position: pos, event: e)) }
         }
         if let err = writeAll(buf) ?? sync() {
             // Cut the segment back to the last good record, and the file position with it: nothing
@@ -246,6 +274,7 @@ public final class Journal: @unchecked Sendable {
         case .leaseClosed(let v, let l):
             leases.removeValue(forKey: LeaseKey(voucher: v, lease: l))
         case .claim(let e):
+            guard e.kind != .intent else { break }
             for s in e.shares {
                 let k = LeaseKey(voucher: e.voucher, lease: s.leaseId)
                 leases[k]?.served += e.kind == .claimed ? s.tokens : -s.tokens
@@ -271,13 +300,12 @@ public final class Journal: @unchecked Sendable {
             publish()
             return
         }
-        var delete = false
+        _ = shipped
         state.withLockedValue { s in
             s.segments[previous]?.sealed = true
-            delete = claims == shipped && (s.segments[previous]?.shipped ?? 0) >= claims
+            s.segments[previous]?.sealedAt = .now
         }
-        if delete { deleteSegment(previous) }
-        publish()
+        sweep()
     }
 
     private func openNextSegment() throws(JournalError) {
@@ -311,6 +339,7 @@ public final class Journal: @unchecked Sendable {
 
     private func deleteSegment(_ id: UInt64) {
         unlink(JournalRecovery.path(dir: options.dir, id: id))
+        unlink(JournalRecovery.path(dir: options.dir, id: id) + ".shipped")
         state.withLockedValue { _ = $0.segments.removeValue(forKey: id) }
     }
 

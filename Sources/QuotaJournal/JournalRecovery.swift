@@ -9,7 +9,14 @@ public struct JournalRecovery: Sendable {
         public var bytes: Int
         /// Claim records (and cancellations) to ship again, in order.
         public var claims: [ClaimEvent]
+        /// Kafka acknowledged every claim of this segment (a `.shipped` marker exists): not shipped again.
+        public var shipped: Bool = false
     }
+
+    /// Claims waiting for their per-user check when the process stopped: their user counts must be released.
+    public var orphanIntents: [ClaimEvent] = []
+    /// Every claim and cancellation found, in order (to rebuild the UNCLAIM and REQ tables).
+    public var history: [ClaimEvent] = []
 
     public var segments: [SegmentContents] = []
     /// Leases open at the end of the journal, with what was served from each.
@@ -36,10 +43,11 @@ public struct JournalRecovery: Sendable {
         var out = JournalRecovery()
         let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
         let ids = names.compactMap { n -> UInt64? in
-            guard n.hasPrefix("seg-"), n.hasSuffix(".qj") else { return nil }
+            guard n.hasPrefix("seg-"), n.hasSuffix(".qj"), n.count == 23 else { return nil }
             return UInt64(n.dropFirst(4).dropLast(3))
         }.sorted()
         var leases: [String: JournalRecord.OpenLease] = [:]
+        var intents: [String: ClaimEvent] = [:]
         for (i, id) in ids.enumerated() {
             let p = path(dir: dir, id: id)
             guard let data = FileManager.default.contents(atPath: p) else {
@@ -49,6 +57,7 @@ public struct JournalRecovery: Sendable {
             let bytes = [UInt8](data)
             let newest = i == ids.count - 1
             var seg = SegmentContents(id: id, path: p, bytes: bytes.count, claims: [])
+            seg.shipped = FileManager.default.fileExists(atPath: p + ".shipped")
             var offset = 0
             var first = true
             scan: while offset < bytes.count {
@@ -66,8 +75,12 @@ public struct JournalRecovery: Sendable {
                     case .leaseClosed(let v, let l):
                         leases.removeValue(forKey: "\(v)\u{0}\(l)")
                         out.closedLeases.insert("\(v)\u{0}\(l)")
+                    case .claim(let e) where e.kind == .intent:
+                        intents[e.claimID] = e
                     case .claim(let e):
                         seg.claims.append(e)
+                        out.history.append(e)
+                        intents.removeValue(forKey: e.claimID)
                         for s in e.shares { leases["\(e.voucher)\u{0}\(s.leaseId)"]?.served += e.kind == .claimed ? s.tokens : -s.tokens }
                     }
                     first = false
@@ -85,6 +98,7 @@ public struct JournalRecovery: Sendable {
             out.segments.append(seg)
         }
         out.openLeases = leases.values.sorted { ($0.voucher, $0.lease) < ($1.voucher, $1.lease) }
+        out.orphanIntents = intents.values.sorted { $0.claimID < $1.claimID }
         return out
     }
 }

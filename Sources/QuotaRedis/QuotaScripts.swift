@@ -112,4 +112,48 @@ enum QuotaScripts {
         redis.call('HSET', KEYS[1], unpack(ARGV))
         return 1
         """
+
+    /// Per-user check of many claims in one group, in order. KEYS: the group hash `quota:u:{ID:g}`.
+    /// ARGV: limit, then (user, qty, claim_id) triples. Reply: one entry per claim: 1 counted, 0 over the limit.
+    /// A claim already counted (marker `#claim_id` present) answers 1 again without counting twice.
+    static let userCheck = """
+        local lim = tonumber(ARGV[1])
+        local out = {}
+        for i = 2, #ARGV, 3 do
+          local u, q, c = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+          if redis.call('HEXISTS', KEYS[1], '#' .. c) == 1 then
+            out[#out + 1] = 1
+          else
+            local n = tonumber(redis.call('HGET', KEYS[1], u) or '0')
+            if n + q > lim then
+              out[#out + 1] = 0
+            else
+              redis.call('HINCRBY', KEYS[1], u, q)
+              redis.call('HSET', KEYS[1], '#' .. c, q)
+              out[#out + 1] = 1
+            end
+          end
+        end
+        return out
+        """
+
+    /// Undo a claim's per-user count (UNCLAIM, or a claim that did not complete). KEYS: group hash.
+    /// ARGV: user, claim_id. Reply: the quantity released (0 if it was not counted or already released).
+    static let userRelease = """
+        local q = redis.call('HGET', KEYS[1], '#' .. ARGV[2])
+        if not q then return 0 end
+        redis.call('HDEL', KEYS[1], '#' .. ARGV[2])
+        local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(q))
+        if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+        return tonumber(q)
+        """
+
+    /// Put a cancelled claim's tokens back into the pool when their lease is already closed.
+    /// KEYS: meta, restocked set. ARGV: claim_id, qty. Once per claim id. Reply: tokens put back.
+    static let restock = """
+        if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+        redis.call('HINCRBY', KEYS[1], 'pool', tonumber(ARGV[2]))
+        redis.call('HINCRBY', KEYS[1], 'restocked', tonumber(ARGV[2]))
+        return tonumber(ARGV[2])
+        """
 }

@@ -73,18 +73,28 @@ public final class QuotaStore: Sendable {
         }
     }
 
+    /// The per-user count hash of `user` for `voucher`: spread over `groups` hash slots.
+    public static func userGroupKey(voucher: String, user: String, groups: Int) -> String {
+        var h: UInt32 = 2_166_136_261  // FNV-1a
+        for b in user.utf8 {
+            h ^= UInt32(b)
+            h = h &* 16_777_619
+        }
+        return "quota:u:{\(voucher):\(Int(h % UInt32(max(1, groups))))}"
+    }
+
     // MARK: Scripts
 
+    private func scriptSHA(_ script: String) async throws(RedisError) -> String {
+        if let cached = shas.get(script) { return cached }
+        let r = try await connection.send(["SCRIPT", "LOAD", script])
+        guard let s = r.string else { throw RedisError.badReply("SCRIPT LOAD: \(r)") }
+        shas.set(script, s)
+        return s
+    }
+
     private func eval(_ script: String, keys: [String], args: [String]) async throws(RedisError) -> RedisValue {
-        let sha: String
-        if let cached = shas.get(script) {
-            sha = cached
-        } else {
-            let r = try await connection.send(["SCRIPT", "LOAD", script])
-            guard let s = r.string else { throw RedisError.badReply("SCRIPT LOAD: \(r)") }
-            shas.set(script, s)
-            sha = s
-        }
+        let sha = try await scriptSHA(script)
         let tail = [String(keys.count)] + keys + args
         var reply = try await connection.send(["EVALSHA", sha] + tail)
         if case .error(let e) = reply, e.hasPrefix("NOSCRIPT") {
@@ -227,6 +237,70 @@ public final class QuotaStore: Sendable {
             args: [lease, String(returnedTotal), close ? "1" : "0", host])
         guard let a = r.array, a.count == 2, let applied = a[1].int else { throw RedisError.badReply("RETURN: \(r)") }
         return applied
+    }
+
+    // MARK: Per-user limits
+
+    /// One per-user check.
+    public struct UserCheck: Sendable {
+        public var groupKey: String
+        public var limit: Int
+        public var user: String
+        public var qty: Int
+        public var claimID: String
+        public init(groupKey: String, limit: Int, user: String, qty: Int, claimID: String) {
+            self.groupKey = groupKey
+            self.limit = limit
+            self.user = user
+            self.qty = qty
+            self.claimID = claimID
+        }
+    }
+
+    /// Check many claims at once: one script call per (group, limit), all in one pipeline.
+    /// Returns, per check in order, whether it was counted (false: the user is at the limit).
+    public func checkUsers(_ checks: [UserCheck]) async throws(RedisError) -> [Bool] {
+        var groups: [String: [Int]] = [:]
+        var order: [String] = []
+        for (i, c) in checks.enumerated() {
+            let k = "\(c.limit)|\(c.groupKey)"
+            if groups[k] == nil { order.append(k) }
+            groups[k, default: []].append(i)
+        }
+        let sha = try await scriptSHA(QuotaScripts.userCheck)
+        var cmds: [[String]] = []
+        for k in order {
+            let idx = groups[k]!
+            var args = ["EVALSHA", sha, "1", checks[idx[0]].groupKey, String(checks[idx[0]].limit)]
+            for i in idx { args += [checks[i].user, String(checks[i].qty), checks[i].claimID] }
+            cmds.append(args)
+        }
+        var replies = try await connection.send(batch: cmds)
+        for (j, r) in replies.enumerated() {
+            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") {
+                var c = cmds[j]
+                c[0] = "EVAL"
+                c[1] = QuotaScripts.userCheck
+                replies[j] = try await connection.send(c)
+            }
+        }
+        var out = [Bool](repeating: false, count: checks.count)
+        for (k, r) in zip(order, replies) {
+            guard let a = r.array, a.count == groups[k]!.count else { throw RedisError.badReply("USERCHECK: \(r)") }
+            for (i, v) in zip(groups[k]!, a) { out[i] = v.int == 1 }
+        }
+        return out
+    }
+
+    /// Undo a claim's per-user count; returns the quantity released (0: nothing was counted).
+    public func releaseUser(groupKey: String, user: String, claimID: String) async throws(RedisError) -> Int {
+        try await eval(QuotaScripts.userRelease, keys: [groupKey], args: [user, claimID]).int ?? 0
+    }
+
+    /// Put a cancelled claim's tokens back into the pool (once per claim id).
+    public func restock(voucher: String, claimID: String, qty: Int) async throws(RedisError) -> Int {
+        try await eval(QuotaScripts.restock, keys: [Self.meta(voucher), "quota:{\(voucher)}:restocked"],
+                       args: [claimID, String(qty)]).int ?? 0
     }
 
     public func leases(voucher: String) async throws(RedisError) -> [LeaseRecord] {

@@ -48,6 +48,7 @@ final class ClaimPipeline: Sendable {
             var opts = Journal.Options(dir: dir)
             opts.maxBytes = config.journal.maxBytes
             opts.segmentBytes = config.journal.segmentBytes
+            opts.retention = config.claims.dedupeWindow
             var rec = recovered ?? JournalRecovery.read(dir: dir)
             if !rec.leaseStateTrusted { rec.openLeases = [] }
             let box = producerBox
@@ -74,14 +75,14 @@ final class ClaimPipeline: Sendable {
     func reship(_ rec: JournalRecovery) {
         var items: [(UInt64, UInt64, ClaimEvent)] = []
         ship.withLockedValue { s in
-            for seg in rec.segments {
+            for seg in rec.segments where !seg.shipped {
                 for e in seg.claims {
                     items.append((s.nextSequence, seg.id, e))
                     s.nextSequence += 1
                 }
             }
         }
-        for seg in rec.segments where seg.claims.isEmpty { journal?.markShipped(segment: seg.id, count: 0) }
+        for seg in rec.segments where seg.claims.isEmpty || seg.shipped { journal?.markShipped(segment: seg.id, count: 0) }
         Self.produce(items, producer: producerBox, ship: ship, logger: logger)
     }
 
@@ -243,6 +244,7 @@ final class ClaimPipeline: Sendable {
 
     var stats: Stats {
         let s = ship.withLockedValue { ($0.inFlight.count + $0.retry.count, $0.shipped, $0.deliveryErrors) }
+        // journalSegments counts unshipped and retained segments alike
         let sync = journal?.syncStats ?? (0, 0)
         return Stats(inFlight: s.0, shipped: s.1, deliveryErrors: s.2, journalBacklogBytes: journal?.backlogBytes ?? 0,
                      journalUnshipped: journal?.unshippedClaims ?? 0, journalSegments: journal?.segmentCount ?? 0,

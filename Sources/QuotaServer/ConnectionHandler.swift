@@ -115,6 +115,11 @@ final class ConnectionHandler: ChannelInboundHandler {
         let a = cmd.arguments
         let name = a[0]
         if name.equalsUppercased("CLAIM") { return claim(a, loop: context.eventLoop) }
+        if name.equalsUppercased("UNCLAIM") {
+            guard a.count == 2 else { return arity("UNCLAIM") }
+            guard a[1].readableBytes > 0, a[1].readableBytes <= 256 else { return syntax("claim id must be 1-256 bytes") }
+            return engine.unclaim(String(buffer: a[1]), loop: context.eventLoop)
+        }
         if name.equalsUppercased("AVAIL") {
             guard a.count == 2 else { return arity("AVAIL") }
             let v = String(buffer: a[1])
@@ -183,6 +188,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             return arity("CLAIM")
         }
         var qty = 1
+        var req: String?
         var i = 3
         while i < a.count {
             if a[i].equalsUppercased("QTY") {
@@ -193,9 +199,14 @@ final class ConnectionHandler: ChannelInboundHandler {
                 qty = n
                 i += 2
             } else if a[i].equalsUppercased("REQ") {
-                return syntax("REQ (idempotent retries) is not supported by this version")
+                guard i + 1 < a.count else { return syntax("REQ needs a request id") }
+                guard a[i + 1].readableBytes >= 1, a[i + 1].readableBytes <= 128 else {
+                    return syntax("REQ request id must be 1-128 bytes")
+                }
+                req = String(buffer: a[i + 1])
+                i += 2
             } else {
-                return syntax("unknown CLAIM option '\(String(buffer: a[i]).prefix(32))' (expected QTY n)")
+                return syntax("unknown CLAIM option '\(String(buffer: a[i]).prefix(32))' (expected QTY n or REQ id)")
             }
         }
         let v = String(buffer: a[1])
@@ -203,7 +214,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         guard a[2].readableBytes > 0, a[2].readableBytes <= 256 else {
             return syntax("user id must be 1-256 bytes")
         }
-        return engine.request(.claim(qty: qty, user: String(buffer: a[2])), voucher: v, loop: loop)
+        return engine.request(.claim(qty: qty, user: String(buffer: a[2]), req: req), voucher: v, loop: loop)
     }
 
     private func syntax(_ m: String) -> Outcome {

@@ -13,6 +13,10 @@ public final class SidecarEngine: Sendable {
     public let config: SidecarConfig
     public let store: QuotaStore
     let pipeline: ClaimPipeline
+    let userChecks: UserCheckBatcher
+    let claimBook: ClaimBook
+    /// `REQ` answers from the previous run's journal, by voucher, handed to runtimes as they are created.
+    private let recoveredReqs = NIOLockedValueBox<[String: [(req: String, claimID: String, expires: Instant)]]>([:])
     let logger: Logger
     let startedAt = Date()
     private let vouchers = NIOLockedValueBox<[String: VoucherRuntime]>([:])
@@ -34,6 +38,8 @@ public final class SidecarEngine: Sendable {
         self.config = config
         self.store = store
         self.pipeline = pipeline
+        self.userChecks = UserCheckBatcher(store: store)
+        self.claimBook = ClaimBook(capacity: config.claims.maxTracked)
         self.logger = logger
         // Claim ids: region.host.boot.seq — unique across regions, hosts and restarts
         // (boot = start time in ms, base 36, plus 16 random bits).
@@ -74,6 +80,9 @@ public final class SidecarEngine: Sendable {
                 map[voucher] = r
                 return r
             }
+            if let created, let reqs = recoveredReqs.withLockedValue({ $0.removeValue(forKey: voucher) }) {
+                created.restoreDedupe(reqs)
+            }
             guard let created else {
                 countRejection(.busy)
                 return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
@@ -87,6 +96,103 @@ public final class SidecarEngine: Sendable {
             }
         }
         return rt.handle(req, now: monotonicNow(), loop: loop)
+    }
+
+    // MARK: - Recovery
+
+    /// Rebuild the `UNCLAIM` book and `REQ` answers from the journal of the previous run.
+    func restore(history: [ClaimEvent]) {
+        let nowWall = wallClockMs()
+        let now = monotonicNow()
+        let window = config.claims.dedupeWindow
+        var reqs: [String: [(req: String, claimID: String, expires: Instant)]] = [:]
+        for e in history {
+            switch e.kind {
+            case .claimed:
+                claimBook.add(e)
+                if let req = e.req {
+                    let age = Duration.milliseconds(max(0, nowWall - e.tsMs))
+                    if age < window { reqs[e.voucher, default: []].append((req, e.claimID, now + (window - age))) }
+                }
+            case .unclaimed: claimBook.markUnclaimed(e.claimID)
+            case .intent: break
+            }
+        }
+        recoveredReqs.withLockedValue { $0 = reqs }
+    }
+
+    // MARK: - Per-user counts and UNCLAIM
+
+    /// Undo a claim's per-user count in Redis (idempotent by claim id); retried in the background.
+    func releaseUser(_ e: ClaimEvent) {
+        let key = QuotaStore.userGroupKey(voucher: e.voucher, user: e.user, groups: config.perUser.groups)
+        let store = self.store
+        let logger = self.logger
+        Task {
+            var delay: Duration = .milliseconds(50)
+            for _ in 0..<30 {
+                let r = await attempt { () async throws(RedisError) in
+                    try await store.releaseUser(groupKey: key, user: e.user, claimID: e.claimID)
+                }
+                if case .success = r { return }
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(2))
+            }
+            logger.error("per-user count not released", metadata: ["quota.voucher": "\(e.voucher)", "quota.claim": "\(e.claimID)"])
+        }
+    }
+
+    /// `UNCLAIM claim-id`.
+    func unclaim(_ claimID: String, loop: any EventLoop) -> Outcome {
+        let e: ClaimEvent
+        switch claimBook.takeForUnclaim(claimID) {
+        case .unknown:
+            countRejection(.err)
+            return .now(.error(QuotaError(.err, "unknown claim id '\(claimID.prefix(80))' (UNCLAIM takes claims made through this host)")))
+        case .already:
+            return .now(.value(.ok))
+        case .take(let ev):
+            e = ev
+        }
+        var cancel = e
+        cancel.kind = .unclaimed
+        cancel.tsMs = wallClockMs()
+        cancel.req = nil
+        let p = loop.makePromise(of: Reply.self)
+        let finish: @Sendable () -> Void = { [self] in
+            Task {
+                let rt = vouchers.withLockedValue { $0[e.voucher] }
+                let local = rt?.unclaimed(e) ?? 0
+                if local < e.qty {
+                    let rest = e.qty - local
+                    _ = await attempt { () async throws(RedisError) in
+                        try await store.restock(voucher: e.voucher, claimID: e.claimID, qty: rest)
+                    }
+                }
+                if config.perUser.mode == .central && (rt?.perUserLimit ?? 1) > 0 {
+                    let key = QuotaStore.userGroupKey(voucher: e.voucher, user: e.user, groups: config.perUser.groups)
+                    let r = await attempt { () async throws(RedisError) in
+                        try await store.releaseUser(groupKey: key, user: e.user, claimID: e.claimID)
+                    }
+                    if case .failure = r { releaseUser(e) }
+                }
+                p.succeed(.value(.ok))
+            }
+        }
+        if let journal = pipeline.journal {
+            journal.append(.claim(cancel)) { [self] r in
+                if case .failure(let err) = r {
+                    claimBook.restore(claimID)
+                    p.succeed(.error(QuotaError(.unavailable, "cancellation could not be journaled: \(err)")))
+                } else {
+                    finish()
+                }
+            }
+        } else {
+            _ = pipeline.recordClaim(cancel) { _ in }
+            finish()
+        }
+        return .later(p.futureResult)
     }
 
     // MARK: - Periodic work
@@ -212,13 +318,15 @@ public final class SidecarEngine: Sendable {
             out += "journal_segments:\(p.journalSegments)\r\njournal_syncs:\(p.syncs)\r\njournal_records_synced:\(p.recordsSynced)\r\n"
             out += "journal_healthy:\(pipeline.journal.map { $0.isHealthy ? 1 : 0 } ?? 1)\r\n"
             out += "kafka_backlog:\(p.inFlight)\r\nkafka_shipped:\(p.shipped)\r\nkafka_delivery_errors:\(p.deliveryErrors)\r\n"
-            out += "kafka_down:\(pipeline.kafkaDown ? 1 : 0)\r\n\r\n"
+            out += "kafka_down:\(pipeline.kafkaDown ? 1 : 0)\r\n"
+            let u = userChecks.stats
+            out += "user_check_batches:\(u.batches)\r\nuser_checks:\(u.checks)\r\nclaims_tracked:\(claimBook.count)\r\n\r\n"
         }
         if on("vouchers") {
             out += "# Vouchers\r\n"
             for (id, s) in snaps {
                 let rejected = QuotaErrorCode.allCases.filter { s.counters.rejected[$0, default: 0] > 0 }
-                    .map { ",\($0.rawValue)=\(s.counters.rejected[$0]!)" }.joined()
+                    .map { ",rejected_\($0.rawValue)=\(s.counters.rejected[$0]!)" }.joined()
                 out += "voucher:\(id):status=\(s.status),ok=\(s.counters.claimsOK),served=\(s.counters.tokensServed),"
                 out += "local=\(s.local),pool=\(s.pool),leases=\(s.leases),lease_size=\(s.leaseSize),"
                 out += "rate=\(Int(s.rate)),parked=\(s.parked),soldout=\(s.soldOut ? 1 : 0)\(rejected)\r\n"

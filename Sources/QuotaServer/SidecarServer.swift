@@ -48,6 +48,13 @@ public final class SidecarService: Service, Sendable {
             "redis": "\(engine.store.connection.endpoint)",
         ])
         if let rec = recovered {
+            engine.restore(history: rec.history)
+            // Claims that were waiting for their per-user check: undo the count if it was taken.
+            // Journal them again first, so another crash before the release cannot forget them.
+            for e in rec.orphanIntents {
+                engine.pipeline.journal?.append(.claim(e))
+                engine.releaseUser(e)
+            }
             engine.pipeline.reship(rec)
             let n = rec.segments.reduce(0) { $0 + $1.claims.count }
             if n > 0 { logger.info("journal: shipping claims of the previous run again", metadata: ["claims": "\(n)"]) }

@@ -26,13 +26,14 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     enum Request: Sendable {
-        case claim(qty: Int, user: String)
+        case claim(qty: Int, user: String, req: String?)
         case avail
     }
 
     private struct Parked {
         var qty: Int
         var user: String
+        var req: String?
         var deadline: Instant
         var promise: EventLoopPromise<Reply>
     }
@@ -45,6 +46,15 @@ final class VoucherRuntime: @unchecked Sendable {
     private var loadWaiters: [(Request, EventLoopPromise<Reply>)] = []
     private var record: VoucherRecord?
     private var ioInFlight = 0
+    /// Tokens each user holds through this host (a lower bound of the global count).
+    private var localUsers: [String: Int] = [:]
+    /// `REQ` answers: pending (in progress) or final, until they expire.
+    private enum Dedupe {
+        case pending(EventLoopFuture<Reply>)
+        case done(Reply, expires: Instant)
+    }
+    private var dedupe: [String: Dedupe] = [:]
+    private var lastDedupeSweep = Instant(nanoseconds: 0)
 
     /// What to do after the lock is released.
     private struct Actions {
@@ -53,7 +63,8 @@ final class VoucherRuntime: @unchecked Sendable {
         var returns: [ReturnRequest] = []
         var load = false
         var completions: [(EventLoopPromise<Reply>, Reply)] = []
-        var redispatch: [(Request, EventLoopPromise<Reply>)] = []
+        var cascades: [(EventLoopFuture<Reply>, EventLoopPromise<Reply>)] = []
+        var userChecks: [(ClaimEvent, Int, EventLoopPromise<Reply>)] = []
     }
 
     init(id: String, engine: SidecarEngine, policy: LeasePolicy) {
@@ -90,16 +101,22 @@ final class VoucherRuntime: @unchecked Sendable {
                 outcome = parkForLoad(req, loop: loop, &a)
             }
         case .ready:
-            switch req {
-            case .avail:
-                outcome = .now(.value(.integer(max(0, stock.poolHint) + stock.available(now: now))))
-            case .claim(let qty, let user):
-                outcome = claimReady(qty: qty, user: user, now: now, loop: loop, &a)
-            }
+            outcome = decideReady(req, now: now, loop: loop, &a)
         }
         lock.unlock()
         perform(a)
         return outcome
+    }
+
+    private func decideReady(_ req: Request, now: Instant, loop: any EventLoop, _ a: inout Actions) -> Outcome {
+        switch req {
+        case .avail:
+            return .now(.value(.integer(max(0, stock.poolHint) + stock.available(now: now))))
+        case .claim(let qty, let user, nil):
+            return claimReady(qty: qty, user: user, req: nil, now: now, loop: loop, &a)
+        case .claim(let qty, let user, let req?):
+            return claimOnce(qty: qty, user: user, req: req, now: now, loop: loop, &a)
+        }
     }
 
     private func parkForLoad(_ req: Request, loop: any EventLoop, _ a: inout Actions) -> Outcome {
@@ -111,7 +128,54 @@ final class VoucherRuntime: @unchecked Sendable {
         return .later(p.futureResult)
     }
 
-    private func claimReady(qty: Int, user: String, now: Instant, loop: any EventLoop, _ a: inout Actions) -> Outcome {
+    /// `CLAIM … REQ id`: the same request id gets the same final answer within the dedupe window;
+    /// racing retries wait for the first. Transient refusals (UNAVAILABLE, BUSY) are not kept.
+    private func claimOnce(qty: Int, user: String, req: String, now: Instant, loop: any EventLoop,
+                           _ a: inout Actions) -> Outcome {
+        switch dedupe[req] {
+        case .done(let r, let exp) where now < exp:
+            return .now(r)
+        case .pending(let f):
+            return .later(f.hop(to: loop))
+        default:
+            break
+        }
+        let outcome = claimReady(qty: qty, user: user, req: req, now: now, loop: loop, &a)
+        let window = engine.config.claims.dedupeWindow
+        switch outcome {
+        case .now(let r):
+            if Self.isFinal(r) { dedupe[req] = .done(r, expires: now + window) } else { dedupe.removeValue(forKey: req) }
+        case .later(let f):
+            dedupe[req] = .pending(f)
+            f.whenSuccess { [self] r in
+                lock.withLock {
+                    if Self.isFinal(r) {
+                        dedupe[req] = .done(r, expires: monotonicNow() + window)
+                    } else {
+                        dedupe.removeValue(forKey: req)
+                    }
+                }
+            }
+        }
+        return outcome
+    }
+
+    static func isFinal(_ r: Reply) -> Bool {
+        switch r {
+        case .claimID, .value: return true
+        case .error(let e): return e.code != .unavailable && e.code != .busy
+        }
+    }
+
+    /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
+    func restoreDedupe(_ entries: [(req: String, claimID: String, expires: Instant)]) {
+        lock.withLock {
+            for e in entries { dedupe[e.req] = .done(.claimID(e.claimID), expires: e.expires) }
+        }
+    }
+
+    private func claimReady(qty: Int, user: String, req: String?, now: Instant, loop: any EventLoop,
+                            _ a: inout Actions) -> Outcome {
         if let refusal = engine.pipeline.refusal() {
             stock.countRejection(.unavailable)
             return .now(.error(refusal))
@@ -119,7 +183,7 @@ final class VoucherRuntime: @unchecked Sendable {
         let outcome: Outcome
         switch stock.claim(qty: qty, now: now) {
         case .served(let shares):
-            outcome = granted(shares, qty: qty, user: user, loop: loop, promise: nil, &a)
+            outcome = granted(shares, qty: qty, user: user, req: req, loop: loop, promise: nil, &a)
         case .reject(let e):
             outcome = .now(.error(e))
         case .wait:
@@ -128,7 +192,8 @@ final class VoucherRuntime: @unchecked Sendable {
                 outcome = .now(.error(QuotaError(.busy, "too many claims waiting for stock of '\(id)'")))
             } else {
                 let p = loop.makePromise(of: Reply.self)
-                parked.append(Parked(qty: qty, user: user, deadline: now + engine.config.limits.claimTimeout, promise: p))
+                parked.append(Parked(qty: qty, user: user, req: req, deadline: now + engine.config.limits.claimTimeout,
+                                     promise: p))
                 parkedTokens += qty
                 outcome = .later(p.futureResult)
             }
@@ -137,26 +202,101 @@ final class VoucherRuntime: @unchecked Sendable {
         return outcome
     }
 
-    /// A claim was granted from local stock: record it as the durability mode requires, then answer.
-    /// Called under the lock; the journal append keeps this voucher's records in decision order.
-    private func granted(_ shares: [ClaimShare], qty: Int, user: String, loop: any EventLoop,
+    /// A claim was granted from local stock: check the user's limit if the voucher has one, then
+    /// record it as the durability mode requires, then answer. Called under the lock.
+    private func granted(_ shares: [ClaimShare], qty: Int, user: String, req: String?, loop: any EventLoop,
                          promise: EventLoopPromise<Reply>?, _ a: inout Actions) -> Outcome {
-        let id = engine.nextClaimID()
-        let event = ClaimEvent(claimID: id, voucher: self.id, user: user, qty: qty, region: engine.config.region,
-                               host: engine.config.hostID, shares: shares, tsMs: wallClockMs())
+        let event = ClaimEvent(claimID: engine.nextClaimID(), voucher: self.id, user: user, qty: qty,
+                               region: engine.config.region, host: engine.config.hostID, shares: shares,
+                               tsMs: wallClockMs(), req: req)
+        let limit = record?.perUser ?? 0
+        guard limit > 0 else { return recordClaim(event, loop: loop, promise: promise, &a) }
+        // This host's own count is a lower bound of the user's global count: over it, refuse at once.
+        let held = localUsers[user, default: 0]
+        if held + qty > limit {
+            takeBack(shares, code: .userlimit)
+            let r = Reply.error(QuotaError(.userlimit, "user already holds the voucher's limit of \(limit)"))
+            if let promise { a.completions.append((promise, r)) }
+            return .now(r)
+        }
+        localUsers[user] = held + qty  // reserved until the check answers
+        if engine.config.perUser.mode == .local { return recordClaim(event, loop: loop, promise: promise, &a) }
+        let p = promise ?? loop.makePromise(of: Reply.self)
+        a.userChecks.append((event, limit, p))
+        return .later(p.futureResult)
+    }
+
+    /// Journal the intent (durable unless `none`), then ask Redis; `userChecked` continues.
+    private func startUserCheck(_ event: ClaimEvent, limit: Int, promise: EventLoopPromise<Reply>) {
+        let check = QuotaStore.UserCheck(
+            groupKey: QuotaStore.userGroupKey(voucher: id, user: event.user, groups: engine.config.perUser.groups),
+            limit: limit, user: event.user, qty: event.qty, claimID: event.claimID)
+        let batcher = engine.userChecks
+        let ask: @Sendable () -> Void = { [self] in
+            batcher.submit(check) { r in self.userChecked(event, result: r, promise: promise) }
+        }
+        var intent = event
+        intent.kind = .intent
+        if engine.pipeline.durability == .none || engine.pipeline.journal == nil {
+            engine.pipeline.journal?.append(.claim(intent))
+            ask()
+        } else {
+            engine.pipeline.journal!.append(.claim(intent)) { [self] r in
+                if case .failure = r { self.userChecked(event, result: .failure(.unreachable("journal")), promise: promise) } else { ask() }
+            }
+        }
+    }
+
+    private func userChecked(_ event: ClaimEvent, result: Result<Bool, RedisError>, promise: EventLoopPromise<Reply>) {
+        var a = Actions()
+        lock.lock()
+        let counted: Bool
+        var refusal: QuotaError?
+        switch result {
+        case .success(true):
+            counted = true
+        case .success(false):
+            counted = false
+            refusal = QuotaError(.userlimit, "user already holds the voucher's limit of \(record?.perUser ?? 0)")
+        case .failure(let e):
+            // This host's count (already reserved) is within the limit, or the claim was refused locally.
+            counted = engine.config.perUser.onUnavailable == .local
+            if !counted { refusal = QuotaError(.unavailable, "per-user check unavailable: \(e)") }
+        }
+        if counted {
+            _ = recordClaim(event, loop: promise.futureResult.eventLoop, promise: promise, &a)
+        } else {
+            localUsers[event.user, default: 0] -= event.qty
+            if localUsers[event.user]! <= 0 { localUsers.removeValue(forKey: event.user) }
+            takeBack(event.shares, code: refusal!.code)
+            a.completions.append((promise, .error(refusal!)))
+        }
+        lock.unlock()
+        perform(a)
+    }
+
+    /// Record a claim as the durability mode requires. `promise` (parked or checked claims) is completed;
+    /// otherwise the outcome is returned.
+    private func recordClaim(_ event: ClaimEvent, loop: any EventLoop, promise: EventLoopPromise<Reply>?,
+                             _ a: inout Actions) -> Outcome {
+        let id = event.claimID
         let pipeline = engine.pipeline
+        let book = engine.claimBook
         if pipeline.durability == .none {
             _ = pipeline.recordClaim(event) { _ in }
+            book.add(event)
             if let promise { a.completions.append((promise, .claimID(id))) }
             return .now(.claimID(id))
         }
         let p = promise ?? loop.makePromise(of: Reply.self)
         let once = ReplyOnce(p)
+        let shares = event.shares
         _ = pipeline.recordClaim(event) { [self] ok in
             if ok {
+                book.add(event)
                 once.complete(.claimID(id))
             } else if once.complete(.error(QuotaError(.unavailable, "claim could not be made durable: \(pipeline.refusal()?.message ?? "journal write failed")"))) {
-                self.putBack(shares, code: .unavailable)
+                self.putBack(shares, user: event.user, code: .unavailable)
             }
         }
         if pipeline.durability == .kafka {
@@ -164,21 +304,47 @@ final class VoucherRuntime: @unchecked Sendable {
                 if once.complete(.error(QuotaError(.unavailable, "Kafka did not acknowledge the claim in time"))) {
                     // The record may still ship: journal its cancellation so the stream nets to zero.
                     pipeline.recordCancellation(event)
-                    self.putBack(shares, code: .unavailable)
+                    self.putBack(shares, user: event.user, code: .unavailable)
+                    if (record?.perUser ?? 0) > 0 { engine.releaseUser(event) }
                 }
             }
         }
         return .later(p.futureResult)
     }
 
+    /// Tokens of a claim that was not completed go back to local stock (under the lock).
+    private func takeBack(_ shares: [ClaimShare], code: QuotaErrorCode) {
+        stock.putBack(shares, now: monotonicNow())
+        stock.counters.claimsOK -= 1
+        stock.countRejection(code)
+    }
+
     /// Tokens of a claim that was not made durable go back to local stock.
-    private func putBack(_ shares: [ClaimShare], code: QuotaErrorCode) {
+    private func putBack(_ shares: [ClaimShare], user: String, code: QuotaErrorCode) {
         lock.withLock {
-            stock.putBack(shares, now: monotonicNow())
-            stock.counters.claimsOK -= 1
-            stock.countRejection(code)
+            takeBack(shares, code: code)
+            if (record?.perUser ?? 0) > 0 {
+                localUsers[user, default: 0] -= shares.reduce(0) { $0 + $1.tokens }
+                if localUsers[user]! <= 0 { localUsers.removeValue(forKey: user) }
+            }
         }
     }
+
+    /// `UNCLAIM`: the cancelled claim's tokens go back to their lease if this host still holds it.
+    /// Returns the tokens put back locally (the rest must go back to the pool).
+    func unclaimed(_ e: ClaimEvent) -> Int {
+        lock.withLock {
+            if localUsers[e.user] != nil {
+                localUsers[e.user]! -= e.qty
+                if localUsers[e.user]! <= 0 { localUsers.removeValue(forKey: e.user) }
+            }
+            guard case .ready = phase else { return 0 }
+            let n = stock.putBack(e.shares, now: monotonicNow())
+            return n
+        }
+    }
+
+    var perUserLimit: Int { lock.withLock { record?.perUser ?? 0 } }
 
     /// Serve or refuse parked claims, in order, after the stock changed.
     private func serveParked(now: Instant, _ a: inout Actions) {
@@ -196,8 +362,8 @@ final class VoucherRuntime: @unchecked Sendable {
                     case .served(let shares):
                         parked.removeFirst()
                         parkedTokens -= w.qty
-                        _ = granted(shares, qty: w.qty, user: w.user, loop: w.promise.futureResult.eventLoop,
-                                    promise: w.promise, &a)
+                        _ = granted(shares, qty: w.qty, user: w.user, req: w.req,
+                                    loop: w.promise.futureResult.eventLoop, promise: w.promise, &a)
                         continue
                     case .reject(let e): reply = .error(e)
                     case .wait: return
@@ -235,6 +401,10 @@ final class VoucherRuntime: @unchecked Sendable {
             a.renew = stock.renewals(now: now)
             stock.returnIfIdle(now: now)
             collect(now: now, &a)
+            if now - lastDedupeSweep >= .seconds(1) {
+                lastDedupeSweep = now
+                dedupe = dedupe.filter { if case .done(_, let exp) = $0.value { return exp > now } else { return true } }
+            }
         }
         lock.unlock()
         perform(a)
@@ -332,12 +502,8 @@ final class VoucherRuntime: @unchecked Sendable {
 
     private func perform(_ a: Actions) {
         for (p, r) in a.completions { p.succeed(r) }
-        for (req, p) in a.redispatch {
-            switch handle(req, now: monotonicNow(), loop: p.futureResult.eventLoop) {
-            case .now(let r): p.succeed(r)
-            case .later(let f): f.cascade(to: p)
-            }
-        }
+        for (e, limit, p) in a.userChecks { startUserCheck(e, limit: limit, promise: p) }
+        for (f, p) in a.cascades { f.cascade(to: p) }
         if a.load { startLoad() }
         if let l = a.lease { startLease(l) }
         for r in a.renew { startRenew(r) }
@@ -377,7 +543,14 @@ final class VoucherRuntime: @unchecked Sendable {
             stock.setStatus(rec.status)
             stock.refreshed(pool: rec.pool)
             phase = .ready
-            a.redispatch = loadWaiters
+            // Decide the requests that waited for the load, in arrival order, before any new request
+            // can see the voucher ready (it takes this lock): nobody overtakes them.
+            for (req, p) in loadWaiters {
+                switch decideReady(req, now: now, loop: p.futureResult.eventLoop, &a) {
+                case .now(let r): a.completions.append((p, r))
+                case .later(let f): a.cascades.append((f, p))
+                }
+            }
         case .success(nil):
             phase = .missing(until: now + .seconds(1))
             for _ in loadWaiters { engine.countRejection(.novoucher) }
@@ -410,6 +583,8 @@ final class VoucherRuntime: @unchecked Sendable {
     private func leaseDone(_ result: Result<LeaseReply, RedisError>, request: LeaseRequest) {
         var a = Actions()
         let now = monotonicNow()
+        engine.logger.debug("lease answer", metadata: ["quota.voucher": "\(id)", "want": "\(request.want)",
+                                                       "need": "\(request.need)", "result": "\(result)"])
         lock.lock()
         if case .success = result {
             for closed in request.close { engine.pipeline.recordLease(.leaseClosed(voucher: id, lease: closed)) }

@@ -241,7 +241,7 @@ struct SidecarTests {
         let replies = try await c.pipeline(cmds)
         for i in 0..<40 { #expect(replies[2 * i + 1] == .bulk("p\(i)"), "reply \(2 * i + 1) out of order") }
         let claims = (0..<40).map { replies[2 * $0] }
-        #expect(claims.prefix(30).allSatisfy { $0.errorCode == nil })
+        #expect(claims.prefix(30).allSatisfy { $0.errorCode == nil }, "\(claims.map { $0.errorCode ?? "ok" })")
         #expect(claims.suffix(10).allSatisfy { $0.errorCode == "SOLDOUT" })
         c.close()
         #expect(try await q.stop() == 0)

@@ -60,7 +60,8 @@ struct ConfigTests {
     }
 
     @Test func featuresNotBuiltYetAreRefusedNotIgnored() throws {
-        #expect(errorKey(minimal + "\nper_user: { mode: central }") == "per_user")
+        #expect(errorKey(minimal + "\nper_user: { mode: sometimes }") == "per_user.mode")
+        #expect(errorKey(minimal + "\nper_user: { on_unavailable: guess }") == "per_user.on_unavailable")
         #expect(errorKey(minimal + "\nborrow: true") == "borrow")
     }
 

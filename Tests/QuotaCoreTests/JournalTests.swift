@@ -21,6 +21,7 @@ func writeJournal(_ dir: String, _ records: [JournalRecord], segmentBytes: Int =
                   onDurable: @escaping @Sendable ([DurableClaim]) -> Void = { _ in }) throws -> Journal {
     var o = Journal.Options(dir: dir)
     o.segmentBytes = segmentBytes
+    o.retention = .zero
     let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t"),
                         onDurable: onDurable)
     let done = DispatchSemaphore(value: 0)

@@ -1,0 +1,66 @@
+import NIOConcurrencyHelpers
+import QuotaRedis
+
+/// Batches per-user checks from concurrent claims: whatever queued while earlier batches were
+/// on the wire goes out together, one script call per user group, all pipelined. Up to
+/// `maxInFlight` batches are on the wire at once.
+final class UserCheckBatcher: Sendable {
+    typealias Done = @Sendable (Result<Bool, RedisError>) -> Void
+    private let store: QuotaStore
+    private let maxInFlight: Int
+    private let maxBatch: Int
+    private struct State {
+        var queue: [(QuotaStore.UserCheck, Done)] = []
+        var inFlight = 0
+        var batches = 0
+        var checks = 0
+    }
+    private let state = NIOLockedValueBox(State())
+
+    init(store: QuotaStore, maxInFlight: Int = 4, maxBatch: Int = 2048) {
+        self.store = store
+        self.maxInFlight = maxInFlight
+        self.maxBatch = maxBatch
+    }
+
+    func submit(_ check: QuotaStore.UserCheck, done: @escaping Done) {
+        let batch = state.withLockedValue { s -> [(QuotaStore.UserCheck, Done)]? in
+            s.queue.append((check, done))
+            guard s.inFlight < maxInFlight else { return nil }
+            s.inFlight += 1
+            return take(&s)
+        }
+        if let batch { send(batch) }
+    }
+
+    private func take(_ s: inout State) -> [(QuotaStore.UserCheck, Done)] {
+        let n = min(s.queue.count, maxBatch)
+        let b = Array(s.queue.prefix(n))
+        s.queue.removeFirst(n)
+        s.batches += 1
+        s.checks += n
+        return b
+    }
+
+    private func send(_ batch: [(QuotaStore.UserCheck, Done)]) {
+        let store = self.store
+        Task {
+            let r = await attempt { () async throws(RedisError) in try await store.checkUsers(batch.map(\.0)) }
+            switch r {
+            case .success(let oks): for (i, item) in batch.enumerated() { item.1(.success(oks[i])) }
+            case .failure(let e): for item in batch { item.1(.failure(e)) }
+            }
+            let next = state.withLockedValue { s -> [(QuotaStore.UserCheck, Done)]? in
+                guard !s.queue.isEmpty else {
+                    s.inFlight -= 1
+                    return nil
+                }
+                return take(&s)
+            }
+            if let next { send(next) }
+        }
+    }
+
+    /// Batches sent and checks in them (checks per batch = the batching factor).
+    var stats: (batches: Int, checks: Int) { state.withLockedValue { ($0.batches, $0.checks) } }
+}
