@@ -1,0 +1,196 @@
+import Foundation
+import Glibc
+import NIOCore
+import QuotaClient
+import QuotaRESP
+import QuotaRedis
+import Testing
+
+/// Runs `attempts` (user, host) claims over `connections` connections spread over the sidecars;
+/// returns successes per user and the error codes seen.
+func claimAttempts(_ attempts: [(user: String, host: Int)], sidecars: [Quotad], voucher: String,
+                   connections: Int = 300) async throws -> (perUser: [String: [String]], errors: [String: Int]) {
+    // Attempts for sidecar h go to the connections of sidecar h.
+    var lanes = [[(String, Int)]](repeating: [], count: connections)
+    var next = [Int](repeating: 0, count: sidecars.count)
+    let perHost = connections / sidecars.count
+    for a in attempts {
+        let lane = a.host * perHost + next[a.host] % perHost
+        next[a.host] += 1
+        lanes[lane].append((a.user, a.host))
+    }
+    let frozen = lanes
+    return try await withThrowingTaskGroup(of: ([(String, String)], [String: Int]).self) { g in
+        for (i, lane) in frozen.enumerated() where !lane.isEmpty {
+            let sock = sidecars[i / perHost].socket
+            g.addTask {
+                let c = try await RESPClient.connect(sock)
+                defer { c.close() }
+                // Pipelined in chunks, so many users' checks are in flight at once.
+                var ok: [(String, String)] = []
+                var errs: [String: Int] = [:]
+                for chunk in stride(from: 0, to: lane.count, by: 16) {
+                    let part = Array(lane[chunk..<min(lane.count, chunk + 16)])
+                    let replies = try await c.pipeline(part.map { ["CLAIM", voucher, $0.0] })
+                    for (a, r) in zip(part, replies) {
+                        if let code = r.errorCode { errs[code, default: 0] += 1 } else { ok.append((a.0, r.string!)) }
+                    }
+                }
+                return (ok, errs)
+            }
+        }
+        var perUser: [String: [String]] = [:]
+        var errors: [String: Int] = [:]
+        for try await (ok, errs) in g {
+            for (u, id) in ok { perUser[u, default: []].append(id) }
+            for (k, v) in errs { errors[k, default: 0] += v }
+        }
+        return (perUser, errors)
+    }
+}
+
+@Suite("Per-user limits, idempotent retries, cancellations", .serialized, .timeLimit(.minutes(5)))
+struct PerUserTests {
+    @Test func tenThousandUsersTryingFiveTimesOnThreeHostsGetExactlyOneEach() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "one", limit: 1_000_000, perUser: 1, totalLimit: 1_000_000, region: "sg")
+        var sidecars: [Quotad] = []
+        for h in ["host-a", "host-b", "host-c"] { sidecars.append(try await Quotad(redis: redis, dir: dir, host: h)) }
+        // Each user tries 5 times, on different hosts, concurrently with everyone else.
+        var attempts: [(user: String, host: Int)] = []
+        for k in 0..<5 { for u in 0..<10_000 { attempts.append(("user-\(u)", (u + k) % 3)) } }
+        let r = try await claimAttempts(attempts, sidecars: sidecars, voucher: "one")
+        #expect(r.perUser.count == 10_000, "every user got one")
+        #expect(r.perUser.values.allSatisfy { $0.count == 1 }, "nobody got two")
+        #expect(r.errors == ["USERLIMIT": 40_000], "\(r.errors)")
+        let checks = try await sidecars.asyncMap { try await $0.stat("user_checks") }.reduce(0, +)
+        let batches = try await sidecars.asyncMap { try await $0.stat("user_check_batches") }.reduce(0, +)
+        #expect(batches < checks, "checks are batched: \(checks) checks in \(batches) batches")
+        for s in sidecars { #expect(try await s.stop() == 0) }
+        let a = try await redis.account("one")
+        #expect(a.pool == 1_000_000 - 10_000 && a.leases == 0)
+    }
+
+    @Test func threePerUserWithLessStockThanDemandSellsExactlyTheStock() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "three", limit: 15_000, perUser: 3, totalLimit: 15_000, region: "sg")
+        var sidecars: [Quotad] = []
+        for h in ["host-a", "host-b", "host-c"] { sidecars.append(try await Quotad(redis: redis, dir: dir, host: h)) }
+        var attempts: [(user: String, host: Int)] = []
+        for k in 0..<5 { for u in 0..<10_000 { attempts.append(("user-\(u)", (u + k) % 3)) } }
+        let r = try await claimAttempts(attempts, sidecars: sidecars, voucher: "three")
+        let total = r.perUser.values.reduce(0) { $0 + $1.count }
+        #expect(total == 15_000, "exactly the stock")
+        #expect(r.perUser.values.allSatisfy { $0.count <= 3 }, "no user over 3")
+        #expect(Set(r.perUser.values.flatMap { $0 }).count == 15_000)
+        for s in sidecars { #expect(try await s.stop() == 0) }
+        let a = try await redis.account("three")
+        #expect(a.pool == 0 && a.leases == 0)
+    }
+
+    @Test func racingRetriesWithOneRequestIDGetOneClaimIDAlsoAcrossKillNineAndRestart() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "rq", limit: 1000, perUser: 0, totalLimit: 1000, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", kafka: kafka, topic: "t-rq")
+        // 20 connections race the same request id (the first of them parks while the voucher loads).
+        let socket = q.socket
+        let ids = try await withThrowingTaskGroup(of: String.self) { g in
+            for _ in 0..<20 {
+                g.addTask {
+                    let c = try await RESPClient.connect(socket)
+                    defer { c.close() }
+                    return try #require(try await c.send("CLAIM", "rq", "alice", "REQ", "order-1").string)
+                }
+            }
+            var out: [String] = []
+            for try await id in g { out.append(id) }
+            return out
+        }
+        #expect(Set(ids).count == 1, "one claim id for one request id: \(Set(ids))")
+        let c = try await RESPClient.connect(q.socket)
+        let other = try await c.send("CLAIM", "rq", "alice", "REQ", "order-2").string
+        #expect(other != ids[0], "another request id is another claim")
+        c.close()
+        #expect(try await q.stat("tokens_served") == 2)
+
+        q.child.signal(SIGKILL)
+        _ = try await q.child.wait()
+        try await q.restart()
+        let c2 = try await RESPClient.connect(q.socket)
+        let again = try await c2.pipeline([["CLAIM", "rq", "alice", "REQ", "order-1"], ["CLAIM", "rq", "alice", "REQ", "order-1"]])
+        #expect(again.map(\.string) == [ids[0], ids[0]], "the journal remembers the answer across kill -9")
+        c2.close()
+        #expect(try await q.stop() == 0)
+        let s = try streamed(kafka, topic: "t-rq")
+        #expect(s.net == 2, "two claims in all")
+        let a = try await redis.account("rq")
+        #expect(a.pool + a.outstanding == 998)
+    }
+
+    @Test func redisDownFailClosedRefusesButLocalModeUsesThisHostsRecord() async throws {
+        let redis = try await RedisServer(persistent: true)
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "pd", limit: 100_000, perUser: 1, totalLimit: 100_000, region: "sg")
+        _ = try await quotactl(["lease", "set", "--voucher", "pd", "--min", "500", "--max", "500", "--redis", redis.url])
+        let strict = try await Quotad(redis: redis, dir: dir, host: "host-a",
+                                      extraYAML: "limits: { claim_timeout_ms: 500 }\n")
+        let lenient = try await Quotad(redis: redis, dir: dir, host: "host-b",
+                                       extraYAML: "per_user: { on_unavailable: local }\nlimits: { claim_timeout_ms: 500 }\n")
+        let sc = try await RESPClient.connect(strict.socket)
+        let lc = try await RESPClient.connect(lenient.socket)
+        // Both hosts hold stock before Redis goes away.
+        #expect(try await sc.send("CLAIM", "pd", "warm-a").errorCode == nil)
+        #expect(try await lc.send("CLAIM", "pd", "warm-b").errorCode == nil)
+        #expect(try await sc.send("CLAIM", "pd", "warm-b").errorCode == "USERLIMIT", "the limit holds across hosts")
+
+        try await redis.kill9()
+        for i in 0..<20 {
+            let r = try await sc.send("CLAIM", "pd", "new-\(i)")
+            #expect(r.errorCode == "UNAVAILABLE", "fail-closed refuses with stock at hand: \(r)")
+        }
+        for i in 0..<20 { #expect(try await lc.send("CLAIM", "pd", "new-\(i)").errorCode == nil, "local mode serves") }
+        for i in 0..<20 {
+            #expect(try await lc.send("CLAIM", "pd", "new-\(i)").errorCode == "USERLIMIT", "this host's own record holds")
+        }
+        try await redis.start()
+        try await eventually("fail-closed host serves again", timeout: .seconds(10)) {
+            try await sc.send("CLAIM", "pd", "after").errorCode == nil
+        }
+        // The fail-closed host never let a user over the limit: its users got one claim each.
+        #expect(try await sc.send("CLAIM", "pd", "after").errorCode == "USERLIMIT")
+        sc.close()
+        lc.close()
+        #expect(try await strict.stop() == 0)
+        #expect(try await lenient.stop() == 0)
+    }
+
+    @Test func unclaimIsIdempotentUnknownIDsAreErrorsAndTheUserCanClaimAgain() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "uc", limit: 100, perUser: 1, totalLimit: 100, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", kafka: kafka, topic: "t-uc")
+        let c = try await RESPClient.connect(q.socket)
+        let id = try #require(try await c.send("CLAIM", "uc", "bob").string)
+        #expect(try await c.send("CLAIM", "uc", "bob").errorCode == "USERLIMIT")
+        #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"))
+        #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"), "a second UNCLAIM changes nothing")
+        let unknown = try await c.send("UNCLAIM", "sg.nobody.x.1")
+        #expect(unknown.errorCode == "ERR" && unknown.string?.contains("unknown claim id") == true)
+        #expect(try await c.send("UNCLAIM").errorCode == "ERR")
+        let again = try #require(try await c.send("CLAIM", "uc", "bob").string, "bob may claim again after the cancel")
+        #expect(again != id)
+        #expect(try await q.stat("tokens_served") == 1, "the cancelled token went back to local stock")
+        c.close()
+        #expect(try await q.stop() == 0)
+        let s = try streamed(kafka, topic: "t-uc")
+        #expect(Set(s.claimed.keys) == [id, again])
+        #expect(s.unclaimed == [id], "one VoucherUnclaimed event")
+        let a = try await redis.account("uc")
+        #expect(a.pool == 99 && a.leases == 0, "pool \(a.pool)")
+    }
+}
