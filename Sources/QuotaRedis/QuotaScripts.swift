@@ -113,25 +113,23 @@ enum QuotaScripts {
         return 1
         """
 
-    /// Per-user check of many claims in one group, in order. KEYS: the group hash `quota:u:{ID:g}`.
-    /// ARGV: limit, then (user, qty, claim_id) triples. Reply: one entry per claim: 1 counted, 0 over the limit.
-    /// A claim already counted (marker `#claim_id` present) answers 1 again without counting twice.
+    /// Per-user checks of many claims, in order. KEYS: the group hashes `quota:u:{ID:g}` involved.
+    /// ARGV: then quadruples (key index, limit, user, qty|claim_id)... as: idx, limit, user, qty, claim_id.
+    /// Reply: one entry per claim: 1 counted, 0 over the limit. A claim already counted (marker
+    /// `#claim_id` present) answers 1 again without counting twice. Two commands per counted claim.
     static let userCheck = """
-        local lim = tonumber(ARGV[1])
         local out = {}
-        for i = 2, #ARGV, 3 do
-          local u, q, c = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-          if redis.call('HEXISTS', KEYS[1], '#' .. c) == 1 then
+        for i = 1, #ARGV, 5 do
+          local k = KEYS[tonumber(ARGV[i])]
+          local lim, u, q, c = tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
+          if redis.call('HSETNX', k, '#' .. c, q) == 0 then
             out[#out + 1] = 1
+          elseif redis.call('HINCRBY', k, u, q) > lim then
+            redis.call('HINCRBY', k, u, -q)
+            redis.call('HDEL', k, '#' .. c)
+            out[#out + 1] = 0
           else
-            local n = tonumber(redis.call('HGET', KEYS[1], u) or '0')
-            if n + q > lim then
-              out[#out + 1] = 0
-            else
-              redis.call('HINCRBY', KEYS[1], u, q)
-              redis.call('HSET', KEYS[1], '#' .. c, q)
-              out[#out + 1] = 1
-            end
+            out[#out + 1] = 1
           end
         end
         return out

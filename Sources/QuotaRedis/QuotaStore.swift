@@ -257,39 +257,29 @@ public final class QuotaStore: Sendable {
         }
     }
 
-    /// Check many claims at once: one script call per (group, limit), all in one pipeline.
+    /// Check many claims at once, in one script call (one round trip). On Redis Cluster the keys of
+    /// one call must share a slot: there the batch would be split per slot (not built: single node).
     /// Returns, per check in order, whether it was counted (false: the user is at the limit).
     public func checkUsers(_ checks: [UserCheck]) async throws(RedisError) -> [Bool] {
-        var groups: [String: [Int]] = [:]
-        var order: [String] = []
-        for (i, c) in checks.enumerated() {
-            let k = "\(c.limit)|\(c.groupKey)"
-            if groups[k] == nil { order.append(k) }
-            groups[k, default: []].append(i)
-        }
-        let sha = try await scriptSHA(QuotaScripts.userCheck)
-        var cmds: [[String]] = []
-        for k in order {
-            let idx = groups[k]!
-            var args = ["EVALSHA", sha, "1", checks[idx[0]].groupKey, String(checks[idx[0]].limit)]
-            for i in idx { args += [checks[i].user, String(checks[i].qty), checks[i].claimID] }
-            cmds.append(args)
-        }
-        var replies = try await connection.send(batch: cmds)
-        for (j, r) in replies.enumerated() {
-            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") {
-                var c = cmds[j]
-                c[0] = "EVAL"
-                c[1] = QuotaScripts.userCheck
-                replies[j] = try await connection.send(c)
+        guard !checks.isEmpty else { return [] }
+        var keyIndex: [String: Int] = [:]
+        var keys: [String] = []
+        var args: [String] = []
+        args.reserveCapacity(checks.count * 5)
+        for c in checks {
+            let idx: Int
+            if let i = keyIndex[c.groupKey] {
+                idx = i
+            } else {
+                keys.append(c.groupKey)
+                idx = keys.count
+                keyIndex[c.groupKey] = idx
             }
+            args += [String(idx), String(c.limit), c.user, String(c.qty), c.claimID]
         }
-        var out = [Bool](repeating: false, count: checks.count)
-        for (k, r) in zip(order, replies) {
-            guard let a = r.array, a.count == groups[k]!.count else { throw RedisError.badReply("USERCHECK: \(r)") }
-            for (i, v) in zip(groups[k]!, a) { out[i] = v.int == 1 }
-        }
-        return out
+        let r = try await eval(QuotaScripts.userCheck, keys: keys, args: args)
+        guard let a = r.array, a.count == checks.count else { throw RedisError.badReply("USERCHECK: \(r)") }
+        return a.map { $0.int == 1 }
     }
 
     /// Undo a claim's per-user count; returns the quantity released (0: nothing was counted).

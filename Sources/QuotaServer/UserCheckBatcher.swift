@@ -1,16 +1,23 @@
 import NIOConcurrencyHelpers
+import NIOCore
 import QuotaRedis
 
 /// Batches per-user checks from concurrent claims: whatever queued while earlier batches were
-/// on the wire goes out together, one script call per user group, all pipelined. Up to
-/// `maxInFlight` batches are on the wire at once.
+/// on the wire goes out together, as one script call. Up to `maxInFlight` batches are on the
+/// wire at once. Results are handed back on each caller's event loop, one `execute` per loop per
+/// batch (not one cross-thread wake-up per claim).
 final class UserCheckBatcher: Sendable {
     typealias Done = @Sendable (Result<Bool, RedisError>) -> Void
+    private struct Item {
+        var check: QuotaStore.UserCheck
+        var loop: any EventLoop
+        var done: Done
+    }
     private let store: QuotaStore
     private let maxInFlight: Int
     private let maxBatch: Int
     private struct State {
-        var queue: [(QuotaStore.UserCheck, Done)] = []
+        var queue: [Item] = []
         var inFlight = 0
         var batches = 0
         var checks = 0
@@ -23,9 +30,9 @@ final class UserCheckBatcher: Sendable {
         self.maxBatch = maxBatch
     }
 
-    func submit(_ check: QuotaStore.UserCheck, done: @escaping Done) {
-        let batch = state.withLockedValue { s -> [(QuotaStore.UserCheck, Done)]? in
-            s.queue.append((check, done))
+    func submit(_ check: QuotaStore.UserCheck, on loop: any EventLoop, done: @escaping Done) {
+        let batch = state.withLockedValue { s -> [Item]? in
+            s.queue.append(Item(check: check, loop: loop, done: done))
             guard s.inFlight < maxInFlight else { return nil }
             s.inFlight += 1
             return take(&s)
@@ -33,7 +40,7 @@ final class UserCheckBatcher: Sendable {
         if let batch { send(batch) }
     }
 
-    private func take(_ s: inout State) -> [(QuotaStore.UserCheck, Done)] {
+    private func take(_ s: inout State) -> [Item] {
         let n = min(s.queue.count, maxBatch)
         let b = Array(s.queue.prefix(n))
         s.queue.removeFirst(n)
@@ -42,15 +49,23 @@ final class UserCheckBatcher: Sendable {
         return b
     }
 
-    private func send(_ batch: [(QuotaStore.UserCheck, Done)]) {
+    private func send(_ batch: [Item]) {
         let store = self.store
         Task {
-            let r = await attempt { () async throws(RedisError) in try await store.checkUsers(batch.map(\.0)) }
-            switch r {
-            case .success(let oks): for (i, item) in batch.enumerated() { item.1(.success(oks[i])) }
-            case .failure(let e): for item in batch { item.1(.failure(e)) }
+            let r = await attempt { () async throws(RedisError) in try await store.checkUsers(batch.map(\.check)) }
+            var byLoop: [ObjectIdentifier: (any EventLoop, [(Done, Result<Bool, RedisError>)])] = [:]
+            for (i, item) in batch.enumerated() {
+                let result: Result<Bool, RedisError>
+                switch r {
+                case .success(let oks): result = .success(oks[i])
+                case .failure(let e): result = .failure(e)
+                }
+                byLoop[ObjectIdentifier(item.loop), default: (item.loop, [])].1.append((item.done, result))
             }
-            let next = state.withLockedValue { s -> [(QuotaStore.UserCheck, Done)]? in
+            for (_, (loop, items)) in byLoop {
+                loop.execute { for (done, result) in items { done(result) } }
+            }
+            let next = state.withLockedValue { s -> [Item]? in
                 guard !s.queue.isEmpty else {
                     s.inFlight -= 1
                     return nil

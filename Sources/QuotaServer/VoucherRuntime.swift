@@ -219,7 +219,9 @@ final class VoucherRuntime: @unchecked Sendable {
             if let promise { a.completions.append((promise, r)) }
             return .now(r)
         }
-        localUsers[user] = held + qty  // reserved until the check answers
+        // Reserved until the check answers. The map is bounded: past `claims.max_tracked` users it only
+        // keeps users it already has (the pre-check then misses, and Redis decides).
+        if held > 0 || localUsers.count < engine.config.claims.maxTracked { localUsers[user] = held + qty }
         if engine.config.perUser.mode == .local { return recordClaim(event, loop: loop, promise: promise, &a) }
         let p = promise ?? loop.makePromise(of: Reply.self)
         a.userChecks.append((event, limit, p))
@@ -232,8 +234,9 @@ final class VoucherRuntime: @unchecked Sendable {
             groupKey: QuotaStore.userGroupKey(voucher: id, user: event.user, groups: engine.config.perUser.groups),
             limit: limit, user: event.user, qty: event.qty, claimID: event.claimID)
         let batcher = engine.userChecks
+        let loop = promise.futureResult.eventLoop
         let ask: @Sendable () -> Void = { [self] in
-            batcher.submit(check) { r in self.userChecked(event, result: r, promise: promise) }
+            batcher.submit(check, on: loop) { r in self.userChecked(event, result: r, promise: promise) }
         }
         var intent = event
         intent.kind = .intent
@@ -266,8 +269,9 @@ final class VoucherRuntime: @unchecked Sendable {
         if counted {
             _ = recordClaim(event, loop: promise.futureResult.eventLoop, promise: promise, &a)
         } else {
-            localUsers[event.user, default: 0] -= event.qty
-            if localUsers[event.user]! <= 0 { localUsers.removeValue(forKey: event.user) }
+            if let held = localUsers[event.user] {
+                if held - event.qty <= 0 { localUsers.removeValue(forKey: event.user) } else { localUsers[event.user] = held - event.qty }
+            }
             takeBack(event.shares, code: refusal!.code)
             a.completions.append((promise, .error(refusal!)))
         }
@@ -323,9 +327,9 @@ final class VoucherRuntime: @unchecked Sendable {
     private func putBack(_ shares: [ClaimShare], user: String, code: QuotaErrorCode) {
         lock.withLock {
             takeBack(shares, code: code)
-            if (record?.perUser ?? 0) > 0 {
-                localUsers[user, default: 0] -= shares.reduce(0) { $0 + $1.tokens }
-                if localUsers[user]! <= 0 { localUsers.removeValue(forKey: user) }
+            if (record?.perUser ?? 0) > 0, let held = localUsers[user] {
+                let q = shares.reduce(0) { $0 + $1.tokens }
+                if held - q <= 0 { localUsers.removeValue(forKey: user) } else { localUsers[user] = held - q }
             }
         }
     }

@@ -53,6 +53,7 @@ struct Flash: AsyncParsableCommand {
     @Option(name: .long, help: "Concurrent connections in all.") var connections = 100
     @Option(name: .long, help: "Commands per pipelined batch.") var pipeline = 1
     @Option(name: .long, help: "Distinct user ids.") var users = 100_000
+    @Flag(name: .long, help: "A new user id for every claim (for per-user limited vouchers).") var uniqueUsers = false
     @Option(name: .long, help: "Stop after this many seconds even if not sold out.") var duration: Double = 120
     @Option(name: .long, help: "Give up a connection after this many UNAVAILABLE replies in a row.")
     var maxUnavailable = 200
@@ -96,7 +97,7 @@ struct Flash: AsyncParsableCommand {
                     var n = 0
                     while ContinuousClock.now < stopAt {
                         let cmds = (0..<pipeline).map { k in
-                            ["CLAIM", voucher, "user-\((i * 7919 + (n + k) * 104729) % users)"]
+                            ["CLAIM", voucher, uniqueUsers ? "u\(i)-\(n + k)" : "user-\((i * 7919 + (n + k) * 104729) % users)"]
                         }
                         n += pipeline
                         let t0 = ContinuousClock.now
