@@ -71,6 +71,16 @@ let package = Package(
             dependencies: ["QuotaRESP", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOPosix", package: "swift-nio")]
         ),
+        // Starts and stops the real servers tests and benchmarks need (redis-server, quotad, Tansu).
+        .target(
+            name: "QuotaHarness",
+            dependencies: [
+                "QuotaClient", "QuotaRedis", "QuotaKafka", "QuotaRESP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
         // YAML configuration as validated value types.
         .target(name: "QuotaConfig", dependencies: ["QuotaCore", .product(name: "Yams", package: "Yams")]),
         // The sidecar: Unix socket server, dispatch, lease manager.
@@ -120,7 +130,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient", "QuotaKafka",
+                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient", "QuotaKafka", "QuotaHarness",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

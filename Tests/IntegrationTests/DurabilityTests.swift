@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import NIOCore
 import QuotaClient
+import QuotaHarness
 import QuotaKafka
 import QuotaRESP
 import QuotaRedis

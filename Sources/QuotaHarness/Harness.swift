@@ -8,11 +8,10 @@ import QuotaClient
 import QuotaKafka
 import QuotaRESP
 import QuotaRedis
-import Testing
 
 /// Where the built executables are: `QUOTAD_BIN_DIR`, else next to this test bundle.
-enum Bin {
-    static let dir: String = {
+public enum Bin {
+    public static let dir: String = {
         if let d = ProcessInfo.processInfo.environment["QUOTAD_BIN_DIR"] { return d }
         var url = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         while url.path != "/" {
@@ -21,13 +20,13 @@ enum Bin {
         }
         return FileManager.default.currentDirectoryPath + "/.build/debug"
     }()
-    static func path(_ name: String) -> String { "\(dir)/\(name)" }
+    public static func path(_ name: String) -> String { "\(dir)/\(name)" }
 }
 
-enum TestError: Error, CustomStringConvertible {
+public enum TestError: Error, CustomStringConvertible {
     case timeout(String)
     case failed(String)
-    var description: String {
+    public var description: String {
         switch self {
         case .timeout(let s): return "timed out: \(s)"
         case .failed(let s): return s
@@ -36,18 +35,18 @@ enum TestError: Error, CustomStringConvertible {
 }
 
 /// A private directory under /tmp, removed at the end (short paths: Unix socket paths are limited to 107 bytes).
-final class TempDir: @unchecked Sendable {
-    let path: String
-    init() {
+public final class TempDir: @unchecked Sendable {
+    public let path: String
+    public init() {
         var template = Array("/tmp/qd-XXXXXX".utf8CString)
         path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
     }
     deinit { try? FileManager.default.removeItem(atPath: path) }
-    func file(_ name: String) -> String { "\(path)/\(name)" }
+    public func file(_ name: String) -> String { "\(path)/\(name)" }
 }
 
 /// Poll `check` until it is true or `timeout` passes.
-func eventually(_ what: String, timeout: Duration = .seconds(10), _ check: () async throws -> Bool) async throws {
+public func eventually(_ what: String, timeout: Duration = .seconds(10), _ check: () async throws -> Bool) async throws {
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {
         if (try? await check()) == true { return }
@@ -57,11 +56,11 @@ func eventually(_ what: String, timeout: Duration = .seconds(10), _ check: () as
 }
 
 /// A child process with its output in a log file.
-final class ChildProcess: @unchecked Sendable {
-    let process = Process()
-    let log: String
+public final class ChildProcess: @unchecked Sendable {
+    public let process = Process()
+    public let log: String
 
-    init(_ exe: String, _ args: [String], log: String) throws {
+    public init(_ exe: String, _ args: [String], log: String) throws {
         self.log = log
         let fh: FileHandle
         if log == "/dev/null" {
@@ -78,19 +77,19 @@ final class ChildProcess: @unchecked Sendable {
         try process.run()
     }
 
-    var pid: Int32 { process.processIdentifier }
-    var isRunning: Bool { process.isRunning }
-    func signal(_ s: Int32) { kill(pid, s) }
+    public var pid: Int32 { process.processIdentifier }
+    public var isRunning: Bool { process.isRunning }
+    public func signal(_ s: Int32) { kill(pid, s) }
 
     /// Wait for exit; returns the exit status (or 128+signal).
-    func wait(timeout: Duration = .seconds(20)) async throws -> Int32 {
+    public func wait(timeout: Duration = .seconds(20)) async throws -> Int32 {
         try await eventually("process \(process.executableURL!.lastPathComponent) exits", timeout: timeout) {
             !process.isRunning
         }
         return process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
     }
 
-    var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+    public var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
 
     deinit {
         if process.isRunning {
@@ -102,14 +101,14 @@ final class ChildProcess: @unchecked Sendable {
 
 /// A real redis-server on a private Unix socket. `persistent` keeps data across kill -9
 /// and restart (AOF, fsync always).
-final class RedisServer: @unchecked Sendable {
-    let dir: TempDir
-    let socket: String
-    let persistent: Bool
-    private(set) var child: ChildProcess?
-    let store: QuotaStore
+public final class RedisServer: @unchecked Sendable {
+    public let dir: TempDir
+    public let socket: String
+    public let persistent: Bool
+    public private(set) var child: ChildProcess?
+    public let store: QuotaStore
 
-    init(persistent: Bool = false) async throws {
+    public init(persistent: Bool = false) async throws {
         dir = TempDir()
         socket = dir.file("redis.sock")
         self.persistent = persistent
@@ -119,9 +118,9 @@ final class RedisServer: @unchecked Sendable {
         try await start()
     }
 
-    var url: String { "unix://\(socket)" }
+    public var url: String { "unix://\(socket)" }
 
-    func start() async throws {
+    public func start() async throws {
         var args = ["--port", "0", "--unixsocket", socket, "--dir", dir.path, "--save", ""]
         args += persistent ? ["--appendonly", "yes", "--appendfsync", "always"] : ["--appendonly", "no"]
         child = try ChildProcess("/usr/bin/redis-server", args, log: dir.file("redis.log"))
@@ -130,19 +129,19 @@ final class RedisServer: @unchecked Sendable {
         }
     }
 
-    func kill9() async throws {
+    public func kill9() async throws {
         child?.signal(SIGKILL)
         _ = try await child?.wait()
         child = nil
     }
 
-    func command(_ args: String...) async throws -> RedisValue {
+    public func command(_ args: String...) async throws -> RedisValue {
         try await store.connection.send(args)
     }
 
     /// Pool, tokens outstanding in leases, leases outstanding, leased and returned totals.
-    func account(_ voucher: String) async throws -> (pool: Int, outstanding: Int, leases: Int, leased: Int, returned: Int) {
-        let rec = try #require(try await store.voucher(voucher))
+    public func account(_ voucher: String) async throws -> (pool: Int, outstanding: Int, leases: Int, leased: Int, returned: Int) {
+        guard let rec = try await store.voucher(voucher) else { throw TestError.failed("no voucher '\(voucher)' in Redis") }
         let leases = try await store.leases(voucher: voucher)
         return (rec.pool, leases.reduce(0) { $0 + $1.granted - $1.returned }, leases.count, rec.leased, rec.returned)
     }
@@ -153,16 +152,16 @@ final class RedisServer: @unchecked Sendable {
 }
 
 /// A real quotad process.
-final class Quotad: @unchecked Sendable {
-    private(set) var child: ChildProcess
-    let socket: String
-    let config: String
+public final class Quotad: @unchecked Sendable {
+    public private(set) var child: ChildProcess
+    public let socket: String
+    public let config: String
 
-    let logPath: String
-    private(set) var restarts = 0
+    public let logPath: String
+    public private(set) var restarts = 0
 
     /// `durable`: journal under `dir` and Kafka at `kafka` (topic `topic`), in `durability` mode.
-    init(redis: RedisServer, dir: TempDir, host: String, extraYAML: String = "", args: [String] = [],
+    public init(redis: RedisServer, dir: TempDir, host: String, extraYAML: String = "", args: [String] = [],
          kafka: KafkaBroker? = nil, topic: String = "quota.claims", durability: String? = nil,
          journalMaxBytes: Int? = nil) async throws {
         socket = dir.file("\(host).sock")
@@ -191,10 +190,10 @@ final class Quotad: @unchecked Sendable {
     }
 
     /// All runs' logs.
-    var allLogs: String { (0...restarts).map { (try? String(contentsOfFile: $0 == 0 ? logPath : "\(logPath).\($0)", encoding: .utf8)) ?? "" }.joined() }
+    public var allLogs: String { (0...restarts).map { (try? String(contentsOfFile: $0 == 0 ? logPath : "\(logPath).\($0)", encoding: .utf8)) ?? "" }.joined() }
 
     /// Start again with the same config (after kill -9): a new log file per run.
-    func restart() async throws {
+    public func restart() async throws {
         restarts += 1
         child = try ChildProcess(Bin.path("quotad"), ["--config", config], log: "\(logPath).\(restarts)")
         try await waitReady()
@@ -210,15 +209,15 @@ final class Quotad: @unchecked Sendable {
     }
 
     /// SIGTERM and wait: returns the exit status.
-    func stop() async throws -> Int32 {
+    public func stop() async throws -> Int32 {
         child.signal(SIGTERM)
         return try await child.wait()
     }
 
-    func info() async throws -> [String: String] {
+    public func info() async throws -> [String: String] {
         let c = try await RESPClient.connect(socket)
         defer { c.close() }
-        let text = try #require(try await c.send("INFO", "all").string)
+        guard let text = try await c.send("INFO", "all").string else { throw TestError.failed("INFO did not answer a string") }
         var out: [String: String] = [:]
         for line in text.split(whereSeparator: \.isNewline) {
             if let i = line.firstIndex(of: ":"), !line.hasPrefix("#") {
@@ -228,11 +227,11 @@ final class Quotad: @unchecked Sendable {
         return out
     }
 
-    func stat(_ key: String) async throws -> Int { Int(try await info()[key] ?? "") ?? -1 }
+    public func stat(_ key: String) async throws -> Int { Int(try await info()[key] ?? "") ?? -1 }
 }
 
 /// Run quotactl; returns (exit status, stdout + stderr).
-func quotactl(_ args: [String]) async throws -> (Int32, String) {
+public func quotactl(_ args: [String]) async throws -> (Int32, String) {
     let dir = TempDir()
     let p = try ChildProcess(Bin.path("quotactl"), args, log: dir.file("out"))
     let status = try await p.wait()
@@ -241,13 +240,13 @@ func quotactl(_ args: [String]) async throws -> (Int32, String) {
 
 
 /// A real Kafka-compatible broker: Tansu (memory storage) on a free loopback port.
-final class KafkaBroker: @unchecked Sendable {
-    let port: Int
-    let child: ChildProcess
-    let dir = TempDir()
-    var brokers: String { "127.0.0.1:\(port)" }
+public final class KafkaBroker: @unchecked Sendable {
+    public let port: Int
+    public let child: ChildProcess
+    public let dir = TempDir()
+    public var brokers: String { "127.0.0.1:\(port)" }
 
-    init() async throws {
+    public init() async throws {
         guard let bin = ProcessInfo.processInfo.environment["TANSU_BIN"] else {
             throw TestError.failed("TANSU_BIN is not set: run the tests with `make test` (scripts/test.sh sources scripts/kafka-env.sh)")
         }
@@ -262,14 +261,14 @@ final class KafkaBroker: @unchecked Sendable {
     }
 
     /// Every message of `topic`, read by a fresh consumer group until `idle` passes with none.
-    func consume(_ topic: String, idle: Duration = .seconds(4)) throws -> [KafkaMessage] {
+    public func consume(_ topic: String, idle: Duration = .seconds(4)) throws -> [KafkaMessage] {
         let c = try KafkaConsumer(brokers: brokers, topic: topic, group: "test-\(UUID().uuidString)")
         defer { c.close() }
         return c.drain(idle: idle, limit: .seconds(120))
     }
 }
 
-func freePort() throws -> Int {
+public func freePort() throws -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
     var addr = sockaddr_in()
@@ -284,7 +283,7 @@ func freePort() throws -> Int {
     return Int(UInt16(bigEndian: addr.sin_port))
 }
 
-func canConnect(_ port: Int) -> Bool {
+public func canConnect(_ port: Int) -> Bool {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
     var addr = sockaddr_in()
@@ -297,14 +296,14 @@ func canConnect(_ port: Int) -> Bool {
 }
 
 /// A claim event read back from Kafka.
-struct StreamedClaim: Equatable {
-    var type: String
-    var claimID: String
-    var voucher: String
-    var qty: Int
-    var raw: [UInt8]
+public struct StreamedClaim: Equatable {
+    public var type: String
+    public var claimID: String
+    public var voucher: String
+    public var qty: Int
+    public var raw: [UInt8]
 
-    init?(_ m: KafkaMessage) {
+    public init?(_ m: KafkaMessage) {
         guard let o = try? JSONSerialization.jsonObject(with: Data(m.value)) as? [String: Any],
             let t = o["type"] as? String, let id = o["claim_id"] as? String, let v = o["voucher"] as? String,
             let q = o["qty"] as? Int
