@@ -20,6 +20,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.0"),
     ],
     targets: [
         // C library, owned by QuotaRedis only.
@@ -43,6 +46,10 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
+        // C library, owned by QuotaPostgres only.
+        .systemLibrary(name: "CLibPQ", pkgConfig: "libpq", providers: [.apt(["libpq-dev"])]),
+        // The only importer of CLibPQ: a blocking PostgreSQL connection (benchmark baseline).
+        .target(name: "QuotaPostgres", dependencies: ["CLibPQ"]),
         // The domain: stock, leases, fencing, sizing. No I/O.
         .target(name: "QuotaCore"),
         // The local write-ahead journal: segments, group commit, recovery.
@@ -115,7 +122,8 @@ let package = Package(
         .executableTarget(
             name: "quota-bench",
             dependencies: [
-                "QuotaClient", "QuotaRESP", "QuotaKafka",
+                "QuotaClient", "QuotaRESP", "QuotaKafka", "QuotaHarness", "QuotaPostgres", "QuotaRedis",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -53,7 +53,7 @@ mode, conns, pipe, out, syncs, recs = sys.argv[1], sys.argv[2], sys.argv[3], jso
 per_sync = f"{recs / syncs:.1f}" if syncs else "-"
 shape = "1, unpipelined" if pipe == "1" else f"{conns}, pipeline {pipe}"
 lat = "claim" if pipe == "1" else "batch of 16"
-print(f"| {mode} | {shape} | {int(out['claims_per_second']):,} | {int(out['batch_latency_p50_us'])} µs | {int(out['batch_latency_p99_us'])} µs | {per_sync} |")
+print(f"| {mode} | {shape} | {int(out['claims_per_second']):,} | {int(out['latency_p50_us'])} µs | {int(out['latency_p99_us'])} µs | {per_sync} |")
 PY
   done
 done

@@ -48,7 +48,7 @@ cmds = d("redis_commands") / ok if ok else 0
 batches = d("user_check_batches")
 per = f"{d('user_checks') / batches:.1f}" if batches else "-"
 shape = "1, unpipelined" if pipe == "1" else f"{conns}, pipeline {pipe}"
-print(f"| {'1 per user' if v == 'peruser' else 'no per-user limit'} | {shape} | {int(out['claims_per_second']):,} | {int(out['batch_latency_p50_us'])} µs | {int(out['batch_latency_p99_us'])} µs | {cmds:.4f} | {per} |")
+print(f"| {'1 per user' if v == 'peruser' else 'no per-user limit'} | {shape} | {int(out['claims_per_second']):,} | {int(out['latency_p50_us'])} µs | {int(out['latency_p99_us'])} µs | {cmds:.4f} | {per} |")
 PY
   done
 done

@@ -145,7 +145,8 @@ public struct VoucherStock: Sendable {
     public var counters = VoucherCounters()
     private var pendingReturns: [ReturnRequest] = []
     /// Fully served leases not yet closed at Redis: they ride along on the next lease request.
-    public private(set) var finished: [String] = []
+    public private(set) var finishedLeases: [LocalLease] = []
+    public var finished: [String] { finishedLeases.map(\.id) }
     private var finishedSince: Instant?
 
     public init(policy: LeasePolicy) {
@@ -223,15 +224,16 @@ public struct VoucherStock: Sendable {
         counters.tokensServed += qty
         // Leases fully served are done: they are closed at Redis with the next lease request.
         while let first = leases.first, first.remaining == 0 {
-            finished.append(first.id)
+            finishedLeases.append(first)
             leases.removeFirst()
         }
         return shares
     }
 
-    /// Give back tokens of a cancelled claim to the lease they came from, if it is still held
-    /// and still valid; otherwise they stay with Redis's accounting (the lease was closed).
-    /// Returns the tokens put back.
+    /// Give back tokens of a claim that did not complete (or was cancelled) to the lease they came
+    /// from, if it is still held and valid: a fully served lease not yet closed at Redis is taken
+    /// back into service. Returns the tokens put back; the caller must return the rest to the pool
+    /// (their lease was closed or fenced with them counted as served).
     @discardableResult
     public mutating func putBack(_ shares: [ClaimShare], now: Instant) -> Int {
         var n = 0
@@ -240,6 +242,15 @@ public struct VoucherStock: Sendable {
                 let k = min(s.tokens, leases[i].served)
                 leases[i].served -= k
                 n += k
+            } else if let j = finishedLeases.firstIndex(where: { $0.id == s.leaseId }), finishedLeases[j].deadline > now,
+                !draining, status == .active
+            {
+                var l = finishedLeases.remove(at: j)
+                let k = min(s.tokens, l.served)
+                l.served -= k
+                n += k
+                let i = leases.firstIndex(where: { $0.deadline > l.deadline }) ?? leases.count
+                leases.insert(l, at: i)
             }
         }
         counters.tokensServed -= n
@@ -277,7 +288,7 @@ public struct VoucherStock: Sendable {
         let need = max(0, waiting - avail)
         leaseInFlight = true
         defer {
-            finished.removeAll()
+            finishedLeases.removeAll()
             finishedSince = nil
         }
         return LeaseRequest(want: max(size, need), need: need, sentAt: now, close: finished)
@@ -290,8 +301,8 @@ public struct VoucherStock: Sendable {
         if finishedSince == nil { finishedSince = now }
         let stale = now - finishedSince! >= after
         guard stale || draining || soldOut || status != .active else { return }
-        for id in finished { pendingReturns.append(ReturnRequest(leaseId: id, returnedTotal: 0, close: true)) }
-        finished.removeAll()
+        for l in finishedLeases { pendingReturns.append(ReturnRequest(leaseId: l.id, returnedTotal: l.remaining, close: true)) }
+        finishedLeases.removeAll()
         finishedSince = nil
     }
 
@@ -334,7 +345,13 @@ public struct VoucherStock: Sendable {
     /// Redis could not be reached (or timed out): back off before the next try.
     public mutating func leaseFailed(now: Instant, request: LeaseRequest? = nil) {
         leaseInFlight = false
-        if let request { finished += request.close }
+        // Redis did not close them: close them with the next request. They are fully served (their
+        // numbers are gone with the request), so nothing is given back for them.
+        if let request {
+            for id in request.close {
+                finishedLeases.append(LocalLease(id: id, granted: 0, deadline: now, ttl: .zero))
+            }
+        }
         consecutiveFailures += 1
         let ms = min(2_000, 50 << min(consecutiveFailures, 6))
         backoffUntil = now + .milliseconds(ms)
@@ -413,8 +430,8 @@ public struct VoucherStock: Sendable {
     public mutating func returnAll() {
         for l in leases { close(l) }
         leases.removeAll()
-        for id in finished { pendingReturns.append(ReturnRequest(leaseId: id, returnedTotal: 0, close: true)) }
-        finished.removeAll()
+        for l in finishedLeases { pendingReturns.append(ReturnRequest(leaseId: l.id, returnedTotal: l.remaining, close: true)) }
+        finishedLeases.removeAll()
         finishedSince = nil
     }
 

@@ -123,22 +123,35 @@ public final class SidecarEngine: Sendable {
 
     // MARK: - Per-user counts and UNCLAIM
 
-    /// Undo a claim's per-user count in Redis (idempotent by claim id); retried in the background.
-    func releaseUser(_ e: ClaimEvent) {
-        let key = QuotaStore.userGroupKey(voucher: e.voucher, user: e.user, groups: config.perUser.groups)
-        let store = self.store
+    /// Run an idempotent Redis call in the background until it succeeds (about a minute at most).
+    private func retrying(_ what: String, claimID: String, _ op: @escaping @Sendable () async throws(RedisError) -> Void) {
         let logger = self.logger
         Task {
             var delay: Duration = .milliseconds(50)
             for _ in 0..<30 {
-                let r = await attempt { () async throws(RedisError) in
-                    try await store.releaseUser(groupKey: key, user: e.user, claimID: e.claimID)
-                }
-                if case .success = r { return }
+                if case .success = await attempt(op) { return }
                 try? await Task.sleep(for: delay)
                 delay = min(delay * 2, .seconds(2))
             }
-            logger.error("per-user count not released", metadata: ["quota.voucher": "\(e.voucher)", "quota.claim": "\(e.claimID)"])
+            logger.error("\(what) failed; reconciliation must repair it", metadata: ["quota.claim": "\(claimID)"])
+        }
+    }
+
+    /// Undo a claim's per-user count in Redis (idempotent by claim id); retried in the background.
+    func releaseUser(_ e: ClaimEvent) {
+        let key = QuotaStore.userGroupKey(voucher: e.voucher, user: e.user, groups: config.perUser.groups)
+        let store = self.store
+        retrying("per-user count release", claimID: e.claimID) { () async throws(RedisError) in
+            _ = try await store.releaseUser(groupKey: key, user: e.user, claimID: e.claimID)
+        }
+    }
+
+    /// Tokens of a claim that did not complete, whose lease is already closed: back into the pool
+    /// (once per claim id); retried in the background.
+    func restock(voucher: String, claimID: String, qty: Int) {
+        let store = self.store
+        retrying("restock", claimID: claimID) { () async throws(RedisError) in
+            _ = try await store.restock(voucher: voucher, claimID: claimID, qty: qty)
         }
     }
 
@@ -163,12 +176,7 @@ public final class SidecarEngine: Sendable {
             Task {
                 let rt = vouchers.withLockedValue { $0[e.voucher] }
                 let local = rt?.unclaimed(e) ?? 0
-                if local < e.qty {
-                    let rest = e.qty - local
-                    _ = await attempt { () async throws(RedisError) in
-                        try await store.restock(voucher: e.voucher, claimID: e.claimID, qty: rest)
-                    }
-                }
+                if local < e.qty { restock(voucher: e.voucher, claimID: e.claimID, qty: e.qty - local) }
                 if config.perUser.mode == .central && (rt?.perUserLimit ?? 1) > 0 {
                     let key = QuotaStore.userGroupKey(voucher: e.voucher, user: e.user, groups: config.perUser.groups)
                     let r = await attempt { () async throws(RedisError) in

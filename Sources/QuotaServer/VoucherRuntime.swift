@@ -214,7 +214,7 @@ final class VoucherRuntime: @unchecked Sendable {
         // This host's own count is a lower bound of the user's global count: over it, refuse at once.
         let held = localUsers[user, default: 0]
         if held + qty > limit {
-            takeBack(shares, code: .userlimit)
+            takeBack(shares, claimID: event.claimID, code: .userlimit)
             let r = Reply.error(QuotaError(.userlimit, "user already holds the voucher's limit of \(limit)"))
             if let promise { a.completions.append((promise, r)) }
             return .now(r)
@@ -272,7 +272,7 @@ final class VoucherRuntime: @unchecked Sendable {
             if let held = localUsers[event.user] {
                 if held - event.qty <= 0 { localUsers.removeValue(forKey: event.user) } else { localUsers[event.user] = held - event.qty }
             }
-            takeBack(event.shares, code: refusal!.code)
+            takeBack(event.shares, claimID: event.claimID, code: refusal!.code)
             a.completions.append((promise, .error(refusal!)))
         }
         lock.unlock()
@@ -300,7 +300,7 @@ final class VoucherRuntime: @unchecked Sendable {
                 book.add(event)
                 once.complete(.claimID(id))
             } else if once.complete(.error(QuotaError(.unavailable, "claim could not be made durable: \(pipeline.refusal()?.message ?? "journal write failed")"))) {
-                self.putBack(shares, user: event.user, code: .unavailable)
+                self.putBack(shares, claimID: id, user: event.user, code: .unavailable)
             }
         }
         if pipeline.durability == .kafka {
@@ -308,7 +308,7 @@ final class VoucherRuntime: @unchecked Sendable {
                 if once.complete(.error(QuotaError(.unavailable, "Kafka did not acknowledge the claim in time"))) {
                     // The record may still ship: journal its cancellation so the stream nets to zero.
                     pipeline.recordCancellation(event)
-                    self.putBack(shares, user: event.user, code: .unavailable)
+                    self.putBack(shares, claimID: id, user: event.user, code: .unavailable)
                     if (record?.perUser ?? 0) > 0 { engine.releaseUser(event) }
                 }
             }
@@ -316,17 +316,20 @@ final class VoucherRuntime: @unchecked Sendable {
         return .later(p.futureResult)
     }
 
-    /// Tokens of a claim that was not completed go back to local stock (under the lock).
-    private func takeBack(_ shares: [ClaimShare], code: QuotaErrorCode) {
-        stock.putBack(shares, now: monotonicNow())
+    /// Tokens of a claim that was not completed go back to local stock (under the lock); what its
+    /// lease can no longer take (closed or fenced meanwhile) goes back to the pool.
+    private func takeBack(_ shares: [ClaimShare], claimID: String, code: QuotaErrorCode) {
+        let n = stock.putBack(shares, now: monotonicNow())
+        let rest = shares.reduce(0) { $0 + $1.tokens } - n
+        if rest > 0 { engine.restock(voucher: id, claimID: claimID, qty: rest) }
         stock.counters.claimsOK -= 1
         stock.countRejection(code)
     }
 
     /// Tokens of a claim that was not made durable go back to local stock.
-    private func putBack(_ shares: [ClaimShare], user: String, code: QuotaErrorCode) {
+    private func putBack(_ shares: [ClaimShare], claimID: String, user: String, code: QuotaErrorCode) {
         lock.withLock {
-            takeBack(shares, code: code)
+            takeBack(shares, claimID: claimID, code: code)
             if (record?.perUser ?? 0) > 0, let held = localUsers[user] {
                 let q = shares.reduce(0) { $0 + $1.tokens }
                 if held - q <= 0 { localUsers.removeValue(forKey: user) } else { localUsers[user] = held - q }

@@ -11,36 +11,8 @@ struct QuotaBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quota-bench",
         abstract: "Load generator for quotad.",
-        subcommands: [Flash.self, Stream.self])
-}
-
-/// Counters shared by all client tasks.
-final class FlashStats: @unchecked Sendable {
-    private let lock = NSLock()
-    private(set) var ok = 0
-    private(set) var errors: [String: Int] = [:]
-    private(set) var done = 0
-    private(set) var ids = Set<String>()
-    private(set) var duplicates = 0
-    private(set) var latenciesUs: [Int] = []
-
-    func record(_ replies: [RESPValue], latencyUs: Int, keepIDs: Bool) {
-        lock.lock()
-        defer { lock.unlock() }
-        if latenciesUs.count < 2_000_000 { latenciesUs.append(latencyUs) }
-        for r in replies {
-            if let code = r.errorCode {
-                errors[code, default: 0] += 1
-            } else {
-                ok += 1
-                if keepIDs, let id = r.string, !ids.insert(id).inserted { duplicates += 1 }
-            }
-        }
-    }
-
-    func finished() { lock.withLock { done += 1 } }
-
-    var snapshot: (ok: Int, errors: [String: Int], done: Int) { lock.withLock { (ok, errors, done) } }
+        subcommands: [Compare.self, Scale.self, Flash.self, Stream.self],
+        defaultSubcommand: Compare.self)
 }
 
 struct Flash: AsyncParsableCommand {
@@ -62,74 +34,22 @@ struct Flash: AsyncParsableCommand {
 
     func run() async throws {
         guard !socket.isEmpty else { throw ValidationError("give at least one --socket") }
-        let stats = FlashStats()
-        let start = ContinuousClock.now
-        let stopAt = start + .milliseconds(Int64(duration * 1000))
-        let group = MultiThreadedEventLoopGroup.singleton
-        let progressTask = Task {
-            guard progress else { return }
-            var last = 0
-            var lastT = ContinuousClock.now
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .milliseconds(250))
-                let s = stats.snapshot
-                let now = ContinuousClock.now
-                let rate = Double(s.ok - last) / secs(now - lastT)
-                last = s.ok
-                lastT = now
-                let errs = s.errors.sorted { $0.key < $1.key }.map { "\($0.key.lowercased()) \($0.value)" }
-                    .joined(separator: "  ")
-                FileHandle.standardError.write(Data(String(
-                    format: "\r  sold %8d   %9.0f claims/s   %4d/%d clients done   %@   ",
-                    s.ok, rate, s.done, connections, errs).utf8))
-            }
-        }
-        try await withThrowingTaskGroup(of: Void.self) { g in
-            for i in 0..<connections {
-                let path = socket[i % socket.count]
-                g.addTask {
-                    let c = try await RESPClient.connect(path, group: group)
-                    defer {
-                        c.close()
-                        stats.finished()
-                    }
-                    var unavailableInARow = 0
-                    var n = 0
-                    while ContinuousClock.now < stopAt {
-                        let cmds = (0..<pipeline).map { k in
-                            ["CLAIM", voucher, uniqueUsers ? "u\(i)-\(n + k)" : "user-\((i * 7919 + (n + k) * 104729) % users)"]
-                        }
-                        n += pipeline
-                        let t0 = ContinuousClock.now
-                        guard let replies = try? await c.pipeline(cmds) else { return }
-                        let us = Int(secs(ContinuousClock.now - t0) * 1e6)
-                        stats.record(replies, latencyUs: us, keepIDs: true)
-                        if replies.contains(where: { $0.errorCode == "SOLDOUT" }) { return }
-                        if replies.allSatisfy({ $0.errorCode == "UNAVAILABLE" }) {
-                            unavailableInARow += 1
-                            if unavailableInARow > maxUnavailable { return }
-                            try await Task.sleep(for: .milliseconds(10))
-                        } else {
-                            unavailableInARow = 0
-                        }
-                    }
-                }
-            }
-            try await g.waitForAll()
-        }
-        progressTask.cancel()
-        await progressTask.value
-        if progress { FileHandle.standardError.write(Data("\n".utf8)) }
-        let elapsed = secs(ContinuousClock.now - start)
-        let s = stats.snapshot
-        let lat = stats.latenciesUs.sorted()
-        func pct(_ p: Double) -> Int { lat.isEmpty ? 0 : lat[min(lat.count - 1, Int(Double(lat.count) * p))] }
+        let progress = Progress()
+        let shown = self.progress ? Progress.show(progress, label: voucher, of: connections) : nil
+        let voucher = self.voucher
+        let r = try await runRESP(
+            sockets: socket, connections: connections, pipeline: pipeline, users: users, uniqueUsers: uniqueUsers,
+            duration: duration, maxUnavailable: maxUnavailable, keepIDs: true, progress: progress,
+            command: { ["CLAIM", voucher, $0] }, classify: classifyQuotad)
+        shown?.cancel()
+        _ = await shown?.value
+        if self.progress { FileHandle.standardError.write(Data("\n".utf8)) }
         let result: [String: String] = [
-            "sold": String(s.ok), "distinct_claim_ids": String(stats.ids.count),
-            "duplicate_claim_ids": String(stats.duplicates), "seconds": String(format: "%.2f", elapsed),
-            "claims_per_second": String(format: "%.0f", Double(s.ok) / max(elapsed, 0.001)),
-            "batch_latency_p50_us": String(pct(0.5)), "batch_latency_p99_us": String(pct(0.99)),
-            "errors": s.errors.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","),
+            "sold": String(r.ok), "distinct_claim_ids": String(r.ids.count), "duplicate_claim_ids": String(r.duplicates),
+            "seconds": String(format: "%.2f", r.seconds), "claims_per_second": String(format: "%.0f", r.claimsPerSecond),
+            "latency_p50_us": String(r.percentile(50)), "latency_p99_us": String(r.percentile(99)),
+            "latency_p999_us": String(r.percentile(99.9)),
+            "errors": r.errors.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","),
         ]
         if json {
             let e = JSONEncoder()
@@ -139,11 +59,6 @@ struct Flash: AsyncParsableCommand {
             for (k, v) in result.sorted(by: { $0.key < $1.key }) { print("\(k): \(v)") }
         }
     }
-}
-
-func secs(_ d: Duration) -> Double {
-    let (s, a) = d.components
-    return Double(s) + Double(a) / 1e18
 }
 
 struct Stream: AsyncParsableCommand {

@@ -332,6 +332,24 @@ struct VoucherStockTests {
         #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 0, close: true)])
     }
 
+    @Test func tokensOfAnUncompletedClaimGoBackEvenAfterTheirLeaseWasFullyServed() throws {
+        var s = stock()
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 2, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        guard case .served(let a) = s.retryParked(qty: 1, now: c.now) else { Issue.record("not served"); return }
+        guard case .served = s.claim(qty: 1, now: c.now) else { Issue.record("not served"); return }
+        #expect(s.finished == ["1"], "fully served")
+        // The first claim's user check failed: its token goes back, and lease 1 serves again.
+        #expect(s.putBack(a, now: c.now) == 1)
+        #expect(s.finished.isEmpty && s.available(now: c.now) == 1)
+        // Once the lease went to Redis for closing, nothing can be put back locally.
+        guard case .served(let b) = s.claim(qty: 1, now: c.now) else { Issue.record("not served"); return }
+        _ = try #require(lease(&s, now: c.now, waiting: 1))
+        #expect(s.putBack(b, now: c.now) == 0, "the caller returns it to the pool instead")
+    }
+
     @Test func leaseRequestAsksForWhatParkedClaimsNeed() throws {
         var s = stock(LeasePolicy(min: 10, max: 100))
         let c = FakeClock()
