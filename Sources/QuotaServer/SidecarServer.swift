@@ -42,6 +42,13 @@ public final class SidecarService: Service, Sendable {
 
     public func run() async throws {
         let config = engine.config
+        var metricsChannel: (any Channel)?
+        if let (host, port) = config.metricsListen {
+            let exporter = MetricsExporter(engine: engine)
+            engine.claimTimer.withLockedValue { $0 = exporter.claimTimer }
+            metricsChannel = try await exporter.serve(host: host, port: port, group: group)
+            logger.info("metrics on http://\(host):\(port)/metrics")
+        }
         let channel = try await bind()
         logger.info("quotad listening", metadata: [
             "socket": "\(config.socket.path)", "region": "\(config.region)", "host": "\(config.hostID)",
@@ -68,6 +75,7 @@ public final class SidecarService: Service, Sendable {
 
         logger.info("shutting down: closing the socket, returning tokens")
         try? await channel.close()
+        try? await metricsChannel?.close()
         let left = await engine.drain()
         recovery.cancel()
         _ = await recovery.value

@@ -8,13 +8,13 @@ import QuotaRedis
 
 /// The workload shared by every design.
 struct Workload: ParsableArguments {
-    @Option(name: .long, help: "Voucher limit (tokens).") var limit = 200_000
+    @Option(name: .long, help: "Voucher limit (tokens).") var limit = 300_000
     @Option(name: .long, help: "Distinct users.") var users = 1_000_000
     @Option(name: .long, help: "Per-user limit (0 = none).") var perUser = 0
     @Option(name: .long, help: "Concurrent connections (PostgreSQL: worker threads).") var connections = 50
     @Option(name: .long, help: "Commands per pipelined batch (RESP designs).") var pipeline = 16
     @Option(name: .long, help: "Longest run per design, seconds (a design stops earlier when sold out).")
-    var duration: Double = 20
+    var duration: Double = 30
     @Option(name: .long, help: "quotad sidecars sharing the load.") var sidecars = 1
     @Flag(name: .long, help: "No progress line.") var quiet = false
 }
@@ -282,7 +282,10 @@ enum Table {
 
     static func markdown(_ rs: [DesignResult], workload w: Workload) -> String {
         var s = "workload: limit \(w.limit), \(w.users) users, per-user \(w.perUser == 0 ? "none" : String(w.perUser)), "
-        s += "\(w.connections) connections, pipeline \(w.pipeline) (RESP designs), \(w.sidecars) quotad\n\n"
+        s += "\(w.connections) connections, pipeline \(w.pipeline) (RESP designs), \(w.sidecars) quotad, "
+        s += "at most \(Int(w.duration)) s per design\n"
+        s += "machine: \(ProcessInfo.processInfo.activeProcessorCount) cores, \(ProcessInfo.processInfo.physicalMemory >> 30) GiB, "
+        s += "\(ProcessInfo.processInfo.operatingSystemVersionString); everything (servers and load) on this machine\n\n"
         s += "| design | claims/s | p50 | p99 | p999 | Redis commands per claim | sold (clients) | sold (store) | limit | oversell | max per user |\n"
         s += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         for r in rs {
