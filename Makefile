@@ -16,5 +16,10 @@ demo: release
 test: deps
 	scripts/test.sh
 
+bench: release
+	.build/release/quota-bench compare --chart docs/bench.svg > docs/bench-results.md
+	.build/release/quota-bench scale --quiet >> docs/bench-results.md
+	cat docs/bench-results.md
+
 clean:
 	rm -rf .build

@@ -27,6 +27,8 @@ struct DesignResult: Codable, Sendable {
     var p99us: UInt64
     var p999us: UInt64
     var redisCommandsPerClaim: Double
+    /// redis-server CPU time per 1,000 successful claims, milliseconds.
+    var redisCPUmsPer1000Claims: Double
     /// Successful claims as the clients saw them.
     var sold: Int
     /// Claims as the store records them after the run.
@@ -86,7 +88,8 @@ enum Designs {
             }
         }
         let inStore = a.leased - a.returned - a.outstanding
-        return row("quotad", r, w, commands: after.commands - before.commands, inStore: inStore, maxPerUser: maxPerUser)
+        return row("quotad", r, w, commands: after.commands - before.commands, cpu: after.cpu - before.cpu, inStore: inStore,
+                   maxPerUser: maxPerUser)
     }
 
     static let luaClaim = """
@@ -131,7 +134,7 @@ enum Designs {
         let counts = (try await redis.store.connection.send(["HVALS", usersKey]).array ?? []).compactMap(\.int)
         // Tokens taken from the stock key, or counted to users if that is more (a disagreement shows as oversell).
         let inStore = max(w.limit - left, counts.reduce(0, +))
-        return row("redis-lua", r, w, commands: after.commands - before.commands, inStore: inStore,
+        return row("redis-lua", r, w, commands: after.commands - before.commands, cpu: after.cpu - before.cpu, inStore: inStore,
                    maxPerUser: counts.max() ?? 0)
     }
 
@@ -191,7 +194,7 @@ enum Designs {
         let rows = Int(try admin.query("SELECT count(*) FROM user_voucher")[0][0] ?? "0") ?? 0
         let inStoreRows = max(claimed, rows)  // a disagreement shows as oversell
         let maxPer = Int(try admin.query("SELECT coalesce(max(n), 0) FROM (SELECT count(*) n FROM user_voucher GROUP BY user_id) t")[0][0] ?? "0") ?? 0
-        return row("postgres", total, w, commands: 0, inStore: inStoreRows, maxPerUser: maxPer)
+        return row("postgres", total, w, commands: 0, cpu: 0, inStore: inStoreRows, maxPerUser: maxPer)
     }
 
     /// `BEGIN; SELECT … FOR UPDATE; [per-user count]; UPDATE … claimed+1 WHERE claimed < limit; INSERT …; COMMIT`.
@@ -218,12 +221,13 @@ enum Designs {
         return .ok(id: nil)
     }
 
-    static func row(_ name: String, _ r: LoadResult, _ w: Workload, commands: Int, inStore: Int, maxPerUser: Int)
-        -> DesignResult
+    static func row(_ name: String, _ r: LoadResult, _ w: Workload, commands: Int, cpu: Double, inStore: Int,
+                    maxPerUser: Int) -> DesignResult
     {
         DesignResult(
             design: name, claimsPerSecond: r.claimsPerSecond, p50us: r.percentile(50), p99us: r.percentile(99),
             p999us: r.percentile(99.9), redisCommandsPerClaim: r.ok > 0 ? Double(commands) / Double(r.ok) : 0,
+            redisCPUmsPer1000Claims: r.ok > 0 ? cpu * 1000 / (Double(r.ok) / 1000) : 0,
             sold: r.ok, soldInStore: inStore, limit: w.limit, oversell: max(0, max(r.ok, inStore) - w.limit),
             maxPerUser: maxPerUser, seconds: r.seconds, errors: r.errors)
     }
@@ -286,13 +290,14 @@ enum Table {
         s += "at most \(Int(w.duration)) s per design\n"
         s += "machine: \(ProcessInfo.processInfo.activeProcessorCount) cores, \(ProcessInfo.processInfo.physicalMemory >> 30) GiB, "
         s += "\(ProcessInfo.processInfo.operatingSystemVersionString); everything (servers and load) on this machine\n\n"
-        s += "| design | claims/s | p50 | p99 | p999 | Redis commands per claim | sold (clients) | sold (store) | limit | oversell | max per user |\n"
-        s += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        s += "| design | claims/s | p50 | p99 | p999 | Redis commands per claim | Redis CPU ms per 1,000 claims | sold (clients) | sold (store) | limit | oversell | max per user |\n"
+        s += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         for r in rs {
             s += "| \(r.design) | \(Int(r.claimsPerSecond)) | \(ms(r.p50us)) | \(ms(r.p99us)) | \(ms(r.p999us)) | "
-            s += String(format: "%.4f", r.redisCommandsPerClaim)
+            s += String(format: "%.4f | %.2f", r.redisCommandsPerClaim, r.redisCPUmsPer1000Claims)
             s += " | \(r.sold) | \(r.soldInStore) | \(r.limit) | \(r.oversell) | \(r.maxPerUser) |\n"
         }
+        s += "\nRedis commands: INFO total_commands_processed (commands run by Lua scripts included) per successful claim.\n"
         if let q = rs.first(where: { $0.design == "quotad" }) {
             s += "\n"
             for b in rs where b.design != "quotad" && b.claimsPerSecond > 0 {
@@ -310,7 +315,7 @@ enum Chart {
         let width = 760.0
         let rowH = 34.0
         let panelH = Double(rs.count) * rowH + 40
-        let height = panelH * 2 + 60
+        let height = panelH * 3 + 60
         let colors = ["quotad": "#2b8a3e", "redis-lua": "#c92a2a", "postgres": "#1864ab"]
         var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" font-family=\"sans-serif\" font-size=\"13\">\n"
         s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
@@ -328,6 +333,8 @@ enum Chart {
         }
         panel("throughput (claims/s, higher is better)", 30, { $0.claimsPerSecond }, { "\(Int($0.claimsPerSecond))/s" })
         panel("p99 claim latency (lower is better)", 30 + panelH, { Double($0.p99us) }, { Table.ms($0.p99us) })
+        panel("redis-server CPU per 1,000 claims (lower is better; postgres: no Redis)", 30 + 2 * panelH,
+              { $0.redisCPUmsPer1000Claims }, { String(format: "%.2f ms", $0.redisCPUmsPer1000Claims) })
         s += "</svg>\n"
         return s
     }
