@@ -21,6 +21,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var headSeq = 0
     private var readPaused = false
     private var closing = false
+    private var flushScheduled = false
     private let claimTimer: Metrics.Timer?
 
     init(engine: SidecarEngine, isAdmin: Bool) {
@@ -71,17 +72,28 @@ final class ConnectionHandler: ChannelInboundHandler {
             headSeq += 1
             write(reply, context: context)
         }
-        flush(context: context)
+        scheduleFlush(context: context)
         if readPaused && queue.count < engine.config.limits.maxPendingPerConnection / 2 {
             readPaused = false
             context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
         }
-        if closing && queue.isEmpty { context.close(promise: nil) }
     }
 
     private func write(_ r: Reply, context: ChannelHandlerContext) {
         if out == nil { out = context.channel.allocator.buffer(capacity: 512) }
         out!.writeReply(r)
+    }
+
+    /// Replies completed by other work (leases, journal syncs, user checks) arrive in bursts on the
+    /// event loop: write them with one flush at the end of this loop tick, not one per reply.
+    private func scheduleFlush(context: ChannelHandlerContext) {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        context.eventLoop.assumeIsolated().execute { [self] in
+            flushScheduled = false
+            flush(context: context)
+            if closing && queue.isEmpty { context.close(promise: nil) }
+        }
     }
 
     private func flush(context: ChannelHandlerContext) {
