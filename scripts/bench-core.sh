@@ -7,13 +7,9 @@ N=${N:-2000000}
 C=${C:-50}
 P=${P:-16}
 BIN=${BIN:-.build/release}
-T=$(mktemp -d /tmp/quotad-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$T"; }
-trap cleanup EXIT
-redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly no --dir "$T" --logfile "$T/redis.log" &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -s "$T/redis.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
+source scripts/lib.sh
+qd_init quotad-bench
+qd_start_redis
 R="redis-cli -s $T/redis.sock"
 
 rps() { grep -oE '[0-9.]+ requests per second' | tail -1 | cut -d' ' -f1; }
@@ -38,7 +34,7 @@ YAML
 $BIN/quotad --config "$T/q.yaml" 2>"$T/quotad.log" &
 qpid=$!
 pids+=($qpid)
-for _ in $(seq 100); do redis-cli -s "$T/quotad.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
+qd_wait_sock "$T/quotad.sock"
 $R config resetstat >/dev/null
 claim=$(redis-benchmark -s "$T/quotad.sock" -n "$N" -c "$C" -P "$P" -q CLAIM bench user 2>/dev/null | rps)
 calls=$($R info commandstats | tr -d '\r' | grep -oE 'calls=[0-9]+' | cut -d= -f2 | paste -sd+ | bc)

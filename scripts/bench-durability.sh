@@ -6,17 +6,10 @@ cd "$(dirname "$0")/.."
 source scripts/kafka-env.sh
 BIN=${BIN:-.build/release}
 SECS=${SECS:-8}
-T=$(mktemp -d /tmp/quotad-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$T"; }
-trap cleanup EXIT
-redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly no --dir "$T" --logfile "$T/redis.log" &
-pids+=($!)
-KPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" >/dev/null 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -s "$T/redis.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$KPORT) 2>/dev/null && break; sleep 0.1; done
+source scripts/lib.sh
+qd_init quotad-bench
+qd_start_redis
+qd_start_tansu
 $BIN/quotactl voucher create bench --limit 1000000000 --redis "unix://$T/redis.sock" >/dev/null
 
 echo "| durability | clients | claims/s | latency p50 | latency p99 | claims per fsync |"
@@ -38,7 +31,7 @@ log_level: warning
 YAML
     $BIN/quotad --config "$T/q.yaml" 2>>"$T/quotad.log" &
     qpid=$!
-    for _ in $(seq 100); do redis-cli -s "$T/q.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    qd_wait_sock "$T/q.sock"
     # warm-up (leases, Kafka producer id), then the measured run
     $BIN/quota-bench flash --socket "$T/q.sock" --voucher bench --connections "$conns" --pipeline "$pipe" --duration 1 >/dev/null
     out=$($BIN/quota-bench flash --socket "$T/q.sock" --voucher bench --connections "$conns" --pipeline "$pipe" \

@@ -5,13 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.build/release}
 SECS=${SECS:-8}
-T=$(mktemp -d /tmp/quotad-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$T"; }
-trap cleanup EXIT
-redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly no --dir "$T" --logfile "$T/redis.log" &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -s "$T/redis.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
+source scripts/lib.sh
+qd_init quotad-bench
+qd_start_redis
 $BIN/quotactl voucher create free --limit 1000000000 --redis "unix://$T/redis.sock" >/dev/null
 $BIN/quotactl voucher create peruser --limit 1000000000 --per-user 1 --redis "unix://$T/redis.sock" >/dev/null
 echo "| voucher | clients | claims/s | latency p50 | latency p99 | Redis commands per claim | user checks per Redis batch |"
@@ -30,7 +26,7 @@ log_level: warning
 YAML
     $BIN/quotad --config "$T/q.yaml" 2>>"$T/quotad.log" &
     qpid=$!
-    for _ in $(seq 100); do redis-cli -s "$T/q.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    qd_wait_sock "$T/q.sock"
     $BIN/quota-bench flash --socket "$T/q.sock" --voucher $v --connections $1 --pipeline $2 --unique-users --duration 1 >/dev/null
     s0=$(redis-cli -s "$T/q.sock" info stats | tr -d '\r')
     out=$($BIN/quota-bench flash --socket "$T/q.sock" --voucher $v --connections $1 --pipeline $2 --unique-users \

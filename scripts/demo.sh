@@ -7,21 +7,12 @@ source scripts/kafka-env.sh
 LIMIT=${LIMIT:-20000}
 CLIENTS=${CLIENTS:-300}
 BIN=${BIN:-.build/release}
-T=$(mktemp -d /tmp/quotad-demo.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$T"; }
-trap cleanup EXIT
-
+source scripts/lib.sh
+qd_init quotad-demo
 echo "== starting a private redis-server ($T/redis.sock)"
-redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly no --dir "$T" --logfile "$T/redis.log" &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -s "$T/redis.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
-
-KPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-echo "== starting a Kafka-compatible broker (Tansu) on 127.0.0.1:$KPORT"
-"$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" >/dev/null 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$KPORT) 2>/dev/null && break; sleep 0.1; done
+qd_start_redis
+qd_start_tansu
+echo "== started a Kafka-compatible broker (Tansu) on 127.0.0.1:$KPORT"
 
 echo "== creating voucher flash-sale with limit $LIMIT"
 $BIN/quotactl voucher create flash-sale --limit "$LIMIT" --redis "unix://$T/redis.sock"
@@ -41,12 +32,16 @@ YAML
   $BIN/quotad --config "$T/$h.yaml" > "$T/quotad-$h.log" 2>&1 &
   pids+=($!)
 done
-for h in a b c; do
-  for _ in $(seq 100); do redis-cli -s "$T/quotad-$h.sock" ping >/dev/null 2>&1 && break; sleep 0.1; done
-done
+for h in a b c; do qd_wait_sock "$T/quotad-$h.sock"; done
 echo "== three quotad sidecars up; $CLIENTS clients claim until SOLDOUT"
 $BIN/quota-bench flash --voucher flash-sale --connections "$CLIENTS" \
   --socket "$T/quotad-a.sock" --socket "$T/quotad-b.sock" --socket "$T/quotad-c.sock" --progress --json > "$T/result.json"
+
+echo "== meanwhile, a daily deal (limit 1,000,000) that does not sell out: 100 clients for 2 s"
+$BIN/quotactl voucher create daily-deal --limit 1000000 --redis "unix://$T/redis.sock" >/dev/null
+$BIN/quota-bench flash --voucher daily-deal --connections 100 --duration 2 \
+  --socket "$T/quotad-a.sock" --socket "$T/quotad-b.sock" --socket "$T/quotad-c.sock" --json > "$T/daily.json"
+daily_before=$($BIN/quotactl voucher show daily-deal --json --redis "unix://$T/redis.sock")
 
 echo "== per-sidecar counters"
 for h in a b c; do
@@ -59,14 +54,17 @@ echo "== graceful shutdown (SIGTERM): every unused token goes back"
 for i in 2 3 4; do kill -TERM "${pids[$i]}"; done
 for i in 2 3 4; do wait "${pids[$i]}" || true; done
 after=$($BIN/quotactl voucher show flash-sale --json --redis "unix://$T/redis.sock")
+daily_after=$($BIN/quotactl voucher show daily-deal --json --redis "unix://$T/redis.sock")
 echo "== reading the claims back from Kafka topic quota.claims"
 $BIN/quota-bench stream --brokers "127.0.0.1:$KPORT" --topic quota.claims --voucher flash-sale --json > "$T/stream.json"
 
-python3 - "$T/result.json" "$LIMIT" "$before" "$after" "$T/stream.json" <<'PY'
+python3 - "$T/result.json" "$LIMIT" "$before" "$after" "$T/stream.json" "$T/daily.json" "$daily_before" "$daily_after" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); limit = int(sys.argv[2])
 b = json.loads(sys.argv[3])[0]; a = json.loads(sys.argv[4])[0]
 k = json.load(open(sys.argv[5]))
+d = json.load(open(sys.argv[6])); db = json.loads(sys.argv[7])[0]; da = json.loads(sys.argv[8])[0]
+dsold = int(d["sold"])
 sold = int(r["sold"])
 print()
 print(f"  limit            {limit}")
@@ -77,8 +75,11 @@ print(f"  replies          {r['errors']}")
 print(f"  tokens returned at shutdown  {a['returned'] - b['returned']}")
 print(f"  redis pool after shutdown    {a['pool']}   leases outstanding {a['leases_outstanding']}")
 print(f"  on Kafka         {k['distinct_claimed']} claims ({k['events']} events, {k['resent_duplicates']} re-sends, {k['unclaimed']} cancellations)")
+print()
+print(f"  daily-deal       sold {dsold} of {da['limit']} in 2 s; in leases still open at SIGTERM (served or not): {db['tokens_outstanding']}")
+print(f"  tokens returned at shutdown  {da['returned'] - db['returned']}   pool after {da['pool']}   leases outstanding {da['leases_outstanding']}")
 ok = (sold <= limit and sold + a['pool'] == limit and a['leases_outstanding'] == 0 and r['duplicate_claim_ids'] == '0'
-      and k['net_claims'] == sold)
-print("  books balance: sold + pool == limit, and Kafka has every claim" if ok else "  BOOKS DO NOT BALANCE")
+      and k['net_claims'] == sold and dsold + da['pool'] == da['limit'] and da['leases_outstanding'] == 0)
+print("  books balance: sold + pool == limit for both, nothing stranded, and Kafka has every flash-sale claim" if ok else "  BOOKS DO NOT BALANCE")
 sys.exit(0 if ok else 1)
 PY

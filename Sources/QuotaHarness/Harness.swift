@@ -286,6 +286,11 @@ public func freePort() throws -> Int {
 public func canConnect(_ port: Int) -> Bool {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
+    return connectLoopback(fd, port: port)
+}
+
+/// Connect `fd` to 127.0.0.1:`port`.
+func connectLoopback(_ fd: Int32, port: Int) -> Bool {
     var addr = sockaddr_in()
     addr.sin_family = sa_family_t(AF_INET)
     addr.sin_addr.s_addr = inet_addr("127.0.0.1")
@@ -320,14 +325,7 @@ public struct StreamedClaim: Equatable {
 public func httpGet(port: Int, path: String) throws -> (Int, String) {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    addr.sin_port = UInt16(port).bigEndian
-    let ok = withUnsafeMutablePointer(to: &addr) { p in
-        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-    }
-    guard ok else { throw TestError.failed("cannot connect to 127.0.0.1:\(port)") }
+    guard connectLoopback(fd, port: port) else { throw TestError.failed("cannot connect to 127.0.0.1:\(port)") }
     let req = Array("GET \(path) HTTP/1.0\r\nHost: localhost\r\n\r\n".utf8)
     _ = req.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
     var data: [UInt8] = []

@@ -269,9 +269,7 @@ struct Compare: AsyncParsableCommand {
         }
         if let chart { try Chart.svg(results, workload: workload).write(toFile: chart, atomically: true, encoding: .utf8) }
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try e.encode(results), as: UTF8.self))
+            try printJSON(results)
         } else {
             print(Table.markdown(results, workload: workload))
         }

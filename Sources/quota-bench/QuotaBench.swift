@@ -51,13 +51,7 @@ struct Flash: AsyncParsableCommand {
             "latency_p999_us": String(r.percentile(99.9)),
             "errors": r.errors.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","),
         ]
-        if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(result), as: UTF8.self))
-        } else {
-            for (k, v) in result.sorted(by: { $0.key < $1.key }) { print("\(k): \(v)") }
-        }
+        try printResult(result, json: json)
     }
 }
 
@@ -96,12 +90,21 @@ struct Stream: AsyncParsableCommand {
             "events": events, "distinct_claimed": claimed.count, "unclaimed": unclaimed.count,
             "net_claims": claimed.count - unclaimed.count, "tokens_claimed": tokens, "resent_duplicates": resent,
         ]
-        if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(result), as: UTF8.self))
-        } else {
-            for (k, v) in result.sorted(by: { $0.key < $1.key }) { print("\(k): \(v)") }
-        }
+        try printResult(result, json: json)
     }
+}
+
+/// A flat result: one JSON object (`--json`), else `key: value` lines.
+func printResult<V: Encodable & CustomStringConvertible>(_ result: [String: V], json: Bool) throws {
+    if json {
+        try printJSON(result, pretty: false)
+    } else {
+        for (k, v) in result.sorted(by: { $0.key < $1.key }) { print("\(k): \(v)") }
+    }
+}
+
+func printJSON(_ value: some Encodable, pretty: Bool = true) throws {
+    let e = JSONEncoder()
+    e.outputFormatting = pretty ? [.prettyPrinted, .sortedKeys] : [.sortedKeys]
+    print(String(decoding: try e.encode(value), as: UTF8.self))
 }

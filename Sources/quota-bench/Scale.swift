@@ -51,12 +51,7 @@ struct Scale: AsyncParsableCommand {
                 redisCommandsPer1000Claims: Double(after.commands - before.commands) / k,
                 strandedTokens: a.outstanding, booksBalance: a.pool + r.soldInStore + a.outstanding == limit))
         }
-        if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try e.encode(steps), as: UTF8.self))
-            return
-        }
+        if json { return try printJSON(steps) }
         print("| quotad sidecars | claims/s (all) | Redis CPU s per 1,000 claims | Redis commands per 1,000 claims | stranded tokens after shutdown | pool + sold == limit |")
         print("|---:|---:|---:|---:|---:|---|")
         for s in steps {

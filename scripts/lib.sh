@@ -1,0 +1,33 @@
+# Shared by the demo and benchmark scripts (source it): a private temp dir removed on exit, and
+# private servers on Unix sockets / free loopback ports under it, stopped on exit.
+qd_init() {
+  T=$(mktemp -d "/tmp/${1:-quotad}.XXXXXX")
+  pids=()
+  trap qd_cleanup EXIT
+}
+qd_cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$T"
+}
+# Wait until a RESP server answers PING on a Unix socket.
+qd_wait_sock() {
+  for _ in $(seq 100); do redis-cli -s "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "nothing answers on $1" >&2
+  return 1
+}
+# A private redis-server on $T/redis.sock (no persistence).
+qd_start_redis() {
+  redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly no --dir "$T" --logfile "$T/redis.log" &
+  pids+=($!)
+  qd_wait_sock "$T/redis.sock"
+}
+# A private Tansu broker on a free loopback port: sets KPORT (needs scripts/kafka-env.sh sourced).
+qd_start_tansu() {
+  KPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$KPORT") 2>/dev/null && return 0; sleep 0.1; done
+  echo "Tansu did not start on port $KPORT" >&2
+  return 1
+}
