@@ -149,14 +149,29 @@ public final class HiredisConnection: @unchecked Sendable {
         }
     }
 
+    /// Append one command: all arguments packed into one buffer (one allocation, not one per argument).
     private func append(_ ctx: UnsafeMutablePointer<redisContext>, _ args: [String]) {
-        let cargs = args.map { strdup($0) }
-        defer { cargs.forEach { free($0) } }
-        var lens = args.map { $0.utf8.count }
-        var ptrs = cargs.map { UnsafePointer<CChar>($0) }
-        ptrs.withUnsafeMutableBufferPointer { p in
-            lens.withUnsafeMutableBufferPointer { l in
-                _ = redisAppendCommandArgv(ctx, Int32(args.count), p.baseAddress, l.baseAddress)
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(args.reduce(0) { $0 + $1.utf8.count })
+        var lens: [Int] = []
+        lens.reserveCapacity(args.count)
+        for a in args {
+            bytes.append(contentsOf: a.utf8)
+            lens.append(a.utf8.count)
+        }
+        bytes.withUnsafeBufferPointer { buf in
+            let base = UnsafeRawPointer(buf.baseAddress ?? UnsafePointer(bitPattern: 1)!).assumingMemoryBound(to: CChar.self)
+            var ptrs: [UnsafePointer<CChar>?] = []
+            ptrs.reserveCapacity(args.count)
+            var off = 0
+            for l in lens {
+                ptrs.append(base + off)
+                off += l
+            }
+            ptrs.withUnsafeMutableBufferPointer { p in
+                lens.withUnsafeMutableBufferPointer { l in
+                    _ = redisAppendCommandArgv(ctx, Int32(args.count), p.baseAddress, l.baseAddress)
+                }
             }
         }
     }

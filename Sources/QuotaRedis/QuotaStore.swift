@@ -73,14 +73,22 @@ public final class QuotaStore: Sendable {
         }
     }
 
-    /// The per-user count hash of `user` for `voucher`: spread over `groups` hash slots.
-    public static func userGroupKey(voucher: String, user: String, groups: Int) -> String {
-        var h: UInt32 = 2_166_136_261  // FNV-1a
+    /// The group (0 ..< `groups`) of `user`'s per-user count: FNV-1a of the user id.
+    public static func userGroup(user: String, groups: Int) -> Int {
+        var h: UInt32 = 2_166_136_261
         for b in user.utf8 {
             h ^= UInt32(b)
             h = h &* 16_777_619
         }
-        return "quota:u:{\(voucher):\(Int(h % UInt32(max(1, groups))))}"
+        return Int(h % UInt32(max(1, groups)))
+    }
+
+    /// The per-user count hash of group `group` of `voucher`: one hash slot per group.
+    public static func userGroupKey(voucher: String, group: Int) -> String { "quota:u:{\(voucher):\(group)}" }
+
+    /// The per-user count hash of `user` for `voucher`.
+    public static func userGroupKey(voucher: String, user: String, groups: Int) -> String {
+        userGroupKey(voucher: voucher, group: userGroup(user: user, groups: groups))
     }
 
     // MARK: Scripts
@@ -243,13 +251,15 @@ public final class QuotaStore: Sendable {
 
     /// One per-user check.
     public struct UserCheck: Sendable {
-        public var groupKey: String
+        public var voucher: String
+        public var group: Int
         public var limit: Int
         public var user: String
         public var qty: Int
         public var claimID: String
-        public init(groupKey: String, limit: Int, user: String, qty: Int, claimID: String) {
-            self.groupKey = groupKey
+        public init(voucher: String, group: Int, limit: Int, user: String, qty: Int, claimID: String) {
+            self.voucher = voucher
+            self.group = group
             self.limit = limit
             self.user = user
             self.qty = qty
@@ -257,25 +267,34 @@ public final class QuotaStore: Sendable {
         }
     }
 
+    /// Decimal strings of small numbers, made once (limits, quantities and key indexes repeat).
+    private static let smallNumbers: [String] = (0...1024).map { String($0) }
+    private static func decimal(_ n: Int) -> String { n >= 0 && n <= 1024 ? smallNumbers[n] : String(n) }
+
     /// Check many claims at once, in one script call (one round trip). On Redis Cluster the keys of
     /// one call must share a slot: there the batch would be split per slot (not built: single node).
     /// Returns, per check in order, whether it was counted (false: the user is at the limit).
     public func checkUsers(_ checks: [UserCheck]) async throws(RedisError) -> [Bool] {
         guard !checks.isEmpty else { return [] }
-        var keyIndex: [String: Int] = [:]
+        struct GroupID: Hashable {
+            var voucher: String
+            var group: Int
+        }
+        var keyIndex: [GroupID: Int] = [:]
         var keys: [String] = []
         var args: [String] = []
         args.reserveCapacity(checks.count * 5)
         for c in checks {
+            let g = GroupID(voucher: c.voucher, group: c.group)
             let idx: Int
-            if let i = keyIndex[c.groupKey] {
+            if let i = keyIndex[g] {
                 idx = i
             } else {
-                keys.append(c.groupKey)
+                keys.append(Self.userGroupKey(voucher: c.voucher, group: c.group))
                 idx = keys.count
-                keyIndex[c.groupKey] = idx
+                keyIndex[g] = idx
             }
-            args += [String(idx), String(c.limit), c.user, String(c.qty), c.claimID]
+            args += [Self.decimal(idx), Self.decimal(c.limit), c.user, Self.decimal(c.qty), c.claimID]
         }
         let r = try await eval(QuotaScripts.userCheck, keys: keys, args: args)
         guard let a = r.array, a.count == checks.count else { throw RedisError.badReply("USERCHECK: \(r)") }

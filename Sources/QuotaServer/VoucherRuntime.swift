@@ -231,7 +231,7 @@ final class VoucherRuntime: @unchecked Sendable {
     /// Journal the intent (durable unless `none`), then ask Redis; `userChecked` continues.
     private func startUserCheck(_ event: ClaimEvent, limit: Int, promise: EventLoopPromise<Reply>) {
         let check = QuotaStore.UserCheck(
-            groupKey: QuotaStore.userGroupKey(voucher: id, user: event.user, groups: engine.config.perUser.groups),
+            voucher: id, group: QuotaStore.userGroup(user: event.user, groups: engine.config.perUser.groups),
             limit: limit, user: event.user, qty: event.qty, claimID: event.claimID)
         let batcher = engine.userChecks
         let loop = promise.futureResult.eventLoop
