@@ -63,8 +63,9 @@ final class Progress: @unchecked Sendable {
     }
 }
 
-/// A small deterministic generator for user ids.
+/// A small deterministic generator for user ids; `unique` ids are new in every run of the program.
 struct UserPicker: Sendable {
+    static let run = String(UInt32.random(in: 0...UInt32.max), radix: 36)
     var state: UInt64
     let users: Int
     let unique: Bool
@@ -74,7 +75,7 @@ struct UserPicker: Sendable {
         state = UInt64(seed) &* 0x9E37_79B9_7F4A_7C15 | 1
         self.users = max(1, users)
         self.unique = unique
-        prefix = "u\(seed)-"
+        prefix = "u\(UserPicker.run)-\(seed)-"
     }
     mutating func next() -> String {
         n += 1
