@@ -161,8 +161,6 @@ public final class Journal: @unchecked Sendable {
 
     /// Bytes in segments not yet deleted (their claims are not all shipped).
     public var backlogBytes: Int { backlog.load(ordering: .relaxed) }
-    /// Segments on disk, shipped ones kept for the retention included.
-    public var segmentsOnDisk: Int { state.withLockedValue { $0.segments.count } }
     public var unshippedClaims: Int {
         state.withLockedValue { $0.segments.values.reduce(0) { $0 + $1.claims - $1.shipped } }
     }

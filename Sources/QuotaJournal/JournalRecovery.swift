@@ -21,8 +21,6 @@ public struct JournalRecovery: Sendable {
     public var segments: [SegmentContents] = []
     /// Leases open at the end of the journal, with what was served from each.
     public var openLeases: [JournalRecord.OpenLease] = []
-    /// Leases the journal saw closed after the newest snapshot.
-    public var closedLeases: Set<String> = []
     /// False when the newest segment is corrupt before its end: served counts may be too low,
     /// so no lease may be returned on the journal's word.
     public var leaseStateTrusted = true
@@ -67,14 +65,12 @@ public struct JournalRecovery: Sendable {
                     case .snapshot(let open) where first:
                         // The newest readable snapshot is the base of the lease state.
                         leases = Dictionary(open.map { ("\($0.voucher)\u{0}\($0.lease)", $0) }, uniquingKeysWith: { a, _ in a })
-                        out.closedLeases = []
                     case .snapshot:
                         break
                     case .leaseGranted(let v, let l, let g):
                         leases["\(v)\u{0}\(l)"] = .init(voucher: v, lease: l, granted: g, served: 0)
                     case .leaseClosed(let v, let l):
                         leases.removeValue(forKey: "\(v)\u{0}\(l)")
-                        out.closedLeases.insert("\(v)\u{0}\(l)")
                     case .claim(let e) where e.kind == .intent:
                         intents[e.claimID] = e
                     case .claim(let e):

@@ -81,11 +81,6 @@ public final class HiredisConnection: @unchecked Sendable {
         return try r.get()
     }
 
-    /// Callback form for callers on an event loop: `done` runs on the connection's thread.
-    public func send(_ args: [String], done: @escaping @Sendable (Result<RedisValue, RedisError>) -> Void) {
-        enqueue([Request(args: args, done: done)])
-    }
-
     private func enqueue(_ reqs: [Request]) {
         lock.lock()
         if state.closed {

@@ -117,7 +117,7 @@ final class ClaimPipeline: Sendable {
         case .none:
             if let journal {
                 journal.append(.claim(e))
-            } else {
+            } else if producerBox.withLockedValue({ $0 != nil }) {
                 let seq = ship.withLockedValue { s -> UInt64 in
                     defer { s.nextSequence += 1 }
                     return s.nextSequence

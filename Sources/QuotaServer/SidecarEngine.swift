@@ -71,34 +71,26 @@ public final class SidecarEngine: Sendable {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, "draining: this host no longer serves claims")))
         }
-        let existing = vouchers.withLockedValue { $0[voucher] }
-        let rt: VoucherRuntime
-        if let existing {
-            rt = existing
-        } else {
-            let created: VoucherRuntime? = vouchers.withLockedValue { map in
-                if let r = map[voucher] { return r }
-                guard map.count < config.limits.maxVouchers else { return nil }
-                let r = VoucherRuntime(id: voucher, engine: self, policy: config.lease)
-                map[voucher] = r
-                return r
-            }
-            if let created, let reqs = recoveredReqs.withLockedValue({ $0.removeValue(forKey: voucher) }) {
-                created.restoreDedupe(reqs)
-            }
-            guard let created else {
-                countRejection(.busy)
-                return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
-            }
-            rt = created
-            if existing == nil, created !== existing {
-                // The first request for a voucher loads it; the runtime starts in `.loading`.
-                let outcome = rt.handle(req, now: monotonicNow(), loop: loop)
-                if case .later = outcome { rt.startLoadOnce() }
-                return outcome
-            }
+        if let rt = vouchers.withLockedValue({ $0[voucher] }) {
+            return rt.handle(req, now: monotonicNow(), loop: loop)
         }
-        return rt.handle(req, now: monotonicNow(), loop: loop)
+        // First request for this voucher (on any event loop): one runtime is created, in `.loading`.
+        let created: VoucherRuntime? = vouchers.withLockedValue { map in
+            if let r = map[voucher] { return r }
+            guard map.count < config.limits.maxVouchers else { return nil }
+            let r = VoucherRuntime(id: voucher, engine: self, policy: config.lease)
+            map[voucher] = r
+            return r
+        }
+        guard let rt = created else {
+            countRejection(.busy)
+            return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
+        }
+        if let reqs = recoveredReqs.withLockedValue({ $0.removeValue(forKey: voucher) }) { rt.restoreDedupe(reqs) }
+        let outcome = rt.handle(req, now: monotonicNow(), loop: loop)
+        // The request parked for the load: start it (once, however many loops race here).
+        if case .later = outcome { rt.startLoadOnce() }
+        return outcome
     }
 
     // MARK: - Recovery
