@@ -30,6 +30,7 @@ regions:
 socket: { path: $T/quotad.sock }
 durability: none
 log_level: warning
+${EXTRA_YAML:-}
 YAML
 $BIN/quotad --config "$T/q.yaml" 2>"$T/quotad.log" &
 qpid=$!

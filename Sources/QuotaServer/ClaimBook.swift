@@ -1,54 +1,127 @@
 import NIOConcurrencyHelpers
 import QuotaCore
+import Synchronization
 
-/// Claims made through this host, for `UNCLAIM`: bounded, oldest forgotten first.
+/// Claims made through this host, for `UNCLAIM`.
+///
+/// This boot's claims live in a preallocated ring indexed by the claim's own sequence number (the
+/// last part of its id), split over 64 stripes with a lock each: adding a claim is one slot write,
+/// with no hashing and little contention between event loops. The ring keeps the last `capacity`
+/// claims. Claims of earlier boots, rebuilt from the journal at start, are kept in a map.
 final class ClaimBook: Sendable {
     struct Entry: Sendable {
         var event: ClaimEvent
         var unclaimed: Bool
     }
-    private struct State {
-        var map: [String: Entry] = [:]
-        var order: [String] = []
-        var head = 0
+    /// What `UNCLAIM` needs of a claim of this boot (its id is rebuilt from the prefix and `seq`).
+    private struct Slot {
+        var seq = -1
+        var voucher = ""
+        var user = ""
+        var qty = 0
+        var shares: [ClaimShare] = []
+        var unclaimed = false
     }
-    private let state = NIOLockedValueBox(State())
+    static let stripeCount = 64
     let capacity: Int
+    private let prefix: String
+    private let perStripe: Int
+    private let stripes: [NIOLockedValueBox<[Slot]>]
+    private let older = NIOLockedValueBox<[String: Entry]>([:])
+    private let added = Atomic<Int>(0)
 
-    init(capacity: Int) { self.capacity = capacity }
+    private let region: String
+    private let host: String
 
-    func add(_ e: ClaimEvent) {
+    /// - Parameter prefix: this boot's claim id prefix (`region.host.boot.`).
+    init(prefix: String, region: String, host: String, capacity: Int) {
+        self.prefix = prefix
+        self.region = region
+        self.host = host
+        self.capacity = max(0, capacity)
+        perStripe = max(1, (self.capacity + Self.stripeCount - 1) / Self.stripeCount)
+        stripes = (0..<Self.stripeCount).map { _ in
+            NIOLockedValueBox([Slot](repeating: Slot(), count: capacity > 0 ? max(1, (capacity + 63) / 64) : 0))
+        }
+    }
+
+    /// The sequence number of a claim id of this boot, or nil.
+    private func sequence(_ id: String) -> Int? {
+        guard id.hasPrefix(prefix) else { return nil }
+        return Int(id.dropFirst(prefix.count), radix: 36)
+    }
+
+    private func locate(_ seq: Int) -> (stripe: Int, slot: Int) {
+        (seq % Self.stripeCount, (seq / Self.stripeCount) % perStripe)
+    }
+
+    /// Remember a claim of this boot; `seq` is the sequence number its id ends with.
+    func add(_ e: ClaimEvent, seq: Int) {
         guard capacity > 0 else { return }
-        state.withLockedValue { s in
-            s.map[e.claimID] = Entry(event: e, unclaimed: false)
-            s.order.append(e.claimID)
-            while s.map.count > capacity, s.head < s.order.count {
-                s.map.removeValue(forKey: s.order[s.head])
-                s.head += 1
-            }
-            if s.head > 4096 && s.head * 2 > s.order.count {
-                s.order.removeFirst(s.head)
-                s.head = 0
-            }
+        let (s, i) = locate(seq)
+        stripes[s].withLockedValue { slots in
+            slots[i].seq = seq
+            slots[i].voucher = e.voucher
+            slots[i].user = e.user
+            slots[i].qty = e.qty
+            slots[i].shares = e.shares
+            slots[i].unclaimed = false
+        }
+        added.add(1, ordering: .relaxed)
+    }
+
+    /// A claim of an earlier boot (from the journal).
+    func addRecovered(_ e: ClaimEvent) {
+        guard capacity > 0 else { return }
+        older.withLockedValue { m in
+            if m.count < capacity { m[e.claimID] = Entry(event: e, unclaimed: false) }
         }
     }
 
     enum Take { case unknown, already, take(ClaimEvent) }
 
+    /// Look up and change one claim's entry under its lock.
+    private func with<T>(_ id: String, _ body: (inout Entry?) -> T) -> T {
+        if let seq = sequence(id) {
+            guard capacity > 0 else { var none: Entry? = nil; return body(&none) }
+            let (s, i) = locate(seq)
+            return stripes[s].withLockedValue { slots in
+                guard slots[i].seq == seq else {
+                    var none: Entry? = nil
+                    return body(&none)
+                }
+                let slot = slots[i]
+                var entry: Entry? = Entry(
+                    event: ClaimEvent(claimID: id, voucher: slot.voucher, user: slot.user, qty: slot.qty,
+                                      region: region, host: host, shares: slot.shares, tsMs: 0),
+                    unclaimed: slot.unclaimed)
+                let result = body(&entry)
+                slots[i].unclaimed = entry?.unclaimed ?? slot.unclaimed
+                return result
+            }
+        }
+        return older.withLockedValue { m in
+            var e = m[id]
+            defer { if e != nil { m[id] = e } }
+            return body(&e)
+        }
+    }
+
     /// Mark a claim cancelled; only the first call gets `.take`.
     func takeForUnclaim(_ id: String) -> Take {
-        state.withLockedValue { s in
-            guard let e = s.map[id] else { return .unknown }
-            if e.unclaimed { return .already }
-            s.map[id]!.unclaimed = true
-            return .take(e.event)
+        with(id) { e in
+            guard let entry = e else { return .unknown }
+            if entry.unclaimed { return .already }
+            e!.unclaimed = true
+            return .take(entry.event)
         }
     }
 
     /// Undo `takeForUnclaim` (the cancellation could not be journaled).
-    func restore(_ id: String) { state.withLockedValue { s in s.map[id]?.unclaimed = false } }
+    func restore(_ id: String) { with(id) { e in e?.unclaimed = false } }
 
-    func markUnclaimed(_ id: String) { state.withLockedValue { s in s.map[id]?.unclaimed = true } }
+    func markUnclaimed(_ id: String) { with(id) { e in e?.unclaimed = true } }
 
-    var count: Int { state.withLockedValue { $0.map.count } }
+    /// Claims of this boot in the ring (at most `capacity`) plus those of earlier boots.
+    var count: Int { min(added.load(ordering: .relaxed), capacity) + older.withLockedValue { $0.count } }
 }

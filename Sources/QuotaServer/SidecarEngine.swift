@@ -42,21 +42,24 @@ public final class SidecarEngine: Sendable {
         self.store = store
         self.pipeline = pipeline
         self.userChecks = UserCheckBatcher(store: store)
-        self.claimBook = ClaimBook(capacity: config.claims.maxTracked)
+
         self.logger = logger
         // Claim ids: region.host.boot.seq — unique across regions, hosts and restarts
         // (boot = start time in ms, base 36, plus 16 random bits).
         let ms = UInt64(Date().timeIntervalSince1970 * 1000)
         let boot = String(ms, radix: 36) + String(UInt16.random(in: 0...UInt16.max), radix: 36)
         self.claimPrefix = "\(config.region).\(config.hostID).\(boot)."
+        self.claimBook = ClaimBook(prefix: claimPrefix, region: config.region, host: config.hostID,
+                                   capacity: config.claims.maxTracked)
     }
 
     var regionPolicy: LeasePolicyOverride { _regionPolicy.withLockedValue { $0 } }
     public var isDraining: Bool { _draining.load(ordering: .relaxed) }
 
-    func nextClaimID() -> String {
+    /// A new claim id and its sequence number (the `UNCLAIM` book is indexed by it).
+    func nextClaimID() -> (id: String, seq: Int) {
         let n = claimSeq.wrappingAdd(1, ordering: .relaxed).newValue
-        return claimPrefix + String(n, radix: 36)
+        return (claimPrefix + String(n, radix: 36), n)
     }
 
     func countRejection(_ code: QuotaErrorCode) {
@@ -104,7 +107,7 @@ public final class SidecarEngine: Sendable {
         for e in history {
             switch e.kind {
             case .claimed:
-                claimBook.add(e)
+                claimBook.addRecovered(e)
                 if let req = e.req {
                     let age = Duration.milliseconds(max(0, nowWall - e.tsMs))
                     if age < window { reqs[e.voucher, default: []].append((req, e.claimID, now + (window - age))) }

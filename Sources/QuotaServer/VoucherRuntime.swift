@@ -64,7 +64,7 @@ final class VoucherRuntime: @unchecked Sendable {
         var load = false
         var completions: [(EventLoopPromise<Reply>, Reply)] = []
         var cascades: [(EventLoopFuture<Reply>, EventLoopPromise<Reply>)] = []
-        var userChecks: [(ClaimEvent, Int, EventLoopPromise<Reply>)] = []
+        var userChecks: [(ClaimEvent, Int, Int, EventLoopPromise<Reply>)] = []
     }
 
     init(id: String, engine: SidecarEngine, policy: LeasePolicy) {
@@ -206,11 +206,12 @@ final class VoucherRuntime: @unchecked Sendable {
     /// record it as the durability mode requires, then answer. Called under the lock.
     private func granted(_ shares: [ClaimShare], qty: Int, user: String, req: String?, loop: any EventLoop,
                          promise: EventLoopPromise<Reply>?, _ a: inout Actions) -> Outcome {
-        let event = ClaimEvent(claimID: engine.nextClaimID(), voucher: self.id, user: user, qty: qty,
+        let (claimID, seq) = engine.nextClaimID()
+        let event = ClaimEvent(claimID: claimID, voucher: self.id, user: user, qty: qty,
                                region: engine.config.region, host: engine.config.hostID, shares: shares,
                                tsMs: wallClockMs(), req: req)
         let limit = record?.perUser ?? 0
-        guard limit > 0 else { return recordClaim(event, loop: loop, promise: promise, &a) }
+        guard limit > 0 else { return recordClaim(event, seq: seq, loop: loop, promise: promise, &a) }
         // This host's own count is a lower bound of the user's global count: over it, refuse at once.
         let held = localUsers[user, default: 0]
         if held + qty > limit {
@@ -222,21 +223,23 @@ final class VoucherRuntime: @unchecked Sendable {
         // Reserved until the check answers. The map is bounded: past `claims.max_tracked` users it only
         // keeps users it already has (the pre-check then misses, and Redis decides).
         if held > 0 || localUsers.count < engine.config.claims.maxTracked { localUsers[user] = held + qty }
-        if engine.config.perUser.mode == .local { return recordClaim(event, loop: loop, promise: promise, &a) }
+        if engine.config.perUser.mode == .local {
+            return recordClaim(event, seq: seq, loop: loop, promise: promise, &a)
+        }
         let p = promise ?? loop.makePromise(of: Reply.self)
-        a.userChecks.append((event, limit, p))
+        a.userChecks.append((event, seq, limit, p))
         return .later(p.futureResult)
     }
 
     /// Journal the intent (durable unless `none`), then ask Redis; `userChecked` continues.
-    private func startUserCheck(_ event: ClaimEvent, limit: Int, promise: EventLoopPromise<Reply>) {
+    private func startUserCheck(_ event: ClaimEvent, seq: Int, limit: Int, promise: EventLoopPromise<Reply>) {
         let check = QuotaStore.UserCheck(
             voucher: id, group: QuotaStore.userGroup(user: event.user, groups: engine.config.perUser.groups),
             limit: limit, user: event.user, qty: event.qty, claimID: event.claimID)
         let batcher = engine.userChecks
         let loop = promise.futureResult.eventLoop
         let ask: @Sendable () -> Void = { [self] in
-            batcher.submit(check, on: loop) { r in self.userChecked(event, result: r, promise: promise) }
+            batcher.submit(check, on: loop) { r in self.userChecked(event, seq: seq, result: r, promise: promise) }
         }
         var intent = event
         intent.kind = .intent
@@ -245,12 +248,17 @@ final class VoucherRuntime: @unchecked Sendable {
             ask()
         } else {
             engine.pipeline.journal!.append(.claim(intent)) { [self] r in
-                if case .failure = r { self.userChecked(event, result: .failure(.unreachable("journal")), promise: promise) } else { ask() }
+                if case .failure = r {
+                    self.userChecked(event, seq: seq, result: .failure(.unreachable("journal")), promise: promise)
+                } else {
+                    ask()
+                }
             }
         }
     }
 
-    private func userChecked(_ event: ClaimEvent, result: Result<Bool, RedisError>, promise: EventLoopPromise<Reply>) {
+    private func userChecked(_ event: ClaimEvent, seq: Int, result: Result<Bool, RedisError>,
+                             promise: EventLoopPromise<Reply>) {
         var a = Actions()
         lock.lock()
         let counted: Bool
@@ -267,7 +275,7 @@ final class VoucherRuntime: @unchecked Sendable {
             if !counted { refusal = QuotaError(.unavailable, "per-user check unavailable: \(e)") }
         }
         if counted {
-            _ = recordClaim(event, loop: promise.futureResult.eventLoop, promise: promise, &a)
+            _ = recordClaim(event, seq: seq, loop: promise.futureResult.eventLoop, promise: promise, &a)
         } else {
             if let held = localUsers[event.user] {
                 if held - event.qty <= 0 { localUsers.removeValue(forKey: event.user) } else { localUsers[event.user] = held - event.qty }
@@ -281,14 +289,14 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// Record a claim as the durability mode requires. `promise` (parked or checked claims) is completed;
     /// otherwise the outcome is returned.
-    private func recordClaim(_ event: ClaimEvent, loop: any EventLoop, promise: EventLoopPromise<Reply>?,
+    private func recordClaim(_ event: ClaimEvent, seq: Int, loop: any EventLoop, promise: EventLoopPromise<Reply>?,
                              _ a: inout Actions) -> Outcome {
         let id = event.claimID
         let pipeline = engine.pipeline
         let book = engine.claimBook
         if pipeline.durability == .none {
             _ = pipeline.recordClaim(event) { _ in }
-            book.add(event)
+            book.add(event, seq: seq)
             if let promise { a.completions.append((promise, .claimID(id))) }
             return .now(.claimID(id))
         }
@@ -297,7 +305,7 @@ final class VoucherRuntime: @unchecked Sendable {
         let shares = event.shares
         _ = pipeline.recordClaim(event) { [self] ok in
             if ok {
-                book.add(event)
+                book.add(event, seq: seq)
                 once.complete(.claimID(id))
             } else if once.complete(.error(QuotaError(.unavailable, "claim could not be made durable: \(pipeline.refusal()?.message ?? "journal write failed")"))) {
                 self.putBack(shares, claimID: id, user: event.user, code: .unavailable)
@@ -509,7 +517,7 @@ final class VoucherRuntime: @unchecked Sendable {
 
     private func perform(_ a: Actions) {
         for (p, r) in a.completions { p.succeed(r) }
-        for (e, limit, p) in a.userChecks { startUserCheck(e, limit: limit, promise: p) }
+        for (e, seq, limit, p) in a.userChecks { startUserCheck(e, seq: seq, limit: limit, promise: p) }
         for (f, p) in a.cascades { f.cascade(to: p) }
         if a.load { startLoad() }
         if let l = a.lease { startLease(l) }
