@@ -148,7 +148,10 @@ public struct SidecarConfig: Sendable {
         for (k, v) in overrides {
             let parts = k.split(separator: ".").map(String.init)
             guard !parts.isEmpty else { throw ConfigError(key: k, "empty key in override") }
-            try root.set(path: parts, value: .scalar(v))
+            // A flow list (`--set socket.allowed_uids=[1000,1001]`) is a list; anything else a scalar.
+            var value = ConfigNode.scalar(v)
+            if v.hasPrefix("["), case .list(let items)? = try? ConfigNode.parse(yaml: v) { value = .list(items) }
+            try root.set(path: parts, value: value)
         }
         return try decode(root, defaultHostID: defaultHostID)
     }

@@ -24,14 +24,25 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var flushScheduled = false
     private let claimTimer: Metrics.Timer?
 
-    init(engine: SidecarEngine, isAdmin: Bool) {
+    /// Set for a peer refused at accept (`CODE message`): its first command gets this error, then close.
+    private let refusal: String?
+
+    init(engine: SidecarEngine, isAdmin: Bool, refusal: String? = nil) {
         self.engine = engine
         self.isAdmin = isAdmin
+        self.refusal = refusal
         self.claimTimer = engine.claimTimer.withLockedValue { $0 }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
+        if let refusal {
+            closing = true
+            var b = context.channel.allocator.buffer(capacity: refusal.utf8.count + 3)
+            b.writeString("-\(refusal)\r\n")
+            context.writeAndFlush(wrapOutboundOut(b)).whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
+            return
+        }
         let cmd = unwrapInboundIn(data)
         guard !cmd.arguments.isEmpty else { return }
         switch dispatch(cmd, context: context) {

@@ -150,12 +150,12 @@ public final class SidecarService: Service, Sendable {
                     }
                     let isAdmin = cred.uid == 0 || cred.uid == ownUID || config.socket.adminUIDs.contains(cred.uid ?? .max)
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPCommandDecoder(limits: limits)))
-                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(engine: engine, isAdmin: isAdmin))
-                    if let refusal {
+                    try channel.pipeline.syncOperations.addHandler(
+                        ConnectionHandler(engine: engine, isAdmin: isAdmin, refusal: refusal))
+                    if refusal != nil {
+                        // A refused peer is told why at its first command, then closed; at most 1 s.
                         engine.connectionsRefused.add(1, ordering: .relaxed)
-                        var b = channel.allocator.buffer(capacity: refusal.utf8.count + 3)
-                        b.writeString("-\(refusal)\r\n")
-                        channel.writeAndFlush(b).whenComplete { _ in channel.close(promise: nil) }
+                        channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
                     }
                 }
             }

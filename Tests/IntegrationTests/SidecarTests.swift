@@ -309,6 +309,41 @@ struct SidecarTests {
         #expect(try await redis.account("dr").pool == 10_000 - 100)
     }
 
+    @Test func peerCredentialsDecideWhoMayConnectAndWhoMayDrain() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        chmod(dir.path, 0o755)  // let `nobody` reach the sockets
+        guard let pw = getpwnam("nobody") else { throw TestError.failed("no user 'nobody'") }
+        let nobody = pw.pointee.pw_uid
+        /// redis-cli as `nobody`: its output.
+        func asNobody(_ socket: String, _ args: [String]) async throws -> String {
+            let p = try ChildProcess("/usr/bin/setpriv", ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                                                          "/usr/bin/redis-cli", "-s", socket] + args,
+                                     log: dir.file("cli-\(UUID().uuidString)"))
+            _ = try await p.wait()
+            return p.output
+        }
+        // Anyone who can open the socket may claim; DRAIN is for admins only.
+        let open = try await Quotad(redis: redis, dir: dir, host: "open", args: ["--set", "socket.mode=0666"])
+        #expect(try await asNobody(open.socket, ["PING"]).contains("PONG"))
+        let drain = try await asNobody(open.socket, ["DRAIN"])
+        #expect(drain.contains("NOPERM"), "\(drain)")
+        #expect(try await open.info()["draining"] == "0", "a refused DRAIN changes nothing")
+        #expect(try await asNobody(open.socket, ["NOSUCHCMD"]).contains("ERR unknown command"))
+        #expect(try await open.stop() == 0)
+
+        // allowed_uids: other peers are refused at connect with NOPERM (root is always allowed).
+        let closed = try await Quotad(redis: redis, dir: dir, host: "closed",
+                                      args: ["--set", "socket.mode=0666", "--set", "socket.allowed_uids=[\(nobody + 1)]"])
+        let refused = try await asNobody(closed.socket, ["PING"])
+        #expect(refused.contains("NOPERM"), "\(refused)")
+        #expect(try await closed.stat("rejected_connections") >= 1)
+        let c = try await RESPClient.connect(closed.socket)
+        #expect(try await c.send("PING") == .simpleString("PONG"), "root is allowed")
+        c.close()
+        #expect(try await closed.stop() == 0)
+    }
+
     @Test func badConfigIsRefusedAtStartNamingTheKey() async throws {
         let dir = TempDir()
         let cfg = dir.file("bad.yaml")

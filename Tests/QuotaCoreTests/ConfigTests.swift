@@ -96,6 +96,12 @@ struct ConfigTests {
         #expect(c.lease.safetyMargin == .seconds(1))
     }
 
+    @Test func flagOverridesTakeFlowLists() throws {
+        let c = try load(minimal, [("socket.allowed_uids", "[1000, 1001]")])
+        #expect(c.socket.allowedUIDs == [1000, 1001])
+        #expect(errorKey(minimal, [("socket.allowed_uids", "[x]")]) == "socket.allowed_uids")
+    }
+
     @Test func socketModeIsOctal() throws {
         #expect(try load(minimal + "\n", [("socket.mode", "0600")]).socket.mode == 0o600)
         #expect(errorKey(minimal, [("socket.mode", "0999")]) == "socket.mode")
