@@ -54,6 +54,15 @@ public struct ClaimEvent: Sendable, Equatable {
         self.tsMs = tsMs
     }
 
+    /// The `unclaimed` event cancelling this claim, stamped `tsMs` (journal only: no request id).
+    public func cancellation(tsMs: Int64) -> ClaimEvent {
+        var c = self
+        c.kind = .unclaimed
+        c.tsMs = tsMs
+        c.req = nil
+        return c
+    }
+
     /// The Kafka value (CONTRACT §4): one JSON object. `lease` names the lease the tokens came
     /// from (`a+b` when one claim spans two leases).
     public var kafkaValue: [UInt8] {

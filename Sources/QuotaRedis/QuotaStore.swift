@@ -144,24 +144,36 @@ public final class QuotaStore: Sendable {
         return (r.array ?? []).compactMap(\.string).sorted()
     }
 
-    static func record(id: String, _ r: RedisValue) -> VoucherRecord? {
-        guard let a = r.array, !a.isEmpty else { return nil }
+    /// An `HGETALL` reply as a field → value map.
+    public static func fields(_ r: RedisValue) -> [String: String] {
+        let a = r.array ?? []
         var f: [String: String] = [:]
         var i = 0
         while i + 1 < a.count {
             if let k = a[i].string, let v = a[i + 1].string { f[k] = v }
             i += 2
         }
+        return f
+    }
+
+    /// The lease policy fields of a voucher hash or of the region policy hash.
+    static func policy(_ f: [String: String]) -> LeasePolicyOverride {
+        LeasePolicyOverride(
+            min: f["lease_min"].flatMap { Int($0) }, max: f["lease_max"].flatMap { Int($0) },
+            targetSeconds: f["lease_target_seconds"].flatMap { Double($0) },
+            ttlSeconds: f["lease_ttl"].flatMap { Double($0) })
+    }
+
+    static func record(id: String, _ r: RedisValue) -> VoucherRecord? {
+        let f = fields(r)
+        guard !f.isEmpty else { return nil }
         func int(_ k: String) -> Int { f[k].flatMap { Int($0) } ?? 0 }
         return VoucherRecord(
             id: id, limit: int("limit"), pool: int("pool"),
             status: f["state"].flatMap(VoucherStatus.init(rawValue:)) ?? .closed,
             perUser: int("per_user"), totalLimit: int("total_limit"), region: f["region"] ?? "",
             leased: int("leased"), returned: int("returned"), starvedMs: int("starved_ms"),
-            policy: LeasePolicyOverride(
-                min: f["lease_min"].flatMap { Int($0) }, max: f["lease_max"].flatMap { Int($0) },
-                targetSeconds: f["lease_target_seconds"].flatMap { Double($0) },
-                ttlSeconds: f["lease_ttl"].flatMap { Double($0) }))
+            policy: policy(f))
     }
 
     /// Set a voucher's state. Returns false for an unknown voucher.
@@ -192,9 +204,7 @@ public final class QuotaStore: Sendable {
     }
 
     public func regionPolicy() async throws(RedisError) -> LeasePolicyOverride {
-        let r = try await connection.send(["HGETALL", Self.policy])
-        return Self.record(id: "", .array([.string("state"), .string("active")] + (r.array ?? [])))?.policy
-            ?? LeasePolicyOverride()
+        Self.policy(Self.fields(try await connection.send(["HGETALL", Self.policy])))
     }
 
     // MARK: Leases
@@ -315,19 +325,14 @@ public final class QuotaStore: Sendable {
     public func leases(voucher: String) async throws(RedisError) -> [LeaseRecord] {
         let r = try await connection.send(["HGETALL", Self.leases(voucher)])
         var out: [LeaseRecord] = []
-        let a = r.array ?? []
-        var i = 0
-        while i + 1 < a.count {
-            if let id = a[i].string, let v = a[i + 1].string {
-                let parts = v.split(separator: "|", omittingEmptySubsequences: false)
-                if parts.count >= 4, let g = Int(parts[parts.count - 3]), let rt = Int(parts[parts.count - 2]),
-                    let e = Int(parts[parts.count - 1])
-                {
-                    out.append(LeaseRecord(id: id, host: parts.dropLast(3).joined(separator: "|"), granted: g,
-                                           returned: rt, expiresMs: e))
-                }
+        for (id, v) in Self.fields(r) {
+            let parts = v.split(separator: "|", omittingEmptySubsequences: false)
+            if parts.count >= 4, let g = Int(parts[parts.count - 3]), let rt = Int(parts[parts.count - 2]),
+                let e = Int(parts[parts.count - 1])
+            {
+                out.append(LeaseRecord(id: id, host: parts.dropLast(3).joined(separator: "|"), granted: g,
+                                       returned: rt, expiresMs: e))
             }
-            i += 2
         }
         return out.sorted { (Int($0.id) ?? 0) < (Int($1.id) ?? 0) }
     }

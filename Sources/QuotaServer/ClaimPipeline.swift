@@ -155,9 +155,7 @@ final class ClaimPipeline: Sendable {
     /// A kafka-mode claim that was never acknowledged in time: journal its cancellation, so the
     /// stream nets to zero for a claim whose caller was told UNAVAILABLE.
     func recordCancellation(_ e: ClaimEvent) {
-        var c = e
-        c.kind = .unclaimed
-        journal?.append(.claim(c))
+        journal?.append(.claim(e.cancellation(tsMs: e.tsMs)))
     }
 
     // MARK: - Shipping

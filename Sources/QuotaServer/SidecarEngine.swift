@@ -165,10 +165,7 @@ public final class SidecarEngine: Sendable {
         case .take(let ev):
             e = ev
         }
-        var cancel = e
-        cancel.kind = .unclaimed
-        cancel.tsMs = wallClockMs()
-        cancel.req = nil
+        let cancel = e.cancellation(tsMs: wallClockMs())
         let p = loop.makePromise(of: Reply.self)
         let finish: @Sendable () -> Void = { [self] in
             Task {

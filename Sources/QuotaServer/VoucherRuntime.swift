@@ -277,9 +277,7 @@ final class VoucherRuntime: @unchecked Sendable {
         if counted {
             _ = recordClaim(event, seq: seq, loop: promise.futureResult.eventLoop, promise: promise, &a)
         } else {
-            if let held = localUsers[event.user] {
-                if held - event.qty <= 0 { localUsers.removeValue(forKey: event.user) } else { localUsers[event.user] = held - event.qty }
-            }
+            releaseLocal(user: event.user, qty: event.qty)
             takeBack(event.shares, claimID: event.claimID, code: refusal!.code)
             a.completions.append((promise, .error(refusal!)))
         }
@@ -338,10 +336,7 @@ final class VoucherRuntime: @unchecked Sendable {
     private func putBack(_ shares: [ClaimShare], claimID: String, user: String, code: QuotaErrorCode) {
         lock.withLock {
             takeBack(shares, claimID: claimID, code: code)
-            if (record?.perUser ?? 0) > 0, let held = localUsers[user] {
-                let q = shares.reduce(0) { $0 + $1.tokens }
-                if held - q <= 0 { localUsers.removeValue(forKey: user) } else { localUsers[user] = held - q }
-            }
+            if (record?.perUser ?? 0) > 0 { releaseLocal(user: user, qty: shares.reduce(0) { $0 + $1.tokens }) }
         }
     }
 
@@ -349,10 +344,7 @@ final class VoucherRuntime: @unchecked Sendable {
     /// Returns the tokens put back locally (the rest must go back to the pool).
     func unclaimed(_ e: ClaimEvent) -> Int {
         lock.withLock {
-            if localUsers[e.user] != nil {
-                localUsers[e.user]! -= e.qty
-                if localUsers[e.user]! <= 0 { localUsers.removeValue(forKey: e.user) }
-            }
+            releaseLocal(user: e.user, qty: e.qty)
             guard case .ready = phase else { return 0 }
             let n = stock.putBack(e.shares, now: monotonicNow())
             return n
@@ -360,6 +352,12 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     var perUserLimit: Int { lock.withLock { record?.perUser ?? 0 } }
+
+    /// This host's record of `user` goes down by `qty` (under the lock); gone at zero.
+    private func releaseLocal(user: String, qty: Int) {
+        guard let held = localUsers[user] else { return }
+        if held - qty <= 0 { localUsers.removeValue(forKey: user) } else { localUsers[user] = held - qty }
+    }
 
     /// Serve or refuse parked claims, in order, after the stock changed.
     private func serveParked(now: Instant, _ a: inout Actions) {

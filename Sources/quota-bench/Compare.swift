@@ -78,12 +78,11 @@ enum Designs {
         let a = try await redis.account(voucher)
         var maxPerUser = 0
         if w.perUser > 0 {
+            // quotad's default per_user.groups (the sidecars run with the default).
             for g in 0..<64 {
-                let h = try await redis.store.connection.send(["HGETALL", "quota:u:{\(voucher):\(g)}"]).array ?? []
-                var i = 0
-                while i + 1 < h.count {
-                    if let k = h[i].string, !k.hasPrefix("#") { maxPerUser = max(maxPerUser, h[i + 1].int ?? 0) }
-                    i += 2
+                let key = QuotaStore.userGroupKey(voucher: voucher, group: g)
+                for (k, v) in QuotaStore.fields(try await redis.store.connection.send(["HGETALL", key])) where !k.hasPrefix("#") {
+                    maxPerUser = max(maxPerUser, Int(v) ?? 0)
                 }
             }
         }
