@@ -82,7 +82,7 @@ let package = Package(
         .target(
             name: "QuotaHarness",
             dependencies: [
-                "QuotaClient", "QuotaRedis", "QuotaKafka", "QuotaRESP",
+                "QuotaClient", "QuotaRedis", "QuotaKafka", "QuotaRESP", "QuotaCore", "QuotaJournal",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -142,7 +142,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient", "QuotaKafka", "QuotaHarness",
+                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient", "QuotaKafka", "QuotaHarness", "QuotaJournal",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

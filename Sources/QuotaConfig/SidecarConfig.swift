@@ -24,6 +24,9 @@ public struct SidecarConfig: Sendable {
     public var limits: Limits
     /// `redis_timeout_ms`: timeout of every Redis call. Default 1000.
     public var redisTimeout: Duration
+    /// `redis.require_durable`: refuse to start unless the region's Redis has `appendonly yes` and
+    /// `appendfsync always` (a Redis that can forget leases can oversell). Default true.
+    public var requireDurableRedis = true
     /// `avail_refresh`: seconds between refreshes of the pool size and voucher state. Default 1.
     public var availRefresh: Duration
     /// `policy_refresh`: seconds between refreshes of lease policy from Redis. Default 2.
@@ -33,7 +36,7 @@ public struct SidecarConfig: Sendable {
     /// `log_level`: trace|debug|info|notice|warning|error|critical. Default info.
     public var logLevel: String
 
-    public enum Durability: String, Sendable { case none, journal, kafka }
+    public typealias Durability = QuotaCore.Durability
 
     public struct Socket: Sendable {
         /// `socket.path`. Default `/run/quotad/quotad.sock`.
@@ -58,7 +61,8 @@ public struct SidecarConfig: Sendable {
     }
 
     public struct KafkaSettings: Sendable {
-        /// `kafka.brokers`: bootstrap servers. Required with `durability: journal|kafka`.
+        /// `kafka.brokers`: bootstrap servers. Required with `durability: kafka`; without it, `journal`
+        /// keeps claims in the journal only (nothing is shipped, and the backlog bound applies).
         public var brokers: String? = nil
         /// `kafka.topic`. Default `quota.claims`.
         public var topic = "quota.claims"
@@ -72,8 +76,8 @@ public struct SidecarConfig: Sendable {
     }
 
     public struct PerUserSettings: Sendable {
-        public enum Mode: String, Sendable { case central, local }
-        public enum OnUnavailable: String, Sendable { case failClosed = "fail-closed", local }
+        public typealias Mode = ClaimRules.PerUserMode
+        public typealias OnUnavailable = ClaimRules.OnUnavailable
         /// `per_user.mode`: `central` (checked atomically in Redis across all hosts, default) or `local`
         /// (this host's own record only: for deployments that route each user to one host).
         public var mode: Mode = .central
@@ -302,6 +306,9 @@ public struct SidecarConfig: Sendable {
         if let v = try cl.int("max_tracked", min: 0) { c.claims.maxTracked = v }
         try cl.finish()
         if let v = try r.int("redis_timeout_ms", min: 10, max: 60_000) { c.redisTimeout = .milliseconds(v) }
+        var rd = try r.child("redis")
+        if let v = try rd.bool("require_durable") { c.requireDurableRedis = v }
+        try rd.finish()
         if let v = try r.double("avail_refresh", min: 0.05, max: 60) { c.availRefresh = .milliseconds(Int64(v * 1000)) }
         if let v = try r.double("policy_refresh", min: 0.1, max: 600) {
             c.policyRefresh = .milliseconds(Int64(v * 1000))
@@ -315,8 +322,8 @@ public struct SidecarConfig: Sendable {
             c.logLevel = v
         }
         try r.finish(notBuilt: notBuilt)
-        if c.durability != .none && c.kafka.brokers == nil {
-            throw ConfigError(key: "kafka.brokers", "is required with durability: \(c.durability.rawValue)")
+        if c.durability == .kafka && c.kafka.brokers == nil {
+            throw ConfigError(key: "kafka.brokers", "is required with durability: kafka")
         }
         return c
     }

@@ -1,123 +1,58 @@
-/// One record of the local journal. Claims are what gets shipped to Kafka; lease
-/// records and the snapshot at the start of each segment let a restarted sidecar
-/// know exactly how many tokens of each lease it served.
+/// One record of the local journal. Claims, cancellations and lease closes are what gets shipped
+/// to Kafka; the other records let a restarted sidecar know exactly what each lease of a previous
+/// run served, which lease requests may have been granted unseen, and under which durability mode
+/// and region generation it ran. The fold of these records is ``LeaseLedger`` (one place).
 public enum JournalRecord: Sendable, Equatable {
+    /// A granted claim, a cancellation (with where each share went) or a per-user intent.
     case claim(ClaimEvent)
-    case leaseGranted(voucher: String, lease: String, granted: Int)
-    /// Redis acknowledged the closing return of this lease.
-    case leaseClosed(voucher: String, lease: String)
-    /// Every open lease and what was served from it, at the start of a segment.
-    case snapshot([OpenLease])
-
-    public struct OpenLease: Sendable, Equatable, Hashable {
-        public var voucher: String
-        public var lease: String
-        public var granted: Int
-        public var served: Int
-        public init(voucher: String, lease: String, granted: Int, served: Int) {
-            self.voucher = voucher
-            self.lease = lease
-            self.granted = granted
-            self.served = served
-        }
-    }
+    /// A per-user intent was settled without a claim: its count in Redis was released (or never taken).
+    case intentResolved(voucher: String, claimID: String)
+    /// A `LEASE` with this request id is about to be sent (made durable before it is).
+    case leaseRequested(voucher: String, req: String)
+    /// Redis granted a lease for request `req`. `trusted`: written under `durability: journal|kafka`,
+    /// where every answered claim is in the journal before its reply, so the served count is exact.
+    case leaseGranted(voucher: String, lease: String, granted: Int, req: String, trusted: Bool)
+    /// Redis answered request `req` without a lease (sold out, inactive, unknown).
+    case leaseAnswered(voucher: String, req: String)
+    /// Redis acknowledged the closing return of a lease (shipped as a `lease_closed` event).
+    case leaseClosed(LeaseClose)
+    /// A process started on this journal.
+    case boot(JournalBoot)
+    /// The region's Redis generation this host adopted (see docs/accounting.md, "Redis that forgets").
+    case generation(String)
+    /// The ledger's state at the start of a segment, so older segments can be deleted.
+    case snapshot(LeaseLedger.Snapshot)
 }
 
-/// A granted claim (or a cancellation of one) as journaled and streamed to Kafka.
-public struct ClaimEvent: Sendable, Equatable {
-    /// `claimed` and `unclaimed` are shipped to Kafka; `intent` (a claim waiting for its per-user
-    /// check) stays in the journal, so a crash between the check and the claim can be undone.
-    public enum Kind: UInt8, Sendable { case claimed = 1, unclaimed = 2, intent = 3 }
-    public var kind: Kind
-    public var claimID: String
-    public var voucher: String
-    public var user: String
-    public var qty: Int
-    public var region: String
+/// Who wrote the records that follow: one per process start.
+public struct JournalBoot: Sendable, Equatable {
+    public var boot: String
     public var host: String
-    public var shares: [ClaimShare]
+    /// `journal`, `kafka` or `none`: whether served counts written from here on can be trusted.
+    public var durability: String
     public var tsMs: Int64
-    /// The client's request id (`CLAIM … REQ id`), journal only.
-    public var req: String?
-
-    public init(kind: Kind = .claimed, claimID: String, voucher: String, user: String, qty: Int, region: String,
-                host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil) {
-        self.req = req
-        self.kind = kind
-        self.claimID = claimID
-        self.voucher = voucher
-        self.user = user
-        self.qty = qty
-        self.region = region
+    public init(boot: String, host: String, durability: String, tsMs: Int64) {
+        self.boot = boot
         self.host = host
-        self.shares = shares
+        self.durability = durability
         self.tsMs = tsMs
-    }
-
-    /// The `unclaimed` event cancelling this claim, stamped `tsMs` (journal only: no request id).
-    public func cancellation(tsMs: Int64) -> ClaimEvent {
-        var c = self
-        c.kind = .unclaimed
-        c.tsMs = tsMs
-        c.req = nil
-        return c
-    }
-
-    /// The Kafka value (CONTRACT §4): one JSON object. `lease` names the lease the tokens came
-    /// from (`a+b` when one claim spans two leases).
-    public var kafkaValue: [UInt8] {
-        var s = "{\"type\":\""
-        s += kind == .claimed ? "claimed" : "unclaimed"
-        s += "\",\"claim_id\":"
-        JSON.append(claimID, to: &s)
-        s += ",\"voucher\":"
-        JSON.append(voucher, to: &s)
-        s += ",\"user\":"
-        JSON.append(user, to: &s)
-        s += ",\"qty\":\(qty),\"region\":"
-        JSON.append(region, to: &s)
-        s += ",\"host\":"
-        JSON.append(host, to: &s)
-        s += ",\"lease\":"
-        JSON.append(shares.map(\.leaseId).joined(separator: "+"), to: &s)
-        s += ",\"ts_ms\":\(tsMs)}"
-        return Array(s.utf8)
-    }
-}
-
-enum JSON {
-    static func append(_ v: String, to s: inout String) {
-        s += "\""
-        for u in v.unicodeScalars {
-            switch u {
-            case "\"": s += "\\\""
-            case "\\": s += "\\\\"
-            case "\n": s += "\\n"
-            case "\r": s += "\\r"
-            case "\t": s += "\\t"
-            default:
-                if u.value < 0x20 {
-                    s += "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count)
-                        + String(u.value, radix: 16)
-                } else {
-                    s.unicodeScalars.append(u)
-                }
-            }
-        }
-        s += "\""
     }
 }
 
 /// The journal's binary framing: `[u32 length][u32 crc32c][type u8 + payload]`, little endian.
 /// A record is trusted only if its whole frame is present and its checksum matches.
+///
+/// Format 2: every segment starts with a snapshot record (type 12) that carries the format version;
+/// segments of format 1 (snapshot type 4) are reported as undecodable, never misread.
 public enum JournalCodec {
     public static let headerBytes = 8
+    public static let formatVersion: UInt64 = 2
     /// Largest record accepted when reading (a corrupt length field cannot make us read garbage).
-    public static let maxRecordBytes = 1 << 20
+    public static let maxRecordBytes = 64 << 20
 
     public static func encode(_ r: JournalRecord, into out: inout [UInt8]) {
         var body: [UInt8] = []
-        body.reserveCapacity(96)
+        body.reserveCapacity(112)
         switch r {
         case .claim(let c):
             body.append(c.kind == .claimed ? 1 : c.kind == .unclaimed ? 5 : 6)
@@ -139,23 +74,62 @@ public enum JournalCodec {
             } else {
                 body.append(0)
             }
-        case .leaseGranted(let v, let l, let g):
-            body.append(2)
+            put(c.toPool, &body)
+        case .intentResolved(let v, let c):
+            body.append(13)
+            put(v, &body)
+            put(c, &body)
+        case .leaseRequested(let v, let req):
+            body.append(7)
+            put(v, &body)
+            put(req, &body)
+        case .leaseGranted(let v, let l, let g, let req, let trusted):
+            body.append(8)
             put(v, &body)
             put(l, &body)
             put(UInt64(g), &body)
-        case .leaseClosed(let v, let l):
-            body.append(3)
+            put(req, &body)
+            body.append(trusted ? 1 : 0)
+        case .leaseAnswered(let v, let req):
+            body.append(9)
             put(v, &body)
-            put(l, &body)
-        case .snapshot(let leases):
-            body.append(4)
-            put(UInt64(leases.count), &body)
-            for o in leases {
-                put(o.voucher, &body)
-                put(o.lease, &body)
-                put(UInt64(o.granted), &body)
-                put(UInt64(o.served), &body)
+            put(req, &body)
+        case .leaseClosed(let c):
+            body.append(10)
+            put(c.voucher, &body)
+            put(c.lease, &body)
+            put(c.region, &body)
+            put(c.host, &body)
+            put(UInt64(c.granted), &body)
+            put(UInt64(c.served), &body)
+            put(UInt64(c.returned), &body)
+            put(UInt64(bitPattern: c.tsMs), &body)
+        case .boot(let b):
+            body.append(11)
+            put(b.boot, &body)
+            put(b.host, &body)
+            put(b.durability, &body)
+            put(UInt64(bitPattern: b.tsMs), &body)
+        case .generation(let g):
+            body.append(14)
+            put(g, &body)
+        case .snapshot(let s):
+            body.append(12)
+            put(formatVersion, &body)
+            put(s.generation ?? "", &body)
+            put(UInt64(s.accounts.count), &body)
+            for a in s.accounts {
+                put(a.voucher, &body)
+                put(a.lease, &body)
+                put(UInt64(a.granted), &body)
+                put(UInt64(a.served), &body)
+                put(UInt64(a.restocked), &body)
+                body.append(a.trusted ? 1 : 0)
+            }
+            put(UInt64(s.requests.count), &body)
+            for q in s.requests {
+                put(q.voucher, &body)
+                put(q.req, &body)
             }
         }
         appendLE(UInt32(body.count), &out)
@@ -178,32 +152,52 @@ public enum JournalCodec {
         let crc = readLE(bytes, offset + 4)
         guard len > 0, len <= maxRecordBytes else { return .corrupt("bad record length \(len)") }
         guard bytes.count - offset - headerBytes >= len else { return .incomplete }
-        let body = Array(bytes[(offset + headerBytes)..<(offset + headerBytes + len)])
-        guard CRC32C.checksum(body) == crc else { return .corrupt("checksum mismatch") }
+        let start = offset + headerBytes
+        guard CRC32C.checksum(bytes[start..<(start + len)]) == crc else { return .corrupt("checksum mismatch") }
+        let body = Array(bytes[start..<(start + len)])
         var r = Reader(bytes: body, at: 1)
         let record: JournalRecord?
         switch body[0] {
         case 1, 5, 6:
             record = r.claim(kind: body[0] == 1 ? .claimed : body[0] == 5 ? .unclaimed : .intent)
-        case 2:
-            if let v = r.string(), let l = r.string(), let g = r.int() {
-                record = .leaseGranted(voucher: v, lease: l, granted: g)
+        case 13:
+            if let v = r.string(), let c = r.string() { record = .intentResolved(voucher: v, claimID: c) } else { record = nil }
+        case 7:
+            if let v = r.string(), let q = r.string() { record = .leaseRequested(voucher: v, req: q) } else { record = nil }
+        case 8:
+            if let v = r.string(), let l = r.string(), let g = r.int(), let q = r.string(), let t = r.flag() {
+                record = .leaseGranted(voucher: v, lease: l, granted: g, req: q, trusted: t)
             } else { record = nil }
-        case 3:
-            if let v = r.string(), let l = r.string() { record = .leaseClosed(voucher: v, lease: l) } else { record = nil }
-        case 4:
+        case 9:
+            if let v = r.string(), let q = r.string() { record = .leaseAnswered(voucher: v, req: q) } else { record = nil }
+        case 10:
+            if let v = r.string(), let l = r.string(), let rg = r.string(), let h = r.string(), let g = r.int(),
+                let s = r.int(), let rt = r.int(), let ts = r.varint()
+            {
+                record = .leaseClosed(LeaseClose(voucher: v, lease: l, region: rg, host: h, granted: g, served: s,
+                                                 returned: rt, tsMs: Int64(bitPattern: ts)))
+            } else { record = nil }
+        case 11:
+            if let b = r.string(), let h = r.string(), let d = r.string(), let ts = r.varint() {
+                record = .boot(JournalBoot(boot: b, host: h, durability: d, tsMs: Int64(bitPattern: ts)))
+            } else { record = nil }
+        case 14:
+            record = r.string().map { .generation($0) }
+        case 12:
             record = r.snapshot()
         default:
             record = nil
         }
         guard let record, r.atEnd else { return .corrupt("undecodable record of type \(body[0])") }
-        return .record(record, next: offset + headerBytes + len)
+        return .record(record, next: start + len)
     }
 
     private static func put(_ s: String, _ out: inout [UInt8]) {
-        let u = Array(s.utf8)
-        put(UInt64(u.count), &out)
-        out += u
+        var s = s
+        s.withUTF8 { u in
+            put(UInt64(u.count), &out)
+            out.append(contentsOf: u)
+        }
     }
 
     private static func put(_ v: UInt64, _ out: inout [UInt8]) {
@@ -243,6 +237,12 @@ public enum JournalCodec {
 
         mutating func int() -> Int? { varint().flatMap { $0 <= UInt64(Int.max) ? Int($0) : nil } }
 
+        mutating func flag() -> Bool? {
+            guard at < bytes.count, bytes[at] <= 1 else { return nil }
+            defer { at += 1 }
+            return bytes[at] == 1
+        }
+
         mutating func string() -> String? {
             guard let n = int(), n <= bytes.count - at else { return nil }
             defer { at += n }
@@ -251,50 +251,90 @@ public enum JournalCodec {
 
         mutating func claim(kind: ClaimEvent.Kind) -> JournalRecord? {
             guard let id = string(), let v = string(), let u = string(), let q = int(), let rg = string(),
-                let h = string(), let ts = varint(), let n = int(), n <= 64
+                let h = string(), let ts = varint(), let n = int(), n <= ClaimEvent.maxShares
             else { return nil }
             var shares: [ClaimShare] = []
             for _ in 0..<n {
                 guard let l = string(), let t = int() else { return nil }
                 shares.append(ClaimShare(leaseId: l, tokens: t))
             }
-            guard at < bytes.count else { return nil }
-            let hasReq = bytes[at]
-            at += 1
+            guard let hasReq = flag() else { return nil }
             var req: String?
-            if hasReq == 1 {
+            if hasReq {
                 guard let r = string() else { return nil }
                 req = r
-            } else if hasReq != 0 {
-                return nil
             }
+            guard let toPool = varint() else { return nil }
             return .claim(ClaimEvent(kind: kind, claimID: id, voucher: v, user: u, qty: q, region: rg, host: h,
-                                     shares: shares, tsMs: Int64(bitPattern: ts), req: req))
+                                     shares: shares, tsMs: Int64(bitPattern: ts), req: req, toPool: toPool))
         }
 
         mutating func snapshot() -> JournalRecord? {
-            guard let n = int(), n <= 10_000_000 else { return nil }
-            var out: [JournalRecord.OpenLease] = []
+            guard varint() == JournalCodec.formatVersion, let gen = string(), let n = int(), n <= 10_000_000
+            else { return nil }
+            var accounts: [LeaseLedger.Account] = []
             for _ in 0..<n {
-                guard let v = string(), let l = string(), let g = int(), let s = int() else { return nil }
-                out.append(.init(voucher: v, lease: l, granted: g, served: s))
+                guard let v = string(), let l = string(), let g = int(), let s = int(), let k = int(),
+                    let t = flag()
+                else { return nil }
+                accounts.append(.init(voucher: v, lease: l, granted: g, served: s, restocked: k, trusted: t))
             }
-            return .snapshot(out)
+            guard let m = int(), m <= 10_000_000 else { return nil }
+            var requests: [LeaseLedger.Request] = []
+            for _ in 0..<m {
+                guard let v = string(), let q = string() else { return nil }
+                requests.append(.init(voucher: v, req: q))
+            }
+            return .snapshot(.init(generation: gen.isEmpty ? nil : gen, accounts: accounts, requests: requests))
         }
     }
 }
 
-/// CRC-32C (Castagnoli), table driven.
+/// CRC-32C (Castagnoli), slicing-by-8 over tables built once.
 public enum CRC32C {
-    static let table: [UInt32] = (0..<256).map { i -> UInt32 in
-        var c = UInt32(i)
-        for _ in 0..<8 { c = c & 1 != 0 ? (c >> 1) ^ 0x82F6_3B78 : c >> 1 }
-        return c
+    static let tables: [[UInt32]] = {
+        var t = [[UInt32]](repeating: [UInt32](repeating: 0, count: 256), count: 8)
+        for i in 0..<256 {
+            var c = UInt32(i)
+            for _ in 0..<8 { c = c & 1 != 0 ? (c >> 1) ^ 0x82F6_3B78 : c >> 1 }
+            t[0][i] = c
+        }
+        for i in 0..<256 {
+            for k in 1..<8 { t[k][i] = (t[k - 1][i] >> 8) ^ t[0][Int(t[k - 1][i] & 0xff)] }
+        }
+        return t
+    }()
+
+    public static func checksum<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {
+        var c: UInt32 = 0xFFFF_FFFF
+        let done: Bool? = bytes.withContiguousStorageIfAvailable { buf in
+            c = update(c, UnsafeRawBufferPointer(buf))
+            return true
+        }
+        if done == nil {
+            let a = Array(bytes)
+            a.withUnsafeBytes { c = update(c, $0) }
+        }
+        return c ^ 0xFFFF_FFFF
     }
 
-    public static func checksum(_ bytes: [UInt8]) -> UInt32 {
-        var c: UInt32 = 0xFFFF_FFFF
-        for b in bytes { c = table[Int((c ^ UInt32(b)) & 0xff)] ^ (c >> 8) }
-        return c ^ 0xFFFF_FFFF
+    static func update(_ crc: UInt32, _ p: UnsafeRawBufferPointer) -> UInt32 {
+        var c = crc
+        var i = 0
+        let n = p.count
+        tables.withUnsafeBufferPointer { t in
+            let t0 = t[0], t1 = t[1], t2 = t[2], t3 = t[3], t4 = t[4], t5 = t[5], t6 = t[6], t7 = t[7]
+            while n - i >= 8 {
+                let lo = c ^ (UInt32(p[i]) | UInt32(p[i + 1]) << 8 | UInt32(p[i + 2]) << 16 | UInt32(p[i + 3]) << 24)
+                c = t7[Int(lo & 0xff)] ^ t6[Int((lo >> 8) & 0xff)] ^ t5[Int((lo >> 16) & 0xff)] ^ t4[Int(lo >> 24)]
+                    ^ t3[Int(p[i + 4])] ^ t2[Int(p[i + 5])] ^ t1[Int(p[i + 6])] ^ t0[Int(p[i + 7])]
+                i += 8
+            }
+            while i < n {
+                c = t0[Int((c ^ UInt32(p[i])) & 0xff)] ^ (c >> 8)
+                i += 1
+            }
+        }
+        return c
     }
 }

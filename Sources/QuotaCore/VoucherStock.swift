@@ -1,9 +1,14 @@
 /// A lease as the sidecar holds it: tokens granted by Redis, how many of them
-/// were served here, and until when they may be served.
+/// were taken here, and until when they may be served.
 public struct LocalLease: Sendable, Equatable {
     public let id: String
     public let granted: Int
+    /// Tokens taken from this lease by claims decided here: committed or still in flight.
     public internal(set) var served: Int
+    /// Tokens whose fate is not settled yet: claims in flight (taken, not yet durable or refused)
+    /// and cancellations being journaled back into this lease. A lease is never closed while this
+    /// is above zero, so its closing return (`granted - served`) is final when it is sent.
+    public internal(set) var pending: Int = 0
     /// Serving stops at this monotonic instant unless the lease is renewed.
     public internal(set) var deadline: Instant
     public let ttl: Duration
@@ -38,27 +43,35 @@ public struct LeaseGrant: Sendable, Equatable {
 
 /// A lease request the shell must send to Redis.
 public struct LeaseRequest: Sendable, Equatable {
-    /// Tokens asked for (the policy's size, or more when waiting claims need more).
+    /// The request id: Redis grants at most one lease per id, so a retry after a lost reply (or a
+    /// restart) learns what was granted instead of taking more.
+    public var req: String
+    /// Tokens asked for (the policy's size, or more when waiting claims need more). 0 only resolves `req`.
     public var want: Int
     /// Tokens that waiting claims need at least (the script grants at least this if the pool has it).
     public var need: Int
     /// When the request was sent, on the monotonic clock: the lease's life is measured from here.
     public var sentAt: Instant
-    /// Fully served leases to close in the same round trip (nothing to give back for them).
-    public var close: [String] = []
+    /// Fully served leases to close in the same round trip.
+    public var close: [ReturnRequest] = []
 }
 
 /// Give back the unused part of a lease: `returnedTotal` is cumulative, so a retry changes nothing.
 public struct ReturnRequest: Sendable, Equatable {
     public var leaseId: String
+    public var granted: Int
     public var returnedTotal: Int
     public var close: Bool
 
-    public init(leaseId: String, returnedTotal: Int, close: Bool) {
+    public init(leaseId: String, granted: Int, returnedTotal: Int, close: Bool) {
         self.leaseId = leaseId
+        self.granted = granted
         self.returnedTotal = returnedTotal
         self.close = close
     }
+
+    /// Tokens of the lease served (and not put back) when it was closed.
+    public var served: Int { granted - returnedTotal }
 }
 
 /// The part of one claim taken from one lease.
@@ -117,7 +130,7 @@ public struct VoucherCounters: Sendable, Equatable {
     public init() {}
 }
 
-/// The local stock of one voucher and every decision about it, as a value.
+/// The local stock of one voucher and every decision about its leases, as a value.
 ///
 /// The I/O shell calls the mutating methods with the current monotonic time and
 /// carries out what they return (send a lease, a renewal or a return). Nothing
@@ -125,10 +138,14 @@ public struct VoucherCounters: Sendable, Equatable {
 ///
 /// Safety rules kept here:
 /// - a token is served only from a lease whose deadline (`sent + ttl - margin`) is in the future;
-/// - a lease leaves `leases` before its return is handed to the shell, so returned tokens are never served;
-/// - `returnedTotal` of a lease is `granted - served` and is never more than what was not served.
+/// - a lease leaves the stock before its return is handed to the shell, so returned tokens are never served;
+/// - a lease is closed only when nothing drawn from it is in flight (`pending == 0`), and its return
+///   is `granted - served`: exactly what was not served, never more;
+/// - a token given back by a claim that did not complete returns to the lease it came from (the lease
+///   is still held: it cannot close while the claim is in flight), never to the pool directly.
 public struct VoucherStock: Sendable {
     public var policy: LeasePolicy
+    /// Leases that may serve (sorted by deadline).
     public private(set) var leases: [LocalLease] = []
     public private(set) var status: VoucherStatus = .active
     /// The pool had nothing left at the last lease or refresh.
@@ -136,21 +153,31 @@ public struct VoucherStock: Sendable {
     /// The region pool as last seen (lease replies and periodic refresh).
     public private(set) var poolHint = 0
     public private(set) var leaseInFlight = false
+    /// A lease request whose outcome is unknown (timed out): the next request reuses its id.
+    public private(set) var unresolvedRequest: String?
     /// Redis could not be reached: no new lease is tried before this instant.
     public private(set) var backoffUntil: Instant?
     public private(set) var consecutiveFailures = 0
     public private(set) var draining = false
+    /// Why the authority can no longer be trusted (Redis forgot this voucher): nothing is served or returned.
+    public private(set) var lost: String?
     public private(set) var lastDemand: Instant?
     public var rate = RateEstimator()
     public var counters = VoucherCounters()
     private var pendingReturns: [ReturnRequest] = []
     /// Fully served leases not yet closed at Redis: they ride along on the next lease request.
     public private(set) var finishedLeases: [LocalLease] = []
+    /// Leases that may no longer serve (fenced, drained, paused) but still have claims in flight.
+    public private(set) var settling: [LocalLease] = []
     public var finished: [String] { finishedLeases.map(\.id) }
     private var finishedSince: Instant?
+    private let requestPrefix: String
+    private var requestCount = 0
 
-    public init(policy: LeasePolicy) {
+    /// - Parameter requestPrefix: makes lease request ids unique across hosts and restarts (`host.boot.voucher.`).
+    public init(policy: LeasePolicy, requestPrefix: String = "r.") {
         self.policy = policy
+        self.requestPrefix = requestPrefix
     }
 
     // MARK: - Claims
@@ -162,8 +189,10 @@ public struct VoucherStock: Sendable {
         return n
     }
 
-    /// Decide one claim of `qty` tokens.
-    public mutating func claim(qty: Int, now: Instant, countDemand: Bool = true) -> ClaimDecision {
+    /// Decide one claim of `qty` tokens. With `inFlight` the tokens stay pending until
+    /// ``commit(_:)`` or ``abort(_:now:)``; without it the claim is final at once.
+    public mutating func claim(qty: Int, now: Instant, countDemand: Bool = true, inFlight: Bool = false) -> ClaimDecision {
+        if let lost { return reject(.unavailable, lost) }
         if draining { return reject(.unavailable, "draining: this host no longer serves claims") }
         switch status {
         case .paused: return reject(.inactive, "voucher is paused")
@@ -175,7 +204,7 @@ public struct VoucherStock: Sendable {
             lastDemand = now
             rate.record(qty, now: now)
         }
-        if available(now: now) >= qty { return .served(take(qty)) }
+        if available(now: now) >= qty { return .served(take(qty, inFlight: inFlight)) }
         if soldOut { return reject(.soldout, "voucher sold out in this region") }
         if let b = backoffUntil, now < b, !leaseInFlight {
             return reject(.unavailable, "quota authority unreachable and no local stock")
@@ -184,16 +213,16 @@ public struct VoucherStock: Sendable {
     }
 
     /// Decide a parked claim again after a lease answer: serve it, or say what to answer.
-    /// Unlike ``claim(qty:now:)`` it never parks twice: no stock and no lease coming means refuse.
-    public mutating func retryParked(qty: Int, now: Instant) -> ClaimDecision {
-        let d = claim(qty: qty, now: now, countDemand: false)
+    /// Unlike ``claim(qty:now:countDemand:inFlight:)`` it never parks twice: no stock and no lease coming means refuse.
+    public mutating func retryParked(qty: Int, now: Instant, inFlight: Bool = false) -> ClaimDecision {
+        let d = claim(qty: qty, now: now, countDemand: false, inFlight: inFlight)
         guard d == .wait else { return d }
         if leaseInFlight || nextLeaseWouldBeSent(now: now) { return .wait }
         return reject(.unavailable, "quota authority unreachable and no local stock")
     }
 
     private func nextLeaseWouldBeSent(now: Instant) -> Bool {
-        !draining && status == .active && !soldOut && (backoffUntil.map { now >= $0 } ?? true)
+        lost == nil && !draining && status == .active && !soldOut && (backoffUntil.map { now >= $0 } ?? true)
     }
 
     private mutating func reject(_ code: QuotaErrorCode, _ message: String) -> ClaimDecision {
@@ -206,7 +235,7 @@ public struct VoucherStock: Sendable {
         counters.rejected[code, default: 0] += 1
     }
 
-    private mutating func take(_ qty: Int) -> [ClaimShare] {
+    private mutating func take(_ qty: Int, inFlight: Bool) -> [ClaimShare] {
         var left = qty
         var shares: [ClaimShare] = []
         var i = 0
@@ -214,6 +243,7 @@ public struct VoucherStock: Sendable {
             let n = min(left, leases[i].remaining)
             if n > 0 {
                 leases[i].served += n
+                if inFlight { leases[i].pending += n }
                 shares.append(ClaimShare(leaseId: leases[i].id, tokens: n))
                 left -= n
             }
@@ -230,46 +260,140 @@ public struct VoucherStock: Sendable {
         return shares
     }
 
-    /// Give back tokens of a claim that did not complete (or was cancelled) to the lease they came
-    /// from, if it is still held and valid: a fully served lease not yet closed at Redis is taken
-    /// back into service. Returns the tokens put back; the caller must return the rest to the pool
-    /// (their lease was closed or fenced with them counted as served).
-    @discardableResult
-    public mutating func putBack(_ shares: [ClaimShare], now: Instant) -> Int {
-        var n = 0
+    /// Where a lease held by this stock is: servable, fully served, or settling.
+    private enum Place { case serving(Int), finished(Int), settling(Int) }
+
+    private func place(_ id: String) -> Place? {
+        if let i = leases.firstIndex(where: { $0.id == id }) { return .serving(i) }
+        if let i = finishedLeases.firstIndex(where: { $0.id == id }) { return .finished(i) }
+        if let i = settling.firstIndex(where: { $0.id == id }) { return .settling(i) }
+        return nil
+    }
+
+    private mutating func modify(_ p: Place, _ body: (inout LocalLease) -> Void) {
+        switch p {
+        case .serving(let i): body(&leases[i])
+        case .finished(let i): body(&finishedLeases[i])
+        case .settling(let i): body(&settling[i])
+        }
+    }
+
+    /// Is lease `id` held here (serving, fully served or settling), i.e. not yet closed?
+    public func holds(_ id: String) -> Bool { place(id) != nil }
+
+    /// A claim in flight became final (durable, answered): its tokens stay served.
+    public mutating func commit(_ shares: [ClaimShare]) {
         for s in shares {
-            if let i = leases.firstIndex(where: { $0.id == s.leaseId }), leases[i].deadline > now {
-                let k = min(s.tokens, leases[i].served)
-                leases[i].served -= k
-                n += k
-            } else if let j = finishedLeases.firstIndex(where: { $0.id == s.leaseId }), finishedLeases[j].deadline > now,
-                !draining, status == .active
-            {
-                var l = finishedLeases.remove(at: j)
-                let k = min(s.tokens, l.served)
-                l.served -= k
-                n += k
-                let i = leases.firstIndex(where: { $0.deadline > l.deadline }) ?? leases.count
-                leases.insert(l, at: i)
+            if let p = place(s.leaseId) { modify(p) { $0.pending -= s.tokens } }
+        }
+        settle()
+    }
+
+    /// A claim in flight did not complete: its tokens go back to the lease they came from (which
+    /// cannot have closed meanwhile). A fully served lease still valid serves them again; a
+    /// settling one returns them with its close. Returns tokens whose lease is gone (Redis said so).
+    @discardableResult
+    public mutating func abort(_ shares: [ClaimShare], now: Instant) -> Int {
+        var lost = 0
+        for s in shares {
+            guard let p = place(s.leaseId) else {
+                lost += s.tokens
+                continue
+            }
+            modify(p) {
+                $0.pending -= s.tokens
+                $0.served -= s.tokens
+            }
+            revive(p, now: now)
+        }
+        counters.tokensServed -= shares.reduce(0) { $0 + $1.tokens }
+        counters.claimsOK -= 1
+        counters.tokensLost += lost
+        settle()
+        return lost
+    }
+
+    /// A fully served lease that got tokens back serves again if it still may.
+    private mutating func revive(_ p: Place, now: Instant) {
+        guard case .finished(let j) = p, finishedLeases[j].remaining > 0, finishedLeases[j].deadline > now,
+            !draining, status == .active, lost == nil
+        else { return }
+        let l = finishedLeases.remove(at: j)
+        let i = leases.firstIndex(where: { $0.deadline > l.deadline }) ?? leases.count
+        leases.insert(l, at: i)
+    }
+
+    /// A committed claim is being cancelled: each share whose lease is still held here is pinned
+    /// (the lease cannot close until ``cancelled(_:toPool:applied:now:)``) and goes back to it; the
+    /// others go to the pool (a restock by claim id). Returns the mask of shares that go to the pool.
+    public mutating func pinForCancel(_ shares: [ClaimShare]) -> UInt64 {
+        var toPool: UInt64 = 0
+        for (i, s) in shares.enumerated() {
+            if lost == nil, let p = place(s.leaseId) {
+                modify(p) { $0.pending += s.tokens }
+            } else {
+                toPool |= 1 << UInt64(i)
             }
         }
-        counters.tokensServed -= n
-        return n
+        return toPool
+    }
+
+    /// The cancellation record is durable (`applied`) or could not be written: unpin, and with
+    /// `applied` put the tokens back into their leases.
+    public mutating func cancelled(_ shares: [ClaimShare], toPool: UInt64, applied: Bool, now: Instant) {
+        var back = 0
+        for (i, s) in shares.enumerated() where toPool & (1 << UInt64(i)) == 0 {
+            guard let p = place(s.leaseId) else { continue }
+            modify(p) {
+                $0.pending -= s.tokens
+                if applied { $0.served -= s.tokens }
+            }
+            if applied {
+                back += s.tokens
+                revive(p, now: now)
+            }
+        }
+        counters.tokensServed -= back
+        settle()
+    }
+
+    /// Close settling leases whose claims are all settled.
+    private mutating func settle() {
+        guard !settling.isEmpty else { return }
+        var i = 0
+        while i < settling.count {
+            if settling[i].pending == 0 {
+                close(settling.remove(at: i))
+            } else {
+                i += 1
+            }
+        }
+    }
+
+    /// Stop serving `l`: close it now, or once its claims in flight settle.
+    private mutating func retire(_ l: LocalLease) {
+        var l = l
+        l.renewInFlight = false
+        if l.pending == 0 { close(l) } else { settling.append(l) }
     }
 
     // MARK: - Fencing
 
     /// Stop serving every lease whose deadline passed: their unused tokens go back to Redis.
     public mutating func fence(now: Instant) {
+        // Leases are kept sorted by deadline: the first one tells whether any expired.
+        guard let first = leases.first, first.deadline <= now else { return }
         while let i = leases.firstIndex(where: { $0.deadline <= now }) {
             let l = leases.remove(at: i)
             counters.leasesFenced += 1
-            close(l)
+            retire(l)
         }
     }
 
     private mutating func close(_ l: LocalLease) {
-        pendingReturns.append(ReturnRequest(leaseId: l.id, returnedTotal: l.remaining, close: true))
+        precondition(l.pending == 0, "a lease is closed only when nothing drawn from it is in flight")
+        guard lost == nil else { return }
+        pendingReturns.append(ReturnRequest(leaseId: l.id, granted: l.granted, returnedTotal: l.remaining, close: true))
     }
 
     // MARK: - Leases
@@ -277,38 +401,66 @@ public struct VoucherStock: Sendable {
     /// The lease to ask for now, if any (at most one in flight).
     /// - Parameter waiting: tokens wanted by parked claims.
     public mutating func nextLease(now: Instant, waiting: Int) -> LeaseRequest? {
-        guard !leaseInFlight, nextLeaseWouldBeSent(now: now) else { return nil }
+        guard !leaseInFlight else { return nil }
+        if let req = unresolvedRequest, !nextLeaseWouldBeSent(now: now) {
+            // Learn what the unanswered request got (or make sure it gets nothing), even when no
+            // new lease is wanted: a lease granted unseen must not stay outstanding.
+            guard lost == nil, backoffUntil.map({ now >= $0 }) ?? true else { return nil }
+            leaseInFlight = true
+            return LeaseRequest(req: req, want: 0, need: 0, sentAt: now)
+        }
+        guard nextLeaseWouldBeSent(now: now) else { return nil }
         rate.roll(now: now)
         let recentDemand = lastDemand.map { now - $0 < policy.idleReturn } ?? false
-        guard waiting > 0 || recentDemand else { return nil }
+        guard waiting > 0 || recentDemand || unresolvedRequest != nil else { return nil }
         fence(now: now)
         let avail = available(now: now)
         let size = policy.leaseSize(rate: rate.rate)
-        guard waiting > avail || avail <= policy.refillThreshold(leaseSize: size) else { return nil }
-        let need = max(0, waiting - avail)
+        let wanted = waiting > avail || avail <= policy.refillThreshold(leaseSize: size)
+        guard wanted || unresolvedRequest != nil else { return nil }
+        let need = wanted ? max(0, waiting - avail) : 0
         leaseInFlight = true
-        defer {
-            finishedLeases.removeAll()
-            finishedSince = nil
+        let req = unresolvedRequest ?? newRequestID()
+        let close = takeFinishedForClose()
+        return LeaseRequest(req: req, want: wanted ? max(size, need) : 0, need: need, sentAt: now, close: close)
+    }
+
+    private mutating func newRequestID() -> String {
+        requestCount += 1
+        return requestPrefix + String(requestCount, radix: 36)
+    }
+
+    /// Fully served leases with nothing in flight, as closing returns.
+    private mutating func takeFinishedForClose() -> [ReturnRequest] {
+        var out: [ReturnRequest] = []
+        var i = 0
+        while i < finishedLeases.count {
+            if finishedLeases[i].pending == 0 {
+                let l = finishedLeases.remove(at: i)
+                out.append(ReturnRequest(leaseId: l.id, granted: l.granted, returnedTotal: l.remaining, close: true))
+            } else {
+                i += 1
+            }
         }
-        return LeaseRequest(want: max(size, need), need: need, sentAt: now, close: finished)
+        if finishedLeases.isEmpty { finishedSince = nil }
+        return out
     }
 
     /// Close finished leases with their own round trip when no lease request took them along
     /// within `after` (or at once when no lease will come: sold out, inactive, draining).
     public mutating func closeFinished(now: Instant, after: Duration = .seconds(1)) {
-        guard !finished.isEmpty else { return }
+        guard !finishedLeases.isEmpty else { return }
         if finishedSince == nil { finishedSince = now }
         let stale = now - finishedSince! >= after
-        guard stale || draining || soldOut || status != .active else { return }
-        for l in finishedLeases { pendingReturns.append(ReturnRequest(leaseId: l.id, returnedTotal: l.remaining, close: true)) }
-        finishedLeases.removeAll()
-        finishedSince = nil
+        guard stale || draining || soldOut || status != .active || lost != nil else { return }
+        let closing = takeFinishedForClose()
+        if lost == nil { pendingReturns += closing }
     }
 
     /// Redis granted a lease requested at `sentAt`.
     public mutating func leaseGranted(_ g: LeaseGrant, sentAt: Instant, now: Instant) {
         leaseInFlight = false
+        unresolvedRequest = nil
         backoffUntil = nil
         consecutiveFailures = 0
         poolHint = g.poolAfter
@@ -318,7 +470,7 @@ public struct VoucherStock: Sendable {
         counters.tokensLeased += g.granted
         let lease = LocalLease(
             id: g.id, granted: g.granted, deadline: policy.serveDeadline(sentAt: sentAt, ttl: g.ttl), ttl: g.ttl)
-        if draining || status != .active || lease.deadline <= now {
+        if draining || status != .active || lease.deadline <= now || lost != nil {
             close(lease)
             return
         }
@@ -329,6 +481,7 @@ public struct VoucherStock: Sendable {
     /// Redis refused the lease.
     public mutating func leaseRefused(_ r: LeaseRefusal) {
         leaseInFlight = false
+        unresolvedRequest = nil
         backoffUntil = nil
         consecutiveFailures = 0
         switch r {
@@ -342,16 +495,14 @@ public struct VoucherStock: Sendable {
         }
     }
 
-    /// Redis could not be reached (or timed out): back off before the next try.
-    public mutating func leaseFailed(now: Instant, request: LeaseRequest? = nil) {
+    /// Redis could not be reached or did not answer in time: back off before the next try. When the
+    /// request may have been executed (`outcomeUnknown`), the next request reuses its id, so Redis
+    /// answers with what it granted instead of granting twice.
+    public mutating func leaseFailed(now: Instant, request: LeaseRequest, outcomeUnknown: Bool = true) {
         leaseInFlight = false
-        // Redis did not close them: close them with the next request. They are fully served (their
-        // numbers are gone with the request), so nothing is given back for them.
-        if let request {
-            for id in request.close {
-                finishedLeases.append(LocalLease(id: id, granted: 0, deadline: now, ttl: .zero))
-            }
-        }
+        if outcomeUnknown { unresolvedRequest = request.req }
+        // The leases it was to close: closing returns are cumulative, so sending them again is safe.
+        if lost == nil { pendingReturns += request.close }
         consecutiveFailures += 1
         let ms = min(2_000, 50 << min(consecutiveFailures, 6))
         backoffUntil = now + .milliseconds(ms)
@@ -361,7 +512,7 @@ public struct VoucherStock: Sendable {
 
     /// Leases with stock whose serving time runs short: renew them (marked in flight).
     public mutating func renewals(now: Instant) -> [String] {
-        guard !draining else { return [] }
+        guard !draining, lost == nil else { return [] }
         var ids: [String] = []
         for i in leases.indices
         where leases[i].remaining > 0 && !leases[i].renewInFlight && leases[i].deadline > now
@@ -373,10 +524,13 @@ public struct VoucherStock: Sendable {
         return ids
     }
 
-    /// Redis answered a renewal sent at `sentAt`.
-    public mutating func renewed(_ id: String, outcome: RenewOutcome, sentAt: Instant, now: Instant) {
-        guard let i = leases.firstIndex(where: { $0.id == id }) else { return }
+    /// Redis answered a renewal sent at `sentAt`. Returns the lease when Redis says it is gone
+    /// (closed or reclaimed): it was dropped without a return.
+    @discardableResult
+    public mutating func renewed(_ id: String, outcome: RenewOutcome, sentAt: Instant, now: Instant) -> LocalLease? {
+        guard let i = leases.firstIndex(where: { $0.id == id }) else { return nil }
         leases[i].renewInFlight = false
+        var gone: LocalLease?
         switch outcome {
         case .renewed(let ttl):
             counters.leasesRenewed += 1
@@ -386,13 +540,15 @@ public struct VoucherStock: Sendable {
         case .expired:
             let l = leases.remove(at: i)
             counters.leasesFenced += 1
-            close(l)
+            retire(l)
         case .gone:
             let l = leases.remove(at: i)
             counters.leasesFenced += 1
             counters.tokensLost += l.remaining
+            gone = l
         }
         fence(now: now)
+        return gone
     }
 
     /// The renewal could not be sent or answered: it is tried again; fencing still applies.
@@ -404,6 +560,7 @@ public struct VoucherStock: Sendable {
 
     /// Returns the shell must send now (fenced, finished, idle, drained leases).
     public mutating func takeReturns() -> [ReturnRequest] {
+        guard !pendingReturns.isEmpty else { return [] }
         defer { pendingReturns.removeAll(keepingCapacity: true) }
         return pendingReturns
     }
@@ -416,7 +573,7 @@ public struct VoucherStock: Sendable {
 
     /// A return could not be sent: keep it for the next attempt.
     public mutating func returnFailed(_ r: ReturnRequest) {
-        pendingReturns.append(r)
+        if lost == nil { pendingReturns.append(r) }
     }
 
     /// Give back everything held when the voucher has been idle for `idleReturn` (or `idleFor`).
@@ -426,19 +583,33 @@ public struct VoucherStock: Sendable {
         returnAll()
     }
 
-    /// Give back every held lease now.
+    /// Give back every held lease now (or as soon as its claims in flight settle).
     public mutating func returnAll() {
-        for l in leases { close(l) }
+        let all = leases + finishedLeases
         leases.removeAll()
-        for l in finishedLeases { pendingReturns.append(ReturnRequest(leaseId: l.id, returnedTotal: l.remaining, close: true)) }
         finishedLeases.removeAll()
         finishedSince = nil
+        for l in all { retire(l) }
     }
 
     /// Stop claiming for good on this host and give everything back.
     public mutating func drain() {
         draining = true
         returnAll()
+    }
+
+    /// Redis no longer knows this voucher's state as this host does (it lost data, or the voucher
+    /// was created again): serve nothing, return nothing (a return would create quota in a pool
+    /// that does not account for these leases), and leave the tokens to reconciliation.
+    public mutating func loseAuthority(_ reason: String) {
+        guard lost == nil else { return }
+        lost = reason
+        for l in leases + finishedLeases + settling { counters.tokensLost += l.remaining }
+        leases.removeAll()
+        finishedLeases.removeAll()
+        settling.removeAll()
+        pendingReturns.removeAll()
+        unresolvedRequest = nil
     }
 
     /// The voucher's state or pool as refreshed from Redis.
@@ -452,6 +623,21 @@ public struct VoucherStock: Sendable {
         if pool > 0 { soldOut = false }
     }
 
-    /// Unused tokens held (valid or not yet fenced).
-    public var tokensHeld: Int { leases.reduce(0) { $0 + $1.remaining } }
+    /// Unused tokens held (valid or not yet fenced, fully served or settling).
+    public var tokensHeld: Int {
+        leases.reduce(0) { $0 + $1.remaining } + finishedLeases.reduce(0) { $0 + $1.remaining }
+            + settling.reduce(0) { $0 + $1.remaining }
+    }
+
+    /// Tokens of claims (and cancellations) still in flight.
+    public var tokensPending: Int {
+        leases.reduce(0) { $0 + $1.pending } + finishedLeases.reduce(0) { $0 + $1.pending }
+            + settling.reduce(0) { $0 + $1.pending }
+    }
+
+    /// Nothing held, nothing to give back, no lease request on the wire or unresolved.
+    public var isSettled: Bool {
+        leases.isEmpty && finishedLeases.isEmpty && settling.isEmpty && pendingReturns.isEmpty && !leaseInFlight
+            && (unresolvedRequest == nil || lost != nil)
+    }
 }

@@ -7,6 +7,8 @@ import NIOPosix
 import QuotaClient
 import QuotaKafka
 import QuotaRESP
+import QuotaCore
+import QuotaJournal
 import QuotaRedis
 
 /// Where the built executables are: `QUOTAD_BIN_DIR`, else next to this test bundle.
@@ -41,7 +43,10 @@ public final class TempDir: @unchecked Sendable {
         var template = Array("/tmp/qd-XXXXXX".utf8CString)
         path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
     }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
+    /// `QUOTAD_KEEP_TMP=1` keeps the directories (logs, journals) for a look after a failure.
+    deinit {
+        if ProcessInfo.processInfo.environment["QUOTAD_KEEP_TMP"] == nil { try? FileManager.default.removeItem(atPath: path) }
+    }
     public func file(_ name: String) -> String { "\(path)/\(name)" }
 }
 
@@ -99,19 +104,19 @@ public final class ChildProcess: @unchecked Sendable {
     }
 }
 
-/// A real redis-server on a private Unix socket. `persistent` keeps data across kill -9
-/// and restart (AOF, fsync always).
+/// A real redis-server on a private Unix socket. `durable` (the default, what quotad requires) keeps
+/// data across kill -9 and restart (AOF, fsync always); without it Redis forgets everything on a restart.
 public final class RedisServer: @unchecked Sendable {
     public let dir: TempDir
     public let socket: String
-    public let persistent: Bool
+    public let durable: Bool
     public private(set) var child: ChildProcess?
     public let store: QuotaStore
 
-    public init(persistent: Bool = false) async throws {
+    public init(durable: Bool = true) async throws {
         dir = TempDir()
         socket = dir.file("redis.sock")
-        self.persistent = persistent
+        self.durable = durable
         var logger = Logger(label: "test.redis")
         logger.logLevel = .critical
         store = QuotaStore(connection: HiredisConnection(endpoint: .unix(path: socket), timeout: .seconds(2), logger: logger))
@@ -122,7 +127,7 @@ public final class RedisServer: @unchecked Sendable {
 
     public func start() async throws {
         var args = ["--port", "0", "--unixsocket", socket, "--dir", dir.path, "--save", ""]
-        args += persistent ? ["--appendonly", "yes", "--appendfsync", "always"] : ["--appendonly", "no"]
+        args += durable ? ["--appendonly", "yes", "--appendfsync", "always"] : ["--appendonly", "no"]
         child = try ChildProcess("/usr/bin/redis-server", args, log: dir.file("redis.log"))
         try await eventually("redis-server answers PING") {
             (try? await store.connection.send(["PING"])) == .status("PONG")
@@ -139,11 +144,42 @@ public final class RedisServer: @unchecked Sendable {
         try await store.connection.send(args)
     }
 
-    /// Pool, tokens outstanding in leases, leases outstanding, leased and returned totals.
-    public func account(_ voucher: String) async throws -> (pool: Int, outstanding: Int, leases: Int, leased: Int, returned: Int) {
+    /// Kill -9, throw its data away, start again: a Redis that forgot everything.
+    public func restartEmpty() async throws {
+        try await kill9()
+        for f in (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? [] where f.hasPrefix("appendonly") || f.hasSuffix(".rdb") {
+            try? FileManager.default.removeItem(atPath: dir.file(f))
+        }
+        try await start()
+    }
+
+    /// Pool, tokens outstanding in open leases, open leases, leased, returned and restocked totals.
+    public func account(_ voucher: String) async throws
+        -> (pool: Int, outstanding: Int, leases: Int, leased: Int, returned: Int, restocked: Int)
+    {
         guard let rec = try await store.voucher(voucher) else { throw TestError.failed("no voucher '\(voucher)' in Redis") }
-        let leases = try await store.leases(voucher: voucher)
-        return (rec.pool, leases.reduce(0) { $0 + $1.granted - $1.returned }, leases.count, rec.leased, rec.returned)
+        let open = try await store.leases(voucher: voucher).filter { $0.state == .open }
+        return (rec.pool, open.reduce(0) { $0 + $1.outstanding }, open.count, rec.leased, rec.returned, rec.restocked)
+    }
+
+    /// The voucher's books as Redis holds them, for ``VoucherAudit`` checks.
+    public func books(_ voucher: String) async throws -> VoucherAudit {
+        guard let rec = try await store.voucher(voucher) else { throw TestError.failed("no voucher '\(voucher)' in Redis") }
+        return VoucherAudit(record: rec, leases: try await store.leases(voucher: voucher))
+    }
+
+    /// Every accounting problem of `voucher`: Redis's own books (R1–R3), each stopped host's journal
+    /// (J1–J3), and, given `netClaimed`, the claims against the books (C1). Empty when it all balances.
+    public func audit(_ voucher: String, journals: [(host: String, dir: String)] = [], netClaimed: Int? = nil) async throws
+        -> [String]
+    {
+        let b = try await books(voucher)
+        var out = b.redisProblems()
+        for j in journals {
+            out += b.journalProblems(host: j.host, ledger: JournalRecovery.read(dir: j.dir).ledger, hostStopped: true)
+        }
+        if let netClaimed { out += b.claimProblems(netClaimed: netClaimed) }
+        return out
     }
 
     deinit {
@@ -158,12 +194,14 @@ public final class Quotad: @unchecked Sendable {
     public let config: String
 
     public let logPath: String
+    public let host: String
     public private(set) var restarts = 0
 
     /// `durable`: journal under `dir` and Kafka at `kafka` (topic `topic`), in `durability` mode.
     public init(redis: RedisServer, dir: TempDir, host: String, extraYAML: String = "", args: [String] = [],
          kafka: KafkaBroker? = nil, topic: String = "quota.claims", durability: String? = nil,
          journalMaxBytes: Int? = nil) async throws {
+        self.host = host
         socket = dir.file("\(host).sock")
         config = dir.file("\(host).yaml")
         logPath = dir.file("\(host).log")
@@ -182,12 +220,16 @@ public final class Quotad: @unchecked Sendable {
             yaml += "kafka: { brokers: \"\(kafka.brokers)\", topic: \(topic) }\n"
         } else {
             yaml += "durability: \(durability ?? "none")\n"
+            if durability == "journal" { yaml += "journal: { dir: \(dir.file("journal-\(host)")), segment_bytes: 65536 }\n" }
         }
         yaml += extraYAML
         try yaml.write(toFile: config, atomically: true, encoding: .utf8)
         child = try ChildProcess(Bin.path("quotad"), ["--config", config] + args, log: logPath)
         try await waitReady()
     }
+
+    /// The journal directory of this sidecar (when it has one).
+    public var journalDir: String { (config as NSString).deletingLastPathComponent + "/journal-" + host }
 
     /// All runs' logs.
     public var allLogs: String { (0...restarts).map { (try? String(contentsOfFile: $0 == 0 ? logPath : "\(logPath).\($0)", encoding: .utf8)) ?? "" }.joined() }

@@ -5,37 +5,47 @@ import NIOConcurrencyHelpers
 import QuotaCore
 import Synchronization
 
-/// Where a durable record is: its segment and its sequence number in this process.
-public struct JournalPosition: Sendable, Equatable {
+/// Where a durable record is: its segment, and for shipped events its index in that segment.
+public struct JournalPosition: Sendable, Equatable, Hashable {
     public var segment: UInt64
-    public var sequence: UInt64
+    public var index: Int
+    public init(segment: UInt64, index: Int) {
+        self.segment = segment
+        self.index = index
+    }
 }
 
 public struct JournalError: Error, Sendable, CustomStringConvertible {
     public var message: String
+    public init(message: String) { self.message = message }
     public var description: String { message }
 }
 
-/// A durable claim handed to the shipper.
-public struct DurableClaim: Sendable {
+/// A durable event handed to the shipper.
+public struct DurableEvent: Sendable {
     public var position: JournalPosition
-    public var event: ClaimEvent
+    public var event: ShippedEvent
 }
 
-/// The local write-ahead journal: append-only segment files under `dir`, one record per
-/// claim and per lease grant/close, checksummed, group-committed with `fdatasync`.
+/// The local write-ahead journal: append-only segment files under `dir`, checksummed,
+/// group-committed with `fdatasync`.
 ///
-/// One writer thread owns the open segment: it takes everything queued, writes it,
-/// syncs once, then answers every record of the batch. Each segment starts with a
-/// snapshot of the open leases (granted, served), so a segment can be deleted once its
-/// claims are shipped without losing what recovery needs. A failed write (disk full) is
-/// cut back to the last good offset and its records are answered with an error.
+/// One writer thread owns the open segment: it takes everything queued, writes it, syncs once,
+/// then answers every record of the batch. Each segment starts with a snapshot of the host's
+/// books (``LeaseLedger``), so a segment can be deleted once its events are shipped without
+/// losing what recovery needs. A failed write (disk full) is cut back to the last good offset and
+/// its records are answered with an error.
+///
+/// The directory is locked (`flock` on `dir/LOCK`) for the journal's life: a second process on
+/// the same directory is refused at start. Kafka acknowledgements are tracked per event; a
+/// segment whose events are all acknowledged gets a `.shipped` marker, and at close every segment
+/// not fully acknowledged gets one listing what is missing, so a restart re-ships only that.
 public final class Journal: @unchecked Sendable {
     public struct Options: Sendable {
         public var dir: String
         /// Roll to a new segment past this size. Default 4 MiB.
         public var segmentBytes: Int = 4 << 20
-        /// Roll a segment holding claims after this long, so shipped segments get deleted. Default 2 s.
+        /// Roll a segment holding events after this long, so shipped segments get deleted. Default 2 s.
         public var rollAfter: Duration = .seconds(2)
         /// Bound on unshipped bytes. Default 1 GiB.
         public var maxBytes: Int = 1 << 30
@@ -51,12 +61,14 @@ public final class Journal: @unchecked Sendable {
 
     private struct Segment {
         var bytes: Int
-        var claims: Int
-        var shipped: Int = 0
+        /// Shipped events written (their indexes are 0..<events).
+        var events: Int
+        /// Indexes not yet acknowledged by Kafka.
+        var unacked: Set<Int> = []
         var sealed: Bool
         var sealedAt = ContinuousClock.now
         var markedShipped = false
-        var done: Bool { sealed && shipped >= claims }
+        var done: Bool { sealed && unacked.isEmpty }
     }
 
     public let options: Options
@@ -79,44 +91,82 @@ public final class Journal: @unchecked Sendable {
 
     // Writer thread only.
     private var fd: Int32 = -1
+    private var lockFD: Int32 = -1
     private var current: UInt64 = 0
     private var goodOffset = 0
     private var openedAt = ContinuousClock.now
-    private var nextSequence: UInt64 = 1
-    private var leases: [LeaseKey: JournalRecord.OpenLease] = [:]
+    private var ledger: LeaseLedger
     private var thread: Thread?
-    private let onDurable: @Sendable ([DurableClaim]) -> Void
+    private let onDurable: @Sendable ([DurableEvent]) -> Void
 
-    struct LeaseKey: Hashable {
-        var voucher: String
-        var lease: String
-    }
-
-    /// Open the journal after ``JournalRecovery/read(dir:)``: a new segment starts with a snapshot of
-    /// `openLeases`; the recovered segments stay until their claims are shipped.
-    public init(options: Options, recovered: JournalRecovery, logger: Logger,
-                onDurable: @escaping @Sendable ([DurableClaim]) -> Void) throws(JournalError) {
+    /// Lock `options.dir` and open the journal after ``JournalRecovery/read(dir:)``: a new segment starts
+    /// with a snapshot of the recovered books; the recovered segments stay until their events are shipped.
+    /// `boot` is written (durably) before anything else.
+    /// - Throws: ``JournalError`` when the directory is locked by another process or cannot be written.
+    public init(options: Options, recovered: JournalRecovery, boot: JournalBoot? = nil, logger: Logger,
+                onDurable: @escaping @Sendable ([DurableEvent]) -> Void) throws(JournalError) {
         self.options = options
         self.logger = logger
         self.onDurable = onDurable
-        for o in recovered.openLeases { leases[LeaseKey(voucher: o.voucher, lease: o.lease)] = o }
+        self.ledger = recovered.leaseStateTrusted ? recovered.ledger : LeaseLedger()
+        if !recovered.leaseStateTrusted {
+            // Keep what is known of the generation even when served counts are not trusted.
+            if let g = recovered.ledger.generation { ledger.apply(.generation(g)) }
+        }
+        lockFD = try Self.lockDirectory(options.dir)
         state.withLockedValue { s in
             for seg in recovered.segments {
-                var info = Segment(bytes: seg.bytes, claims: seg.claims.count, sealed: true)
-                if seg.shipped {
-                    info.shipped = info.claims
-                    info.markedShipped = true
-                }
+                var info = Segment(bytes: seg.bytes, events: seg.events.count, sealed: true)
+                info.unacked = Set(seg.toShip.map(\.0))
+                if info.unacked.isEmpty, seg.unacked != nil { info.markedShipped = true }
                 s.segments[seg.id] = info
             }
         }
         current = (recovered.segments.map(\.id).max() ?? 0)
-        try openNextSegment()
+        do {
+            try openNextSegment()
+        } catch {
+            Glibc.close(lockFD)
+            throw error
+        }
+        if let boot {
+            var buf: [UInt8] = []
+            JournalCodec.encode(.boot(boot), into: &buf)
+            if let err = writeAll(buf) ?? sync() {
+                Glibc.close(fd)
+                Glibc.close(lockFD)
+                throw JournalError(message: "cannot write to journal.dir \(options.dir): \(err)")
+            }
+            goodOffset += buf.count
+            state.withLockedValue { $0.segments[current]?.bytes = goodOffset }
+        }
         publish()
         let t = Thread { [unowned self] in self.run() }
         t.name = "journal"
         thread = t
         t.start()
+    }
+
+    /// `flock` the directory's `LOCK` file (created), or explain who holds it.
+    private static func lockDirectory(_ dir: String) throws(JournalError) -> Int32 {
+        do {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        } catch {
+            throw JournalError(message: "cannot create journal.dir \(dir): \(error)")
+        }
+        let path = dir + "/LOCK"
+        let f = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o640)
+        guard f >= 0 else { throw JournalError(message: "cannot open \(path): \(String(cString: strerror(errno)))") }
+        if flock(f, LOCK_EX | LOCK_NB) != 0 {
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            Glibc.close(f)
+            throw JournalError(message: "journal.dir \(dir) is in use by another quotad (pid \(holder ?? "?")); "
+                + "two processes must never share a journal")
+        }
+        let pid = Array("\(getpid())\n".utf8)
+        _ = ftruncate(f, 0)
+        _ = pid.withUnsafeBytes { pwrite(f, $0.baseAddress, $0.count, 0) }
+        return f
     }
 
     /// Queue a record; `done` runs (on the writer thread) once it is on disk, or failed.
@@ -131,10 +181,19 @@ public final class Journal: @unchecked Sendable {
         lock.unlock(withValue: 1)
     }
 
-    /// The shipper acknowledged `count` claims of `segment`.
-    public func markShipped(segment: UInt64, count: Int) {
-        state.withLockedValue { s in s.segments[segment]?.shipped += count }
+    /// Kafka acknowledged these events.
+    public func markShipped(_ positions: [JournalPosition]) {
+        state.withLockedValue { s in
+            for p in positions { s.segments[p.segment]?.unacked.remove(p.index) }
+        }
         sweep()
+    }
+
+    /// Every event not yet acknowledged (to ship again after the producer was recreated).
+    public var unacknowledged: [JournalPosition] {
+        state.withLockedValue { s in
+            s.segments.flatMap { id, seg in seg.unacked.map { JournalPosition(segment: id, index: $0) } }
+        }
     }
 
     /// Mark fully shipped segments (`.shipped` file) and delete those older than the retention.
@@ -150,19 +209,28 @@ public final class Journal: @unchecked Sendable {
                 if ContinuousClock.now - seg.sealedAt >= options.retention { delete.append(id) }
             }
         }
-        for id in mark {
-            let p = JournalRecovery.path(dir: options.dir, id: id) + ".shipped"
-            let f = open(p, O_WRONLY | O_CREAT | O_CLOEXEC, 0o640)
-            if f >= 0 { Glibc.close(f) }
-        }
+        for id in mark { writeMarker(id, unacked: []) }
         for id in delete { deleteSegment(id) }
         publish()
     }
 
-    /// Bytes in segments not yet deleted (their claims are not all shipped).
+    private func writeMarker(_ id: UInt64, unacked: [Int]) {
+        let p = JournalRecovery.path(dir: options.dir, id: id) + ".shipped"
+        let text = unacked.sorted().map(String.init).joined(separator: "\n")
+        let tmp = p + ".tmp"
+        let f = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o640)
+        guard f >= 0 else { return }
+        let bytes = Array(text.utf8)
+        _ = bytes.withUnsafeBytes { Glibc.write(f, $0.baseAddress, $0.count) }
+        _ = fdatasync(f)
+        Glibc.close(f)
+        rename(tmp, p)
+    }
+
+    /// Bytes in segments not yet deleted (their events are not all shipped).
     public var backlogBytes: Int { backlog.load(ordering: .relaxed) }
     public var unshippedClaims: Int {
-        state.withLockedValue { $0.segments.values.reduce(0) { $0 + $1.claims - $1.shipped } }
+        state.withLockedValue { $0.segments.values.reduce(0) { $0 + $1.unacked.count } }
     }
     public var segmentCount: Int { state.withLockedValue { $0.segments.count } }
     public var isHealthy: Bool { healthyFlag.load(ordering: .relaxed) }
@@ -171,14 +239,42 @@ public final class Journal: @unchecked Sendable {
     /// Fsyncs done and records they made durable (records per sync = group-commit factor).
     public var syncStats: (syncs: Int, records: Int) { state.withLockedValue { ($0.syncs, $0.recordsSynced) } }
 
-    /// Write what is queued, stop the writer thread, close the segment.
-    public func close() {
+    /// Write what is queued and stop the writer thread: later appends fail. Acknowledgements are still
+    /// taken until ``close()``.
+    public func stopWriting() {
         lock.lock()
         stopping = true
         lock.unlock(withValue: 1)
         while thread?.isFinished == false { usleep(5_000) }
+    }
+
+    /// The shipped events of one segment, read back from its file (to ship them again).
+    public func readEvents(segment: UInt64) -> [ShippedEvent] {
+        let p = JournalRecovery.path(dir: options.dir, id: segment)
+        guard let data = FileManager.default.contents(atPath: p) else { return [] }
+        let bytes = [UInt8](data)
+        var out: [ShippedEvent] = []
+        var offset = 0
+        while case .record(let r, let next) = JournalCodec.decode(bytes, at: offset) {
+            if let e = ShippedEvent(r) { out.append(e) }
+            offset = next
+        }
+        return out
+    }
+
+    /// Write what is queued, stop the writer thread, record what Kafka acknowledged, close the segment,
+    /// release the directory lock.
+    public func close() {
+        stopWriting()
         if fd >= 0 { Glibc.close(fd) }
         fd = -1
+        // Record acknowledgements of every segment, so the next start ships only what Kafka lacks.
+        let marks = state.withLockedValue { s -> [(UInt64, [Int])] in
+            s.segments.compactMap { id, seg in seg.markedShipped ? nil : (id, Array(seg.unacked)) }
+        }
+        for (id, unacked) in marks { writeMarker(id, unacked: unacked) }
+        if lockFD >= 0 { Glibc.close(lockFD) }
+        lockFD = -1
     }
 
     /// Mirror `state` into the hot-path atomics; call after every change.
@@ -217,31 +313,37 @@ public final class Journal: @unchecked Sendable {
         }
         var buf: [UInt8] = []
         buf.reserveCapacity(batch.count * 128)
-        var claims: [DurableClaim] = []
+        var shipped: [DurableEvent] = []
         var positions: [JournalPosition] = []
-        let saved = leases
+        positions.reserveCapacity(batch.count)
+        let saved = ledger
+        var next = state.withLockedValue { $0.segments[current]?.events ?? 0 }
         for p in batch {
             JournalCodec.encode(p.record, into: &buf)
-            let pos = JournalPosition(segment: current, sequence: nextSequence)
-            nextSequence += 1
-            positions.append(pos)
-            apply(p.record)
-            if case .claim(let e) = p.record, e.kind != .intent { claims.append(DurableClaim(position: pos, event: e)) }
+            ledger.apply(p.record)
+            if let ev = ShippedEvent(p.record) {
+                let pos = JournalPosition(segment: current, index: next)
+                next += 1
+                positions.append(pos)
+                shipped.append(DurableEvent(position: pos, event: ev))
+            } else {
+                positions.append(JournalPosition(segment: current, index: -1))
+            }
         }
         if let err = writeAll(buf) ?? sync() {
             // Cut the segment back to the last good record, and the file position with it: nothing
             // half-written stays behind and the next write does not leave a hole.
             _ = ftruncate(fd, off_t(goodOffset))
             _ = lseek(fd, off_t(goodOffset), SEEK_SET)
-            leases = saved
-            nextSequence -= UInt64(batch.count)
+            ledger = saved
             fail(batch, err)
             return
         }
         goodOffset += buf.count
         state.withLockedValue { s in
             s.segments[current]?.bytes = goodOffset
-            s.segments[current]?.claims += claims.count
+            s.segments[current]?.events = next
+            for e in shipped { s.segments[current]?.unacked.insert(e.position.index) }
             if !s.healthy { logger.info("journal writes again", metadata: ["journal.dir": "\(options.dir)"]) }
             s.healthy = true
             s.lastError = nil
@@ -249,8 +351,8 @@ public final class Journal: @unchecked Sendable {
             s.recordsSynced += batch.count
         }
         publish()
-        // The shipper learns of the claims before their waiters are answered (kafka mode waits on it).
-        if !claims.isEmpty { onDurable(claims) }
+        // The shipper learns of the events before their waiters are answered (kafka mode waits on it).
+        if !shipped.isEmpty { onDurable(shipped) }
         for (p, pos) in zip(batch, positions) { p.done?(.success(pos)) }
         if goodOffset >= options.segmentBytes { maybeRoll(force: true) }
     }
@@ -265,28 +367,11 @@ public final class Journal: @unchecked Sendable {
         for p in batch { p.done?(.failure(JournalError(message: message))) }
     }
 
-    private func apply(_ r: JournalRecord) {
-        switch r {
-        case .leaseGranted(let v, let l, let g):
-            leases[LeaseKey(voucher: v, lease: l)] = .init(voucher: v, lease: l, granted: g, served: 0)
-        case .leaseClosed(let v, let l):
-            leases.removeValue(forKey: LeaseKey(voucher: v, lease: l))
-        case .claim(let e):
-            guard e.kind != .intent else { break }
-            for s in e.shares {
-                let k = LeaseKey(voucher: e.voucher, lease: s.leaseId)
-                leases[k]?.served += e.kind == .claimed ? s.tokens : -s.tokens
-            }
-        case .snapshot:
-            break
-        }
-    }
-
     private func maybeRoll(force: Bool) {
         guard fd >= 0 else { return }
-        let (claims, shipped) = state.withLockedValue { s in (s.segments[current]?.claims ?? 0, s.segments[current]?.shipped ?? 0) }
+        let events = state.withLockedValue { s in s.segments[current]?.events ?? 0 }
         let old = ContinuousClock.now - openedAt >= options.rollAfter
-        guard force || (old && claims > 0) else { return }
+        guard force || (old && events > 0) else { return }
         let previous = current
         Glibc.close(fd)
         fd = -1
@@ -298,7 +383,6 @@ public final class Journal: @unchecked Sendable {
             publish()
             return
         }
-        _ = shipped
         state.withLockedValue { s in
             s.segments[previous]?.sealed = true
             s.segments[previous]?.sealedAt = .now
@@ -307,11 +391,6 @@ public final class Journal: @unchecked Sendable {
     }
 
     private func openNextSegment() throws(JournalError) {
-        do {
-            try FileManager.default.createDirectory(atPath: options.dir, withIntermediateDirectories: true)
-        } catch {
-            throw JournalError(message: "cannot create journal.dir \(options.dir): \(error)")
-        }
         let id = current + 1
         let path = JournalRecovery.path(dir: options.dir, id: id)
         let f = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o640)
@@ -320,9 +399,9 @@ public final class Journal: @unchecked Sendable {
         current = id
         goodOffset = 0
         openedAt = .now
-        state.withLockedValue { $0.segments[id] = Segment(bytes: 0, claims: 0, sealed: false) }
+        state.withLockedValue { $0.segments[id] = Segment(bytes: 0, events: 0, sealed: false) }
         var buf: [UInt8] = []
-        JournalCodec.encode(.snapshot(leases.values.sorted { ($0.voucher, $0.lease) < ($1.voucher, $1.lease) }), into: &buf)
+        JournalCodec.encode(.snapshot(ledger.snapshot), into: &buf)
         if let err = writeAll(buf) ?? sync() ?? syncDir() {
             Glibc.close(f)
             fd = -1

@@ -1,26 +1,70 @@
 import Foundation
 import QuotaCore
 
+/// A journal record that is streamed to Kafka: a claim, a cancellation, or a lease close.
+public enum ShippedEvent: Sendable, Equatable {
+    case claim(ClaimEvent)
+    case leaseClosed(LeaseClose)
+
+    /// The Kafka key: the voucher id (all events of a voucher on one partition, in order).
+    public var key: String {
+        switch self {
+        case .claim(let e): return e.voucher
+        case .leaseClosed(let c): return c.voucher
+        }
+    }
+
+    public var kafkaValue: [UInt8] {
+        switch self {
+        case .claim(let e): return e.kafkaValue
+        case .leaseClosed(let c): return c.kafkaValue
+        }
+    }
+
+    /// The shipped form of a journal record, if it is one.
+    public init?(_ r: JournalRecord) {
+        switch r {
+        case .claim(let e) where e.kind != .intent: self = .claim(e)
+        case .leaseClosed(let c): self = .leaseClosed(c)
+        default: return nil
+        }
+    }
+}
+
 /// What a journal directory says after a restart.
 public struct JournalRecovery: Sendable {
     public struct SegmentContents: Sendable {
         public var id: UInt64
         public var path: String
         public var bytes: Int
-        /// Claim records (and cancellations) to ship again, in order.
-        public var claims: [ClaimEvent]
-        /// Kafka acknowledged every claim of this segment (a `.shipped` marker exists): not shipped again.
-        public var shipped: Bool = false
+        /// Events to ship, in order (their index in this list is their index in the segment).
+        public var events: [ShippedEvent]
+        /// Indexes of events Kafka has not acknowledged, from the segment's `.shipped` marker; nil when
+        /// there is no marker (the process stopped without recording acknowledgements: ship them all).
+        public var unacked: Set<Int>?
+
+        /// The events still to ship, with their index.
+        public var toShip: [(Int, ShippedEvent)] {
+            events.enumerated().filter { unacked?.contains($0.offset) ?? true }.map { ($0.offset, $0.element) }
+        }
+
+        public var claims: [ClaimEvent] {
+            events.compactMap { if case .claim(let e) = $0 { return e } else { return nil } }
+        }
     }
 
+    /// The books at the end of the journal: open leases, unanswered lease requests, generation.
+    public var ledger = LeaseLedger()
     /// Claims waiting for their per-user check when the process stopped: their user counts must be released.
     public var orphanIntents: [ClaimEvent] = []
     /// Every claim and cancellation found, in order (to rebuild the UNCLAIM and REQ tables).
     public var history: [ClaimEvent] = []
+    /// Cancellations with shares that went to the pool: their restocks are sent again (idempotent).
+    public var restocks: [ClaimEvent] = []
+    /// Every process start recorded, oldest first.
+    public var boots: [JournalBoot] = []
 
     public var segments: [SegmentContents] = []
-    /// Leases open at the end of the journal, with what was served from each.
-    public var openLeases: [JournalRecord.OpenLease] = []
     /// False when the newest segment is corrupt before its end: served counts may be too low,
     /// so no lease may be returned on the journal's word.
     public var leaseStateTrusted = true
@@ -29,9 +73,30 @@ public struct JournalRecovery: Sendable {
     /// A torn last record was dropped (normal after a crash).
     public var tornTails: [String] = []
 
+    /// Leases open at the end of the journal, with what was served from each.
+    public var openLeases: [LeaseLedger.Account] { ledger.openAccounts }
+
+    public init() {}
+
     static func path(dir: String, id: UInt64) -> String {
         let digits = String(id)
         return "\(dir)/seg-\(String(repeating: "0", count: max(0, 16 - digits.count)))\(digits).qj"
+    }
+
+    /// The segment ids in `dir`, oldest first.
+    static func segmentIDs(dir: String) -> [UInt64] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return names.compactMap { n -> UInt64? in
+            guard n.hasPrefix("seg-"), n.hasSuffix(".qj"), n.count == 23 else { return nil }
+            return UInt64(n.dropFirst(4).dropLast(3))
+        }.sorted()
+    }
+
+    /// Read a `.shipped` marker: the indexes not acknowledged (empty: all shipped), nil if absent.
+    static func readMarker(_ path: String) -> Set<Int>? {
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        let text = String(decoding: data, as: UTF8.self)
+        return Set(text.split(whereSeparator: { $0 == "\n" || $0 == "," }).compactMap { Int($0) })
     }
 
     /// Read every segment of `dir` (a missing directory is an empty journal). Never throws on
@@ -39,12 +104,7 @@ public struct JournalRecovery: Sendable {
     /// corrupt record in that segment is trusted.
     public static func read(dir: String) -> JournalRecovery {
         var out = JournalRecovery()
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
-        let ids = names.compactMap { n -> UInt64? in
-            guard n.hasPrefix("seg-"), n.hasSuffix(".qj"), n.count == 23 else { return nil }
-            return UInt64(n.dropFirst(4).dropLast(3))
-        }.sorted()
-        var leases: [String: JournalRecord.OpenLease] = [:]
+        let ids = segmentIDs(dir: dir)
         var intents: [String: ClaimEvent] = [:]
         for (i, id) in ids.enumerated() {
             let p = path(dir: dir, id: id)
@@ -54,31 +114,34 @@ public struct JournalRecovery: Sendable {
             }
             let bytes = [UInt8](data)
             let newest = i == ids.count - 1
-            var seg = SegmentContents(id: id, path: p, bytes: bytes.count, claims: [])
-            seg.shipped = FileManager.default.fileExists(atPath: p + ".shipped")
+            var seg = SegmentContents(id: id, path: p, bytes: bytes.count, events: [], unacked: readMarker(p + ".shipped"))
             var offset = 0
             var first = true
             scan: while offset < bytes.count {
                 switch JournalCodec.decode(bytes, at: offset) {
                 case .record(let r, let next):
+                    // A segment's first record is a snapshot of the writer's books: the newest readable one
+                    // is the base, whatever older segments held (or lost to corruption).
+                    if case .snapshot = r, !first {
+                        out.issues.append("\(p) at offset \(offset): a snapshot in the middle of a segment")
+                    } else {
+                        out.ledger.apply(r)
+                    }
                     switch r {
-                    case .snapshot(let open) where first:
-                        // The newest readable snapshot is the base of the lease state.
-                        leases = Dictionary(open.map { ("\($0.voucher)\u{0}\($0.lease)", $0) }, uniquingKeysWith: { a, _ in a })
-                    case .snapshot:
-                        break
-                    case .leaseGranted(let v, let l, let g):
-                        leases["\(v)\u{0}\(l)"] = .init(voucher: v, lease: l, granted: g, served: 0)
-                    case .leaseClosed(let v, let l):
-                        leases.removeValue(forKey: "\(v)\u{0}\(l)")
                     case .claim(let e) where e.kind == .intent:
                         intents[e.claimID] = e
                     case .claim(let e):
-                        seg.claims.append(e)
                         out.history.append(e)
                         intents.removeValue(forKey: e.claimID)
-                        for s in e.shares { leases["\(e.voucher)\u{0}\(s.leaseId)"]?.served += e.kind == .claimed ? s.tokens : -s.tokens }
+                        if e.kind == .unclaimed && e.toPool != 0 { out.restocks.append(e) }
+                    case .intentResolved(_, let c):
+                        intents.removeValue(forKey: c)
+                    case .boot(let b):
+                        out.boots.append(b)
+                    default:
+                        break
                     }
+                    if let ev = ShippedEvent(r) { seg.events.append(ev) }
                     first = false
                     offset = next
                 case .incomplete:
@@ -93,7 +156,8 @@ public struct JournalRecovery: Sendable {
             if first && bytes.count > 0 && newest { out.leaseStateTrusted = false }
             out.segments.append(seg)
         }
-        out.openLeases = leases.values.sorted { ($0.voucher, $0.lease) < ($1.voucher, $1.lease) }
+        for a in out.ledger.anomalies { out.issues.append("journal \(dir): \(a)") }
+        if !out.ledger.anomalies.isEmpty { out.leaseStateTrusted = false }
         out.orphanIntents = intents.values.sorted { $0.claimID < $1.claimID }
         return out
     }

@@ -21,6 +21,8 @@ public final class KafkaProducer: @unchecked Sendable {
     private let closed = NIOLockedValueBox(false)
     private var probeThread: Thread?
     private let lastProbeOK = NIOLockedValueBox(ContinuousClock.now)
+    /// One line per kind of error or log facility per 30 s (event thread only).
+    private var limiter = LogLimiter(every: .seconds(30))
 
     /// - Parameters:
     ///   - properties: any librdkafka property; `enable.idempotence` and `acks` are forced.
@@ -32,7 +34,7 @@ public final class KafkaProducer: @unchecked Sendable {
         var props: [(String, String)] = [
             ("bootstrap.servers", brokers), ("linger.ms", "5"), ("batch.num.messages", "10000"),
             ("queue.buffering.max.messages", "1000000"), ("message.timeout.ms", "0"),
-            ("socket.keepalive.enable", "true"),
+            ("socket.keepalive.enable", "true"), ("log.queue", "true"),
         ]
         for (k, v) in properties.sorted(by: { $0.key < $1.key }) {
             props.removeAll { $0.0 == k }
@@ -41,7 +43,7 @@ public final class KafkaProducer: @unchecked Sendable {
         props.append(("enable.idempotence", "true"))
         props.append(("acks", "all"))
         let conf = try RdKafkaConfig.make(props)
-        rd_kafka_conf_set_events(conf, Int32(RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_ERROR))
+        rd_kafka_conf_set_events(conf, Int32(RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_ERROR | RD_KAFKA_EVENT_LOG))
         var err = [CChar](repeating: 0, count: 512)
         guard let rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, &err, err.count) else {
             rd_kafka_conf_destroy(conf)
@@ -54,6 +56,8 @@ public final class KafkaProducer: @unchecked Sendable {
         self.rk = rk
         self.rkt = rkt
         self.queue = rd_kafka_queue_get_main(rk)
+        // librdkafka's own log lines come through the same queue, so they can be rate-limited.
+        _ = rd_kafka_set_log_queue(rk, queue)
         self.topic = topic
         self.logger = logger
         self.onDelivery = onDelivery
@@ -138,12 +142,48 @@ public final class KafkaProducer: @unchecked Sendable {
             case RD_KAFKA_EVENT_ERROR:
                 var e = RdKafkaConfig.error(rd_kafka_event_error(ev), String(cString: rd_kafka_event_error_string(ev)))
                 e.isFatal = rd_kafka_event_error_is_fatal(ev) != 0
-                logger.warning("kafka error", metadata: ["error": "\(e)"])
+                if e.isFatal {
+                    logger.error("kafka producer fatal error", metadata: ["error": "\(e)"])
+                } else if let n = limiter.admit(e.name) {
+                    logger.warning("kafka error", metadata: ["error": "\(e)", "repeats_suppressed": "\(n)"])
+                }
                 onError(e)
+            case RD_KAFKA_EVENT_LOG:
+                var fac: UnsafePointer<CChar>?
+                var str: UnsafePointer<CChar>?
+                var level: Int32 = 0
+                if rd_kafka_event_log(ev, &fac, &str, &level) == 0 {
+                    let facility = fac.map { String(cString: $0) } ?? "?"
+                    if let n = limiter.admit("log." + facility) {
+                        let text = str.map { String(cString: $0) } ?? ""
+                        logger.notice("librdkafka", metadata: ["facility": "\(facility)", "message": "\(text)",
+                                                               "repeats_suppressed": "\(n)"])
+                    }
+                }
             default:
                 break
             }
             rd_kafka_event_destroy(ev)
         }
+    }
+}
+
+/// Admits the first message of each kind, then at most one per `every`, counting what it held back.
+struct LogLimiter {
+    let every: Duration
+    private var last: [String: (at: ContinuousClock.Instant, suppressed: Int)] = [:]
+
+    init(every: Duration) { self.every = every }
+
+    /// nil: hold this one back. Else the number held back since the last one admitted.
+    mutating func admit(_ kind: String) -> Int? {
+        let now = ContinuousClock.now
+        if let l = last[kind], now - l.at < every {
+            last[kind]!.suppressed += 1
+            return nil
+        }
+        let n = last[kind]?.suppressed ?? 0
+        last[kind] = (now, 0)
+        return n
     }
 }

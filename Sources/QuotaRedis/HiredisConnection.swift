@@ -2,33 +2,75 @@ import CHiredis
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
+import Synchronization
 
 /// One hiredis context, owned by one dedicated thread.
 ///
 /// hiredis contexts block and are not thread-safe, so nothing else touches the
 /// context: callers enqueue requests and await them. The owner thread takes
 /// everything queued, writes it as one pipeline, then reads the replies in
-/// order. Every socket read and write has a timeout; after an I/O error or
-/// timeout the context is dropped and the next batch reconnects.
+/// order.
+///
+/// Every call has its own deadline (`timeout`), kept by a watchdog thread: a call not answered in
+/// time fails with ``RedisError/timedOut(_:)`` (sent: it may have been executed) or
+/// ``RedisError/unreachable(_:)`` (still queued: it was not sent, and now never will be). A slow
+/// reply therefore fails only the calls that really waited too long; the connection keeps reading
+/// the replies behind it, which still answer their calls if those are within their own deadlines.
+/// The connection is dropped only when the socket is silent for `socketTimeout` (or breaks).
 public final class HiredisConnection: @unchecked Sendable {
     public let endpoint: RedisEndpoint
     public let timeout: Duration
+    /// A socket silent this long while replies are owed is dead: it is dropped and reconnected.
+    public let socketTimeout: Duration
     private let maxQueued: Int
     private let logger: Logger
 
-    private struct Request {
-        var args: [String]
-        var done: @Sendable (Result<RedisValue, RedisError>) -> Void
+    /// One call: completed exactly once, by its reply, its failure, or the watchdog.
+    private final class Call: Sendable {
+        let args: [String]
+        let deadline: ContinuousClock.Instant
+        private let done: @Sendable (Result<RedisValue, RedisError>) -> Void
+        /// 0 queued, 1 sent, 2 completed.
+        private let state = Atomic<UInt8>(0)
+
+        init(args: [String], deadline: ContinuousClock.Instant, done: @escaping @Sendable (Result<RedisValue, RedisError>) -> Void) {
+            self.args = args
+            self.deadline = deadline
+            self.done = done
+        }
+
+        /// Mark as sent; false if the watchdog completed it already (then it must not be sent).
+        func markSent() -> Bool { state.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing).exchanged }
+
+        var isCompleted: Bool { state.load(ordering: .acquiring) == 2 }
+
+        func complete(_ r: Result<RedisValue, RedisError>) {
+            if state.exchange(2, ordering: .acquiringAndReleasing) != 2 { done(r) }
+        }
+
+        /// The deadline passed: fail it, saying whether it was sent.
+        func expire() {
+            let was = state.exchange(2, ordering: .acquiringAndReleasing)
+            switch was {
+            case 0: done(.failure(.unreachable("not sent within the call timeout (queued behind slower calls)")))
+            case 1: done(.failure(.timedOut("no reply within the call timeout")))
+            default: break
+            }
+        }
     }
 
     private struct State {
-        var queue: [Request] = []
+        var queue: [Call] = []
         var closed = false
     }
 
     private let lock = ConditionLock(value: 0)  // 0: idle, 1: work queued
     private var state = State()  // guarded by `lock`
     private var thread: Thread?
+    private var watchdog: Thread?
+    /// Calls not yet completed, in deadline order (every call has the same timeout), for the watchdog.
+    private let watched = NIOLockedValueBox<[Call]>([])
+    private let stopped = Atomic<Bool>(false)
 
     // Owner-thread only.
     private var context: UnsafeMutablePointer<redisContext>?
@@ -36,19 +78,27 @@ public final class HiredisConnection: @unchecked Sendable {
     private var lastConnectError = ""
 
     /// Count of replies read (round trips are batches; this counts commands).
-    private let _commands = NIOLockedValueBox<Int>(0)
-    public var commandsSent: Int { _commands.withLockedValue { $0 } }
+    private let _commands = Atomic<Int>(0)
+    public var commandsSent: Int { _commands.load(ordering: .relaxed) }
+    /// Replies that came after their call had timed out.
+    private let _late = Atomic<Int>(0)
+    public var lateReplies: Int { _late.load(ordering: .relaxed) }
 
-    public init(endpoint: RedisEndpoint, timeout: Duration = .seconds(1), maxQueued: Int = 100_000,
-                name: String = "redis", logger: Logger = Logger(label: "quotad.redis")) {
+    public init(endpoint: RedisEndpoint, timeout: Duration = .seconds(1), socketTimeout: Duration? = nil,
+                maxQueued: Int = 100_000, name: String = "redis", logger: Logger = Logger(label: "quotad.redis")) {
         self.endpoint = endpoint
         self.timeout = timeout
+        self.socketTimeout = socketTimeout ?? max(timeout * 5, .seconds(5))
         self.maxQueued = maxQueued
         self.logger = logger
         let t = Thread { [unowned self] in self.run() }
         t.name = name
         self.thread = t
         t.start()
+        let w = Thread { [unowned self] in self.watch() }
+        w.name = name + "-watchdog"
+        self.watchdog = w
+        w.start()
     }
 
     deinit {
@@ -60,12 +110,13 @@ public final class HiredisConnection: @unchecked Sendable {
         lock.lock()
         state.closed = true
         lock.unlock(withValue: 1)
+        stopped.store(true, ordering: .relaxed)
     }
 
     /// Send one command and wait for its reply. Error replies come back as `.error`, not thrown.
     public func send(_ args: [String]) async throws(RedisError) -> RedisValue {
         let r: Result<RedisValue, RedisError> = await withCheckedContinuation { c in
-            enqueue([Request(args: args, done: { c.resume(returning: $0) })])
+            enqueue([args], { _, r in c.resume(returning: r) })
         }
         return try r.get()
     }
@@ -76,25 +127,51 @@ public final class HiredisConnection: @unchecked Sendable {
         let box = BatchCollector(count: batch.count)
         let r: Result<[RedisValue], RedisError> = await withCheckedContinuation { c in
             box.onDone = { c.resume(returning: $0) }
-            enqueue(batch.enumerated().map { (i, args) in Request(args: args, done: { box.set(i, $0) }) })
+            enqueue(batch) { i, r in box.set(i, r) }
         }
         return try r.get()
     }
 
-    private func enqueue(_ reqs: [Request]) {
+    private func enqueue(_ batch: [[String]], _ done: @escaping @Sendable (Int, Result<RedisValue, RedisError>) -> Void) {
+        let deadline = ContinuousClock.now + timeout
+        let calls = batch.enumerated().map { (i, args) in Call(args: args, deadline: deadline, done: { done(i, $0) }) }
         lock.lock()
         if state.closed {
             lock.unlock()
-            for r in reqs { r.done(.failure(.closed)) }
+            for c in calls { c.complete(.failure(.closed)) }
             return
         }
-        if state.queue.count + reqs.count > maxQueued {
+        if state.queue.count + calls.count > maxQueued {
             lock.unlock()
-            for r in reqs { r.done(.failure(.overloaded)) }
+            for c in calls { c.complete(.failure(.overloaded)) }
             return
         }
-        state.queue.append(contentsOf: reqs)
+        state.queue.append(contentsOf: calls)
+        watched.withLockedValue { $0.append(contentsOf: calls) }
         lock.unlock(withValue: 1)
+    }
+
+    // MARK: - Watchdog
+
+    private func watch() {
+        while !stopped.load(ordering: .relaxed) {
+            usleep(10_000)
+            let now = ContinuousClock.now
+            let expired = watched.withLockedValue { w -> [Call] in
+                var n = 0
+                while n < w.count, w[n].isCompleted || w[n].deadline <= now { n += 1 }
+                guard n > 0 else { return [] }
+                let out = Array(w[..<n])
+                w.removeFirst(n)
+                return out
+            }
+            for c in expired where !c.isCompleted { c.expire() }
+        }
+        let rest = watched.withLockedValue { w -> [Call] in
+            defer { w.removeAll() }
+            return w
+        }
+        for c in rest { c.complete(.failure(.closed)) }
     }
 
     // MARK: - Owner thread
@@ -115,15 +192,23 @@ public final class HiredisConnection: @unchecked Sendable {
         }
     }
 
-    private func execute(_ batch: [Request]) {
+    private func execute(_ batch: [Call]) {
+        // Calls the watchdog already failed are not sent.
+        let live = batch.filter { !$0.isCompleted }
+        guard !live.isEmpty else { return }
         guard let ctx = connect() else {
-            for r in batch { r.done(.failure(.unreachable(lastConnectError))) }
+            for c in live { c.complete(.failure(.unreachable(lastConnectError))) }
             return
         }
-        for r in batch { append(ctx, r.args) }
+        var sent: [Call] = []
+        sent.reserveCapacity(live.count)
+        for c in live where c.markSent() {
+            append(ctx, c.args)
+            sent.append(c)
+        }
         var failedAt: Int?
         var failure = ""
-        for (i, r) in batch.enumerated() {
+        for (i, c) in sent.enumerated() {
             var raw: UnsafeMutableRawPointer?
             if redisGetReply(ctx, &raw) != REDIS_OK || raw == nil {
                 failedAt = i
@@ -133,14 +218,16 @@ public final class HiredisConnection: @unchecked Sendable {
             let reply = raw!.assumingMemoryBound(to: redisReply.self)
             let value = Self.convert(reply)
             freeReplyObject(raw)
-            _commands.withLockedValue { $0 += 1 }
-            r.done(.success(value))
+            _commands.add(1, ordering: .relaxed)
+            if c.isCompleted { _late.add(1, ordering: .relaxed) }
+            c.complete(.success(value))
         }
         if let failedAt {
             logger.warning("redis connection failed", metadata: ["redis": "\(endpoint)", "error": "\(failure)"])
             redisFree(ctx)
             context = nil
-            for r in batch[failedAt...] { r.done(.failure(.unreachable(failure))) }
+            // Sent, and no reply: each of these may have been executed.
+            for c in sent[failedAt...] { c.complete(.failure(.timedOut(failure))) }
         }
     }
 
@@ -171,8 +258,8 @@ public final class HiredisConnection: @unchecked Sendable {
         }
     }
 
-    private var timeval: timeval {
-        let (s, a) = timeout.components
+    private func timeval(_ d: Duration) -> timeval {
+        let (s, a) = d.components
         return Glibc.timeval(tv_sec: Int(s), tv_usec: Int(a / 1_000_000_000_000))
     }
 
@@ -182,8 +269,8 @@ public final class HiredisConnection: @unchecked Sendable {
         if let last = lastConnectFailure, ContinuousClock.now - last < .milliseconds(100) { return nil }
         let ctx: UnsafeMutablePointer<redisContext>?
         switch endpoint {
-        case .unix(let path): ctx = redisConnectUnixWithTimeout(path, timeval)
-        case .tcp(let host, let port): ctx = redisConnectWithTimeout(host, Int32(port), timeval)
+        case .unix(let path): ctx = redisConnectUnixWithTimeout(path, timeval(timeout))
+        case .tcp(let host, let port): ctx = redisConnectWithTimeout(host, Int32(port), timeval(timeout))
         }
         guard let ctx else {
             lastConnectError = "cannot allocate hiredis context"
@@ -196,7 +283,7 @@ public final class HiredisConnection: @unchecked Sendable {
             redisFree(ctx)
             return nil
         }
-        _ = redisSetTimeout(ctx, timeval)
+        _ = redisSetTimeout(ctx, timeval(socketTimeout))
         if lastConnectFailure != nil {
             logger.info("redis connection restored", metadata: ["redis": "\(endpoint)"])
         }

@@ -1,109 +1,235 @@
-/// The Lua scripts that are the quota authority. Each runs atomically in one
-/// round trip; every key of one voucher shares the hash tag `{ID}` so a voucher
-/// lives in one Redis Cluster slot. Times come from Redis's own clock (`TIME`).
+/// The Lua scripts that are the quota authority. Each runs atomically in one round trip; every key
+/// of one voucher shares the hash tag `{ID}` so a voucher lives in one Redis Cluster slot. Times
+/// come from Redis's own clock (`TIME`). docs/accounting.md states what they keep.
 ///
-/// Lease records: `HSET quota:{ID}:leases <lease-id> "<host>|<granted>|<returned>|<expiry-ms>"`,
-/// and the expiry in `ZADD quota:{ID}:exp`. Returns carry the *cumulative* returned count,
-/// so a retried return changes nothing; a closed lease is deleted, so it can be neither
-/// renewed nor returned again. Lease ids come from the voucher's `lease_seq` and are never reused.
+/// A lease record: `HSET quota:{ID}:leases <id> "<host>|<granted>|<returned>|<restocked>|<expiry-ms>|<state>|<req>"`,
+/// state `o` (open), `c` (closed by its host), `x` (reclaimed by reconciliation). Open leases are in
+/// the expiry zset `quota:{ID}:exp`; closed ones in `quota:{ID}:closed` (by close time) until they
+/// are archived into the voucher's `archived_*` counters after `closed_retention_ms`.
+///
+/// Per lease, always: `returned + restocked <= granted`. Per voucher, always:
+/// `pool + leased - returned - restocked == limit`.
+///
+/// Every script that acts for a sidecar takes the voucher generation the sidecar knows (`gen`;
+/// empty for operator tools) and answers `{-3, actual}` when Redis holds another one: the voucher
+/// was created again, or Redis lost its data. Lease ids come from `lease_seq` and are never reused.
 enum QuotaScripts {
     static let now = """
         local t = redis.call('TIME')
         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         """
 
-    static let parseLease = """
+    static let lib = """
         local function parse(v)
-          local host, g, r, e = string.match(v, '^(.*)|(%d+)|(%d+)|(%d+)$')
-          return host, tonumber(g), tonumber(r), tonumber(e)
+          local host, g, r, k, e, st, req = string.match(v, '^([^|]*)|(%d+)|(%d+)|(%d+)|(%d+)|(%a)|(.*)$')
+          if not host then return nil end
+          return {host = host, g = tonumber(g), r = tonumber(r), k = tonumber(k), e = tonumber(e), st = st, req = req}
+        end
+        local function fmt(l)
+          return l.host .. '|' .. l.g .. '|' .. l.r .. '|' .. l.k .. '|' .. l.e .. '|' .. l.st .. '|' .. l.req
+        end
+        local function gencheck(meta, gen)
+          local g = redis.call('HGET', meta, 'gen')
+          if not g then return {-5} end
+          if gen ~= '' and g ~= gen then return {-3, g} end
+          return nil
         end
         """
 
-    /// KEYS: meta. ARGV: limit, per_user, total_limit, region.
+    /// A cumulative return of lease `id` by `host` (KEYS[1] meta, KEYS[2] leases, KEYS[3] exp, KEYS[4] closed).
+    /// Returns the tokens put back, or nil when the lease is unknown, not this host's, or not open.
+    static let applyReturn = """
+        local function give_back(id, total, close, host, now)
+          local v = redis.call('HGET', KEYS[2], id)
+          if not v then return nil, 'gone' end
+          local l = parse(v)
+          if l.host ~= host then return nil, 'not ours' end
+          if l.st ~= 'o' then return nil, 'gone' end
+          total = math.min(tonumber(total), l.g - l.k)
+          local delta = 0
+          if total > l.r then
+            delta = total - l.r
+            l.r = total
+            redis.call('HINCRBY', KEYS[1], 'pool', delta)
+            redis.call('HINCRBY', KEYS[1], 'returned', delta)
+          end
+          if close then
+            l.st = 'c'
+            redis.call('ZREM', KEYS[3], id)
+            redis.call('ZADD', KEYS[4], now, id)
+          end
+          redis.call('HSET', KEYS[2], id, fmt(l))
+          return delta, nil
+        end
+        """
+
+    /// Archive a few closed leases older than the voucher's retention (KEYS as above, KEYS[5] reqs).
+    static let archive = """
+        local function archive(now)
+          local keep = tonumber(redis.call('HGET', KEYS[1], 'closed_retention_ms') or '604800000')
+          local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - keep, 'LIMIT', 0, 8)
+          for _, id in ipairs(old) do
+            local v = redis.call('HGET', KEYS[2], id)
+            if v then
+              local l = parse(v)
+              redis.call('HINCRBY', KEYS[1], 'archived_granted', l.g)
+              redis.call('HINCRBY', KEYS[1], 'archived_returned', l.r)
+              redis.call('HINCRBY', KEYS[1], 'archived_restocked', l.k)
+              redis.call('HINCRBY', KEYS[1], 'archived_leases', 1)
+              redis.call('HDEL', KEYS[2], id)
+              if l.req ~= '' then redis.call('HDEL', KEYS[5], l.req) end
+            end
+            redis.call('ZREM', KEYS[4], id)
+          end
+        end
+        """
+
+    /// KEYS: the region marker `quota:region`. ARGV: a new generation id (used if there is none yet).
+    /// Reply: the region's generation.
+    static let region = """
+        \(now)
+        redis.call('HSETNX', KEYS[1], 'gen', ARGV[1])
+        redis.call('HSETNX', KEYS[1], 'created_ms', now)
+        return redis.call('HGET', KEYS[1], 'gen')
+        """
+
+    /// KEYS: meta. ARGV: limit, per_user, total_limit, region, gen, closed_retention_ms.
     static let create = """
         \(now)
         if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 'exists'} end
         redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'pool', ARGV[1], 'state', 'active',
           'per_user', ARGV[2], 'total_limit', ARGV[3], 'region', ARGV[4], 'lease_seq', 0,
-          'leased', 0, 'returned', 0, 'created_ms', now)
+          'leased', 0, 'returned', 0, 'restocked', 0, 'created_ms', now, 'gen', ARGV[5],
+          'closed_retention_ms', ARGV[6])
         return {1, 'created'}
         """
 
-    /// KEYS: meta, leases, exp. ARGV: host, want, need, ttl_ms, exhaustion_fraction, then ids of this
-    /// host's fully served leases to close (nothing goes back to the pool for them).
-    /// Reply: {1, granted, lease_id, pool_after, ttl_ms} | {0, 0, '', 0} sold out | {-1} unknown | {-2, state}.
+    /// KEYS: meta, leases, exp, closed, reqs. ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
+    /// gen, then pairs (lease id, returned total) of this host's leases to close first.
+    /// The same `req` gets the same answer: the lease it was granted while it is open (with its
+    /// remaining ttl, which may be negative), or nothing. `want` 0 only resolves `req` (nothing is granted to it afterwards).
+    /// Reply: {1, granted, lease_id, pool_after, ttl_ms} | {0, 0, '', pool} nothing | {-2, state} |
+    /// {-3, gen} another generation | {-5} unknown voucher.
     static let lease = """
-        \(parseLease)
-        for i = 6, #ARGV do
-          local v = redis.call('HGET', KEYS[2], ARGV[i])
-          if v then
-            local host = parse(v)
-            if host == ARGV[1] then
-              redis.call('HDEL', KEYS[2], ARGV[i])
-              redis.call('ZREM', KEYS[3], ARGV[i])
+        \(lib)
+        \(applyReturn)
+        \(archive)
+        local bad = gencheck(KEYS[1], ARGV[7])
+        if bad then return bad end
+        \(now)
+        local host = ARGV[1]
+        for i = 8, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
+        archive(now)
+        local m = redis.call('HMGET', KEYS[1], 'state', 'pool')
+        local pool = tonumber(m[2])
+        local req = ARGV[6]
+        local prior = redis.call('HGET', KEYS[5], req)
+        if prior then
+          if prior ~= '-' then
+            local v = redis.call('HGET', KEYS[2], prior)
+            local l = v and parse(v)
+            -- Granted to this request before: answer it again, even if it expired meanwhile (the
+            -- sidecar then returns it at once), so a lease granted unseen is never left outstanding.
+            if l and l.host == host and l.st == 'o' then
+              return {1, l.g, prior, pool, l.e - now}
             end
           end
+          return {0, 0, '', pool}
         end
-        local m = redis.call('HMGET', KEYS[1], 'state', 'pool')
-        if not m[1] then return {-1} end
-        if m[1] ~= 'active' then return {-2, m[1]} end
-        \(now)
-        local pool = tonumber(m[2])
         local want, need, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+        if want <= 0 then
+          redis.call('HSET', KEYS[5], req, '-')
+          return {0, 0, '', pool}
+        end
+        if m[1] ~= 'active' then
+          redis.call('HSET', KEYS[5], req, '-')
+          return {-2, m[1]}
+        end
         local n = math.min(want, math.max(need, math.ceil(pool * tonumber(ARGV[5]))))
         n = math.min(n, pool)
         if n <= 0 then
           redis.call('HSET', KEYS[1], 'starved_ms', now)
+          redis.call('HSET', KEYS[5], req, '-')
           return {0, 0, '', 0}
         end
-        local id = redis.call('HINCRBY', KEYS[1], 'lease_seq', 1)
+        local id = tostring(redis.call('HINCRBY', KEYS[1], 'lease_seq', 1))
         redis.call('HINCRBY', KEYS[1], 'pool', -n)
         redis.call('HINCRBY', KEYS[1], 'leased', n)
         local exp = now + ttl
-        redis.call('HSET', KEYS[2], id, ARGV[1] .. '|' .. n .. '|0|' .. exp)
+        redis.call('HSET', KEYS[2], id, fmt({host = host, g = n, r = 0, k = 0, e = exp, st = 'o', req = req}))
         redis.call('ZADD', KEYS[3], exp, id)
-        return {1, n, tostring(id), pool - n, ttl}
+        redis.call('HSET', KEYS[5], req, id)
+        return {1, n, id, pool - n, ttl}
         """
 
-    /// KEYS: meta, leases, exp. ARGV: lease_id, ttl_ms, host.
-    /// Reply: {1, ttl_ms} renewed | {-1} expired (not reclaimed) | {0} closed, reclaimed, unknown or not ours.
+    /// KEYS: meta, leases, exp. ARGV: lease_id, ttl_ms, host, gen.
+    /// Reply: {1, ttl_ms} renewed | {-1} expired (not reclaimed) | {0} closed, reclaimed, unknown or not
+    /// ours | {-3, gen} | {-5} unknown voucher.
     static let renew = """
-        \(parseLease)
+        \(lib)
+        local bad = gencheck(KEYS[1], ARGV[4])
+        if bad then return bad end
         local v = redis.call('HGET', KEYS[2], ARGV[1])
         if not v then return {0} end
-        local host, g, r, e = parse(v)
-        if host ~= ARGV[3] then return {0} end
+        local l = parse(v)
+        if l.host ~= ARGV[3] or l.st ~= 'o' then return {0} end
         \(now)
-        if e <= now then return {-1} end
-        local exp = now + tonumber(ARGV[2])
-        redis.call('HSET', KEYS[2], ARGV[1], host .. '|' .. g .. '|' .. r .. '|' .. exp)
-        redis.call('ZADD', KEYS[3], exp, ARGV[1])
+        if l.e <= now then return {-1} end
+        l.e = now + tonumber(ARGV[2])
+        redis.call('HSET', KEYS[2], ARGV[1], fmt(l))
+        redis.call('ZADD', KEYS[3], l.e, ARGV[1])
         return {1, tonumber(ARGV[2])}
         """
 
-    /// KEYS: meta, leases, exp. ARGV: lease_id, returned_total, close(0|1), host.
-    /// Reply: {1, tokens put back now} | {0, 0} closed/reclaimed/unknown (nothing changes) | {-1, 0} not ours.
+    /// KEYS: meta, leases, exp, closed. ARGV: lease_id, returned_total, close(0|1), host, gen.
+    /// Reply: {1, tokens put back now} | {0, 0} closed/reclaimed/unknown (nothing changes) |
+    /// {-1, 0} not ours | {-3, gen} | {-5, ''} unknown voucher.
     static let giveBack = """
-        \(parseLease)
-        local v = redis.call('HGET', KEYS[2], ARGV[1])
-        if not v then return {0, 0} end
-        local host, g, r, e = parse(v)
-        if host ~= ARGV[4] then return {-1, 0} end
-        local total = math.min(tonumber(ARGV[2]), g)
-        local delta = 0
-        if total > r then
-          delta = total - r
-          r = total
-          redis.call('HINCRBY', KEYS[1], 'pool', delta)
-          redis.call('HINCRBY', KEYS[1], 'returned', delta)
+        \(lib)
+        \(applyReturn)
+        local bad = gencheck(KEYS[1], ARGV[5])
+        if bad then return {bad[1], bad[2] or ''} end
+        \(now)
+        local delta, why = give_back(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], now)
+        if delta then return {1, delta} end
+        if why == 'not ours' then return {-1, 0} end
+        return {0, 0}
+        """
+
+    /// A cancelled claim's tokens whose lease this host no longer holds: back to the pool, once per
+    /// claim id, through each lease's record (`restocked`), never past `granted - returned`.
+    /// KEYS: meta, leases, restocked (zset claim id → ms). ARGV: claim_id, claim ts_ms, horizon_ms,
+    /// host, gen, then pairs (lease id, tokens). Markers older than the horizon are dropped, and a
+    /// restock of a claim cancelled longer ago than the horizon is refused (left to reconciliation).
+    /// Reply: {1, tokens put back} | {0, 0} already done | {-4, 0} too old | {-3, gen} | {-5} unknown voucher.
+    static let restock = """
+        \(lib)
+        local bad = gencheck(KEYS[1], ARGV[5])
+        if bad then return bad end
+        \(now)
+        local horizon = tonumber(ARGV[3])
+        redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - horizon)
+        if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {0, 0} end
+        if now - tonumber(ARGV[2]) > horizon - 60000 then return {-4, 0} end
+        local total = 0
+        for i = 6, #ARGV, 2 do
+          local v = redis.call('HGET', KEYS[2], ARGV[i])
+          if v then
+            local l = parse(v)
+            if l.host == ARGV[4] and l.st ~= 'x' then
+              local q = math.min(tonumber(ARGV[i + 1]), l.g - l.r - l.k)
+              if q > 0 then
+                l.k = l.k + q
+                total = total + q
+                redis.call('HSET', KEYS[2], ARGV[i], fmt(l))
+              end
+            end
+          end
         end
-        if ARGV[3] == '1' then
-          redis.call('HDEL', KEYS[2], ARGV[1])
-          redis.call('ZREM', KEYS[3], ARGV[1])
-        else
-          redis.call('HSET', KEYS[2], ARGV[1], host .. '|' .. g .. '|' .. r .. '|' .. e)
-        end
-        return {1, delta}
+        redis.call('HINCRBY', KEYS[1], 'pool', total)
+        redis.call('HINCRBY', KEYS[1], 'restocked', total)
+        redis.call('ZADD', KEYS[3], now, ARGV[1])
+        return {1, total}
         """
 
     /// KEYS: meta. ARGV: field, value, field, value, ... Only on an existing voucher.
@@ -113,45 +239,41 @@ enum QuotaScripts {
         return 1
         """
 
-    /// Per-user checks of many claims, in order. KEYS: the group hashes `quota:u:{ID:g}` involved.
-    /// ARGV: then quadruples (key index, limit, user, qty|claim_id)... as: idx, limit, user, qty, claim_id.
-    /// Reply: one entry per claim: 1 counted, 0 over the limit. A claim already counted (marker
-    /// `#claim_id` present) answers 1 again without counting twice. Two commands per counted claim.
+    /// Per-user checks of many claims, in order. KEYS: pairs of (counts hash `quota:u:{ID:g}`, markers
+    /// hash `quota:u:{ID:g}:m`). ARGV: quintuples (key pair index, limit, user, qty, claim_id).
+    /// Reply: one entry per claim: 1 counted, 0 over the limit. A claim already counted (its marker is
+    /// present) answers 1 again without counting twice. The markers hash lives a week after its last use.
     static let userCheck = """
         local out = {}
+        local touched = {}
         for i = 1, #ARGV, 5 do
-          local k = KEYS[tonumber(ARGV[i])]
+          local j = tonumber(ARGV[i]) * 2 - 1
+          local k, mk = KEYS[j], KEYS[j + 1]
           local lim, u, q, c = tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
-          if redis.call('HSETNX', k, '#' .. c, q) == 0 then
+          if redis.call('HSETNX', mk, c, q) == 0 then
             out[#out + 1] = 1
           elseif redis.call('HINCRBY', k, u, q) > lim then
             redis.call('HINCRBY', k, u, -q)
-            redis.call('HDEL', k, '#' .. c)
+            redis.call('HDEL', mk, c)
             out[#out + 1] = 0
           else
             out[#out + 1] = 1
+            touched[mk] = true
           end
         end
+        for mk in pairs(touched) do redis.call('PEXPIRE', mk, 604800000) end
         return out
         """
 
-    /// Undo a claim's per-user count (UNCLAIM, or a claim that did not complete). KEYS: group hash.
-    /// ARGV: user, claim_id. Reply: the quantity released (0 if it was not counted or already released).
+    /// Undo a claim's per-user count (UNCLAIM, or a claim that did not complete). KEYS: counts hash,
+    /// markers hash. ARGV: user, claim_id. Reply: the quantity released (0 if it was not counted or
+    /// already released).
     static let userRelease = """
-        local q = redis.call('HGET', KEYS[1], '#' .. ARGV[2])
+        local q = redis.call('HGET', KEYS[2], ARGV[2])
         if not q then return 0 end
-        redis.call('HDEL', KEYS[1], '#' .. ARGV[2])
+        redis.call('HDEL', KEYS[2], ARGV[2])
         local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(q))
         if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
         return tonumber(q)
-        """
-
-    /// Put a cancelled claim's tokens back into the pool when their lease is already closed.
-    /// KEYS: meta, restocked set. ARGV: claim_id, qty. Once per claim id. Reply: tokens put back.
-    static let restock = """
-        if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-        redis.call('HINCRBY', KEYS[1], 'pool', tonumber(ARGV[2]))
-        redis.call('HINCRBY', KEYS[1], 'restocked', tonumber(ARGV[2]))
-        return tonumber(ARGV[2])
         """
 }

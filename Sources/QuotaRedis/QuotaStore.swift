@@ -15,27 +15,78 @@ public struct VoucherRecord: Sendable, Equatable {
     /// The voucher's limit across all regions.
     public var totalLimit: Int
     public var region: String
-    /// Tokens ever leased and ever returned (audit counters).
+    /// Tokens ever leased, returned by leases, and restocked by cancellations (audit counters).
     public var leased: Int
     public var returned: Int
+    public var restocked: Int
+    /// Closed leases archived out of the lease hash, and their sums.
+    public var archivedLeases: Int
+    public var archivedGranted: Int
+    public var archivedReturned: Int
+    public var archivedRestocked: Int
+    /// The last lease id handed out.
+    public var leaseSeq: Int
+    /// The voucher's generation: set at creation, checked by every sidecar script.
+    public var generation: String
     /// When a lease last found the pool empty (Redis ms), or 0.
     public var starvedMs: Int
     public var policy: LeasePolicyOverride
+
+    /// What the claim lifecycle needs of it.
+    public var info: VoucherRecordInfo {
+        VoucherRecordInfo(status: status, pool: pool, perUser: perUser, starvedMs: starvedMs)
+    }
 }
 
 /// A lease as recorded in Redis.
 public struct LeaseRecord: Sendable, Equatable {
+    public enum State: String, Sendable { case open = "o", closed = "c", reclaimed = "x" }
     public var id: String
     public var host: String
     public var granted: Int
     public var returned: Int
+    public var restocked: Int
     public var expiresMs: Int
+    public var state: State
+    /// The request id it was granted to.
+    public var req: String
+
+    /// Tokens of the lease not given back: held by its host (open) or sold (closed).
+    public var outstanding: Int { granted - returned - restocked }
+
+    /// Parse `host|granted|returned|restocked|expiry|state|req`.
+    static func parse(id: String, _ v: String) -> LeaseRecord? {
+        let p = v.split(separator: "|", maxSplits: 6, omittingEmptySubsequences: false)
+        guard p.count == 7, let g = Int(p[1]), let r = Int(p[2]), let k = Int(p[3]), let e = Int(p[4]),
+            let st = State(rawValue: String(p[5]))
+        else { return nil }
+        return LeaseRecord(id: id, host: String(p[0]), granted: g, returned: r, restocked: k, expiresMs: e, state: st,
+                           req: String(p[6]))
+    }
 }
 
 /// Answer of the LEASE script.
 public enum LeaseReply: Sendable, Equatable {
     case granted(LeaseGrant)
     case refused(LeaseRefusal)
+}
+
+/// Answer of a return.
+public enum ReturnReply: Sendable, Equatable {
+    /// Applied: this many tokens went back to the pool now.
+    case applied(Int)
+    /// The lease is already closed, reclaimed or unknown: nothing changed.
+    case gone
+    /// The lease belongs to another host: nothing changed.
+    case notOurs
+}
+
+/// Answer of a restock.
+public enum RestockReply: Sendable, Equatable {
+    case applied(Int)
+    case alreadyDone
+    /// The claim was cancelled longer ago than the restock horizon: left to reconciliation.
+    case tooOld
 }
 
 /// The quota authority of one region: typed calls over the Lua scripts.
@@ -61,8 +112,17 @@ public final class QuotaStore: Sendable {
     static func meta(_ id: String) -> String { "quota:{\(id)}" }
     static func leases(_ id: String) -> String { "quota:{\(id)}:leases" }
     static func exp(_ id: String) -> String { "quota:{\(id)}:exp" }
+    static func closed(_ id: String) -> String { "quota:{\(id)}:closed" }
+    static func reqs(_ id: String) -> String { "quota:{\(id)}:reqs" }
+    static func restocked(_ id: String) -> String { "quota:{\(id)}:restocked" }
     static let vouchers = "quota:vouchers"
     static let policy = "quota:policy"
+    /// The region marker: its generation, created with the region's first voucher.
+    public static let region = "quota:region"
+    /// How long a restock marker is kept (and how late a restock is still accepted). Default one day.
+    public static let restockHorizon: Duration = .seconds(86_400)
+    /// How long closed lease records are kept before they are archived into counters. Default a week.
+    public static let closedRetention: Duration = .seconds(7 * 86_400)
 
     /// Voucher ids: 1–64 of `A-Z a-z 0-9 _ . : -` (no braces, so the hash tag is exact).
     public static func isValidVoucherID(_ id: String) -> Bool {
@@ -112,17 +172,62 @@ public final class QuotaStore: Sendable {
         return reply
     }
 
-    private func voucherKeys(_ id: String) -> [String] { [Self.meta(id), Self.leases(id), Self.exp(id)] }
+    private func voucherKeys(_ id: String) -> [String] {
+        [Self.meta(id), Self.leases(id), Self.exp(id), Self.closed(id), Self.reqs(id)]
+    }
+
+    /// A script reply that says the voucher's generation is not the one the caller knew.
+    private static func generationError(_ a: [RedisValue], known: String, voucher: String) -> RedisError? {
+        switch a.first?.int {
+        case -3: return .generation("voucher '\(voucher)' has generation \(a.count > 1 ? a[1].string ?? "?" : "?") in Redis, this host knew \(known)")
+        case -5 where !known.isEmpty: return .generation("voucher '\(voucher)' (generation \(known)) is gone from Redis")
+        default: return nil
+        }
+    }
+
+    // MARK: Region
+
+    /// The region's generation, creating the marker with `proposed` if there is none yet.
+    public func ensureRegion(proposed: String) async throws(RedisError) -> String {
+        let r = try await eval(QuotaScripts.region, keys: [Self.region], args: [proposed])
+        guard let g = r.string, !g.isEmpty else { throw RedisError.badReply("REGION: \(r)") }
+        return g
+    }
+
+    /// The region's generation, or nil when Redis has no region marker (a new region, or one that lost its data).
+    public func regionGeneration() async throws(RedisError) -> String? {
+        let r = try await connection.send(["HGET", Self.region, "gen"])
+        return r.string
+    }
+
+    /// A new random generation id.
+    public static func newGeneration() -> String {
+        (0..<4).map { _ in String(UInt32.random(in: 0...UInt32.max), radix: 16) }.joined()
+    }
+
+    /// `(setting, value)` pairs that make Redis forget acknowledged writes after a crash, or none.
+    /// quotad needs `appendonly yes` and `appendfsync always` (docs/accounting.md).
+    public func durabilityProblems() async throws(RedisError) -> [(String, String)] {
+        var out: [(String, String)] = []
+        for (key, want) in [("appendonly", "yes"), ("appendfsync", "always")] {
+            let r = try await connection.send(["CONFIG", "GET", key])
+            let a = r.array ?? []
+            let v = a.count == 2 ? a[1].string ?? "" : "?"
+            if v != want { out.append((key, v)) }
+        }
+        return out
+    }
 
     // MARK: Vouchers
 
-    /// Create a voucher's pool in this region. Returns false if it exists already.
-    public func createVoucher(id: String, limit: Int, perUser: Int, totalLimit: Int, region: String)
-        async throws(RedisError) -> Bool
-    {
+    /// Create a voucher's pool in this region (and the region marker if there is none). Returns false if
+    /// it exists already.
+    public func createVoucher(id: String, limit: Int, perUser: Int, totalLimit: Int, region: String,
+                              closedRetention: Duration = QuotaStore.closedRetention) async throws(RedisError) -> Bool {
+        let gen = try await ensureRegion(proposed: Self.newGeneration())
         let r = try await eval(
             QuotaScripts.create, keys: [Self.meta(id)],
-            args: [String(limit), String(perUser), String(totalLimit), region])
+            args: [String(limit), String(perUser), String(totalLimit), region, gen, String(closedRetention.milliseconds)])
         guard r.array?.first?.int == 1 else { return false }
         _ = try await connection.send(["SADD", Self.vouchers, id])
         return true
@@ -172,7 +277,10 @@ public final class QuotaStore: Sendable {
             id: id, limit: int("limit"), pool: int("pool"),
             status: f["state"].flatMap(VoucherStatus.init(rawValue:)) ?? .closed,
             perUser: int("per_user"), totalLimit: int("total_limit"), region: f["region"] ?? "",
-            leased: int("leased"), returned: int("returned"), starvedMs: int("starved_ms"),
+            leased: int("leased"), returned: int("returned"), restocked: int("restocked"),
+            archivedLeases: int("archived_leases"), archivedGranted: int("archived_granted"),
+            archivedReturned: int("archived_returned"), archivedRestocked: int("archived_restocked"),
+            leaseSeq: int("lease_seq"), generation: f["gen"] ?? "", starvedMs: int("starved_ms"),
             policy: policy(f))
     }
 
@@ -209,52 +317,87 @@ public final class QuotaStore: Sendable {
 
     // MARK: Leases
 
-    /// Take a lease of up to `want` tokens (at least `need` if the pool has them), closing the
-    /// fully served leases `close` in the same round trip.
-    public func lease(voucher: String, host: String, want: Int, need: Int, ttl: Duration, close: [String] = [])
-        async throws(RedisError) -> LeaseReply
-    {
-        let r = try await eval(
-            QuotaScripts.lease, keys: voucherKeys(voucher),
-            args: [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction)]
-                + close)
+    /// Take a lease for request `req` of up to `want` tokens (at least `need` if the pool has them),
+    /// closing this host's leases `close` first, in the same round trip. The same `req` always gets
+    /// the same lease (or nothing); `want` 0 only learns what `req` got.
+    /// Throws ``RedisError/generation(_:)`` when Redis does not hold generation `gen` of the voucher.
+    public func lease(voucher: String, host: String, req: String, want: Int, need: Int, ttl: Duration, gen: String,
+                      close: [ReturnRequest] = []) async throws(RedisError) -> LeaseReply {
+        var args = [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction),
+                    req, gen]
+        for c in close { args += [c.leaseId, String(c.returnedTotal)] }
+        let r = try await eval(QuotaScripts.lease, keys: voucherKeys(voucher), args: args)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("LEASE: \(r)") }
+        if let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
         switch status {
         case 1:
             guard a.count >= 5, let n = a[1].int, let id = a[2].string, let pool = a[3].int, let ttlMs = a[4].int else {
                 throw RedisError.badReply("LEASE: \(r)")
             }
             return .granted(LeaseGrant(id: id, granted: n, ttl: .milliseconds(ttlMs), poolAfter: pool))
-        case 0: return .refused(.soldOut)
-        case -1: return .refused(.unknownVoucher)
+        case 0:
+            let pool = a.count > 3 ? a[3].int ?? 0 : 0
+            return pool > 0 || want == 0
+                ? .granted(LeaseGrant(id: "", granted: 0, ttl: .zero, poolAfter: pool)) : .refused(.soldOut)
+        case -5: return .refused(.unknownVoucher)
         default:
             let s = a.count > 1 ? a[1].string.flatMap(VoucherStatus.init(rawValue:)) ?? .closed : .closed
             return .refused(.inactive(s))
         }
     }
 
-    public func renew(voucher: String, lease: String, host: String, ttl: Duration) async throws(RedisError)
-        -> RenewOutcome
+    public func renew(voucher: String, lease: String, host: String, ttl: Duration, gen: String)
+        async throws(RedisError) -> RenewOutcome
     {
         let r = try await eval(
-            QuotaScripts.renew, keys: voucherKeys(voucher), args: [lease, String(ttl.milliseconds), host])
+            QuotaScripts.renew, keys: Array(voucherKeys(voucher).prefix(3)), args: [lease, String(ttl.milliseconds), host, gen])
+        if let a = r.array, let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
         switch r.array?.first?.int {
         case 1: return .renewed(ttl: ttl)
         case -1: return .expired
         case 0: return .gone
+        case -5: throw RedisError.badReply("RENEW: no voucher '\(voucher)'")
         default: throw RedisError.badReply("RENEW: \(r)")
         }
     }
 
-    /// Give back a lease's unused tokens; `returnedTotal` is cumulative. Returns the tokens put back now.
-    public func giveBack(voucher: String, lease: String, host: String, returnedTotal: Int, close: Bool)
-        async throws(RedisError) -> Int
+    /// Give back a lease's unused tokens; `returnedTotal` is cumulative, so a retry changes nothing.
+    public func giveBack(voucher: String, lease: String, host: String, returnedTotal: Int, close: Bool, gen: String)
+        async throws(RedisError) -> ReturnReply
     {
         let r = try await eval(
-            QuotaScripts.giveBack, keys: voucherKeys(voucher),
-            args: [lease, String(returnedTotal), close ? "1" : "0", host])
-        guard let a = r.array, a.count == 2, let applied = a[1].int else { throw RedisError.badReply("RETURN: \(r)") }
-        return applied
+            QuotaScripts.giveBack, keys: Array(voucherKeys(voucher).prefix(4)),
+            args: [lease, String(returnedTotal), close ? "1" : "0", host, gen])
+        if let a = r.array, let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
+        guard let a = r.array, a.count == 2, let status = a[0].int, let applied = a[1].int else {
+            throw RedisError.badReply("RETURN: \(r)")
+        }
+        switch status {
+        case 1: return .applied(applied)
+        case -1: return .notOurs
+        case -5: throw RedisError.badReply("RETURN: no voucher '\(voucher)'")
+        default: return .gone
+        }
+    }
+
+    /// Put a cancelled claim's pool shares back into the pool through their leases' records, once per
+    /// claim id. `tsMs` is when the claim was cancelled (restocks older than the horizon are refused).
+    public func restock(voucher: String, claimID: String, tsMs: Int64, host: String, gen: String,
+                        shares: [ClaimShare], horizon: Duration = QuotaStore.restockHorizon) async throws(RedisError)
+        -> RestockReply
+    {
+        var args = [claimID, String(tsMs), String(horizon.milliseconds), host, gen]
+        for s in shares { args += [s.leaseId, String(s.tokens)] }
+        let r = try await eval(QuotaScripts.restock, keys: [Self.meta(voucher), Self.leases(voucher), Self.restocked(voucher)],
+                               args: args)
+        guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("RESTOCK: \(r)") }
+        if let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
+        switch status {
+        case 1: return .applied(a.count > 1 ? a[1].int ?? 0 : 0)
+        case 0: return .alreadyDone
+        case -5: throw RedisError.badReply("RESTOCK: no voucher '\(voucher)'")
+        default: return .tooOld
+        }
     }
 
     // MARK: Per-user limits
@@ -281,6 +424,9 @@ public final class QuotaStore: Sendable {
     private static let smallNumbers: [String] = (0...1024).map { String($0) }
     private static func decimal(_ n: Int) -> String { n >= 0 && n <= 1024 ? smallNumbers[n] : String(n) }
 
+    /// The claim markers of a user group: which claims were counted, and for how much.
+    public static func userMarkersKey(voucher: String, group: Int) -> String { "quota:u:{\(voucher):\(group)}:m" }
+
     /// Check many claims at once, in one script call (one round trip). On Redis Cluster the keys of
     /// one call must share a slot: there the batch would be split per slot (not built: single node).
     /// Returns, per check in order, whether it was counted (false: the user is at the limit).
@@ -301,7 +447,8 @@ public final class QuotaStore: Sendable {
                 idx = i
             } else {
                 keys.append(Self.userGroupKey(voucher: c.voucher, group: c.group))
-                idx = keys.count
+                keys.append(Self.userMarkersKey(voucher: c.voucher, group: c.group))
+                idx = keys.count / 2
                 keyIndex[g] = idx
             }
             args += [Self.decimal(idx), Self.decimal(c.limit), c.user, Self.decimal(c.qty), c.claimID]
@@ -312,29 +459,22 @@ public final class QuotaStore: Sendable {
     }
 
     /// Undo a claim's per-user count; returns the quantity released (0: nothing was counted).
-    public func releaseUser(groupKey: String, user: String, claimID: String) async throws(RedisError) -> Int {
-        try await eval(QuotaScripts.userRelease, keys: [groupKey], args: [user, claimID]).int ?? 0
+    public func releaseUser(voucher: String, user: String, claimID: String, groups: Int) async throws(RedisError) -> Int {
+        let g = Self.userGroup(user: user, groups: groups)
+        return try await eval(QuotaScripts.userRelease,
+                              keys: [Self.userGroupKey(voucher: voucher, group: g), Self.userMarkersKey(voucher: voucher, group: g)],
+                              args: [user, claimID]).int ?? 0
     }
 
-    /// Put a cancelled claim's tokens back into the pool (once per claim id).
-    public func restock(voucher: String, claimID: String, qty: Int) async throws(RedisError) -> Int {
-        try await eval(QuotaScripts.restock, keys: [Self.meta(voucher), "quota:{\(voucher)}:restocked"],
-                       args: [claimID, String(qty)]).int ?? 0
+    /// A user's count for a voucher (what the per-user limit is checked against).
+    public func userCount(voucher: String, user: String, groups: Int) async throws(RedisError) -> Int {
+        try await connection.send(["HGET", Self.userGroupKey(voucher: voucher, user: user, groups: groups), user]).int ?? 0
     }
 
     public func leases(voucher: String) async throws(RedisError) -> [LeaseRecord] {
         let r = try await connection.send(["HGETALL", Self.leases(voucher)])
-        var out: [LeaseRecord] = []
-        for (id, v) in Self.fields(r) {
-            let parts = v.split(separator: "|", omittingEmptySubsequences: false)
-            if parts.count >= 4, let g = Int(parts[parts.count - 3]), let rt = Int(parts[parts.count - 2]),
-                let e = Int(parts[parts.count - 1])
-            {
-                out.append(LeaseRecord(id: id, host: parts.dropLast(3).joined(separator: "|"), granted: g,
-                                       returned: rt, expiresMs: e))
-            }
-        }
-        return out.sorted { (Int($0.id) ?? 0) < (Int($1.id) ?? 0) }
+        return Self.fields(r).compactMap { LeaseRecord.parse(id: $0.key, $0.value) }
+            .sorted { (Int($0.id) ?? 0) < (Int($1.id) ?? 0) }
     }
 }
 
@@ -343,4 +483,17 @@ private final class ScriptCache: Sendable {
     private let box = NIOLockedValueBox<[String: String]>([:])
     func get(_ s: String) -> String? { box.withLockedValue { $0[s] } }
     func set(_ s: String, _ sha: String) { box.withLockedValue { $0[s] = sha } }
+}
+
+extension VoucherAudit {
+    /// The books of a voucher as Redis holds them.
+    public init(record r: VoucherRecord, leases: [LeaseRecord]) {
+        self.init(
+            voucher: r.id, limit: r.limit, pool: r.pool, leased: r.leased, returned: r.returned, restocked: r.restocked,
+            archivedGranted: r.archivedGranted, archivedReturned: r.archivedReturned, archivedRestocked: r.archivedRestocked,
+            leases: leases.map {
+                VoucherAudit.Lease(id: $0.id, host: $0.host, granted: $0.granted, returned: $0.returned,
+                                   restocked: $0.restocked, state: $0.state.rawValue)
+            })
+    }
 }

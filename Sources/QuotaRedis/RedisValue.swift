@@ -42,8 +42,10 @@ public enum RedisValue: Sendable, Equatable, CustomStringConvertible {
 
 /// Why a Redis call failed.
 public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
-    /// Could not connect, the connection broke, or a reply did not come in time.
+    /// Could not connect (or the call waited too long in the queue): it was not sent.
     case unreachable(String)
+    /// Sent, but no reply came in time, or the connection broke before it: it may have been executed.
+    case timedOut(String)
     /// The server answered with an error reply.
     case server(String)
     /// Too many requests queued on the connection.
@@ -53,10 +55,21 @@ public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
     case closed
     /// A reply had an unexpected shape.
     case badReply(String)
+    /// Redis holds another generation of this voucher than the caller knew, or none at all: it lost
+    /// data or the voucher was created again (docs/accounting.md, "Redis that forgets").
+    case generation(String)
+
+    /// Whether the call may have been executed although no answer came back.
+    public var outcomeUnknown: Bool {
+        if case .timedOut = self { return true }
+        return false
+    }
 
     public var description: String {
         switch self {
         case .unreachable(let s): return "Redis unreachable: \(s)"
+        case .timedOut(let s): return "Redis did not answer: \(s)"
+        case .generation(let s): return "Redis lost this voucher's state: \(s)"
         case .server(let s): return "Redis error: \(s)"
         case .overloaded: return "Redis request queue full"
         case .invalidURL(let s): return s

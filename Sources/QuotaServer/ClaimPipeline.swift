@@ -8,99 +8,113 @@ import QuotaJournal
 import QuotaKafka
 import Synchronization
 
-/// What happens to a granted claim before and after its reply, by durability mode:
+/// What happens to a journal record before and after its reply, by durability mode:
 ///
-/// - `journal`: the claim record is fsync'd (group commit), then the reply; shipping to Kafka follows.
+/// - `journal`: the record is fsync'd (group commit), then the reply; shipping to Kafka follows.
 /// - `kafka`: fsync'd, shipped, and acknowledged by Kafka (acks=all), then the reply.
 /// - `none`: the reply at once; journal (if `journal.dir` is set) and Kafka follow.
 ///
-/// Every claim record reaches Kafka: delivery reports advance the journal's shipped mark, and a
-/// segment is deleted only when all its claims are acknowledged. After a crash the remaining
-/// segments are shipped again (same claim ids; consumers dedupe by claim id).
+/// Every shipped event (claims, cancellations, lease closes) reaches Kafka: delivery reports mark
+/// their journal positions acknowledged, and a segment is deleted only when all its events are.
+/// After a crash the unacknowledged events of the remaining segments are shipped again (same claim
+/// ids; consumers dedupe by claim id). When the producer hits a fatal error (a broker that lost
+/// its state, an idempotence failure) it is recreated and everything unacknowledged is shipped again.
 final class ClaimPipeline: Sendable {
-    let durability: SidecarConfig.Durability
+    let durability: Durability
     let journal: Journal?
     private let producerBox = NIOLockedValueBox<KafkaProducer?>(nil)
     private let logger: Logger
     private let unavailableAfter: Duration
-    private let ackTimeout: Duration
+    private let kafka: SidecarConfig.KafkaSettings
+    private let needsRecreate = NIOLockedValueBox(false)
 
     private struct ShipState {
-        /// Produced, not yet acknowledged: sequence → (segment, waiter for kafka mode).
-        var inFlight: [UInt64: (segment: UInt64, waiter: (@Sendable (Bool) -> Void)?)] = [:]
-        /// Claims librdkafka could not queue yet (local queue full).
-        var retry: [(UInt64, UInt64, ClaimEvent)] = []
+        /// Produced, not yet acknowledged: librdkafka sequence → journal position (nil: not journaled).
+        var bySeq: [UInt64: JournalPosition?] = [:]
+        /// `durability: kafka`: replies waiting for a position's acknowledgement.
+        var waiters: [JournalPosition: @Sendable () -> Void] = [:]
+        /// `durability: kafka`: acknowledged before anyone waited for them.
+        var earlyAcks: Set<JournalPosition> = []
+        /// Events librdkafka could not queue yet (local queue full).
+        var retry: [(JournalPosition?, ShippedEvent)] = []
         var lastProgress = ContinuousClock.now
-        var nextSequence: UInt64 = 1 << 40  // sequences for re-shipped (recovered) claims and none-mode claims
+        var nextSequence: UInt64 = 1
         var shipped = 0
         var deliveryErrors = 0
+        var recreations = 0
     }
     private let ship = NIOLockedValueBox(ShipState())
     private let _kafkaDown = Atomic<Bool>(false)
 
-    init(config: SidecarConfig, recovered: JournalRecovery?, logger: Logger) throws {
+    /// - Parameter boot: written to the journal (durably) before anything else.
+    init(config: SidecarConfig, recovered: JournalRecovery?, boot: JournalBoot, logger: Logger) throws {
         self.durability = config.durability
         self.logger = logger
         self.unavailableAfter = config.kafka.unavailableAfter
-        self.ackTimeout = config.limits.claimTimeout
+        self.kafka = config.kafka
         let shipBox = ship
+        let box = producerBox
         if let dir = config.journal.dir {
             var opts = Journal.Options(dir: dir)
             opts.maxBytes = config.journal.maxBytes
             opts.segmentBytes = config.journal.segmentBytes
             opts.retention = config.claims.dedupeWindow
-            var rec = recovered ?? JournalRecovery.read(dir: dir)
-            if !rec.leaseStateTrusted { rec.openLeases = [] }
-            let box = producerBox
-            journal = try Journal(options: opts, recovered: rec, logger: logger) { claims in
-                ClaimPipeline.produce(claims.map { ($0.position.sequence, $0.position.segment, $0.event) },
-                                      producer: box, ship: shipBox, logger: logger)
+            let rec = recovered ?? JournalRecovery.read(dir: dir)
+            do {
+                journal = try Journal(options: opts, recovered: rec, boot: boot, logger: logger) { events in
+                    ClaimPipeline.produce(events.map { ($0.position, $0.event) }, producer: box, ship: shipBox)
+                }
+            } catch {
+                throw QuotaError(.err, "\(error)")
             }
         } else {
             journal = nil
         }
-        if let brokers = config.kafka.brokers {
-            let journal = self.journal
-            // In kafka mode every reply waits for the broker: do not linger (load batches by itself).
-            var props = config.kafka.properties
-            if config.durability == .kafka && props["linger.ms"] == nil { props["linger.ms"] = "0" }
-            let producer = try KafkaProducer(
-                brokers: brokers, topic: config.kafka.topic, properties: props, logger: logger,
-                onDelivery: { reports in ClaimPipeline.delivered(reports, ship: shipBox, journal: journal, logger: logger) })
+        if config.kafka.brokers != nil {
+            let producer = try makeProducer()
             producerBox.withLockedValue { $0 = producer }
         }
     }
 
-    /// Ship the claims of recovered segments again (same claim ids).
-    func reship(_ rec: JournalRecovery) {
-        var items: [(UInt64, UInt64, ClaimEvent)] = []
-        ship.withLockedValue { s in
-            for seg in rec.segments where !seg.shipped {
-                for e in seg.claims {
-                    items.append((s.nextSequence, seg.id, e))
-                    s.nextSequence += 1
-                }
-            }
-        }
-        for seg in rec.segments where seg.claims.isEmpty || seg.shipped { journal?.markShipped(segment: seg.id, count: 0) }
-        Self.produce(items, producer: producerBox, ship: ship, logger: logger)
+    private func makeProducer() throws -> KafkaProducer {
+        guard let brokers = kafka.brokers else { throw QuotaError(.err, "no kafka.brokers") }
+        // In kafka mode every reply waits for the broker: do not linger (load batches by itself).
+        var props = kafka.properties
+        if durability == .kafka && props["linger.ms"] == nil { props["linger.ms"] = "0" }
+        let shipBox = ship
+        let journal = self.journal
+        let logger = self.logger
+        let recreate = needsRecreate
+        let kafkaMode = durability == .kafka
+        return try KafkaProducer(
+            brokers: brokers, topic: kafka.topic, properties: props, logger: logger,
+            onDelivery: { reports in
+                ClaimPipeline.delivered(reports, ship: shipBox, journal: journal, kafkaMode: kafkaMode, logger: logger)
+            },
+            onError: { e in if e.isFatal { recreate.withLockedValue { $0 = true } } })
     }
 
-    // MARK: - Admission (hot path: atomic loads and a lock-free check)
+    /// Ship the unacknowledged events of recovered segments again (same claim ids).
+    func reship(_ rec: JournalRecovery) {
+        var items: [(JournalPosition?, ShippedEvent)] = []
+        for seg in rec.segments {
+            for (i, e) in seg.toShip { items.append((JournalPosition(segment: seg.id, index: i), e)) }
+        }
+        journal?.markShipped([])
+        Self.produce(items, producer: producerBox, ship: ship)
+    }
+
+    // MARK: - Admission (hot path: atomic loads)
 
     /// Why a claim must be refused now (fail closed), or nil.
     func refusal() -> QuotaError? {
-        guard let journal else {
-            if durability == .kafka && _kafkaDown.load(ordering: .relaxed) {
-                return QuotaError(.unavailable, "Kafka unreachable (durability: kafka)")
+        if let journal {
+            if !journal.isHealthy {
+                return QuotaError(.unavailable, "journal not writable: \(journal.lastError ?? "unknown error")")
             }
-            return nil
-        }
-        if !journal.isHealthy {
-            return QuotaError(.unavailable, "journal not writable: \(journal.lastError ?? "unknown error")")
-        }
-        if journal.isOverBound {
-            return QuotaError(.unavailable, "unshipped journal backlog over journal.max_bytes (\(journal.options.maxBytes))")
+            if journal.isOverBound {
+                return QuotaError(.unavailable, "unshipped journal backlog over journal.max_bytes (\(journal.options.maxBytes))")
+            }
         }
         if durability == .kafka && _kafkaDown.load(ordering: .relaxed) {
             return QuotaError(.unavailable, "Kafka unreachable (durability: kafka)")
@@ -110,111 +124,121 @@ final class ClaimPipeline: Sendable {
 
     // MARK: - Records
 
-    /// Record a granted claim. `reply` is called once with true (durable as the mode requires) or false.
-    /// With `durability: none` it returns false ("reply now") and records in the background.
-    func recordClaim(_ e: ClaimEvent, reply: @escaping @Sendable (Bool) -> Void) -> Bool {
-        switch durability {
-        case .none:
-            if let journal {
-                journal.append(.claim(e))
-            } else if producerBox.withLockedValue({ $0 != nil }) {
-                let seq = ship.withLockedValue { s -> UInt64 in
-                    defer { s.nextSequence += 1 }
-                    return s.nextSequence
-                }
-                Self.produce([(seq, 0, e)], producer: producerBox, ship: ship, logger: logger)
-            }
-            return false
-        case .journal:
-            journal!.append(.claim(e)) { r in
-                if case .failure = r { reply(false) } else { reply(true) }
-            }
-            return true
-        case .kafka:
-            let ship = self.ship
-            journal!.append(.claim(e)) { r in
-                guard case .success(let pos) = r else { return reply(false) }
-                // Wait for the broker's acknowledgement of this very record.
-                let acked = ship.withLockedValue { s -> Bool in
-                    if s.inFlight[pos.sequence] != nil {
-                        s.inFlight[pos.sequence]!.waiter = reply
-                        return false
+    /// Append a record. `done` (if any) runs once it is durable (`true`, with its position) or failed.
+    /// Without a journal (`durability: none` and no `journal.dir`), shipped events go to Kafka directly
+    /// and `done` runs at once.
+    func append(_ r: JournalRecord, done: (@Sendable (Bool, JournalPosition?) -> Void)? = nil) {
+        if let journal {
+            if let done {
+                journal.append(r) { res in
+                    switch res {
+                    case .success(let pos): done(true, pos)
+                    case .failure: done(false, nil)
                     }
-                    return true  // acknowledged before we got here
                 }
-                if acked { reply(true) }
+            } else {
+                journal.append(r)
             }
-            return true
+            return
         }
+        if let ev = ShippedEvent(r), producerBox.withLockedValue({ $0 != nil }) {
+            Self.produce([(nil, ev)], producer: producerBox, ship: ship)
+        }
+        done?(true, nil)
     }
 
-    func recordLease(_ r: JournalRecord) {
-        journal?.append(r)
+    /// `durability: kafka`: run `then` once Kafka acknowledged the event at `pos`.
+    func whenAcknowledged(_ pos: JournalPosition, _ then: @escaping @Sendable () -> Void) {
+        let now = ship.withLockedValue { s -> Bool in
+            if s.earlyAcks.remove(pos) != nil { return true }
+            s.waiters[pos] = then
+            return false
+        }
+        if now { then() }
     }
 
-    /// A kafka-mode claim that was never acknowledged in time: journal its cancellation, so the
-    /// stream nets to zero for a claim whose caller was told UNAVAILABLE.
-    func recordCancellation(_ e: ClaimEvent) {
-        journal?.append(.claim(e.cancellation(tsMs: e.tsMs)))
+    /// Forget a waiter (the claim timed out and was answered otherwise).
+    func stopWaiting(_ pos: JournalPosition) {
+        ship.withLockedValue { s in
+            s.waiters.removeValue(forKey: pos)
+            s.earlyAcks.remove(pos)
+        }
     }
 
     // MARK: - Shipping
 
-    private static func produce(_ items: [(UInt64, UInt64, ClaimEvent)], producer: NIOLockedValueBox<KafkaProducer?>,
-                                ship: NIOLockedValueBox<ShipState>, logger: Logger) {
-        guard let p = producer.withLockedValue({ $0 }) else { return }
-        var failed: [(UInt64, UInt64, ClaimEvent)] = []
-        ship.withLockedValue { s in
-            if s.inFlight.isEmpty { s.lastProgress = .now }
-            for (seq, seg, _) in items { s.inFlight[seq] = (seg, nil) }
+    private static func produce(_ items: [(JournalPosition?, ShippedEvent)], producer: NIOLockedValueBox<KafkaProducer?>,
+                                ship: NIOLockedValueBox<ShipState>) {
+        guard !items.isEmpty, let p = producer.withLockedValue({ $0 }) else { return }
+        let seqs = ship.withLockedValue { s -> [UInt64] in
+            if s.bySeq.isEmpty { s.lastProgress = .now }
+            var out: [UInt64] = []
+            out.reserveCapacity(items.count)
+            for (pos, _) in items {
+                s.bySeq[s.nextSequence] = pos
+                out.append(s.nextSequence)
+                s.nextSequence += 1
+            }
+            return out
         }
-        for item in items {
+        var failed: [(JournalPosition?, ShippedEvent)] = []
+        var failedSeqs: [UInt64] = []
+        for (item, seq) in zip(items, seqs) {
             do {
-                try p.produce(key: item.2.voucher, value: item.2.kafkaValue, sequence: item.0)
+                try p.produce(key: item.1.key, value: item.1.kafkaValue, sequence: seq)
             } catch {
                 failed.append(item)
+                failedSeqs.append(seq)
             }
         }
         if !failed.isEmpty {
-            ship.withLockedValue { s in s.retry += failed }
+            ship.withLockedValue { s in
+                for q in failedSeqs { s.bySeq.removeValue(forKey: q) }
+                s.retry += failed
+            }
         }
     }
 
     private static func delivered(_ reports: [DeliveryReport], ship: NIOLockedValueBox<ShipState>, journal: Journal?,
-                                  logger: Logger) {
-        var perSegment: [UInt64: Int] = [:]
-        var waiters: [@Sendable (Bool) -> Void] = []
+                                  kafkaMode: Bool, logger: Logger) {
+        var acked: [JournalPosition] = []
+        var waiters: [@Sendable () -> Void] = []
         ship.withLockedValue { s in
             for r in reports {
-                if let e = r.error {
-                    // With message.timeout.ms=0 librdkafka retries by itself; this is fatal. The record stays
-                    // in the journal and ships after a restart.
+                if r.error != nil {
+                    // With message.timeout.ms=0 librdkafka retries by itself: this is fatal for the message.
+                    // It stays unacknowledged in the journal and ships again after the producer is recreated
+                    // or the process restarts.
                     s.deliveryErrors += 1
-                    logger.error("kafka delivery failed", metadata: ["error": "\(e)"])
+                    s.bySeq.removeValue(forKey: r.sequence)
                     continue
                 }
-                guard let entry = s.inFlight.removeValue(forKey: r.sequence) else { continue }
+                guard let entry = s.bySeq.removeValue(forKey: r.sequence) else { continue }
                 s.shipped += 1
-                if entry.segment > 0 { perSegment[entry.segment, default: 0] += 1 }
-                if let w = entry.waiter { waiters.append(w) }
+                guard let pos = entry else { continue }
+                acked.append(pos)
+                if let w = s.waiters.removeValue(forKey: pos) {
+                    waiters.append(w)
+                } else if kafkaMode {
+                    s.earlyAcks.insert(pos)
+                }
             }
             s.lastProgress = .now
         }
-        for (seg, n) in perSegment { journal?.markShipped(segment: seg, count: n) }
-        for w in waiters { w(true) }
+        if !acked.isEmpty { journal?.markShipped(acked) }
+        for w in waiters { w() }
     }
 
-    /// Periodic: retry claims librdkafka could not queue; decide whether Kafka counts as down.
+    /// Periodic: retry events librdkafka could not queue; recreate a producer after a fatal error;
+    /// decide whether Kafka counts as down.
     func tick() {
-        let retry = ship.withLockedValue { s -> [(UInt64, UInt64, ClaimEvent)] in
+        if needsRecreate.withLockedValue({ v in defer { v = false }; return v }) { recreateProducer() }
+        let retry = ship.withLockedValue { s -> [(JournalPosition?, ShippedEvent)] in
             defer { s.retry.removeAll() }
             return s.retry
         }
-        if !retry.isEmpty {
-            ship.withLockedValue { s in for (seq, _, _) in retry { s.inFlight.removeValue(forKey: seq) } }
-            Self.produce(retry, producer: producerBox, ship: ship, logger: logger)
-        }
-        let stalled = ship.withLockedValue { s in !s.inFlight.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }
+        if !retry.isEmpty { Self.produce(retry, producer: producerBox, ship: ship) }
+        let stalled = ship.withLockedValue { s in !s.bySeq.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }
         let silent = producerBox.withLockedValue { $0 }.map { $0.sinceBrokerAnswered > unavailableAfter } ?? false
         let down = stalled || silent
         let was = _kafkaDown.exchange(down, ordering: .relaxed)
@@ -227,12 +251,47 @@ final class ClaimPipeline: Sendable {
         }
     }
 
+    /// The producer hit a fatal error: replace it, and ship everything the journal holds unacknowledged.
+    private func recreateProducer() {
+        let old = producerBox.withLockedValue { p -> KafkaProducer? in
+            defer { p = nil }
+            return p
+        }
+        old?.close(flushTimeout: .zero)
+        let fresh: KafkaProducer
+        do {
+            fresh = try makeProducer()
+        } catch {
+            logger.error("cannot recreate the kafka producer; retrying", metadata: ["error": "\(error)"])
+            needsRecreate.withLockedValue { $0 = true }
+            return
+        }
+        ship.withLockedValue { s in
+            s.bySeq.removeAll()
+            s.retry.removeAll()
+            s.recreations += 1
+            s.lastProgress = .now
+        }
+        producerBox.withLockedValue { $0 = fresh }
+        guard let journal else { return }
+        var items: [(JournalPosition?, ShippedEvent)] = []
+        let bySegment = Dictionary(grouping: journal.unacknowledged, by: \.segment)
+        for (seg, positions) in bySegment {
+            let events = journal.readEvents(segment: seg)
+            for p in positions where p.index < events.count { items.append((p, events[p.index])) }
+        }
+        logger.notice("kafka producer recreated after a fatal error; shipping the unacknowledged journal again",
+                      metadata: ["events": "\(items.count)"])
+        Self.produce(items, producer: producerBox, ship: ship)
+    }
+
     var kafkaDown: Bool { _kafkaDown.load(ordering: .relaxed) }
 
     struct Stats {
         var inFlight: Int
         var shipped: Int
         var deliveryErrors: Int
+        var recreations: Int
         var journalBacklogBytes: Int
         var journalUnshipped: Int
         var journalSegments: Int
@@ -241,19 +300,18 @@ final class ClaimPipeline: Sendable {
     }
 
     var stats: Stats {
-        let s = ship.withLockedValue { ($0.inFlight.count + $0.retry.count, $0.shipped, $0.deliveryErrors) }
-        // journalSegments counts unshipped and retained segments alike
+        let s = ship.withLockedValue { ($0.bySeq.count + $0.retry.count, $0.shipped, $0.deliveryErrors, $0.recreations) }
         let sync = journal?.syncStats ?? (0, 0)
-        return Stats(inFlight: s.0, shipped: s.1, deliveryErrors: s.2, journalBacklogBytes: journal?.backlogBytes ?? 0,
-                     journalUnshipped: journal?.unshippedClaims ?? 0, journalSegments: journal?.segmentCount ?? 0,
-                     syncs: sync.0, recordsSynced: sync.1)
+        return Stats(inFlight: s.0, shipped: s.1, deliveryErrors: s.2, recreations: s.3,
+                     journalBacklogBytes: journal?.backlogBytes ?? 0, journalUnshipped: journal?.unshippedClaims ?? 0,
+                     journalSegments: journal?.segmentCount ?? 0, syncs: sync.0, recordsSynced: sync.1)
     }
 
-    /// Shutdown: flush Kafka (bounded), close the journal. What is not shipped stays in the journal.
+    /// Shutdown: write what is queued, flush Kafka (bounded), record what Kafka acknowledged, close the
+    /// journal. What is not shipped stays in the journal and ships at the next start.
     func close(flushTimeout: Duration) {
+        journal?.stopWriting()
         let p = producerBox.withLockedValue { $0 }
-        // Let queued journal records become durable (and be handed to the producer) first.
-        journal?.close()
         if let p {
             let left = p.flush(timeout: flushTimeout)
             if left > 0 {
@@ -261,5 +319,6 @@ final class ClaimPipeline: Sendable {
             }
             p.close(flushTimeout: .zero)
         }
+        journal?.close()
     }
 }

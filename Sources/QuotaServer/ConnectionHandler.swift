@@ -183,8 +183,8 @@ final class ConnectionHandler: ChannelInboundHandler {
             let engine = self.engine
             Task {
                 let left = await engine.drain()
-                p.succeed(left == 0 ? .value(.ok) : .error(QuotaError(
-                    .unavailable, "drained, but \(left) voucher(s) still hold tokens: Redis did not take them back")))
+                p.succeed(left.isEmpty ? .value(.ok) : .error(QuotaError(
+                    .unavailable, "drained, but work is left (Redis did not take it): \(left.prefix(3).joined(separator: "; "))")))
             }
             return .later(p.futureResult)
         }

@@ -9,12 +9,13 @@ import Metrics
 import Synchronization
 
 /// The sidecar's state shared by all connections: the voucher registry, the Redis
-/// store, claim ids, counters, and the periodic work (ticks and refreshes).
+/// store, claim ids, the region's generation, counters, and the periodic work.
 public final class SidecarEngine: Sendable {
     public let config: SidecarConfig
     public let store: QuotaStore
     let pipeline: ClaimPipeline
     let userChecks: UserCheckBatcher
+    let chores: Chores
     /// Claim durations (swift-metrics Timer, Prometheus histogram) when `metrics.listen` is set.
     let claimTimer = NIOLockedValueBox<Metrics.Timer?>(nil)
     let claimBook: ClaimBook
@@ -22,11 +23,15 @@ public final class SidecarEngine: Sendable {
     private let recoveredReqs = NIOLockedValueBox<[String: [(req: String, claimID: String, expires: Instant)]]>([:])
     let logger: Logger
     let startedAt = Date()
+    /// This process's id in claim ids and lease request ids: start time in ms and random bits, base 36.
+    let boot: String
     private let vouchers = NIOLockedValueBox<[String: VoucherRuntime]>([:])
     private let _regionPolicy = NIOLockedValueBox(LeasePolicyOverride())
     private let claimSeq = Atomic<Int>(0)
     private let claimPrefix: String
     private let _draining = Atomic<Bool>(false)
+    /// The region generation this host adopted (journaled), and why the region is lost, if it is.
+    private let region = NIOLockedValueBox<(adopted: String?, lost: String?)>((nil, nil))
 
     // Counters outside any voucher.
     let connectionsCurrent = Atomic<Int>(0)
@@ -37,63 +42,128 @@ public final class SidecarEngine: Sendable {
     let globalRejections = NIOLockedValueBox<[QuotaErrorCode: Int]>([:])
     let redisErrors = Atomic<Int>(0)
 
-    init(config: SidecarConfig, store: QuotaStore, pipeline: ClaimPipeline, logger: Logger) {
+    init(config: SidecarConfig, store: QuotaStore, pipeline: ClaimPipeline, boot: String, generation: String?,
+         logger: Logger) {
         self.config = config
         self.store = store
         self.pipeline = pipeline
         self.userChecks = UserCheckBatcher(store: store)
-
+        self.chores = Chores(logger: logger)
         self.logger = logger
-        // Claim ids: region.host.boot.seq — unique across regions, hosts and restarts
-        // (boot = start time in ms, base 36, plus 16 random bits).
-        let ms = UInt64(Date().timeIntervalSince1970 * 1000)
-        let boot = String(ms, radix: 36) + String(UInt16.random(in: 0...UInt16.max), radix: 36)
+        self.boot = boot
+        // Claim ids: region.host.boot.seq — unique across regions, hosts and restarts.
         self.claimPrefix = "\(config.region).\(config.hostID).\(boot)."
         self.claimBook = ClaimBook(prefix: claimPrefix, region: config.region, host: config.hostID,
                                    capacity: config.claims.maxTracked)
+        region.withLockedValue { $0.adopted = generation }
+    }
+
+    /// A new boot id: start time in ms and 16 random bits, base 36.
+    static func newBoot() -> String {
+        let ms = UInt64(Date().timeIntervalSince1970 * 1000)
+        return String(ms, radix: 36) + String(UInt16.random(in: 0...UInt16.max), radix: 36)
     }
 
     var regionPolicy: LeasePolicyOverride { _regionPolicy.withLockedValue { $0 } }
     public var isDraining: Bool { _draining.load(ordering: .relaxed) }
 
-    /// A new claim id and its sequence number (the `UNCLAIM` book is indexed by it).
-    func nextClaimID() -> (id: String, seq: Int) {
-        let n = claimSeq.wrappingAdd(1, ordering: .relaxed).newValue
-        return (claimPrefix + String(n, radix: 36), n)
-    }
+    /// A new claim sequence number (the `UNCLAIM` book is indexed by it).
+    func nextClaimSeq() -> Int { claimSeq.wrappingAdd(1, ordering: .relaxed).newValue }
 
     func countRejection(_ code: QuotaErrorCode) {
         globalRejections.withLockedValue { $0[code, default: 0] += 1 }
     }
 
+    /// The rules every voucher's claims follow here.
+    private var rules: ClaimRules {
+        var r = ClaimRules(region: config.region, host: config.hostID, idPrefix: claimPrefix, durability: config.durability)
+        r.perUserMode = config.perUser.mode
+        r.onUnavailable = config.perUser.onUnavailable
+        r.claimTimeout = config.limits.claimTimeout
+        r.dedupeWindow = config.claims.dedupeWindow
+        r.maxWaiting = config.limits.maxWaitingClaims
+        r.maxTrackedUsers = config.claims.maxTracked
+        return r
+    }
+
+    // MARK: - Region generation
+
+    /// Why the region's Redis cannot be trusted (it lost its data), or nil.
+    var regionLost: String? { region.withLockedValue { $0.lost } }
+    var adoptedGeneration: String? { region.withLockedValue { $0.adopted } }
+
+    /// Why this voucher's record must not be used, or nil.
+    func generationProblem(voucher rec: VoucherRecord) -> String? {
+        let (adopted, lost) = region.withLockedValue { ($0.adopted, $0.lost) }
+        if let lost { return lost }
+        if let adopted, rec.generation != adopted {
+            return "voucher '\(rec.id)' has generation \(rec.generation), but this host's region generation is \(adopted): "
+                + "it was created again after Redis lost its data (see quotactl rehydrate)"
+        }
+        return nil
+    }
+
+    /// Compare the region's generation in Redis with the one this host adopted: adopt it the first
+    /// time (journaled before any lease can be requested), fail closed when it changed or vanished.
+    func checkRegion() async {
+        guard regionLost == nil else { return }
+        guard case .success(let current) = await attempt({ () async throws(RedisError) in try await store.regionGeneration() })
+        else { return }
+        let adopted = adoptedGeneration
+        switch (adopted, current) {
+        case (nil, nil):
+            return
+        case (nil, let g?):
+            // Durable before this host's next lease request (which is journaled after it).
+            let ok = await withCheckedContinuation { c in pipeline.append(.generation(g)) { ok, _ in c.resume(returning: ok) } }
+            if ok { region.withLockedValue { $0.adopted = g } }
+        case (let a?, let g) where g != a:
+            let why = g == nil
+                ? "the region's Redis has no region marker, but this host ran on generation \(a): Redis lost its data"
+                : "the region's Redis has generation \(g!), but this host ran on generation \(a): Redis lost its data or was replaced"
+            region.withLockedValue { $0.lost = why + " (restore it with quotactl rehydrate)" }
+            logger.critical("failing closed for every voucher: \(why)")
+            for rt in runtimes { rt.regionLost(why) }
+        default:
+            return
+        }
+    }
+
     // MARK: - Requests
 
     /// Handle `CLAIM` / `AVAIL` for `voucher` (already validated).
-    func request(_ req: VoucherRuntime.Request, voucher: String, loop: any EventLoop) -> Outcome {
+    func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop) -> Outcome {
         if isDraining, case .claim = req {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, "draining: this host no longer serves claims")))
         }
-        if let rt = vouchers.withLockedValue({ $0[voucher] }) {
-            return rt.handle(req, now: monotonicNow(), loop: loop)
+        if let lost = regionLost {
+            countRejection(.unavailable)
+            return .now(.error(QuotaError(.unavailable, lost)))
         }
-        // First request for this voucher (on any event loop): one runtime is created, in `.loading`.
-        let created: VoucherRuntime? = vouchers.withLockedValue { map in
-            if let r = map[voucher] { return r }
-            guard map.count < config.limits.maxVouchers else { return nil }
-            let r = VoucherRuntime(id: voucher, engine: self, policy: config.lease)
-            map[voucher] = r
-            return r
-        }
-        guard let rt = created else {
+        guard let rt = runtime(voucher) else {
             countRejection(.busy)
             return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
         }
-        if let reqs = recoveredReqs.withLockedValue({ $0.removeValue(forKey: voucher) }) { rt.restoreDedupe(reqs) }
-        let outcome = rt.handle(req, now: monotonicNow(), loop: loop)
-        // The request parked for the load: start it (once, however many loops race here).
-        if case .later = outcome { rt.startLoadOnce() }
-        return outcome
+        return rt.handle(req, now: monotonicNow(), loop: loop)
+    }
+
+    /// The voucher's runtime, created on first use (nil: too many vouchers tracked).
+    private func runtime(_ voucher: String) -> VoucherRuntime? {
+        if let rt = vouchers.withLockedValue({ $0[voucher] }) { return rt }
+        let rules = self.rules
+        let (rt, new): (VoucherRuntime?, Bool) = vouchers.withLockedValue { map in
+            if let r = map[voucher] { return (r, false) }
+            guard map.count < config.limits.maxVouchers else { return (nil, false) }
+            let r = VoucherRuntime(id: voucher, engine: self, policy: config.lease, rules: rules,
+                                   requestPrefix: "\(config.hostID).\(boot).")
+            map[voucher] = r
+            return (r, true)
+        }
+        if new, let rt, let reqs = recoveredReqs.withLockedValue({ $0.removeValue(forKey: voucher) }) {
+            rt.restoreDedupe(reqs)
+        }
+        return rt
     }
 
     // MARK: - Recovery
@@ -119,90 +189,82 @@ public final class SidecarEngine: Sendable {
         recoveredReqs.withLockedValue { $0 = reqs }
     }
 
-    // MARK: - Per-user counts and UNCLAIM
+    // MARK: - Background Redis work (owned, retried, drained at shutdown)
 
-    /// Run an idempotent Redis call in the background until it succeeds (about a minute at most).
-    private func retrying(_ what: String, claimID: String, _ op: @escaping @Sendable () async throws(RedisError) -> Void) {
-        let logger = self.logger
-        Task {
-            var delay: Duration = .milliseconds(50)
-            for _ in 0..<30 {
-                if case .success = await attempt(op) { return }
-                try? await Task.sleep(for: delay)
-                delay = min(delay * 2, .seconds(2))
-            }
-            logger.error("\(what) failed; reconciliation must repair it", metadata: ["quota.claim": "\(claimID)"])
-        }
+    /// The generation to say for `voucher`: its runtime's, else the region's.
+    private func generation(for voucher: String) -> String? {
+        vouchers.withLockedValue { $0[voucher] }?.knownGeneration ?? adoptedGeneration
     }
 
-    /// Undo a claim's per-user count in Redis (idempotent by claim id); retried in the background.
+    /// Undo a claim's per-user count in Redis (idempotent by claim id); then journal that its intent is settled.
     func releaseUser(_ e: ClaimEvent) {
-        let key = QuotaStore.userGroupKey(voucher: e.voucher, user: e.user, groups: config.perUser.groups)
         let store = self.store
-        retrying("per-user count release", claimID: e.claimID) { () async throws(RedisError) in
-            _ = try await store.releaseUser(groupKey: key, user: e.user, claimID: e.claimID)
-        }
+        let groups = config.perUser.groups
+        let pipeline = self.pipeline
+        chores.submit(Chores.Job(what: "per-user release of claim \(e.claimID)") {
+            let r = await attempt { () async throws(RedisError) in
+                try await store.releaseUser(voucher: e.voucher, user: e.user, claimID: e.claimID, groups: groups)
+            }
+            guard case .success = r else { return .retry("\(r)") }
+            pipeline.append(.intentResolved(voucher: e.voucher, claimID: e.claimID))
+            return .done
+        })
     }
 
-    /// Tokens of a claim that did not complete, whose lease is already closed: back into the pool
-    /// (once per claim id); retried in the background.
-    func restock(voucher: String, claimID: String, qty: Int) {
+    /// A cancellation's pool shares back to the pool, through their leases' records, once per claim id.
+    func restock(_ cancel: ClaimEvent) {
         let store = self.store
-        retrying("restock", claimID: claimID) { () async throws(RedisError) in
-            _ = try await store.restock(voucher: voucher, claimID: claimID, qty: qty)
-        }
+        let host = config.hostID
+        let shares = cancel.shares.enumerated().filter { cancel.sharesToPool($0.offset) }.map(\.element)
+        guard !shares.isEmpty else { return }
+        let logger = self.logger
+        chores.submit(Chores.Job(what: "restock of claim \(cancel.claimID)") { [self] in
+            guard let gen = generation(for: cancel.voucher) else { return .retry("region generation not known yet") }
+            let r = await attempt { () async throws(RedisError) in
+                try await store.restock(voucher: cancel.voucher, claimID: cancel.claimID, tsMs: cancel.tsMs, host: host,
+                                        gen: gen, shares: shares)
+            }
+            switch r {
+            case .success(.tooOld):
+                logger.error("restock refused: the cancellation is older than the restock horizon; reconciliation must repair it",
+                             metadata: ["quota.claim": "\(cancel.claimID)"])
+                return .done
+            case .success: return .done
+            case .failure(.generation(let why)):
+                logger.error("restock refused: \(why)", metadata: ["quota.claim": "\(cancel.claimID)"])
+                return .done
+            case .failure(let e): return .retry("\(e)")
+            }
+        })
     }
 
     /// `UNCLAIM claim-id`.
     func unclaim(_ claimID: String, loop: any EventLoop) -> Outcome {
-        let e: ClaimEvent
+        if let lost = regionLost {
+            countRejection(.unavailable)
+            return .now(.error(QuotaError(.unavailable, lost)))
+        }
         switch claimBook.takeForUnclaim(claimID) {
         case .unknown:
             countRejection(.err)
             return .now(.error(QuotaError(.err, "unknown claim id '\(claimID.prefix(80))' (UNCLAIM takes claims made through this host)")))
         case .already:
             return .now(.value(.ok))
-        case .take(let ev):
-            e = ev
-        }
-        let cancel = e.cancellation(tsMs: wallClockMs())
-        let p = loop.makePromise(of: Reply.self)
-        let finish: @Sendable () -> Void = { [self] in
-            Task {
-                let rt = vouchers.withLockedValue { $0[e.voucher] }
-                let local = rt?.unclaimed(e) ?? 0
-                if local < e.qty { restock(voucher: e.voucher, claimID: e.claimID, qty: e.qty - local) }
-                if config.perUser.mode == .central && (rt?.perUserLimit ?? 1) > 0 {
-                    let key = QuotaStore.userGroupKey(voucher: e.voucher, user: e.user, groups: config.perUser.groups)
-                    let r = await attempt { () async throws(RedisError) in
-                        try await store.releaseUser(groupKey: key, user: e.user, claimID: e.claimID)
-                    }
-                    if case .failure = r { releaseUser(e) }
-                }
-                p.succeed(.value(.ok))
+        case .take(let e):
+            guard let rt = runtime(e.voucher) else {
+                claimBook.restore(claimID)
+                countRejection(.busy)
+                return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
             }
+            return rt.unclaim(e, loop: loop)
         }
-        if let journal = pipeline.journal {
-            journal.append(.claim(cancel)) { [self] r in
-                if case .failure(let err) = r {
-                    claimBook.restore(claimID)
-                    p.succeed(.error(QuotaError(.unavailable, "cancellation could not be journaled: \(err)")))
-                } else {
-                    finish()
-                }
-            }
-        } else {
-            _ = pipeline.recordClaim(cancel) { _ in }
-            finish()
-        }
-        return .later(p.futureResult)
     }
 
     // MARK: - Periodic work
 
     private var runtimes: [VoucherRuntime] { vouchers.withLockedValue { Array($0.values) } }
 
-    /// Fencing, renewals, refills, idle returns, parked-claim timeouts: every `interval`.
+    /// Fencing, renewals, refills, idle returns, claim timeouts: every `interval`.
     func runTicker(interval: Duration = .milliseconds(50)) async {
         while !Task.isCancelled {
             try? await Task.sleep(for: interval)
@@ -212,10 +274,11 @@ public final class SidecarEngine: Sendable {
         }
     }
 
-    /// Pool size, voucher state and lease policy from Redis: every `avail_refresh`.
+    /// Region generation, pool size, voucher state and lease policy from Redis: every `avail_refresh`.
     func runRefresher() async {
         var lastPolicy = ContinuousClock.now - .seconds(3600)
         while !Task.isCancelled {
+            await checkRegion()
             if ContinuousClock.now - lastPolicy >= config.policyRefresh {
                 if let p = try? await store.regionPolicy() {
                     _regionPolicy.withLockedValue { $0 = p }
@@ -223,12 +286,15 @@ public final class SidecarEngine: Sendable {
                 }
             }
             let ready = runtimes.filter(\.isReady)
-            if !ready.isEmpty {
+            if !ready.isEmpty && regionLost == nil {
                 do {
+                    let highWater = ready.map(\.leaseHighWater)
                     let recs = try await store.vouchers(ready.map(\.id))
                     let now = monotonicNow()
                     let policy = regionPolicy
-                    for (rt, rec) in zip(ready, recs) { rt.refreshed(rec, regionPolicy: policy, now: now) }
+                    for ((rt, rec), hw) in zip(zip(ready, recs), highWater) {
+                        rt.refreshed(rec, regionPolicy: policy, highWater: hw, now: now)
+                    }
                 } catch {
                     redisErrors.add(1, ordering: .relaxed)
                     logger.debug("refresh failed", metadata: ["error": "\(error)"])
@@ -240,24 +306,23 @@ public final class SidecarEngine: Sendable {
 
     // MARK: - Drain
 
-    /// Stop claiming, give back every unused token; waits up to `timeout` for Redis to take them.
-    /// Returns the number of vouchers that still hold tokens (0 on success).
+    /// Stop claiming, let claims in flight settle, give back every unused token, finish owed Redis work;
+    /// waits up to `timeout` for Redis to take it all. Returns what is left, described (empty on success).
     @discardableResult
-    public func drain(timeout: Duration = .seconds(10)) async -> Int {
+    public func drain(timeout: Duration = .seconds(10)) async -> [String] {
         _draining.store(true, ordering: .relaxed)
         for rt in runtimes { rt.drain() }
         let deadline = ContinuousClock.now + timeout
         while true {
             let unsettled = runtimes.filter { !$0.isSettled }
-            if unsettled.isEmpty { return 0 }
+            if unsettled.isEmpty { break }
             if ContinuousClock.now >= deadline {
-                logger.error("tokens could not be returned before the deadline; they stay leased until reclaimed",
-                             metadata: ["vouchers": "\(unsettled.map(\.id))"])
-                return unsettled.count
+                return unsettled.map(\.unsettledDescription)
             }
             try? await Task.sleep(for: .milliseconds(50))
             for rt in unsettled { rt.retryReturns() }
         }
+        return await chores.drain(timeout: max(.milliseconds(100), deadline - ContinuousClock.now))
     }
 
     // MARK: - INFO and metrics
@@ -354,7 +419,11 @@ public final class SidecarEngine: Sendable {
             out += "journal_segments:\(p.journalSegments)\r\njournal_syncs:\(p.syncs)\r\njournal_records_synced:\(p.recordsSynced)\r\n"
             out += "journal_healthy:\(pipeline.journal.map { $0.isHealthy ? 1 : 0 } ?? 1)\r\n"
             out += "kafka_backlog:\(p.inFlight)\r\nkafka_shipped:\(p.shipped)\r\nkafka_delivery_errors:\(p.deliveryErrors)\r\n"
-            out += "kafka_down:\(pipeline.kafkaDown ? 1 : 0)\r\n"
+            out += "kafka_down:\(pipeline.kafkaDown ? 1 : 0)\r\nkafka_producer_recreations:\(p.recreations)\r\n"
+            let c = chores.stats
+            out += "background_jobs:\(c.outstanding)\r\nbackground_jobs_done:\(c.completed)\r\nbackground_retries:\(c.retries)\r\n"
+            out += "redis_late_replies:\(store.connection.lateReplies)\r\n"
+            out += "region_generation:\(adoptedGeneration ?? "")\r\nregion_lost:\(regionLost == nil ? 0 : 1)\r\n"
             let u = userChecks.stats
             out += "user_check_batches:\(u.batches)\r\nuser_checks:\(u.checks)\r\nclaims_tracked:\(claimBook.count)\r\n\r\n"
         }
@@ -365,7 +434,7 @@ public final class SidecarEngine: Sendable {
                     .map { ",rejected_\($0.rawValue)=\(s.counters.rejected[$0]!)" }.joined()
                 out += "voucher:\(id):status=\(s.status),ok=\(s.counters.claimsOK),served=\(s.counters.tokensServed),"
                 out += "local=\(s.local),pool=\(s.pool),leases=\(s.leases),lease_size=\(s.leaseSize),"
-                out += "rate=\(Int(s.rate)),parked=\(s.parked),soldout=\(s.soldOut ? 1 : 0)\(rejected)\r\n"
+                out += "rate=\(Int(s.rate)),parked=\(s.parked),inflight=\(s.inFlight),soldout=\(s.soldOut ? 1 : 0)\(rejected)\r\n"
             }
         }
         return out

@@ -18,11 +18,19 @@ public final class SidecarService: Service, Sendable {
     public let engine: SidecarEngine
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
-
     private let recovered: JournalRecovery?
+    private let socketLock: Int32
 
     public init(config: SidecarConfig, logger: Logger) throws {
-        let store = try QuotaStore(url: config.redisURL, timeout: config.redisTimeout, logger: logger)
+        // One process per socket: a lock next to it for our whole life, and never unlink a live socket.
+        socketLock = try Self.lockSocket(config.socket.path)
+        let store: QuotaStore
+        do {
+            store = try QuotaStore(url: config.redisURL, timeout: config.redisTimeout, logger: logger)
+        } catch {
+            close(socketLock)
+            throw error
+        }
         // Read what the journal says before anything new is written to it.
         let rec = config.journal.dir.map { JournalRecovery.read(dir: $0) }
         if let rec {
@@ -33,15 +41,47 @@ public final class SidecarService: Service, Sendable {
             }
         }
         self.recovered = rec
-        let pipeline = try ClaimPipeline(config: config, recovered: rec, logger: logger)
-        self.engine = SidecarEngine(config: config, store: store, pipeline: pipeline, logger: logger)
+        let boot = SidecarEngine.newBoot()
+        let pipeline: ClaimPipeline
+        do {
+            pipeline = try ClaimPipeline(
+                config: config, recovered: rec,
+                boot: JournalBoot(boot: boot, host: config.hostID, durability: config.durability.rawValue, tsMs: wallClockMs()),
+                logger: logger)
+        } catch {
+            store.connection.close()
+            close(socketLock)
+            throw error
+        }
+        self.engine = SidecarEngine(config: config, store: store, pipeline: pipeline, boot: boot,
+                                    generation: rec?.ledger.generation, logger: logger)
         let threads = config.eventLoops > 0 ? config.eventLoops : System.coreCount
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         self.logger = logger
     }
 
+    /// `flock` `<socket>.lock`, and refuse a socket path another live process answers on.
+    private static func lockSocket(_ path: String) throws -> Int32 {
+        let dir = (path as NSString).deletingLastPathComponent
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let f = open(path + ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o640)
+        guard f >= 0 else { throw QuotaError(.err, "cannot open \(path).lock: \(String(cString: strerror(errno)))") }
+        if flock(f, LOCK_EX | LOCK_NB) != 0 {
+            close(f)
+            throw QuotaError(.err, "socket.path \(path) is in use by another quotad (its lock \(path).lock is held)")
+        }
+        if FileManager.default.fileExists(atPath: path), PeerCredentials.somethingListens(at: path) {
+            close(f)
+            throw QuotaError(.err, "socket.path \(path) is in use: another process answers on it; not removing it")
+        }
+        return f
+    }
+
     public func run() async throws {
         let config = engine.config
+        try await checkRedisDurability()
+        // Learn (or check) the region's generation before the first claim can ask for a lease.
+        await engine.checkRegion()
         var metricsChannel: (any Channel)?
         if let (host, port) = config.metricsListen {
             let exporter = MetricsExporter(engine: engine)
@@ -52,21 +92,16 @@ public final class SidecarService: Service, Sendable {
         let channel = try await bind()
         logger.info("quotad listening", metadata: [
             "socket": "\(config.socket.path)", "region": "\(config.region)", "host": "\(config.hostID)",
-            "redis": "\(engine.store.connection.endpoint)",
+            "redis": "\(engine.store.connection.endpoint)", "boot": "\(engine.boot)",
         ])
         if let rec = recovered {
             engine.restore(history: rec.history)
-            // Claims that were waiting for their per-user check: undo the count if it was taken.
-            // Journal them again first, so another crash before the release cannot forget them.
-            for e in rec.orphanIntents {
-                engine.pipeline.journal?.append(.claim(e))
-                engine.releaseUser(e)
-            }
             engine.pipeline.reship(rec)
-            let n = rec.segments.reduce(0) { $0 + $1.claims.count }
-            if n > 0 { logger.info("journal: shipping claims of the previous run again", metadata: ["claims": "\(n)"]) }
+            let n = rec.segments.reduce(0) { $0 + $1.toShip.count }
+            if n > 0 { logger.info("journal: shipping events of the previous run again", metadata: ["events": "\(n)"]) }
         }
-        let recovery = Task { await returnRecoveredLeases() }
+        let chores = Task { await engine.chores.run() }
+        let recovery = Task { await recoverPreviousRun() }
         let ticker = Task { await engine.runTicker() }
         let refresher = Task { await engine.runRefresher() }
 
@@ -81,42 +116,117 @@ public final class SidecarService: Service, Sendable {
         _ = await recovery.value
         ticker.cancel()
         refresher.cancel()
+        chores.cancel()
+        _ = await chores.value
         engine.pipeline.close(flushTimeout: config.kafka.flushTimeout)
         try? await Task.sleep(for: .milliseconds(50))
         try? FileManager.default.removeItem(atPath: config.socket.path)
         engine.store.connection.close()
         try? await group.shutdownGracefully()
-        if left == 0 {
+        close(socketLock)
+        if left.isEmpty {
             logger.info("all unused tokens returned; bye")
         } else {
-            logger.error("exiting with tokens still leased", metadata: ["vouchers": "\(left)"])
+            logger.error("exiting with work not done: it stays leased (or owed) until this host restarts or reconciliation repairs it",
+                         metadata: ["left": "\(left.joined(separator: "; "))"])
         }
     }
 
-    /// Give back what the previous run's leases did not serve, on the journal's word
-    /// (`granted - served`; cumulative, so a repeat after another crash changes nothing).
-    /// Not with `durability: none`: replies there do not wait for the journal, so its counts may be low.
-    private func returnRecoveredLeases() async {
-        guard let rec = recovered, engine.config.durability != .none, rec.leaseStateTrusted else { return }
-        var open = rec.openLeases
+    /// `redis.require_durable`: refuse a Redis that can forget acknowledged leases. When Redis cannot be
+    /// reached now, the sidecar starts (and fails closed) and the check is not repeated.
+    private func checkRedisDurability() async throws {
+        guard engine.config.requireDurableRedis else { return }
+        let r = await attempt { () async throws(RedisError) in try await engine.store.durabilityProblems() }
+        switch r {
+        case .success(let problems) where !problems.isEmpty:
+            let what = problems.map { "\($0.0) is '\($0.1)'" }.joined(separator: ", ")
+            throw QuotaError(.err, "config key 'redis.require_durable': Redis at \(engine.store.connection.endpoint) "
+                + "can lose acknowledged leases (\(what)); quotad needs appendonly yes and appendfsync always. "
+                + "Fix Redis, or set redis.require_durable: false to accept the risk of overselling after a Redis crash")
+        case .success:
+            return
+        case .failure(.server(let e)):
+            throw QuotaError(.err, "config key 'redis.require_durable': cannot read Redis's persistence settings "
+                + "(CONFIG GET: \(e)); set redis.require_durable: false if CONFIG is disabled and Redis is durable")
+        case .failure(let e):
+            logger.warning("cannot check Redis persistence now (\(e)); continuing, claims fail closed until Redis answers")
+        }
+    }
+
+    /// Settle what the previous run left, on the journal's word (docs/accounting.md, "After a crash"):
+    /// lease requests whose answer was never seen are resolved (a lease granted unseen is returned in
+    /// full: nothing can have been served from it); open leases written under a durable mode are
+    /// returned as `granted - served`; restocks of cancellations are sent again; per-user counts of
+    /// claims that never completed are released. Every step is idempotent, so a repeat after another
+    /// crash changes nothing.
+    private func recoverPreviousRun() async {
+        guard let rec = recovered else { return }
+        let host = engine.config.hostID
+        let gen = rec.ledger.generation ?? engine.adoptedGeneration ?? ""
+        let store = engine.store
+        let pipeline = engine.pipeline
+        if rec.issues.isEmpty {
+            for e in rec.orphanIntents {
+                // Journal them again first, so another crash before the release cannot forget them.
+                pipeline.append(.claim(e))
+                engine.releaseUser(e)
+            }
+        } else if !rec.orphanIntents.isEmpty {
+            logger.error("journal: not releasing per-user counts of \(rec.orphanIntents.count) unfinished claims: the journal is corrupt")
+        }
+        for e in rec.restocks { engine.restock(e) }
+        guard rec.leaseStateTrusted else { return }
+        // Lease requests never answered in the journal: learn what they got (or make sure they get nothing).
+        var requests = rec.ledger.requests.map { (req: $0.key, voucher: $0.value) }
+        var open = rec.openLeases.filter(\.trusted)
+        let untrusted = rec.openLeases.filter { !$0.trusted }
+        if !untrusted.isEmpty {
+            logger.warning("leases written under durability: none are not returned on the journal's word; reconciliation reclaims them",
+                           metadata: ["leases": "\(untrusted.map { "\($0.voucher)/\($0.lease)" })"])
+        }
         var delay: Duration = .milliseconds(100)
-        while !open.isEmpty && !Task.isCancelled {
-            var failed: [JournalRecord.OpenLease] = []
+        while (!open.isEmpty || !requests.isEmpty) && !Task.isCancelled {
+            var pending: [(req: String, voucher: String)] = []
+            for r in requests {
+                let result = await attempt { () async throws(RedisError) in
+                    try await store.lease(voucher: r.voucher, host: host, req: r.req, want: 0, need: 0, ttl: .seconds(1), gen: gen)
+                }
+                switch result {
+                case .success(.granted(let g)) where g.granted > 0:
+                    pipeline.append(.leaseGranted(voucher: r.voucher, lease: g.id, granted: g.granted, req: r.req, trusted: true))
+                    open.append(LeaseLedger.Account(voucher: r.voucher, lease: g.id, granted: g.granted, served: 0))
+                    logger.info("found a lease granted to a request of the previous run whose answer was lost",
+                                metadata: ["quota.voucher": "\(r.voucher)", "quota.lease": "\(g.id)", "tokens": "\(g.granted)"])
+                case .success:
+                    pipeline.append(.leaseAnswered(voucher: r.voucher, req: r.req))
+                case .failure(.generation(let why)):
+                    logger.error("not resolving a lease request of the previous run: \(why)")
+                case .failure:
+                    pending.append(r)
+                }
+            }
+            requests = pending
+            var failed: [LeaseLedger.Account] = []
             for l in open {
                 let r = await attempt { () async throws(RedisError) in
-                    try await engine.store.giveBack(voucher: l.voucher, lease: l.lease, host: engine.config.hostID,
-                                                    returnedTotal: l.granted - l.served, close: true)
+                    try await store.giveBack(voucher: l.voucher, lease: l.lease, host: host, returnedTotal: l.unserved,
+                                             close: true, gen: gen)
                 }
                 switch r {
-                case .success(let n):
-                    engine.pipeline.recordLease(.leaseClosed(voucher: l.voucher, lease: l.lease))
+                case .success(let reply):
+                    pipeline.append(.leaseClosed(LeaseClose(
+                        voucher: l.voucher, lease: l.lease, region: engine.config.region, host: host, granted: l.granted,
+                        served: l.served, returned: l.unserved, tsMs: wallClockMs())))
                     logger.info("returned a lease of the previous run", metadata: [
-                        "quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)", "tokens": "\(n)"])
+                        "quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)", "outcome": "\(reply)"])
+                case .failure(.generation(let why)):
+                    logger.error("not returning a lease of the previous run: \(why)",
+                                 metadata: ["quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)"])
                 case .failure: failed.append(l)
                 }
             }
             open = failed
-            if !open.isEmpty {
+            if !open.isEmpty || !requests.isEmpty {
                 try? await Task.sleep(for: delay)
                 delay = min(delay * 2, .seconds(5))
             }
@@ -159,7 +269,7 @@ public final class SidecarService: Service, Sendable {
                     }
                 }
             }
-            .bind(unixDomainSocketPath: config.socket.path, cleanupExistingSocketFile: true)
+            .bind(unixDomainSocketPath: config.socket.path, cleanupExistingSocketFile: true)  // checked at start: not live
             .get()
         guard chmod(config.socket.path, mode_t(config.socket.mode)) == 0 else {
             throw QuotaError(.err, "cannot chmod \(config.socket.path) to \(String(config.socket.mode, radix: 8))")

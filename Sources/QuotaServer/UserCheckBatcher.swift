@@ -4,13 +4,12 @@ import QuotaRedis
 
 /// Batches per-user checks from concurrent claims: whatever queued while earlier batches were
 /// on the wire goes out together, as one script call. Up to `maxInFlight` batches are on the
-/// wire at once. Results are handed back on each caller's event loop, one `execute` per loop per
-/// batch (not one cross-thread wake-up per claim).
+/// wire at once. Results are handed back from the task that sent the batch; each caller feeds its
+/// voucher's machine under that voucher's lock.
 final class UserCheckBatcher: Sendable {
     typealias Done = @Sendable (Result<Bool, RedisError>) -> Void
     private struct Item {
         var check: QuotaStore.UserCheck
-        var loop: any EventLoop
         var done: Done
     }
     private let store: QuotaStore
@@ -30,9 +29,9 @@ final class UserCheckBatcher: Sendable {
         self.maxBatch = maxBatch
     }
 
-    func submit(_ check: QuotaStore.UserCheck, on loop: any EventLoop, done: @escaping Done) {
+    func submit(_ check: QuotaStore.UserCheck, done: @escaping Done) {
         let batch = state.withLockedValue { s -> [Item]? in
-            s.queue.append(Item(check: check, loop: loop, done: done))
+            s.queue.append(Item(check: check, done: done))
             guard s.inFlight < maxInFlight else { return nil }
             s.inFlight += 1
             return take(&s)
@@ -53,17 +52,11 @@ final class UserCheckBatcher: Sendable {
         let store = self.store
         Task {
             let r = await attempt { () async throws(RedisError) in try await store.checkUsers(batch.map(\.check)) }
-            var byLoop: [ObjectIdentifier: (any EventLoop, [(Done, Result<Bool, RedisError>)])] = [:]
             for (i, item) in batch.enumerated() {
-                let result: Result<Bool, RedisError>
                 switch r {
-                case .success(let oks): result = .success(oks[i])
-                case .failure(let e): result = .failure(e)
+                case .success(let oks): item.done(.success(oks[i]))
+                case .failure(let e): item.done(.failure(e))
                 }
-                byLoop[ObjectIdentifier(item.loop), default: (item.loop, [])].1.append((item.done, result))
-            }
-            for (_, (loop, items)) in byLoop {
-                loop.execute { for (done, result) in items { done(result) } }
             }
             let next = state.withLockedValue { s -> [Item]? in
                 guard !s.queue.isEmpty else {

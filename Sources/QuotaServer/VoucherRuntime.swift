@@ -3,487 +3,427 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import QuotaCore
+import QuotaJournal
 import QuotaRedis
 
-/// One voucher on this host: the ``VoucherStock`` value behind a lock, the claims parked
-/// waiting for a lease, and the I/O that the stock asks for.
+/// One voucher on this host: the ``VoucherMachine`` value behind a lock, and the I/O it asks for.
 ///
-/// The claim path takes the lock, decides, and releases it; it never holds the lock
-/// across I/O and never completes a promise while holding it.
+/// Every entry point takes the lock, feeds the machine one event, and carries out the effects it
+/// returns: journal appends happen before the lock is released (their order in the journal is
+/// the order of the decisions), everything else (replies, Redis calls) after. The lock is never
+/// held across I/O and no promise is completed under it.
 final class VoucherRuntime: @unchecked Sendable {
     let id: String
     private unowned let engine: SidecarEngine
     private let lock = NIOLock()
 
-    enum Phase {
-        /// Metadata is being fetched from Redis.
-        case loading
-        /// Redis does not know the voucher: NOVOUCHER until `until`.
-        case missing(until: Instant)
-        /// Redis could not be reached for the metadata: UNAVAILABLE until `until`.
-        case failed(until: Instant)
-        case ready
-    }
-
-    enum Request: Sendable {
-        case claim(qty: Int, user: String, req: String?)
-        case avail
-    }
-
-    private struct Parked {
-        var qty: Int
-        var user: String
-        var req: String?
-        var deadline: Instant
-        var promise: EventLoopPromise<Reply>
-    }
-
     // Guarded by `lock`.
-    private var phase: Phase = .loading
-    private var stock: VoucherStock
-    private var parked = CircularBuffer<Parked>()
-    private var parkedTokens = 0
-    private var loadWaiters: [(Request, EventLoopPromise<Reply>)] = []
-    private var record: VoucherRecord?
+    private var machine: VoucherMachine
+    private var promises: [Int: EventLoopPromise<Reply>] = [:]
+    private var nextTicket = 0
     private var ioInFlight = 0
-    /// Tokens each user holds through this host (a lower bound of the global count).
-    private var localUsers: [String: Int] = [:]
-    /// `REQ` answers: pending (in progress) or final, until they expire.
-    private enum Dedupe {
-        case pending(EventLoopFuture<Reply>)
-        case done(Reply, expires: Instant)
-    }
-    private var dedupe: [String: Dedupe] = [:]
-    private var lastDedupeSweep = Instant(nanoseconds: 0)
+    /// The voucher's generation in Redis, learned at load: every script call says it.
+    private var generation: String?
+    /// The highest lease id this host has been granted (Redis's `lease_seq` must never go below it).
+    private var maxLeaseID = 0
+    private var lostReason: String?
 
-    /// What to do after the lock is released.
-    private struct Actions {
-        var lease: LeaseRequest?
-        var renew: [String] = []
-        var returns: [ReturnRequest] = []
-        var load = false
-        var completions: [(EventLoopPromise<Reply>, Reply)] = []
-        var cascades: [(EventLoopFuture<Reply>, EventLoopPromise<Reply>)] = []
-        var userChecks: [(ClaimEvent, Int, Int, EventLoopPromise<Reply>)] = []
-    }
-
-    init(id: String, engine: SidecarEngine, policy: LeasePolicy) {
+    init(id: String, engine: SidecarEngine, policy: LeasePolicy, rules: ClaimRules, requestPrefix: String) {
         self.id = id
         self.engine = engine
-        self.stock = VoucherStock(policy: policy)
+        let pipeline = engine.pipeline
+        machine = VoucherMachine(
+            voucher: id, rules: rules, policy: policy, requestPrefix: requestPrefix,
+            nextSeq: { [unowned engine] in engine.nextClaimSeq() }, wallClock: { wallClockMs() },
+            admission: { pipeline.refusal() })
+    }
+
+    /// Deferred work: what happens after the lock is released.
+    private enum Deferred {
+        case reply(EventLoopPromise<Reply>, Reply)
+        case effect(VoucherMachine.Effect)
+        /// Release a user's count once, then answer `+OK` (the release is retried in the background if it failed).
+        case releaseThenOK(ClaimEvent, EventLoopPromise<Reply>)
     }
 
     // MARK: - Requests (event loop threads)
 
-    func handle(_ req: Request, now: Instant, loop: any EventLoop) -> Outcome {
-        var a = Actions()
-        let outcome: Outcome
+    func handle(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop) -> Outcome {
+        var fx: [VoucherMachine.Effect] = []
         lock.lock()
-        switch phase {
-        case .loading:
-            outcome = parkForLoad(req, loop: loop, &a)
-        case .missing(let until):
-            if now < until {
-                engine.countRejection(.novoucher)
-                outcome = .now(.error(QuotaError(.novoucher, "no such voucher '\(id)'")))
-            } else {
-                phase = .loading
-                a.load = true
-                outcome = parkForLoad(req, loop: loop, &a)
-            }
-        case .failed(let until):
-            if now < until {
-                engine.countRejection(.unavailable)
-                outcome = .now(.error(QuotaError(.unavailable, "quota authority unreachable")))
-            } else {
-                phase = .loading
-                a.load = true
-                outcome = parkForLoad(req, loop: loop, &a)
-            }
-        case .ready:
-            outcome = decideReady(req, now: now, loop: loop, &a)
+        let ticket = nextTicket
+        nextTicket &+= 1
+        let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx)
+        var later: EventLoopFuture<Reply>?
+        if answer == nil {
+            let p = loop.makePromise(of: Reply.self)
+            promises[ticket] = p
+            later = p.futureResult
         }
+        let deferred = performLocked(fx)
         lock.unlock()
-        perform(a)
-        return outcome
+        perform(deferred)
+        if let later { return .later(later) }
+        return .now(Self.reply(answer!))
     }
 
-    private func decideReady(_ req: Request, now: Instant, loop: any EventLoop, _ a: inout Actions) -> Outcome {
-        switch req {
-        case .avail:
-            return .now(.value(.integer(max(0, stock.poolHint) + stock.available(now: now))))
-        case .claim(let qty, let user, nil):
-            return claimReady(qty: qty, user: user, req: nil, now: now, loop: loop, &a)
-        case .claim(let qty, let user, let req?):
-            return claimOnce(qty: qty, user: user, req: req, now: now, loop: loop, &a)
-        }
-    }
-
-    private func parkForLoad(_ req: Request, loop: any EventLoop, _ a: inout Actions) -> Outcome {
-        guard loadWaiters.count < engine.config.limits.maxWaitingClaims else {
-            return .now(.error(QuotaError(.busy, "too many requests waiting for voucher '\(id)'")))
-        }
+    /// `UNCLAIM` of a claim of this voucher made through this host.
+    func unclaim(_ e: ClaimEvent, loop: any EventLoop) -> Outcome {
         let p = loop.makePromise(of: Reply.self)
-        loadWaiters.append((req, p))
+        event(now: monotonicNow()) { m, now, fx in
+            let t = self.nextTicket
+            self.nextTicket &+= 1
+            self.promises[t] = p
+            m.unclaim(e, ticket: t, tsMs: wallClockMs(), effects: &fx)
+        }
         return .later(p.futureResult)
     }
 
-    /// `CLAIM … REQ id`: the same request id gets the same final answer within the dedupe window;
-    /// racing retries wait for the first. Transient refusals (UNAVAILABLE, BUSY) are not kept.
-    private func claimOnce(qty: Int, user: String, req: String, now: Instant, loop: any EventLoop,
-                           _ a: inout Actions) -> Outcome {
-        switch dedupe[req] {
-        case .done(let r, let exp) where now < exp:
-            return .now(r)
-        case .pending(let f):
-            return .later(f.hop(to: loop))
-        default:
-            break
-        }
-        let outcome = claimReady(qty: qty, user: user, req: req, now: now, loop: loop, &a)
-        let window = engine.config.claims.dedupeWindow
-        switch outcome {
-        case .now(let r):
-            if Self.isFinal(r) { dedupe[req] = .done(r, expires: now + window) } else { dedupe.removeValue(forKey: req) }
-        case .later(let f):
-            dedupe[req] = .pending(f)
-            f.whenSuccess { [self] r in
-                lock.withLock {
-                    if Self.isFinal(r) {
-                        dedupe[req] = .done(r, expires: monotonicNow() + window)
-                    } else {
-                        dedupe.removeValue(forKey: req)
-                    }
-                }
-            }
-        }
-        return outcome
-    }
-
-    static func isFinal(_ r: Reply) -> Bool {
-        switch r {
-        case .claimID, .value: return true
-        case .error(let e): return e.code != .unavailable && e.code != .busy
+    static func reply(_ a: VoucherMachine.Answer) -> Reply {
+        switch a {
+        case .claimID(let id): return .claimID(id)
+        case .integer(let n): return .value(.integer(n))
+        case .ok: return .value(.ok)
+        case .refused(let e): return .error(e)
         }
     }
 
-    /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
-    func restoreDedupe(_ entries: [(req: String, claimID: String, expires: Instant)]) {
-        lock.withLock {
-            for e in entries { dedupe[e.req] = .done(.claimID(e.claimID), expires: e.expires) }
-        }
-    }
-
-    private func claimReady(qty: Int, user: String, req: String?, now: Instant, loop: any EventLoop,
-                            _ a: inout Actions) -> Outcome {
-        if let refusal = engine.pipeline.refusal() {
-            stock.countRejection(.unavailable)
-            return .now(.error(refusal))
-        }
-        let outcome: Outcome
-        switch stock.claim(qty: qty, now: now) {
-        case .served(let shares):
-            outcome = granted(shares, qty: qty, user: user, req: req, loop: loop, promise: nil, &a)
-        case .reject(let e):
-            outcome = .now(.error(e))
-        case .wait:
-            if parked.count >= engine.config.limits.maxWaitingClaims {
-                stock.countRejection(.busy)
-                outcome = .now(.error(QuotaError(.busy, "too many claims waiting for stock of '\(id)'")))
-            } else {
-                let p = loop.makePromise(of: Reply.self)
-                parked.append(Parked(qty: qty, user: user, req: req, deadline: now + engine.config.limits.claimTimeout,
-                                     promise: p))
-                parkedTokens += qty
-                outcome = .later(p.futureResult)
-            }
-        }
-        collect(now: now, &a)
-        return outcome
-    }
-
-    /// A claim was granted from local stock: check the user's limit if the voucher has one, then
-    /// record it as the durability mode requires, then answer. Called under the lock.
-    private func granted(_ shares: [ClaimShare], qty: Int, user: String, req: String?, loop: any EventLoop,
-                         promise: EventLoopPromise<Reply>?, _ a: inout Actions) -> Outcome {
-        let (claimID, seq) = engine.nextClaimID()
-        let event = ClaimEvent(claimID: claimID, voucher: self.id, user: user, qty: qty,
-                               region: engine.config.region, host: engine.config.hostID, shares: shares,
-                               tsMs: wallClockMs(), req: req)
-        let limit = record?.perUser ?? 0
-        guard limit > 0 else { return recordClaim(event, seq: seq, loop: loop, promise: promise, &a) }
-        // This host's own count is a lower bound of the user's global count: over it, refuse at once.
-        let held = localUsers[user, default: 0]
-        if held + qty > limit {
-            takeBack(shares, claimID: event.claimID, code: .userlimit)
-            let r = Reply.error(QuotaError(.userlimit, "user already holds the voucher's limit of \(limit)"))
-            if let promise { a.completions.append((promise, r)) }
-            return .now(r)
-        }
-        // Reserved until the check answers. The map is bounded: past `claims.max_tracked` users it only
-        // keeps users it already has (the pre-check then misses, and Redis decides).
-        if held > 0 || localUsers.count < engine.config.claims.maxTracked { localUsers[user] = held + qty }
-        if engine.config.perUser.mode == .local {
-            return recordClaim(event, seq: seq, loop: loop, promise: promise, &a)
-        }
-        let p = promise ?? loop.makePromise(of: Reply.self)
-        a.userChecks.append((event, seq, limit, p))
-        return .later(p.futureResult)
-    }
-
-    /// Journal the intent (durable unless `none`), then ask Redis; `userChecked` continues.
-    private func startUserCheck(_ event: ClaimEvent, seq: Int, limit: Int, promise: EventLoopPromise<Reply>) {
-        let check = QuotaStore.UserCheck(
-            voucher: id, group: QuotaStore.userGroup(user: event.user, groups: engine.config.perUser.groups),
-            limit: limit, user: event.user, qty: event.qty, claimID: event.claimID)
-        let batcher = engine.userChecks
-        let loop = promise.futureResult.eventLoop
-        let ask: @Sendable () -> Void = { [self] in
-            batcher.submit(check, on: loop) { r in self.userChecked(event, seq: seq, result: r, promise: promise) }
-        }
-        var intent = event
-        intent.kind = .intent
-        if engine.pipeline.durability == .none || engine.pipeline.journal == nil {
-            engine.pipeline.journal?.append(.claim(intent))
-            ask()
-        } else {
-            engine.pipeline.journal!.append(.claim(intent)) { [self] r in
-                if case .failure = r {
-                    self.userChecked(event, seq: seq, result: .failure(.unreachable("journal")), promise: promise)
-                } else {
-                    ask()
-                }
-            }
-        }
-    }
-
-    private func userChecked(_ event: ClaimEvent, seq: Int, result: Result<Bool, RedisError>,
-                             promise: EventLoopPromise<Reply>) {
-        var a = Actions()
+    /// Feed the machine one event under the lock, then carry out what it asks for.
+    private func event(now: Instant, _ body: (inout VoucherMachine, Instant, inout [VoucherMachine.Effect]) -> Void) {
+        var fx: [VoucherMachine.Effect] = []
         lock.lock()
-        let counted: Bool
-        var refusal: QuotaError?
-        switch result {
-        case .success(true):
-            counted = true
-        case .success(false):
-            counted = false
-            refusal = QuotaError(.userlimit, "user already holds the voucher's limit of \(record?.perUser ?? 0)")
-        case .failure(let e):
-            // This host's count (already reserved) is within the limit, or the claim was refused locally.
-            counted = engine.config.perUser.onUnavailable == .local
-            if !counted { refusal = QuotaError(.unavailable, "per-user check unavailable: \(e)") }
-        }
-        if counted {
-            _ = recordClaim(event, seq: seq, loop: promise.futureResult.eventLoop, promise: promise, &a)
-        } else {
-            releaseLocal(user: event.user, qty: event.qty)
-            takeBack(event.shares, claimID: event.claimID, code: refusal!.code)
-            a.completions.append((promise, .error(refusal!)))
-        }
+        body(&machine, now, &fx)
+        let deferred = performLocked(fx)
         lock.unlock()
-        perform(a)
+        perform(deferred)
     }
 
-    /// Record a claim as the durability mode requires. `promise` (parked or checked claims) is completed;
-    /// otherwise the outcome is returned.
-    private func recordClaim(_ event: ClaimEvent, seq: Int, loop: any EventLoop, promise: EventLoopPromise<Reply>?,
-                             _ a: inout Actions) -> Outcome {
-        let id = event.claimID
+    // MARK: - Effects
+
+    /// Journal appends now (under the lock, in decision order); the rest after the lock is released.
+    private func performLocked(_ fx: [VoucherMachine.Effect]) -> [Deferred] {
+        guard !fx.isEmpty else { return [] }
+        var out: [Deferred] = []
         let pipeline = engine.pipeline
-        let book = engine.claimBook
-        if pipeline.durability == .none {
-            _ = pipeline.recordClaim(event) { _ in }
-            book.add(event, seq: seq)
-            if let promise { a.completions.append((promise, .claimID(id))) }
-            return .now(.claimID(id))
-        }
-        let p = promise ?? loop.makePromise(of: Reply.self)
-        let once = ReplyOnce(p)
-        let shares = event.shares
-        _ = pipeline.recordClaim(event) { [self] ok in
-            if ok {
-                book.add(event, seq: seq)
-                once.complete(.claimID(id))
-            } else if once.complete(.error(QuotaError(.unavailable, "claim could not be made durable: \(pipeline.refusal()?.message ?? "journal write failed")"))) {
-                self.putBack(shares, claimID: id, user: event.user, code: .unavailable)
-            }
-        }
-        if pipeline.durability == .kafka {
-            loop.scheduleTask(in: .nanoseconds(engine.config.limits.claimTimeout.nanosecondsClamped)) { [self] in
-                if once.complete(.error(QuotaError(.unavailable, "Kafka did not acknowledge the claim in time"))) {
-                    // The record may still ship: journal its cancellation so the stream nets to zero.
-                    pipeline.recordCancellation(event)
-                    self.putBack(shares, claimID: id, user: event.user, code: .unavailable)
-                    if (record?.perUser ?? 0) > 0 { engine.releaseUser(event) }
+        for e in fx {
+            switch e {
+            case .answer(let t, let a):
+                if let p = promises.removeValue(forKey: t) { out.append(.reply(p, Self.reply(a))) }
+            case .journal(let r):
+                pipeline.append(r)
+            case .recordLater(let c):
+                pipeline.append(.claim(c))
+            case .journalIntent(let c, let seq):
+                pipeline.append(.claim(c)) { [self] ok, _ in
+                    event(now: monotonicNow()) { m, now, fx in m.intentJournaled(seq: seq, ok: ok, now: now, effects: &fx) }
                 }
-            }
-        }
-        return .later(p.futureResult)
-    }
-
-    /// Tokens of a claim that was not completed go back to local stock (under the lock); what its
-    /// lease can no longer take (closed or fenced meanwhile) goes back to the pool.
-    private func takeBack(_ shares: [ClaimShare], claimID: String, code: QuotaErrorCode) {
-        let n = stock.putBack(shares, now: monotonicNow())
-        let rest = shares.reduce(0) { $0 + $1.tokens } - n
-        if rest > 0 { engine.restock(voucher: id, claimID: claimID, qty: rest) }
-        stock.counters.claimsOK -= 1
-        stock.countRejection(code)
-    }
-
-    /// Tokens of a claim that was not made durable go back to local stock.
-    private func putBack(_ shares: [ClaimShare], claimID: String, user: String, code: QuotaErrorCode) {
-        lock.withLock {
-            takeBack(shares, claimID: claimID, code: code)
-            if (record?.perUser ?? 0) > 0 { releaseLocal(user: user, qty: shares.reduce(0) { $0 + $1.tokens }) }
-        }
-    }
-
-    /// `UNCLAIM`: the cancelled claim's tokens go back to their lease if this host still holds it.
-    /// Returns the tokens put back locally (the rest must go back to the pool).
-    func unclaimed(_ e: ClaimEvent) -> Int {
-        lock.withLock {
-            releaseLocal(user: e.user, qty: e.qty)
-            guard case .ready = phase else { return 0 }
-            let n = stock.putBack(e.shares, now: monotonicNow())
-            return n
-        }
-    }
-
-    var perUserLimit: Int { lock.withLock { record?.perUser ?? 0 } }
-
-    /// This host's record of `user` goes down by `qty` (under the lock); gone at zero.
-    private func releaseLocal(user: String, qty: Int) {
-        guard let held = localUsers[user] else { return }
-        if held - qty <= 0 { localUsers.removeValue(forKey: user) } else { localUsers[user] = held - qty }
-    }
-
-    /// Serve or refuse parked claims, in order, after the stock changed.
-    private func serveParked(now: Instant, _ a: inout Actions) {
-        while let w = parked.first {
-            let reply: Reply
-            if w.deadline <= now {
-                stock.countRejection(.unavailable)
-                reply = .error(QuotaError(.unavailable, "no lease arrived within the claim timeout"))
-            } else {
-                if let refusal = engine.pipeline.refusal() {
-                    stock.countRejection(.unavailable)
-                    reply = .error(refusal)
-                } else {
-                    switch stock.retryParked(qty: w.qty, now: now) {
-                    case .served(let shares):
-                        parked.removeFirst()
-                        parkedTokens -= w.qty
-                        _ = granted(shares, qty: w.qty, user: w.user, req: w.req,
-                                    loop: w.promise.futureResult.eventLoop, promise: w.promise, &a)
-                        continue
-                    case .reject(let e): reply = .error(e)
-                    case .wait: return
+            case .recordClaim(let c, let seq):
+                let kafka = pipeline.durability == .kafka
+                pipeline.append(.claim(c)) { [self] ok, pos in
+                    event(now: monotonicNow()) { m, now, fx in m.claimRecorded(seq: seq, ok: ok, now: now, effects: &fx) }
+                    if ok, kafka, let pos {
+                        pipeline.whenAcknowledged(pos) { [self] in
+                            event(now: monotonicNow()) { m, now, fx in m.claimAcknowledged(seq: seq, now: now, effects: &fx) }
+                        }
                     }
                 }
+            case .recordCancel(let c, let ref):
+                pipeline.append(.claim(c)) { [self] ok, _ in
+                    event(now: monotonicNow()) { m, now, fx in m.cancelRecorded(ref, ok: ok, now: now, effects: &fx) }
+                }
+            case .releaseUser(let c, let t?):
+                if let p = promises.removeValue(forKey: t) { out.append(.releaseThenOK(c, p)) } else { out.append(.effect(e)) }
+            case .lease, .renew, .giveBack, .load:
+                ioInFlight += 1
+                out.append(.effect(e))
+            default:
+                out.append(.effect(e))
             }
-            parked.removeFirst()
-            parkedTokens -= w.qty
-            a.completions.append((w.promise, reply))
+        }
+        return out
+    }
+
+    private func perform(_ deferred: [Deferred]) {
+        for d in deferred {
+            switch d {
+            case .reply(let p, let r): p.succeed(r)
+            case .effect(let e): start(e)
+            case .releaseThenOK(let c, let p):
+                let engine = self.engine
+                Task {
+                    let r = await attempt { () async throws(RedisError) in
+                        try await engine.store.releaseUser(voucher: c.voucher, user: c.user, claimID: c.claimID,
+                                                           groups: engine.config.perUser.groups)
+                    }
+                    if case .failure = r { engine.releaseUser(c) }
+                    p.succeed(.value(.ok))
+                }
+            }
         }
     }
 
-    private func failParked(_ e: QuotaError, _ a: inout Actions) {
-        while let w = parked.popFirst() {
-            stock.countRejection(e.code)
-            a.completions.append((w.promise, .error(e)))
+    private func start(_ e: VoucherMachine.Effect) {
+        switch e {
+        case .load: startLoad()
+        case .lease(let l): startLease(l)
+        case .renew(let id): startRenew(id)
+        case .giveBack(let r): startReturn(r)
+        case .checkUser(let c, let seq, let limit): startUserCheck(c, seq: seq, limit: limit)
+        case .remember(let c, let seq): engine.claimBook.add(c, seq: seq)
+        case .restock(let c): engine.restock(c)
+        case .releaseUser(let c, _): engine.releaseUser(c)
+        case .unclaimFailed(let claimID): engine.claimBook.restore(claimID)
+        case .answer, .journal, .recordLater, .journalIntent, .recordClaim, .recordCancel: break
         }
-        parkedTokens = 0
     }
 
-    private func collect(now: Instant, _ a: inout Actions) {
-        if a.lease == nil, let l = stock.nextLease(now: now, waiting: parkedTokens) { a.lease = l }
-        stock.closeFinished(now: now)
-        a.returns += stock.takeReturns()
+    /// An I/O task ended: count it, then feed its answer.
+    private func ioDone(now: Instant, _ body: (inout VoucherMachine, Instant, inout [VoucherMachine.Effect]) -> Void) {
+        event(now: now) { m, now, fx in
+            self.ioInFlight -= 1
+            body(&m, now, &fx)
+        }
     }
 
-    // MARK: - Periodic work (ticker)
+    private func startUserCheck(_ c: ClaimEvent, seq: Int, limit: Int) {
+        let check = QuotaStore.UserCheck(
+            voucher: id, group: QuotaStore.userGroup(user: c.user, groups: engine.config.perUser.groups),
+            limit: limit, user: c.user, qty: c.qty, claimID: c.claimID)
+        engine.userChecks.submit(check) { [self] r in
+            let result: VoucherMachine.UserCheckResult
+            switch r {
+            case .success(true): result = .counted
+            case .success(false): result = .overLimit
+            case .failure(let e) where e.outcomeUnknown || isServerError(e): result = .unknown("\(e)")
+            case .failure(let e): result = .notSent("\(e)")
+            }
+            event(now: monotonicNow()) { m, now, fx in m.userChecked(seq: seq, result, now: now, effects: &fx) }
+        }
+    }
+
+    private func isServerError(_ e: RedisError) -> Bool {
+        switch e {
+        case .server, .badReply: return true
+        default: return false
+        }
+    }
+
+    // MARK: - Load and refresh
+
+    private func startLoad() {
+        let store = engine.store
+        Task {
+            let result = await attempt { () async throws(RedisError) in try await store.voucher(self.id) }
+            let policy = self.engine.regionPolicy
+            let now = monotonicNow()
+            self.ioDone(now: now) { m, now, fx in
+                switch result {
+                case .success(let rec?):
+                    if let reason = self.engine.generationProblem(voucher: rec) {
+                        self.loseAuthority(reason, &m, now: now, &fx)
+                        m.loaded(.failure(QuotaError(.unavailable, reason)), policy: m.stock.policy, now: now, effects: &fx)
+                        return
+                    }
+                    self.generation = rec.generation
+                    m.loaded(.success(rec.info), policy: self.effectivePolicy(rec, policy), now: now, effects: &fx)
+                case .success(nil):
+                    if let lost = self.engine.regionLost {
+                        m.loaded(.failure(QuotaError(.unavailable, lost)), policy: m.stock.policy, now: now, effects: &fx)
+                    } else {
+                        self.engine.countRejection(.novoucher)
+                        m.loaded(.success(nil), policy: m.stock.policy, now: now, effects: &fx)
+                    }
+                case .failure(let e):
+                    self.engine.logger.warning("voucher load failed", metadata: ["quota.voucher": "\(self.id)", "error": "\(e)"])
+                    m.loaded(.failure(QuotaError(.unavailable, "quota authority unreachable: \(e)")), policy: m.stock.policy,
+                             now: now, effects: &fx)
+                }
+            }
+        }
+    }
+
+    private func effectivePolicy(_ rec: VoucherRecord, _ region: LeasePolicyOverride) -> LeasePolicy {
+        region.overlaid(by: rec.policy).applied(to: engine.config.lease)
+    }
+
+    /// The highest lease id granted so far: read before a refresh is sent, so a refresh read before a
+    /// later grant landed is not mistaken for a Redis that went back.
+    var leaseHighWater: Int { lock.withLock { maxLeaseID } }
+
+    /// Fresh metadata from the periodic refresh (nil: the voucher is gone from Redis). `highWater`:
+    /// ``leaseHighWater`` when the refresh was sent.
+    func refreshed(_ rec: VoucherRecord?, regionPolicy: LeasePolicyOverride, highWater: Int, now: Instant) {
+        event(now: now) { m, now, fx in
+            guard m.phase == .ready, lostReason == nil else { return }
+            guard let rec else {
+                loseAuthority("voucher '\(id)' is gone from Redis while this host served it: Redis lost its data "
+                              + "or the voucher was deleted (see quotactl rehydrate)", &m, now: now, &fx)
+                return
+            }
+            if let gen = generation, rec.generation != gen {
+                loseAuthority("voucher '\(id)' has generation \(rec.generation) in Redis, this host knew \(gen): "
+                              + "Redis lost its data or the voucher was created again", &m, now: now, &fx)
+                return
+            }
+            if rec.leaseSeq < highWater {
+                loseAuthority("Redis's lease sequence of '\(id)' went back from \(highWater) to \(rec.leaseSeq): "
+                              + "Redis lost acknowledged writes (appendfsync?)", &m, now: now, &fx)
+                return
+            }
+            m.refreshed(rec.info, policy: effectivePolicy(rec, regionPolicy), now: now, effects: &fx)
+        }
+    }
+
+    /// The authority no longer holds this voucher as this host knew it: fail closed (under the lock).
+    private func loseAuthority(_ reason: String, _ m: inout VoucherMachine, now: Instant, _ fx: inout [VoucherMachine.Effect]) {
+        guard lostReason == nil else { return }
+        lostReason = reason
+        engine.logger.error("failing closed: \(reason)", metadata: ["quota.voucher": "\(id)"])
+        m.authorityLost(reason, now: now, effects: &fx)
+    }
+
+    /// The region's Redis lost its state: fail closed for this voucher.
+    func regionLost(_ reason: String) {
+        event(now: monotonicNow()) { m, now, fx in loseAuthority(reason, &m, now: now, &fx) }
+    }
+
+    // MARK: - Leases
+
+    private func gen() -> String { lock.withLock { generation ?? "" } }
+
+    private func startLease(_ l: LeaseRequest) {
+        let engine = self.engine
+        let ttl = lock.withLock { machine.stock.policy.ttl }
+        let trusted = engine.config.durability != .none
+        let send: @Sendable () -> Void = { [self] in
+            Task {
+                let sentAt = monotonicNow()
+                let gen = self.gen()
+                let result = await attempt { () async throws(RedisError) in
+                    try await engine.store.lease(voucher: self.id, host: engine.config.hostID, req: l.req, want: l.want,
+                                                 need: l.need, ttl: ttl, gen: gen, close: l.close)
+                }
+                var request = l
+                request.sentAt = sentAt
+                self.leaseDone(result, request: request, trusted: trusted)
+            }
+        }
+        guard trusted, engine.pipeline.journal != nil else { return send() }
+        // The request id is durable before the request leaves: after a crash, recovery asks Redis what it got.
+        engine.pipeline.append(.leaseRequested(voucher: id, req: l.req)) { [self] ok, _ in
+            if ok {
+                send()
+            } else {
+                ioDone(now: monotonicNow()) { m, now, fx in
+                    m.leaseAnswered(.failed("journal write failed", outcomeUnknown: false), request: l, trusted: trusted,
+                                    now: now, effects: &fx)
+                }
+            }
+        }
+    }
+
+    private func leaseDone(_ result: Result<LeaseReply, RedisError>, request: LeaseRequest, trusted: Bool) {
+        engine.logger.debug("lease answer", metadata: ["quota.voucher": "\(id)", "want": "\(request.want)",
+                                                       "need": "\(request.need)", "result": "\(result)"])
+        ioDone(now: monotonicNow()) { m, now, fx in
+            switch result {
+            case .success(.granted(let g)):
+                if let n = Int(g.id) { maxLeaseID = max(maxLeaseID, n) }
+                m.leaseAnswered(.granted(g), request: request, trusted: trusted, now: now, effects: &fx)
+            case .success(.refused(let r)):
+                m.leaseAnswered(.refused(r), request: request, trusted: trusted, now: now, effects: &fx)
+            case .failure(.generation(let why)):
+                m.leaseAnswered(.failed(why, outcomeUnknown: false), request: request, trusted: trusted, now: now, effects: &fx)
+                loseAuthority(why, &m, now: now, &fx)
+            case .failure(let e):
+                engine.logger.warning("lease failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
+                engine.redisErrors.add(1, ordering: .relaxed)
+                m.leaseAnswered(.failed("\(e)", outcomeUnknown: e.outcomeUnknown || isServerError(e)), request: request,
+                                trusted: trusted, now: now, effects: &fx)
+            }
+        }
+    }
+
+    private func startRenew(_ leaseID: String) {
+        let engine = self.engine
+        let ttl = lock.withLock { machine.stock.policy.ttl }
+        let sentAt = monotonicNow()
+        let gen = self.gen()
+        Task {
+            let result = await attempt { () async throws(RedisError) in
+                try await engine.store.renew(voucher: self.id, lease: leaseID, host: engine.config.hostID, ttl: ttl, gen: gen)
+            }
+            self.ioDone(now: monotonicNow()) { m, now, fx in
+                switch result {
+                case .success(let o):
+                    if o != .renewed(ttl: ttl) {
+                        engine.logger.warning("lease not renewed", metadata: ["quota.voucher": "\(self.id)",
+                                                                              "quota.lease": "\(leaseID)", "outcome": "\(o)"])
+                    }
+                    m.renewAnswered(leaseID, outcome: o, sentAt: sentAt, now: now, effects: &fx)
+                case .failure(.generation(let why)):
+                    m.renewAnswered(leaseID, outcome: nil, sentAt: sentAt, now: now, effects: &fx)
+                    self.loseAuthority(why, &m, now: now, &fx)
+                case .failure:
+                    engine.redisErrors.add(1, ordering: .relaxed)
+                    m.renewAnswered(leaseID, outcome: nil, sentAt: sentAt, now: now, effects: &fx)
+                }
+            }
+        }
+    }
+
+    private func startReturn(_ r: ReturnRequest) {
+        let engine = self.engine
+        let gen = self.gen()
+        Task {
+            let result = await attempt { () async throws(RedisError) in
+                try await engine.store.giveBack(voucher: self.id, lease: r.leaseId, host: engine.config.hostID,
+                                                returnedTotal: r.returnedTotal, close: r.close, gen: gen)
+            }
+            self.ioDone(now: monotonicNow()) { m, now, fx in
+                switch result {
+                case .success(.applied(let n)):
+                    m.returnAnswered(r, outcome: .applied(n), now: now, effects: &fx)
+                case .success(.gone), .success(.notOurs):
+                    m.returnAnswered(r, outcome: .gone, now: now, effects: &fx)
+                case .failure(.generation(let why)):
+                    self.loseAuthority(why, &m, now: now, &fx)
+                case .failure(let e):
+                    engine.redisErrors.add(1, ordering: .relaxed)
+                    m.returnAnswered(r, outcome: .failed("\(e)"), now: now, effects: &fx)
+                }
+            }
+        }
+    }
+
+    // MARK: - Periodic work
 
     func tick(now: Instant) {
-        var a = Actions()
-        lock.lock()
-        if case .ready = phase {
-            stock.fence(now: now)
-            serveParked(now: now, &a)
-            a.renew = stock.renewals(now: now)
-            stock.returnIfIdle(now: now)
-            collect(now: now, &a)
-            if now - lastDedupeSweep >= .seconds(1) {
-                lastDedupeSweep = now
-                dedupe = dedupe.filter { if case .done(_, let exp) = $0.value { return exp > now } else { return true } }
-            }
-        }
-        lock.unlock()
-        perform(a)
+        event(now: now) { m, now, fx in m.tick(now: now, effects: &fx) }
     }
 
-    /// Fresh metadata from the periodic refresh (nil: the voucher is gone from Redis).
-    func refreshed(_ rec: VoucherRecord?, regionPolicy: LeasePolicyOverride, now: Instant) {
-        var a = Actions()
-        lock.lock()
-        if case .ready = phase {
-            if let rec {
-                let starvedAgain = record.map { rec.starvedMs > $0.starvedMs } ?? false
-                record = rec
-                stock.policy = regionPolicy.overlaid(by: rec.policy).applied(to: engine.config.lease)
-                stock.setStatus(rec.status)
-                stock.refreshed(pool: rec.pool)
-                // Another host found the pool empty: give back stock this host is not using,
-                // so the last tokens are not stranded here.
-                if starvedAgain { stock.returnIfIdle(now: now, idleFor: .seconds(1)) }
-            } else {
-                stock.setStatus(.closed)
-                phase = .missing(until: now + .seconds(1))
-                failParked(QuotaError(.novoucher, "voucher '\(id)' was deleted"), &a)
-            }
-            serveParked(now: now, &a)
-            collect(now: now, &a)
-        }
-        lock.unlock()
-        perform(a)
-    }
-
-    var isReady: Bool {
-        lock.withLock {
-            if case .ready = phase { return true }
-            return false
-        }
-    }
+    var isReady: Bool { lock.withLock { machine.phase == .ready && lostReason == nil } }
+    var knownGeneration: String? { lock.withLock { generation } }
 
     // MARK: - Drain
 
     func drain() {
-        var a = Actions()
-        lock.lock()
-        stock.drain()
-        failParked(QuotaError(.unavailable, "draining: this host no longer serves claims"), &a)
-        for (_, p) in loadWaiters {
-            a.completions.append((p, .error(QuotaError(.unavailable, "draining: this host no longer serves claims"))))
-        }
-        loadWaiters.removeAll()
-        a.returns += stock.takeReturns()
-        lock.unlock()
-        perform(a)
+        event(now: monotonicNow()) { m, now, fx in m.drain(now: now, effects: &fx) }
     }
 
     /// Nothing held, nothing to give back, nothing on the wire.
-    var isSettled: Bool {
-        lock.withLock { stock.tokensHeld == 0 && stock.finished.isEmpty && ioInFlight == 0 && !stock.leaseInFlight }
+    var isSettled: Bool { lock.withLock { (machine.isSettled || lostReason != nil) && ioInFlight == 0 } }
+
+    /// What keeps it from being settled (for the shutdown log).
+    var unsettledDescription: String {
+        lock.withLock {
+            "\(id): \(machine.stock.tokensHeld) tokens held, \(machine.inFlightCount) claims in flight, \(ioInFlight) Redis calls"
+        }
     }
 
     /// Retry returns that failed (Redis down) during drain or shutdown.
     func retryReturns() {
-        var a = Actions()
-        lock.lock()
-        a.returns = stock.takeReturns()
-        lock.unlock()
-        perform(a)
+        event(now: monotonicNow()) { m, now, fx in m.retryReturns(now: now, effects: &fx) }
     }
 
     // MARK: - Stats
@@ -496,205 +436,32 @@ final class VoucherRuntime: @unchecked Sendable {
         var leases: Int
         var rate: Double
         var parked: Int
+        var inFlight: Int
         var soldOut: Bool
         var leaseSize: Int
     }
 
     func snapshot(now: Instant) -> Snapshot? {
         lock.withLock {
-            guard case .ready = phase else { return nil }
+            guard machine.phase == .ready || lostReason != nil else { return nil }
+            let s = machine.stock
+            let status = lostReason != nil ? "lost" : s.draining ? "draining" : s.status.rawValue
             return Snapshot(
-                status: stock.draining ? "draining" : stock.status.rawValue, counters: stock.counters,
-                local: stock.available(now: now), pool: stock.poolHint, leases: stock.leases.count,
-                rate: stock.rate.rate, parked: parked.count, soldOut: stock.soldOut,
-                leaseSize: stock.policy.leaseSize(rate: stock.rate.rate))
+                status: status, counters: s.counters, local: s.available(now: now), pool: s.poolHint,
+                leases: s.leases.count, rate: s.rate.rate, parked: machine.parkedCount, inFlight: machine.inFlightCount,
+                soldOut: s.soldOut, leaseSize: s.policy.leaseSize(rate: s.rate.rate))
         }
     }
 
-    // MARK: - I/O
-
-    private func perform(_ a: Actions) {
-        for (p, r) in a.completions { p.succeed(r) }
-        for (e, seq, limit, p) in a.userChecks { startUserCheck(e, seq: seq, limit: limit, promise: p) }
-        for (f, p) in a.cascades { f.cascade(to: p) }
-        if a.load { startLoad() }
-        if let l = a.lease { startLease(l) }
-        for r in a.renew { startRenew(r) }
-        for r in a.returns { startReturn(r) }
-    }
-
-    private func beginIO() { lock.withLock { ioInFlight += 1 } }
-
-    private var loadStarted = false
-
-    /// Start the first metadata load (the runtime was created in `.loading`).
-    func startLoadOnce() {
-        let first = lock.withLock { () -> Bool in
-            defer { loadStarted = true }
-            return !loadStarted
-        }
-        if first { startLoad() }
-    }
-
-    func startLoad() {
-        let store = engine.store
-        Task {
-            let result = await attempt { () async throws(RedisError) in try await store.voucher(self.id) }
-            let policy = self.engine.regionPolicy
-            self.loaded(result, regionPolicy: policy)
-        }
-    }
-
-    private func loaded(_ result: Result<VoucherRecord?, RedisError>, regionPolicy: LeasePolicyOverride) {
-        var a = Actions()
-        let now = monotonicNow()
-        lock.lock()
-        switch result {
-        case .success(let rec?):
-            record = rec
-            stock.policy = regionPolicy.overlaid(by: rec.policy).applied(to: engine.config.lease)
-            stock.setStatus(rec.status)
-            stock.refreshed(pool: rec.pool)
-            phase = .ready
-            // Decide the requests that waited for the load, in arrival order, before any new request
-            // can see the voucher ready (it takes this lock): nobody overtakes them.
-            for (req, p) in loadWaiters {
-                switch decideReady(req, now: now, loop: p.futureResult.eventLoop, &a) {
-                case .now(let r): a.completions.append((p, r))
-                case .later(let f): a.cascades.append((f, p))
-                }
-            }
-        case .success(nil):
-            phase = .missing(until: now + .seconds(1))
-            for _ in loadWaiters { engine.countRejection(.novoucher) }
-            a.completions = loadWaiters.map { ($0.1, .error(QuotaError(.novoucher, "no such voucher '\(id)'"))) }
-        case .failure(let e):
-            engine.logger.warning("voucher load failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
-            phase = .failed(until: now + .milliseconds(250))
-            for _ in loadWaiters { engine.countRejection(.unavailable) }
-            a.completions = loadWaiters.map {
-                ($0.1, .error(QuotaError(.unavailable, "quota authority unreachable: \(e)")))
-            }
-        }
-        loadWaiters.removeAll()
-        lock.unlock()
-        perform(a)
-    }
-
-    private func startLease(_ l: LeaseRequest) {
-        let engine = self.engine
-        let ttl = lock.withLock { stock.policy.ttl }
-        Task {
-            let result = await attempt { () async throws(RedisError) in
-                try await engine.store.lease(voucher: self.id, host: engine.config.hostID, want: l.want,
-                                             need: l.need, ttl: ttl, close: l.close)
-            }
-            self.leaseDone(result, request: l)
-        }
-    }
-
-    private func leaseDone(_ result: Result<LeaseReply, RedisError>, request: LeaseRequest) {
-        var a = Actions()
-        let now = monotonicNow()
-        engine.logger.debug("lease answer", metadata: ["quota.voucher": "\(id)", "want": "\(request.want)",
-                                                       "need": "\(request.need)", "result": "\(result)"])
-        lock.lock()
-        if case .success = result {
-            for closed in request.close { engine.pipeline.recordLease(.leaseClosed(voucher: id, lease: closed)) }
-        }
-        switch result {
-        case .success(.granted(let g)):
-            if g.granted > 0 { engine.pipeline.recordLease(.leaseGranted(voucher: id, lease: g.id, granted: g.granted)) }
-            stock.leaseGranted(g, sentAt: request.sentAt, now: now)
-        case .success(.refused(let r)): stock.leaseRefused(r)
-        case .failure(let e):
-            engine.logger.warning("lease failed", metadata: ["quota.voucher": "\(id)", "error": "\(e)"])
-            engine.redisErrors.add(1, ordering: .relaxed)
-            stock.leaseFailed(now: now, request: request)
-        }
-        serveParked(now: now, &a)
-        collect(now: now, &a)
-        lock.unlock()
-        perform(a)
-    }
-
-    private func startRenew(_ leaseID: String) {
-        let engine = self.engine
-        let ttl = lock.withLock { stock.policy.ttl }
-        let sentAt = monotonicNow()
-        beginIO()
-        Task {
-            let result = await attempt { () async throws(RedisError) in
-                try await engine.store.renew(voucher: self.id, lease: leaseID, host: engine.config.hostID, ttl: ttl)
-            }
-            var a = Actions()
-            let now = monotonicNow()
-            self.lock.lock()
-            self.ioInFlight -= 1
-            switch result {
-            case .success(let o):
-                if o != .renewed(ttl: ttl) {
-                    engine.logger.warning("lease not renewed", metadata: ["quota.voucher": "\(self.id)",
-                                                                          "quota.lease": "\(leaseID)", "outcome": "\(o)"])
-                }
-                if o == .gone { engine.pipeline.recordLease(.leaseClosed(voucher: self.id, lease: leaseID)) }
-                self.stock.renewed(leaseID, outcome: o, sentAt: sentAt, now: now)
-            case .failure:
-                engine.redisErrors.add(1, ordering: .relaxed)
-                self.stock.renewFailed(leaseID)
-            }
-            self.collect(now: now, &a)
-            self.lock.unlock()
-            self.perform(a)
-        }
-    }
-
-    private func startReturn(_ r: ReturnRequest) {
-        let engine = self.engine
-        beginIO()
-        Task {
-            let result = await attempt { () async throws(RedisError) in
-                try await engine.store.giveBack(voucher: self.id, lease: r.leaseId, host: engine.config.hostID,
-                                                returnedTotal: r.returnedTotal, close: r.close)
-            }
-            self.lock.withLock {
-                self.ioInFlight -= 1
-                switch result {
-                case .success(let n):
-                    if r.close { engine.pipeline.recordLease(.leaseClosed(voucher: self.id, lease: r.leaseId)) }
-                    self.stock.returned(r, applied: n)
-                case .failure:
-                    engine.redisErrors.add(1, ordering: .relaxed)
-                    self.stock.returnFailed(r)
-                }
-            }
-        }
+    /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
+    func restoreDedupe(_ entries: [(req: String, claimID: String, expires: Instant)]) {
+        lock.withLock { machine.restoreDedupe(entries) }
     }
 }
 
 /// Run a Redis call and keep its typed error.
 func attempt<T>(_ body: () async throws(RedisError) -> T) async -> Result<T, RedisError> {
     do { return .success(try await body()) } catch { return .failure(error) }
-}
-
-/// Completes a reply promise exactly once (durable, failed or timed out, whichever is first).
-final class ReplyOnce: @unchecked Sendable {
-    private let lock = NIOLock()
-    private var done = false
-    private let promise: EventLoopPromise<Reply>
-
-    init(_ p: EventLoopPromise<Reply>) { promise = p }
-
-    /// Returns true if this call completed the promise.
-    @discardableResult
-    func complete(_ r: Reply) -> Bool {
-        let first = lock.withLock { () -> Bool in
-            defer { done = true }
-            return !done
-        }
-        if first { promise.succeed(r) }
-        return first
-    }
 }
 
 @inline(__always)

@@ -114,15 +114,26 @@ struct DurabilityTests {
         for i in 0..<300 { ids.append(try #require(try await c.send("CLAIM", "js", "user-\(i)").string)) }
         c.close()
         #expect(try await q.stop() == 0)
-        let msgs = try kafka.consume("t-js")
+        let all = try kafka.consume("t-js")
+        #expect(Set(all.map(\.key)) == ["js"], "keyed by voucher")
+        let objects = all.compactMap { try? JSONSerialization.jsonObject(with: Data($0.value)) as? [String: Any] }
+        let msgs = all.filter { (try? JSONSerialization.jsonObject(with: Data($0.value)) as? [String: Any])?["type"] as? String == "claimed" }
         #expect(msgs.count == 300)
-        #expect(Set(msgs.map(\.key)) == ["js"], "keyed by voucher")
+        // Every lease the host closed is on the stream, once, and together they account for every claim.
+        let closes = objects.filter { $0["type"] as? String == "lease_closed" }
+        #expect(!closes.isEmpty && Set(closes.compactMap { $0["lease"] as? String }).count == closes.count)
+        #expect(closes.reduce(0) { $0 + ($1["served"] as? Int ?? 0) } == 300, "lease_closed served counts sum to the claims")
+        for c in closes {
+            #expect((c["granted"] as? Int ?? 0) == (c["served"] as? Int ?? -1) + (c["returned"] as? Int ?? -1))
+        }
         let s = try streamed(kafka, topic: "t-js")
         #expect(Set(s.claimed.keys) == Set(ids), "\(Set(ids).subtracting(s.claimed.keys).count) answered claims missing")
         let o = try JSONSerialization.jsonObject(with: Data(msgs[0].value)) as! [String: Any]
         #expect(o["type"] as? String == "claimed" && o["region"] as? String == "sg" && o["host"] as? String == "host-a")
         #expect((o["user"] as? String)?.hasPrefix("user-") == true && o["qty"] as? Int == 1)
-        #expect(o["lease"] is String && o["ts_ms"] is Int)
+        let shares = o["leases"] as? [[String: Any]] ?? []
+        #expect(shares.reduce(0) { $0 + ($1["qty"] as? Int ?? 0) } == 1 && shares.allSatisfy { $0["id"] is String })
+        #expect(o["ts_ms"] is Int)
         let a = try await redis.account("js")
         #expect(a.pool == 700 && a.leases == 0)
     }

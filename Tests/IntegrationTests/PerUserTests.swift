@@ -133,7 +133,7 @@ struct PerUserTests {
     }
 
     @Test func redisDownFailClosedRefusesButLocalModeUsesThisHostsRecord() async throws {
-        let redis = try await RedisServer(persistent: true)
+        let redis = try await RedisServer()
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "pd", limit: 100_000, perUser: 1, totalLimit: 100_000, region: "sg")
         _ = try await quotactl(["lease", "set", "--voucher", "pd", "--min", "500", "--max", "500", "--redis", redis.url])

@@ -94,7 +94,7 @@ struct SidecarTests {
     }
 
     @Test func redisKilledMidRunServesLocalStockThenFailsClosedThenResumes() async throws {
-        let redis = try await RedisServer(persistent: true)
+        let redis = try await RedisServer()
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "hk", limit: 100_000, perUser: 0, totalLimit: 100_000, region: "sg")
         let (st, out) = try await quotactl(["lease", "set", "--voucher", "hk", "--min", "300", "--max", "300", "--redis", redis.url])

@@ -86,8 +86,13 @@ struct ConfigTests {
         #expect(errorKey(base + "\nkafka: { brokers: b, bogus: 1 }") == "kafka.bogus")
         #expect(errorKey(base + "\nkafka: { brokers: b }\njournal: { dir: relative }") == "journal.dir")
         #expect(errorKey(base + "\nkafka: { brokers: b, properties: { linger.ms: [1] } }") == "kafka.properties.linger.ms")
-        #expect(errorKey(minimal.replacingOccurrences(of: "durability: none", with: "")) == "kafka.brokers",
-                "journal is the default durability")
+        // journal is the default durability, and works without Kafka (claims stay in the journal).
+        let journalOnly = try? load(minimal.replacingOccurrences(of: "durability: none", with: ""))
+        #expect(journalOnly?.durability == .journal && journalOnly?.kafka.brokers == nil)
+        #expect(errorKey(minimal + "\nredis: { require_durable: maybe }") == "redis.require_durable")
+        #expect(errorKey(minimal + "\nredis: { bogus: 1 }") == "redis.bogus")
+        #expect((try? load(minimal + "\nredis: { require_durable: false }"))?.requireDurableRedis == false)
+        #expect((try? load(minimal))?.requireDurableRedis == true, "Redis must be durable unless the operator says otherwise")
     }
 
     @Test func flagOverridesWinOverTheFile() throws {

@@ -17,8 +17,17 @@ func claim(_ id: String, lease: String = "1", qty: Int = 1, voucher: String = "v
 }
 
 /// Open a journal on `dir`, append `records`, wait for all to be durable, close it.
+func grant(_ lease: String, _ granted: Int, voucher: String = "v", trusted: Bool = true) -> JournalRecord {
+    .leaseGranted(voucher: voucher, lease: lease, granted: granted, req: "r-\(lease)", trusted: trusted)
+}
+
+func closed(_ lease: String, granted: Int, served: Int, voucher: String = "v") -> JournalRecord {
+    .leaseClosed(LeaseClose(voucher: voucher, lease: lease, region: "sg", host: "h", granted: granted, served: served,
+                            returned: granted - served, tsMs: 1))
+}
+
 func writeJournal(_ dir: String, _ records: [JournalRecord], segmentBytes: Int = 4 << 20,
-                  onDurable: @escaping @Sendable ([DurableClaim]) -> Void = { _ in }) throws -> Journal {
+                  onDurable: @escaping @Sendable ([DurableEvent]) -> Void = { _ in }) throws -> Journal {
     var o = Journal.Options(dir: dir)
     o.segmentBytes = segmentBytes
     o.retention = .zero
@@ -45,10 +54,15 @@ func segments(_ dir: String) -> [String] {
 struct JournalCodecTests {
     @Test func everyRecordKindRoundTrips() {
         let records: [JournalRecord] = [
-            claim("c1"), .leaseGranted(voucher: "v", lease: "7", granted: 500), .leaseClosed(voucher: "v", lease: "7"),
-            .snapshot([.init(voucher: "v", lease: "3", granted: 10, served: 4)]),
+            claim("c1"), grant("7", 500), closed("7", granted: 500, served: 3),
+            .snapshot(.init(generation: "g1", accounts: [.init(voucher: "v", lease: "3", granted: 10, served: 4, restocked: 1, trusted: false)],
+                            requests: [.init(voucher: "v", req: "h.b.1")])),
             .claim(ClaimEvent(kind: .unclaimed, claimID: "x", voucher: "v", user: "ü \"q\"", qty: 3, region: "sg",
-                              host: "h", shares: [.init(leaseId: "1", tokens: 1), .init(leaseId: "2", tokens: 2)], tsMs: 5)),
+                              host: "h", shares: [.init(leaseId: "1", tokens: 1), .init(leaseId: "2", tokens: 2)], tsMs: 5,
+                              toPool: 2)),
+            .leaseRequested(voucher: "v", req: "h.b.2"), .leaseAnswered(voucher: "v", req: "h.b.2"),
+            .intentResolved(voucher: "v", claimID: "c9"), .generation("g2"),
+            .boot(JournalBoot(boot: "b1", host: "h", durability: "journal", tsMs: 9)),
         ]
         var buf: [UInt8] = []
         for r in records { JournalCodec.encode(r, into: &buf) }
@@ -92,8 +106,26 @@ struct JournalCodecTests {
         #expect(obj["claim_id"] as? String == "sg.h.1.a")
         #expect(obj["voucher"] as? String == "v" && obj["user"] as? String == "u-sg.h.1.a")
         #expect(obj["qty"] as? Int == 2 && obj["region"] as? String == "sg" && obj["host"] as? String == "h")
-        #expect(obj["lease"] as? String == "1" && obj["ts_ms"] as? Int == 1_700_000_000_000)
-        #expect(Set(obj.keys) == ["type", "claim_id", "voucher", "user", "qty", "region", "host", "lease", "ts_ms"])
+        let leases = try #require(obj["leases"] as? [[String: Any]])
+        #expect(leases.count == 1 && leases[0]["id"] as? String == "1" && leases[0]["qty"] as? Int == 2)
+        #expect(obj["ts_ms"] as? Int == 1_700_000_000_000)
+        #expect(Set(obj.keys) == ["type", "claim_id", "voucher", "user", "qty", "region", "host", "leases", "ts_ms"])
+    }
+
+    @Test func cancellationAndLeaseCloseAreContractJSONWithPerLeaseQuantities() throws {
+        let c = ClaimEvent(kind: .unclaimed, claimID: "x", voucher: "v", user: "u", qty: 3, region: "sg", host: "h",
+                           shares: [.init(leaseId: "1", tokens: 1), .init(leaseId: "2", tokens: 2)], tsMs: 5, toPool: 2)
+        let o = try #require(try JSONSerialization.jsonObject(with: Data(c.kafkaValue)) as? [String: Any])
+        #expect(o["type"] as? String == "unclaimed")
+        let leases = try #require(o["leases"] as? [[String: Any]])
+        #expect(leases.map { $0["id"] as? String } == ["1", "2"])
+        #expect(leases.map { $0["qty"] as? Int } == [1, 2], "the shares sum to qty")
+        #expect(leases.map { $0["to"] as? String } == ["lease", "pool"])
+        let close = LeaseClose(voucher: "v", lease: "7", region: "sg", host: "h", granted: 10, served: 6, returned: 4, tsMs: 8)
+        let l = try #require(try JSONSerialization.jsonObject(with: Data(close.kafkaValue)) as? [String: Any])
+        #expect(l["type"] as? String == "lease_closed" && l["lease"] as? String == "7")
+        #expect(l["granted"] as? Int == 10 && l["served"] as? Int == 6 && l["returned"] as? Int == 4)
+        #expect(Set(l.keys) == ["type", "voucher", "region", "host", "lease", "granted", "served", "returned", "ts_ms"])
     }
 }
 
@@ -103,9 +135,8 @@ struct JournalFileTests {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let j = try writeJournal(dir, [
-            .leaseGranted(voucher: "v", lease: "1", granted: 10), claim("a"), claim("b", qty: 3),
-            .leaseGranted(voucher: "v", lease: "2", granted: 5), claim("c", lease: "2"),
-            .leaseClosed(voucher: "v", lease: "2"),
+            grant("1", 10), claim("a"), claim("b", qty: 3), grant("2", 5), claim("c", lease: "2"),
+            closed("2", granted: 5, served: 1),
         ])
         j.close()
         let r = JournalRecovery.read(dir: dir)
@@ -117,7 +148,7 @@ struct JournalFileTests {
     @Test func tornLastRecordIsDroppedAndReported() throws {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let j = try writeJournal(dir, [.leaseGranted(voucher: "v", lease: "1", granted: 10), claim("a"), claim("b")])
+        let j = try writeJournal(dir, [grant("1", 10), claim("a"), claim("b")])
         j.close()
         let path = try #require(segments(dir).last)
         let size = try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int
@@ -133,7 +164,7 @@ struct JournalFileTests {
     @Test func flippedByteInTheMiddleIsReportedWithFileAndOffsetAndNothingAfterIsTrusted() throws {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let j = try writeJournal(dir, [.leaseGranted(voucher: "v", lease: "1", granted: 10), claim("a"), claim("b"), claim("c")])
+        let j = try writeJournal(dir, [grant("1", 10), claim("a"), claim("b"), claim("c")])
         j.close()
         let path = try #require(segments(dir).last)
         var bytes = [UInt8](FileManager.default.contents(atPath: path)!)
@@ -157,8 +188,8 @@ struct JournalFileTests {
     @Test func snapshotAtEachSegmentStartKeepsServedCountsWhenOldSegmentsAreDeleted() throws {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let shipped = NIOLockedValueBox<[DurableClaim]>([])
-        let j = try writeJournal(dir, [.leaseGranted(voucher: "v", lease: "1", granted: 1000)], segmentBytes: 1024) { c in
+        let shipped = NIOLockedValueBox<[DurableEvent]>([])
+        let j = try writeJournal(dir, [grant("1", 1000)], segmentBytes: 1024) { c in
             shipped.withLockedValue { $0 += c }
         }
         for chunk in 0..<10 { appendAndWait(j, (0..<20).map { claim("c\(chunk * 20 + $0)") }) }
@@ -166,9 +197,7 @@ struct JournalFileTests {
         #expect(all.count == 200)
         #expect(Set(all.map(\.position.segment)).count >= 5, "small segments rolled")
         // Kafka acknowledged everything: every sealed segment can go.
-        for (seg, n) in Dictionary(grouping: all, by: \.position.segment).mapValues(\.count) {
-            j.markShipped(segment: seg, count: n)
-        }
+        j.markShipped(all.map(\.position))
         j.close()
         #expect(segments(dir).count == 1, "only the open segment is left")
         let r = JournalRecovery.read(dir: dir)
@@ -180,7 +209,7 @@ struct JournalFileTests {
     @Test func groupCommitSyncsManyRecordsAtOnce() throws {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let j = try writeJournal(dir, (0..<5000).map { claim("c\($0)") })
+        let j = try writeJournal(dir, [grant("1", 10_000)] + (0..<5000).map { claim("c\($0)") })
         let (syncs, records) = j.syncStats
         j.close()
         #expect(records >= 5000)
@@ -197,6 +226,7 @@ struct JournalFileTests {
         var o = Journal.Options(dir: dir)
         o.segmentBytes = 1 << 30
         let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
+        appendAndWait(j, [grant("1", 1_000_000)])
         let failures = NIOLockedValueBox<[String]>([])
         let ok = NIOLockedValueBox(0)
         let done = DispatchSemaphore(value: 0)

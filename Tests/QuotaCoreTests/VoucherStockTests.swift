@@ -136,7 +136,7 @@ struct VoucherStockTests {
         #expect(s.available(now: c.now) == 0)
         #expect(s.claim(qty: 1, now: c.now) == .wait)
         let returns = s.takeReturns()
-        #expect(returns == [ReturnRequest(leaseId: "7", returnedTotal: 8, close: true)])
+        #expect(returns == [ReturnRequest(leaseId: "7", granted: 10, returnedTotal: 8, close: true)])
         #expect(s.counters.leasesFenced == 1)
     }
 
@@ -148,7 +148,7 @@ struct VoucherStockTests {
         c.advance(.seconds(9))
         s.leaseGranted(LeaseGrant(id: "3", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
         #expect(s.available(now: c.now) == 0)
-        #expect(s.takeReturns() == [ReturnRequest(leaseId: "3", returnedTotal: 10, close: true)])
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "3", granted: 10, returnedTotal: 10, close: true)])
     }
 
     @Test func renewalExtendsTheDeadlineFromTheRenewalSendTime() throws {
@@ -182,7 +182,7 @@ struct VoucherStockTests {
         _ = s.renewals(now: c.now)
         s.renewed("1", outcome: .expired, sentAt: c.now, now: c.now)
         #expect(s.available(now: c.now) == 0)
-        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 9, close: true)])
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 9, close: true)])
     }
 
     @Test func goneLeaseIsDroppedWithoutAReturn() throws {
@@ -207,8 +207,7 @@ struct VoucherStockTests {
         s.leaseGranted(LeaseGrant(id: "1", granted: 5, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
         _ = s.retryParked(qty: 1, now: c.now)
         let refill = try #require(lease(&s, now: c.now, waiting: 0))
-        s.leaseFailed(now: c.now)
-        _ = refill
+        s.leaseFailed(now: c.now, request: refill, outcomeUnknown: false)
         var served = 0
         var unavailable = 0
         for _ in 0..<10 {
@@ -229,8 +228,8 @@ struct VoucherStockTests {
         var s = stock()
         let c = FakeClock()
         #expect(s.claim(qty: 1, now: c.now) == .wait)
-        _ = try #require(lease(&s, now: c.now, waiting: 1))
-        s.leaseFailed(now: c.now)
+        let req = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseFailed(now: c.now, request: req, outcomeUnknown: false)
         guard case .reject(let e) = s.retryParked(qty: 1, now: c.now) else {
             Issue.record("parked claim should be refused")
             return
@@ -251,7 +250,7 @@ struct VoucherStockTests {
         c.advance(.seconds(1))
         s.returnIfIdle(now: c.now)
         #expect(s.tokensHeld == 0)
-        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 9, close: true)])
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 9, close: true)])
         #expect(s.nextLease(now: c.now, waiting: 0) == nil, "no demand: no new lease")
     }
 
@@ -262,12 +261,12 @@ struct VoucherStockTests {
         let r = try #require(lease(&s, now: c.now, waiting: 1))
         s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
         s.drain()
-        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 10, close: true)])
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 10, close: true)])
         guard case .reject(let e) = s.claim(qty: 1, now: c.now) else { Issue.record("draining must refuse"); return }
         #expect(e.code == .unavailable)
         // A lease that lands during the drain goes straight back.
         s.leaseGranted(LeaseGrant(id: "2", granted: 5, ttl: .seconds(10), poolAfter: 50), sentAt: c.now, now: c.now)
-        #expect(s.takeReturns() == [ReturnRequest(leaseId: "2", returnedTotal: 5, close: true)])
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "2", granted: 5, returnedTotal: 5, close: true)])
     }
 
     @Test func pausedVoucherIsInactiveAndGivesItsStockBack() throws {
@@ -295,7 +294,7 @@ struct VoucherStockTests {
         #expect(s.takeReturns().isEmpty)
         #expect(s.finished == ["1"])
         let next = try #require(lease(&s, now: c.now, waiting: 3))
-        #expect(next.close == ["1"])
+        #expect(next.close == [ReturnRequest(leaseId: "1", granted: 3, returnedTotal: 0, close: true)])
         #expect(s.finished.isEmpty)
     }
 
@@ -313,23 +312,68 @@ struct VoucherStockTests {
         #expect(s.takeReturns().isEmpty, "not yet: a lease request may still take it along")
         c.advance(.seconds(1))
         s.closeFinished(now: c.now)
-        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 0, close: true)])
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", granted: 2, returnedTotal: 0, close: true)])
     }
 
-    @Test func aFailedLeaseRequestKeepsTheLeasesItWasToClose() throws {
+    @Test func aFailedLeaseRequestStillClosesTheLeasesItWasToCloseAndRetriesWithTheSameRequestID() throws {
         var s = stock()
-        let c = FakeClock()
+        var c = FakeClock()
         _ = s.claim(qty: 1, now: c.now)
         let r = try #require(lease(&s, now: c.now, waiting: 1))
         s.leaseGranted(LeaseGrant(id: "1", granted: 1, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
         _ = s.retryParked(qty: 1, now: c.now)
         _ = s.claim(qty: 1, now: c.now)
         let r2 = try #require(lease(&s, now: c.now, waiting: 1))
-        #expect(r2.close == ["1"])
-        s.leaseFailed(now: c.now, request: r2)
-        #expect(s.finished == ["1"])
+        #expect(r2.close.map(\.leaseId) == ["1"])
+        #expect(r2.req != r.req, "a new request gets a new id")
+        // No reply: Redis may have closed lease 1 and granted a lease to r2. The close is sent again on
+        // its own (cumulative: harmless if done), and the next request asks again under r2's id.
+        s.leaseFailed(now: c.now, request: r2, outcomeUnknown: true)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", granted: 1, returnedTotal: 0, close: true)])
+        c.advance(.seconds(3))
+        let r3 = try #require(lease(&s, now: c.now, waiting: 1))
+        #expect(r3.req == r2.req, "same request id: Redis answers with what it granted, never twice")
+        s.leaseGranted(LeaseGrant(id: "2", granted: 5, ttl: .seconds(10), poolAfter: 40), sentAt: r3.sentAt, now: c.now)
+        let r4 = try #require(lease(&s, now: c.now, waiting: 10))
+        #expect(r4.req != r2.req, "answered: the next request is a new one")
+    }
+
+    @Test func aDrainingHostResolvesAnUnansweredLeaseRequestInsteadOfLeavingItOutstanding() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseFailed(now: c.now, request: r, outcomeUnknown: true)
         s.drain()
-        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", returnedTotal: 0, close: true)])
+        #expect(!s.isSettled, "a lease may have been granted unseen")
+        c.advance(.seconds(3))
+        let resolve = try #require(lease(&s, now: c.now, waiting: 0))
+        #expect(resolve.req == r.req && resolve.want == 0)
+        // Redis says it was granted: the lease goes straight back, in full.
+        s.leaseGranted(LeaseGrant(id: "9", granted: 10, ttl: .seconds(10), poolAfter: 40), sentAt: resolve.sentAt, now: c.now)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "9", granted: 10, returnedTotal: 10, close: true)])
+        #expect(s.isSettled)
+    }
+
+    @Test func aLeaseWithAClaimInFlightIsNotClosedUntilTheClaimSettles() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        guard case .served(let a) = s.retryParked(qty: 2, now: c.now, inFlight: true) else { Issue.record("not served"); return }
+        guard case .served(let b) = s.claim(qty: 3, now: c.now, inFlight: true) else { Issue.record("not served"); return }
+        // Fenced while both claims are in flight: no return yet, its amount is not known.
+        c.advance(.seconds(8))
+        s.fence(now: c.now)
+        #expect(s.takeReturns().isEmpty)
+        #expect(s.holds("1") && s.tokensPending == 5)
+        s.commit(a)
+        #expect(s.takeReturns().isEmpty, "b is still in flight")
+        // b failed (journal write, user check, timeout): its tokens go back into lease 1, then lease 1 closes.
+        #expect(s.abort(b, now: c.now) == 0)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 8, close: true)])
+        #expect(!s.holds("1"))
     }
 
     @Test func tokensOfAnUncompletedClaimGoBackEvenAfterTheirLeaseWasFullyServed() throws {
@@ -338,16 +382,37 @@ struct VoucherStockTests {
         _ = s.claim(qty: 1, now: c.now)
         let r = try #require(lease(&s, now: c.now, waiting: 1))
         s.leaseGranted(LeaseGrant(id: "1", granted: 2, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
-        guard case .served(let a) = s.retryParked(qty: 1, now: c.now) else { Issue.record("not served"); return }
-        guard case .served = s.claim(qty: 1, now: c.now) else { Issue.record("not served"); return }
+        guard case .served(let a) = s.retryParked(qty: 1, now: c.now, inFlight: true) else { Issue.record("not served"); return }
+        guard case .served(let b) = s.claim(qty: 1, now: c.now, inFlight: true) else { Issue.record("not served"); return }
         #expect(s.finished == ["1"], "fully served")
+        // Not closed with the next lease request while its claims are in flight.
+        let next = try #require(lease(&s, now: c.now, waiting: 1))
+        #expect(next.close.isEmpty)
         // The first claim's user check failed: its token goes back, and lease 1 serves again.
-        #expect(s.putBack(a, now: c.now) == 1)
+        #expect(s.abort(a, now: c.now) == 0)
         #expect(s.finished.isEmpty && s.available(now: c.now) == 1)
-        // Once the lease went to Redis for closing, nothing can be put back locally.
+        s.commit(b)
+        #expect(s.holds("1"))
+    }
+
+    @Test func aCancellationGoesBackToItsLeaseWhileHeldAndToThePoolOnceItClosed() throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        guard case .served(let a) = s.retryParked(qty: 2, now: c.now) else { Issue.record("not served"); return }
         guard case .served(let b) = s.claim(qty: 1, now: c.now) else { Issue.record("not served"); return }
-        _ = try #require(lease(&s, now: c.now, waiting: 1))
-        #expect(s.putBack(b, now: c.now) == 0, "the caller returns it to the pool instead")
+        // UNCLAIM a while lease 1 is held: pinned until the cancellation is journaled, then back to the lease.
+        #expect(s.pinForCancel(a) == 0)
+        c.advance(.seconds(8))
+        s.fence(now: c.now)
+        #expect(s.takeReturns().isEmpty, "pinned: the return waits for the cancellation")
+        s.cancelled(a, toPool: 0, applied: true, now: c.now)
+        #expect(s.takeReturns() == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 9, close: true)],
+                "the return includes the cancelled tokens: they leave the lease once")
+        // UNCLAIM b after lease 1 closed: it can only go to the pool (a restock by claim id).
+        #expect(s.pinForCancel(b) == 1)
     }
 
     @Test func leaseRequestAsksForWhatParkedClaimsNeed() throws {

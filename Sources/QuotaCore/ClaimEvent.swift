@@ -1,0 +1,152 @@
+/// A granted claim (or a cancellation of one) as journaled and streamed to Kafka.
+public struct ClaimEvent: Sendable, Equatable {
+    /// `claimed` and `unclaimed` are shipped to Kafka; `intent` (a claim waiting for its per-user
+    /// check) stays in the journal, so a crash between the check and the claim can be undone.
+    public enum Kind: UInt8, Sendable { case claimed = 1, unclaimed = 2, intent = 3 }
+    public var kind: Kind
+    public var claimID: String
+    public var voucher: String
+    public var user: String
+    public var qty: Int
+    public var region: String
+    public var host: String
+    /// Which lease served how many of the claim's tokens (their sum is `qty`).
+    public var shares: [ClaimShare]
+    public var tsMs: Int64
+    /// The client's request id (`CLAIM … REQ id`), journal only.
+    public var req: String?
+    /// Cancellations only: bit `i` set means share `i` went back to the region pool (a restock,
+    /// because its lease was no longer held open on this host); clear means it went back to its
+    /// lease, which was still open here. See docs/accounting.md.
+    public var toPool: UInt64
+
+    public init(kind: Kind = .claimed, claimID: String, voucher: String, user: String, qty: Int, region: String,
+                host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
+        self.req = req
+        self.kind = kind
+        self.claimID = claimID
+        self.voucher = voucher
+        self.user = user
+        self.qty = qty
+        self.region = region
+        self.host = host
+        self.shares = shares
+        self.tsMs = tsMs
+        self.toPool = toPool
+    }
+
+    /// Most shares one claim may have (the journal refuses more when decoding).
+    public static let maxShares = 64
+
+    /// Did share `i` of this cancellation go to the pool (restock) rather than back to its lease?
+    public func sharesToPool(_ i: Int) -> Bool { toPool & (1 << UInt64(i)) != 0 }
+
+    /// Tokens of this cancellation that went to the pool.
+    public var tokensToPool: Int {
+        var n = 0
+        for (i, s) in shares.enumerated() where sharesToPool(i) { n += s.tokens }
+        return n
+    }
+
+    /// The `unclaimed` event cancelling this claim, stamped `tsMs` (no request id); `toPool` says
+    /// which shares went back to the pool.
+    public func cancellation(tsMs: Int64, toPool: UInt64) -> ClaimEvent {
+        var c = self
+        c.kind = .unclaimed
+        c.tsMs = tsMs
+        c.req = nil
+        c.toPool = toPool
+        return c
+    }
+
+    /// The Kafka value (CONTRACT §4): one JSON object. `leases` says which lease served how many
+    /// tokens; in a cancellation each share also says where it went (`"to":"lease"|"pool"`).
+    public var kafkaValue: [UInt8] {
+        var s = "{\"type\":\""
+        s += kind == .claimed ? "claimed" : "unclaimed"
+        s += "\",\"claim_id\":"
+        JSON.append(claimID, to: &s)
+        s += ",\"voucher\":"
+        JSON.append(voucher, to: &s)
+        s += ",\"user\":"
+        JSON.append(user, to: &s)
+        s += ",\"qty\":\(qty),\"region\":"
+        JSON.append(region, to: &s)
+        s += ",\"host\":"
+        JSON.append(host, to: &s)
+        s += ",\"leases\":["
+        for (i, sh) in shares.enumerated() {
+            if i > 0 { s += "," }
+            s += "{\"id\":"
+            JSON.append(sh.leaseId, to: &s)
+            s += ",\"qty\":\(sh.tokens)"
+            if kind == .unclaimed { s += sharesToPool(i) ? ",\"to\":\"pool\"" : ",\"to\":\"lease\"" }
+            s += "}"
+        }
+        s += "],\"ts_ms\":\(tsMs)}"
+        return Array(s.utf8)
+    }
+}
+
+/// A host closed a lease and Redis acknowledged it: the lease's record on this host is complete.
+public struct LeaseClose: Sendable, Equatable {
+    public var voucher: String
+    public var lease: String
+    public var region: String
+    public var host: String
+    public var granted: Int
+    /// Tokens served from the lease and not put back (net of cancellations that went back to it).
+    public var served: Int
+    /// Tokens given back to the pool by the lease's returns (cumulative): `granted - served`.
+    public var returned: Int
+    public var tsMs: Int64
+
+    public init(voucher: String, lease: String, region: String, host: String, granted: Int, served: Int,
+                returned: Int, tsMs: Int64) {
+        self.voucher = voucher
+        self.lease = lease
+        self.region = region
+        self.host = host
+        self.granted = granted
+        self.served = served
+        self.returned = returned
+        self.tsMs = tsMs
+    }
+
+    /// The Kafka value (CONTRACT §4): a `lease_closed` event.
+    public var kafkaValue: [UInt8] {
+        var s = "{\"type\":\"lease_closed\",\"voucher\":"
+        JSON.append(voucher, to: &s)
+        s += ",\"region\":"
+        JSON.append(region, to: &s)
+        s += ",\"host\":"
+        JSON.append(host, to: &s)
+        s += ",\"lease\":"
+        JSON.append(lease, to: &s)
+        s += ",\"granted\":\(granted),\"served\":\(served),\"returned\":\(returned),\"ts_ms\":\(tsMs)}"
+        return Array(s.utf8)
+    }
+}
+
+enum JSON {
+    static func append(_ v: String, to s: inout String) {
+        s += "\""
+        for u in v.unicodeScalars {
+            switch u {
+            case "\"": s += "\\\""
+            case "\\": s += "\\\\"
+            case "\n": s += "\\n"
+            case "\r": s += "\\r"
+            case "\t": s += "\\t"
+            default:
+                if u.value < 0x20 {
+                    s += "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count)
+                        + String(u.value, radix: 16)
+                } else {
+                    s.unicodeScalars.append(u)
+                }
+            }
+        }
+        s += "\""
+    }
+}

@@ -1,0 +1,157 @@
+/// One host's books, folded from its journal: for every lease it holds, what was granted, what was
+/// served from it (net of cancellations that went back to it), and what cancellations gave to the
+/// pool instead; and which lease requests may have been granted without the answer being seen.
+///
+/// This is the only fold of journal records into lease state: the journal writer keeps one to
+/// start each segment with a snapshot, recovery keeps one to learn what to give back, and
+/// `quotactl audit --journal` keeps one to check a host against Redis. See docs/accounting.md.
+///
+/// Per lease, at every step:  `0 <= served <= granted`, `restocked <= served`, and the lease's
+/// closing return is `granted - served` (cumulative, so repeating it changes nothing).
+public struct LeaseLedger: Sendable, Equatable {
+    public struct Key: Hashable, Sendable {
+        public var voucher: String
+        public var lease: String
+        public init(voucher: String, lease: String) {
+            self.voucher = voucher
+            self.lease = lease
+        }
+    }
+
+    /// One lease held open by this host.
+    public struct Account: Sendable, Equatable, Hashable {
+        public var voucher: String
+        public var lease: String
+        public var granted: Int
+        /// Tokens of journaled claims, minus cancellations that went back to this lease.
+        public var served: Int
+        /// Tokens of cancelled claims of this lease that went to the pool (restocks by claim id).
+        public var restocked: Int
+        /// Written under `durability: journal|kafka`: `served` is exact. Under `none` it may be low.
+        public var trusted: Bool
+
+        public init(voucher: String, lease: String, granted: Int, served: Int, restocked: Int = 0, trusted: Bool = true) {
+            self.voucher = voucher
+            self.lease = lease
+            self.granted = granted
+            self.served = served
+            self.restocked = restocked
+            self.trusted = trusted
+        }
+
+        /// What the lease's closing return gives back: every token not served.
+        public var unserved: Int { granted - served }
+    }
+
+    /// A lease request whose answer the journal has not seen.
+    public struct Request: Sendable, Equatable, Hashable {
+        public var voucher: String
+        public var req: String
+        public init(voucher: String, req: String) {
+            self.voucher = voucher
+            self.req = req
+        }
+    }
+
+    /// The ledger as written at the start of each segment.
+    public struct Snapshot: Sendable, Equatable {
+        public var generation: String?
+        public var accounts: [Account]
+        public var requests: [Request]
+        public init(generation: String?, accounts: [Account], requests: [Request]) {
+            self.generation = generation
+            self.accounts = accounts
+            self.requests = requests
+        }
+    }
+
+    public private(set) var accounts: [Key: Account] = [:]
+    /// Lease requests not yet answered in the journal: request id → voucher.
+    public private(set) var requests: [String: String] = [:]
+    /// The region generation last adopted.
+    public private(set) var generation: String?
+    /// Records that break the identity (never expected; reported by audit and recovery).
+    public private(set) var anomalies: [String] = []
+
+    public init() {}
+
+    public init(_ s: Snapshot) {
+        restore(s)
+    }
+
+    /// Fold one record.
+    public mutating func apply(_ r: JournalRecord) {
+        switch r {
+        case .claim(let e):
+            switch e.kind {
+            case .intent: break
+            case .claimed:
+                for s in e.shares { change(e.voucher, s.leaseId, claim: e.claimID) { $0.served += s.tokens } }
+            case .unclaimed:
+                for (i, s) in e.shares.enumerated() {
+                    let key = Key(voucher: e.voucher, lease: s.leaseId)
+                    if e.sharesToPool(i) {
+                        // The lease may be closed and gone from the books: the restock stands on its own.
+                        accounts[key]?.restocked += s.tokens
+                    } else {
+                        change(e.voucher, s.leaseId, claim: e.claimID) { $0.served -= s.tokens }
+                    }
+                }
+            }
+        case .intentResolved, .boot:
+            break
+        case .leaseRequested(let v, let req):
+            requests[req] = v
+        case .leaseGranted(let v, let l, let g, let req, let trusted):
+            requests.removeValue(forKey: req)
+            let key = Key(voucher: v, lease: l)
+            if accounts[key] != nil { anomalies.append("lease \(v)/\(l) granted twice") }
+            accounts[key] = Account(voucher: v, lease: l, granted: g, served: 0, trusted: trusted)
+        case .leaseAnswered(_, let req):
+            requests.removeValue(forKey: req)
+        case .leaseClosed(let c):
+            let key = Key(voucher: c.voucher, lease: c.lease)
+            if let a = accounts.removeValue(forKey: key), a.trusted,
+                a.served != c.served || a.granted != c.granted || c.returned != a.unserved
+            {
+                anomalies.append(
+                    "lease \(c.voucher)/\(c.lease) closed as granted \(c.granted) served \(c.served) returned \(c.returned), "
+                        + "but the journal says granted \(a.granted) served \(a.served)")
+            }
+        case .generation(let g):
+            generation = g
+        case .snapshot(let s):
+            restore(s)
+        }
+    }
+
+    private mutating func change(_ voucher: String, _ lease: String, claim: String, _ body: (inout Account) -> Void) {
+        let key = Key(voucher: voucher, lease: lease)
+        guard var a = accounts[key] else {
+            anomalies.append("claim \(claim) names lease \(voucher)/\(lease), which this journal does not hold")
+            return
+        }
+        body(&a)
+        if a.served < 0 || a.served > a.granted {
+            anomalies.append("lease \(voucher)/\(lease) served \(a.served) of \(a.granted) after claim \(claim)")
+        }
+        accounts[key] = a
+    }
+
+    private mutating func restore(_ s: Snapshot) {
+        accounts = Dictionary(s.accounts.map { (Key(voucher: $0.voucher, lease: $0.lease), $0) }, uniquingKeysWith: { a, _ in a })
+        requests = Dictionary(s.requests.map { ($0.req, $0.voucher) }, uniquingKeysWith: { a, _ in a })
+        generation = s.generation
+    }
+
+    /// The state to write at the start of a segment (sorted, so equal ledgers write equal bytes).
+    public var snapshot: Snapshot {
+        Snapshot(
+            generation: generation,
+            accounts: accounts.values.sorted { ($0.voucher, $0.lease) < ($1.voucher, $1.lease) },
+            requests: requests.map { Request(voucher: $0.value, req: $0.key) }.sorted { $0.req < $1.req })
+    }
+
+    /// Open leases, sorted by voucher and lease id.
+    public var openAccounts: [Account] { snapshot.accounts }
+}

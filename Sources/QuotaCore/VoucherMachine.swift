@@ -1,0 +1,845 @@
+/// When a granted claim's reply is sent (the `durability` config key).
+public enum Durability: String, Sendable, CaseIterable {
+    /// At once; journal and Kafka follow in the background. Unsafe: a crash can lose answered claims.
+    case none
+    /// After the claim record is on the local disk (fsync'd, group commit). The default.
+    case journal
+    /// After the record is on the local disk and acknowledged by Kafka (acks=all).
+    case kafka
+}
+
+/// What the claim lifecycle needs to know of the configuration.
+public struct ClaimRules: Sendable {
+    public enum PerUserMode: String, Sendable { case central, local }
+    public enum OnUnavailable: String, Sendable { case failClosed = "fail-closed", local }
+
+    public var region: String
+    public var host: String
+    /// Claim ids are `idPrefix` + the claim's sequence number in base 36.
+    public var idPrefix: String
+    public var durability: Durability
+    public var perUserMode: PerUserMode = .central
+    public var onUnavailable: OnUnavailable = .failClosed
+    /// A claim not answered within this is answered UNAVAILABLE (its tokens settle when its I/O does).
+    public var claimTimeout: Duration = .seconds(2)
+    /// `REQ` answers are kept this long.
+    public var dedupeWindow: Duration = .seconds(60)
+    /// Claims parked per voucher waiting for stock (or for the voucher's load).
+    public var maxWaiting = 10_000
+    /// Users remembered per voucher for the local per-user pre-check.
+    public var maxTrackedUsers = 1_000_000
+
+    public init(region: String, host: String, idPrefix: String, durability: Durability) {
+        self.region = region
+        self.host = host
+        self.idPrefix = idPrefix
+        self.durability = durability
+    }
+}
+
+/// One voucher on one host: its stock and every claim's life, as a value.
+///
+/// A claim is decided from local stock, then (if the voucher has a per-user limit) its intent is
+/// journaled and the user checked in Redis, then the claim is recorded as the durability mode
+/// requires, then answered. Every step that needs I/O is an ``Effect`` the shell carries out,
+/// reporting back with the matching event method. Nothing here reads a clock or does I/O.
+///
+/// What is kept here (docs/accounting.md):
+/// - tokens of a claim in flight stay pinned to their lease until the claim commits (durable and
+///   answered) or aborts (refused, failed, timed out): an abort puts them back into the same lease,
+///   which cannot have closed meanwhile;
+/// - a claim answered with its id is remembered for `UNCLAIM`; one answered otherwise never is;
+/// - a claim that became durable after its caller was told UNAVAILABLE is cancelled by a journaled
+///   cancellation before its tokens are served again;
+/// - a per-user count that may have been taken for a claim that did not complete is released.
+public struct VoucherMachine: Sendable {
+    public typealias Ticket = Int
+
+    public enum Request: Sendable, Equatable {
+        case claim(qty: Int, user: String, req: String?)
+        case avail
+    }
+
+    public enum Answer: Sendable, Equatable {
+        case claimID(String)
+        case integer(Int)
+        case ok
+        case refused(QuotaError)
+    }
+
+    public enum Phase: Sendable, Equatable {
+        /// Metadata is being fetched from Redis.
+        case loading
+        /// Redis does not know the voucher: NOVOUCHER until `until`.
+        case missing(until: Instant)
+        /// Redis could not be reached for the metadata: UNAVAILABLE until `until`.
+        case failed(until: Instant)
+        case ready
+    }
+
+    /// Outcome of a per-user check in Redis.
+    public enum UserCheckResult: Sendable, Equatable {
+        case counted
+        case overLimit
+        /// The call failed before it could reach Redis: nothing was counted by this attempt.
+        case notSent(String)
+        /// The call timed out or its reply was lost: it may have been counted.
+        case unknown(String)
+    }
+
+    /// Which cancellation a journal answer is about.
+    public enum CancelRef: Sendable, Hashable {
+        /// `UNCLAIM`, answered on this ticket.
+        case unclaim(Ticket)
+        /// A claim whose record became durable after its caller was told UNAVAILABLE.
+        case claim(Int)
+    }
+
+    /// I/O the shell must carry out, in order.
+    public enum Effect: Sendable, Equatable {
+        /// Complete a client's reply.
+        case answer(Ticket, Answer)
+        /// Fetch the voucher's record; answer with ``loaded(_:policy:now:effects:)``.
+        case load
+        /// Journal `.leaseRequested` (durably, unless durability is `none`), then send the lease;
+        /// answer with ``leaseAnswered(_:request:trusted:now:effects:)``.
+        case lease(LeaseRequest)
+        /// Renew a lease; answer with ``renewAnswered(_:outcome:sentAt:now:effects:)``.
+        case renew(String)
+        /// Send a return; answer with ``returnAnswered(_:outcome:now:effects:)``.
+        case giveBack(ReturnRequest)
+        /// Append a record now, under the voucher's lock: it must precede what follows in the journal.
+        case journal(JournalRecord)
+        /// Journal a claim's per-user intent durably; answer with ``intentJournaled(seq:ok:now:effects:)``.
+        case journalIntent(ClaimEvent, seq: Int)
+        /// Check a claim's user in Redis (idempotent by claim id); answer with ``userChecked(seq:_:now:effects:)``.
+        case checkUser(ClaimEvent, seq: Int, limit: Int)
+        /// Record a claim durably; answer with ``claimRecorded(seq:ok:now:effects:)`` (and, with
+        /// `durability: kafka`, ``claimAcknowledged(seq:now:effects:)`` once Kafka has it).
+        case recordClaim(ClaimEvent, seq: Int)
+        /// Record in the background (`durability: none`): no answer comes back.
+        case recordLater(ClaimEvent)
+        /// Remember an answered claim for `UNCLAIM`.
+        case remember(ClaimEvent, seq: Int)
+        /// Journal a cancellation durably; answer with ``cancelRecorded(_:ok:now:effects:)``.
+        case recordCancel(ClaimEvent, CancelRef)
+        /// Give a cancellation's pool shares back to the pool (once per claim id), retried until done.
+        case restock(ClaimEvent)
+        /// Release a per-user count that may have been taken (idempotent by claim id), retried until done.
+        /// With `answer`, that ticket is answered `+OK` after the first attempt (`UNCLAIM`: the user may
+        /// claim again as soon as the reply comes).
+        case releaseUser(ClaimEvent, answer: Ticket?)
+        /// An `UNCLAIM` could not be journaled: the claim may be cancelled again later.
+        case unclaimFailed(claimID: String)
+    }
+
+    private struct Parked: Sendable {
+        var qty: Int
+        var user: String
+        var req: String?
+        var deadline: Instant
+        var ticket: Ticket
+    }
+
+    private enum Stage: Sendable, Equatable {
+        /// Waiting for the per-user intent to be durable.
+        case intent
+        /// Waiting for the per-user check (`retryAt`: ask again then).
+        case checking(retryAt: Instant?)
+        /// Waiting for the claim record to be durable.
+        case recording
+        /// Durable, waiting for Kafka (`durability: kafka`).
+        case acking
+        /// Durable after its caller was told UNAVAILABLE: its cancellation is being journaled.
+        case cancelling(retryAt: Instant?)
+    }
+
+    private struct InFlight: Sendable {
+        var event: ClaimEvent
+        var ticket: Ticket
+        var deadline: Instant
+        var stage: Stage
+        /// The user's count in Redis may have been taken for this claim.
+        var mayBeCounted = false
+        /// Its caller was answered UNAVAILABLE before the claim settled.
+        var timedOut = false
+    }
+
+    private struct Unclaim: Sendable {
+        var event: ClaimEvent
+        var toPool: UInt64
+        var pinned: Bool
+    }
+
+    private enum Dedupe: Sendable {
+        case pending([Ticket])
+        case done(Answer, expires: Instant)
+    }
+
+    public let voucher: String
+    public var rules: ClaimRules
+    public var stock: VoucherStock
+    public private(set) var phase: Phase = .loading
+    /// 0: the voucher has no per-user limit.
+    public private(set) var perUserLimit = 0
+    public private(set) var record: VoucherRecordInfo?
+    /// A fresh claim sequence number (claim ids are unique per host boot).
+    private let nextSeq: @Sendable () -> Int
+    /// Wall-clock milliseconds, for event timestamps (never for decisions).
+    private let wallClock: @Sendable () -> Int64
+    /// A refusal decided outside the voucher (journal or Kafka backlog: fail closed), or nil.
+    private let admission: @Sendable () -> QuotaError?
+    private var loadWaiters: [(Request, Ticket)] = []
+    private var loadStarted = false
+    private var parked: [Parked] = []
+    private var parkedHead = 0
+    private var parkedTokens = 0
+    private var inFlight: [Int: InFlight] = [:]
+    /// Claims in flight by deadline (deadlines grow with time: the front is the oldest).
+    private var deadlines: [(Instant, Int)] = []
+    private var deadlinesHead = 0
+    private var retries = 0
+    private var unclaims: [Ticket: Unclaim] = [:]
+    /// Tokens each user holds through this host (a lower bound of the global count).
+    private var localUsers: [String: Int] = [:]
+    private var dedupe: [String: Dedupe] = [:]
+    private var lastDedupeSweep = Instant(nanoseconds: 0)
+
+    public init(voucher: String, rules: ClaimRules, policy: LeasePolicy, requestPrefix: String,
+                nextSeq: @escaping @Sendable () -> Int, wallClock: @escaping @Sendable () -> Int64 = { 0 },
+                admission: @escaping @Sendable () -> QuotaError? = { nil }) {
+        self.voucher = voucher
+        self.rules = rules
+        self.stock = VoucherStock(policy: policy, requestPrefix: requestPrefix)
+        self.nextSeq = nextSeq
+        self.wallClock = wallClock
+        self.admission = admission
+    }
+
+    // MARK: - Requests
+
+    /// Decide `CLAIM` or `AVAIL`. Returns the answer now, or nil when it comes later on `ticket`.
+    public mutating func handle(_ req: Request, ticket: Ticket, now: Instant, effects fx: inout [Effect]) -> Answer? {
+        switch phase {
+        case .loading:
+            return parkForLoad(req, ticket: ticket, &fx)
+        case .missing(let until):
+            if now < until { return .refused(QuotaError(.novoucher, "no such voucher '\(voucher)'")) }
+            phase = .loading
+            return parkForLoad(req, ticket: ticket, &fx)
+        case .failed(let until):
+            if now < until { return .refused(QuotaError(.unavailable, "quota authority unreachable")) }
+            phase = .loading
+            return parkForLoad(req, ticket: ticket, &fx)
+        case .ready:
+            let a = decideReady(req, ticket: ticket, now: now, &fx)
+            collect(now: now, &fx)
+            return a
+        }
+    }
+
+    private mutating func parkForLoad(_ req: Request, ticket: Ticket, _ fx: inout [Effect]) -> Answer? {
+        guard loadWaiters.count < rules.maxWaiting else {
+            return .refused(QuotaError(.busy, "too many requests waiting for voucher '\(voucher)'"))
+        }
+        loadWaiters.append((req, ticket))
+        if !loadStarted {
+            loadStarted = true
+            fx.append(.load)
+        }
+        return nil
+    }
+
+    private mutating func decideReady(_ req: Request, ticket: Ticket, now: Instant, _ fx: inout [Effect]) -> Answer? {
+        switch req {
+        case .avail:
+            return .integer(max(0, stock.poolHint) + stock.available(now: now))
+        case .claim(let qty, let user, nil):
+            return claim(qty: qty, user: user, req: nil, ticket: ticket, now: now, &fx)
+        case .claim(let qty, let user, let req?):
+            return claimOnce(qty: qty, user: user, req: req, ticket: ticket, now: now, &fx)
+        }
+    }
+
+    /// `CLAIM … REQ id`: the same request id gets the same final answer within the dedupe window;
+    /// racing retries wait for the first. Transient refusals (UNAVAILABLE, BUSY) are not kept.
+    private mutating func claimOnce(qty: Int, user: String, req: String, ticket: Ticket, now: Instant,
+                                    _ fx: inout [Effect]) -> Answer? {
+        switch dedupe[req] {
+        case .done(let a, let exp) where now < exp:
+            return a
+        case .pending(var waiters):
+            waiters.append(ticket)
+            dedupe[req] = .pending(waiters)
+            return nil
+        default:
+            break
+        }
+        let a = claim(qty: qty, user: user, req: req, ticket: ticket, now: now, &fx)
+        if let a {
+            if Self.isFinal(a) { dedupe[req] = .done(a, expires: now + rules.dedupeWindow) } else { dedupe.removeValue(forKey: req) }
+        } else {
+            dedupe[req] = .pending([])
+        }
+        return a
+    }
+
+    static func isFinal(_ a: Answer) -> Bool {
+        if case .refused(let e) = a { return e.code != .unavailable && e.code != .busy }
+        return true
+    }
+
+    /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
+    public mutating func restoreDedupe(_ entries: [(req: String, claimID: String, expires: Instant)]) {
+        for e in entries { dedupe[e.req] = .done(.claimID(e.claimID), expires: e.expires) }
+    }
+
+    /// Whether a claim's tokens stay pinned until it settles (anything that can still refuse it).
+    private var needsFlight: Bool { rules.durability != .none || perUserLimit > 0 }
+
+    private mutating func claim(qty: Int, user: String, req: String?, ticket: Ticket, now: Instant,
+                                _ fx: inout [Effect]) -> Answer? {
+        if stock.lost == nil, let refusal = admission() {
+            stock.countRejection(.unavailable)
+            return .refused(refusal)
+        }
+        switch stock.claim(qty: qty, now: now, inFlight: needsFlight) {
+        case .served(let shares):
+            return granted(shares, qty: qty, user: user, req: req, ticket: ticket, now: now, &fx)
+        case .reject(let e):
+            return .refused(e)
+        case .wait:
+            guard parked.count - parkedHead < rules.maxWaiting else {
+                stock.countRejection(.busy)
+                return .refused(QuotaError(.busy, "too many claims waiting for stock of '\(voucher)'"))
+            }
+            parked.append(Parked(qty: qty, user: user, req: req, deadline: now + rules.claimTimeout, ticket: ticket))
+            parkedTokens += qty
+            return nil
+        }
+    }
+
+    /// Tokens were taken from local stock for a claim: check the user's limit if the voucher has one,
+    /// then record the claim as the durability mode requires. Returns the answer if it is known now.
+    private mutating func granted(_ shares: [ClaimShare], qty: Int, user: String, req: String?, ticket: Ticket,
+                                  now: Instant, _ fx: inout [Effect]) -> Answer? {
+        let seq = nextSeq()
+        let event = ClaimEvent(claimID: rules.idPrefix + String(seq, radix: 36), voucher: voucher, user: user, qty: qty,
+                               region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
+        var flight = InFlight(event: event, ticket: ticket, deadline: now + rules.claimTimeout, stage: .recording)
+        let limit = perUserLimit
+        if limit > 0 {
+            // This host's own count is a lower bound of the user's global count: over it, refuse at once.
+            let held = localUsers[user, default: 0]
+            if held + qty > limit {
+                stock.abort(shares, now: now)
+                stock.countRejection(.userlimit)
+                return .refused(QuotaError(.userlimit, "user already holds the voucher's limit of \(limit)"))
+            }
+            // Reserved until the claim settles. The map is bounded: past the bound it only keeps users
+            // it already has (the pre-check then misses, and Redis decides).
+            if held > 0 || localUsers.count < rules.maxTrackedUsers { localUsers[user] = held + qty }
+            if rules.perUserMode == .central {
+                var intent = event
+                intent.kind = .intent
+                if rules.durability == .none {
+                    fx.append(.recordLater(intent))
+                    flight.stage = .checking(retryAt: nil)
+                    flight.mayBeCounted = true
+                    fx.append(.checkUser(event, seq: seq, limit: limit))
+                } else {
+                    flight.stage = .intent
+                    fx.append(.journalIntent(intent, seq: seq))
+                }
+                track(seq, flight)
+                return nil
+            }
+        }
+        return record(seq: seq, flight, &fx)
+    }
+
+    private mutating func track(_ seq: Int, _ f: InFlight) {
+        inFlight[seq] = f
+        deadlines.append((f.deadline, seq))
+    }
+
+    /// Record a claim whose user (if any) is settled: at once with `durability: none` (returns the
+    /// answer), else durably (returns nil: ``claimRecorded(seq:ok:now:effects:)`` continues).
+    private mutating func record(seq: Int, _ f: InFlight, _ fx: inout [Effect]) -> Answer? {
+        if rules.durability == .none {
+            if needsFlight { stock.commit(f.event.shares) }
+            inFlight.removeValue(forKey: seq)
+            fx.append(.recordLater(f.event))
+            fx.append(.remember(f.event, seq: seq))
+            return .claimID(f.event.claimID)
+        }
+        var f = f
+        f.stage = .recording
+        if inFlight[seq] == nil {
+            track(seq, f)
+        } else {
+            inFlight[seq] = f
+        }
+        fx.append(.recordClaim(f.event, seq: seq))
+        return nil
+    }
+
+    /// Complete `ticket` (and every racing retry with the same request id).
+    private mutating func finish(_ ticket: Ticket, req: String?, _ a: Answer, now: Instant, _ fx: inout [Effect]) {
+        fx.append(.answer(ticket, a))
+        guard let req else { return }
+        if case .pending(let waiters) = dedupe[req] {
+            for w in waiters { fx.append(.answer(w, a)) }
+        }
+        if Self.isFinal(a) { dedupe[req] = .done(a, expires: now + rules.dedupeWindow) } else { dedupe.removeValue(forKey: req) }
+    }
+
+    // MARK: - Claim events
+
+    /// The per-user intent is durable (or could not be written).
+    public mutating func intentJournaled(seq: Int, ok: Bool, now: Instant, effects fx: inout [Effect]) {
+        guard var f = inFlight[seq], f.stage == .intent else { return }
+        if !ok {
+            abort(seq, QuotaError(.unavailable, "claim could not be journaled"), now: now, &fx)
+        } else if f.timedOut {
+            abort(seq, nil, now: now, &fx)
+        } else {
+            f.stage = .checking(retryAt: nil)
+            f.mayBeCounted = true
+            inFlight[seq] = f
+            fx.append(.checkUser(f.event, seq: seq, limit: perUserLimit))
+        }
+        settleEffects(now: now, &fx)
+    }
+
+    /// Redis answered (or did not answer) a per-user check.
+    public mutating func userChecked(seq: Int, _ result: UserCheckResult, now: Instant, effects fx: inout [Effect]) {
+        guard var f = inFlight[seq], case .checking = f.stage else { return }
+        switch result {
+        case .counted:
+            if f.timedOut {
+                abort(seq, nil, now: now, &fx)
+            } else if let a = record(seq: seq, f, &fx) {
+                finish(f.ticket, req: f.event.req, a, now: now, &fx)
+            }
+        case .overLimit:
+            // The script undid its own count: nothing to release in Redis for this attempt.
+            f.mayBeCounted = f.mayBeCounted && f.timedOut
+            inFlight[seq] = f
+            abort(seq, QuotaError(.userlimit, "user already holds the voucher's limit of \(perUserLimit)"), now: now, &fx)
+        case .notSent(let why), .unknown(let why):
+            if rules.onUnavailable == .local && !f.timedOut {
+                // Decide on this host's record alone (already reserved within the limit): the documented risk.
+                if let a = record(seq: seq, f, &fx) { finish(f.ticket, req: f.event.req, a, now: now, &fx) }
+            } else if case .unknown = result, now < f.deadline, !f.timedOut {
+                // Ask again (idempotent by claim id) rather than leak a count that may have been taken.
+                f.stage = .checking(retryAt: now + .milliseconds(50))
+                inFlight[seq] = f
+                retries += 1
+            } else {
+                abort(seq, QuotaError(.unavailable, "per-user check unavailable: \(why)"), now: now, &fx)
+            }
+        }
+        settleEffects(now: now, &fx)
+    }
+
+    /// The claim record is durable (`ok`) or could not be written.
+    public mutating func claimRecorded(seq: Int, ok: Bool, now: Instant, effects fx: inout [Effect]) {
+        guard var f = inFlight[seq], f.stage == .recording else { return }
+        if !ok {
+            abort(seq, QuotaError(.unavailable, "claim could not be made durable: journal write failed"), now: now, &fx)
+        } else if f.timedOut {
+            // Durable, but its caller was told UNAVAILABLE: cancel it before its tokens serve again.
+            startCancel(seq, &f, &fx)
+        } else if rules.durability == .kafka {
+            f.stage = .acking
+            inFlight[seq] = f
+        } else {
+            commit(seq, f, now: now, &fx)
+        }
+        settleEffects(now: now, &fx)
+    }
+
+    /// Kafka acknowledged the claim record (`durability: kafka`).
+    public mutating func claimAcknowledged(seq: Int, now: Instant, effects fx: inout [Effect]) {
+        guard let f = inFlight[seq], f.stage == .acking, !f.timedOut else { return }
+        commit(seq, f, now: now, &fx)
+        settleEffects(now: now, &fx)
+    }
+
+    private mutating func commit(_ seq: Int, _ f: InFlight, now: Instant, _ fx: inout [Effect]) {
+        inFlight.removeValue(forKey: seq)
+        stock.commit(f.event.shares)
+        fx.append(.remember(f.event, seq: seq))
+        finish(f.ticket, req: f.event.req, .claimID(f.event.claimID), now: now, &fx)
+    }
+
+    /// A claim in flight ends without being a claim: tokens back to their lease, user released, caller told.
+    private mutating func abort(_ seq: Int, _ error: QuotaError?, now: Instant, _ fx: inout [Effect]) {
+        guard let f = inFlight.removeValue(forKey: seq) else { return }
+        stock.abort(f.event.shares, now: now)
+        if perUserLimit > 0 { releaseLocal(user: f.event.user, qty: f.event.qty) }
+        if f.mayBeCounted { fx.append(.releaseUser(f.event, answer: nil)) }
+        if !f.timedOut {
+            let e = error ?? QuotaError(.unavailable, "claim did not complete")
+            stock.countRejection(e.code)
+            finish(f.ticket, req: f.event.req, .refused(e), now: now, &fx)
+        }
+    }
+
+    /// The mask of shares whose lease this host no longer holds (they can only go to the pool).
+    private func sharesNotHeld(_ shares: [ClaimShare]) -> UInt64 {
+        var m: UInt64 = 0
+        for (i, s) in shares.enumerated() where !stock.holds(s.leaseId) { m |= 1 << UInt64(i) }
+        return m
+    }
+
+    private mutating func startCancel(_ seq: Int, _ f: inout InFlight, _ fx: inout [Effect]) {
+        // Its tokens are still pinned to their leases (the claim never settled), so they go back there.
+        f.stage = .cancelling(retryAt: nil)
+        inFlight[seq] = f
+        fx.append(.recordCancel(f.event.cancellation(tsMs: f.event.tsMs, toPool: sharesNotHeld(f.event.shares)), .claim(seq)))
+    }
+
+    /// A cancellation record is durable (`ok`) or could not be written.
+    public mutating func cancelRecorded(_ ref: CancelRef, ok: Bool, now: Instant, effects fx: inout [Effect]) {
+        switch ref {
+        case .claim(let seq):
+            guard var f = inFlight[seq], case .cancelling = f.stage else { return }
+            if ok {
+                // Pool shares (a lease Redis said is gone) are restocked by claim id, if Redis still takes them.
+                let toPool = sharesNotHeld(f.event.shares)
+                abort(seq, nil, now: now, &fx)
+                if toPool != 0 { fx.append(.restock(f.event.cancellation(tsMs: f.event.tsMs, toPool: toPool))) }
+            } else {
+                // Keep trying: the claim is durable, and its caller was told it failed.
+                f.stage = .cancelling(retryAt: now + .milliseconds(200))
+                inFlight[seq] = f
+                retries += 1
+            }
+        case .unclaim(let ticket):
+            guard let u = unclaims.removeValue(forKey: ticket) else { return }
+            if u.pinned { stock.cancelled(u.event.shares, toPool: u.toPool, applied: ok, now: now) }
+            if ok {
+                if perUserLimit > 0 { releaseLocal(user: u.event.user, qty: u.event.qty) }
+                if u.toPool != 0 { fx.append(.restock(u.event.cancellation(tsMs: u.event.tsMs, toPool: u.toPool))) }
+                if rules.perUserMode == .central && (perUserLimit > 0 || phase != .ready) {
+                    fx.append(.releaseUser(u.event, answer: ticket))
+                } else {
+                    fx.append(.answer(ticket, .ok))
+                }
+            } else {
+                fx.append(.unclaimFailed(claimID: u.event.claimID))
+                fx.append(.answer(ticket, .refused(QuotaError(.unavailable, "cancellation could not be journaled"))))
+            }
+        }
+        settleEffects(now: now, &fx)
+    }
+
+    /// `UNCLAIM` of a claim made through this host (taken from the book by the caller). Shares whose
+    /// lease is still held here go back to it; the others go to the pool. Answered on `ticket`.
+    public mutating func unclaim(_ e: ClaimEvent, ticket: Ticket, tsMs: Int64, effects fx: inout [Effect]) {
+        let pinned = phase == .ready
+        let all: UInt64 = e.shares.count >= 64 ? .max : (1 << UInt64(e.shares.count)) - 1
+        let toPool = pinned ? stock.pinForCancel(e.shares) : all
+        unclaims[ticket] = Unclaim(event: e, toPool: toPool, pinned: pinned)
+        fx.append(.recordCancel(e.cancellation(tsMs: tsMs, toPool: toPool), .unclaim(ticket)))
+    }
+
+    /// This host's record of `user` goes down by `qty`; gone at zero.
+    private mutating func releaseLocal(user: String, qty: Int) {
+        guard let held = localUsers[user] else { return }
+        if held - qty <= 0 { localUsers.removeValue(forKey: user) } else { localUsers[user] = held - qty }
+    }
+
+    /// After any change: serve what waits, ask for leases and returns.
+    private mutating func settleEffects(now: Instant, _ fx: inout [Effect]) {
+        guard phase == .ready else { return }
+        serveParked(now: now, &fx)
+        collect(now: now, &fx)
+    }
+
+    // MARK: - Parked claims
+
+    /// Serve or refuse parked claims, in order, after the stock changed.
+    private mutating func serveParked(now: Instant, _ fx: inout [Effect]) {
+        while parkedHead < parked.count {
+            let w = parked[parkedHead]
+            let answer: Answer
+            if w.deadline <= now {
+                stock.countRejection(.unavailable)
+                answer = .refused(QuotaError(.unavailable, "no lease arrived within the claim timeout"))
+            } else if stock.lost == nil, let refusal = admission() {
+                stock.countRejection(.unavailable)
+                answer = .refused(refusal)
+            } else {
+                switch stock.retryParked(qty: w.qty, now: now, inFlight: needsFlight) {
+                case .served(let shares):
+                    popParked()
+                    if let a = granted(shares, qty: w.qty, user: w.user, req: w.req, ticket: w.ticket, now: now, &fx) {
+                        finish(w.ticket, req: w.req, a, now: now, &fx)
+                    }
+                    continue
+                case .reject(let e): answer = .refused(e)
+                case .wait: return
+                }
+            }
+            popParked()
+            finish(w.ticket, req: w.req, answer, now: now, &fx)
+        }
+    }
+
+    private mutating func popParked() {
+        parkedTokens -= parked[parkedHead].qty
+        parkedHead += 1
+        if parkedHead == parked.count {
+            parked.removeAll(keepingCapacity: true)
+            parkedHead = 0
+        } else if parkedHead > 1024 && parkedHead * 2 > parked.count {
+            parked.removeFirst(parkedHead)
+            parkedHead = 0
+        }
+    }
+
+    private mutating func failParked(_ e: QuotaError, now: Instant, _ fx: inout [Effect]) {
+        while parkedHead < parked.count {
+            let w = parked[parkedHead]
+            popParked()
+            stock.countRejection(e.code)
+            finish(w.ticket, req: w.req, .refused(e), now: now, &fx)
+        }
+    }
+
+    private mutating func collect(now: Instant, _ fx: inout [Effect]) {
+        if let l = stock.nextLease(now: now, waiting: parkedTokens) { fx.append(.lease(l)) }
+        stock.closeFinished(now: now)
+        for r in stock.takeReturns() { fx.append(.giveBack(r)) }
+    }
+
+    // MARK: - Load, leases, returns
+
+    /// The voucher's record from Redis (nil: unknown), or a failure to fetch it.
+    public mutating func loaded(_ result: Result<VoucherRecordInfo?, QuotaError>, policy: LeasePolicy, now: Instant,
+                                effects fx: inout [Effect]) {
+        loadStarted = false
+        let waiters = loadWaiters
+        loadWaiters.removeAll()
+        switch result {
+        case .success(let rec?):
+            apply(rec, policy: policy)
+            phase = .ready
+            // Decide the requests that waited for the load, in arrival order.
+            for (req, t) in waiters {
+                guard let a = decideReady(req, ticket: t, now: now, &fx) else { continue }
+                if case .claim(_, _, let r?) = req, case .pending = dedupe[r] {
+                    finish(t, req: r, a, now: now, &fx)
+                } else {
+                    fx.append(.answer(t, a))
+                }
+            }
+            collect(now: now, &fx)
+        case .success(nil):
+            phase = .missing(until: now + .seconds(1))
+            for (_, t) in waiters { fx.append(.answer(t, .refused(QuotaError(.novoucher, "no such voucher '\(voucher)'")))) }
+        case .failure(let e):
+            phase = .failed(until: now + .milliseconds(250))
+            for (_, t) in waiters { fx.append(.answer(t, .refused(e))) }
+        }
+    }
+
+    private mutating func apply(_ rec: VoucherRecordInfo, policy: LeasePolicy) {
+        record = rec
+        perUserLimit = rec.perUser
+        stock.policy = policy
+        stock.setStatus(rec.status)
+        stock.refreshed(pool: rec.pool)
+    }
+
+    /// Fresh metadata from the periodic refresh.
+    public mutating func refreshed(_ rec: VoucherRecordInfo, policy: LeasePolicy, now: Instant, effects fx: inout [Effect]) {
+        guard phase == .ready else { return }
+        let starvedAgain = record.map { rec.starvedMs > $0.starvedMs } ?? false
+        apply(rec, policy: policy)
+        // Another host found the pool empty: give back stock this host is not using,
+        // so the last tokens are not stranded here.
+        if starvedAgain { stock.returnIfIdle(now: now, idleFor: .seconds(1)) }
+        settleEffects(now: now, &fx)
+    }
+
+    /// Redis no longer holds this voucher as this host knew it: fail closed for good on this host.
+    public mutating func authorityLost(_ reason: String, now: Instant, effects fx: inout [Effect]) {
+        stock.loseAuthority(reason)
+        failParked(QuotaError(.unavailable, reason), now: now, &fx)
+    }
+
+    public enum LeaseAnswer: Sendable, Equatable {
+        case granted(LeaseGrant)
+        case refused(LeaseRefusal)
+        /// No lease: it could not be sent (`outcomeUnknown` false) or no reply came (it may have been granted).
+        case failed(String, outcomeUnknown: Bool)
+    }
+
+    /// Redis answered a lease request (or did not). `trusted`: served counts journaled from now on are exact.
+    public mutating func leaseAnswered(_ answer: LeaseAnswer, request: LeaseRequest, trusted: Bool, now: Instant,
+                                       effects fx: inout [Effect]) {
+        switch answer {
+        case .granted(let g):
+            for c in request.close { fx.append(.journal(.leaseClosed(closeRecord(c)))) }
+            if g.granted > 0 {
+                // Before any claim from it can be journaled (this runs under the voucher's lock).
+                fx.append(.journal(.leaseGranted(voucher: voucher, lease: g.id, granted: g.granted, req: request.req,
+                                                  trusted: trusted)))
+            } else {
+                fx.append(.journal(.leaseAnswered(voucher: voucher, req: request.req)))
+            }
+            stock.leaseGranted(g, sentAt: request.sentAt, now: now)
+        case .refused(let r):
+            for c in request.close { fx.append(.journal(.leaseClosed(closeRecord(c)))) }
+            fx.append(.journal(.leaseAnswered(voucher: voucher, req: request.req)))
+            stock.leaseRefused(r)
+        case .failed(_, let unknown):
+            stock.leaseFailed(now: now, request: request, outcomeUnknown: unknown)
+        }
+        settleEffects(now: now, &fx)
+    }
+
+    private func closeRecord(_ c: ReturnRequest) -> LeaseClose {
+        LeaseClose(voucher: voucher, lease: c.leaseId, region: rules.region, host: rules.host, granted: c.granted,
+                   served: c.served, returned: c.returnedTotal, tsMs: wallClock())
+    }
+
+    public enum ReturnOutcome: Sendable, Equatable {
+        /// Redis applied it (`applied` tokens went back now).
+        case applied(Int)
+        /// The lease is already closed or was reclaimed: nothing changes, and it is done.
+        case gone
+        case failed(String)
+    }
+
+    /// Redis answered a return (or did not).
+    public mutating func returnAnswered(_ r: ReturnRequest, outcome: ReturnOutcome, now: Instant,
+                                        effects fx: inout [Effect]) {
+        switch outcome {
+        case .applied(let n):
+            stock.returned(r, applied: n)
+            if r.close { fx.append(.journal(.leaseClosed(closeRecord(r)))) }
+        case .gone:
+            fx.append(.journal(.leaseClosed(closeRecord(r))))
+        case .failed:
+            stock.returnFailed(r)
+        }
+    }
+
+    /// Redis answered a renewal (nil: it failed).
+    public mutating func renewAnswered(_ lease: String, outcome: RenewOutcome?, sentAt: Instant, now: Instant,
+                                       effects fx: inout [Effect]) {
+        guard let outcome else {
+            stock.renewFailed(lease)
+            return
+        }
+        if let gone = stock.renewed(lease, outcome: outcome, sentAt: sentAt, now: now) {
+            // Closed or reclaimed at Redis: this host's record of it ends here, nothing returned.
+            fx.append(.journal(.leaseClosed(LeaseClose(voucher: voucher, lease: gone.id, region: rules.region,
+                                                       host: rules.host, granted: gone.granted, served: gone.served,
+                                                       returned: 0, tsMs: wallClock()))))
+        }
+        collect(now: now, &fx)
+    }
+
+    // MARK: - Periodic work
+
+    /// Fencing, renewals, idle returns, parked and in-flight timeouts, retries.
+    public mutating func tick(now: Instant, effects fx: inout [Effect]) {
+        guard phase == .ready else { return }
+        stock.fence(now: now)
+        expireInFlight(now: now, &fx)
+        serveParked(now: now, &fx)
+        for id in stock.renewals(now: now) { fx.append(.renew(id)) }
+        stock.returnIfIdle(now: now)
+        collect(now: now, &fx)
+        if now - lastDedupeSweep >= .seconds(1) {
+            lastDedupeSweep = now
+            dedupe = dedupe.filter { if case .done(_, let exp) = $0.value { return exp > now } else { return true } }
+        }
+    }
+
+    /// Claims in flight past their deadline are answered UNAVAILABLE; their I/O still settles them.
+    private mutating func expireInFlight(now: Instant, _ fx: inout [Effect]) {
+        while deadlinesHead < deadlines.count, deadlines[deadlinesHead].0 <= now {
+            let seq = deadlines[deadlinesHead].1
+            deadlinesHead += 1
+            guard var f = inFlight[seq], !f.timedOut else { continue }
+            f.timedOut = true
+            inFlight[seq] = f
+            stock.countRejection(.unavailable)
+            finish(f.ticket, req: f.event.req, .refused(QuotaError(.unavailable, "claim not settled within the claim timeout")),
+                   now: now, &fx)
+            if f.stage == .acking { startCancel(seq, &f, &fx) }
+        }
+        if deadlinesHead > 0 && deadlinesHead * 2 >= deadlines.count {
+            deadlines.removeFirst(deadlinesHead)
+            deadlinesHead = 0
+        }
+        // Retries that are due: per-user checks whose outcome was unknown, cancellations not yet written.
+        guard retries > 0 else { return }
+        retries = 0
+        for (seq, var f) in inFlight {
+            switch f.stage {
+            case .checking(let at?):
+                if at > now {
+                    retries += 1
+                } else if f.timedOut {
+                    abort(seq, nil, now: now, &fx)
+                } else {
+                    f.stage = .checking(retryAt: nil)
+                    inFlight[seq] = f
+                    fx.append(.checkUser(f.event, seq: seq, limit: perUserLimit))
+                }
+            case .cancelling(let at?):
+                if at > now { retries += 1 } else { startCancel(seq, &f, &fx) }
+            default:
+                break
+            }
+        }
+    }
+
+    // MARK: - Drain
+
+    /// Stop claiming for good and give everything back.
+    public mutating func drain(now: Instant, effects fx: inout [Effect]) {
+        stock.drain()
+        failParked(QuotaError(.unavailable, "draining: this host no longer serves claims"), now: now, &fx)
+        for (_, t) in loadWaiters {
+            fx.append(.answer(t, .refused(QuotaError(.unavailable, "draining: this host no longer serves claims"))))
+        }
+        loadWaiters.removeAll()
+        collect(now: now, &fx)
+    }
+
+    /// Retry returns that failed (Redis down) during drain or shutdown.
+    public mutating func retryReturns(now: Instant, effects fx: inout [Effect]) {
+        collect(now: now, &fx)
+    }
+
+    /// Nothing held, nothing to give back, nothing in flight.
+    public var isSettled: Bool { stock.isSettled && inFlight.isEmpty && unclaims.isEmpty }
+
+    // MARK: - Stats
+
+    public var parkedCount: Int { parked.count - parkedHead }
+    public var inFlightCount: Int { inFlight.count }
+}
+
+/// What the claim lifecycle needs of a voucher's record in Redis.
+public struct VoucherRecordInfo: Sendable, Equatable {
+    public var status: VoucherStatus
+    public var pool: Int
+    public var perUser: Int
+    public var starvedMs: Int
+    public init(status: VoucherStatus, pool: Int, perUser: Int, starvedMs: Int) {
+        self.status = status
+        self.pool = pool
+        self.perUser = perUser
+        self.starvedMs = starvedMs
+    }
+}
