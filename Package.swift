@@ -118,7 +118,7 @@ let package = Package(
         .executableTarget(
             name: "quotactl",
             dependencies: [
-                "QuotaRedis", "QuotaConfig", "QuotaCore",
+                "QuotaRedis", "QuotaConfig", "QuotaCore", "QuotaJournal",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

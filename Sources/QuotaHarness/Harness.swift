@@ -99,7 +99,8 @@ public final class ChildProcess: @unchecked Sendable {
     deinit {
         if process.isRunning {
             kill(pid, SIGKILL)
-            process.waitUntilExit()
+            // Bounded: Foundation's waitUntilExit can spin for ever on a child it did not reap.
+            for _ in 0..<200 where process.isRunning { usleep(10_000) }
         }
     }
 }
@@ -126,7 +127,7 @@ public final class RedisServer: @unchecked Sendable {
     public var url: String { "unix://\(socket)" }
 
     public func start() async throws {
-        var args = ["--port", "0", "--unixsocket", socket, "--dir", dir.path, "--save", ""]
+        var args = ["--port", "0", "--unixsocket", socket, "--dir", dir.path, "--save", "", "--enable-debug-command", "yes"]
         args += durable ? ["--appendonly", "yes", "--appendfsync", "always"] : ["--appendonly", "no"]
         child = try ChildProcess("/usr/bin/redis-server", args, log: dir.file("redis.log"))
         try await eventually("redis-server answers PING") {
@@ -142,6 +143,15 @@ public final class RedisServer: @unchecked Sendable {
 
     public func command(_ args: String...) async throws -> RedisValue {
         try await store.connection.send(args)
+    }
+
+    /// Make Redis stall for `seconds` (`DEBUG SLEEP`), from its own connection; returns at once.
+    public func stall(_ seconds: Double) {
+        let c = HiredisConnection(endpoint: .unix(path: socket), timeout: .seconds(Int64(seconds) + 10), logger: Logger(label: "stall"))
+        Task {
+            _ = try? await c.send(["DEBUG", "SLEEP", String(seconds)])
+            c.close()
+        }
     }
 
     /// Kill -9, throw its data away, start again: a Redis that forgot everything.
@@ -270,6 +280,19 @@ public final class Quotad: @unchecked Sendable {
     }
 
     public func stat(_ key: String) async throws -> Int { Int(try await info()[key] ?? "") ?? -1 }
+
+    /// kill -9 and wait.
+    public func kill9() async throws {
+        child.signal(SIGKILL)
+        _ = try await child.wait()
+    }
+
+    /// Run quotad on `config` expecting it to refuse to start: its exit status and output.
+    public static func refusedStart(config: String, log: String) async throws -> (Int32, String) {
+        let p = try ChildProcess(Bin.path("quotad"), ["--config", config], log: log)
+        let st = try await p.wait(timeout: .seconds(20))
+        return (st, p.output)
+    }
 }
 
 /// Run quotactl; returns (exit status, stdout + stderr).
@@ -284,22 +307,35 @@ public func quotactl(_ args: [String]) async throws -> (Int32, String) {
 /// A real Kafka-compatible broker: Tansu (memory storage) on a free loopback port.
 public final class KafkaBroker: @unchecked Sendable {
     public let port: Int
-    public let child: ChildProcess
+    public private(set) var child: ChildProcess
     public let dir = TempDir()
     public var brokers: String { "127.0.0.1:\(port)" }
 
     public init() async throws {
+        port = try freePort()
+        child = try Self.launch(port)
+        let port = self.port
+        try await eventually("tansu listens on \(port)") { canConnect(port) }
+    }
+
+    private static func launch(_ port: Int) throws -> ChildProcess {
         guard let bin = ProcessInfo.processInfo.environment["TANSU_BIN"] else {
             throw TestError.failed("TANSU_BIN is not set: run the tests with `make test` (scripts/test.sh sources scripts/kafka-env.sh)")
         }
-        port = try freePort()
         let url = "tcp://127.0.0.1:\(port)"
         // Tansu logs a lot at info level: keep only warnings.
         setenv("RUST_LOG", "warn", 1)
-        child = try ChildProcess(bin, ["broker", "--listener-url", url, "--advertised-listener-url", url],
-                                 log: "/dev/null")
+        return try ChildProcess(bin, ["broker", "--listener-url", url, "--advertised-listener-url", url], log: "/dev/null")
+    }
+
+    /// kill -9 the broker and start a new one on the same port: memory storage, so it has lost every
+    /// topic, message and producer id (a broker restarted without its state).
+    public func restartEmpty() async throws {
+        child.signal(SIGKILL)
+        _ = try await child.wait()
+        child = try Self.launch(port)
         let port = self.port
-        try await eventually("tansu listens on \(port)") { canConnect(port) }
+        try await eventually("tansu listens on \(port) again") { canConnect(port) }
     }
 
     /// Every message of `topic`, read by a fresh consumer group until `idle` passes with none.

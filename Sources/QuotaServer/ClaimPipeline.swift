@@ -42,6 +42,7 @@ final class ClaimPipeline: Sendable {
         var shipped = 0
         var deliveryErrors = 0
         var recreations = 0
+        var lastRecreate = ContinuousClock.now
     }
     private let ship = NIOLockedValueBox(ShipState())
     private let _kafkaDown = Atomic<Bool>(false)
@@ -229,10 +230,23 @@ final class ClaimPipeline: Sendable {
         for w in waiters { w() }
     }
 
-    /// Periodic: retry events librdkafka could not queue; recreate a producer after a fatal error;
-    /// decide whether Kafka counts as down.
+    /// Without delivery progress this long while the broker answers, the producer is recreated: a broker
+    /// that lost its state can leave an idempotent producer stuck (its producer id and sequence numbers
+    /// mean nothing to the new broker) without a fatal error.
+    static let stuckAfter: Duration = .seconds(10)
+
+    /// Periodic: retry events librdkafka could not queue; recreate a producer after a fatal error or when
+    /// it is stuck; decide whether Kafka counts as down.
     func tick() {
-        if needsRecreate.withLockedValue({ v in defer { v = false }; return v }) { recreateProducer() }
+        if needsRecreate.withLockedValue({ v in defer { v = false }; return v }) {
+            recreateProducer(reason: "fatal error")
+        } else if let p = producerBox.withLockedValue({ $0 }), p.sinceBrokerAnswered < .seconds(2) {
+            let stuck = ship.withLockedValue { s in
+                !s.bySeq.isEmpty && ContinuousClock.now - s.lastProgress > Self.stuckAfter
+                    && ContinuousClock.now - s.lastRecreate > Self.stuckAfter
+            }
+            if stuck { recreateProducer(reason: "no delivery progress for \(Self.stuckAfter) while the broker answers") }
+        }
         let retry = ship.withLockedValue { s -> [(JournalPosition?, ShippedEvent)] in
             defer { s.retry.removeAll() }
             return s.retry
@@ -251,8 +265,8 @@ final class ClaimPipeline: Sendable {
         }
     }
 
-    /// The producer hit a fatal error: replace it, and ship everything the journal holds unacknowledged.
-    private func recreateProducer() {
+    /// Replace the producer, and ship everything the journal holds unacknowledged.
+    private func recreateProducer(reason: String) {
         let old = producerBox.withLockedValue { p -> KafkaProducer? in
             defer { p = nil }
             return p
@@ -271,6 +285,7 @@ final class ClaimPipeline: Sendable {
             s.retry.removeAll()
             s.recreations += 1
             s.lastProgress = .now
+            s.lastRecreate = .now
         }
         producerBox.withLockedValue { $0 = fresh }
         guard let journal else { return }
@@ -280,8 +295,8 @@ final class ClaimPipeline: Sendable {
             let events = journal.readEvents(segment: seg)
             for p in positions where p.index < events.count { items.append((p, events[p.index])) }
         }
-        logger.notice("kafka producer recreated after a fatal error; shipping the unacknowledged journal again",
-                      metadata: ["events": "\(items.count)"])
+        logger.notice("kafka producer recreated; shipping the unacknowledged journal again",
+                      metadata: ["reason": "\(reason)", "events": "\(items.count)"])
         Self.produce(items, producer: producerBox, ship: ship)
     }
 

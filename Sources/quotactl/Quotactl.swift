@@ -9,8 +9,8 @@ import QuotaRedis
 struct Quotactl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quotactl",
-        abstract: "Operate quotad: vouchers, lease policy, status.",
-        subcommands: [VoucherCommand.self, LeaseCommand.self, StatusCommand.self])
+        abstract: "Operate quotad: vouchers, lease policy, audit, status.",
+        subcommands: [VoucherCommand.self, LeaseCommand.self, AuditCommand.self, StatusCommand.self])
 }
 
 /// Where to find the regions' Redis and the local quotad.

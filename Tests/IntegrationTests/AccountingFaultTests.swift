@@ -1,0 +1,415 @@
+import Foundation
+import Glibc
+import NIOCore
+import QuotaClient
+import QuotaHarness
+import QuotaJournal
+import QuotaRESP
+import QuotaRedis
+import Testing
+
+/// A small ext4 file system on a loop device (root only), so a test can freeze its journal's disk.
+final class LoopDisk: @unchecked Sendable {
+    let image: String
+    let mountPoint: String
+    private var frozen = false
+
+    init(in dir: TempDir, megabytes: Int = 64) throws {
+        image = dir.file("disk.img")
+        mountPoint = dir.file("disk")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        try #require(truncate2(image, megabytes << 20), "cannot create \(image)")
+        try #require(run("/usr/sbin/mkfs.ext4", ["-q", "-F", image]) == 0, "mkfs.ext4 failed")
+        try #require(run("/bin/mount", ["-o", "loop", image, mountPoint]) == 0, "needs root and a loop device to mount ext4")
+    }
+
+    func freeze() { frozen = run("/usr/sbin/fsfreeze", ["-f", mountPoint]) == 0 }
+    func thaw() {
+        if frozen { _ = run("/usr/sbin/fsfreeze", ["-u", mountPoint]) }
+        frozen = false
+    }
+
+    deinit {
+        thaw()
+        _ = run("/bin/umount", ["-l", mountPoint])
+    }
+
+    private func truncate2(_ path: String, _ bytes: Int) -> Bool {
+        FileManager.default.createFile(atPath: path, contents: nil) && truncate(path, off_t(bytes)) == 0
+    }
+}
+
+@discardableResult
+func run(_ exe: String, _ args: [String]) -> Int32 {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: exe)
+    p.arguments = args
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle.nullDevice
+    guard (try? p.run()) != nil else { return -1 }
+    p.waitUntilExit()
+    return p.terminationStatus
+}
+
+/// Send one command with a client-side deadline: nil when no reply came in time.
+func send(_ c: RESPClient, _ args: [String], within: Duration) async -> RESPValue? {
+    await withTaskGroup(of: RESPValue?.self) { g in
+        g.addTask { try? await c.send(args) }
+        g.addTask {
+            try? await Task.sleep(for: within)
+            return nil
+        }
+        let first = await g.next() ?? nil
+        g.cancelAll()
+        return first
+    }
+}
+
+func writeConfig(_ path: String, _ yaml: String) throws {
+    try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+}
+
+/// The prefix of this boot's claim ids (`region.host.boot.`) and the sequence number of `id`.
+func claimIDParts(_ id: String) -> (prefix: String, seq: Int) {
+    let i = id.lastIndex(of: ".")!
+    return (String(id[...i]), Int(id[id.index(after: i)...], radix: 36) ?? -1)
+}
+
+/// Every fault path of issue 8, black-box against real servers; each ends with the audit.
+@Suite("Token accounting under faults", .serialized, .timeLimit(.minutes(5)))
+struct AccountingFaultTests {
+    @Test func aSecondQuotadOnTheSameJournalOrSocketIsRefusedAndTheFirstKeepsServing() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "two", limit: 20, perUser: 0, totalLimit: 20, region: "sg")
+        let a = try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal")
+        let c = try await RESPClient.connect(a.socket)
+        #expect(try await c.send("CLAIM", "two", "u0").errorCode == nil)
+        let base = "host_id: host-a\nregion: sg\nregions: { sg: { redis: \"\(redis.url)\" } }\ndurability: journal\n"
+        // The same journal directory, another socket.
+        try writeConfig(dir.file("b.yaml"), base + "socket: { path: \(dir.file("b.sock")) }\njournal: { dir: \(a.journalDir) }\n")
+        let (stB, outB) = try await Quotad.refusedStart(config: dir.file("b.yaml"), log: dir.file("b.log"))
+        #expect(stB != 0 && outB.contains("in use by another quotad"), "\(outB)")
+        // The same socket, another journal directory.
+        try writeConfig(dir.file("c.yaml"), base + "socket: { path: \(a.socket) }\njournal: { dir: \(dir.file("journal-c")) }\n")
+        let (stC, outC) = try await Quotad.refusedStart(config: dir.file("c.yaml"), log: dir.file("c.log"))
+        #expect(stC != 0 && outC.contains("socket.path"), "\(outC)")
+        // The first one still answers on its socket and sells exactly the limit.
+        let r = try await claimUntilSoldOut(c, voucher: "two", user: "u")
+        #expect(r.ids.count == 19, "\(r.ids.count) more sold, \(r.errors)")
+        c.close()
+        #expect(try await a.stop() == 0)
+        #expect(try await redis.audit("two", journals: [("host-a", a.journalDir)], netClaimed: 20) == [])
+    }
+
+    @Test func cancellingAPreviousRunsClaimWhileItsLeaseIsOpenGivesTheTokenBackExactlyOnce() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "rs", limit: 20, perUser: 0, totalLimit: 20, region: "sg")
+        let lease = "lease: { min: 10, max: 10 }\n"
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: lease, durability: "journal")
+        var c = try await RESPClient.connect(q.socket)
+        let id = try #require(try await c.send("CLAIM", "rs", "u1").string)
+        c.close()
+        try await q.kill9()
+        // The restarted sidecar cannot return the previous run's lease yet (Redis is stopped) when the
+        // claim is cancelled; then it crashes again.
+        redis.child?.signal(SIGSTOP)
+        try await q.restart()
+        c = try await RESPClient.connect(q.socket)
+        #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"))
+        c.close()
+        try await q.kill9()
+        redis.child?.signal(SIGCONT)
+        // The third run returns the lease and restocks the cancellation: each token leaves the lease once.
+        try await q.restart()
+        try await eventually("the previous runs' lease is returned") { try await redis.account("rs").leases == 0 }
+        try await eventually("the cancelled token is back") { try await redis.account("rs").pool == 20 }
+        #expect(try await q.stop() == 0)
+        let a = try await redis.account("rs")
+        #expect(a.pool == 20 && a.restocked == 1, "pool \(a.pool), restocked \(a.restocked): nothing created, nothing lost")
+        #expect(try await redis.audit("rs", journals: [("host-a", q.journalDir)], netClaimed: 0) == [])
+    }
+
+    @Test func aLeaseWrittenUnderDurabilityNoneIsNotReturnedOnTheJournalsWordAfterARestartInJournalMode() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        let disk = try LoopDisk(in: dir)
+        _ = try await redis.store.createVoucher(id: "dm", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
+        let jdir = disk.mountPoint + "/journal"
+        let common = "host_id: host-a\nregion: sg\nregions: { sg: { redis: \"\(redis.url)\" } }\n"
+            + "socket: { path: \(dir.file("a.sock")) }\njournal: { dir: \(jdir) }\nlease: { min: 50, max: 50 }\n"
+        try writeConfig(dir.file("none.yaml"), common + "durability: none\n")
+        try writeConfig(dir.file("journal.yaml"), common + "durability: journal\n")
+        var p = try ChildProcess(Bin.path("quotad"), ["--config", dir.file("none.yaml")], log: dir.file("1.log"))
+        try await eventually("quotad answers") { (try? await RESPClient.connect(dir.file("a.sock"))) != nil }
+        let c = try await RESPClient.connect(dir.file("a.sock"))
+        var answered = 0
+        if try await c.send("CLAIM", "dm", "first").errorCode == nil { answered += 1 }
+        // durability: none answers before the journal writes: with the disk frozen, answered claims never reach it.
+        disk.freeze()
+        for i in 0..<20 where try await c.send("CLAIM", "dm", "u\(i)").errorCode == nil { answered += 1 }
+        c.close()
+        // The kill lands when the blocked write returns: the one batch it was writing reaches the disk, the
+        // claims queued behind it in memory do not.
+        p.signal(SIGKILL)
+        disk.thaw()
+        _ = try await p.wait()
+        #expect(answered == 21)
+        p = try ChildProcess(Bin.path("quotad"), ["--config", dir.file("journal.yaml")], log: dir.file("2.log"))
+        try await eventually("quotad answers again") { (try? await RESPClient.connect(dir.file("a.sock"))) != nil }
+        try await Task.sleep(for: .seconds(1))
+        p.signal(SIGTERM)
+        #expect(try await p.wait() == 0)
+        let a = try await redis.account("dm")
+        // Never created: the lease's served count in the journal is too low, so it must not be returned on it.
+        #expect(a.pool + answered <= 100, "pool \(a.pool) + \(answered) answered claims > limit 100: quota created")
+        #expect(p.output.contains("not returned on the journal's word"), "\(p.output)")
+        #expect(try await redis.audit("dm") == [])
+    }
+
+    @Test func aKafkaModeClaimThatTimedOutIsNeverInTheUnclaimBook() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "kt", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: "limits: { claim_timeout_ms: 500 }\n",
+                                 kafka: kafka, topic: "t-kt", durability: "kafka")
+        let c = try await RESPClient.connect(q.socket)
+        let first = try #require(try await c.send("CLAIM", "kt", "u1").string)
+        kafka.child.signal(SIGSTOP)
+        let t0 = ContinuousClock.now
+        let late = try await c.send("CLAIM", "kt", "u2")
+        #expect(late.errorCode == "UNAVAILABLE", "\(late)")
+        #expect(ContinuousClock.now - t0 < .seconds(2))
+        kafka.child.signal(SIGCONT)
+        try await eventually("Kafka has everything", timeout: .seconds(30)) { try await q.stat("journal_unshipped_claims") == 0 }
+        // The timed-out claim's id is guessable: it must not be cancellable (its token already went back).
+        let (prefix, seq) = claimIDParts(first)
+        let guessed = prefix + String(seq + 1, radix: 36)
+        let u = try await c.send("UNCLAIM", guessed)
+        #expect(u.errorCode == "ERR" && u.string?.contains("unknown claim id") == true, "\(u)")
+        c.close()
+        #expect(try await q.stop() == 0)
+        let s = try streamed(kafka, topic: "t-kt")
+        #expect(s.claimed.keys.contains(guessed) && s.unclaimed.contains(guessed), "the stream nets the timed-out claim to zero")
+        #expect(s.net == 1)
+        let a = try await redis.account("kt")
+        #expect(a.pool + s.net == 100, "pool \(a.pool) + net \(s.net)")
+        #expect(try await redis.audit("kt", journals: [("host-a", q.journalDir)], netClaimed: s.net) == [])
+    }
+
+    @Test func aLeaseWhoseReplyWasLostIsLearnedByItsRequestIDNotLeftOutstanding() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "ll", limit: 50, perUser: 0, totalLimit: 50, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
+                                 extraYAML: "redis_timeout_ms: 200\nlease: { min: 10, max: 10 }\n", durability: "journal")
+        redis.stall(0.8)
+        try await Task.sleep(for: .milliseconds(100))
+        // The first claim's lease request times out while Redis sleeps; Redis executes it afterwards.
+        let c = try await RESPClient.connect(q.socket)
+        let r = try await claimUntilSoldOut(c, voucher: "ll", user: "u", maxUnavailable: 10_000)
+        c.close()
+        #expect(r.ids.count == 50, "sold \(r.ids.count) of 50: \(r.errors)")
+        #expect(try await q.stop() == 0)
+        let a = try await redis.account("ll")
+        #expect(a.leases == 0 && a.pool == 0, "\(a.leases) lease(s) left open, pool \(a.pool)")
+        #expect(try await redis.audit("ll", journals: [("host-a", q.journalDir)], netClaimed: 50) == [])
+    }
+
+    @Test func aPerUserCheckWhoseReplyWasLostIsAskedAgainNotLeaked() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "pl", limit: 100, perUser: 1, totalLimit: 100, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
+                                 extraYAML: "redis_timeout_ms: 200\nlimits: { claim_timeout_ms: 3000 }\n", durability: "journal")
+        let c = try await RESPClient.connect(q.socket)
+        #expect(try await c.send("CLAIM", "pl", "warm").errorCode == nil, "a lease is held: only the check needs Redis")
+        redis.stall(0.8)
+        try await Task.sleep(for: .milliseconds(100))
+        let r = try await c.send("CLAIM", "pl", "bob")
+        let bobHas = r.errorCode == nil ? 1 : 0
+        let counted = try await redis.store.userCount(voucher: "pl", user: "bob", groups: 64)
+        #expect(counted == bobHas, "Redis counts \(counted) for bob, who holds \(bobHas) (\(r))")
+        let again = try await c.send("CLAIM", "pl", "bob")
+        #expect(bobHas == 1 ? again.errorCode == "USERLIMIT" : again.errorCode == nil, "\(again)")
+        c.close()
+        #expect(try await q.stop() == 0)
+        #expect(try await redis.audit("pl", journals: [("host-a", q.journalDir)]) == [])
+    }
+
+    @Test func aStalledJournalDiskAnswersUnavailableWithinTheClaimTimeoutAndTheTokenIsNeverCountedTwice() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        let disk = try LoopDisk(in: dir)
+        _ = try await redis.store.createVoucher(id: "sd", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
+        let jdir = disk.mountPoint + "/journal"
+        try writeConfig(dir.file("q.yaml"), "host_id: host-a\nregion: sg\nregions: { sg: { redis: \"\(redis.url)\" } }\n"
+            + "socket: { path: \(dir.file("a.sock")) }\ndurability: journal\njournal: { dir: \(jdir) }\n"
+            + "limits: { claim_timeout_ms: 500 }\n")
+        let p = try ChildProcess(Bin.path("quotad"), ["--config", dir.file("q.yaml")], log: dir.file("q.log"))
+        try await eventually("quotad answers") { (try? await RESPClient.connect(dir.file("a.sock"))) != nil }
+        let c = try await RESPClient.connect(dir.file("a.sock"))
+        var ok = 0
+        if try await c.send("CLAIM", "sd", "warm").errorCode == nil { ok += 1 }
+        disk.freeze()
+        let t0 = ContinuousClock.now
+        let stalled = await send(c, ["CLAIM", "sd", "during"], within: .seconds(3))
+        let waited = ContinuousClock.now - t0
+        disk.thaw()
+        #expect(stalled?.errorCode == "UNAVAILABLE", "\(String(describing: stalled)) after \(waited)")
+        #expect(waited < .milliseconds(1500), "answered within the claim timeout, not when the disk came back")
+        try await eventually("claims are served again") { try await c.send("CLAIM", "sd", "after").errorCode == nil }
+        ok += 1
+        c.close()
+        p.signal(SIGTERM)
+        #expect(try await p.wait() == 0)
+        // The stalled claim became durable once the disk thawed; it was cancelled in the journal, and its
+        // token went back to its lease once, so the books balance with only the answered claims.
+        let rec = JournalRecovery.read(dir: jdir)
+        let net = rec.history.reduce(0) { $0 + ($1.kind == .claimed ? $1.qty : -$1.qty) }
+        #expect(net == ok, "journal nets to \(net), \(ok) claims were answered")
+        let a = try await redis.account("sd")
+        #expect(a.pool + ok == 100 && a.leases == 0, "pool \(a.pool) + \(ok) answered")
+        #expect(try await redis.audit("sd", journals: [("host-a", jdir)], netClaimed: ok) == [])
+    }
+
+    @Test func shutdownWaitsForClaimsInFlightAndLeavesNoCountOrTokenBehind() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "sh", limit: 1000, perUser: 1, totalLimit: 1000, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
+                                 extraYAML: "redis_timeout_ms: 300\nlimits: { claim_timeout_ms: 3000 }\n", durability: "journal")
+        let c = try await RESPClient.connect(q.socket)
+        #expect(try await c.send("CLAIM", "sh", "warm").errorCode == nil)
+        redis.stall(1.0)
+        try await Task.sleep(for: .milliseconds(100))
+        let users = (0..<30).map { "user-\($0)" }
+        let inFlight = Task { try await c.pipeline(users.map { ["CLAIM", "sh", $0] }) }
+        try await Task.sleep(for: .milliseconds(200))
+        q.child.signal(SIGTERM)
+        #expect(try await q.child.wait() == 0)
+        let replies = (try? await inFlight.value) ?? []
+        c.close()
+        var holders = Set<String>()
+        for (u, r) in zip(users, replies) where r.errorCode == nil { holders.insert(u) }
+        for u in users {
+            let n = try await redis.store.userCount(voucher: "sh", user: u, groups: 64)
+            #expect(n == (holders.contains(u) ? 1 : 0), "\(u): counted \(n), holds \(holders.contains(u) ? 1 : 0)")
+        }
+        let a = try await redis.account("sh")
+        #expect(a.leases == 0 && a.pool + holders.count + 1 == 1000, "pool \(a.pool), \(holders.count) + 1 held")
+        #expect(q.allLogs.contains("all unused tokens returned"), "the exit log says nothing was left")
+        #expect(try await redis.audit("sh", journals: [("host-a", q.journalDir)], netClaimed: holders.count + 1) == [])
+    }
+
+    @Test func aRedisThatIsNotDurableIsRefusedAtStartNamingTheSetting() async throws {
+        let redis = try await RedisServer(durable: false)
+        let dir = TempDir()
+        try writeConfig(dir.file("q.yaml"), "host_id: host-a\nregion: sg\nregions: { sg: { redis: \"\(redis.url)\" } }\n"
+            + "socket: { path: \(dir.file("a.sock")) }\ndurability: none\n")
+        let (st, out) = try await Quotad.refusedStart(config: dir.file("q.yaml"), log: dir.file("q.log"))
+        #expect(st != 0)
+        #expect(out.contains("redis.require_durable") && out.contains("appendonly"), "\(out)")
+    }
+
+    @Test func aRedisThatForgetsMakesEverySidecarFailClosedEvenAfterTheVoucherIsCreatedAgain() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "rf", limit: 1000, perUser: 0, totalLimit: 1000, region: "sg")
+        let a = try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal")
+        let b = try await Quotad(redis: redis, dir: dir, host: "host-b", durability: "journal")
+        let ca = try await RESPClient.connect(a.socket)
+        let cb = try await RESPClient.connect(b.socket)
+        for i in 0..<5 {
+            #expect(try await ca.send("CLAIM", "rf", "a\(i)").errorCode == nil)
+            #expect(try await cb.send("CLAIM", "rf", "b\(i)").errorCode == nil)
+        }
+        // A failover to an empty replica, or a restart without the AOF: Redis forgot the voucher and its leases.
+        try await redis.restartEmpty()
+        try await eventually("both sidecars see the region lost") {
+            let la = try await a.stat("region_lost")
+            let lb = try await b.stat("region_lost")
+            return la == 1 && lb == 1
+        }
+        func codes(_ n: Int) async throws -> [String: Int] {
+            var out: [String: Int] = [:]
+            for i in 0..<n {
+                for c in [ca, cb] { out[try await c.send("CLAIM", "rf", "x\(i)").errorCode ?? "OK", default: 0] += 1 }
+            }
+            return out
+        }
+        #expect(try await codes(20) == ["UNAVAILABLE": 40], "fail closed: never NOVOUCHER, never a claim")
+        // An operator creates the voucher again: the sidecars still must not sell it on top of what they sold.
+        let (st, out) = try await quotactl(["voucher", "create", "rf", "--limit", "1000", "--redis", redis.url])
+        #expect(st == 0, "\(out)")
+        try await Task.sleep(for: .seconds(2))
+        #expect(try await codes(20) == ["UNAVAILABLE": 40])
+        ca.close()
+        cb.close()
+        #expect(try await a.stop() == 0)
+        #expect(try await b.stop() == 0)
+        let acct = try await redis.account("rf")
+        #expect(acct.pool == 1000 && acct.leased == 0, "nothing returned into, or taken from, the new generation")
+        #expect(try await redis.audit("rf") == [])
+    }
+
+    @Test func kafkaModeResumesByItselfAfterTheBrokerRestartsWithoutItsState() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "kb", limit: 10_000, perUser: 0, totalLimit: 10_000, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: "limits: { claim_timeout_ms: 1000 }\n",
+                                 kafka: kafka, topic: "t-kb", durability: "kafka")
+        let c = try await RESPClient.connect(q.socket)
+        var answered = 0
+        for i in 0..<10 where try await c.send("CLAIM", "kb", "u\(i)").errorCode == nil { answered += 1 }
+        #expect(answered == 10)
+        try await kafka.restartEmpty()
+        var after: [String] = []
+        try await eventually("kafka mode serves again", timeout: .seconds(60)) {
+            if let id = try await c.send("CLAIM", "kb", "again").string, !id.hasPrefix("UNAVAILABLE") {
+                after.append(id)
+                return true
+            }
+            return false
+        }
+        for i in 0..<10 {
+            if case .bulkString(let b?) = try await c.send("CLAIM", "kb", "v\(i)") { after.append(String(buffer: b)) }
+        }
+        c.close()
+        #expect(try await q.stop() == 0)
+        let s = try streamed(kafka, topic: "t-kb")
+        #expect(Set(after).isSubset(of: Set(s.claimed.keys)), "every claim answered after the restart is on the new broker")
+        let a = try await redis.account("kb")
+        #expect(a.pool + answered + after.count == 10_000)
+        #expect(try await redis.audit("kb", journals: [("host-a", q.journalDir)], netClaimed: answered + after.count) == [])
+    }
+
+    @Test func aCleanStopRecordsWhatKafkaAcknowledgedSoARestartShipsNothingAgain() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "cs", limit: 5000, perUser: 0, totalLimit: 5000, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", kafka: kafka, topic: "t-cs")
+        let c = try await RESPClient.connect(q.socket)
+        var ids: [String] = []
+        for chunk in 0..<50 {
+            let replies = try await c.pipeline((0..<20).map { ["CLAIM", "cs", "u\(chunk)-\($0)"] })
+            ids += replies.compactMap(\.string)
+        }
+        c.close()
+        #expect(ids.count == 1000)
+        #expect(try await q.stop() == 0)
+        try await q.restart()
+        #expect(try await q.stop() == 0)
+        let s = try streamed(kafka, topic: "t-cs")
+        #expect(s.claimed.count == 1000)
+        let resent = s.claimed.values.filter { $0.count > 1 }.count
+        #expect(resent == 0, "\(resent) claims shipped again after a clean stop")
+        #expect(try await redis.audit("cs", journals: [("host-a", q.journalDir)], netClaimed: 1000) == [])
+        let (st, out) = try await quotactl(["audit", "cs", "--redis", redis.url, "--journal", q.journalDir])
+        #expect(st == 0 && out.contains("balanced"), "\(out)")
+    }
+}
