@@ -16,9 +16,9 @@ qd_wait_sock() {
   echo "nothing answers on $1" >&2
   return 1
 }
-# A private redis-server on $T/redis.sock (no persistence).
+# A private redis-server on $T/redis.sock, durable as quotad requires (AOF, fsync always).
 qd_start_redis() {
-  redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly no --dir "$T" --logfile "$T/redis.log" &
+  redis-server --port 0 --unixsocket "$T/redis.sock" --save "" --appendonly yes --appendfsync always --dir "$T" --logfile "$T/redis.log" &
   pids+=($!)
   qd_wait_sock "$T/redis.sock"
 }

@@ -52,7 +52,7 @@ public final class HiredisConnection: @unchecked Sendable {
         func expire() {
             let was = state.exchange(2, ordering: .acquiringAndReleasing)
             switch was {
-            case 0: done(.failure(.unreachable("not sent within the call timeout (queued behind slower calls)")))
+            case 0: done(.failure(.queuedTooLong("queued behind slower calls past the call timeout")))
             case 1: done(.failure(.timedOut("no reply within the call timeout")))
             default: break
             }

@@ -241,8 +241,10 @@ enum QuotaScripts {
 
     /// Per-user checks of many claims, in order. KEYS: pairs of (counts hash `quota:u:{ID:g}`, markers
     /// hash `quota:u:{ID:g}:m`). ARGV: quintuples (key pair index, limit, user, qty, claim_id).
-    /// Reply: one entry per claim: 1 counted, 0 over the limit. A claim already counted (its marker is
-    /// present) answers 1 again without counting twice. The markers hash lives a week after its last use.
+    /// Reply: one entry per claim: 1 counted, 0 over the limit, 2 released (the claim was given up and
+    /// its count released before this check ran: it is never counted). A claim already counted (its
+    /// marker holds its quantity) answers 1 again without counting twice. Markers live a week after
+    /// their hash's last write.
     static let userCheck = """
         local out = {}
         local touched = {}
@@ -250,13 +252,16 @@ enum QuotaScripts {
           local j = tonumber(ARGV[i]) * 2 - 1
           local k, mk = KEYS[j], KEYS[j + 1]
           local lim, u, q, c = tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
-          if redis.call('HSETNX', mk, c, q) == 0 then
+          local prior = redis.call('HGET', mk, c)
+          if prior == '-' then
+            out[#out + 1] = 2
+          elseif prior then
             out[#out + 1] = 1
           elseif redis.call('HINCRBY', k, u, q) > lim then
             redis.call('HINCRBY', k, u, -q)
-            redis.call('HDEL', mk, c)
             out[#out + 1] = 0
           else
+            redis.call('HSET', mk, c, q)
             out[#out + 1] = 1
             touched[mk] = true
           end
@@ -266,12 +271,15 @@ enum QuotaScripts {
         """
 
     /// Undo a claim's per-user count (UNCLAIM, or a claim that did not complete). KEYS: counts hash,
-    /// markers hash. ARGV: user, claim_id. Reply: the quantity released (0 if it was not counted or
-    /// already released).
+    /// markers hash. ARGV: user, claim_id. The marker becomes a tombstone `-`, so a check of the same
+    /// claim that runs later (its reply was lost, it was still queued) can never count it again.
+    /// Reply: the quantity released (0 if it was not counted or already released).
     static let userRelease = """
         local q = redis.call('HGET', KEYS[2], ARGV[2])
+        if q == '-' then return 0 end
+        redis.call('HSET', KEYS[2], ARGV[2], '-')
+        redis.call('PEXPIRE', KEYS[2], 604800000)
         if not q then return 0 end
-        redis.call('HDEL', KEYS[2], ARGV[2])
         local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(q))
         if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
         return tonumber(q)

@@ -429,8 +429,16 @@ public final class QuotaStore: Sendable {
 
     /// Check many claims at once, in one script call (one round trip). On Redis Cluster the keys of
     /// one call must share a slot: there the batch would be split per slot (not built: single node).
-    /// Returns, per check in order, whether it was counted (false: the user is at the limit).
-    public func checkUsers(_ checks: [UserCheck]) async throws(RedisError) -> [Bool] {
+    /// The outcome of one per-user check.
+    public enum UserCheckOutcome: Sendable, Equatable {
+        case counted
+        case overLimit
+        /// The claim's count was released before this check ran: it is never counted.
+        case released
+    }
+
+    /// Returns, per check in order, its outcome.
+    public func checkUsers(_ checks: [UserCheck]) async throws(RedisError) -> [UserCheckOutcome] {
         guard !checks.isEmpty else { return [] }
         struct GroupID: Hashable {
             var voucher: String
@@ -455,7 +463,13 @@ public final class QuotaStore: Sendable {
         }
         let r = try await eval(QuotaScripts.userCheck, keys: keys, args: args)
         guard let a = r.array, a.count == checks.count else { throw RedisError.badReply("USERCHECK: \(r)") }
-        return a.map { $0.int == 1 }
+        return a.map {
+            switch $0.int {
+            case 1: return .counted
+            case 2: return .released
+            default: return .overLimit
+            }
+        }
     }
 
     /// Undo a claim's per-user count; returns the quantity released (0: nothing was counted).

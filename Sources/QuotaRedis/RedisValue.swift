@@ -42,8 +42,10 @@ public enum RedisValue: Sendable, Equatable, CustomStringConvertible {
 
 /// Why a Redis call failed.
 public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
-    /// Could not connect (or the call waited too long in the queue): it was not sent.
+    /// Could not connect: it was not sent.
     case unreachable(String)
+    /// It waited in the queue behind slower calls past its deadline: it was not sent (and never will be).
+    case queuedTooLong(String)
     /// Sent, but no reply came in time, or the connection broke before it: it may have been executed.
     case timedOut(String)
     /// The server answered with an error reply.
@@ -69,6 +71,7 @@ public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
         switch self {
         case .unreachable(let s): return "Redis unreachable: \(s)"
         case .timedOut(let s): return "Redis did not answer: \(s)"
+        case .queuedTooLong(let s): return "Redis call not sent in time: \(s)"
         case .generation(let s): return "Redis lost this voucher's state: \(s)"
         case .server(let s): return "Redis error: \(s)"
         case .overloaded: return "Redis request queue full"

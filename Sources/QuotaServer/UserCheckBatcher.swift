@@ -7,7 +7,7 @@ import QuotaRedis
 /// wire at once. Results are handed back from the task that sent the batch; each caller feeds its
 /// voucher's machine under that voucher's lock.
 final class UserCheckBatcher: Sendable {
-    typealias Done = @Sendable (Result<Bool, RedisError>) -> Void
+    typealias Done = @Sendable (Result<QuotaStore.UserCheckOutcome, RedisError>) -> Void
     private struct Item {
         var check: QuotaStore.UserCheck
         var done: Done

@@ -192,10 +192,11 @@ final class VoucherRuntime: @unchecked Sendable {
         engine.userChecks.submit(check) { [self] r in
             let result: VoucherMachine.UserCheckResult
             switch r {
-            case .success(true): result = .counted
-            case .success(false): result = .overLimit
-            case .failure(let e) where e.outcomeUnknown || isServerError(e): result = .unknown("\(e)")
-            case .failure(let e): result = .notSent("\(e)")
+            case .success(.counted): result = .counted
+            case .success(.overLimit): result = .overLimit
+            case .success(.released): result = .notSent("the claim was given up before its check ran")
+            case .failure(.unreachable(let why)): result = .notSent(why)
+            case .failure(let e): result = .unknown("\(e)")
             }
             event(now: monotonicNow()) { m, now, fx in m.userChecked(seq: seq, result, now: now, effects: &fx) }
         }

@@ -1,0 +1,346 @@
+import QuotaCore
+import Synchronization
+import Testing
+
+/// A claim sequence for machines under test.
+final class SeqSource: Sendable {
+    private let n = Atomic<Int>(0)
+    func next() -> Int { n.wrappingAdd(1, ordering: .relaxed).newValue }
+}
+
+/// A machine on a fake clock, with its effects collected.
+struct Rig {
+    var m: VoucherMachine
+    var clock = FakeClock()
+    var fx: [VoucherMachine.Effect] = []
+    var ticket = 0
+
+    init(durability: Durability, perUser: Int = 0, claimTimeout: Duration = .seconds(2),
+         policy: LeasePolicy = LeasePolicy(min: 10, max: 10, ttl: .seconds(10), safetyMargin: .seconds(2))) {
+        var rules = ClaimRules(region: "sg", host: "h", idPrefix: "sg.h.b.", durability: durability)
+        rules.claimTimeout = claimTimeout
+        let seq = SeqSource()
+        m = VoucherMachine(voucher: "v", rules: rules, policy: policy, requestPrefix: "h.b.", nextSeq: { seq.next() },
+                           wallClock: { 1_000 })
+        var e: [VoucherMachine.Effect] = []
+        _ = m.handle(.avail, ticket: -1, now: clock.now, effects: &e)
+        m.loaded(.success(VoucherRecordInfo(status: .active, pool: 1000, perUser: perUser, starvedMs: 0)),
+                 policy: policy, now: clock.now, effects: &e)
+    }
+
+    /// Take the effects produced so far.
+    mutating func take() -> [VoucherMachine.Effect] {
+        defer { fx.removeAll() }
+        return fx
+    }
+
+    mutating func claim(_ user: String, qty: Int = 1, req: String? = nil) -> (Int, VoucherMachine.Answer?) {
+        ticket += 1
+        let a = m.handle(.claim(qty: qty, user: user, req: req), ticket: ticket, now: clock.now, effects: &fx)
+        return (ticket, a)
+    }
+
+    /// Answer the pending lease request with a grant of `n` tokens.
+    mutating func grant(_ n: Int, id: String = "1") throws {
+        let l = try #require(take().compactMap { if case .lease(let l) = $0 { return l } else { return nil } }.first)
+        m.leaseAnswered(.granted(LeaseGrant(id: id, granted: n, ttl: .seconds(10), poolAfter: 500)), request: l,
+                        trusted: true, now: clock.now, effects: &fx)
+    }
+
+    mutating func tick(_ d: Duration = .milliseconds(50)) {
+        clock.advance(d)
+        m.tick(now: clock.now, effects: &fx)
+    }
+}
+
+extension [VoucherMachine.Effect] {
+    var answers: [Int: VoucherMachine.Answer] {
+        var out: [Int: VoucherMachine.Answer] = [:]
+        for e in self { if case .answer(let t, let a) = e { out[t] = a } }
+        return out
+    }
+    var records: [(ClaimEvent, Int)] {
+        compactMap { if case .recordClaim(let c, let s) = $0 { return (c, s) } else { return nil } }
+    }
+    var cancels: [(ClaimEvent, VoucherMachine.CancelRef)] {
+        compactMap { if case .recordCancel(let c, let r) = $0 { return (c, r) } else { return nil } }
+    }
+    var returns: [ReturnRequest] {
+        compactMap { if case .giveBack(let r) = $0 { return r } else { return nil } }
+    }
+    var remembered: [String] {
+        compactMap { if case .remember(let c, _) = $0 { return c.claimID } else { return nil } }
+    }
+}
+
+@Suite("Claim lifecycle (VoucherMachine) on a fake clock")
+struct VoucherMachineTests {
+    @Test func journalModeAnswersOnlyWhenTheRecordIsDurable() throws {
+        var r = Rig(durability: .journal)
+        let (t, a) = r.claim("u1")
+        #expect(a == nil, "parked for a lease")
+        try r.grant(10)
+        let fx = r.take()
+        let (event, seq) = try #require(fx.records.first)
+        #expect(fx.answers.isEmpty, "not durable yet")
+        r.m.claimRecorded(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        let after = r.take()
+        #expect(after.answers[t] == .claimID(event.claimID))
+        #expect(after.remembered == [event.claimID], "answered with its id: remembered for UNCLAIM")
+    }
+
+    @Test func aFailedJournalWritePutsTheTokenBackIntoItsLease() throws {
+        var r = Rig(durability: .journal)
+        let (t, _) = r.claim("u1")
+        try r.grant(10)
+        let (_, seq) = try #require(r.take().records.first)
+        #expect(r.m.stock.tokensPending == 1)
+        r.m.claimRecorded(seq: seq, ok: false, now: r.clock.now, effects: &r.fx)
+        let fx = r.take()
+        guard case .refused(let e)? = fx.answers[t] else { Issue.record("not refused"); return }
+        #expect(e.code == .unavailable)
+        #expect(r.m.stock.tokensPending == 0 && r.m.stock.available(now: r.clock.now) == 10)
+        #expect(fx.remembered.isEmpty)
+    }
+
+    @Test func aClaimNotDurableInTimeIsAnsweredUnavailableAndCancelledWhenItsRecordLands() throws {
+        var r = Rig(durability: .journal, claimTimeout: .milliseconds(500))
+        let (t, _) = r.claim("u1")
+        try r.grant(10)
+        let (event, seq) = try #require(r.take().records.first)
+        r.tick(.milliseconds(600))
+        guard case .refused(let e)? = r.take().answers[t] else { Issue.record("no timeout answer"); return }
+        #expect(e.code == .unavailable)
+        #expect(r.m.stock.tokensPending == 1, "still pinned: the record may still land")
+        // The stalled disk comes back: the record is durable, so it is cancelled before the token serves again.
+        r.m.claimRecorded(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        let fx = r.take()
+        let (cancel, ref) = try #require(fx.cancels.first)
+        #expect(cancel.kind == .unclaimed && cancel.claimID == event.claimID && cancel.toPool == 0 && ref == .claim(seq))
+        #expect(fx.remembered.isEmpty, "never answered with its id: never UNCLAIMable")
+        #expect(r.m.stock.available(now: r.clock.now) == 9)
+        r.m.cancelRecorded(ref, ok: true, now: r.clock.now, effects: &r.fx)
+        #expect(r.m.stock.available(now: r.clock.now) == 10 && r.m.stock.tokensPending == 0)
+        #expect(r.take().answers.isEmpty, "its caller was answered once")
+    }
+
+    @Test func kafkaModeWaitsForTheAcknowledgementAndCancelsALateOne() throws {
+        var r = Rig(durability: .kafka, claimTimeout: .seconds(1))
+        let (t1, _) = r.claim("u1")
+        try r.grant(10)
+        let (e1, s1) = try #require(r.take().records.first)
+        r.m.claimRecorded(seq: s1, ok: true, now: r.clock.now, effects: &r.fx)
+        #expect(r.take().answers.isEmpty, "journaled, not yet acknowledged")
+        r.m.claimAcknowledged(seq: s1, now: r.clock.now, effects: &r.fx)
+        #expect(r.take().answers[t1] == .claimID(e1.claimID))
+        // The next one is never acknowledged in time.
+        let (t2, _) = r.claim("u2")
+        let (_, s2) = try #require(r.take().records.first)
+        r.m.claimRecorded(seq: s2, ok: true, now: r.clock.now, effects: &r.fx)
+        r.tick(.milliseconds(1100))
+        let fx = r.take()
+        guard case .refused? = fx.answers[t2] else { Issue.record("not refused"); return }
+        #expect(fx.cancels.count == 1, "the record may ship later: its cancellation nets it out")
+        r.m.claimAcknowledged(seq: s2, now: r.clock.now, effects: &r.fx)
+        #expect(r.take().answers.isEmpty, "a late acknowledgement answers nothing")
+    }
+
+    @Test func aPerUserCheckWithAnUnknownOutcomeIsAskedAgainWithTheSameClaimID() throws {
+        var r = Rig(durability: .journal, perUser: 1)
+        let (t, _) = r.claim("bob")
+        try r.grant(10)
+        var fx = r.take()
+        guard case .journalIntent(let intent, let seq)? = fx.first(where: { if case .journalIntent = $0 { return true }; return false })
+        else { Issue.record("no intent"); return }
+        r.m.intentJournaled(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        fx = r.take()
+        #expect(fx.contains { if case .checkUser(let c, _, _) = $0 { return c.claimID == intent.claimID }; return false })
+        r.m.userChecked(seq: seq, .unknown("timeout"), now: r.clock.now, effects: &r.fx)
+        #expect(r.take().answers.isEmpty, "not refused: the count may have been taken")
+        r.tick(.milliseconds(60))
+        fx = r.take()
+        #expect(fx.contains { if case .checkUser(let c, _, _) = $0 { return c.claimID == intent.claimID }; return false },
+                "asked again, idempotent by claim id")
+        r.m.userChecked(seq: seq, .counted, now: r.clock.now, effects: &r.fx)
+        let (_, s2) = try #require(r.take().records.first)
+        r.m.claimRecorded(seq: s2, ok: true, now: r.clock.now, effects: &r.fx)
+        #expect(r.take().answers[t] == .claimID(intent.claimID))
+    }
+
+    @Test func aPerUserCheckThatNeverAnswersEndsUnavailableAndReleasesTheCount() throws {
+        var r = Rig(durability: .journal, perUser: 1, claimTimeout: .milliseconds(300))
+        let (t, _) = r.claim("bob")
+        try r.grant(10)
+        guard case .journalIntent(_, let seq)? = r.take().first(where: { if case .journalIntent = $0 { return true }; return false })
+        else { Issue.record("no intent"); return }
+        r.m.intentJournaled(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        _ = r.take()
+        r.m.userChecked(seq: seq, .unknown("timeout"), now: r.clock.now, effects: &r.fx)
+        r.tick(.milliseconds(400))
+        let fx = r.take()
+        guard case .refused(let e)? = fx.answers[t] else { Issue.record("not refused"); return }
+        #expect(e.code == .unavailable)
+        // Given up: the count that may have been taken is released (a tombstone in Redis, so a check of
+        // this claim that still runs later cannot count it again), and a late answer changes nothing.
+        #expect(fx.contains { if case .releaseUser = $0 { return true }; return false })
+        r.m.userChecked(seq: seq, .counted, now: r.clock.now, effects: &r.fx)
+        #expect(r.take().isEmpty)
+        #expect(r.m.stock.tokensPending == 0 && r.m.stock.available(now: r.clock.now) == 10)
+    }
+
+    @Test func unclaimGoesBackToAHeldLeaseAndToThePoolOnceTheLeaseIsClosed() throws {
+        var r = Rig(durability: .none)
+        _ = r.claim("u0")
+        try r.grant(10)
+        var fx = r.take()
+        let first = try #require(fx.remembered.first)
+        _ = first
+        let (_, a2) = r.claim("u1")
+        guard case .claimID(let id2)? = a2 else { Issue.record("not granted"); return }
+        // UNCLAIM while lease 1 is held: to the lease.
+        let e2 = ClaimEvent(claimID: id2, voucher: "v", user: "u1", qty: 1, region: "sg", host: "h",
+                            shares: [ClaimShare(leaseId: "1", tokens: 1)], tsMs: 1)
+        r.m.unclaim(e2, ticket: 100, tsMs: 2, effects: &r.fx)
+        fx = r.take()
+        #expect(fx.cancels.first?.0.toPool == 0)
+        r.m.cancelRecorded(.unclaim(100), ok: true, now: r.clock.now, effects: &r.fx)
+        #expect(r.take().answers[100] == .ok)
+        #expect(r.m.stock.available(now: r.clock.now) == 9)
+        // Lease 1 is drained (closed): an UNCLAIM now can only go to the pool.
+        r.m.drain(now: r.clock.now, effects: &r.fx)
+        let ret = try #require(r.take().returns.first)
+        #expect(ret.returnedTotal == 9)
+        let e1 = ClaimEvent(claimID: "sg.h.b.1", voucher: "v", user: "u0", qty: 1, region: "sg", host: "h",
+                            shares: [ClaimShare(leaseId: "1", tokens: 1)], tsMs: 1)
+        r.m.unclaim(e1, ticket: 101, tsMs: 3, effects: &r.fx)
+        #expect(r.take().cancels.first?.0.toPool == 1)
+        r.m.cancelRecorded(.unclaim(101), ok: true, now: r.clock.now, effects: &r.fx)
+        fx = r.take()
+        #expect(fx.contains { if case .restock(let c) = $0 { return c.claimID == "sg.h.b.1" }; return false })
+        #expect(fx.answers[101] == .ok)
+    }
+
+    @Test func aDrainWaitsForClaimsInFlightBeforeItSettles() throws {
+        var r = Rig(durability: .journal)
+        _ = r.claim("u1")
+        try r.grant(10)
+        let (_, seq) = try #require(r.take().records.first)
+        r.m.drain(now: r.clock.now, effects: &r.fx)
+        #expect(r.take().returns.isEmpty, "the lease cannot close while its claim is in flight")
+        #expect(!r.m.isSettled)
+        r.m.claimRecorded(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        let fx = r.take()
+        #expect(fx.returns == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 9, close: true)])
+        r.m.returnAnswered(fx.returns[0], outcome: .applied(9), now: r.clock.now, effects: &r.fx)
+        #expect(r.m.isSettled)
+    }
+
+    @Test func racingRetriesWithOneRequestIDShareOneAnswer() throws {
+        var r = Rig(durability: .journal)
+        let (t1, a1) = r.claim("u1", req: "order-1")
+        let (t2, a2) = r.claim("u1", req: "order-1")
+        #expect(a1 == nil && a2 == nil)
+        try r.grant(10)
+        let recs = r.take().records
+        #expect(recs.count == 1, "one claim for one request id")
+        r.m.claimRecorded(seq: recs[0].1, ok: true, now: r.clock.now, effects: &r.fx)
+        let answers = r.take().answers
+        #expect(answers[t1] == .claimID(recs[0].0.claimID) && answers[t2] == answers[t1])
+        let (_, a3) = r.claim("u1", req: "order-1")
+        #expect(a3 == answers[t1], "and later retries within the window")
+    }
+
+    @Test func authorityLostRefusesEverythingAndReturnsNothing() throws {
+        var r = Rig(durability: .none)
+        _ = r.claim("u1")
+        try r.grant(10)
+        _ = r.take()
+        r.m.authorityLost("Redis lost its data", now: r.clock.now, effects: &r.fx)
+        let (_, a) = r.claim("u2")
+        guard case .refused(let e)? = a else { Issue.record("served after the authority was lost"); return }
+        #expect(e.code == .unavailable)
+        r.m.drain(now: r.clock.now, effects: &r.fx)
+        #expect(r.take().returns.isEmpty, "nothing returned into a Redis that does not account for it")
+        #expect(r.m.isSettled)
+    }
+}
+
+@Suite("LeaseLedger: the one journal fold")
+struct LeaseLedgerTests {
+    @Test func cancellationsBackToTheLeaseLowerServedAndPoolSharesAreRestocks() {
+        var l = LeaseLedger()
+        l.apply(grant("1", 10))
+        l.apply(claim("a", qty: 3))
+        let back = ClaimEvent(kind: .unclaimed, claimID: "a", voucher: "v", user: "u", qty: 3, region: "sg", host: "h",
+                              shares: [ClaimShare(leaseId: "1", tokens: 3)], tsMs: 1, toPool: 0)
+        l.apply(.claim(back))
+        #expect(l.accounts.first?.value.served == 0)
+        l.apply(claim("b", qty: 2))
+        let pooled = ClaimEvent(kind: .unclaimed, claimID: "b", voucher: "v", user: "u", qty: 2, region: "sg", host: "h",
+                                shares: [ClaimShare(leaseId: "1", tokens: 2)], tsMs: 1, toPool: 1)
+        l.apply(.claim(pooled))
+        #expect(l.accounts.first?.value.served == 2 && l.accounts.first?.value.restocked == 2)
+        #expect(l.accounts.first?.value.unserved == 8, "the lease returns what it did not serve; the restock stands alone")
+        #expect(l.anomalies.isEmpty)
+    }
+
+    @Test func requestsAreOpenUntilAnsweredAndSnapshotsRoundTrip() {
+        var l = LeaseLedger()
+        l.apply(.leaseRequested(voucher: "v", req: "r1"))
+        l.apply(.leaseRequested(voucher: "v", req: "r2"))
+        l.apply(.leaseGranted(voucher: "v", lease: "1", granted: 5, req: "r1", trusted: true))
+        l.apply(.generation("g"))
+        #expect(l.requests == ["r2": "v"])
+        let copy = LeaseLedger(l.snapshot)
+        #expect(copy.snapshot == l.snapshot)
+        l.apply(.leaseAnswered(voucher: "v", req: "r2"))
+        l.apply(closed("1", granted: 5, served: 0))
+        #expect(l.requests.isEmpty && l.accounts.isEmpty && l.generation == "g")
+    }
+
+    @Test func aClaimOnAnUnknownLeaseOrServedPastGrantedIsAnAnomaly() {
+        var l = LeaseLedger()
+        l.apply(claim("a"))
+        l.apply(grant("1", 1))
+        l.apply(claim("b", qty: 2))
+        #expect(l.anomalies.count == 2, "\(l.anomalies)")
+    }
+}
+
+@Suite("VoucherAudit: the identity")
+struct VoucherAuditTests {
+    func books(pool: Int, leases: [VoucherAudit.Lease]) -> VoucherAudit {
+        VoucherAudit(voucher: "v", limit: 100, pool: pool, leased: leases.reduce(0) { $0 + $1.granted },
+                     returned: leases.reduce(0) { $0 + $1.returned }, restocked: leases.reduce(0) { $0 + $1.restocked },
+                     leases: leases)
+    }
+
+    @Test func balancedBooksHaveNoProblemsAndEveryKindOfImbalanceIsNamed() {
+        let ok = books(pool: 85, leases: [.init(id: "1", host: "h", granted: 10, returned: 4, restocked: 1, state: "c"),
+                                          .init(id: "2", host: "h", granted: 10, returned: 0, restocked: 0, state: "o")])
+        #expect(ok.redisProblems().isEmpty)
+        #expect(ok.claimProblems(netClaimed: 5).isEmpty && ok.claimProblems(netClaimed: 15).isEmpty)
+        #expect(ok.claimProblems(netClaimed: 16).first?.contains("OVERSOLD") == true)
+        #expect(ok.claimProblems(netClaimed: 4).first?.contains("LOST") == true)
+        var bad = ok
+        bad.pool = 86
+        #expect(bad.redisProblems().first?.hasPrefix("R1") == true)
+        var over = ok
+        over.leases[0].returned = 10
+        over.returned += 6
+        over.pool += 6
+        #expect(over.redisProblems().contains { $0.hasPrefix("R3") })
+    }
+
+    @Test func aStoppedHostsJournalMustAgreeWithRedis() {
+        let b = books(pool: 80, leases: [.init(id: "1", host: "h", granted: 10, returned: 0, restocked: 0, state: "o"),
+                                         .init(id: "2", host: "h", granted: 10, returned: 3, restocked: 0, state: "c")])
+        var l = LeaseLedger()
+        l.apply(grant("1", 10))
+        l.apply(grant("2", 10))
+        l.apply(claim("a", lease: "2", qty: 8))
+        let problems = b.journalProblems(host: "h", ledger: l, hostStopped: true)
+        #expect(problems.contains { $0.hasPrefix("J2") }, "closed with 3 returned, the journal says 2 unserved")
+        #expect(problems.contains { $0.hasPrefix("J3") }, "lease 1 is still open for a stopped host")
+    }
+}
