@@ -100,9 +100,12 @@ public struct LeaseClose: Sendable, Equatable {
     /// Tokens given back to the pool by the lease's returns (cumulative): `granted - served`.
     public var returned: Int
     public var tsMs: Int64
+    /// Redis said the lease was already closed or reclaimed when this host tried to renew it: nothing
+    /// was returned by this host, and `served` is what it had committed by then.
+    public var gone: Bool
 
     public init(voucher: String, lease: String, region: String, host: String, granted: Int, served: Int,
-                returned: Int, tsMs: Int64) {
+                returned: Int, tsMs: Int64, gone: Bool = false) {
         self.voucher = voucher
         self.lease = lease
         self.region = region
@@ -111,6 +114,7 @@ public struct LeaseClose: Sendable, Equatable {
         self.served = served
         self.returned = returned
         self.tsMs = tsMs
+        self.gone = gone
     }
 
     /// The Kafka value (CONTRACT §4): a `lease_closed` event.
@@ -123,7 +127,9 @@ public struct LeaseClose: Sendable, Equatable {
         JSON.append(host, to: &s)
         s += ",\"lease\":"
         JSON.append(lease, to: &s)
-        s += ",\"granted\":\(granted),\"served\":\(served),\"returned\":\(returned),\"ts_ms\":\(tsMs)}"
+        s += ",\"granted\":\(granted),\"served\":\(served),\"returned\":\(returned)"
+        if gone { s += ",\"gone\":true" }
+        s += ",\"ts_ms\":\(tsMs)}"
         return Array(s.utf8)
     }
 }

@@ -5,8 +5,13 @@
 public enum JournalRecord: Sendable, Equatable {
     /// A granted claim, a cancellation (with where each share went) or a per-user intent.
     case claim(ClaimEvent)
-    /// A per-user intent was settled without a claim: its count in Redis was released (or never taken).
+    /// A per-user count owed for release was released in Redis (or never taken): the intent of a claim
+    /// given up, or the count of a cancelled claim.
     case intentResolved(voucher: String, claimID: String)
+    /// A cancelled claim's per-user count must be released (written with the cancellation).
+    case releaseOwed(voucher: String, user: String, claimID: String)
+    /// Redis took a cancellation's restock (or refused it for good): it is owed no more.
+    case restocked(voucher: String, claimID: String)
     /// A `LEASE` with this request id is about to be sent (made durable before it is).
     case leaseRequested(voucher: String, req: String)
     /// Redis granted a lease for request `req`. `trusted`: written under `durability: journal|kafka`,
@@ -55,28 +60,18 @@ public enum JournalCodec {
         body.reserveCapacity(112)
         switch r {
         case .claim(let c):
-            body.append(c.kind == .claimed ? 1 : c.kind == .unclaimed ? 5 : 6)
-            put(c.claimID, &body)
-            put(c.voucher, &body)
-            put(c.user, &body)
-            put(UInt64(c.qty), &body)
-            put(c.region, &body)
-            put(c.host, &body)
-            put(UInt64(bitPattern: c.tsMs), &body)
-            put(UInt64(c.shares.count), &body)
-            for s in c.shares {
-                put(s.leaseId, &body)
-                put(UInt64(s.tokens), &body)
-            }
-            if let req = c.req {
-                body.append(1)
-                put(req, &body)
-            } else {
-                body.append(0)
-            }
-            put(c.toPool, &body)
+            encodeClaim(c, &body)
         case .intentResolved(let v, let c):
             body.append(13)
+            put(v, &body)
+            put(c, &body)
+        case .releaseOwed(let v, let u, let c):
+            body.append(15)
+            put(v, &body)
+            put(u, &body)
+            put(c, &body)
+        case .restocked(let v, let c):
+            body.append(16)
             put(v, &body)
             put(c, &body)
         case .leaseRequested(let v, let req):
@@ -104,6 +99,7 @@ public enum JournalCodec {
             put(UInt64(c.served), &body)
             put(UInt64(c.returned), &body)
             put(UInt64(bitPattern: c.tsMs), &body)
+            body.append(c.gone ? 1 : 0)
         case .boot(let b):
             body.append(11)
             put(b.boot, &body)
@@ -130,6 +126,14 @@ public enum JournalCodec {
             for q in s.requests {
                 put(q.voucher, &body)
                 put(q.req, &body)
+            }
+            put(UInt64(s.owedRestocks.count), &body)
+            for e in s.owedRestocks { encodeClaim(e, &body) }
+            put(UInt64(s.owedReleases.count), &body)
+            for r in s.owedReleases {
+                put(r.voucher, &body)
+                put(r.user, &body)
+                put(r.claimID, &body)
             }
         }
         appendLE(UInt32(body.count), &out)
@@ -162,6 +166,12 @@ public enum JournalCodec {
             record = r.claim(kind: body[0] == 1 ? .claimed : body[0] == 5 ? .unclaimed : .intent)
         case 13:
             if let v = r.string(), let c = r.string() { record = .intentResolved(voucher: v, claimID: c) } else { record = nil }
+        case 15:
+            if let v = r.string(), let u = r.string(), let c = r.string() {
+                record = .releaseOwed(voucher: v, user: u, claimID: c)
+            } else { record = nil }
+        case 16:
+            if let v = r.string(), let c = r.string() { record = .restocked(voucher: v, claimID: c) } else { record = nil }
         case 7:
             if let v = r.string(), let q = r.string() { record = .leaseRequested(voucher: v, req: q) } else { record = nil }
         case 8:
@@ -172,10 +182,10 @@ public enum JournalCodec {
             if let v = r.string(), let q = r.string() { record = .leaseAnswered(voucher: v, req: q) } else { record = nil }
         case 10:
             if let v = r.string(), let l = r.string(), let rg = r.string(), let h = r.string(), let g = r.int(),
-                let s = r.int(), let rt = r.int(), let ts = r.varint()
+                let s = r.int(), let rt = r.int(), let ts = r.varint(), let gone = r.flag()
             {
                 record = .leaseClosed(LeaseClose(voucher: v, lease: l, region: rg, host: h, granted: g, served: s,
-                                                 returned: rt, tsMs: Int64(bitPattern: ts)))
+                                                 returned: rt, tsMs: Int64(bitPattern: ts), gone: gone))
             } else { record = nil }
         case 11:
             if let b = r.string(), let h = r.string(), let d = r.string(), let ts = r.varint() {
@@ -190,6 +200,30 @@ public enum JournalCodec {
         }
         guard let record, r.atEnd else { return .corrupt("undecodable record of type \(body[0])") }
         return .record(record, next: start + len)
+    }
+
+    /// A claim record's body: its type byte, then its fields (also used inside snapshots).
+    private static func encodeClaim(_ c: ClaimEvent, _ body: inout [UInt8]) {
+        body.append(c.kind == .claimed ? 1 : c.kind == .unclaimed ? 5 : 6)
+        put(c.claimID, &body)
+        put(c.voucher, &body)
+        put(c.user, &body)
+        put(UInt64(c.qty), &body)
+        put(c.region, &body)
+        put(c.host, &body)
+        put(UInt64(bitPattern: c.tsMs), &body)
+        put(UInt64(c.shares.count), &body)
+        for s in c.shares {
+            put(s.leaseId, &body)
+            put(UInt64(s.tokens), &body)
+        }
+        if let req = c.req {
+            body.append(1)
+            put(req, &body)
+        } else {
+            body.append(0)
+        }
+        put(c.toPool, &body)
     }
 
     private static func put(_ s: String, _ out: inout [UInt8]) {
@@ -249,6 +283,22 @@ public enum JournalCodec {
             return String(decoding: bytes[at..<(at + n)], as: UTF8.self)
         }
 
+        /// A claim body inside a snapshot (its own type byte first).
+        mutating func claimEvent() -> ClaimEvent? {
+            guard at < bytes.count else { return nil }
+            let t = bytes[at]
+            at += 1
+            let kind: ClaimEvent.Kind
+            switch t {
+            case 1: kind = .claimed
+            case 5: kind = .unclaimed
+            case 6: kind = .intent
+            default: return nil
+            }
+            if case .claim(let e)? = claim(kind: kind) { return e }
+            return nil
+        }
+
         mutating func claim(kind: ClaimEvent.Kind) -> JournalRecord? {
             guard let id = string(), let v = string(), let u = string(), let q = int(), let rg = string(),
                 let h = string(), let ts = varint(), let n = int(), n <= ClaimEvent.maxShares
@@ -285,7 +335,20 @@ public enum JournalCodec {
                 guard let v = string(), let q = string() else { return nil }
                 requests.append(.init(voucher: v, req: q))
             }
-            return .snapshot(.init(generation: gen.isEmpty ? nil : gen, accounts: accounts, requests: requests))
+            guard let nr = int(), nr <= 10_000_000 else { return nil }
+            var restocks: [ClaimEvent] = []
+            for _ in 0..<nr {
+                guard let e = claimEvent() else { return nil }
+                restocks.append(e)
+            }
+            guard let nu = int(), nu <= 10_000_000 else { return nil }
+            var releases: [LeaseLedger.Release] = []
+            for _ in 0..<nu {
+                guard let v = string(), let u = string(), let c = string() else { return nil }
+                releases.append(.init(voucher: v, user: u, claimID: c))
+            }
+            return .snapshot(.init(generation: gen.isEmpty ? nil : gen, accounts: accounts, requests: requests,
+                                   owedRestocks: restocks, owedReleases: releases))
         }
     }
 }

@@ -1,6 +1,8 @@
 /// One host's books, folded from its journal: for every lease it holds, what was granted, what was
 /// served from it (net of cancellations that went back to it), and what cancellations gave to the
-/// pool instead; and which lease requests may have been granted without the answer being seen.
+/// pool instead; which lease requests may have been granted without the answer being seen; and the
+/// Redis work it still owes (restocks of cancellations, releases of per-user counts). All of it is in
+/// every segment's snapshot, so deleting old segments never loses it.
 ///
 /// This is the only fold of journal records into lease state: the journal writer keeps one to
 /// start each segment with a snapshot, recovery keeps one to learn what to give back, and
@@ -53,15 +55,32 @@ public struct LeaseLedger: Sendable, Equatable {
         }
     }
 
+    /// A per-user count that must be released in Redis.
+    public struct Release: Sendable, Equatable, Hashable {
+        public var voucher: String
+        public var user: String
+        public var claimID: String
+        public init(voucher: String, user: String, claimID: String) {
+            self.voucher = voucher
+            self.user = user
+            self.claimID = claimID
+        }
+    }
+
     /// The ledger as written at the start of each segment.
     public struct Snapshot: Sendable, Equatable {
         public var generation: String?
         public var accounts: [Account]
         public var requests: [Request]
-        public init(generation: String?, accounts: [Account], requests: [Request]) {
+        public var owedRestocks: [ClaimEvent]
+        public var owedReleases: [Release]
+        public init(generation: String?, accounts: [Account], requests: [Request], owedRestocks: [ClaimEvent] = [],
+                    owedReleases: [Release] = []) {
             self.generation = generation
             self.accounts = accounts
             self.requests = requests
+            self.owedRestocks = owedRestocks
+            self.owedReleases = owedReleases
         }
     }
 
@@ -70,6 +89,11 @@ public struct LeaseLedger: Sendable, Equatable {
     public private(set) var requests: [String: String] = [:]
     /// The region generation last adopted.
     public private(set) var generation: String?
+    /// Cancellations whose pool shares Redis has not taken yet, by claim id.
+    public private(set) var owedRestocks: [String: ClaimEvent] = [:]
+    /// Per-user counts that may have been taken and must be released, by claim id: intents of claims not
+    /// (yet) recorded, and counts of cancelled claims.
+    public private(set) var owedReleases: [String: Release] = [:]
     /// Records that break the identity (never expected; reported by audit and recovery).
     public private(set) var anomalies: [String] = []
 
@@ -84,10 +108,14 @@ public struct LeaseLedger: Sendable, Equatable {
         switch r {
         case .claim(let e):
             switch e.kind {
-            case .intent: break
+            case .intent:
+                owedReleases[e.claimID] = Release(voucher: e.voucher, user: e.user, claimID: e.claimID)
             case .claimed:
+                // The claim exists: its intent's count is the claim's own, nothing to release.
+                owedReleases.removeValue(forKey: e.claimID)
                 for s in e.shares { change(e.voucher, s.leaseId, claim: e.claimID) { $0.served += s.tokens } }
             case .unclaimed:
+                if e.toPool != 0 { owedRestocks[e.claimID] = e }
                 for (i, s) in e.shares.enumerated() {
                     let key = Key(voucher: e.voucher, lease: s.leaseId)
                     if e.sharesToPool(i) {
@@ -98,7 +126,13 @@ public struct LeaseLedger: Sendable, Equatable {
                     }
                 }
             }
-        case .intentResolved, .boot:
+        case .intentResolved(_, let c):
+            owedReleases.removeValue(forKey: c)
+        case .releaseOwed(let v, let u, let c):
+            owedReleases[c] = Release(voucher: v, user: u, claimID: c)
+        case .restocked(_, let c):
+            owedRestocks.removeValue(forKey: c)
+        case .boot:
             break
         case .leaseRequested(let v, let req):
             requests[req] = v
@@ -111,7 +145,8 @@ public struct LeaseLedger: Sendable, Equatable {
             requests.removeValue(forKey: req)
         case .leaseClosed(let c):
             let key = Key(voucher: c.voucher, lease: c.lease)
-            if let a = accounts.removeValue(forKey: key), a.trusted,
+            // A lease Redis said was gone (closed or reclaimed elsewhere) leaves the books as it is.
+            if let a = accounts.removeValue(forKey: key), a.trusted, !c.gone,
                 a.served != c.served || a.granted != c.granted || c.returned != a.unserved
             {
                 anomalies.append(
@@ -142,6 +177,14 @@ public struct LeaseLedger: Sendable, Equatable {
         accounts = Dictionary(s.accounts.map { (Key(voucher: $0.voucher, lease: $0.lease), $0) }, uniquingKeysWith: { a, _ in a })
         requests = Dictionary(s.requests.map { ($0.req, $0.voucher) }, uniquingKeysWith: { a, _ in a })
         generation = s.generation
+        owedRestocks = Dictionary(s.owedRestocks.map { ($0.claimID, $0) }, uniquingKeysWith: { a, _ in a })
+        owedReleases = Dictionary(s.owedReleases.map { ($0.claimID, $0) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    /// Keep every lease, but as untrusted: their served counts can no longer be proven (the journal
+    /// was found corrupt), so they are never returned on this journal's word; reconciliation decides.
+    public mutating func distrustAll() {
+        for k in accounts.keys { accounts[k]!.trusted = false }
     }
 
     /// The state to write at the start of a segment (sorted, so equal ledgers write equal bytes).
@@ -149,7 +192,9 @@ public struct LeaseLedger: Sendable, Equatable {
         Snapshot(
             generation: generation,
             accounts: accounts.values.sorted { ($0.voucher, $0.lease) < ($1.voucher, $1.lease) },
-            requests: requests.map { Request(voucher: $0.value, req: $0.key) }.sorted { $0.req < $1.req })
+            requests: requests.map { Request(voucher: $0.value, req: $0.key) }.sorted { $0.req < $1.req },
+            owedRestocks: owedRestocks.values.sorted { $0.claimID < $1.claimID },
+            owedReleases: owedReleases.values.sorted { $0.claimID < $1.claimID })
     }
 
     /// Open leases, sorted by voucher and lease id.

@@ -81,6 +81,8 @@ public struct VoucherMachine: Sendable {
     public enum UserCheckResult: Sendable, Equatable {
         case counted
         case overLimit
+        /// Redis had already released this claim's count (it was given up): never counted.
+        case released
         /// The call failed before it could reach Redis: nothing was counted by this attempt.
         case notSent(String)
         /// The call timed out or its reply was lost: it may have been counted.
@@ -104,6 +106,9 @@ public struct VoucherMachine: Sendable {
         /// Journal `.leaseRequested` (durably, unless durability is `none`), then send the lease;
         /// answer with ``leaseAnswered(_:request:trusted:now:effects:)``.
         case lease(LeaseRequest)
+        /// Journal a lease grant durably before anything is served from it; answer with
+        /// ``grantRecorded(_:request:ok:now:effects:)``.
+        case recordGrant(JournalRecord, LeaseGrant, LeaseRequest)
         /// Renew a lease; answer with ``renewAnswered(_:outcome:sentAt:now:effects:)``.
         case renew(String)
         /// Send a return; answer with ``returnAnswered(_:outcome:now:effects:)``.
@@ -150,8 +155,9 @@ public struct VoucherMachine: Sendable {
         case recording
         /// Durable, waiting for Kafka (`durability: kafka`).
         case acking
-        /// Durable after its caller was told UNAVAILABLE: its cancellation is being journaled.
-        case cancelling(retryAt: Instant?)
+        /// Durable after its caller was told UNAVAILABLE: its cancellation (with the shares that go to
+        /// the pool, decided once) is being journaled.
+        case cancelling(toPool: UInt64, retryAt: Instant?)
     }
 
     private struct InFlight: Sendable {
@@ -163,17 +169,37 @@ public struct VoucherMachine: Sendable {
         var mayBeCounted = false
         /// Its caller was answered UNAVAILABLE before the claim settled.
         var timedOut = false
+        /// Its tokens were taken pinned (in flight), so they must be committed or aborted.
+        var pinned = true
     }
 
     private struct Unclaim: Sendable {
         var event: ClaimEvent
-        var toPool: UInt64
+        /// The cancellation as journaled (its time, and the shares that go to the pool).
+        var cancel: ClaimEvent
         var pinned: Bool
     }
 
     private enum Dedupe: Sendable {
         case pending([Ticket])
         case done(Answer, expires: Instant)
+        /// Recovered from the journal, not yet acknowledged by Kafka (`durability: kafka`).
+        case awaitingAck(claimID: String, expires: Instant)
+    }
+
+    /// A `REQ` answer recovered from a previous run's journal.
+    public struct RecoveredAnswer: Sendable {
+        public var req: String
+        public var claimID: String
+        public var expires: Instant
+        /// Answer it only once Kafka acknowledges it (`UNAVAILABLE` until then).
+        public var awaitingAck: Bool
+        public init(req: String, claimID: String, expires: Instant, awaitingAck: Bool) {
+            self.req = req
+            self.claimID = claimID
+            self.expires = expires
+            self.awaitingAck = awaitingAck
+        }
     }
 
     public let voucher: String
@@ -268,6 +294,8 @@ public struct VoucherMachine: Sendable {
         switch dedupe[req] {
         case .done(let a, let exp) where now < exp:
             return a
+        case .awaitingAck(_, let exp) where now < exp:
+            return .refused(QuotaError(.unavailable, "the claim made for this request id is not yet acknowledged by Kafka; retry"))
         case .pending(var waiters):
             waiters.append(ticket)
             dedupe[req] = .pending(waiters)
@@ -290,8 +318,16 @@ public struct VoucherMachine: Sendable {
     }
 
     /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
-    public mutating func restoreDedupe(_ entries: [(req: String, claimID: String, expires: Instant)]) {
-        for e in entries { dedupe[e.req] = .done(.claimID(e.claimID), expires: e.expires) }
+    public mutating func restoreDedupe(_ entries: [RecoveredAnswer]) {
+        for e in entries {
+            dedupe[e.req] = e.awaitingAck ? .awaitingAck(claimID: e.claimID, expires: e.expires)
+                : .done(.claimID(e.claimID), expires: e.expires)
+        }
+    }
+
+    /// Kafka acknowledged the recovered claim of `req`: it answers retries from now on.
+    public mutating func acknowledged(req: String) {
+        if case .awaitingAck(let id, let exp) = dedupe[req] { dedupe[req] = .done(.claimID(id), expires: exp) }
     }
 
     /// Whether a claim's tokens stay pinned until it settles (anything that can still refuse it).
@@ -326,7 +362,8 @@ public struct VoucherMachine: Sendable {
         let seq = nextSeq()
         let event = ClaimEvent(claimID: rules.idPrefix + String(seq, radix: 36), voucher: voucher, user: user, qty: qty,
                                region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
-        var flight = InFlight(event: event, ticket: ticket, deadline: now + rules.claimTimeout, stage: .recording)
+        var flight = InFlight(event: event, ticket: ticket, deadline: now + rules.claimTimeout, stage: .recording,
+                              pinned: needsFlight)
         let limit = perUserLimit
         if limit > 0 {
             // This host's own count is a lower bound of the user's global count: over it, refuse at once.
@@ -367,7 +404,7 @@ public struct VoucherMachine: Sendable {
     /// answer), else durably (returns nil: ``claimRecorded(seq:ok:now:effects:)`` continues).
     private mutating func record(seq: Int, _ f: InFlight, _ fx: inout [Effect]) -> Answer? {
         if rules.durability == .none {
-            if needsFlight { stock.commit(f.event.shares) }
+            if f.pinned { stock.commit(f.event.shares) }
             inFlight.removeValue(forKey: seq)
             fx.append(.recordLater(f.event))
             fx.append(.remember(f.event, seq: seq))
@@ -427,6 +464,8 @@ public struct VoucherMachine: Sendable {
             f.mayBeCounted = f.mayBeCounted && f.timedOut
             inFlight[seq] = f
             abort(seq, QuotaError(.userlimit, "user already holds the voucher's limit of \(perUserLimit)"), now: now, &fx)
+        case .released:
+            abort(seq, QuotaError(.unavailable, "per-user check ran after the claim was given up"), now: now, &fx)
         case .notSent(let why), .unknown(let why):
             if rules.onUnavailable == .local && !f.timedOut {
                 // Decide on this host's record alone (already reserved within the limit): the documented risk.
@@ -477,7 +516,7 @@ public struct VoucherMachine: Sendable {
     /// A claim in flight ends without being a claim: tokens back to their lease, user released, caller told.
     private mutating func abort(_ seq: Int, _ error: QuotaError?, now: Instant, _ fx: inout [Effect]) {
         guard let f = inFlight.removeValue(forKey: seq) else { return }
-        stock.abort(f.event.shares, now: now)
+        if f.pinned { stock.abort(f.event.shares, now: now) }
         if perUserLimit > 0 { releaseLocal(user: f.event.user, qty: f.event.qty) }
         if f.mayBeCounted { fx.append(.releaseUser(f.event, answer: nil)) }
         if !f.timedOut {
@@ -495,35 +534,38 @@ public struct VoucherMachine: Sendable {
     }
 
     private mutating func startCancel(_ seq: Int, _ f: inout InFlight, _ fx: inout [Effect]) {
-        // Its tokens are still pinned to their leases (the claim never settled), so they go back there.
-        f.stage = .cancelling(retryAt: nil)
+        // Its tokens are still pinned to their leases (the claim never settled), so they go back there;
+        // only a lease Redis said is gone can no longer take them. Decided once, journaled as decided.
+        var toPool = sharesNotHeld(f.event.shares)
+        if case .cancelling(let decided, _) = f.stage { toPool = decided }
+        f.stage = .cancelling(toPool: toPool, retryAt: nil)
         inFlight[seq] = f
-        fx.append(.recordCancel(f.event.cancellation(tsMs: f.event.tsMs, toPool: sharesNotHeld(f.event.shares)), .claim(seq)))
+        fx.append(.recordCancel(f.event.cancellation(tsMs: wallClock(), toPool: toPool), .claim(seq)))
     }
 
     /// A cancellation record is durable (`ok`) or could not be written.
     public mutating func cancelRecorded(_ ref: CancelRef, ok: Bool, now: Instant, effects fx: inout [Effect]) {
         switch ref {
         case .claim(let seq):
-            guard var f = inFlight[seq], case .cancelling = f.stage else { return }
+            guard var f = inFlight[seq], case .cancelling(let toPool, _) = f.stage else { return }
             if ok {
                 // Pool shares (a lease Redis said is gone) are restocked by claim id, if Redis still takes them.
-                let toPool = sharesNotHeld(f.event.shares)
                 abort(seq, nil, now: now, &fx)
-                if toPool != 0 { fx.append(.restock(f.event.cancellation(tsMs: f.event.tsMs, toPool: toPool))) }
+                if toPool != 0 { fx.append(.restock(f.event.cancellation(tsMs: wallClock(), toPool: toPool))) }
             } else {
                 // Keep trying: the claim is durable, and its caller was told it failed.
-                f.stage = .cancelling(retryAt: now + .milliseconds(200))
+                f.stage = .cancelling(toPool: toPool, retryAt: now + .milliseconds(200))
                 inFlight[seq] = f
                 retries += 1
             }
         case .unclaim(let ticket):
             guard let u = unclaims.removeValue(forKey: ticket) else { return }
-            if u.pinned { stock.cancelled(u.event.shares, toPool: u.toPool, applied: ok, now: now) }
+            if u.pinned { stock.cancelled(u.event.shares, toPool: u.cancel.toPool, applied: ok, now: now) }
             if ok {
                 if perUserLimit > 0 { releaseLocal(user: u.event.user, qty: u.event.qty) }
-                if u.toPool != 0 { fx.append(.restock(u.event.cancellation(tsMs: u.event.tsMs, toPool: u.toPool))) }
-                if rules.perUserMode == .central && (perUserLimit > 0 || phase != .ready) {
+                // The restock carries the cancellation's own time (the horizon is measured from it).
+                if u.cancel.toPool != 0 { fx.append(.restock(u.cancel)) }
+                if releasesOnUnclaim {
                     fx.append(.releaseUser(u.event, answer: ticket))
                 } else {
                     fx.append(.answer(ticket, .ok))
@@ -542,9 +584,17 @@ public struct VoucherMachine: Sendable {
         let pinned = phase == .ready
         let all: UInt64 = e.shares.count >= 64 ? .max : (1 << UInt64(e.shares.count)) - 1
         let toPool = pinned ? stock.pinForCancel(e.shares) : all
-        unclaims[ticket] = Unclaim(event: e, toPool: toPool, pinned: pinned)
-        fx.append(.recordCancel(e.cancellation(tsMs: tsMs, toPool: toPool), .unclaim(ticket)))
+        let cancel = e.cancellation(tsMs: tsMs, toPool: toPool)
+        unclaims[ticket] = Unclaim(event: e, cancel: cancel, pinned: pinned)
+        if releasesOnUnclaim {
+            // Owed until Redis has it: journaled with the cancellation, so a crash cannot forget it.
+            fx.append(.journal(.releaseOwed(voucher: voucher, user: e.user, claimID: e.claimID)))
+        }
+        fx.append(.recordCancel(cancel, .unclaim(ticket)))
     }
+
+    /// Whether a cancellation releases the user's count in Redis (a voucher not loaded yet may have a limit).
+    private var releasesOnUnclaim: Bool { rules.perUserMode == .central && (perUserLimit > 0 || phase != .ready) }
 
     /// This host's record of `user` goes down by `qty`; gone at zero.
     private mutating func releaseLocal(user: String, qty: Int) {
@@ -686,9 +736,15 @@ public struct VoucherMachine: Sendable {
         case .granted(let g):
             for c in request.close { fx.append(.journal(.leaseClosed(closeRecord(c)))) }
             if g.granted > 0 {
-                // Before any claim from it can be journaled (this runs under the voucher's lock).
-                fx.append(.journal(.leaseGranted(voucher: voucher, lease: g.id, granted: g.granted, req: request.req,
-                                                  trusted: trusted)))
+                let record = JournalRecord.leaseGranted(voucher: voucher, lease: g.id, granted: g.granted,
+                                                        req: request.req, trusted: trusted)
+                if rules.durability != .none {
+                    // Nothing is served from it until its grant is on disk: a claim of a lease the journal
+                    // does not hold could not be accounted for after a crash. (The request stays in flight.)
+                    fx.append(.recordGrant(record, g, request))
+                    return
+                }
+                fx.append(.journal(record))
             } else {
                 fx.append(.journal(.leaseAnswered(voucher: voucher, req: request.req)))
             }
@@ -699,6 +755,19 @@ public struct VoucherMachine: Sendable {
             stock.leaseRefused(r)
         case .failed(_, let unknown):
             stock.leaseFailed(now: now, request: request, outcomeUnknown: unknown)
+        }
+        settleEffects(now: now, &fx)
+    }
+
+    /// The grant record of a lease is durable (`ok`), or could not be written: then the lease is given
+    /// back in full at once (nothing was served from it), and if that return is lost too, recovery
+    /// resolves the request id it was granted to.
+    public mutating func grantRecorded(_ g: LeaseGrant, request: LeaseRequest, ok: Bool, now: Instant,
+                                       effects fx: inout [Effect]) {
+        if ok {
+            stock.leaseGranted(g, sentAt: request.sentAt, now: now)
+        } else {
+            stock.leaseGrantedUnusable(g)
         }
         settleEffects(now: now, &fx)
     }
@@ -740,8 +809,9 @@ public struct VoucherMachine: Sendable {
         if let gone = stock.renewed(lease, outcome: outcome, sentAt: sentAt, now: now) {
             // Closed or reclaimed at Redis: this host's record of it ends here, nothing returned.
             fx.append(.journal(.leaseClosed(LeaseClose(voucher: voucher, lease: gone.id, region: rules.region,
-                                                       host: rules.host, granted: gone.granted, served: gone.served,
-                                                       returned: 0, tsMs: wallClock()))))
+                                                       host: rules.host, granted: gone.granted,
+                                                       served: gone.served - gone.pending, returned: 0,
+                                                       tsMs: wallClock(), gone: true))))
         }
         collect(now: now, &fx)
     }
@@ -759,7 +829,12 @@ public struct VoucherMachine: Sendable {
         collect(now: now, &fx)
         if now - lastDedupeSweep >= .seconds(1) {
             lastDedupeSweep = now
-            dedupe = dedupe.filter { if case .done(_, let exp) = $0.value { return exp > now } else { return true } }
+            dedupe = dedupe.filter {
+                switch $0.value {
+                case .done(_, let exp), .awaitingAck(_, let exp): return exp > now
+                case .pending: return true
+                }
+            }
         }
     }
 
@@ -795,7 +870,7 @@ public struct VoucherMachine: Sendable {
                     inFlight[seq] = f
                     fx.append(.checkUser(f.event, seq: seq, limit: perUserLimit))
                 }
-            case .cancelling(let at?):
+            case .cancelling(_, let at?):
                 if at > now { retries += 1 } else { startCancel(seq, &f, &fx) }
             default:
                 break

@@ -253,7 +253,8 @@ public struct VoucherStock: Sendable {
         counters.claimsOK += 1
         counters.tokensServed += qty
         // Leases fully served are done: they are closed at Redis with the next lease request.
-        while let first = leases.first, first.remaining == 0 {
+        while var first = leases.first, first.remaining == 0 {
+            first.renewInFlight = false
             finishedLeases.append(first)
             leases.removeFirst()
         }
@@ -476,6 +477,17 @@ public struct VoucherStock: Sendable {
         }
         let i = leases.firstIndex(where: { $0.deadline > lease.deadline }) ?? leases.count
         leases.insert(lease, at: i)
+    }
+
+    /// Redis granted a lease that may not be served (its grant could not be journaled): give it back in
+    /// full at once.
+    public mutating func leaseGrantedUnusable(_ g: LeaseGrant) {
+        leaseInFlight = false
+        unresolvedRequest = nil
+        poolHint = g.poolAfter
+        guard g.granted > 0, lost == nil else { return }
+        counters.tokensLeased += g.granted
+        pendingReturns.append(ReturnRequest(leaseId: g.id, granted: g.granted, returnedTotal: g.granted, close: true))
     }
 
     /// Redis refused the lease.

@@ -108,11 +108,10 @@ public final class Journal: @unchecked Sendable {
         self.options = options
         self.logger = logger
         self.onDurable = onDurable
-        self.ledger = recovered.leaseStateTrusted ? recovered.ledger : LeaseLedger()
-        if !recovered.leaseStateTrusted {
-            // Keep what is known of the generation even when served counts are not trusted.
-            if let g = recovered.ledger.generation { ledger.apply(.generation(g)) }
-        }
+        self.ledger = recovered.ledger
+        // Served counts that cannot be proven: keep the leases (for audit and reconciliation), never
+        // return them on this journal's word.
+        if !recovered.leaseStateTrusted { ledger.distrustAll() }
         lockFD = try Self.lockDirectory(options.dir)
         state.withLockedValue { s in
             for seg in recovered.segments {
@@ -196,17 +195,20 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
-    /// Mark fully shipped segments (`.shipped` file) and delete those older than the retention.
+    /// Mark fully shipped segments (`.shipped` file) and delete those older than the retention, oldest
+    /// first only: the journal on disk is always a suffix of what was written, so a cancellation is never
+    /// found without its claim's later records, nor a claim without its cancellation.
     private func sweep() {
         var mark: [UInt64] = []
         var delete: [UInt64] = []
         state.withLockedValue { s in
-            for (id, seg) in s.segments where seg.done {
-                if !seg.markedShipped {
-                    mark.append(id)
-                    s.segments[id]?.markedShipped = true
-                }
-                if ContinuousClock.now - seg.sealedAt >= options.retention { delete.append(id) }
+            for (id, seg) in s.segments where seg.done && !seg.markedShipped {
+                mark.append(id)
+                s.segments[id]?.markedShipped = true
+            }
+            for id in s.segments.keys.sorted() {
+                guard let seg = s.segments[id], seg.done, ContinuousClock.now - seg.sealedAt >= options.retention else { break }
+                delete.append(id)
             }
         }
         for id in mark { writeMarker(id, unacked: []) }

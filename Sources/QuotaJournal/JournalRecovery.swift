@@ -53,14 +53,13 @@ public struct JournalRecovery: Sendable {
         }
     }
 
-    /// The books at the end of the journal: open leases, unanswered lease requests, generation.
+    /// The books at the end of the journal: open leases, unanswered lease requests, generation, and the
+    /// Redis work still owed (restocks of cancellations, releases of per-user counts).
     public var ledger = LeaseLedger()
-    /// Claims waiting for their per-user check when the process stopped: their user counts must be released.
-    public var orphanIntents: [ClaimEvent] = []
-    /// Every claim and cancellation found, in order (to rebuild the UNCLAIM and REQ tables).
+    /// Every claim and cancellation found, in order (to rebuild the UNCLAIM and REQ tables), with
+    /// whether Kafka acknowledged it (false also when the segment has no `.shipped` marker).
     public var history: [ClaimEvent] = []
-    /// Cancellations with shares that went to the pool: their restocks are sent again (idempotent).
-    public var restocks: [ClaimEvent] = []
+    public var acknowledged: [Bool] = []
     /// Every process start recorded, oldest first.
     public var boots: [JournalBoot] = []
 
@@ -105,7 +104,6 @@ public struct JournalRecovery: Sendable {
     public static func read(dir: String) -> JournalRecovery {
         var out = JournalRecovery()
         let ids = segmentIDs(dir: dir)
-        var intents: [String: ClaimEvent] = [:]
         for (i, id) in ids.enumerated() {
             let p = path(dir: dir, id: id)
             guard let data = FileManager.default.contents(atPath: p) else {
@@ -128,14 +126,9 @@ public struct JournalRecovery: Sendable {
                         out.ledger.apply(r)
                     }
                     switch r {
-                    case .claim(let e) where e.kind == .intent:
-                        intents[e.claimID] = e
-                    case .claim(let e):
+                    case .claim(let e) where e.kind != .intent:
                         out.history.append(e)
-                        intents.removeValue(forKey: e.claimID)
-                        if e.kind == .unclaimed && e.toPool != 0 { out.restocks.append(e) }
-                    case .intentResolved(_, let c):
-                        intents.removeValue(forKey: c)
+                        out.acknowledged.append(seg.unacked.map { !$0.contains(seg.events.count) } ?? false)
                     case .boot(let b):
                         out.boots.append(b)
                     default:
@@ -158,7 +151,6 @@ public struct JournalRecovery: Sendable {
         }
         for a in out.ledger.anomalies { out.issues.append("journal \(dir): \(a)") }
         if !out.ledger.anomalies.isEmpty { out.leaseStateTrusted = false }
-        out.orphanIntents = intents.values.sorted { $0.claimID < $1.claimID }
         return out
     }
 }

@@ -37,6 +37,9 @@ final class ClaimPipeline: Sendable {
         var earlyAcks: Set<JournalPosition> = []
         /// Events librdkafka could not queue yet (local queue full).
         var retry: [(JournalPosition?, ShippedEvent)] = []
+        /// Journal positions whose delivery failed for good in librdkafka: produced again from the journal.
+        var redeliver: [JournalPosition] = []
+        var lastRedelivery = ContinuousClock.now
         var lastProgress = ContinuousClock.now
         var nextSequence: UInt64 = 1
         var shipped = 0
@@ -208,10 +211,9 @@ final class ClaimPipeline: Sendable {
             for r in reports {
                 if r.error != nil {
                     // With message.timeout.ms=0 librdkafka retries by itself: this is fatal for the message.
-                    // It stays unacknowledged in the journal and ships again after the producer is recreated
-                    // or the process restarts.
+                    // It stays unacknowledged in the journal, and is produced again from there.
                     s.deliveryErrors += 1
-                    s.bySeq.removeValue(forKey: r.sequence)
+                    if case .some(.some(let pos)) = s.bySeq.removeValue(forKey: r.sequence) { s.redeliver.append(pos) }
                     continue
                 }
                 guard let entry = s.bySeq.removeValue(forKey: r.sequence) else { continue }
@@ -247,9 +249,20 @@ final class ClaimPipeline: Sendable {
             }
             if stuck { recreateProducer(reason: "no delivery progress for \(Self.stuckAfter) while the broker answers") }
         }
-        let retry = ship.withLockedValue { s -> [(JournalPosition?, ShippedEvent)] in
+        var (retry, again) = ship.withLockedValue { s -> ([(JournalPosition?, ShippedEvent)], [JournalPosition]) in
             defer { s.retry.removeAll() }
-            return s.retry
+            // At most once a second: an event the broker keeps refusing must not spin.
+            guard !s.redeliver.isEmpty, ContinuousClock.now - s.lastRedelivery >= .seconds(1) else { return (s.retry, []) }
+            s.lastRedelivery = .now
+            defer { s.redeliver.removeAll() }
+            return (s.retry, s.redeliver)
+        }
+        if !again.isEmpty, let journal {
+            again.sort { ($0.segment, $0.index) < ($1.segment, $1.index) }
+            for (seg, positions) in Dictionary(grouping: again, by: \.segment) {
+                let events = journal.readEvents(segment: seg)
+                for p in positions where p.index < events.count { retry.append((p, events[p.index])) }
+            }
         }
         if !retry.isEmpty { Self.produce(retry, producer: producerBox, ship: ship) }
         let stalled = ship.withLockedValue { s in !s.bySeq.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }

@@ -6,6 +6,7 @@ import QuotaConfig
 import QuotaCore
 import QuotaRedis
 import Metrics
+import QuotaJournal
 import Synchronization
 
 /// The sidecar's state shared by all connections: the voucher registry, the Redis
@@ -20,7 +21,7 @@ public final class SidecarEngine: Sendable {
     let claimTimer = NIOLockedValueBox<Metrics.Timer?>(nil)
     let claimBook: ClaimBook
     /// `REQ` answers from the previous run's journal, by voucher, handed to runtimes as they are created.
-    private let recoveredReqs = NIOLockedValueBox<[String: [(req: String, claimID: String, expires: Instant)]]>([:])
+    private let recoveredReqs = NIOLockedValueBox<[String: [VoucherMachine.RecoveredAnswer]]>([:])
     let logger: Logger
     let startedAt = Date()
     /// This process's id in claim ids and lease request ids: start time in ms and random bits, base 36.
@@ -160,33 +161,61 @@ public final class SidecarEngine: Sendable {
             map[voucher] = r
             return (r, true)
         }
-        if new, let rt, let reqs = recoveredReqs.withLockedValue({ $0.removeValue(forKey: voucher) }) {
-            rt.restoreDedupe(reqs)
+        if new, let rt {
+            // Hand over under the lock that acknowledgements take, so none falls between the two.
+            recoveredReqs.withLockedValue { m in
+                if let reqs = m.removeValue(forKey: voucher) { rt.restoreDedupe(reqs) }
+            }
         }
         return rt
     }
 
     // MARK: - Recovery
 
-    /// Rebuild the `UNCLAIM` book and `REQ` answers from the journal of the previous run.
-    func restore(history: [ClaimEvent]) {
+    /// Rebuild the `UNCLAIM` book and `REQ` answers from the journal of the previous run. A `REQ` answers
+    /// again only with a claim that stands (not cancelled since), and with `durability: kafka` only once
+    /// Kafka has acknowledged it (until then a retry is told `UNAVAILABLE`, never given a second claim).
+    func restore(_ rec: JournalRecovery) {
         let nowWall = wallClockMs()
         let now = monotonicNow()
         let window = config.claims.dedupeWindow
-        var reqs: [String: [(req: String, claimID: String, expires: Instant)]] = [:]
-        for e in history {
+        let cancelled = Set(rec.history.filter { $0.kind == .unclaimed }.map(\.claimID))
+        var reqs: [String: [VoucherMachine.RecoveredAnswer]] = [:]
+        var position: [String: JournalPosition] = [:]
+        for seg in rec.segments {
+            for (i, ev) in seg.events.enumerated() {
+                if case .claim(let e) = ev, e.kind == .claimed { position[e.claimID] = JournalPosition(segment: seg.id, index: i) }
+            }
+        }
+        for (e, acked) in zip(rec.history, rec.acknowledged) {
             switch e.kind {
             case .claimed:
                 claimBook.addRecovered(e)
-                if let req = e.req {
-                    let age = Duration.milliseconds(max(0, nowWall - e.tsMs))
-                    if age < window { reqs[e.voucher, default: []].append((req, e.claimID, now + (window - age))) }
+                guard let req = e.req, !cancelled.contains(e.claimID) else { continue }
+                let age = Duration.milliseconds(max(0, nowWall - e.tsMs))
+                guard age < window else { continue }
+                let waits = config.durability == .kafka && !acked
+                reqs[e.voucher, default: []].append(.init(req: req, claimID: e.claimID, expires: now + (window - age),
+                                                         awaitingAck: waits))
+                if waits, let pos = position[e.claimID] {
+                    let voucher = e.voucher
+                    pipeline.whenAcknowledged(pos) { [weak self] in self?.acknowledged(voucher: voucher, req: req) }
                 }
             case .unclaimed: claimBook.markUnclaimed(e.claimID)
             case .intent: break
             }
         }
         recoveredReqs.withLockedValue { $0 = reqs }
+    }
+
+    /// Kafka acknowledged a recovered claim that a `REQ` retry may now be answered with.
+    private func acknowledged(voucher: String, req: String) {
+        let handed = recoveredReqs.withLockedValue { m -> Bool in
+            guard let i = m[voucher]?.firstIndex(where: { $0.req == req }) else { return true }
+            m[voucher]![i].awaitingAck = false
+            return false
+        }
+        if handed { vouchers.withLockedValue { $0[voucher] }?.acknowledged(req: req) }
     }
 
     // MARK: - Background Redis work (owned, retried, drained at shutdown)
@@ -196,17 +225,19 @@ public final class SidecarEngine: Sendable {
         vouchers.withLockedValue { $0[voucher] }?.knownGeneration ?? adoptedGeneration
     }
 
-    /// Undo a claim's per-user count in Redis (idempotent by claim id); then journal that its intent is settled.
-    func releaseUser(_ e: ClaimEvent) {
+    /// Undo a claim's per-user count in Redis (idempotent by claim id); then journal that it is owed no more.
+    func releaseUser(_ e: ClaimEvent) { releaseUser(voucher: e.voucher, user: e.user, claimID: e.claimID) }
+
+    func releaseUser(voucher: String, user: String, claimID: String) {
         let store = self.store
         let groups = config.perUser.groups
         let pipeline = self.pipeline
-        chores.submit(Chores.Job(what: "per-user release of claim \(e.claimID)") {
+        chores.submit(Chores.Job(what: "per-user release of claim \(claimID)") {
             let r = await attempt { () async throws(RedisError) in
-                try await store.releaseUser(voucher: e.voucher, user: e.user, claimID: e.claimID, groups: groups)
+                try await store.releaseUser(voucher: voucher, user: user, claimID: claimID, groups: groups)
             }
             guard case .success = r else { return .retry("\(r)") }
-            pipeline.append(.intentResolved(voucher: e.voucher, claimID: e.claimID))
+            pipeline.append(.intentResolved(voucher: voucher, claimID: claimID))
             return .done
         })
     }
@@ -218,6 +249,8 @@ public final class SidecarEngine: Sendable {
         let shares = cancel.shares.enumerated().filter { cancel.sharesToPool($0.offset) }.map(\.element)
         guard !shares.isEmpty else { return }
         let logger = self.logger
+        let pipeline = self.pipeline
+        let done = JournalRecord.restocked(voucher: cancel.voucher, claimID: cancel.claimID)
         chores.submit(Chores.Job(what: "restock of claim \(cancel.claimID)") { [self] in
             guard let gen = generation(for: cancel.voucher) else { return .retry("region generation not known yet") }
             let r = await attempt { () async throws(RedisError) in
@@ -228,8 +261,11 @@ public final class SidecarEngine: Sendable {
             case .success(.tooOld):
                 logger.error("restock refused: the cancellation is older than the restock horizon; reconciliation must repair it",
                              metadata: ["quota.claim": "\(cancel.claimID)"])
+                pipeline.append(done)
                 return .done
-            case .success: return .done
+            case .success:
+                pipeline.append(done)
+                return .done
             case .failure(.generation(let why)):
                 logger.error("restock refused: \(why)", metadata: ["quota.claim": "\(cancel.claimID)"])
                 return .done

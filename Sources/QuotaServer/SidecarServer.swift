@@ -95,7 +95,7 @@ public final class SidecarService: Service, Sendable {
             "redis": "\(engine.store.connection.endpoint)", "boot": "\(engine.boot)",
         ])
         if let rec = recovered {
-            engine.restore(history: rec.history)
+            engine.restore(rec)
             engine.pipeline.reship(rec)
             let n = rec.segments.reduce(0) { $0 + $1.toShip.count }
             if n > 0 { logger.info("journal: shipping events of the previous run again", metadata: ["events": "\(n)"]) }
@@ -165,16 +165,14 @@ public final class SidecarService: Service, Sendable {
         let gen = rec.ledger.generation ?? engine.adoptedGeneration ?? ""
         let store = engine.store
         let pipeline = engine.pipeline
+        // Owed work is in the books (and in the new journal's snapshots) until Redis has it.
+        let releases = rec.ledger.owedReleases.values.sorted { $0.claimID < $1.claimID }
         if rec.issues.isEmpty {
-            for e in rec.orphanIntents {
-                // Journal them again first, so another crash before the release cannot forget them.
-                pipeline.append(.claim(e))
-                engine.releaseUser(e)
-            }
-        } else if !rec.orphanIntents.isEmpty {
-            logger.error("journal: not releasing per-user counts of \(rec.orphanIntents.count) unfinished claims: the journal is corrupt")
+            for r in releases { engine.releaseUser(voucher: r.voucher, user: r.user, claimID: r.claimID) }
+        } else if !releases.isEmpty {
+            logger.error("journal: not releasing per-user counts of \(releases.count) unfinished claims: the journal is corrupt")
         }
-        for e in rec.restocks { engine.restock(e) }
+        for e in rec.ledger.owedRestocks.values.sorted(by: { $0.claimID < $1.claimID }) { engine.restock(e) }
         guard rec.leaseStateTrusted else { return }
         // Lease requests never answered in the journal: learn what they got (or make sure they get nothing).
         var requests = rec.ledger.requests.map { (req: $0.key, voucher: $0.value) }

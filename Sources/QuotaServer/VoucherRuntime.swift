@@ -127,6 +127,10 @@ final class VoucherRuntime: @unchecked Sendable {
                         }
                     }
                 }
+            case .recordGrant(let r, let g, let request):
+                pipeline.append(r) { [self] ok, _ in
+                    event(now: monotonicNow()) { m, now, fx in m.grantRecorded(g, request: request, ok: ok, now: now, effects: &fx) }
+                }
             case .recordCancel(let c, let ref):
                 pipeline.append(.claim(c)) { [self] ok, _ in
                     event(now: monotonicNow()) { m, now, fx in m.cancelRecorded(ref, ok: ok, now: now, effects: &fx) }
@@ -173,7 +177,7 @@ final class VoucherRuntime: @unchecked Sendable {
         case .restock(let c): engine.restock(c)
         case .releaseUser(let c, _): engine.releaseUser(c)
         case .unclaimFailed(let claimID): engine.claimBook.restore(claimID)
-        case .answer, .journal, .recordLater, .journalIntent, .recordClaim, .recordCancel: break
+        case .answer, .journal, .recordLater, .journalIntent, .recordClaim, .recordCancel, .recordGrant: break
         }
     }
 
@@ -194,7 +198,7 @@ final class VoucherRuntime: @unchecked Sendable {
             switch r {
             case .success(.counted): result = .counted
             case .success(.overLimit): result = .overLimit
-            case .success(.released): result = .notSent("the claim was given up before its check ran")
+            case .success(.released): result = .released
             case .failure(.unreachable(let why)): result = .notSent(why)
             case .failure(let e): result = .unknown("\(e)")
             }
@@ -455,8 +459,13 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
-    func restoreDedupe(_ entries: [(req: String, claimID: String, expires: Instant)]) {
+    func restoreDedupe(_ entries: [VoucherMachine.RecoveredAnswer]) {
         lock.withLock { machine.restoreDedupe(entries) }
+    }
+
+    /// Kafka acknowledged a recovered claim: its `REQ` may be answered with it now.
+    func acknowledged(req: String) {
+        lock.withLock { machine.acknowledged(req: req) }
     }
 }
 

@@ -131,6 +131,57 @@ struct AccountingFaultTests {
         #expect(try await redis.audit("rs", journals: [("host-a", q.journalDir)], netClaimed: 0) == [])
     }
 
+    @Test func cancellingAClaimAfterItsLeaseClosedInTheSameRunRestocksIt() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "ur", limit: 20, perUser: 0, totalLimit: 20, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
+                                 extraYAML: "lease: { min: 10, max: 10, idle_return_seconds: 0.3 }\n", durability: "journal")
+        let c = try await RESPClient.connect(q.socket)
+        let id = try #require(try await c.send("CLAIM", "ur", "u1").string)
+        // Idle: the lease goes back (and closes) with 9 unserved tokens.
+        try await eventually("the idle lease is returned") { try await redis.account("ur").leases == 0 }
+        #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"))
+        try await eventually("the cancelled token is restocked through its lease") { try await redis.account("ur").pool == 20 }
+        c.close()
+        #expect(try await q.stop() == 0)
+        let a = try await redis.account("ur")
+        #expect(a.pool == 20 && a.restocked == 1, "pool \(a.pool), restocked \(a.restocked)")
+        #expect(try await redis.audit("ur", journals: [("host-a", q.journalDir)], netClaimed: 0) == [])
+    }
+
+    @Test func aRequestIDRetriedAfterARestartNeverGetsAClaimThatWasCancelled() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "rr", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: "limits: { claim_timeout_ms: 500 }\n",
+                                 kafka: kafka, topic: "t-rr", durability: "kafka")
+        var c = try await RESPClient.connect(q.socket)
+        #expect(try await c.send("CLAIM", "rr", "warm").errorCode == nil)
+        kafka.child.signal(SIGSTOP)
+        // Journaled, never acknowledged in time: answered UNAVAILABLE and cancelled in the journal.
+        #expect(try await c.send("CLAIM", "rr", "alice", "REQ", "order-7").errorCode == "UNAVAILABLE")
+        try await Task.sleep(for: .milliseconds(300))
+        c.close()
+        try await q.kill9()
+        kafka.child.signal(SIGCONT)
+        try await q.restart()
+        c = try await RESPClient.connect(q.socket)
+        var answer: String?
+        try await eventually("the retry is answered", timeout: .seconds(20)) {
+            let r = try await c.send("CLAIM", "rr", "alice", "REQ", "order-7")
+            answer = r.errorCode == nil ? r.string : nil
+            return answer != nil
+        }
+        c.close()
+        #expect(try await q.stop() == 0)
+        let s = try streamed(kafka, topic: "t-rr")
+        let id = try #require(answer)
+        #expect(s.claimed.keys.contains(id) && !s.unclaimed.contains(id), "the answered claim stands on Kafka")
+        #expect(try await redis.audit("rr", journals: [("host-a", q.journalDir)], netClaimed: s.net) == [])
+    }
+
     @Test func aLeaseWrittenUnderDurabilityNoneIsNotReturnedOnTheJournalsWordAfterARestartInJournalMode() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
@@ -205,14 +256,16 @@ struct AccountingFaultTests {
         _ = try await redis.store.createVoucher(id: "ll", limit: 50, perUser: 0, totalLimit: 50, region: "sg")
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
                                  extraYAML: "redis_timeout_ms: 200\nlease: { min: 10, max: 10 }\n", durability: "journal")
+        let c = try await RESPClient.connect(q.socket)
+        #expect(try await c.send("CLAIM", "ll", "warm").errorCode == nil, "scripts loaded, a lease held")
         redis.stall(0.8)
         try await Task.sleep(for: .milliseconds(100))
-        // The first claim's lease request times out while Redis sleeps; Redis executes it afterwards.
-        let c = try await RESPClient.connect(q.socket)
+        // The refill lease request times out while Redis sleeps; Redis executes it afterwards.
         let r = try await claimUntilSoldOut(c, voucher: "ll", user: "u", maxUnavailable: 10_000)
         c.close()
-        #expect(r.ids.count == 50, "sold \(r.ids.count) of 50: \(r.errors)")
+        #expect(r.ids.count == 49, "sold \(r.ids.count) + 1 of 50: \(r.errors)")
         #expect(try await q.stop() == 0)
+        #expect(q.allLogs.contains("Redis did not answer"), "the stall did hit a lease request")
         let a = try await redis.account("ll")
         #expect(a.leases == 0 && a.pool == 0, "\(a.leases) lease(s) left open, pool \(a.pool)")
         #expect(try await redis.audit("ll", journals: [("host-a", q.journalDir)], netClaimed: 50) == [])

@@ -206,6 +206,51 @@ struct JournalFileTests {
         #expect(r.segments.flatMap(\.claims).isEmpty || r.segments.flatMap(\.claims).count < 200)
     }
 
+    @Test func segmentsAreDeletedOldestFirstOnlySoTheJournalIsAlwaysASuffix() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let shipped = NIOLockedValueBox<[DurableEvent]>([])
+        let j = try writeJournal(dir, [grant("1", 1000)], segmentBytes: 512) { c in shipped.withLockedValue { $0 += c } }
+        for chunk in 0..<6 { appendAndWait(j, (0..<10).map { claim("c\(chunk * 10 + $0)") }) }
+        let all = shipped.withLockedValue { $0 }
+        let first = try #require(all.map(\.position.segment).min())
+        // Kafka acknowledged everything but one event of the oldest segment.
+        j.markShipped(all.filter { $0.position.segment != first || $0.position.index != 0 }.map(\.position))
+        let kept = segments(dir)
+        #expect(kept.count >= 4, "no segment after an unacknowledged one is deleted: \(kept.count) left")
+        j.markShipped([all.first { $0.position.segment == first && $0.position.index == 0 }!.position])
+        #expect(segments(dir).count == 1, "then they all go, oldest first")
+        j.close()
+    }
+
+    @Test func owedRestocksAndReleasesSurviveTheDeletionOfTheirSegments() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let shipped = NIOLockedValueBox<[DurableEvent]>([])
+        let cancel = ClaimEvent(kind: .unclaimed, claimID: "c0", voucher: "v", user: "u-c0", qty: 1, region: "sg", host: "h",
+                                shares: [ClaimShare(leaseId: "1", tokens: 1)], tsMs: 1, toPool: 1)
+        let intent = ClaimEvent(kind: .intent, claimID: "i9", voucher: "v", user: "bob", qty: 1, region: "sg", host: "h",
+                                shares: [ClaimShare(leaseId: "1", tokens: 1)], tsMs: 1)
+        let j = try writeJournal(dir, [grant("1", 1000), claim("c0"), .claim(cancel), .claim(intent),
+                                       .releaseOwed(voucher: "v", user: "carol", claimID: "c5")], segmentBytes: 256) { c in
+            shipped.withLockedValue { $0 += c }
+        }
+        // Roll past them and let Kafka acknowledge everything: their segments are deleted.
+        for chunk in 0..<4 { appendAndWait(j, (0..<10).map { claim("d\(chunk * 10 + $0)") }) }
+        j.markShipped(shipped.withLockedValue { $0 }.map(\.position))
+        j.close()
+        let r = JournalRecovery.read(dir: dir)
+        #expect(!r.history.contains { $0.claimID == "c0" }, "the cancellation's segment is gone")
+        #expect(r.ledger.owedRestocks.keys.sorted() == ["c0"], "the owed restock is in the snapshot")
+        #expect(r.ledger.owedReleases.keys.sorted() == ["c5", "i9"], "and the owed releases")
+        // Done: they leave the books.
+        var l = r.ledger
+        l.apply(.restocked(voucher: "v", claimID: "c0"))
+        l.apply(.intentResolved(voucher: "v", claimID: "i9"))
+        l.apply(.intentResolved(voucher: "v", claimID: "c5"))
+        #expect(l.owedRestocks.isEmpty && l.owedReleases.isEmpty)
+    }
+
     @Test func groupCommitSyncsManyRecordsAtOnce() throws {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }

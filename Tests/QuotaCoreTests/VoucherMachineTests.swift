@@ -40,11 +40,15 @@ struct Rig {
         return (ticket, a)
     }
 
-    /// Answer the pending lease request with a grant of `n` tokens.
+    /// Answer the pending lease request with a grant of `n` tokens (and, when durable, its grant record).
     mutating func grant(_ n: Int, id: String = "1") throws {
         let l = try #require(take().compactMap { if case .lease(let l) = $0 { return l } else { return nil } }.first)
-        m.leaseAnswered(.granted(LeaseGrant(id: id, granted: n, ttl: .seconds(10), poolAfter: 500)), request: l,
-                        trusted: true, now: clock.now, effects: &fx)
+        let g = LeaseGrant(id: id, granted: n, ttl: .seconds(10), poolAfter: 500)
+        m.leaseAnswered(.granted(g), request: l, trusted: true, now: clock.now, effects: &fx)
+        if fx.contains(where: { if case .recordGrant = $0 { return true }; return false }) {
+            fx.removeAll { if case .recordGrant = $0 { return true }; return false }
+            m.grantRecorded(g, request: l, ok: true, now: clock.now, effects: &fx)
+        }
     }
 
     mutating func tick(_ d: Duration = .milliseconds(50)) {
@@ -87,6 +91,23 @@ struct VoucherMachineTests {
         let after = r.take()
         #expect(after.answers[t] == .claimID(event.claimID))
         #expect(after.remembered == [event.claimID], "answered with its id: remembered for UNCLAIM")
+    }
+
+    @Test func nothingIsServedFromALeaseUntilItsGrantIsOnDisk() throws {
+        var r = Rig(durability: .journal)
+        let (t, _) = r.claim("u1")
+        let l = try #require(r.take().compactMap { if case .lease(let l) = $0 { return l } else { return nil } }.first)
+        let g = LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 500)
+        r.m.leaseAnswered(.granted(g), request: l, trusted: true, now: r.clock.now, effects: &r.fx)
+        var fx = r.take()
+        #expect(fx.contains { if case .recordGrant = $0 { return true }; return false })
+        #expect(fx.records.isEmpty && r.m.stock.available(now: r.clock.now) == 0, "the claim still waits")
+        #expect(r.m.stock.leaseInFlight, "no second lease while the first is being journaled")
+        // The grant could not be written (disk full): the lease goes straight back, in full.
+        r.m.grantRecorded(g, request: l, ok: false, now: r.clock.now, effects: &r.fx)
+        fx = r.take()
+        #expect(fx.returns == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 10, close: true)])
+        #expect(fx.records.isEmpty && fx.answers[t] == nil, "still parked, for the next lease")
     }
 
     @Test func aFailedJournalWritePutsTheTokenBackIntoItsLease() throws {
