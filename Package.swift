@@ -88,6 +88,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // The chaos checker: a run's history (client ops, faults, the claim stream) and every invariant checked on it.
+        .target(name: "QuotaChaos", dependencies: ["QuotaCore"]),
         // YAML configuration as validated value types.
         .target(name: "QuotaConfig", dependencies: ["QuotaCore", .product(name: "Yams", package: "Yams")]),
         // The sidecar: Unix socket server, dispatch, lease manager.
@@ -126,14 +128,15 @@ let package = Package(
         .executableTarget(
             name: "quota-bench",
             dependencies: [
-                "QuotaClient", "QuotaRESP", "QuotaKafka", "QuotaHarness", "QuotaPostgres", "QuotaRedis",
+                "QuotaClient", "QuotaRESP", "QuotaKafka", "QuotaHarness", "QuotaPostgres", "QuotaRedis", "QuotaChaos",
+                "QuotaCore", "QuotaJournal",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
-        .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig", "QuotaJournal"]),
+        .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig", "QuotaJournal", "QuotaChaos"]),
         .testTarget(
             name: "QuotaRESPTests",
             dependencies: ["QuotaRESP", .product(name: "NIOCore", package: "swift-nio"),

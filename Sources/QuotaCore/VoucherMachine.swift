@@ -28,6 +28,10 @@ public struct ClaimRules: Sendable {
     public var maxWaiting = 10_000
     /// Users remembered per voucher for the local per-user pre-check.
     public var maxTrackedUsers = 1_000_000
+    /// A deliberate bug, only for the chaos checker's self-test (`QUOTAD_INJECT_BUG`): `skip-user-check`
+    /// (the per-user check always passes) or `no-timeout-cancel` (a claim that lands after its timeout is
+    /// not cancelled, yet its tokens serve again). Never set in production.
+    public var injectedBug: String?
 
     public init(region: String, host: String, idPrefix: String, durability: Durability) {
         self.region = region
@@ -376,7 +380,7 @@ public struct VoucherMachine: Sendable {
             // Reserved until the claim settles. The map is bounded: past the bound it only keeps users
             // it already has (the pre-check then misses, and Redis decides).
             if held > 0 || localUsers.count < rules.maxTrackedUsers { localUsers[user] = held + qty }
-            if rules.perUserMode == .central {
+            if rules.perUserMode == .central && rules.injectedBug != "skip-user-check" {
                 var intent = event
                 intent.kind = .intent
                 if rules.durability == .none {
@@ -489,7 +493,11 @@ public struct VoucherMachine: Sendable {
             abort(seq, QuotaError(.unavailable, "claim could not be made durable: journal write failed"), now: now, &fx)
         } else if f.timedOut {
             // Durable, but its caller was told UNAVAILABLE: cancel it before its tokens serve again.
-            startCancel(seq, &f, &fx)
+            if rules.injectedBug == "no-timeout-cancel" {
+                abort(seq, nil, now: now, &fx)
+            } else {
+                startCancel(seq, &f, &fx)
+            }
         } else if rules.durability == .kafka {
             f.stage = .acking
             inFlight[seq] = f
@@ -849,7 +857,9 @@ public struct VoucherMachine: Sendable {
             stock.countRejection(.unavailable)
             finish(f.ticket, req: f.event.req, .refused(QuotaError(.unavailable, "claim not settled within the claim timeout")),
                    now: now, &fx)
-            if f.stage == .acking { startCancel(seq, &f, &fx) }
+            if f.stage == .acking {
+                if rules.injectedBug == "no-timeout-cancel" { abort(seq, nil, now: now, &fx) } else { startCancel(seq, &f, &fx) }
+            }
         }
         if deadlinesHead > 0 && deadlinesHead * 2 >= deadlines.count {
             deadlines.removeFirst(deadlinesHead)

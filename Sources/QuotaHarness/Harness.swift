@@ -65,7 +65,7 @@ public final class ChildProcess: @unchecked Sendable {
     public let process = Process()
     public let log: String
 
-    public init(_ exe: String, _ args: [String], log: String) throws {
+    public init(_ exe: String, _ args: [String], log: String, environment: [String: String] = [:]) throws {
         self.log = log
         let fh: FileHandle
         if log == "/dev/null" {
@@ -76,6 +76,9 @@ public final class ChildProcess: @unchecked Sendable {
         }
         process.executableURL = URL(fileURLWithPath: exe)
         process.arguments = args
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+        }
         process.standardOutput = fh
         process.standardError = fh
         process.standardInput = FileHandle.nullDevice
@@ -205,6 +208,7 @@ public final class Quotad: @unchecked Sendable {
 
     public let logPath: String
     public let host: String
+    private let environment: [String: String]
     public private(set) var restarts = 0
 
     /// `durable`: journal under `dir` and Kafka at `kafka` (topic `topic`), in `durability` mode.
@@ -234,7 +238,19 @@ public final class Quotad: @unchecked Sendable {
         }
         yaml += extraYAML
         try yaml.write(toFile: config, atomically: true, encoding: .utf8)
+        environment = [:]
         child = try ChildProcess(Bin.path("quotad"), ["--config", config] + args, log: logPath)
+        try await waitReady()
+    }
+
+    /// A sidecar on a config file written by the caller (`socket` and `host` must match it).
+    public init(config: String, socket: String, host: String, log: String, environment: [String: String] = [:]) async throws {
+        self.config = config
+        self.socket = socket
+        self.host = host
+        self.logPath = log
+        self.environment = environment
+        child = try ChildProcess(Bin.path("quotad"), ["--config", config], log: log, environment: environment)
         try await waitReady()
     }
 
@@ -247,7 +263,8 @@ public final class Quotad: @unchecked Sendable {
     /// Start again with the same config (after kill -9): a new log file per run.
     public func restart() async throws {
         restarts += 1
-        child = try ChildProcess(Bin.path("quotad"), ["--config", config], log: "\(logPath).\(restarts)")
+        child = try ChildProcess(Bin.path("quotad"), ["--config", config], log: "\(logPath).\(restarts)",
+                                 environment: environment)
         try await waitReady()
     }
 

@@ -26,6 +26,8 @@ public final class SidecarEngine: Sendable {
     let startedAt = Date()
     /// This process's id in claim ids and lease request ids: start time in ms and random bits, base 36.
     let boot: String
+    /// `QUOTAD_INJECT_BUG`: a deliberate bug for the chaos checker's self-test, never in production.
+    let injectedBug = ProcessInfo.processInfo.environment["QUOTAD_INJECT_BUG"]
     private let vouchers = NIOLockedValueBox<[String: VoucherRuntime]>([:])
     private let _regionPolicy = NIOLockedValueBox(LeasePolicyOverride())
     private let claimSeq = Atomic<Int>(0)
@@ -84,6 +86,7 @@ public final class SidecarEngine: Sendable {
         r.dedupeWindow = config.claims.dedupeWindow
         r.maxWaiting = config.limits.maxWaitingClaims
         r.maxTrackedUsers = config.claims.maxTracked
+        r.injectedBug = injectedBug
         return r
     }
 

@@ -79,6 +79,9 @@ public final class SidecarService: Service, Sendable {
 
     public func run() async throws {
         let config = engine.config
+        if let bug = engine.injectedBug {
+            logger.critical("QUOTAD_INJECT_BUG=\(bug): a deliberate bug for the chaos checker's self-test. This process can oversell.")
+        }
         try await checkRedisDurability()
         // Learn (or check) the region's generation before the first claim can ask for a lease.
         await engine.checkRegion()
@@ -207,7 +210,8 @@ public final class SidecarService: Service, Sendable {
             var failed: [LeaseLedger.Account] = []
             for l in open {
                 let r = await attempt { () async throws(RedisError) in
-                    try await store.giveBack(voucher: l.voucher, lease: l.lease, host: host, returnedTotal: l.unserved,
+                    try await store.giveBack(voucher: l.voucher, lease: l.lease, host: host,
+                                             returnedTotal: engine.injectedBug == "double-return" ? l.granted : l.unserved,
                                              close: true, gen: gen)
                 }
                 switch r {
