@@ -1,5 +1,5 @@
 # quotad — the two commands: `make demo` and `make test`.
-.PHONY: demo test deps build release bench clean
+.PHONY: demo test deps build release bench chaos clean
 
 deps:
 	scripts/install-deps.sh
@@ -20,6 +20,12 @@ bench: release
 	.build/release/quota-bench compare --chart docs/bench.svg > docs/bench-results.md
 	.build/release/quota-bench scale --quiet >> docs/bench-results.md
 	cat docs/bench-results.md
+
+# The long chaos pass (release build): RUNS runs of DURATION seconds each; failing runs are kept in chaos-failures/.
+RUNS ?= 200
+DURATION ?= 15
+chaos: release
+	. scripts/kafka-env.sh && .build/release/quota-bench chaos --runs $(RUNS) --duration $(DURATION) $(if $(SEED),--seed $(SEED),)
 
 clean:
 	rm -rf .build

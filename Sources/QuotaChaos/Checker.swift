@@ -58,8 +58,10 @@ public struct RunRecord: Sendable {
 /// Checks a run's history against every invariant (issue 9, docs/accounting.md):
 ///
 /// - `never-oversell`: at every point of the clients' history, net claims answered ≤ limit;
-/// - `books`: Redis's identity (R1–R3), each host journal against Redis (J1–J3), and the claims on the
-///   stream against the books (C1: nothing created, nothing lost);
+/// - `books`: Redis's identity (R1–R3), each host journal against Redis (J1–J3), the claims on the
+///   stream against the books (C1: nothing created, nothing lost), and per lease (C2): what a closed
+///   lease took from the pool for good (`granted − returned − restocked`) is exactly the net tokens the
+///   stream says it served;
 /// - `durable`: every claim answered with an id is on Kafka (or, after a broker lost its data, in its
 ///   host's journal), and one claim id never carries two different events;
 /// - `explained`: every claim on Kafka was answered, cancelled, or was in flight when something failed;
@@ -187,6 +189,28 @@ public enum ChaosChecker {
             for p in b.claimProblems(netClaimed: netClaimed) { out.append(Violation("books", p)) }
         }
         for p in run.journalProblems { out.append(Violation("books", p)) }
+
+        // C2, per lease: net tokens served through it on the stream == what it kept from the pool.
+        var servedByLease: [String: Int] = [:]
+        for (id, e) in claimed {
+            for s in e.shares { servedByLease["\(e.voucher)|\(s.lease)", default: 0] += s.qty }
+            if let u = unclaimed[id] {
+                for s in u.shares { servedByLease["\(u.voucher)|\(s.lease)", default: 0] -= s.qty }
+            }
+        }
+        for v in run.vouchers {
+            guard let b = run.books[v.id] else { continue }
+            for l in b.leases {
+                let served = servedByLease["\(v.id)|\(l.id)", default: 0]
+                if l.state != "o" && served != l.outstanding {
+                    out.append(Violation("books", "C2 \(v.id) lease \(l.id) (\(l.host), \(l.state == "c" ? "closed" : "reclaimed")): "
+                        + "granted \(l.granted) - returned \(l.returned) - restocked \(l.restocked) = \(l.outstanding), "
+                        + "but the stream says it served \(served) net"))
+                } else if l.state == "o" && served > l.outstanding {
+                    out.append(Violation("books", "C2 \(v.id) open lease \(l.id): served \(served) > \(l.outstanding) it holds"))
+                }
+            }
+        }
 
         // bounded: answered in time, or a fault explains it; documented codes only.
         for op in run.ops {

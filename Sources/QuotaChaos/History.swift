@@ -124,14 +124,22 @@ public struct StreamEvent: Sendable, Equatable {
     public var qty: Int
     /// The exact bytes, to tell a byte-identical re-send from two different events with one id.
     public var raw: [UInt8]
+    /// Which lease served (or got back) how many tokens.
+    public var shares: [(lease: String, qty: Int)]
 
-    public init(kind: Kind, claimID: String, voucher: String, user: String, qty: Int, raw: [UInt8]) {
+    public init(kind: Kind, claimID: String, voucher: String, user: String, qty: Int, raw: [UInt8],
+                shares: [(lease: String, qty: Int)] = []) {
         self.kind = kind
         self.claimID = claimID
         self.voucher = voucher
         self.user = user
         self.qty = qty
         self.raw = raw
+        self.shares = shares
+    }
+
+    public static func == (a: StreamEvent, b: StreamEvent) -> Bool {
+        a.kind == b.kind && a.claimID == b.claimID && a.voucher == b.voucher && a.user == b.user && a.qty == b.qty && a.raw == b.raw
     }
 
     /// Parse a Kafka value (CONTRACT §4); nil for anything else.
@@ -145,5 +153,9 @@ public struct StreamEvent: Sendable, Equatable {
         user = o["user"] as? String ?? ""
         qty = o["qty"] as? Int ?? 0
         raw = json
+        shares = (o["leases"] as? [[String: Any]] ?? []).compactMap { d in
+            guard let id = d["id"] as? String, let q = d["qty"] as? Int else { return nil }
+            return (id, q)
+        }
     }
 }
