@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "quotad", targets: ["quotad"]),
         .executable(name: "quotactl", targets: ["quotactl"]),
         .executable(name: "quota-bench", targets: ["quota-bench"]),
+        .executable(name: "quota-ledger", targets: ["quota-ledger"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -23,6 +24,7 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.0"),
+        .package(url: "https://github.com/vapor/sqlite-nio.git", from: "1.13.0"),
     ],
     targets: [
         // C library, owned by QuotaRedis only.
@@ -88,17 +90,32 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // `GET /metrics` over HTTP/1.1 (quotad and quota-ledger).
+        .target(
+            name: "QuotaMetricsHTTP",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                           .product(name: "NIOHTTP1", package: "swift-nio")]
+        ),
         // The chaos checker: a run's history (client ops, faults, the claim stream) and every invariant checked on it.
         .target(name: "QuotaChaos", dependencies: ["QuotaCore"]),
+        // The ledger: the claim stream written into a database (SQLite or PostgreSQL), and the queries
+        // reconciliation and rehydration ask of it.
+        .target(
+            name: "QuotaLedger",
+            dependencies: [
+                "QuotaCore", "QuotaKafka", "QuotaPostgres",
+                .product(name: "SQLiteNIO", package: "sqlite-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // YAML configuration as validated value types.
         .target(name: "QuotaConfig", dependencies: ["QuotaCore", .product(name: "Yams", package: "Yams")]),
         // The sidecar: Unix socket server, dispatch, lease manager.
         .target(
             name: "QuotaServer",
             dependencies: [
-                "QuotaCore", "QuotaRESP", "QuotaRedis", "QuotaConfig", "QuotaJournal", "QuotaKafka",
+                "QuotaCore", "QuotaRESP", "QuotaRedis", "QuotaConfig", "QuotaJournal", "QuotaKafka", "QuotaMetricsHTTP",
                 .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -118,9 +135,21 @@ let package = Package(
             ]
         ),
         .executableTarget(
+            name: "quota-ledger",
+            dependencies: [
+                "QuotaLedger", "QuotaConfig", "QuotaKafka", "QuotaMetricsHTTP",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(
             name: "quotactl",
             dependencies: [
-                "QuotaRedis", "QuotaConfig", "QuotaCore", "QuotaJournal",
+                "QuotaRedis", "QuotaConfig", "QuotaCore", "QuotaJournal", "QuotaLedger", "QuotaKafka",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -145,7 +174,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient", "QuotaKafka", "QuotaHarness", "QuotaJournal",
+                "QuotaRESP", "QuotaRedis", "QuotaCore", "QuotaClient", "QuotaKafka", "QuotaHarness", "QuotaJournal", "QuotaLedger",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -35,6 +35,18 @@ public struct SidecarConfig: Sendable {
     public var eventLoops: Int
     /// `log_level`: trace|debug|info|notice|warning|error|critical. Default info.
     public var logLevel: String
+    public var ledger: LedgerSettings
+
+    /// `ledger.*`: what `quota-ledger` (and `quotactl reconcile|rehydrate`) use; quotad ignores it.
+    public struct LedgerSettings: Sendable {
+        /// `ledger.db`: `sqlite:///PATH` (embedded, the default) or `postgres://USER@HOST:PORT/DB`.
+        /// Default `sqlite:///var/lib/quotad/ledger.db`.
+        public var db = "sqlite:///var/lib/quotad/ledger.db"
+        /// `ledger.batch`: messages written per transaction at most. Default 1000.
+        public var batch = 1000
+        /// `ledger.metrics_listen`: `HOST:PORT` of quota-ledger's Prometheus endpoint. Default: off.
+        public var metricsListen: (host: String, port: Int)?
+    }
 
     public typealias Durability = QuotaCore.Durability
 
@@ -135,6 +147,7 @@ public struct SidecarConfig: Sendable {
         self.policyRefresh = .seconds(2)
         self.eventLoops = 0
         self.logLevel = "info"
+        self.ledger = LedgerSettings()
     }
 
     /// The own region's Redis URL.
@@ -143,6 +156,13 @@ public struct SidecarConfig: Sendable {
     static let notBuilt = [
         "borrow": "borrowing between regions is not built yet",
     ]
+
+    static func hostPort(_ v: String, key: String) throws(ConfigError) -> (String, Int) {
+        guard let colon = v.lastIndex(of: ":"), let port = Int(v[v.index(after: colon)...]), port > 0, port < 65536,
+            colon > v.startIndex
+        else { throw ConfigError(key: key, "must be HOST:PORT, e.g. 127.0.0.1:9464, got '\(v)'") }
+        return (String(v[..<colon]), port)
+    }
 
     /// Parse YAML text, apply `overrides` (dotted key → value), validate.
     public static func load(yaml: String, overrides: [(String, String)] = [], defaultHostID: String)
@@ -292,13 +312,20 @@ public struct SidecarConfig: Sendable {
         if let v = try pu.int("groups", min: 1, max: 16384) { c.perUser.groups = v }
         try pu.finish()
         var mt = try r.child("metrics")
-        if let v = try mt.string("listen") {
-            guard let colon = v.lastIndex(of: ":"), let port = Int(v[v.index(after: colon)...]), port > 0, port < 65536,
-                colon > v.startIndex
-            else { throw ConfigError(key: "metrics.listen", "must be HOST:PORT, e.g. 127.0.0.1:9464, got '\(v)'") }
-            c.metricsListen = (String(v[..<colon]), port)
-        }
+        if let v = try mt.string("listen") { c.metricsListen = try hostPort(v, key: "metrics.listen") }
         try mt.finish()
+        var lg = try r.child("ledger")
+        if let v = try lg.string("db") {
+            let sqlite = v.hasPrefix("sqlite:///") && v.count > "sqlite:///".count
+            let pg = v.hasPrefix("postgres://") || v.hasPrefix("postgresql://")
+            guard sqlite || pg else {
+                throw ConfigError(key: "ledger.db", "must be sqlite:///ABSOLUTE/PATH or postgres://USER@HOST:PORT/DB, got '\(v)'")
+            }
+            c.ledger.db = v
+        }
+        if let v = try lg.int("batch", min: 1, max: 100_000) { c.ledger.batch = v }
+        if let v = try lg.string("metrics_listen") { c.ledger.metricsListen = try hostPort(v, key: "ledger.metrics_listen") }
+        try lg.finish()
         var cl = try r.child("claims")
         if let v = try cl.double("dedupe_window_seconds", min: 0, max: 86400) {
             c.claims.dedupeWindow = .milliseconds(Int64(v * 1000))

@@ -88,6 +88,52 @@ public struct ClaimEvent: Sendable, Equatable {
     }
 }
 
+/// Redis granted a lease to a host (shipped as a `lease_granted` event, before any claim of it).
+public struct LeaseGrantRecord: Sendable, Equatable {
+    public var voucher: String
+    public var lease: String
+    public var granted: Int
+    /// The request id it was granted to.
+    public var req: String
+    public var region: String
+    public var host: String
+    /// `journal`, `kafka` or `none`: the durability mode its claims were answered under. Under `kafka`,
+    /// every answered claim of it is on Kafka before its reply, so the stream proves what it served.
+    public var durability: String
+    public var tsMs: Int64
+
+    public init(voucher: String, lease: String, granted: Int, req: String, region: String, host: String,
+                durability: String, tsMs: Int64) {
+        self.voucher = voucher
+        self.lease = lease
+        self.granted = granted
+        self.req = req
+        self.region = region
+        self.host = host
+        self.durability = durability
+        self.tsMs = tsMs
+    }
+
+    /// Served counts journaled for it are exact (every answered claim was journaled before its reply).
+    public var trusted: Bool { durability != "none" }
+
+    /// The Kafka value: a `lease_granted` event.
+    public var kafkaValue: [UInt8] {
+        var s = "{\"type\":\"lease_granted\",\"voucher\":"
+        JSON.append(voucher, to: &s)
+        s += ",\"region\":"
+        JSON.append(region, to: &s)
+        s += ",\"host\":"
+        JSON.append(host, to: &s)
+        s += ",\"lease\":"
+        JSON.append(lease, to: &s)
+        s += ",\"granted\":\(granted),\"durability\":"
+        JSON.append(durability, to: &s)
+        s += ",\"ts_ms\":\(tsMs)}"
+        return Array(s.utf8)
+    }
+}
+
 /// A host closed a lease and Redis acknowledged it: the lease's record on this host is complete.
 public struct LeaseClose: Sendable, Equatable {
     public var voucher: String

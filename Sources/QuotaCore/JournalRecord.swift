@@ -14,9 +14,9 @@ public enum JournalRecord: Sendable, Equatable {
     case restocked(voucher: String, claimID: String)
     /// A `LEASE` with this request id is about to be sent (made durable before it is).
     case leaseRequested(voucher: String, req: String)
-    /// Redis granted a lease for request `req`. `trusted`: written under `durability: journal|kafka`,
-    /// where every answered claim is in the journal before its reply, so the served count is exact.
-    case leaseGranted(voucher: String, lease: String, granted: Int, req: String, trusted: Bool)
+    /// Redis granted a lease (shipped as `lease_granted`). Written under `durability: journal|kafka`
+    /// (`trusted`), every answered claim is in the journal before its reply, so the served count is exact.
+    case leaseGranted(LeaseGrantRecord)
     /// Redis answered request `req` without a lease (sold out, inactive, unknown).
     case leaseAnswered(voucher: String, req: String)
     /// Redis acknowledged the closing return of a lease (shipped as a `lease_closed` event).
@@ -78,13 +78,16 @@ public enum JournalCodec {
             body.append(7)
             put(v, &body)
             put(req, &body)
-        case .leaseGranted(let v, let l, let g, let req, let trusted):
+        case .leaseGranted(let g):
             body.append(8)
-            put(v, &body)
-            put(l, &body)
-            put(UInt64(g), &body)
-            put(req, &body)
-            body.append(trusted ? 1 : 0)
+            put(g.voucher, &body)
+            put(g.lease, &body)
+            put(UInt64(g.granted), &body)
+            put(g.req, &body)
+            put(g.region, &body)
+            put(g.host, &body)
+            put(g.durability, &body)
+            put(UInt64(bitPattern: g.tsMs), &body)
         case .leaseAnswered(let v, let req):
             body.append(9)
             put(v, &body)
@@ -175,8 +178,11 @@ public enum JournalCodec {
         case 7:
             if let v = r.string(), let q = r.string() { record = .leaseRequested(voucher: v, req: q) } else { record = nil }
         case 8:
-            if let v = r.string(), let l = r.string(), let g = r.int(), let q = r.string(), let t = r.flag() {
-                record = .leaseGranted(voucher: v, lease: l, granted: g, req: q, trusted: t)
+            if let v = r.string(), let l = r.string(), let g = r.int(), let q = r.string(), let rg = r.string(),
+                let h = r.string(), let d = r.string(), let ts = r.varint()
+            {
+                record = .leaseGranted(LeaseGrantRecord(voucher: v, lease: l, granted: g, req: q, region: rg, host: h,
+                                                        durability: d, tsMs: Int64(bitPattern: ts)))
             } else { record = nil }
         case 9:
             if let v = r.string(), let q = r.string() { record = .leaseAnswered(voucher: v, req: q) } else { record = nil }

@@ -136,11 +136,11 @@ public struct LeaseLedger: Sendable, Equatable {
             break
         case .leaseRequested(let v, let req):
             requests[req] = v
-        case .leaseGranted(let v, let l, let g, let req, let trusted):
-            requests.removeValue(forKey: req)
-            let key = Key(voucher: v, lease: l)
-            if accounts[key] != nil { anomalies.append("lease \(v)/\(l) granted twice") }
-            accounts[key] = Account(voucher: v, lease: l, granted: g, served: 0, trusted: trusted)
+        case .leaseGranted(let g):
+            requests.removeValue(forKey: g.req)
+            let key = Key(voucher: g.voucher, lease: g.lease)
+            if accounts[key] != nil { anomalies.append("lease \(g.voucher)/\(g.lease) granted twice") }
+            accounts[key] = Account(voucher: g.voucher, lease: g.lease, granted: g.granted, served: 0, trusted: g.trusted)
         case .leaseAnswered(_, let req):
             requests.removeValue(forKey: req)
         case .leaseClosed(let c):

@@ -744,8 +744,10 @@ public struct VoucherMachine: Sendable {
         case .granted(let g):
             for c in request.close { fx.append(.journal(.leaseClosed(closeRecord(c)))) }
             if g.granted > 0 {
-                let record = JournalRecord.leaseGranted(voucher: voucher, lease: g.id, granted: g.granted,
-                                                        req: request.req, trusted: trusted)
+                let record = JournalRecord.leaseGranted(LeaseGrantRecord(
+                    voucher: voucher, lease: g.id, granted: g.granted, req: request.req, region: rules.region,
+                    host: rules.host, durability: trusted ? rules.durability.rawValue : Durability.none.rawValue,
+                    tsMs: wallClock()))
                 if rules.durability != .none {
                     // Nothing is served from it until its grant is on disk: a claim of a lease the journal
                     // does not hold could not be accounted for after a crash. (The request stays in flight.)

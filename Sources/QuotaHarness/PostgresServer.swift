@@ -9,6 +9,8 @@ public final class PostgresServer: @unchecked Sendable {
     public private(set) var child: ChildProcess?
 
     public var conninfo: String { "host=\(socketDir) dbname=postgres user=postgres" }
+    /// The same as a libpq URI (`ledger.db`).
+    public var url: String { "postgresql://postgres@/postgres?host=\(socketDir)" }
 
     public init() async throws {
         socketDir = dir.path

@@ -4,12 +4,14 @@ import QuotaCore
 /// A journal record that is streamed to Kafka: a claim, a cancellation, or a lease close.
 public enum ShippedEvent: Sendable, Equatable {
     case claim(ClaimEvent)
+    case leaseGranted(LeaseGrantRecord)
     case leaseClosed(LeaseClose)
 
     /// The Kafka key: the voucher id (all events of a voucher on one partition, in order).
     public var key: String {
         switch self {
         case .claim(let e): return e.voucher
+        case .leaseGranted(let g): return g.voucher
         case .leaseClosed(let c): return c.voucher
         }
     }
@@ -17,6 +19,7 @@ public enum ShippedEvent: Sendable, Equatable {
     public var kafkaValue: [UInt8] {
         switch self {
         case .claim(let e): return e.kafkaValue
+        case .leaseGranted(let g): return g.kafkaValue
         case .leaseClosed(let c): return c.kafkaValue
         }
     }
@@ -25,6 +28,7 @@ public enum ShippedEvent: Sendable, Equatable {
     public init?(_ r: JournalRecord) {
         switch r {
         case .claim(let e) where e.kind != .intent: self = .claim(e)
+        case .leaseGranted(let g): self = .leaseGranted(g)
         case .leaseClosed(let c): self = .leaseClosed(c)
         default: return nil
         }

@@ -18,9 +18,16 @@ public final class KafkaConsumer: @unchecked Sendable {
     public enum Mode: Sendable { case group, allPartitions }
     private let rk: OpaquePointer
     private var isClosed = false
+    /// Partitions assigned (`.allPartitions`).
+    public private(set) var partitions: Int32 = 0
+    public let topic: String
+    /// The last error a poll saw (broker down, unknown topic), cleared by the next message.
+    public private(set) var lastError: KafkaError?
 
+    /// - Parameter startOffsets: with `.allPartitions`, where to start reading each partition (the next
+    ///   offset to read); a partition not listed starts at its beginning.
     public init(brokers: String, topic: String, group: String, mode: Mode = .allPartitions,
-                properties: [String: String] = [:]) throws(KafkaError) {
+                properties: [String: String] = [:], startOffsets: [Int32: Int64] = [:]) throws(KafkaError) {
         var props: [(String, String)] = [
             ("bootstrap.servers", brokers), ("group.id", group), ("auto.offset.reset", "earliest"),
             ("enable.auto.commit", "true"), ("enable.partition.eof", "false"),
@@ -36,6 +43,7 @@ public final class KafkaConsumer: @unchecked Sendable {
             throw KafkaError(code: -1, name: "CREATE", message: cString(err))
         }
         self.rk = rk
+        self.topic = topic
         rd_kafka_poll_set_consumer(rk)
         switch mode {
         case .group:
@@ -47,7 +55,10 @@ public final class KafkaConsumer: @unchecked Sendable {
         case .allPartitions:
             let n = try Self.partitionCount(rk, topic: topic)
             let list = rd_kafka_topic_partition_list_new(n)
-            for p in 0..<n { rd_kafka_topic_partition_list_add(list, topic, p)?.pointee.offset = Int64(RD_KAFKA_OFFSET_BEGINNING) }
+            for p in 0..<n {
+                rd_kafka_topic_partition_list_add(list, topic, p)?.pointee.offset = startOffsets[p] ?? Int64(RD_KAFKA_OFFSET_BEGINNING)
+            }
+            partitions = n
             let rc = rd_kafka_assign(rk, list)
             rd_kafka_topic_partition_list_destroy(list)
             if rc != RD_KAFKA_RESP_ERR_NO_ERROR { throw RdKafkaConfig.error(rc) }
@@ -82,7 +93,11 @@ public final class KafkaConsumer: @unchecked Sendable {
         guard let m = rd_kafka_consumer_poll(rk, timeoutMs) else { return nil }
         defer { rd_kafka_message_destroy(m) }
         let p = m.pointee
-        guard p.err == RD_KAFKA_RESP_ERR_NO_ERROR else { return nil }
+        guard p.err == RD_KAFKA_RESP_ERR_NO_ERROR else {
+            if p.err != RD_KAFKA_RESP_ERR__PARTITION_EOF { lastError = RdKafkaConfig.error(p.err) }
+            return nil
+        }
+        lastError = nil
         let value = p.payload.map { Array(UnsafeRawBufferPointer(start: $0, count: p.len)) } ?? []
         let key = p.key.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: p.key_len), as: UTF8.self) } ?? ""
         return KafkaMessage(key: key, value: value, partition: p.partition, offset: p.offset)
@@ -101,6 +116,21 @@ public final class KafkaConsumer: @unchecked Sendable {
                 out.append(m)
                 lastMessage = .now
             }
+        }
+        return out
+    }
+
+    /// The high watermark (next offset to be written) of each assigned partition, or nil when the broker
+    /// does not answer within `timeoutMs`.
+    public func highWatermarks(timeoutMs: Int32 = 2000) -> [Int32: Int64]? {
+        var out: [Int32: Int64] = [:]
+        for p in 0..<partitions {
+            var lo: Int64 = 0
+            var hi: Int64 = 0
+            guard rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &hi, timeoutMs) == RD_KAFKA_RESP_ERR_NO_ERROR else {
+                return nil
+            }
+            out[p] = hi
         }
         return out
     }

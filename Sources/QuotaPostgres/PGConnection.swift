@@ -25,16 +25,16 @@ public final class PGConnection: @unchecked Sendable {
 
     deinit { PQfinish(conn) }
 
-    /// Run `sql` with text parameters `$1…`; returns the rows as text (nil for NULL).
+    /// Run `sql` with text parameters `$1…` (nil: NULL); returns the rows as text (nil for NULL).
     @discardableResult
-    public func query(_ sql: String, _ params: [String] = []) throws(PGError) -> [[String?]] {
+    public func query(_ sql: String, _ params: [String?] = []) throws(PGError) -> [[String?]] {
         let res: OpaquePointer?
         if params.isEmpty {
             res = PQexec(conn, sql)
         } else {
-            let cs = params.map { strdup($0) }
+            let cs = params.map { $0.map { strdup($0) } ?? nil }
             defer { cs.forEach { free($0) } }
-            var ptrs = cs.map { UnsafePointer<CChar>($0) }
+            var ptrs = cs.map { $0.map { UnsafePointer<CChar>($0) } }
             res = ptrs.withUnsafeMutableBufferPointer { p in
                 PQexecParams(conn, sql, Int32(params.count), nil, p.baseAddress, nil, nil, 0)
             }

@@ -2,8 +2,9 @@
 /// of one voucher shares the hash tag `{ID}` so a voucher lives in one Redis Cluster slot. Times
 /// come from Redis's own clock (`TIME`). docs/accounting.md states what they keep.
 ///
-/// A lease record: `HSET quota:{ID}:leases <id> "<host>|<granted>|<returned>|<restocked>|<expiry-ms>|<state>|<req>"`,
-/// state `o` (open), `c` (closed by its host), `x` (reclaimed by reconciliation). Open leases are in
+/// A lease record: `HSET quota:{ID}:leases <id> "<host>|<granted>|<returned>|<restocked>|<expiry-ms>|<state>|<mode>|<req>"`,
+/// state `o` (open), `c` (closed by its host), `x` (reclaimed by reconciliation); mode the durability its
+/// host answers claims under (`k` kafka, `j` journal, `n` none, empty if unknown). Open leases are in
 /// the expiry zset `quota:{ID}:exp`; closed ones in `quota:{ID}:closed` (by close time) until they
 /// are archived into the voucher's `archived_*` counters after `closed_retention_ms`.
 ///
@@ -21,12 +22,12 @@ enum QuotaScripts {
 
     static let lib = """
         local function parse(v)
-          local host, g, r, k, e, st, req = string.match(v, '^([^|]*)|(%d+)|(%d+)|(%d+)|(%d+)|(%a)|(.*)$')
+          local host, g, r, k, e, st, mode, req = string.match(v, '^([^|]*)|(%d+)|(%d+)|(%d+)|(%d+)|(%a)|(%a?)|(.*)$')
           if not host then return nil end
-          return {host = host, g = tonumber(g), r = tonumber(r), k = tonumber(k), e = tonumber(e), st = st, req = req}
+          return {host = host, g = tonumber(g), r = tonumber(r), k = tonumber(k), e = tonumber(e), st = st, mode = mode, req = req}
         end
         local function fmt(l)
-          return l.host .. '|' .. l.g .. '|' .. l.r .. '|' .. l.k .. '|' .. l.e .. '|' .. l.st .. '|' .. l.req
+          return l.host .. '|' .. l.g .. '|' .. l.r .. '|' .. l.k .. '|' .. l.e .. '|' .. l.st .. '|' .. (l.mode or '') .. '|' .. l.req
         end
         local function gencheck(meta, gen)
           local g = redis.call('HGET', meta, 'gen')
@@ -105,7 +106,7 @@ enum QuotaScripts {
         """
 
     /// KEYS: meta, leases, exp, closed, reqs. ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
-    /// gen, then pairs (lease id, returned total) of this host's leases to close first.
+    /// gen, mode (`k`|`j`|`n`), then pairs (lease id, returned total) of this host's leases to close first.
     /// The same `req` gets the same answer: the lease it was granted while it is open (with its
     /// remaining ttl, which may be negative), or nothing. `want` 0 only resolves `req` (nothing is granted to it afterwards).
     /// Reply: {1, granted, lease_id, pool_after, ttl_ms} | {0, 0, '', pool} nothing | {-2, state} |
@@ -118,7 +119,7 @@ enum QuotaScripts {
         if bad then return bad end
         \(now)
         local host = ARGV[1]
-        for i = 8, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
+        for i = 9, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
         archive(now)
         local m = redis.call('HMGET', KEYS[1], 'state', 'pool')
         local pool = tonumber(m[2])
@@ -156,7 +157,7 @@ enum QuotaScripts {
         redis.call('HINCRBY', KEYS[1], 'pool', -n)
         redis.call('HINCRBY', KEYS[1], 'leased', n)
         local exp = now + ttl
-        redis.call('HSET', KEYS[2], id, fmt({host = host, g = n, r = 0, k = 0, e = exp, st = 'o', req = req}))
+        redis.call('HSET', KEYS[2], id, fmt({host = host, g = n, r = 0, k = 0, e = exp, st = 'o', mode = ARGV[8], req = req}))
         redis.call('ZADD', KEYS[3], exp, id)
         redis.call('HSET', KEYS[5], req, id)
         return {1, n, id, pool - n, ttl}
@@ -230,6 +231,61 @@ enum QuotaScripts {
         redis.call('HINCRBY', KEYS[1], 'restocked', total)
         redis.call('ZADD', KEYS[3], now, ARGV[1])
         return {1, total}
+        """
+
+    /// Reconciliation reclaims an open lease whose host is gone: once its expiry (Redis's clock) is more
+    /// than `grace_ms` past, it gives back everything the lease did not sell, `granted - restocked - sold`
+    /// (cumulative, like a return), and marks it reclaimed (`x`): it can be neither renewed nor returned
+    /// again, and restocks through it are refused. With `forfeit` it is marked reclaimed and gives back
+    /// nothing (its unproven tokens are written off: under-issue, never oversell).
+    /// KEYS: meta, leases, exp, closed. ARGV: lease_id, sold (net, proven), grace_ms, forfeit(0|1).
+    /// Reply: {1, tokens put back} | {0, state} not open: nothing changes | {-1, ms to wait} not expired
+    /// long enough | {-2, most it can have sold} `sold` is more than the lease can have sold: refused |
+    /// {-4} unknown lease | {-5} unknown voucher.
+    static let reclaim = """
+        \(lib)
+        if redis.call('EXISTS', KEYS[1]) == 0 then return {-5} end
+        local v = redis.call('HGET', KEYS[2], ARGV[1])
+        if not v then return {-4} end
+        local l = parse(v)
+        if l.st ~= 'o' then return {0, l.st} end
+        \(now)
+        local due = l.e + tonumber(ARGV[3])
+        if now < due then return {-1, due - now} end
+        local delta = 0
+        if ARGV[4] ~= '1' then
+          local total = l.g - l.k - tonumber(ARGV[2])
+          if total < l.r then return {-2, l.g - l.k - l.r} end
+          delta = total - l.r
+          l.r = total
+          redis.call('HINCRBY', KEYS[1], 'pool', delta)
+          redis.call('HINCRBY', KEYS[1], 'returned', delta)
+        end
+        l.st = 'x'
+        redis.call('HSET', KEYS[2], ARGV[1], fmt(l))
+        redis.call('ZREM', KEYS[3], ARGV[1])
+        redis.call('ZADD', KEYS[4], now, ARGV[1])
+        return {1, delta}
+        """
+
+    /// Rebuild one voucher's state from the ledger (`quotactl rehydrate`), atomically. Refused when the
+    /// voucher exists (a live voucher is never overwritten). KEYS: meta, leases, exp, reqs. ARGV: one JSON
+    /// object: the meta fields (`fields`: name → value) and the leases open at the loss (`leases`: id,
+    /// host, granted, restocked), recreated open and already expired so that their hosts can return them
+    /// on their journal's word, or reconciliation reclaim them with proof.
+    /// Reply: 1 | 0 exists.
+    static let rehydrate = """
+        \(lib)
+        if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+        local s = cjson.decode(ARGV[1])
+        \(now)
+        for k, v in pairs(s.fields) do redis.call('HSET', KEYS[1], k, tostring(v)) end
+        for _, l in ipairs(s.leases) do
+          redis.call('HSET', KEYS[2], l.id, fmt({host = l.host, g = l.granted, r = 0, k = l.restocked, e = now, st = 'o',
+            mode = l.mode, req = ''}))
+          redis.call('ZADD', KEYS[3], now, l.id)
+        end
+        return 1
         """
 
     /// KEYS: meta. ARGV: field, value, field, value, ... Only on an existing voucher.

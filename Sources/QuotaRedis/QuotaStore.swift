@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import QuotaCore
@@ -48,20 +49,26 @@ public struct LeaseRecord: Sendable, Equatable {
     public var restocked: Int
     public var expiresMs: Int
     public var state: State
+    /// The durability its host answers claims under: `kafka`, `journal`, `none`, or "" (unknown).
+    public var durability: String
     /// The request id it was granted to.
     public var req: String
 
     /// Tokens of the lease not given back: held by its host (open) or sold (closed).
     public var outstanding: Int { granted - returned - restocked }
 
-    /// Parse `host|granted|returned|restocked|expiry|state|req`.
+    static let modes = ["k": "kafka", "j": "journal", "n": "none"]
+    /// The one-letter form of a durability mode, as lease records keep it.
+    public static func modeLetter(_ durability: String) -> String { modes.first { $0.value == durability }?.key ?? "" }
+
+    /// Parse `host|granted|returned|restocked|expiry|state|mode|req`.
     static func parse(id: String, _ v: String) -> LeaseRecord? {
-        let p = v.split(separator: "|", maxSplits: 6, omittingEmptySubsequences: false)
-        guard p.count == 7, let g = Int(p[1]), let r = Int(p[2]), let k = Int(p[3]), let e = Int(p[4]),
+        let p = v.split(separator: "|", maxSplits: 7, omittingEmptySubsequences: false)
+        guard p.count == 8, let g = Int(p[1]), let r = Int(p[2]), let k = Int(p[3]), let e = Int(p[4]),
             let st = State(rawValue: String(p[5]))
         else { return nil }
         return LeaseRecord(id: id, host: String(p[0]), granted: g, returned: r, restocked: k, expiresMs: e, state: st,
-                           req: String(p[6]))
+                           durability: modes[String(p[6])] ?? "", req: String(p[7]))
     }
 }
 
@@ -200,6 +207,68 @@ public final class QuotaStore: Sendable {
         return r.string
     }
 
+    /// Set the region marker to a new generation that succeeds `previous` (after a rehydration): sidecars
+    /// that ran on `previous` adopt it; any other generation still fails them closed.
+    public func setRegion(generation: String, previous: String) async throws(RedisError) {
+        _ = try await connection.send(["HSET", Self.region, "gen", generation, "prev", previous,
+                                       "rehydrated_ms", String(Int(Date().timeIntervalSince1970 * 1000))])
+    }
+
+    /// The region marker's generation and the one it succeeded (if it was rehydrated).
+    public func regionMarker() async throws(RedisError) -> (generation: String?, previous: String?) {
+        let f = Self.fields(try await connection.send(["HGETALL", Self.region]))
+        return (f["gen"], f["prev"])
+    }
+
+    /// A voucher rebuilt from the ledger: its meta fields and the leases open when Redis lost them.
+    public struct RehydratedVoucher: Sendable {
+        public var id: String
+        public var fields: [String: String]
+        public var openLeases: [(id: String, host: String, granted: Int, restocked: Int, durability: String)]
+        public init(id: String, fields: [String: String],
+                    openLeases: [(id: String, host: String, granted: Int, restocked: Int, durability: String)]) {
+            self.id = id
+            self.fields = fields
+            self.openLeases = openLeases
+        }
+    }
+
+    /// Write a rebuilt voucher (refused if it exists). Returns false if it existed.
+    public func rehydrate(_ v: RehydratedVoucher) async throws(RedisError) -> Bool {
+        let payload: [String: Any] = [
+            "fields": v.fields,
+            "leases": v.openLeases.map {
+                ["id": $0.id, "host": $0.host, "granted": $0.granted, "restocked": $0.restocked,
+                 "mode": LeaseRecord.modeLetter($0.durability)] as [String: Any]
+            },
+        ]
+        guard let data = try? JSONSerialization.data(withJSONObject: payload) else { throw RedisError.badReply("rehydrate payload") }
+        let r = try await eval(QuotaScripts.rehydrate, keys: [Self.meta(v.id), Self.leases(v.id), Self.exp(v.id), Self.reqs(v.id)],
+                               args: [String(decoding: data, as: UTF8.self)])
+        guard r.int == 1 else { return false }
+        _ = try await connection.send(["SADD", Self.vouchers, v.id])
+        return true
+    }
+
+    /// Rebuild per-user counts (user → tokens held) and claim markers (claim id → qty) of a voucher.
+    public func rehydrateUsers(voucher: String, groups: Int, counts: [String: Int], markers: [(claimID: String, user: String, qty: Int)])
+        async throws(RedisError)
+    {
+        var cmds: [[String]] = []
+        for (u, n) in counts where n > 0 {
+            cmds.append(["HSET", Self.userGroupKey(voucher: voucher, user: u, groups: groups), u, String(n)])
+        }
+        for m in markers {
+            let g = Self.userGroup(user: m.user, groups: groups)
+            cmds.append(["HSET", Self.userMarkersKey(voucher: voucher, group: g), m.claimID, String(m.qty)])
+        }
+        var i = 0
+        while i < cmds.count {
+            _ = try await connection.send(batch: Array(cmds[i..<min(cmds.count, i + 1000)]))
+            i += 1000
+        }
+    }
+
     /// A new random generation id.
     public static func newGeneration() -> String {
         (0..<4).map { _ in String(UInt32.random(in: 0...UInt32.max), radix: 16) }.joined()
@@ -322,9 +391,9 @@ public final class QuotaStore: Sendable {
     /// the same lease (or nothing); `want` 0 only learns what `req` got.
     /// Throws ``RedisError/generation(_:)`` when Redis does not hold generation `gen` of the voucher.
     public func lease(voucher: String, host: String, req: String, want: Int, need: Int, ttl: Duration, gen: String,
-                      close: [ReturnRequest] = []) async throws(RedisError) -> LeaseReply {
+                      durability: String = "", close: [ReturnRequest] = []) async throws(RedisError) -> LeaseReply {
         var args = [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction),
-                    req, gen]
+                    req, gen, LeaseRecord.modeLetter(durability)]
         for c in close { args += [c.leaseId, String(c.returnedTotal)] }
         let r = try await eval(QuotaScripts.lease, keys: voucherKeys(voucher), args: args)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("LEASE: \(r)") }
@@ -398,6 +467,43 @@ public final class QuotaStore: Sendable {
         case -5: throw RedisError.badReply("RESTOCK: no voucher '\(voucher)'")
         default: return .tooOld
         }
+    }
+
+    /// What a reclaim did.
+    public enum ReclaimReply: Sendable, Equatable {
+        /// Reclaimed: this many tokens went back to the pool.
+        case reclaimed(Int)
+        /// Not open any more (closed by its host, or reclaimed already): nothing changed.
+        case notOpen(String)
+        /// Its expiry plus the grace has not passed yet (Redis's clock): wait this long.
+        case notDue(Duration)
+        /// The sold count given is more than the lease can have sold (at most this): refused.
+        case soldTooHigh(Int)
+        case unknown
+    }
+
+    /// Reclaim an open, expired lease (reconciliation): give back `granted − restocked − sold`, or with
+    /// `forfeit` nothing, and mark it reclaimed. `sold` must be proven complete by the caller.
+    public func reclaim(voucher: String, lease: String, sold: Int, grace: Duration, forfeit: Bool) async throws(RedisError)
+        -> ReclaimReply
+    {
+        let r = try await eval(QuotaScripts.reclaim, keys: Array(voucherKeys(voucher).prefix(4)),
+                               args: [lease, String(sold), String(grace.milliseconds), forfeit ? "1" : "0"])
+        guard let a = r.array, let st = a.first?.int else { throw RedisError.badReply("RECLAIM: \(r)") }
+        switch st {
+        case 1: return .reclaimed(a.count > 1 ? a[1].int ?? 0 : 0)
+        case 0: return .notOpen(a.count > 1 ? a[1].string ?? "" : "")
+        case -1: return .notDue(.milliseconds(a.count > 1 ? a[1].int ?? 0 : 0))
+        case -2: return .soldTooHigh(a.count > 1 ? a[1].int ?? 0 : 0)
+        default: return .unknown
+        }
+    }
+
+    /// Redis's clock, in milliseconds.
+    public func nowMs() async throws(RedisError) -> Int {
+        let r = try await connection.send(["TIME"])
+        guard let a = r.array, a.count == 2, let s = a[0].int, let us = a[1].int else { throw RedisError.badReply("TIME: \(r)") }
+        return s * 1000 + us / 1000
     }
 
     // MARK: Per-user limits

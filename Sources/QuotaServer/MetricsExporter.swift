@@ -3,8 +3,8 @@ import Logging
 import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
-import NIOHTTP1
 import NIOPosix
+import QuotaMetricsHTTP
 import Prometheus
 import QuotaCore
 
@@ -100,42 +100,6 @@ final class MetricsExporter: Sendable {
 
     /// Serve `GET /metrics` on `host:port` (HTTP/1.1). Returns the bound channel.
     func serve(host: String, port: Int, group: any EventLoopGroup) async throws -> any Channel {
-        try await ServerBootstrap(group: group)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(exporter: self))
-                }
-            }
-            .bind(host: host, port: port).get()
-    }
-}
-
-final class MetricsHTTPHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
-    private let exporter: MetricsExporter
-    private var uri = ""
-
-    init(exporter: MetricsExporter) { self.exporter = exporter }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .head(let h): uri = h.uri
-        case .body: break
-        case .end:
-            let ok = uri == "/metrics" || uri.hasPrefix("/metrics?")
-            let body = ok ? exporter.scrape() : Array("not found: scrape /metrics\n".utf8)
-            var headers = HTTPHeaders()
-            headers.add(name: "Content-Type", value: ok ? "text/plain; version=0.0.4" : "text/plain")
-            headers.add(name: "Content-Length", value: String(body.count))
-            headers.add(name: "Connection", value: "close")
-            let head = HTTPResponseHead(version: .http1_1, status: ok ? .ok : .notFound, headers: headers)
-            context.write(wrapOutboundOut(.head(head)), promise: nil)
-            context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: body)))), promise: nil)
-            let channel = context.channel
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
-        }
+        try await MetricsHTTPServer.serve(host: host, port: port, group: group) { [self] in scrape() }
     }
 }

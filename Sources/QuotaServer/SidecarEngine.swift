@@ -108,28 +108,81 @@ public final class SidecarEngine: Sendable {
     }
 
     /// Compare the region's generation in Redis with the one this host adopted: adopt it the first
-    /// time (journaled before any lease can be requested), fail closed when it changed or vanished.
+    /// time (journaled before any lease can be requested), fail closed when it changed or vanished, and
+    /// adopt a new generation that declares itself the successor of ours (after `quotactl rehydrate`).
     func checkRegion() async {
-        guard regionLost == nil else { return }
-        guard case .success(let current) = await attempt({ () async throws(RedisError) in try await store.regionGeneration() })
+        guard case .success(let marker) = await attempt({ () async throws(RedisError) in try await store.regionMarker() })
         else { return }
         let adopted = adoptedGeneration
-        switch (adopted, current) {
+        switch (adopted, marker.generation) {
         case (nil, nil):
             return
         case (nil, let g?):
-            // Durable before this host's next lease request (which is journaled after it).
-            let ok = await withCheckedContinuation { c in pipeline.append(.generation(g)) { ok, _ in c.resume(returning: ok) } }
-            if ok { region.withLockedValue { $0.adopted = g } }
-        case (let a?, let g) where g != a:
+            if await journalGeneration(g) { region.withLockedValue { $0.adopted = g } }
+        case (let a?, let g?) where g == a:
+            return
+        case (let a?, let g?) where marker.previous == a:
+            await adoptSuccessor(g, of: a)
+        case (let a?, let g):
+            guard regionLost == nil else { return }
             let why = g == nil
                 ? "the region's Redis has no region marker, but this host ran on generation \(a): Redis lost its data"
                 : "the region's Redis has generation \(g!), but this host ran on generation \(a): Redis lost its data or was replaced"
             region.withLockedValue { $0.lost = why + " (restore it with quotactl rehydrate)" }
             logger.critical("failing closed for every voucher: \(why)")
             for rt in runtimes { rt.regionLost(why) }
-        default:
-            return
+        }
+    }
+
+    /// Journal a generation durably (before the next lease request, which is journaled after it).
+    private func journalGeneration(_ g: String) async -> Bool {
+        await withCheckedContinuation { c in pipeline.append(.generation(g)) { ok, _ in c.resume(returning: ok) } }
+    }
+
+    /// The region was rebuilt (`quotactl rehydrate`) as generation `g`, succeeding `old`: adopt it, forget the
+    /// voucher runtimes of the old one (they reload), and give back the leases this host held when Redis
+    /// lost them, on the journal's word (rehydration recreated them, open and expired, for exactly this).
+    private func adoptSuccessor(_ g: String, of old: String) async {
+        guard await journalGeneration(g) else { return }
+        region.withLockedValue { $0 = (g, nil) }
+        vouchers.withLockedValue { $0.removeAll() }
+        logger.notice("the region was rehydrated: adopting generation \(g) (succeeds \(old)); serving again")
+        guard let dir = config.journal.dir, config.durability != .none else { return }
+        let open = JournalRecovery.read(dir: dir).ledger.openAccounts.filter(\.trusted)
+        await returnOnJournalWord(open, generation: g)
+    }
+
+    /// Return leases as `granted − served` from the journal and journal their close; retried until Redis
+    /// answers (cumulative: repeating it changes nothing). Used by recovery and by generation adoption.
+    func returnOnJournalWord(_ accounts: [LeaseLedger.Account], generation gen: String) async {
+        var open = accounts
+        var delay: Duration = .milliseconds(100)
+        while !open.isEmpty && !Task.isCancelled {
+            var failed: [LeaseLedger.Account] = []
+            for l in open {
+                let r = await attempt { () async throws(RedisError) in
+                    try await store.giveBack(voucher: l.voucher, lease: l.lease, host: config.hostID,
+                                             returnedTotal: injectedBug == "double-return" ? l.granted : l.unserved,
+                                             close: true, gen: gen)
+                }
+                switch r {
+                case .success(let reply):
+                    pipeline.append(.leaseClosed(LeaseClose(
+                        voucher: l.voucher, lease: l.lease, region: config.region, host: config.hostID, granted: l.granted,
+                        served: l.served, returned: l.unserved, tsMs: wallClockMs())))
+                    logger.info("returned a lease on the journal's word", metadata: [
+                        "quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)", "outcome": "\(reply)"])
+                case .failure(.generation(let why)):
+                    logger.error("not returning a lease on the journal's word: \(why)",
+                                 metadata: ["quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)"])
+                case .failure: failed.append(l)
+                }
+            }
+            open = failed
+            if !open.isEmpty {
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(5))
+            }
         }
     }
 

@@ -179,14 +179,14 @@ public final class SidecarService: Service, Sendable {
         guard rec.leaseStateTrusted else { return }
         // Lease requests never answered in the journal: learn what they got (or make sure they get nothing).
         var requests = rec.ledger.requests.map { (req: $0.key, voucher: $0.value) }
-        var open = rec.openLeases.filter(\.trusted)
+        var found: [LeaseLedger.Account] = []
         let untrusted = rec.openLeases.filter { !$0.trusted }
         if !untrusted.isEmpty {
             logger.warning("leases written under durability: none are not returned on the journal's word; reconciliation reclaims them",
                            metadata: ["leases": "\(untrusted.map { "\($0.voucher)/\($0.lease)" })"])
         }
         var delay: Duration = .milliseconds(100)
-        while (!open.isEmpty || !requests.isEmpty) && !Task.isCancelled {
+        while !requests.isEmpty && !Task.isCancelled {
             var pending: [(req: String, voucher: String)] = []
             for r in requests {
                 let result = await attempt { () async throws(RedisError) in
@@ -194,8 +194,10 @@ public final class SidecarService: Service, Sendable {
                 }
                 switch result {
                 case .success(.granted(let g)) where g.granted > 0:
-                    pipeline.append(.leaseGranted(voucher: r.voucher, lease: g.id, granted: g.granted, req: r.req, trusted: true))
-                    open.append(LeaseLedger.Account(voucher: r.voucher, lease: g.id, granted: g.granted, served: 0))
+                    pipeline.append(.leaseGranted(LeaseGrantRecord(
+                        voucher: r.voucher, lease: g.id, granted: g.granted, req: r.req, region: engine.config.region,
+                        host: host, durability: engine.config.durability.rawValue, tsMs: wallClockMs())))
+                    found.append(LeaseLedger.Account(voucher: r.voucher, lease: g.id, granted: g.granted, served: 0))
                     logger.info("found a lease granted to a request of the previous run whose answer was lost",
                                 metadata: ["quota.voucher": "\(r.voucher)", "quota.lease": "\(g.id)", "tokens": "\(g.granted)"])
                 case .success:
@@ -207,32 +209,12 @@ public final class SidecarService: Service, Sendable {
                 }
             }
             requests = pending
-            var failed: [LeaseLedger.Account] = []
-            for l in open {
-                let r = await attempt { () async throws(RedisError) in
-                    try await store.giveBack(voucher: l.voucher, lease: l.lease, host: host,
-                                             returnedTotal: engine.injectedBug == "double-return" ? l.granted : l.unserved,
-                                             close: true, gen: gen)
-                }
-                switch r {
-                case .success(let reply):
-                    pipeline.append(.leaseClosed(LeaseClose(
-                        voucher: l.voucher, lease: l.lease, region: engine.config.region, host: host, granted: l.granted,
-                        served: l.served, returned: l.unserved, tsMs: wallClockMs())))
-                    logger.info("returned a lease of the previous run", metadata: [
-                        "quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)", "outcome": "\(reply)"])
-                case .failure(.generation(let why)):
-                    logger.error("not returning a lease of the previous run: \(why)",
-                                 metadata: ["quota.voucher": "\(l.voucher)", "quota.lease": "\(l.lease)"])
-                case .failure: failed.append(l)
-                }
-            }
-            open = failed
-            if !open.isEmpty || !requests.isEmpty {
+            if !requests.isEmpty {
                 try? await Task.sleep(for: delay)
                 delay = min(delay * 2, .seconds(5))
             }
         }
+        await engine.returnOnJournalWord(rec.openLeases.filter(\.trusted) + found, generation: gen)
     }
 
     private func bind() async throws -> any Channel {

@@ -306,7 +306,8 @@ final class VoucherRuntime: @unchecked Sendable {
                 let gen = self.gen()
                 let result = await attempt { () async throws(RedisError) in
                     try await engine.store.lease(voucher: self.id, host: engine.config.hostID, req: l.req, want: l.want,
-                                                 need: l.need, ttl: ttl, gen: gen, close: l.close)
+                                                 need: l.need, ttl: ttl, gen: gen,
+                                                 durability: engine.config.durability.rawValue, close: l.close)
                 }
                 var request = l
                 request.sentAt = sentAt

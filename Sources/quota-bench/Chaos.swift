@@ -106,7 +106,7 @@ struct Chaos: AsyncParsableCommand {
                     + " — \(r.sidecars) sidecars, \(r.requests) requests, \(r.claims) claims checked; faults: \(faultText)")
                 for v in r.violations.prefix(20) { print("    \(v)") }
             }
-            fflush(stdout)
+            fflush(nil)
         }
         if json {
             try printJSON(summary, pretty: false)

@@ -3,14 +3,16 @@ import Foundation
 import Logging
 import QuotaConfig
 import QuotaCore
+import QuotaLedger
 import QuotaRedis
 
 @main
 struct Quotactl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quotactl",
-        abstract: "Operate quotad: vouchers, lease policy, audit, status.",
-        subcommands: [VoucherCommand.self, LeaseCommand.self, AuditCommand.self, StatusCommand.self])
+        abstract: "Operate quotad: vouchers, lease policy, audit, reconcile, rehydrate, journals, status.",
+        subcommands: [VoucherCommand.self, LeaseCommand.self, AuditCommand.self, ReconcileCommand.self, RehydrateCommand.self,
+                      JournalCommand.self, StatusCommand.self])
 }
 
 /// Where to find the regions' Redis and the local quotad.
@@ -167,6 +169,8 @@ struct VoucherCommand: AsyncParsableCommand {
                 }
             }
             var created: [String] = []
+            var definitions: [(key: String, value: [UInt8])] = []
+            let now = Int64(Date().timeIntervalSince1970 * 1000)
             for (name, n) in alloc {
                 let url = r.regions[name]!
                 let s = try conn.store(url)
@@ -178,6 +182,13 @@ struct VoucherCommand: AsyncParsableCommand {
                         + (created.isEmpty ? "" : " (created in \(created.joined(separator: ", ")) before this)"))
                 }
                 created.append(name)
+                let gen = try await withRedis(url) { () async throws(RedisError) in try await s.regionGeneration() } ?? ""
+                definitions.append((id, VoucherDefinition(voucher: id, region: name, limit: n, totalLimit: limit, perUser: perUser,
+                                                          state: "active", generation: gen, tsMs: now).kafkaValue))
+            }
+            // The ledger keeps what each region's allocation is (rehydration rebuilds pools from it).
+            if let cfg = try conn.loadConfig(), let brokers = cfg.kafka.brokers {
+                _ = try produceEvents(brokers: brokers, topic: cfg.kafka.topic, definitions)
             }
             if conn.json {
                 try emitJSON(["id": id, "limit": String(limit), "regions": alloc.map { "\($0.0)=\($0.1)" }.joined(separator: ",")])
@@ -270,9 +281,21 @@ func setState(_ id: String, _ s: VoucherStatus, _ conn: Connection) async throws
     try requireVoucherID(id)
     let r = try conn.regions()
     var found = false
-    for (_, url) in r.regions.sorted(by: { $0.key < $1.key }) {
+    var definitions: [(key: String, value: [UInt8])] = []
+    let now = Int64(Date().timeIntervalSince1970 * 1000)
+    for (name, url) in r.regions.sorted(by: { $0.key < $1.key }) {
         let store = try conn.store(url)
-        if try await withRedis(url, { () async throws(RedisError) in try await store.setStatus(id, s) }) { found = true }
+        if try await withRedis(url, { () async throws(RedisError) in try await store.setStatus(id, s) }) {
+            found = true
+            if let rec = try await withRedis(url, { () async throws(RedisError) in try await store.voucher(id) }) {
+                definitions.append((id, VoucherDefinition(voucher: id, region: name, limit: rec.limit, totalLimit: rec.totalLimit,
+                                                          perUser: rec.perUser, state: s.rawValue, generation: rec.generation,
+                                                          tsMs: now).kafkaValue))
+            }
+        }
+    }
+    if let cfg = try conn.loadConfig(), let brokers = cfg.kafka.brokers {
+        _ = try produceEvents(brokers: brokers, topic: cfg.kafka.topic, definitions)
     }
     guard found else { throw ValidationError("no voucher '\(id)' (see: quotactl voucher list)") }
     if conn.json { try emitJSON(["id": id, "state": s.rawValue]) } else { print("voucher \(id): \(s.rawValue)") }

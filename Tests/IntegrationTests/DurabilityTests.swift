@@ -176,7 +176,7 @@ struct DurabilityTests {
         // Claims on the topic that were never answered (journaled just before a kill) still consumed their token.
         #expect(a.pool + a.outstanding + s.net == limit,
                 "pool \(a.pool) + outstanding \(a.outstanding) + claimed \(s.net) != \(limit)")
-        #expect(q.allLogs.contains("returned a lease of the previous run"), "recovery gave back unserved tokens")
+        #expect(q.allLogs.contains("returned a lease on the journal's word"), "recovery gave back unserved tokens")
     }
 
     @Test func brokerDownThirtySecondsJournalModeServesWithinItsBoundKafkaModeFailsClosedThenAllShips() async throws {

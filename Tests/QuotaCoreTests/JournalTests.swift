@@ -18,7 +18,8 @@ func claim(_ id: String, lease: String = "1", qty: Int = 1, voucher: String = "v
 
 /// Open a journal on `dir`, append `records`, wait for all to be durable, close it.
 func grant(_ lease: String, _ granted: Int, voucher: String = "v", trusted: Bool = true) -> JournalRecord {
-    .leaseGranted(voucher: voucher, lease: lease, granted: granted, req: "r-\(lease)", trusted: trusted)
+    .leaseGranted(LeaseGrantRecord(voucher: voucher, lease: lease, granted: granted, req: "r-\(lease)", region: "sg",
+                                   host: "h", durability: trusted ? "journal" : "none", tsMs: 1))
 }
 
 func closed(_ lease: String, granted: Int, served: Int, voucher: String = "v") -> JournalRecord {
@@ -194,7 +195,7 @@ struct JournalFileTests {
         }
         for chunk in 0..<10 { appendAndWait(j, (0..<20).map { claim("c\(chunk * 20 + $0)") }) }
         let all = shipped.withLockedValue { $0 }
-        #expect(all.count == 200)
+        #expect(all.count == 201, "200 claims and the lease grant")
         #expect(Set(all.map(\.position.segment)).count >= 5, "small segments rolled")
         // Kafka acknowledged everything: every sealed segment can go.
         j.markShipped(all.map(\.position))

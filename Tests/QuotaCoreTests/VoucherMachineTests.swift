@@ -309,7 +309,8 @@ struct LeaseLedgerTests {
         var l = LeaseLedger()
         l.apply(.leaseRequested(voucher: "v", req: "r1"))
         l.apply(.leaseRequested(voucher: "v", req: "r2"))
-        l.apply(.leaseGranted(voucher: "v", lease: "1", granted: 5, req: "r1", trusted: true))
+        l.apply(.leaseGranted(LeaseGrantRecord(voucher: "v", lease: "1", granted: 5, req: "r1", region: "sg", host: "h",
+                                               durability: "journal", tsMs: 1)))
         l.apply(.generation("g"))
         #expect(l.requests == ["r2": "v"])
         let copy = LeaseLedger(l.snapshot)
