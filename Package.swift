@@ -158,7 +158,7 @@ let package = Package(
             name: "quota-bench",
             dependencies: [
                 "QuotaClient", "QuotaRESP", "QuotaKafka", "QuotaHarness", "QuotaPostgres", "QuotaRedis", "QuotaChaos",
-                "QuotaCore", "QuotaJournal",
+                "QuotaCore", "QuotaJournal", "QuotaLedger",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -14,8 +14,17 @@ qd_start_redis
 qd_start_tansu
 echo "== started a Kafka-compatible broker (Tansu) on 127.0.0.1:$KPORT"
 
+# The operator's config: the region's Redis, the topic, and the ledger (SQLite, embedded).
+cat > "$T/operator.yaml" <<YAML
+region: sg
+regions:
+  sg: { redis: "unix://$T/redis.sock" }
+durability: none
+kafka: { brokers: "127.0.0.1:$KPORT", topic: quota.claims }
+ledger: { db: "sqlite://$T/ledger.db" }
+YAML
 echo "== creating voucher flash-sale with limit $LIMIT"
-$BIN/quotactl voucher create flash-sale --limit "$LIMIT" --redis "unix://$T/redis.sock"
+$BIN/quotactl voucher create flash-sale --limit "$LIMIT" --config "$T/operator.yaml"
 
 for h in a b c; do
   cat > "$T/$h.yaml" <<YAML
@@ -38,7 +47,7 @@ $BIN/quota-bench flash --voucher flash-sale --connections "$CLIENTS" \
   --socket "$T/quotad-a.sock" --socket "$T/quotad-b.sock" --socket "$T/quotad-c.sock" --progress --json > "$T/result.json"
 
 echo "== meanwhile, a daily deal (limit 1,000,000) that does not sell out: 100 clients for 2 s"
-$BIN/quotactl voucher create daily-deal --limit 1000000 --redis "unix://$T/redis.sock" >/dev/null
+$BIN/quotactl voucher create daily-deal --limit 1000000 --config "$T/operator.yaml" >/dev/null
 $BIN/quota-bench flash --voucher daily-deal --connections 100 --duration 2 \
   --socket "$T/quotad-a.sock" --socket "$T/quotad-b.sock" --socket "$T/quotad-c.sock" --json > "$T/daily.json"
 daily_before=$($BIN/quotactl voucher show daily-deal --json --redis "unix://$T/redis.sock")
@@ -57,6 +66,10 @@ after=$($BIN/quotactl voucher show flash-sale --json --redis "unix://$T/redis.so
 daily_after=$($BIN/quotactl voucher show daily-deal --json --redis "unix://$T/redis.sock")
 echo "== reading the claims back from Kafka topic quota.claims"
 $BIN/quota-bench stream --brokers "127.0.0.1:$KPORT" --topic quota.claims --voucher flash-sale --json > "$T/stream.json"
+
+echo "== the ledger: the whole topic into SQLite ($T/ledger.db), then reconciliation against Redis"
+$BIN/quota-ledger --config "$T/operator.yaml" --once --quiet
+$BIN/quotactl reconcile --config "$T/operator.yaml"
 
 python3 - "$T/result.json" "$LIMIT" "$before" "$after" "$T/stream.json" "$T/daily.json" "$daily_before" "$daily_after" <<'PY'
 import json, sys
