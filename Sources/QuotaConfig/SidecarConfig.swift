@@ -118,6 +118,9 @@ public struct SidecarConfig: Sendable {
         public var maxWaitingClaims = 10_000
         /// `limits.claim_timeout_ms`: longest a claim waits for a lease before UNAVAILABLE. Default 2000.
         public var claimTimeout: Duration = .seconds(2)
+        /// `limits.tail_wait_ms`: at the end of a sale, longest a claim waits for stock recalled from other
+        /// hosts before UNAVAILABLE (it is never told SOLDOUT while another host may hold stock). Default 1000.
+        public var tailWait: Duration = .seconds(1)
         /// `limits.max_qty`: largest QTY of one claim. Default 1000.
         public var maxQty = 1000
         /// `limits.max_vouchers`: vouchers tracked by this host. Default 100000.
@@ -279,6 +282,8 @@ public struct SidecarConfig: Sendable {
         if !marginSet { p.safetyMargin = LeasePolicy.defaultMargin(ttl: p.ttl) }
         if let v = try l.double("low_watermark", min: 0, max: 0.99) { p.lowWatermark = v }
         if let v = try l.double("idle_return_seconds", min: 0.1) { p.idleReturn = .milliseconds(Int64(v * 1000)) }
+        if let v = try l.double("warmup_seconds", min: 0, max: 3600) { p.warmup = .milliseconds(Int64(v * 1000)) }
+        if let v = try l.int("opening", min: 1) { p.opening = v }
         try l.finish()
         guard p.max >= p.min else { throw ConfigError(key: "lease.max", "must be >= lease.min (\(p.min))") }
         guard p.safetyMargin < p.ttl else { throw ConfigError(key: "lease.safety_margin", "must be < lease.ttl") }
@@ -289,6 +294,7 @@ public struct SidecarConfig: Sendable {
         if let v = try lim.int("max_pending_per_connection", min: 1) { c.limits.maxPendingPerConnection = v }
         if let v = try lim.int("max_waiting_claims", min: 0) { c.limits.maxWaitingClaims = v }
         if let v = try lim.int("claim_timeout_ms", min: 1) { c.limits.claimTimeout = .milliseconds(v) }
+        if let v = try lim.int("tail_wait_ms", min: 0, max: 60_000) { c.limits.tailWait = .milliseconds(v) }
         if let v = try lim.int("max_qty", min: 1) { c.limits.maxQty = v }
         if let v = try lim.int("max_vouchers", min: 1) { c.limits.maxVouchers = v }
         if let v = try lim.int("max_arguments", min: 4, max: 1024) { c.limits.maxArguments = v }

@@ -17,6 +17,11 @@ public struct LeasePolicy: Sendable, Equatable {
     public var idleReturn: Duration
     /// Stop serving a lease this long before its expiry unless renewed. Default: max(1 s, ttl / 5).
     public var safetyMargin: Duration
+    /// Tokens of the opening lease a host takes in the warm-up window before a scheduled sale opens
+    /// (`lease.opening`). nil: derived, see ``openingSize(regionLimit:hosts:)``.
+    public var opening: Int?
+    /// How long before a scheduled sale opens its opening leases are taken (`lease.warmup_seconds`). Default 10 s.
+    public var warmup: Duration = .seconds(10)
 
     public init(
         min: Int = 10, max: Int = 5_000, targetSeconds: Double = 2, ttl: Duration = .seconds(10),
@@ -39,6 +44,14 @@ public struct LeasePolicy: Sendable, Equatable {
     /// The fraction of the remaining pool one lease may take near exhaustion
     /// (applied by the LEASE script against the authoritative pool).
     public static let exhaustionFraction = 0.1
+
+    /// The opening lease of one host: `opening` when set, else half the region's allocation spread
+    /// over the hosts seen in the region, within `[min, max]` (and never more than the allocation).
+    public func openingSize(regionLimit: Int, hosts: Int) -> Int {
+        if let opening { return Swift.max(1, opening) }
+        let share = (regionLimit + 2 * Swift.max(1, hosts) - 1) / (2 * Swift.max(1, hosts))
+        return Swift.max(1, Swift.min(Swift.max(share, min), max, Swift.max(1, regionLimit)))
+    }
 
     /// The lease size for an observed demand of `rate` tokens per second.
     public func leaseSize(rate: Double) -> Int {
@@ -79,15 +92,18 @@ public struct LeasePolicyOverride: Sendable, Equatable {
     public var max: Int?
     public var targetSeconds: Double?
     public var ttlSeconds: Double?
+    public var opening: Int?
 
-    public init(min: Int? = nil, max: Int? = nil, targetSeconds: Double? = nil, ttlSeconds: Double? = nil) {
+    public init(min: Int? = nil, max: Int? = nil, targetSeconds: Double? = nil, ttlSeconds: Double? = nil,
+                opening: Int? = nil) {
         self.min = min
         self.max = max
         self.targetSeconds = targetSeconds
         self.ttlSeconds = ttlSeconds
+        self.opening = opening
     }
 
-    public var isEmpty: Bool { min == nil && max == nil && targetSeconds == nil && ttlSeconds == nil }
+    public var isEmpty: Bool { min == nil && max == nil && targetSeconds == nil && ttlSeconds == nil && opening == nil }
 
     /// `base` with these overrides applied on top (`self` wins).
     public func applied(to base: LeasePolicy) -> LeasePolicy {
@@ -96,6 +112,7 @@ public struct LeasePolicyOverride: Sendable, Equatable {
         if let max { p.max = max }
         if p.max < p.min { p.max = p.min }
         if let targetSeconds { p.targetSeconds = targetSeconds }
+        if let opening { p.opening = opening }
         if let ttlSeconds {
             p.ttl = .milliseconds(Int64(ttlSeconds * 1000))
             if p.safetyMargin >= p.ttl { p.safetyMargin = LeasePolicy.defaultMargin(ttl: p.ttl) }
@@ -107,6 +124,7 @@ public struct LeasePolicyOverride: Sendable, Equatable {
     public func overlaid(by other: LeasePolicyOverride) -> LeasePolicyOverride {
         LeasePolicyOverride(
             min: other.min ?? min, max: other.max ?? max,
-            targetSeconds: other.targetSeconds ?? targetSeconds, ttlSeconds: other.ttlSeconds ?? ttlSeconds)
+            targetSeconds: other.targetSeconds ?? targetSeconds, ttlSeconds: other.ttlSeconds ?? ttlSeconds,
+            opening: other.opening ?? opening)
     }
 }

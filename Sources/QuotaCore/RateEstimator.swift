@@ -10,6 +10,11 @@ public struct RateEstimator: Sendable {
 
     public init() {}
 
+    /// Start from an expected rate (a scheduled sale's opening) unless a higher one was observed.
+    public mutating func seed(_ expected: Double) {
+        if expected > rate { rate = expected }
+    }
+
     /// Count `tokens` claimed at `now`.
     public mutating func record(_ tokens: Int, now: Instant) {
         windowCount += tokens

@@ -28,6 +28,9 @@ public struct ClaimRules: Sendable {
     public var maxWaiting = 10_000
     /// Users remembered per voucher for the local per-user pre-check.
     public var maxTrackedUsers = 1_000_000
+    /// At the end of a sale, how long a claim waits for stock recalled from other hosts before it is
+    /// answered UNAVAILABLE (`limits.tail_wait_ms`).
+    public var tailWait: Duration = .seconds(1)
     /// A deliberate bug, only for the chaos checker's self-test (`QUOTAD_INJECT_BUG`): `skip-user-check`
     /// (the per-user check always passes) or `no-timeout-cancel` (a claim that lands after its timeout is
     /// not cancelled, yet its tokens serve again). Never set in production.
@@ -140,6 +143,8 @@ public struct VoucherMachine: Sendable {
         case releaseUser(ClaimEvent, answer: Ticket?)
         /// An `UNCLAIM` could not be journaled: the claim may be cancelled again later.
         case unclaimFailed(claimID: String)
+        /// Call ``tick(now:effects:)`` at this instant (recalled stock may be back in the pool by then).
+        case wake(Instant)
     }
 
     private struct Parked: Sendable {
@@ -148,6 +153,7 @@ public struct VoucherMachine: Sendable {
         var req: String?
         var deadline: Instant
         var ticket: Ticket
+        var parkedAt: Instant
     }
 
     private enum Stage: Sendable, Equatable {
@@ -220,6 +226,8 @@ public struct VoucherMachine: Sendable {
     /// A refusal decided outside the voucher (journal or Kafka backlog: fail closed), or nil.
     private let admission: @Sendable () -> QuotaError?
     private var loadWaiters: [(Request, Ticket)] = []
+    /// The operator asked for the opening lease (``warm(now:effects:)``).
+    private var warmWanted = false
     private var loadStarted = false
     private var parked: [Parked] = []
     private var parkedHead = 0
@@ -353,7 +361,8 @@ public struct VoucherMachine: Sendable {
                 stock.countRejection(.busy)
                 return .refused(QuotaError(.busy, "too many claims waiting for stock of '\(voucher)'"))
             }
-            parked.append(Parked(qty: qty, user: user, req: req, deadline: now + rules.claimTimeout, ticket: ticket))
+            parked.append(Parked(qty: qty, user: user, req: req, deadline: now + rules.claimTimeout, ticket: ticket,
+                                 parkedAt: now))
             parkedTokens += qty
             return nil
         }
@@ -614,6 +623,7 @@ public struct VoucherMachine: Sendable {
     private mutating func settleEffects(now: Instant, _ fx: inout [Effect]) {
         guard phase == .ready else { return }
         serveParked(now: now, &fx)
+        stock.sweepTail(waiting: parkedTokens, now: now)
         collect(now: now, &fx)
     }
 
@@ -627,6 +637,13 @@ public struct VoucherMachine: Sendable {
             if w.deadline <= now {
                 stock.countRejection(.unavailable)
                 answer = .refused(QuotaError(.unavailable, "no lease arrived within the claim timeout"))
+            } else if stock.tail, stock.heldElsewhere > 0, now - w.parkedAt >= rules.tailWait,
+                stock.available(now: now) < w.qty
+            {
+                stock.countRejection(.unavailable)
+                answer = .refused(QuotaError(
+                    .unavailable, "the region's last tokens are on \(stock.heldElsewhere) leases being recalled; "
+                        + "retry (with the same REQ)"))
             } else if stock.lost == nil, let refusal = admission() {
                 stock.countRejection(.unavailable)
                 answer = .refused(refusal)
@@ -684,7 +701,7 @@ public struct VoucherMachine: Sendable {
         loadWaiters.removeAll()
         switch result {
         case .success(let rec?):
-            apply(rec, policy: policy)
+            apply(rec, policy: policy, now: now)
             phase = .ready
             // Decide the requests that waited for the load, in arrival order.
             for (req, t) in waiters {
@@ -705,23 +722,52 @@ public struct VoucherMachine: Sendable {
         }
     }
 
-    private mutating func apply(_ rec: VoucherRecordInfo, policy: LeasePolicy) {
+    private mutating func apply(_ rec: VoucherRecordInfo, policy: LeasePolicy, now: Instant) {
         record = rec
         perUserLimit = rec.perUser
         stock.policy = policy
         stock.setStatus(rec.status)
         stock.refreshed(pool: rec.pool)
+        stock.setSchedule(rec.schedule, now: now)
+        // A voucher seen here before its sale opens (or one the operator warms) takes its opening lease.
+        let beforeOpening = rec.schedule.opensAt.map { now < $0 } ?? false
+        if (beforeOpening || warmWanted) && rec.opening > 0 && !stock.warm { stock.prepareOpening(rec.opening) }
     }
 
     /// Fresh metadata from the periodic refresh.
     public mutating func refreshed(_ rec: VoucherRecordInfo, policy: LeasePolicy, now: Instant, effects fx: inout [Effect]) {
         guard phase == .ready else { return }
-        let starvedAgain = record.map { rec.starvedMs > $0.starvedMs } ?? false
-        apply(rec, policy: policy)
-        // Another host found the pool empty: give back stock this host is not using,
-        // so the last tokens are not stranded here.
-        if starvedAgain { stock.returnIfIdle(now: now, idleFor: .seconds(1)) }
+        let recalledAgain = record.map { rec.recallMs > $0.recallMs } ?? false
+        apply(rec, policy: policy, now: now)
+        // Another host found the pool empty while leases were out (a recall this host may have missed):
+        // give back what no claim here waits for, so the last tokens are not stranded here.
+        if recalledAgain { stock.recall(now: now) }
         settleEffects(now: now, &fx)
+    }
+
+    /// Another host asked for this voucher's stock back (it found the pool empty while leases were out).
+    public mutating func recall(now: Instant, effects fx: inout [Effect]) {
+        guard phase == .ready else { return }
+        stock.recall(now: now)
+        settleEffects(now: now, &fx)
+    }
+
+    /// The operator listed this voucher to warm (`quotactl voucher warm`): load it if needed, then take
+    /// its opening lease (in the warm-up window of a scheduled sale, at once otherwise).
+    public mutating func warm(now: Instant, effects fx: inout [Effect]) {
+        guard !warmWanted else { return }
+        warmWanted = true
+        switch phase {
+        case .ready:
+            if let r = record, r.opening > 0, !stock.warm { stock.prepareOpening(r.opening) }
+            collect(now: now, &fx)
+        case .loading, .missing, .failed:
+            if !loadStarted {
+                loadStarted = true
+                phase = .loading
+                fx.append(.load)
+            }
+        }
     }
 
     /// Redis no longer holds this voucher as this host knew it: fail closed for good on this host.
@@ -762,7 +808,8 @@ public struct VoucherMachine: Sendable {
         case .refused(let r):
             for c in request.close { fx.append(.journal(.leaseClosed(closeRecord(c)))) }
             fx.append(.journal(.leaseAnswered(voucher: voucher, req: request.req)))
-            stock.leaseRefused(r)
+            stock.leaseRefused(r, now: now)
+            if let at = stock.recallPollAt { fx.append(.wake(at)) }
         case .failed(_, let unknown):
             stock.leaseFailed(now: now, request: request, outcomeUnknown: unknown)
         }
@@ -922,11 +969,19 @@ public struct VoucherRecordInfo: Sendable, Equatable {
     public var status: VoucherStatus
     public var pool: Int
     public var perUser: Int
-    public var starvedMs: Int
-    public init(status: VoucherStatus, pool: Int, perUser: Int, starvedMs: Int) {
+    /// When a host last found the pool empty while leases were out (Redis ms), or 0.
+    public var recallMs: Int
+    /// The sale's schedule, placed on this host's clock.
+    public var schedule: SaleSchedule
+    /// Tokens of this host's opening lease before a scheduled opening (0: none).
+    public var opening: Int
+    public init(status: VoucherStatus, pool: Int, perUser: Int, recallMs: Int = 0, schedule: SaleSchedule = SaleSchedule(),
+                opening: Int = 0) {
         self.status = status
         self.pool = pool
         self.perUser = perUser
-        self.starvedMs = starvedMs
+        self.recallMs = recallMs
+        self.schedule = schedule
+        self.opening = opening
     }
 }

@@ -101,9 +101,73 @@ public enum ClaimDecision: Sendable, Equatable {
 
 /// Why Redis refused a lease.
 public enum LeaseRefusal: Sendable, Equatable {
-    case soldOut
+    /// The pool is empty and no host holds a lease that could still serve: the region's quota is gone.
+    /// `abandoned`: leases of hosts silent for long past their expiry, left to reconciliation.
+    case soldOut(abandoned: Int)
+    /// The pool is empty but `held` leases (of any host) may still hold unserved tokens: they are being
+    /// recalled; ask again shortly.
+    case recalling(held: Int)
     case inactive(VoucherStatus)
+    /// Outside the sale's schedule, as Redis's clock says (the message says when).
+    case schedule(String)
     case unknownVoucher
+}
+
+/// A sale's opening and end: as Redis holds them (ms on Redis's clock, 0: none), and placed on this
+/// host's monotonic clock conservatively, from a reply that read Redis's clock at some instant between
+/// `sentAt` and `receivedAt`: the sale never opens here before it opens at Redis, and never serves
+/// here after it ends at Redis.
+public struct SaleSchedule: Sendable, Equatable {
+    public var startMs: Int64 = 0
+    public var endMs: Int64 = 0
+    public var opensAt: Instant?
+    public var endsAt: Instant?
+
+    public init() {}
+
+    public init(startMs: Int64, endMs: Int64, redisNowMs: Int64, sentAt: Instant, receivedAt: Instant) {
+        self.startMs = startMs
+        self.endMs = endMs
+        opensAt = startMs > 0 ? receivedAt + .milliseconds(startMs - redisNowMs) : nil
+        endsAt = endMs > 0 ? sentAt + .milliseconds(endMs - redisNowMs) : nil
+    }
+
+    /// Why a claim at `now` is outside the sale, or nil.
+    public func refusal(now: Instant) -> String? {
+        if let o = opensAt, now < o {
+            return "sale not started: opens at \(formatUTC(ms: startMs)) (Redis time), in \(formatSeconds(o - now))"
+        }
+        if let e = endsAt, now >= e { return "sale ended at \(formatUTC(ms: endMs)) (Redis time)" }
+        return nil
+    }
+}
+
+/// `ms` since the Unix epoch as RFC 3339 UTC with milliseconds, e.g. `2026-11-29T14:35:00.250Z`.
+public func formatUTC(ms: Int64) -> String {
+    let days = ms >= 0 ? ms / 86_400_000 : (ms - 86_399_999) / 86_400_000
+    let rest = ms - days * 86_400_000
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468
+    let era = (z >= 0 ? z : z - 146_096) / 146_097
+    let doe = z - era * 146_097
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+    let mp = (5 * doy + 2) / 153
+    let d = doy - (153 * mp + 2) / 5 + 1
+    let m = mp < 10 ? mp + 3 : mp - 9
+    let y = yoe + era * 400 + (m <= 2 ? 1 : 0)
+    func pad(_ v: Int64, _ n: Int) -> String {
+        let t = String(v)
+        return String(repeating: "0", count: max(0, n - t.count)) + t
+    }
+    return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(rest / 3_600_000, 2)):\(pad(rest / 60000 % 60, 2)):"
+        + "\(pad(rest / 1000 % 60, 2)).\(pad(rest % 1000, 3))Z"
+}
+
+/// A duration as seconds with one decimal, e.g. `3.2 s`.
+public func formatSeconds(_ d: Duration) -> String {
+    let tenths = (d.nanosecondsClamped + 50_000_000) / 100_000_000
+    return "\(tenths / 10).\(tenths % 10) s"
 }
 
 /// How Redis answered a renewal.
@@ -159,6 +223,28 @@ public struct VoucherStock: Sendable {
     public private(set) var backoffUntil: Instant?
     public private(set) var consecutiveFailures = 0
     public private(set) var draining = false
+    /// The sale's schedule (``setSchedule(_:now:)``).
+    public private(set) var schedule = SaleSchedule()
+    /// Redis refused a lease for the schedule: claims get this answer until the instant passes.
+    private var scheduleBlock: (String, Instant)?
+    /// Take the opening lease in the warm-up window (the voucher was seen here, or the operator said so).
+    public private(set) var warm = false
+    /// Tokens of the opening lease (``prepareOpening(_:)``).
+    public private(set) var openingSize = 0
+    private var openingTaken = false
+    private var openingInFlight = false
+    private var openingSeeded = false
+    /// The end of the sale is near: the region pool was seen empty, or another host recalled stock.
+    /// Leases are then exactly what waiting claims need, and stock nobody waits for goes back at once.
+    public private(set) var tail = false
+    /// Leases that may still hold unserved tokens, as the last empty-pool answer counted them.
+    public private(set) var heldElsewhere = 0
+    /// Leases of hosts silent long past their expiry, as the last SOLDOUT answer counted them.
+    public private(set) var abandonedLeases = 0
+    /// The pool was empty while leases were held: ask again at this instant (recalled stock may be back).
+    public private(set) var recallPollAt: Instant?
+    /// How often a host waiting for recalled stock asks Redis again.
+    public static let recallPoll: Duration = .milliseconds(10)
     /// Why the authority can no longer be trusted (Redis forgot this voucher): nothing is served or returned.
     public private(set) var lost: String?
     public private(set) var lastDemand: Instant?
@@ -199,13 +285,18 @@ public struct VoucherStock: Sendable {
         case .closed: return reject(.inactive, "voucher is closed")
         case .active: break
         }
+        if schedule.opensAt != nil || schedule.endsAt != nil || scheduleBlock != nil,
+            let why = scheduleRefusal(now: now)
+        {
+            return reject(.inactive, why)
+        }
         fence(now: now)
         if countDemand {
             lastDemand = now
             rate.record(qty, now: now)
         }
         if available(now: now) >= qty { return .served(take(qty, inFlight: inFlight)) }
-        if soldOut { return reject(.soldout, "voucher sold out in this region") }
+        if soldOut { return reject(.soldout, soldOutMessage) }
         if let b = backoffUntil, now < b, !leaseInFlight {
             return reject(.unavailable, "quota authority unreachable and no local stock")
         }
@@ -217,12 +308,89 @@ public struct VoucherStock: Sendable {
     public mutating func retryParked(qty: Int, now: Instant, inFlight: Bool = false) -> ClaimDecision {
         let d = claim(qty: qty, now: now, countDemand: false, inFlight: inFlight)
         guard d == .wait else { return d }
-        if leaseInFlight || nextLeaseWouldBeSent(now: now) { return .wait }
+        if leaseInFlight || recallPollAt != nil || nextLeaseWouldBeSent(now: now) { return .wait }
         return reject(.unavailable, "quota authority unreachable and no local stock")
     }
 
     private func nextLeaseWouldBeSent(now: Instant) -> Bool {
         lost == nil && !draining && status == .active && !soldOut && (backoffUntil.map { now >= $0 } ?? true)
+            && (recallPollAt.map { now >= $0 } ?? true) && !(schedule.endsAt.map { now >= $0 } ?? false)
+    }
+
+    private var soldOutMessage: String {
+        abandonedLeases == 0
+            ? "voucher sold out in this region"
+            : "voucher sold out in this region (\(abandonedLeases) leases of hosts silent past their expiry await reconciliation)"
+    }
+
+    /// Why a claim at `now` is outside the sale (Redis's schedule as this host places it), or nil.
+    public func scheduleRefusal(now: Instant) -> String? {
+        if let why = schedule.refusal(now: now) { return why }
+        if let (why, until) = scheduleBlock, now < until { return why }
+        return nil
+    }
+
+    // MARK: - Schedule and the opening
+
+    /// The sale's schedule as last read from Redis. Past its end, every lease goes back.
+    public mutating func setSchedule(_ s: SaleSchedule, now: Instant) {
+        schedule = s
+        scheduleBlock = nil
+        endIfOver(now: now)
+    }
+
+    /// Past the sale's end: stop serving and give everything back.
+    private mutating func endIfOver(now: Instant) {
+        guard let e = schedule.endsAt, now >= e, !leases.isEmpty || !finishedLeases.isEmpty else { return }
+        returnAll()
+    }
+
+    /// Take the opening lease of `size` tokens: in the warm-up window before a scheduled sale opens, or
+    /// at once without a schedule (`quotactl voucher warm`).
+    public mutating func prepareOpening(_ size: Int) {
+        warm = true
+        openingSize = max(1, size)
+    }
+
+    /// The opening lease, once, in the warm-up window before `opensAt`.
+    private mutating func openingLease(now: Instant, opensAt: Instant) -> LeaseRequest? {
+        guard warm, !openingTaken, leases.isEmpty, now >= opensAt - policy.warmup, nextLeaseWouldBeSent(now: now)
+        else { return nil }
+        // Demand is expected at the opening: nothing held for it goes back as idle before then.
+        if lastDemand.map({ $0 < opensAt }) ?? true { lastDemand = opensAt }
+        leaseInFlight = true
+        openingInFlight = true
+        rate.seed(Double(openingSize) / policy.targetSeconds)
+        let req = unresolvedRequest ?? newRequestID()
+        return LeaseRequest(req: req, want: openingSize, need: openingSize, sentAt: now, close: takeFinishedForClose())
+    }
+
+    private mutating func openingAnswered() {
+        if openingInFlight { openingTaken = true }
+        openingInFlight = false
+    }
+
+    // MARK: - The end: recall
+
+    /// Another host found the pool empty while this one may hold stock: give back everything no claim
+    /// here waits for (claims in flight settle first; their leases close when they do).
+    public mutating func recall(now: Instant) {
+        guard lost == nil, !draining else { return }
+        tail = true
+        if !leases.isEmpty || !finishedLeases.isEmpty { returnAll() }
+    }
+
+    /// Near the end, stock no claim here waits for goes back at once (e.g. tokens a refused claim gave back).
+    public mutating func sweepTail(waiting: Int, now: Instant) {
+        guard tail, waiting == 0, lost == nil, !leases.isEmpty || !finishedLeases.isEmpty else { return }
+        returnAll()
+    }
+
+    /// The pool as seen is large again (more quota): leave the end-of-sale mode.
+    private mutating func leaveTailIfRefilled(pool: Int) {
+        guard tail, pool >= 4 * policy.leaseSize(rate: rate.rate) else { return }
+        tail = false
+        heldElsewhere = 0
     }
 
     private mutating func reject(_ code: QuotaErrorCode, _ message: String) -> ClaimDecision {
@@ -382,6 +550,7 @@ public struct VoucherStock: Sendable {
 
     /// Stop serving every lease whose deadline passed: their unused tokens go back to Redis.
     public mutating func fence(now: Instant) {
+        if schedule.endsAt != nil { endIfOver(now: now) }
         // Leases are kept sorted by deadline: the first one tells whether any expired.
         guard let first = leases.first, first.deadline <= now else { return }
         while let i = leases.firstIndex(where: { $0.deadline <= now }) {
@@ -411,19 +580,32 @@ public struct VoucherStock: Sendable {
             return LeaseRequest(req: req, want: 0, need: 0, sentAt: now)
         }
         guard nextLeaseWouldBeSent(now: now) else { return nil }
+        if let o = schedule.opensAt {
+            if now < o { return openingLease(now: now, opensAt: o) }
+            if warm && !openingSeeded {
+                // The sale opened: size the next leases for the demand the opening lease was sized for.
+                openingSeeded = true
+                rate.seed(Double(openingSize) / policy.targetSeconds)
+            }
+        } else if warm && !openingTaken && leases.isEmpty {
+            return openingLease(now: now, opensAt: now)
+        }
         rate.roll(now: now)
         let recentDemand = lastDemand.map { now - $0 < policy.idleReturn } ?? false
         guard waiting > 0 || recentDemand || unresolvedRequest != nil else { return nil }
         fence(now: now)
         let avail = available(now: now)
         let size = policy.leaseSize(rate: rate.rate)
-        let wanted = waiting > avail || avail <= policy.refillThreshold(leaseSize: size)
+        // Near the end, only what waiting claims need: no refill ahead of demand.
+        let wanted = waiting > avail || (!tail && avail <= policy.refillThreshold(leaseSize: size))
         guard wanted || unresolvedRequest != nil else { return nil }
         let need = wanted ? max(0, waiting - avail) : 0
         leaseInFlight = true
+        recallPollAt = nil
         let req = unresolvedRequest ?? newRequestID()
         let close = takeFinishedForClose()
-        return LeaseRequest(req: req, want: wanted ? max(size, need) : 0, need: need, sentAt: now, close: close)
+        let want = !wanted ? 0 : tail ? need : max(size, need)
+        return LeaseRequest(req: req, want: want, need: need, sentAt: now, close: close)
     }
 
     private mutating func newRequestID() -> String {
@@ -453,7 +635,7 @@ public struct VoucherStock: Sendable {
         guard !finishedLeases.isEmpty else { return }
         if finishedSince == nil { finishedSince = now }
         let stale = now - finishedSince! >= after
-        guard stale || draining || soldOut || status != .active || lost != nil else { return }
+        guard stale || draining || soldOut || tail || status != .active || lost != nil else { return }
         let closing = takeFinishedForClose()
         if lost == nil { pendingReturns += closing }
     }
@@ -465,7 +647,11 @@ public struct VoucherStock: Sendable {
         backoffUntil = nil
         consecutiveFailures = 0
         poolHint = g.poolAfter
-        soldOut = g.poolAfter == 0
+        recallPollAt = nil
+        // An empty pool after this grant is not the end yet (other hosts may hold stock), but it is near.
+        if g.poolAfter == 0 { tail = true } else { soldOut = false }
+        leaveTailIfRefilled(pool: g.poolAfter)
+        openingAnswered()
         guard g.granted > 0 else { return }
         counters.leasesTaken += 1
         counters.tokensLeased += g.granted
@@ -483,6 +669,7 @@ public struct VoucherStock: Sendable {
     /// full at once.
     public mutating func leaseGrantedUnusable(_ g: LeaseGrant) {
         leaseInFlight = false
+        openingAnswered()
         unresolvedRequest = nil
         poolHint = g.poolAfter
         guard g.granted > 0, lost == nil else { return }
@@ -491,17 +678,29 @@ public struct VoucherStock: Sendable {
     }
 
     /// Redis refused the lease.
-    public mutating func leaseRefused(_ r: LeaseRefusal) {
+    public mutating func leaseRefused(_ r: LeaseRefusal, now: Instant) {
         leaseInFlight = false
         unresolvedRequest = nil
         backoffUntil = nil
         consecutiveFailures = 0
+        recallPollAt = nil
+        openingAnswered()
         switch r {
-        case .soldOut:
+        case .soldOut(let abandoned):
             soldOut = true
+            tail = true
             poolHint = 0
+            heldElsewhere = 0
+            abandonedLeases = abandoned
+        case .recalling(let held):
+            tail = true
+            poolHint = 0
+            heldElsewhere = held
+            recallPollAt = now + Self.recallPoll
         case .inactive(let s):
             setStatus(s)
+        case .schedule(let why):
+            scheduleBlock = (why, now + .milliseconds(250))
         case .unknownVoucher:
             setStatus(.closed)
         }
@@ -512,6 +711,7 @@ public struct VoucherStock: Sendable {
     /// answers with what it granted instead of granting twice.
     public mutating func leaseFailed(now: Instant, request: LeaseRequest, outcomeUnknown: Bool = true) {
         leaseInFlight = false
+        openingInFlight = false
         if outcomeUnknown { unresolvedRequest = request.req }
         // The leases it was to close: closing returns are cumulative, so sending them again is safe.
         if lost == nil { pendingReturns += request.close }
@@ -633,6 +833,7 @@ public struct VoucherStock: Sendable {
     public mutating func refreshed(pool: Int) {
         poolHint = pool
         if pool > 0 { soldOut = false }
+        leaveTailIfRefilled(pool: pool)
     }
 
     /// Unused tokens held (valid or not yet fenced, fully served or settling).

@@ -258,32 +258,42 @@ public final class HiredisConnection: @unchecked Sendable {
         }
     }
 
-    private func timeval(_ d: Duration) -> timeval {
+    static func timeval(_ d: Duration) -> timeval {
         let (s, a) = d.components
         return Glibc.timeval(tv_sec: Int(s), tv_usec: Int(a / 1_000_000_000_000))
+    }
+
+    struct OpenError: Error { var message: String }
+
+    /// A new connected context (the caller owns it), or why not.
+    static func open(_ endpoint: RedisEndpoint, timeout: Duration) -> Result<UnsafeMutablePointer<redisContext>, OpenError> {
+        let ctx: UnsafeMutablePointer<redisContext>?
+        switch endpoint {
+        case .unix(let path): ctx = redisConnectUnixWithTimeout(path, timeval(timeout))
+        case .tcp(let host, let port): ctx = redisConnectWithTimeout(host, Int32(port), timeval(timeout))
+        }
+        guard let ctx else { return .failure(OpenError(message: "cannot allocate hiredis context")) }
+        if ctx.pointee.err != 0 {
+            let e = OpenError(message: "connect to \(endpoint): \(errorString(ctx))")
+            redisFree(ctx)
+            return .failure(e)
+        }
+        return .success(ctx)
     }
 
     private func connect() -> UnsafeMutablePointer<redisContext>? {
         if let context { return context }
         // Do not hammer a server that is down: one attempt per 100 ms, fail fast in between.
         if let last = lastConnectFailure, ContinuousClock.now - last < .milliseconds(100) { return nil }
-        let ctx: UnsafeMutablePointer<redisContext>?
-        switch endpoint {
-        case .unix(let path): ctx = redisConnectUnixWithTimeout(path, timeval(timeout))
-        case .tcp(let host, let port): ctx = redisConnectWithTimeout(host, Int32(port), timeval(timeout))
-        }
-        guard let ctx else {
-            lastConnectError = "cannot allocate hiredis context"
+        let ctx: UnsafeMutablePointer<redisContext>
+        switch Self.open(endpoint, timeout: timeout) {
+        case .failure(let e):
+            lastConnectError = e.message
             lastConnectFailure = .now
             return nil
+        case .success(let c): ctx = c
         }
-        if ctx.pointee.err != 0 {
-            lastConnectError = "connect to \(endpoint): \(Self.errorString(ctx))"
-            lastConnectFailure = .now
-            redisFree(ctx)
-            return nil
-        }
-        _ = redisSetTimeout(ctx, timeval(socketTimeout))
+        _ = redisSetTimeout(ctx, Self.timeval(socketTimeout))
         if lastConnectFailure != nil {
             logger.info("redis connection restored", metadata: ["redis": "\(endpoint)"])
         }
@@ -292,7 +302,7 @@ public final class HiredisConnection: @unchecked Sendable {
         return ctx
     }
 
-    private static func errorString(_ ctx: UnsafeMutablePointer<redisContext>) -> String {
+    static func errorString(_ ctx: UnsafeMutablePointer<redisContext>) -> String {
         withUnsafeBytes(of: ctx.pointee.errstr) { raw in
             let bytes = raw.prefix { $0 != 0 }
             let s = String(decoding: bytes, as: UTF8.self)
@@ -300,7 +310,7 @@ public final class HiredisConnection: @unchecked Sendable {
         }
     }
 
-    private static func convert(_ r: UnsafeMutablePointer<redisReply>) -> RedisValue {
+    static func convert(_ r: UnsafeMutablePointer<redisReply>) -> RedisValue {
         let p = r.pointee
         func text() -> String {
             guard let s = p.str else { return "" }

@@ -94,22 +94,61 @@ enum QuotaScripts {
         return redis.call('HGET', KEYS[1], 'gen')
         """
 
-    /// KEYS: meta. ARGV: limit, per_user, total_limit, region, gen, closed_retention_ms.
+    /// KEYS: meta. ARGV: limit, per_user, total_limit, region, gen, closed_retention_ms, start_ms, end_ms
+    /// (Redis ms; 0: no schedule).
     static let create = """
         \(now)
         if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 'exists'} end
         redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'pool', ARGV[1], 'state', 'active',
           'per_user', ARGV[2], 'total_limit', ARGV[3], 'region', ARGV[4], 'lease_seq', 0,
           'leased', 0, 'returned', 0, 'restocked', 0, 'created_ms', now, 'gen', ARGV[5],
-          'closed_retention_ms', ARGV[6])
+          'closed_retention_ms', ARGV[6], 'start_ms', ARGV[7], 'end_ms', ARGV[8])
         return {1, 'created'}
         """
 
+    /// A sidecar's heartbeat, once per refresh. KEYS: the region's hosts zset, the region's warm list.
+    /// ARGV: host, warmup_ms. Records the host as alive (hosts silent for 30 s drop out), and answers
+    /// Redis's clock, the number of live hosts, and the vouchers to warm now: those whose warm-list time
+    /// (a scheduled opening, or when `quotactl voucher warm` was run) is within the warm-up window, and
+    /// not more than an hour ago. Reply: {now_ms, hosts, {voucher, ...}}.
+    static let heartbeat = """
+        \(now)
+        redis.call('ZADD', KEYS[1], now, ARGV[1])
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 30000)
+        redis.call('PEXPIRE', KEYS[1], 86400000)
+        local warm = redis.call('ZRANGEBYSCORE', KEYS[2], now - 3600000, now + tonumber(ARGV[2]), 'LIMIT', 0, 1000)
+        return {now, redis.call('ZCARD', KEYS[1]), warm}
+        """
+
+    /// Put a voucher on the region's warm list. KEYS: warm list. ARGV: voucher, at_ms (0: now).
+    /// Entries older than a day are dropped; the list expires a day after its last write.
+    /// Reply: the time it was listed at.
+    static let warmAdd = """
+        \(now)
+        local at = tonumber(ARGV[2])
+        if at <= 0 then at = now end
+        redis.call('ZADD', KEYS[1], at, ARGV[1])
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
+        redis.call('PEXPIRE', KEYS[1], 86400000 + math.max(0, at - now))
+        return at
+        """
+
     /// KEYS: meta, leases, exp, closed, reqs. ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
-    /// gen, mode (`k`|`j`|`n`), then pairs (lease id, returned total) of this host's leases to close first.
-    /// The same `req` gets the same answer: the lease it was granted while it is open (with its
-    /// remaining ttl, which may be negative), or nothing. `want` 0 only resolves `req` (nothing is granted to it afterwards).
-    /// Reply: {1, granted, lease_id, pool_after, ttl_ms} | {0, 0, '', pool} nothing | {-2, state} |
+    /// gen, mode (`k`|`j`|`n`), warmup_ms, then pairs (lease id, returned total) of this host's leases to
+    /// close first. The same `req` gets the same answer: the lease it was granted while it is open (with
+    /// its remaining ttl, which may be negative), or nothing. `want` 0 only resolves `req` (nothing is
+    /// granted to it afterwards).
+    ///
+    /// Schedule (`start_ms`, `end_ms` on Redis's clock): no lease after the end, nor earlier than
+    /// `warmup_ms` before the start (the opening lease is taken in that window).
+    ///
+    /// The end of the sale: when the pool is empty, open leases whose expiry is not more than 10 s past
+    /// (`held`: their hosts may still serve or return them) mean the quota is not gone yet: the voucher's
+    /// `recall_ms` is set and its meta key published on `quota:recall` (at most every 5 ms), so that
+    /// their hosts give back what they do not need, and the caller asks again. With none held, the pool
+    /// is truly exhausted (`abandoned`: leases silent longer, left to reconciliation).
+    /// Reply: {1, granted, lease_id, pool_after, ttl_ms} | {0, 0, '', pool, held, abandoned} nothing |
+    /// {-2, state} | {-6, 'early'|'ended', start_ms|end_ms, now} outside the schedule |
     /// {-3, gen} another generation | {-5} unknown voucher.
     static let lease = """
         \(lib)
@@ -119,9 +158,9 @@ enum QuotaScripts {
         if bad then return bad end
         \(now)
         local host = ARGV[1]
-        for i = 9, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
+        for i = 10, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
         archive(now)
-        local m = redis.call('HMGET', KEYS[1], 'state', 'pool')
+        local m = redis.call('HMGET', KEYS[1], 'state', 'pool', 'start_ms', 'end_ms', 'recall_ms')
         local pool = tonumber(m[2])
         local req = ARGV[6]
         local prior = redis.call('HGET', KEYS[5], req)
@@ -142,16 +181,24 @@ enum QuotaScripts {
           redis.call('HSET', KEYS[5], req, '-')
           return {0, 0, '', pool}
         end
-        if m[1] ~= 'active' then
-          redis.call('HSET', KEYS[5], req, '-')
-          return {-2, m[1]}
-        end
+        if m[1] ~= 'active' then return {-2, m[1]} end
+        local start_ms, end_ms = tonumber(m[3] or '0') or 0, tonumber(m[4] or '0') or 0
+        if end_ms > 0 and now >= end_ms then return {-6, 'ended', end_ms, now} end
+        if start_ms > 0 and now < start_ms - tonumber(ARGV[9]) then return {-6, 'early', start_ms, now} end
         local n = math.min(want, math.max(need, math.ceil(pool * tonumber(ARGV[5]))))
         n = math.min(n, pool)
         if n <= 0 then
-          redis.call('HSET', KEYS[1], 'starved_ms', now)
-          redis.call('HSET', KEYS[5], req, '-')
-          return {0, 0, '', 0}
+          local held = redis.call('ZCOUNT', KEYS[3], '(' .. (now - 10000), '+inf')
+          local abandoned = redis.call('ZCOUNT', KEYS[3], '-inf', now - 10000)
+          if held > 0 then
+            if now - (tonumber(m[5] or '0') or 0) >= 5 then
+              redis.call('HSET', KEYS[1], 'recall_ms', now)
+              redis.call('PUBLISH', 'quota:recall', KEYS[1])
+            end
+          else
+            redis.call('HSET', KEYS[1], 'starved_ms', now)
+          end
+          return {0, 0, '', 0, held, abandoned}
         end
         local id = tostring(redis.call('HINCRBY', KEYS[1], 'lease_seq', 1))
         redis.call('HINCRBY', KEYS[1], 'pool', -n)

@@ -29,13 +29,18 @@ public struct VoucherRecord: Sendable, Equatable {
     public var leaseSeq: Int
     /// The voucher's generation: set at creation, checked by every sidecar script.
     public var generation: String
-    /// When a lease last found the pool empty (Redis ms), or 0.
+    /// When a lease last found the pool empty with no lease held anywhere (Redis ms), or 0.
     public var starvedMs: Int
+    /// When a lease last found the pool empty while leases were held, and recalled them (Redis ms), or 0.
+    public var recallMs: Int
+    /// The sale's schedule on Redis's clock (ms; 0: none).
+    public var startMs: Int64
+    public var endMs: Int64
     public var policy: LeasePolicyOverride
 
-    /// What the claim lifecycle needs of it.
+    /// What the claim lifecycle needs of it (the schedule is placed on the host's clock by the caller).
     public var info: VoucherRecordInfo {
-        VoucherRecordInfo(status: status, pool: pool, perUser: perUser, starvedMs: starvedMs)
+        VoucherRecordInfo(status: status, pool: pool, perUser: perUser, recallMs: recallMs)
     }
 }
 
@@ -101,7 +106,10 @@ public enum RestockReply: Sendable, Equatable {
 /// Key layout (one hash tag per voucher): `quota:{ID}` (hash: limit, pool, state,
 /// per_user, lease_seq, leased, returned, lease overrides), `quota:{ID}:leases`
 /// (hash of lease records), `quota:{ID}:exp` (zset of lease expiries),
-/// `quota:vouchers` (set of ids), `quota:policy` (hash: region lease defaults).
+/// `quota:vouchers` (set of ids), `quota:policy` (hash: region lease defaults), `quota:{region}:hosts`
+/// (zset: live sidecars by last heartbeat; expires a day after the last), `quota:{region}:warm` (zset:
+/// vouchers to warm, by when; owned by `quotactl voucher warm`, entries pruned after a day, expires),
+/// `quota:{ID}:rates` (hash: each host's claim rate, for `quotactl lease advise`; expires after 60 s).
 public final class QuotaStore: Sendable {
     public let connection: HiredisConnection
     private let shas = ScriptCache()
@@ -124,6 +132,17 @@ public final class QuotaStore: Sendable {
     static func restocked(_ id: String) -> String { "quota:{\(id)}:restocked" }
     static let vouchers = "quota:vouchers"
     static let policy = "quota:policy"
+    static let hosts = "quota:{region}:hosts"
+    static let warmList = "quota:{region}:warm"
+    static func rates(_ id: String) -> String { "quota:{\(id)}:rates" }
+    /// The channel the LEASE script publishes recalls on (the message: the voucher's meta key).
+    public static let recallChannel = "quota:recall"
+
+    /// The voucher id of a recall message (`quota:{ID}`), or nil.
+    public static func voucher(ofRecall message: String) -> String? {
+        guard message.hasPrefix("quota:{"), message.hasSuffix("}") else { return nil }
+        return String(message.dropFirst(7).dropLast())
+    }
     /// The region marker: its generation, created with the region's first voucher.
     public static let region = "quota:region"
     /// How long a restock marker is kept (and how late a restock is still accepted). Default one day.
@@ -292,11 +311,13 @@ public final class QuotaStore: Sendable {
     /// Create a voucher's pool in this region (and the region marker if there is none). Returns false if
     /// it exists already.
     public func createVoucher(id: String, limit: Int, perUser: Int, totalLimit: Int, region: String,
-                              closedRetention: Duration = QuotaStore.closedRetention) async throws(RedisError) -> Bool {
+                              closedRetention: Duration = QuotaStore.closedRetention, startMs: Int64 = 0,
+                              endMs: Int64 = 0) async throws(RedisError) -> Bool {
         let gen = try await ensureRegion(proposed: Self.newGeneration())
         let r = try await eval(
             QuotaScripts.create, keys: [Self.meta(id)],
-            args: [String(limit), String(perUser), String(totalLimit), region, gen, String(closedRetention.milliseconds)])
+            args: [String(limit), String(perUser), String(totalLimit), region, gen, String(closedRetention.milliseconds),
+                   String(startMs), String(endMs)])
         guard r.array?.first?.int == 1 else { return false }
         _ = try await connection.send(["SADD", Self.vouchers, id])
         return true
@@ -311,6 +332,72 @@ public final class QuotaStore: Sendable {
     public func vouchers(_ ids: [String]) async throws(RedisError) -> [VoucherRecord?] {
         let rs = try await connection.send(batch: ids.map { ["HGETALL", Self.meta($0)] })
         return zip(ids, rs).map { Self.record(id: $0, $1) }
+    }
+
+    /// Several vouchers and Redis's clock in one round trip (the clock read right after the records),
+    /// recording this host's claim rate of each voucher in `rates` for the lease advisor.
+    public func vouchersWithClock(_ ids: [String], host: String = "", rates: [String: Double] = [:])
+        async throws(RedisError) -> (records: [VoucherRecord?], nowMs: Int64)
+    {
+        var batch = ids.map { ["HGETALL", Self.meta($0)] }
+        batch.append(["TIME"])
+        let rateIDs = rates.keys.sorted()
+        if !host.isEmpty {
+            for id in rateIDs {
+                batch.append(["HSET", Self.rates(id), host, "\(Int(rates[id]!.rounded()))"])
+                batch.append(["PEXPIRE", Self.rates(id), "60000"])
+            }
+        }
+        let rs = try await connection.send(batch: batch)
+        guard rs.count == batch.count, let t = rs[ids.count].array, t.count == 2, let sec = t[0].int, let us = t[1].int else {
+            throw RedisError.badReply("TIME: \(rs.last ?? .null)")
+        }
+        return (zip(ids, rs).map { Self.record(id: $0, $1) }, Int64(sec) * 1000 + Int64(us) / 1000)
+    }
+
+    /// A sidecar's heartbeat: Redis's clock, the live hosts of the region, the vouchers to warm now.
+    public func heartbeat(host: String, warmup: Duration) async throws(RedisError)
+        -> (nowMs: Int64, hosts: Int, warm: [String])
+    {
+        let r = try await eval(QuotaScripts.heartbeat, keys: [Self.hosts, Self.warmList],
+                               args: [host, String(warmup.milliseconds)])
+        guard let a = r.array, a.count == 3, let now = a[0].int, let hosts = a[1].int else {
+            throw RedisError.badReply("HEARTBEAT: \(r)")
+        }
+        return (Int64(now), hosts, (a[2].array ?? []).compactMap(\.string))
+    }
+
+    /// Live sidecars of the region (heartbeat within 30 s).
+    public func liveHosts() async throws(RedisError) -> Int {
+        let now = try await nowMs()
+        return try await connection.send(["ZCOUNT", Self.hosts, String(now - 30000), "+inf"]).int ?? 0
+    }
+
+    /// Put a voucher on the region's warm list: sidecars take its opening lease in the warm-up window
+    /// before `atMs` (0: now). Returns when it is listed for.
+    @discardableResult
+    public func warm(voucher: String, atMs: Int64) async throws(RedisError) -> Int64 {
+        let r = try await eval(QuotaScripts.warmAdd, keys: [Self.warmList], args: [voucher, String(atMs)])
+        return Int64(r.int ?? 0)
+    }
+
+    /// Change a voucher's schedule (nil keeps a field; 0 clears it). A listed warm entry follows the start.
+    /// Returns false for an unknown voucher.
+    public func setSchedule(voucher: String, startMs: Int64?, endMs: Int64?) async throws(RedisError) -> Bool {
+        var fields: [String] = []
+        if let startMs { fields += ["start_ms", String(startMs)] }
+        if let endMs { fields += ["end_ms", String(endMs)] }
+        guard !fields.isEmpty else { return try await self.voucher(voucher) != nil }
+        guard try await eval(QuotaScripts.setFields, keys: [Self.meta(voucher)], args: fields).int == 1 else { return false }
+        if let startMs, startMs > 0 {
+            _ = try await connection.send(["ZADD", Self.warmList, "XX", String(startMs), voucher])
+        }
+        return true
+    }
+
+    /// Each host's recent claim rate of a voucher (tokens/s), as their sidecars last reported it.
+    public func claimRates(voucher: String) async throws(RedisError) -> [String: Double] {
+        Self.fields(try await connection.send(["HGETALL", Self.rates(voucher)])).compactMapValues { Double($0) }
     }
 
     public func voucherIDs() async throws(RedisError) -> [String] {
@@ -335,7 +422,7 @@ public final class QuotaStore: Sendable {
         LeasePolicyOverride(
             min: f["lease_min"].flatMap { Int($0) }, max: f["lease_max"].flatMap { Int($0) },
             targetSeconds: f["lease_target_seconds"].flatMap { Double($0) },
-            ttlSeconds: f["lease_ttl"].flatMap { Double($0) })
+            ttlSeconds: f["lease_ttl"].flatMap { Double($0) }, opening: f["lease_opening"].flatMap { Int($0) })
     }
 
     static func record(id: String, _ r: RedisValue) -> VoucherRecord? {
@@ -350,7 +437,7 @@ public final class QuotaStore: Sendable {
             archivedLeases: int("archived_leases"), archivedGranted: int("archived_granted"),
             archivedReturned: int("archived_returned"), archivedRestocked: int("archived_restocked"),
             leaseSeq: int("lease_seq"), generation: f["gen"] ?? "", starvedMs: int("starved_ms"),
-            policy: policy(f))
+            recallMs: int("recall_ms"), startMs: Int64(int("start_ms")), endMs: Int64(int("end_ms")), policy: policy(f))
     }
 
     /// Set a voucher's state. Returns false for an unknown voucher.
@@ -366,6 +453,7 @@ public final class QuotaStore: Sendable {
         if let v = p.max { a += ["lease_max", String(v)] }
         if let v = p.targetSeconds { a += ["lease_target_seconds", String(v)] }
         if let v = p.ttlSeconds { a += ["lease_ttl", String(v)] }
+        if let v = p.opening { a += ["lease_opening", String(v)] }
         return a
     }
 
@@ -391,9 +479,11 @@ public final class QuotaStore: Sendable {
     /// the same lease (or nothing); `want` 0 only learns what `req` got.
     /// Throws ``RedisError/generation(_:)`` when Redis does not hold generation `gen` of the voucher.
     public func lease(voucher: String, host: String, req: String, want: Int, need: Int, ttl: Duration, gen: String,
-                      durability: String = "", close: [ReturnRequest] = []) async throws(RedisError) -> LeaseReply {
+                      durability: String = "", warmup: Duration = .seconds(10), close: [ReturnRequest] = [])
+        async throws(RedisError) -> LeaseReply
+    {
         var args = [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction),
-                    req, gen, LeaseRecord.modeLetter(durability)]
+                    req, gen, LeaseRecord.modeLetter(durability), String(warmup.milliseconds)]
         for c in close { args += [c.leaseId, String(c.returnedTotal)] }
         let r = try await eval(QuotaScripts.lease, keys: voucherKeys(voucher), args: args)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("LEASE: \(r)") }
@@ -406,9 +496,19 @@ public final class QuotaStore: Sendable {
             return .granted(LeaseGrant(id: id, granted: n, ttl: .milliseconds(ttlMs), poolAfter: pool))
         case 0:
             let pool = a.count > 3 ? a[3].int ?? 0 : 0
-            return pool > 0 || want == 0
-                ? .granted(LeaseGrant(id: "", granted: 0, ttl: .zero, poolAfter: pool)) : .refused(.soldOut)
+            if pool > 0 || want == 0 { return .granted(LeaseGrant(id: "", granted: 0, ttl: .zero, poolAfter: pool)) }
+            let held = a.count > 4 ? a[4].int ?? 0 : 0
+            let abandoned = a.count > 5 ? a[5].int ?? 0 : 0
+            return .refused(held > 0 ? .recalling(held: held) : .soldOut(abandoned: abandoned))
         case -5: return .refused(.unknownVoucher)
+        case -6:
+            let at = a.count > 2 ? Int64(a[2].int ?? 0) : 0
+            let now = a.count > 3 ? Int64(a[3].int ?? 0) : 0
+            if a.count > 1, a[1].string == "ended" {
+                return .refused(.schedule("sale ended at \(formatUTC(ms: at)) (Redis time)"))
+            }
+            return .refused(.schedule("sale not started: opens at \(formatUTC(ms: at)) (Redis time), in "
+                                      + formatSeconds(.milliseconds(at - now))))
         default:
             let s = a.count > 1 ? a[1].string.flatMap(VoucherStatus.init(rawValue:)) ?? .closed : .closed
             return .refused(.inactive(s))

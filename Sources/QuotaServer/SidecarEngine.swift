@@ -33,6 +33,10 @@ public final class SidecarEngine: Sendable {
     private let claimSeq = Atomic<Int>(0)
     private let claimPrefix: String
     private let _draining = Atomic<Bool>(false)
+    /// Live sidecars of the region, from the last heartbeat (sizes the default opening lease).
+    private let _regionHosts = Atomic<Int>(1)
+    /// Recalls received from other hosts (pub/sub) and from refreshes.
+    let recallsReceived = Atomic<Int>(0)
     /// The region generation this host adopted (journaled), and why the region is lost, if it is.
     private let region = NIOLockedValueBox<(adopted: String?, lost: String?)>((nil, nil))
 
@@ -68,6 +72,7 @@ public final class SidecarEngine: Sendable {
     }
 
     var regionPolicy: LeasePolicyOverride { _regionPolicy.withLockedValue { $0 } }
+    var regionHosts: Int { max(1, _regionHosts.load(ordering: .relaxed)) }
     public var isDraining: Bool { _draining.load(ordering: .relaxed) }
 
     /// A new claim sequence number (the `UNCLAIM` book is indexed by it).
@@ -86,6 +91,7 @@ public final class SidecarEngine: Sendable {
         r.dedupeWindow = config.claims.dedupeWindow
         r.maxWaiting = config.limits.maxWaitingClaims
         r.maxTrackedUsers = config.claims.maxTracked
+        r.tailWait = config.limits.tailWait
         r.injectedBug = injectedBug
         return r
     }
@@ -203,6 +209,13 @@ public final class SidecarEngine: Sendable {
             return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
         }
         return rt.handle(req, now: monotonicNow(), loop: loop)
+    }
+
+    /// Another host found `voucher`'s pool empty while leases were out: give back what is not needed here.
+    func recall(voucher: String) {
+        guard let rt = vouchers.withLockedValue({ $0[voucher] }) else { return }
+        recallsReceived.add(1, ordering: .relaxed)
+        rt.recall()
     }
 
     /// The voucher's runtime, created on first use (nil: too many vouchers tracked).
@@ -377,15 +390,30 @@ public final class SidecarEngine: Sendable {
                     lastPolicy = .now
                 }
             }
+            if regionLost == nil, !isDraining {
+                // Alive in the region; vouchers the operator listed to warm take their opening lease.
+                switch await attempt({ () async throws(RedisError) in
+                    try await store.heartbeat(host: config.hostID, warmup: config.lease.warmup)
+                }) {
+                case .success(let hb):
+                    _regionHosts.store(max(1, hb.hosts), ordering: .relaxed)
+                    for v in hb.warm where QuotaStore.isValidVoucherID(v) { runtime(v)?.warm() }
+                case .failure(let e):
+                    logger.debug("heartbeat failed", metadata: ["error": "\(e)"])
+                }
+            }
             let ready = runtimes.filter(\.isReady)
             if !ready.isEmpty && regionLost == nil {
                 do {
                     let highWater = ready.map(\.leaseHighWater)
-                    let recs = try await store.vouchers(ready.map(\.id))
+                    var rates: [String: Double] = [:]
+                    for rt in ready { if let r = rt.claimRate, r > 0 { rates[rt.id] = r } }
+                    let sentAt = monotonicNow()
+                    let (recs, redisNow) = try await store.vouchersWithClock(ready.map(\.id), host: config.hostID, rates: rates)
                     let now = monotonicNow()
                     let policy = regionPolicy
                     for ((rt, rec), hw) in zip(zip(ready, recs), highWater) {
-                        rt.refreshed(rec, regionPolicy: policy, highWater: hw, now: now)
+                        rt.refreshed(rec, regionPolicy: policy, highWater: hw, redisNowMs: redisNow, sentAt: sentAt, now: now)
                     }
                 } catch {
                     redisErrors.add(1, ordering: .relaxed)
@@ -516,6 +544,7 @@ public final class SidecarEngine: Sendable {
             out += "background_jobs:\(c.outstanding)\r\nbackground_jobs_done:\(c.completed)\r\nbackground_retries:\(c.retries)\r\n"
             out += "redis_late_replies:\(store.connection.lateReplies)\r\n"
             out += "region_generation:\(adoptedGeneration ?? "")\r\nregion_lost:\(regionLost == nil ? 0 : 1)\r\n"
+            out += "region_hosts:\(regionHosts)\r\nrecalls_received:\(recallsReceived.load(ordering: .relaxed))\r\n"
             let u = userChecks.stats
             out += "user_check_batches:\(u.batches)\r\nuser_checks:\(u.checks)\r\nclaims_tracked:\(claimBook.count)\r\n\r\n"
         }
@@ -526,7 +555,8 @@ public final class SidecarEngine: Sendable {
                     .map { ",rejected_\($0.rawValue)=\(s.counters.rejected[$0]!)" }.joined()
                 out += "voucher:\(id):status=\(s.status),ok=\(s.counters.claimsOK),served=\(s.counters.tokensServed),"
                 out += "local=\(s.local),pool=\(s.pool),leases=\(s.leases),lease_size=\(s.leaseSize),"
-                out += "rate=\(Int(s.rate)),parked=\(s.parked),inflight=\(s.inFlight),soldout=\(s.soldOut ? 1 : 0)\(rejected)\r\n"
+                out += "rate=\(Int(s.rate)),parked=\(s.parked),inflight=\(s.inFlight),soldout=\(s.soldOut ? 1 : 0),"
+                out += "tail=\(s.tail ? 1 : 0),start_ms=\(s.schedule.startMs),end_ms=\(s.schedule.endMs)\(rejected)\r\n"
             }
         }
         return out

@@ -107,6 +107,9 @@ public final class SidecarService: Service, Sendable {
         let recovery = Task { await recoverPreviousRun() }
         let ticker = Task { await engine.runTicker() }
         let refresher = Task { await engine.runRefresher() }
+        let recalls = RecallSubscriber(endpoint: engine.store.connection.endpoint, logger: logger) { [engine] voucher in
+            engine.recall(voucher: voucher)
+        }
 
         // Runs until SIGTERM/SIGINT (or the service group is cancelled).
         try? await gracefulShutdown()
@@ -114,6 +117,7 @@ public final class SidecarService: Service, Sendable {
         logger.info("shutting down: closing the socket, returning tokens")
         try? await channel.close()
         try? await metricsChannel?.close()
+        recalls.stop()
         let left = await engine.drain()
         recovery.cancel()
         _ = await recovery.value

@@ -177,6 +177,12 @@ final class VoucherRuntime: @unchecked Sendable {
         case .restock(let c): engine.restock(c)
         case .releaseUser(let c, _): engine.releaseUser(c)
         case .unclaimFailed(let claimID): engine.claimBook.restore(claimID)
+        case .wake(let at):
+            let delay = at - monotonicNow()
+            Task { [self] in
+                if delay > .zero { try? await Task.sleep(for: delay) }
+                tick(now: monotonicNow())
+            }
         case .answer, .journal, .recordLater, .journalIntent, .recordClaim, .recordCancel, .recordGrant: break
         }
     }
@@ -218,20 +224,23 @@ final class VoucherRuntime: @unchecked Sendable {
     private func startLoad() {
         let store = engine.store
         Task {
-            let result = await attempt { () async throws(RedisError) in try await store.voucher(self.id) }
+            let sentAt = monotonicNow()
+            let result = await attempt { () async throws(RedisError) in try await store.vouchersWithClock([self.id]) }
             let policy = self.engine.regionPolicy
             let now = monotonicNow()
             self.ioDone(now: now) { m, now, fx in
-                switch result {
-                case .success(let rec?):
+                switch result.map({ ($0.records.first ?? nil, $0.nowMs) }) {
+                case .success(let (rec?, redisNow)):
                     if let reason = self.engine.generationProblem(voucher: rec) {
                         self.loseAuthority(reason, &m, now: now, &fx)
                         m.loaded(.failure(QuotaError(.unavailable, reason)), policy: m.stock.policy, now: now, effects: &fx)
                         return
                     }
                     self.generation = rec.generation
-                    m.loaded(.success(rec.info), policy: self.effectivePolicy(rec, policy), now: now, effects: &fx)
-                case .success(nil):
+                    let p = self.effectivePolicy(rec, policy)
+                    m.loaded(.success(self.info(rec, policy: p, redisNowMs: redisNow, sentAt: sentAt, receivedAt: now)),
+                             policy: p, now: now, effects: &fx)
+                case .success((nil, _)):
                     if let lost = self.engine.regionLost {
                         m.loaded(.failure(QuotaError(.unavailable, lost)), policy: m.stock.policy, now: now, effects: &fx)
                     } else {
@@ -251,13 +260,26 @@ final class VoucherRuntime: @unchecked Sendable {
         region.overlaid(by: rec.policy).applied(to: engine.config.lease)
     }
 
+    /// What the machine needs of a record: the schedule placed on this host's clock (from a reply that
+    /// read Redis's clock between `sentAt` and `receivedAt`) and the opening lease's size.
+    private func info(_ rec: VoucherRecord, policy: LeasePolicy, redisNowMs: Int64, sentAt: Instant, receivedAt: Instant)
+        -> VoucherRecordInfo
+    {
+        var i = rec.info
+        i.schedule = SaleSchedule(startMs: rec.startMs, endMs: rec.endMs, redisNowMs: redisNowMs, sentAt: sentAt,
+                                  receivedAt: receivedAt)
+        i.opening = policy.openingSize(regionLimit: rec.limit, hosts: engine.regionHosts)
+        return i
+    }
+
     /// The highest lease id granted so far: read before a refresh is sent, so a refresh read before a
     /// later grant landed is not mistaken for a Redis that went back.
     var leaseHighWater: Int { lock.withLock { maxLeaseID } }
 
     /// Fresh metadata from the periodic refresh (nil: the voucher is gone from Redis). `highWater`:
     /// ``leaseHighWater`` when the refresh was sent.
-    func refreshed(_ rec: VoucherRecord?, regionPolicy: LeasePolicyOverride, highWater: Int, now: Instant) {
+    func refreshed(_ rec: VoucherRecord?, regionPolicy: LeasePolicyOverride, highWater: Int, redisNowMs: Int64,
+                   sentAt: Instant, now: Instant) {
         event(now: now) { m, now, fx in
             guard m.phase == .ready, lostReason == nil else { return }
             guard let rec else {
@@ -275,7 +297,9 @@ final class VoucherRuntime: @unchecked Sendable {
                               + "Redis lost acknowledged writes (appendfsync?)", &m, now: now, &fx)
                 return
             }
-            m.refreshed(rec.info, policy: effectivePolicy(rec, regionPolicy), now: now, effects: &fx)
+            let p = effectivePolicy(rec, regionPolicy)
+            m.refreshed(info(rec, policy: p, redisNowMs: redisNowMs, sentAt: sentAt, receivedAt: now), policy: p, now: now,
+                        effects: &fx)
         }
     }
 
@@ -307,7 +331,8 @@ final class VoucherRuntime: @unchecked Sendable {
                 let result = await attempt { () async throws(RedisError) in
                     try await engine.store.lease(voucher: self.id, host: engine.config.hostID, req: l.req, want: l.want,
                                                  need: l.need, ttl: ttl, gen: gen,
-                                                 durability: engine.config.durability.rawValue, close: l.close)
+                                                 durability: engine.config.durability.rawValue,
+                                                 warmup: engine.config.lease.warmup, close: l.close)
                 }
                 var request = l
                 request.sentAt = sentAt
@@ -408,6 +433,21 @@ final class VoucherRuntime: @unchecked Sendable {
         event(now: now) { m, now, fx in m.tick(now: now, effects: &fx) }
     }
 
+    /// Another host recalled this voucher's stock.
+    func recall() {
+        event(now: monotonicNow()) { m, now, fx in m.recall(now: now, effects: &fx) }
+    }
+
+    /// The voucher is on the region's warm list: take its opening lease.
+    func warm() {
+        event(now: monotonicNow()) { m, now, fx in m.warm(now: now, effects: &fx) }
+    }
+
+    /// This host's claim rate of the voucher (tokens/s), if it is serving it.
+    var claimRate: Double? {
+        lock.withLock { machine.phase == .ready && lostReason == nil ? machine.stock.rate.rate : nil }
+    }
+
     var isReady: Bool { lock.withLock { machine.phase == .ready && lostReason == nil } }
     var knownGeneration: String? { lock.withLock { generation } }
 
@@ -444,7 +484,9 @@ final class VoucherRuntime: @unchecked Sendable {
         var parked: Int
         var inFlight: Int
         var soldOut: Bool
+        var tail: Bool
         var leaseSize: Int
+        var schedule: SaleSchedule
     }
 
     func snapshot(now: Instant) -> Snapshot? {
@@ -455,7 +497,7 @@ final class VoucherRuntime: @unchecked Sendable {
             return Snapshot(
                 status: status, counters: s.counters, local: s.available(now: now), pool: s.poolHint,
                 leases: s.leases.count, rate: s.rate.rate, parked: machine.parkedCount, inFlight: machine.inFlightCount,
-                soldOut: s.soldOut, leaseSize: s.policy.leaseSize(rate: s.rate.rate))
+                soldOut: s.soldOut, tail: s.tail, leaseSize: s.policy.leaseSize(rate: s.rate.rate), schedule: s.schedule)
         }
     }
 

@@ -105,6 +105,8 @@ struct VoucherJSON: Codable {
     var leases_outstanding: Int
     var tokens_outstanding: Int
     var lease_policy: [String: Double]
+    var start_ms: Int64
+    var end_ms: Int64
 
     init(_ r: VoucherRecord, leases: [LeaseRecord]) {
         id = r.id
@@ -123,14 +125,17 @@ struct VoucherJSON: Codable {
         if let v = r.policy.max { p["max"] = Double(v) }
         if let v = r.policy.targetSeconds { p["target_seconds"] = v }
         if let v = r.policy.ttlSeconds { p["ttl"] = v }
+        if let v = r.policy.opening { p["opening"] = Double(v) }
         lease_policy = p
+        start_ms = r.startMs
+        end_ms = r.endMs
     }
 }
 
 struct VoucherCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "voucher", abstract: "Create and inspect vouchers.",
-        subcommands: [Create.self, Show.self, List.self, Pause.self, Resume.self, Close.self])
+        subcommands: [Create.self, Show.self, List.self, Pause.self, Resume.self, Close.self, SetSchedule.self, Warm.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a voucher and its region pools.")
@@ -140,6 +145,10 @@ struct VoucherCommand: AsyncParsableCommand {
         @Option(name: .long, parsing: .singleValue, help: "Region allocation R=N (repeatable); default: all to the home region.")
         var region: [String] = []
         @Option(name: .long, help: "Shards (reserved; must be 1 in this version).") var shards: Int = 1
+        @Option(name: .long, help: "Sale opening: RFC 3339 or +30s (Redis's clock). Before it CLAIM answers INACTIVE.")
+        var start: String?
+        @Option(name: .long, help: "Sale end: RFC 3339 or +10m (Redis's clock). After it CLAIM answers INACTIVE.")
+        var end: String?
         @OptionGroup var conn: Connection
 
         func run() async throws {
@@ -174,8 +183,15 @@ struct VoucherCommand: AsyncParsableCommand {
             for (name, n) in alloc {
                 let url = r.regions[name]!
                 let s = try conn.store(url)
+                let redisNow = Int64(try await withRedis(url) { () async throws(RedisError) in try await s.nowMs() })
+                let startMs = try start.map { try parseSaleTime($0, option: "--start", redisNowMs: redisNow) } ?? 0
+                let endMs = try end.map { try parseSaleTime($0, option: "--end", redisNowMs: redisNow) } ?? 0
+                if startMs > 0 && endMs > 0 && endMs <= startMs {
+                    throw ValidationError("--end (\(formatUTC(ms: endMs))) must be after --start (\(formatUTC(ms: startMs)))")
+                }
                 let ok = try await withRedis(url) { () async throws(RedisError) in
-                    try await s.createVoucher(id: id, limit: n, perUser: perUser, totalLimit: limit, region: name)
+                    try await s.createVoucher(id: id, limit: n, perUser: perUser, totalLimit: limit, region: name,
+                                              startMs: startMs, endMs: endMs)
                 }
                 guard ok else {
                     throw ValidationError("voucher '\(id)' already exists in region \(name)"
@@ -209,13 +225,15 @@ struct VoucherCommand: AsyncParsableCommand {
             let r = try conn.regions()
             var out: [VoucherJSON] = []
             var leaseLists: [[LeaseRecord]] = []
+            var nowMs: Int64 = 0
             for (name, url) in r.regions.sorted(by: { $0.key < $1.key }) {
                 let s = try conn.store(url)
-                let found = try await withRedis(url) { () async throws(RedisError) -> (VoucherRecord, [LeaseRecord])? in
+                let found = try await withRedis(url) { () async throws(RedisError) -> (VoucherRecord, [LeaseRecord], Int64)? in
                     guard let rec = try await s.voucher(id) else { return nil }
-                    return (rec, try await s.leases(voucher: id))
+                    return (rec, try await s.leases(voucher: id), Int64(try await s.nowMs()))
                 }
-                guard let (rec, leases) = found else { continue }
+                guard let (rec, leases, now) = found else { continue }
+                nowMs = now
                 var j = VoucherJSON(rec, leases: leases)
                 if j.region.isEmpty { j.region = name }
                 out.append(j)
@@ -227,6 +245,9 @@ struct VoucherCommand: AsyncParsableCommand {
                 print("voucher \(j.id)  region \(j.region)  state \(j.state)")
                 print("  limit \(j.limit) (total \(j.total_limit))  pool \(j.pool)  per-user \(j.per_user == 0 ? "none" : String(j.per_user))")
                 print("  leased \(j.leased)  returned \(j.returned)  outstanding \(j.tokens_outstanding) in \(j.leases_outstanding) lease(s)")
+                if j.start_ms > 0 || j.end_ms > 0 {
+                    print("  sale: \(describeSchedule(startMs: j.start_ms, endMs: j.end_ms, nowMs: nowMs))")
+                }
                 if !j.lease_policy.isEmpty {
                     print("  lease policy: " + j.lease_policy.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
                 }
@@ -304,7 +325,7 @@ func setState(_ id: String, _ s: VoucherStatus, _ conn: Connection) async throws
 struct LeaseCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lease", abstract: "Lease policy (picked up by running sidecars within policy_refresh).",
-        subcommands: [Set.self])
+        subcommands: [Set.self, Advise.self])
 
     struct Set: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -315,6 +336,7 @@ struct LeaseCommand: AsyncParsableCommand {
         @Option(name: .long) var max: Int?
         @Option(name: .long) var targetSeconds: Double?
         @Option(name: .long, help: "Lease time to live, seconds (>= 1).") var ttl: Double?
+        @Option(name: .long, help: "Opening lease per host before a scheduled sale opens, tokens.") var opening: Int?
         @OptionGroup var conn: Connection
 
         func run() async throws {
@@ -324,8 +346,11 @@ struct LeaseCommand: AsyncParsableCommand {
             if let min, let max, max < min { throw ValidationError("--max must be >= --min") }
             if let targetSeconds, !(targetSeconds > 0) { throw ValidationError("--target-seconds must be > 0") }
             if let ttl, !(ttl >= 1 && ttl <= 3600) { throw ValidationError("--ttl must be between 1 and 3600 seconds") }
-            let p = LeasePolicyOverride(min: min, max: max, targetSeconds: targetSeconds, ttlSeconds: ttl)
-            guard !p.isEmpty else { throw ValidationError("nothing to set: give --min, --max, --target-seconds or --ttl") }
+            if let opening, opening < 1 { throw ValidationError("--opening must be >= 1") }
+            let p = LeasePolicyOverride(min: min, max: max, targetSeconds: targetSeconds, ttlSeconds: ttl, opening: opening)
+            guard !p.isEmpty else {
+                throw ValidationError("nothing to set: give --min, --max, --target-seconds, --ttl or --opening")
+            }
             let r = try conn.regions()
             let name = region ?? r.home
             guard let url = r.regions[name] else { throw ValidationError("--region \(name): no Redis known for it") }
@@ -352,6 +377,7 @@ enum QuotaStorePolicyText {
         if let v = p.max { a.append("max=\(v)") }
         if let v = p.targetSeconds { a.append("target_seconds=\(v)") }
         if let v = p.ttlSeconds { a.append("ttl=\(v)") }
+        if let v = p.opening { a.append("opening=\(v)") }
         return a.joined(separator: " ")
     }
 }

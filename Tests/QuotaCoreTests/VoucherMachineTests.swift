@@ -24,7 +24,7 @@ struct Rig {
                            wallClock: { 1_000 })
         var e: [VoucherMachine.Effect] = []
         _ = m.handle(.avail, ticket: -1, now: clock.now, effects: &e)
-        m.loaded(.success(VoucherRecordInfo(status: .active, pool: 1000, perUser: perUser, starvedMs: 0)),
+        m.loaded(.success(VoucherRecordInfo(status: .active, pool: 1000, perUser: perUser)),
                  policy: policy, now: clock.now, effects: &e)
     }
 

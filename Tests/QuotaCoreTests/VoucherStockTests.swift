@@ -100,6 +100,12 @@ struct VoucherStockTests {
             if case .served = s.claim(qty: 1, now: c.now) { served += 1 }
         }
         #expect(served == 10)
+        // The pool was empty after this grant, but other hosts may hold stock: not SOLDOUT yet, ask Redis.
+        #expect(s.claim(qty: 1, now: c.now) == .wait)
+        #expect(s.tail)
+        let again = try #require(lease(&s, now: c.now, waiting: 1))
+        #expect(again.want == 1, "near the end a lease asks for exactly what waits")
+        s.leaseRefused(.soldOut(abandoned: 0), now: c.now)
         #expect(s.claim(qty: 1, now: c.now) == .reject(QuotaError(.soldout, "voucher sold out in this region")))
     }
 
