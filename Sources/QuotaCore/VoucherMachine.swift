@@ -363,6 +363,7 @@ public struct VoucherMachine: Sendable {
             }
             parked.append(Parked(qty: qty, user: user, req: req, deadline: now + rules.claimTimeout, ticket: ticket,
                                  parkedAt: now))
+            stock.counters.claimsWaited += 1
             parkedTokens += qty
             return nil
         }

@@ -190,6 +190,8 @@ public struct VoucherCounters: Sendable, Equatable {
     public var tokensReturned = 0
     public var leasesFenced = 0
     public var tokensLost = 0
+    /// Claims that had to wait for a lease (no local stock when they came).
+    public var claimsWaited = 0
     public var rejected: [QuotaErrorCode: Int] = [:]
     public init() {}
 }
@@ -288,6 +290,7 @@ public struct VoucherStock: Sendable {
         if schedule.opensAt != nil || schedule.endsAt != nil || scheduleBlock != nil,
             let why = scheduleRefusal(now: now)
         {
+            endIfOver(now: now)
             return reject(.inactive, why)
         }
         fence(now: now)

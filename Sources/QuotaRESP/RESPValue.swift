@@ -30,6 +30,12 @@ public enum RESPValue: Sendable, Equatable, CustomStringConvertible {
         return String(s.prefix { $0 != " " })
     }
 
+    /// The whole text of an error reply, or nil.
+    public var errorMessage: String? {
+        guard case .error(let s) = self else { return nil }
+        return s
+    }
+
     public var description: String {
         switch self {
         case .simpleString(let s): return "+\(s)"

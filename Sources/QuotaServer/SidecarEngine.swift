@@ -490,6 +490,7 @@ public final class SidecarEngine: Sendable {
             total.tokensReturned += s.counters.tokensReturned
             total.leasesFenced += s.counters.leasesFenced
             total.tokensLost += s.counters.tokensLost
+            total.claimsWaited += s.counters.claimsWaited
             for (k, v) in s.counters.rejected { total.rejected[k, default: 0] += v }
             local += s.local
         }
@@ -530,6 +531,7 @@ public final class SidecarEngine: Sendable {
             out += "leases_renewed:\(total.leasesRenewed)\r\n"
             out += "leases_returned:\(total.leasesReturned)\r\ntokens_returned:\(total.tokensReturned)\r\n"
             out += "leases_fenced:\(total.leasesFenced)\r\ntokens_lost_to_expiry:\(total.tokensLost)\r\n"
+            out += "claims_waited_for_lease:\(total.claimsWaited)\r\n"
             out += "redis_commands:\(store.connection.commandsSent)\r\n"
             out += "redis_errors:\(redisErrors.load(ordering: .relaxed))\r\n"
             out += "protocol_errors:\(protocolErrors.load(ordering: .relaxed))\r\n"

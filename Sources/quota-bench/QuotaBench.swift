@@ -11,7 +11,7 @@ struct QuotaBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quota-bench",
         abstract: "Load generator for quotad.",
-        subcommands: [Compare.self, Scale.self, Flash.self, Stream.self, Chaos.self, LedgerBench.self],
+        subcommands: [Compare.self, Scale.self, Flash.self, Stream.self, Chaos.self, LedgerBench.self, Tail.self, Opening.self],
         defaultSubcommand: Compare.self)
 }
 

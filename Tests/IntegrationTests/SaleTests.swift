@@ -1,0 +1,255 @@
+import Foundation
+import Glibc
+import QuotaClient
+import QuotaHarness
+import QuotaRESP
+import QuotaRedis
+import Synchronization
+import Testing
+
+/// One claim as its client saw it: when it was sent and answered (seconds from the start), and the answer.
+struct TimedClaim: Sendable {
+    var sent: Double
+    var received: Double
+    var code: String  // "OK" or the error code
+}
+
+/// `items` (user ids) claimed over `connections` connections spread over `sockets`, one at a time per
+/// connection, in order; every answer timed.
+final class TicketCounter: Sendable {
+    private let n = Atomic<Int>(0)
+    func next() -> Int { n.wrappingAdd(1, ordering: .relaxed).oldValue }
+}
+
+func timedClaims(_ users: [String], sockets: [String], voucher: String, connections: Int) async throws -> [TimedClaim] {
+    let next = TicketCounter()
+    let start = ContinuousClock.now
+    @Sendable func since() -> Double {
+        let (s, a) = (ContinuousClock.now - start).components
+        return Double(s) + Double(a) / 1e18
+    }
+    return try await withThrowingTaskGroup(of: [TimedClaim].self) { g in
+        for c in 0..<connections {
+            g.addTask {
+                let client = try await RESPClient.connect(sockets[c % sockets.count])
+                defer { client.close() }
+                var out: [TimedClaim] = []
+                while true {
+                    let i = next.next()
+                    guard i < users.count else { break }
+                    let sent = since()
+                    let v = try await client.send("CLAIM", voucher, users[i], "REQ", "q\(i)")
+                    out.append(TimedClaim(sent: sent, received: since(), code: v.errorCode ?? "OK"))
+                }
+                return out
+            }
+        }
+        var all: [TimedClaim] = []
+        for try await r in g { all += r }
+        return all
+    }
+}
+
+/// SOLDOUT answers received before a claim that was then granted had even been sent.
+func soldOutWhileTokensLeft(_ claims: [TimedClaim]) -> Int {
+    let lastGrantSent = claims.filter { $0.code == "OK" }.map(\.sent).max() ?? 0
+    return claims.filter { $0.code == "SOLDOUT" && $0.received < lastGrantSent }.count
+}
+
+@Suite("A sale's two ends: schedule, opening leases, an exact end", .serialized, .timeLimit(.minutes(5)))
+struct SaleTests {
+    @Test func claimsOutsideTheScheduleAreInactiveAndTheEndReturnsEveryLease() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        let (st, out) = try await quotactl(["voucher", "create", "timed", "--limit", "100", "--start", "+2s", "--end", "+4s",
+                                            "--redis", redis.url])
+        #expect(st == 0, "\(out)")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal")
+        let c = try await RESPClient.connect(q.socket)
+        defer { c.close() }
+        let early = try await c.send("CLAIM", "timed", "u1", "REQ", "early")
+        #expect(early.errorCode == "INACTIVE", "\(early)")
+        #expect(early.errorMessage?.contains("sale not started: opens at") == true, "\(early)")
+        #expect(try await c.send("AVAIL", "timed") == .integer(100), "AVAIL works before the opening")
+        try await eventually("the sale opens", timeout: .seconds(5)) {
+            try await c.send("CLAIM", "timed", "u1", "REQ", "r-\(UUID())").errorCode == nil
+        }
+        for i in 0..<9 { #expect(try await c.send("CLAIM", "timed", "u\(i)").errorCode == nil) }
+        var sold = 10
+        try await eventually("the sale ends", timeout: .seconds(5)) {
+            let v = try await c.send("CLAIM", "timed", "late")
+            if v.errorCode == nil { sold += 1 }
+            return v.errorMessage?.contains("sale ended at") == true
+        }
+        try await eventually("its leases are back in the pool", timeout: .seconds(5)) {
+            let a = try await redis.account("timed")
+            return a.leases == 0 && a.pool == 100 - sold
+        }
+        #expect(try await q.stop() == 0)
+        #expect(try await redis.audit("timed", journals: [(q.host, q.journalDir)], netClaimed: sold).isEmpty)
+    }
+
+    @Test func aWarmedSaleServesItsFirstClaimsFromOpeningLeasesTakenBeforeItOpens() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        #expect(try await quotactl(["voucher", "create", "warm", "--limit", "2000", "--start", "+4s", "--redis", redis.url]).0 == 0)
+        #expect(try await quotactl(["lease", "set", "--voucher", "warm", "--opening", "300", "--redis", redis.url]).0 == 0)
+        let hosts = [try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal"),
+                     try await Quotad(redis: redis, dir: dir, host: "host-b", durability: "journal")]
+        let (st, out) = try await quotactl(["voucher", "warm", "warm", "--redis", redis.url])
+        #expect(st == 0 && out.contains("opening lease of 300 tokens"), "\(out)")
+        try await eventually("both hosts hold their opening lease before the opening", timeout: .seconds(3)) {
+            let open = try await redis.store.leases(voucher: "warm").filter { $0.state == .open }
+            return Set(open.map(\.host)) == ["host-a", "host-b"] && open.allSatisfy { $0.granted == 300 }
+        }
+        let c = try await RESPClient.connect(hosts[0].socket)
+        defer { c.close() }
+        #expect(try await c.send("CLAIM", "warm", "early").errorCode == "INACTIVE", "nothing is served before the opening")
+        try await eventually("the sale opens", timeout: .seconds(6)) {
+            try await c.send("CLAIM", "warm", "first").errorCode == nil
+        }
+        var users: [String] = []
+        for i in 0..<400 { users.append("u\(i)") }
+        let claims = try await timedClaims(users, sockets: hosts.map(\.socket), voucher: "warm", connections: 20)
+        #expect(claims.allSatisfy { $0.code == "OK" })
+        for h in hosts {
+            #expect(try await h.stat("claims_waited_for_lease") == 0, "no claim on \(h.host) waited for Redis")
+        }
+        for h in hosts { #expect(try await h.stop() == 0) }
+        #expect(try await redis.audit("warm", journals: hosts.map { ($0.host, $0.journalDir) }, netClaimed: 401).isEmpty)
+    }
+
+    @Test func everyTokenIsSoldBeforeAnyoneIsToldSoldOut() async throws {
+        for round in 0..<3 {
+            let redis = try await RedisServer()
+            let dir = TempDir()
+            let voucher = "end-\(round)"
+            _ = try await redis.store.createVoucher(id: voucher, limit: 300, perUser: 3, totalLimit: 300, region: "sg")
+            var hosts: [Quotad] = []
+            for h in 0..<3 { hosts.append(try await Quotad(redis: redis, dir: dir, host: "host-\(h)", durability: "journal")) }
+            // 200 users × 5 attempts (up to 600 could be sold), in random order over the hosts.
+            var users: [String] = []
+            for u in 0..<200 { for _ in 0..<5 { users.append("user-\(u)") } }
+            users.shuffle()
+            let claims = try await timedClaims(users, sockets: hosts.map(\.socket), voucher: voucher, connections: 30)
+            let sold = claims.filter { $0.code == "OK" }.count
+            #expect(sold == 300, "round \(round): sold \(sold) of 300: \(Dictionary(grouping: claims, by: \.code).mapValues(\.count))")
+            #expect(soldOutWhileTokensLeft(claims) == 0, "round \(round): SOLDOUT told while tokens were left")
+            for h in hosts { #expect(try await h.stop() == 0) }
+            let a = try await redis.account(voucher)
+            #expect(a.pool == 0 && a.leases == 0 && a.leased - a.returned - a.restocked == 300)
+        }
+    }
+
+    @Test func aStoppedHostsLeaseIsWaitedForNotCalledSoldOutUntilItIsAbandoned() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "held", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
+        let yaml = "lease: { ttl: 2, safety_margin: 0.5, min: 30, max: 30 }\nlimits: { tail_wait_ms: 300 }\n"
+        let a = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: yaml, durability: "journal")
+        let b = try await Quotad(redis: redis, dir: dir, host: "host-b", extraYAML: yaml, durability: "journal")
+        let ca = try await RESPClient.connect(a.socket)
+        defer { ca.close() }
+        #expect(try await ca.send("CLAIM", "held", "a0").errorCode == nil)
+        a.child.signal(SIGSTOP)
+        var resumed = false
+        defer { if !resumed { a.child.signal(SIGCONT) } }
+        let cb = try await RESPClient.connect(b.socket)
+        defer { cb.close() }
+        var sold = 1
+        var last: RESPValue = .null
+        while sold < 100 {
+            last = try await cb.send("CLAIM", "held", "b\(sold)")
+            if last.errorCode != nil { break }
+            sold += 1
+        }
+        // host-a holds up to 29 unserved tokens: not SOLDOUT while its lease may still serve or return them.
+        #expect(last.errorCode == "UNAVAILABLE", "\(last)")
+        #expect(last.errorMessage?.contains("being recalled") == true, "\(last)")
+        try await eventually("SOLDOUT once host-a's lease is 10 s past its expiry", timeout: .seconds(20)) {
+            let v = try await cb.send("CLAIM", "held", "b-late")
+            if v.errorCode == nil { sold += 1 }
+            return v.errorCode == "SOLDOUT" && v.errorMessage?.contains("await reconciliation") == true
+        }
+        // host-a comes back, fences its lease and returns it: those tokens sell again (documented).
+        a.child.signal(SIGCONT)
+        resumed = true
+        try await eventually("host-a's unserved tokens are back and sold", timeout: .seconds(10)) {
+            let v = try await cb.send("CLAIM", "held", "b-after-\(sold)")
+            if v.errorCode == nil { sold += 1 }
+            return sold == 100
+        }
+        for q in [a, b] { #expect(try await q.stop() == 0) }
+        let acct = try await redis.account("held")
+        #expect(acct.pool == 0 && acct.leases == 0 && acct.leased - acct.returned - acct.restocked == 100)
+    }
+
+    @Test func leaseAdviseShowsCostAndRiskPerLeaseSizeFromTheObservedRate() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "adv", limit: 1_000_000, perUser: 0, totalLimit: 1_000_000, region: "sg")
+        let (st0, out0) = try await quotactl(["lease", "advise", "adv", "--redis", redis.url])
+        #expect(st0 != 0 && out0.contains("no claim rate observed"), "\(out0)")
+        let (st, out) = try await quotactl(["lease", "advise", "adv", "--rate", "20000", "--hosts", "4", "--json", "--redis", redis.url])
+        #expect(st == 0, "\(out)")
+        struct Row: Decodable {
+            var lease_size: Int
+            var lease_lasts_seconds: Double
+            var redis_commands_per_claim: Double
+            var tokens_at_risk_per_host_crash: Int
+            var tail_delay_without_recall_ms: Double
+        }
+        struct Advice: Decodable {
+            var rows: [Row]
+            var suggestion: Int
+            var rate_source: String
+        }
+        let advice = try JSONDecoder().decode(Advice.self, from: Data(out.utf8))
+        #expect(advice.rate_source == "given" && advice.rows.count >= 5)
+        let sizes = advice.rows.map(\.lease_size)
+        #expect(sizes == sizes.sorted())
+        for (x, y) in zip(advice.rows, advice.rows.dropFirst()) {
+            // Until leases live long enough to need renewals, bigger leases cost fewer Redis commands.
+            if y.lease_lasts_seconds < 4 {
+                #expect(y.redis_commands_per_claim < x.redis_commands_per_claim, "bigger leases cost fewer Redis commands")
+            }
+            #expect(y.tokens_at_risk_per_host_crash >= x.tokens_at_risk_per_host_crash, "and risk more tokens")
+            #expect(y.tail_delay_without_recall_ms >= x.tail_delay_without_recall_ms)
+        }
+        #expect(advice.rows.first!.redis_commands_per_claim > 10 * advice.rows.last!.redis_commands_per_claim)
+        #expect(sizes.contains(advice.suggestion))
+        // With a sidecar under load, the rate is the one it reports.
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a")
+        let c = try await RESPClient.connect(q.socket)
+        defer { c.close() }
+        let stop = ContinuousClock.now + .seconds(3)
+        var n = 0
+        while ContinuousClock.now < stop {
+            _ = try await c.pipeline((0..<50).map { ["CLAIM", "adv", "u\(n + $0)"] })
+            n += 50
+        }
+        let (st2, out2) = try await quotactl(["lease", "advise", "adv", "--redis", redis.url])
+        #expect(st2 == 0 && out2.contains("(observed) over 1 host(s)"), "\(out2)")
+        #expect(try await q.stop() == 0)
+    }
+
+    @Test func badScheduleInputIsRefusedWithTheOptionAndChangesNothing() async throws {
+        let redis = try await RedisServer()
+        let (st1, out1) = try await quotactl(["voucher", "create", "bad", "--limit", "10", "--start", "tomorrow", "--redis", redis.url])
+        #expect(st1 != 0 && out1.contains("--start: 'tomorrow' is not a time"), "\(out1)")
+        let (st2, out2) = try await quotactl(["voucher", "create", "bad", "--limit", "10", "--start", "+10m", "--end", "+5m",
+                                              "--redis", redis.url])
+        #expect(st2 != 0 && out2.contains("must be after --start"), "\(out2)")
+        #expect(try await redis.store.voucher("bad") == nil, "nothing was created")
+        let (st3, out3) = try await quotactl(["voucher", "set-schedule", "nope", "--end", "+1m", "--redis", redis.url])
+        #expect(st3 != 0 && out3.contains("no voucher 'nope'"), "\(out3)")
+        #expect(try await quotactl(["voucher", "create", "ok", "--limit", "10", "--redis", redis.url]).0 == 0)
+        let (st4, out4) = try await quotactl(["voucher", "set-schedule", "ok", "--start", "+20m", "--end", "+10m", "--redis", redis.url])
+        #expect(st4 != 0 && out4.contains("must be after the opening"), "\(out4)")
+        let rec = try await redis.store.voucher("ok")
+        #expect(rec?.startMs == 0 && rec?.endMs == 0, "a refused change changes nothing")
+        let (st5, _) = try await quotactl(["voucher", "set-schedule", "ok", "--start", "+20m", "--redis", redis.url])
+        #expect(st5 == 0)
+        #expect(try await redis.store.voucher("ok")?.startMs ?? 0 > 0)
+    }
+}
