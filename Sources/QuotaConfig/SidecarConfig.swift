@@ -61,6 +61,9 @@ public struct SidecarConfig: Sendable {
         public var allowedGIDs: [UInt32] = []
         /// `socket.admin_uids`: uids allowed `DRAIN` besides root and quotad's own uid. Default [].
         public var adminUIDs: [UInt32] = []
+        /// `socket.password`: when set, clients must `AUTH` (or `HELLO … AUTH`) with it before any command
+        /// but `PING`-less setup (`HELLO`, `AUTH`, `QUIT`). Default: none (`AUTH` is accepted as is).
+        public var password: String? = nil
     }
 
     public struct JournalSettings: Sendable {
@@ -106,6 +109,9 @@ public struct SidecarConfig: Sendable {
         public var dedupeWindow: Duration = .seconds(60)
         /// `claims.max_tracked`: claims remembered for `UNCLAIM` (oldest forgotten first). Default 1,000,000.
         public var maxTracked = 1_000_000
+        /// `claims.require_req`: refuse `CLAIM` without `REQ` (a retried claim without a request id is a
+        /// second claim). Default false.
+        public var requireReq = false
     }
 
     public struct Limits: Sendable {
@@ -229,6 +235,10 @@ public struct SidecarConfig: Sendable {
         c.socket.allowedUIDs = try s.intList("allowed_uids") ?? []
         c.socket.allowedGIDs = try s.intList("allowed_gids") ?? []
         c.socket.adminUIDs = try s.intList("admin_uids") ?? []
+        if let v = try s.string("password") {
+            guard !v.isEmpty, v.utf8.count <= 512 else { throw ConfigError(key: "socket.password", "must be 1-512 bytes") }
+            c.socket.password = v
+        }
         try s.finish()
 
         if let d = try r.string("durability") {
@@ -337,6 +347,7 @@ public struct SidecarConfig: Sendable {
             c.claims.dedupeWindow = .milliseconds(Int64(v * 1000))
         }
         if let v = try cl.int("max_tracked", min: 0) { c.claims.maxTracked = v }
+        if let v = try cl.bool("require_req") { c.claims.requireReq = v }
         try cl.finish()
         if let v = try r.int("redis_timeout_ms", min: 10, max: 60_000) { c.redisTimeout = .milliseconds(v) }
         var rd = try r.child("redis")

@@ -278,9 +278,18 @@ public final class Quotad: @unchecked Sendable {
     }
 
     /// SIGTERM and wait: returns the exit status.
-    public func stop() async throws -> Int32 {
+    public func stop(timeout: Duration = .seconds(20)) async throws -> Int32 {
         child.signal(SIGTERM)
-        return try await child.wait()
+        return try await child.wait(timeout: timeout)
+    }
+
+    /// SIGTERM and wait up to `timeout`; nil (and kill -9) when it did not exit by then.
+    public func stopOrKill(timeout: Duration) async -> Int32? {
+        child.signal(SIGTERM)
+        if let st = try? await child.wait(timeout: timeout) { return st }
+        child.signal(SIGKILL)
+        _ = try? await child.wait()
+        return nil
     }
 
     public func info() async throws -> [String: String] {

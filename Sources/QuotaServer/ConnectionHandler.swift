@@ -24,28 +24,50 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var flushScheduled = false
     private let claimTimer: Metrics.Timer?
 
-    /// Set for a peer refused at accept (`CODE message`): its first command gets this error, then close.
+    /// Set for a peer refused at accept (`CODE message`): every command it sends gets this error until it
+    /// closes (or the server closes it after a while).
     private let refusal: String?
+
+    // Client-compatibility state (HELLO, AUTH, CLIENT SETNAME, MULTI).
+    /// The RESP version the client asked for with `HELLO` (2 or 3).
+    private var proto = 2
+    private var authenticated: Bool
+    private var clientName: String?
+    private let clientID: Int
+    /// Commands queued since `MULTI` (nil: no transaction open).
+    private var transaction: [RESPCommand]?
+    /// A command could not be queued: `EXEC` discards the transaction.
+    private var transactionFailed = false
 
     init(engine: SidecarEngine, isAdmin: Bool, refusal: String? = nil) {
         self.engine = engine
         self.isAdmin = isAdmin
         self.refusal = refusal
         self.claimTimer = engine.claimTimer.withLockedValue { $0 }
+        self.authenticated = engine.config.socket.password == nil
+        self.clientID = engine.nextClientID()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
-        if let refusal {
-            closing = true
-            var b = context.channel.allocator.buffer(capacity: refusal.utf8.count + 3)
-            b.writeString("-\(refusal)\r\n")
-            context.writeAndFlush(wrapOutboundOut(b)).whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
-            return
-        }
         let cmd = unwrapInboundIn(data)
         guard !cmd.arguments.isEmpty else { return }
-        switch dispatch(cmd, context: context) {
+        if let refusal {
+            // Told on every command, so a client that swallows errors of its setup commands still sees it.
+            enqueue(.now(.value(.error(refusal))), context: context)
+            return
+        }
+        let outcome: Outcome
+        if transaction != nil, !Self.controlsTransaction(cmd.arguments[0]) {
+            outcome = queueInTransaction(cmd)
+        } else {
+            outcome = dispatch(cmd, context: context)
+        }
+        enqueue(outcome, context: context)
+    }
+
+    private func enqueue(_ outcome: Outcome, context: ChannelHandlerContext) {
+        switch outcome {
         case .now(let r):
             if queue.isEmpty {
                 write(r, context: context)
@@ -92,7 +114,7 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     private func write(_ r: Reply, context: ChannelHandlerContext) {
         if out == nil { out = context.channel.allocator.buffer(capacity: 512) }
-        out!.writeReply(r)
+        out!.writeReply(r, proto: proto)
     }
 
     /// Replies completed by other work (leases, journal syncs, user checks) arrive in bursts on the
@@ -140,6 +162,10 @@ final class ConnectionHandler: ChannelInboundHandler {
     private func dispatch(_ cmd: RESPCommand, context: ChannelHandlerContext) -> Outcome {
         let a = cmd.arguments
         let name = a[0]
+        if !authenticated, !(name.equalsUppercased("AUTH") || name.equalsUppercased("HELLO") || name.equalsUppercased("QUIT")) {
+            engine.countRejection(.noperm)
+            return .now(.value(.error("NOAUTH Authentication required.")))
+        }
         if name.equalsUppercased("CLAIM") {
             guard let timer = claimTimer else { return claim(a, loop: context.eventLoop) }
             let t0 = NIODeadline.now()
@@ -193,18 +219,233 @@ final class ConnectionHandler: ChannelInboundHandler {
             guard a.count == 3, a[1].equalsUppercased("GET") else {
                 return .now(.err("only CONFIG GET <parameter> is supported"))
             }
-            return .now(.value(.array([.bulkString(a[2]), .bulk("")])))
+            return .now(.map([(.bulkString(a[2]), .bulk(""))]))
         }
-        if name.equalsUppercased("COMMAND") { return .now(.value(.array([]))) }
         if name.equalsUppercased("QUIT") {
             closing = true
             let p = context.eventLoop.makePromise(of: Reply.self)
             p.succeed(.value(.ok))
             return .later(p.futureResult)
         }
+        if let r = compatibility(a, context: context) { return r }
         engine.commandErrors.add(1, ordering: .relaxed)
         let shown = String(String(buffer: name).prefix(64))
         return .now(.err("unknown command '\(shown)'"))
+    }
+
+    // MARK: - Client compatibility
+
+    /// Commands every Redis client sends while connecting, and what tools like redis-cli ask. They change
+    /// nothing but this connection's own state.
+    private func compatibility(_ a: [ByteBuffer], context: ChannelHandlerContext) -> Outcome? {
+        let name = a[0]
+        if name.equalsUppercased("HELLO") { return hello(a) }
+        if name.equalsUppercased("AUTH") {
+            guard a.count == 2 || a.count == 3 else { return arity("AUTH") }
+            return .now(authenticate(password: a[a.count - 1]))
+        }
+        if name.equalsUppercased("SELECT") {
+            guard a.count == 2 else { return arity("SELECT") }
+            guard a[1].parsePositiveInt() == 0 else {
+                return syntax("DB index is out of range (quotad has only database 0)")
+            }
+            return .now(.value(.ok))
+        }
+        if name.equalsUppercased("CLIENT") { return client(a) }
+        if name.equalsUppercased("ECHO") {
+            guard a.count == 2 else { return arity("ECHO") }
+            return .now(.value(.bulkString(a[1])))
+        }
+        if name.equalsUppercased("DBSIZE") {
+            guard a.count == 1 else { return arity("DBSIZE") }
+            return .now(.value(.integer(engine.vouchersTracked)))
+        }
+        if name.equalsUppercased("SCAN") {
+            // quotad keeps no keys: every scan is complete at once (redis-cli --scan, --bigkeys).
+            guard a.count >= 2 else { return arity("SCAN") }
+            return .now(.value(.array([.bulk("0"), .array([])])))
+        }
+        if name.equalsUppercased("COMMAND") {
+            if a.count == 1 { return .now(.value(.array([]))) }
+            if a[1].equalsUppercased("COUNT") { return .now(.value(.integer(Self.commandNames.count))) }
+            if a[1].equalsUppercased("DOCS") { return .now(.map([])) }
+            return .now(.value(.array([])))
+        }
+        if name.equalsUppercased("MULTI") {
+            guard a.count == 1 else { return arity("MULTI") }
+            guard transaction == nil else { return syntax("MULTI calls can not be nested") }
+            transaction = []
+            transactionFailed = false
+            return .now(.value(.ok))
+        }
+        if name.equalsUppercased("EXEC") {
+            guard let queued = transaction else { return syntax("EXEC without MULTI") }
+            transaction = nil
+            if transactionFailed {
+                return .now(.value(.error("EXECABORT Transaction discarded because of previous errors.")))
+            }
+            return execute(queued, context: context)
+        }
+        if name.equalsUppercased("DISCARD") {
+            guard transaction != nil else { return syntax("DISCARD without MULTI") }
+            transaction = nil
+            return .now(.value(.ok))
+        }
+        if name.equalsUppercased("WATCH") {
+            guard transaction == nil else { return syntax("WATCH inside MULTI is not allowed") }
+            return syntax("WATCH is not supported: quotad has no keys to watch (CLAIM decides atomically on its own)")
+        }
+        if name.equalsUppercased("UNWATCH") { return .now(.value(.ok)) }
+        return nil
+    }
+
+    /// Commands quotad knows (what `COMMAND COUNT` says and what a transaction may queue).
+    static let commandNames: [String] = [
+        "CLAIM", "UNCLAIM", "AVAIL", "PING", "INFO", "DRAIN", "CONFIG", "QUIT", "HELLO", "AUTH", "SELECT", "CLIENT",
+        "ECHO", "DBSIZE", "SCAN", "COMMAND", "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH",
+    ]
+
+    private static func controlsTransaction(_ name: ByteBuffer) -> Bool {
+        name.equalsUppercased("EXEC") || name.equalsUppercased("DISCARD") || name.equalsUppercased("MULTI")
+            || name.equalsUppercased("WATCH") || name.equalsUppercased("QUIT")
+    }
+
+    /// A command between `MULTI` and `EXEC`: queued, not executed. An unknown command fails the transaction.
+    private func queueInTransaction(_ cmd: RESPCommand) -> Outcome {
+        let upper = String(buffer: cmd.arguments[0]).uppercased()
+        guard Self.commandNames.contains(upper), upper != "HELLO", upper != "AUTH" else {
+            transactionFailed = true
+            engine.commandErrors.add(1, ordering: .relaxed)
+            return .now(.err("unknown command '\(upper.prefix(64))' in MULTI (the transaction will be discarded)"))
+        }
+        guard transaction!.count < engine.config.limits.maxPendingPerConnection else {
+            transactionFailed = true
+            return .now(.err("too many commands in MULTI (limits.max_pending_per_connection = "
+                              + "\(engine.config.limits.maxPendingPerConnection)); the transaction will be discarded"))
+        }
+        transaction!.append(cmd)
+        return .now(.value(.simpleString("QUEUED")))
+    }
+
+    /// `EXEC`: the queued commands run in order, each decided on its own as if sent alone (a CLAIM in a
+    /// transaction is not made atomic with the others: there is nothing to roll back), and the reply is
+    /// the array of their replies.
+    private func execute(_ queued: [RESPCommand], context: ChannelHandlerContext) -> Outcome {
+        var replies: [Reply?] = []
+        var later: [(Int, EventLoopFuture<Reply>)] = []
+        for (i, c) in queued.enumerated() {
+            switch dispatch(c, context: context) {
+            case .now(let r): replies.append(r)
+            case .later(let f):
+                replies.append(nil)
+                later.append((i, f))
+            }
+        }
+        if later.isEmpty { return .now(.replies(replies.map { $0! })) }
+        let loop = context.eventLoop
+        let fixed = replies
+        let positions = later.map(\.0)
+        return .later(EventLoopFuture.whenAllComplete(later.map(\.1), on: loop).map { results in
+            var all = fixed
+            for (i, r) in zip(positions, results) {
+                switch r {
+                case .success(let v): all[i] = v
+                case .failure(let e): all[i] = .error(QuotaError(.unavailable, "internal: \(e)"))
+                }
+            }
+            return .replies(all.map { $0! })
+        })
+    }
+
+    private func authenticate(password: ByteBuffer) -> Reply {
+        guard let expected = engine.config.socket.password else {
+            authenticated = true
+            return .value(.ok)
+        }
+        // Compared in constant time for equal lengths.
+        let given = Array(password.readableBytesView)
+        let want = Array(expected.utf8)
+        var diff = given.count ^ want.count
+        for i in 0..<min(given.count, want.count) { diff |= Int(given[i] ^ want[i]) }
+        guard diff == 0 else {
+            engine.countRejection(.noperm)
+            return .value(.error("WRONGPASS invalid username-password pair or user is disabled."))
+        }
+        authenticated = true
+        return .value(.ok)
+    }
+
+    /// `HELLO [protover [AUTH username password] [SETNAME name]]`.
+    private func hello(_ a: [ByteBuffer]) -> Outcome {
+        var version = proto
+        var i = 1
+        if a.count > 1 {
+            guard let v = a[1].parsePositiveInt(), v == 2 || v == 3 else {
+                engine.commandErrors.add(1, ordering: .relaxed)
+                return .now(.value(.error("NOPROTO unsupported protocol version: quotad speaks RESP2 and RESP3")))
+            }
+            version = v
+            i = 2
+        }
+        while i < a.count {
+            if a[i].equalsUppercased("AUTH"), i + 2 < a.count {
+                let r = authenticate(password: a[i + 2])
+                if case .value(.error) = r { return .now(r) }
+                i += 3
+            } else if a[i].equalsUppercased("SETNAME"), i + 1 < a.count {
+                guard let n = Self.clientName(a[i + 1]) else { return badClientName() }
+                clientName = n
+                i += 2
+            } else {
+                return syntax("syntax error in HELLO option '\(String(buffer: a[i]).prefix(32))'")
+            }
+        }
+        guard authenticated else { return .now(.value(.error("NOAUTH HELLO must be called with the client's password"))) }
+        proto = version
+        return .now(.map([
+            (.bulk("server"), .bulk("quotad")), (.bulk("version"), .bulk(QuotadVersion.string)),
+            (.bulk("proto"), .integer(version)), (.bulk("id"), .integer(clientID)), (.bulk("mode"), .bulk("standalone")),
+            (.bulk("role"), .bulk("master")), (.bulk("modules"), .array([])),
+        ]))
+    }
+
+    /// `CLIENT SETNAME|GETNAME|SETINFO|ID|INFO`.
+    private func client(_ a: [ByteBuffer]) -> Outcome {
+        guard a.count >= 2 else { return arity("CLIENT") }
+        let sub = a[1]
+        if sub.equalsUppercased("SETNAME") {
+            guard a.count == 3 else { return arity("CLIENT|SETNAME") }
+            if a[2].readableBytes == 0 {
+                clientName = nil
+                return .now(.value(.ok))
+            }
+            guard let n = Self.clientName(a[2]) else { return badClientName() }
+            clientName = n
+            return .now(.value(.ok))
+        }
+        if sub.equalsUppercased("GETNAME") { return .now(clientName.map { .value(.bulk($0)) } ?? .null) }
+        if sub.equalsUppercased("SETINFO") {
+            guard a.count == 4 else { return arity("CLIENT|SETINFO") }
+            guard a[2].equalsUppercased("LIB-NAME") || a[2].equalsUppercased("LIB-VER") else {
+                return syntax("Unrecognized option '\(String(buffer: a[2]).prefix(32))'")
+            }
+            return .now(.value(.ok))
+        }
+        if sub.equalsUppercased("ID") { return .now(.value(.integer(clientID))) }
+        if sub.equalsUppercased("INFO") {
+            return .now(.value(.bulk("id=\(clientID) name=\(clientName ?? "") db=0 resp=\(proto) lib=quotad\n")))
+        }
+        return syntax("unknown subcommand '\(String(buffer: sub).prefix(32))' for CLIENT: quotad answers SETNAME, GETNAME, SETINFO, ID, INFO")
+    }
+
+    /// A client name as Redis allows it: printable ASCII without spaces, at most 128 bytes.
+    private static func clientName(_ b: ByteBuffer) -> String? {
+        guard b.readableBytes <= 128, b.readableBytesView.allSatisfy({ $0 > 32 && $0 < 127 }) else { return nil }
+        return String(buffer: b)
+    }
+
+    private func badClientName() -> Outcome {
+        syntax("Client names cannot contain spaces, newlines or special characters.")
     }
 
     private func arity(_ cmd: String) -> Outcome {
@@ -248,6 +489,10 @@ final class ConnectionHandler: ChannelInboundHandler {
         guard QuotaStore.isValidVoucherID(v) else { return badVoucher(v) }
         guard a[2].readableBytes > 0, a[2].readableBytes <= 256 else {
             return syntax("user id must be 1-256 bytes")
+        }
+        if req == nil && engine.config.claims.requireReq {
+            return syntax("REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
+                          + "for every retry of one claim")
         }
         return engine.request(.claim(qty: qty, user: String(buffer: a[2]), req: req), voucher: v, loop: loop)
     }

@@ -7,6 +7,12 @@ public enum Reply: Sendable {
     case claimID(String)
     case value(RESPValue)
     case error(QuotaError)
+    /// A map: RESP3 `%`, RESP2 a flat array of keys and values.
+    case map([(RESPValue, RESPValue)])
+    /// No value: RESP3 `_`, RESP2 a null bulk string.
+    case null
+    /// Replies of a transaction (`EXEC`), each encoded as itself.
+    case replies([Reply])
 
     static func err(_ message: String) -> Reply { .error(QuotaError(.err, message)) }
 }
@@ -18,8 +24,28 @@ public enum Outcome: Sendable {
 }
 
 extension ByteBuffer {
-    mutating func writeReply(_ r: Reply) {
+    /// Append `r` for a client speaking RESP `proto` (2 or 3).
+    mutating func writeReply(_ r: Reply, proto: Int = 2) {
         switch r {
+        case .map(let pairs):
+            if proto >= 3 {
+                writeInteger(UInt8(ascii: "%"))
+                writeString(String(pairs.count))
+                writeStaticString("\r\n")
+                for (k, v) in pairs {
+                    writeRESPValue(k)
+                    writeRESPValue(v)
+                }
+            } else {
+                writeRESPValue(.array(pairs.flatMap { [$0.0, $0.1] }))
+            }
+        case .null:
+            if proto >= 3 { writeStaticString("_\r\n") } else { writeStaticString("$-1\r\n") }
+        case .replies(let rs):
+            writeInteger(UInt8(ascii: "*"))
+            writeString(String(rs.count))
+            writeStaticString("\r\n")
+            for x in rs { writeReply(x, proto: proto) }
         case .claimID(let id):
             writeInteger(UInt8(ascii: "$"))
             writeString(String(id.utf8.count))

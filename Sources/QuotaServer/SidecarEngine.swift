@@ -37,6 +37,7 @@ public final class SidecarEngine: Sendable {
     private let _regionHosts = Atomic<Int>(1)
     /// Recalls received from other hosts (pub/sub) and from refreshes.
     let recallsReceived = Atomic<Int>(0)
+    private let clientIDs = Atomic<Int>(0)
     /// The region generation this host adopted (journaled), and why the region is lost, if it is.
     private let region = NIOLockedValueBox<(adopted: String?, lost: String?)>((nil, nil))
 
@@ -77,6 +78,12 @@ public final class SidecarEngine: Sendable {
 
     /// A new claim sequence number (the `UNCLAIM` book is indexed by it).
     func nextClaimSeq() -> Int { claimSeq.wrappingAdd(1, ordering: .relaxed).newValue }
+
+    /// A new connection's id (`CLIENT ID`, `HELLO`).
+    func nextClientID() -> Int { clientIDs.wrappingAdd(1, ordering: .relaxed).newValue }
+
+    /// Vouchers this host tracks (`DBSIZE`).
+    var vouchersTracked: Int { vouchers.withLockedValue { $0.count } }
 
     func countRejection(_ code: QuotaErrorCode) {
         globalRejections.withLockedValue { $0[code, default: 0] += 1 }
@@ -515,12 +522,16 @@ public final class SidecarEngine: Sendable {
         }
         if on("clients") {
             out += "# Clients\r\n"
-            out += "connected_clients:\(connectionsCurrent.load(ordering: .relaxed))\r\n"
+            out += "connected_clients:\(connectionsCurrent.load(ordering: .relaxed))\r\nblocked_clients:0\r\n"
             out += "total_connections_received:\(connectionsTotal.load(ordering: .relaxed))\r\n"
             out += "rejected_connections:\(connectionsRefused.load(ordering: .relaxed))\r\n\r\n"
         }
         if on("stats") {
             out += "# Stats\r\n"
+            // What redis-cli --stat reads, in Redis's names.
+            let requests = total.claimsOK + total.rejected.values.reduce(0, +) + commandErrors.load(ordering: .relaxed)
+            out += "total_commands_processed:\(requests)\r\n"
+            out += "used_memory:\(Self.residentBytes())\r\n"
             out += "claims_ok:\(total.claimsOK)\r\n"
             for code in QuotaErrorCode.allCases where code != .err {
                 out += "claims_\(code.rawValue):\(total.rejected[code, default: 0])\r\n"
@@ -550,18 +561,33 @@ public final class SidecarEngine: Sendable {
             let u = userChecks.stats
             out += "user_check_batches:\(u.batches)\r\nuser_checks:\(u.checks)\r\nclaims_tracked:\(claimBook.count)\r\n\r\n"
         }
+        if on("keyspace") {
+            out += "# Keyspace\r\ndb0:keys=\(snaps.count),expires=0,avg_ttl=0\r\n\r\n"
+        }
         if on("vouchers") {
+            // One line per voucher, `voucherN:id=ID,k=v,...` like Redis's `db0:keys=…`, so that Redis clients'
+            // INFO parsers keep each line (a voucher id may contain ':', a key must not).
             out += "# Vouchers\r\n"
-            for (id, s) in snaps {
+            for (n, (id, s)) in snaps.enumerated() {
                 let rejected = QuotaErrorCode.allCases.filter { s.counters.rejected[$0, default: 0] > 0 }
                     .map { ",rejected_\($0.rawValue)=\(s.counters.rejected[$0]!)" }.joined()
-                out += "voucher:\(id):status=\(s.status),ok=\(s.counters.claimsOK),served=\(s.counters.tokensServed),"
+                out += "voucher\(n):id=\(id),status=\(s.status),ok=\(s.counters.claimsOK),served=\(s.counters.tokensServed),"
                 out += "local=\(s.local),pool=\(s.pool),leases=\(s.leases),lease_size=\(s.leaseSize),"
                 out += "rate=\(Int(s.rate)),parked=\(s.parked),inflight=\(s.inFlight),soldout=\(s.soldOut ? 1 : 0),"
                 out += "tail=\(s.tail ? 1 : 0),start_ms=\(s.schedule.startMs),end_ms=\(s.schedule.endMs)\(rejected)\r\n"
             }
         }
         return out
+    }
+}
+
+extension SidecarEngine {
+    /// This process's resident memory, bytes (from /proc/self/statm).
+    static func residentBytes() -> Int {
+        guard let text = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) else { return 0 }
+        let fields = text.split(separator: " ")
+        guard fields.count > 1, let pages = Int(fields[1]) else { return 0 }
+        return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
     }
 }
 

@@ -251,9 +251,9 @@ public final class SidecarService: Service, Sendable {
                     try channel.pipeline.syncOperations.addHandler(
                         ConnectionHandler(engine: engine, isAdmin: isAdmin, refusal: refusal))
                     if refusal != nil {
-                        // A refused peer is told why at its first command, then closed; at most 1 s.
+                        // A refused peer is told why at every command, and closed after 10 s at most.
                         engine.connectionsRefused.add(1, ordering: .relaxed)
-                        channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
+                        channel.eventLoop.scheduleTask(in: .seconds(10)) { channel.close(promise: nil) }
                     }
                 }
             }

@@ -232,15 +232,22 @@ final class ChaosRun: @unchecked Sendable {
             q.child.signal(SIGCONT)
             if !q.child.isRunning { try await q.restart() }
         }
+        // A stop may take the drain bound (10 s) plus Kafka's flush bound (10 s); past 40 s it is a problem.
         for q in sidecars {
-            let st = try await q.stop()
-            if st != 0 { stopProblems.append("\(q.host) exited \(st) on SIGTERM") }
+            switch await q.stopOrKill(timeout: .seconds(40)) {
+            case 0?: break
+            case let st?: stopProblems.append("\(q.host) exited \(st) on SIGTERM")
+            case nil: stopProblems.append("\(q.host) did not exit within 40 s of SIGTERM (killed)")
+            }
         }
         for q in sidecars {
             try await q.restart()
             try await Task.sleep(for: .milliseconds(500))
-            let st = try await q.stop()
-            if st != 0 { stopProblems.append("\(q.host) exited \(st) on SIGTERM after its recovery run") }
+            switch await q.stopOrKill(timeout: .seconds(40)) {
+            case 0?: break
+            case let st?: stopProblems.append("\(q.host) exited \(st) on SIGTERM after its recovery run")
+            case nil: stopProblems.append("\(q.host) did not exit within 40 s of SIGTERM after its recovery run (killed)")
+            }
         }
 
         // Read back: Redis's books, each journal, the topic.
