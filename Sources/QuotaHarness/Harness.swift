@@ -273,7 +273,8 @@ public final class Quotad: @unchecked Sendable {
         try await eventually("quotad answers PING", timeout: .seconds(20)) {
             guard let c = try? await RESPClient.connect(socket) else { return false }
             defer { c.close() }
-            return try await c.send("PING") == .simpleString("PONG")
+            let r = try await c.send("PING")
+            return r == .simpleString("PONG") || r.errorCode == "NOAUTH"  // a socket.password is set
         }
     }
 

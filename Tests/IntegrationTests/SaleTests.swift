@@ -92,20 +92,20 @@ struct SaleTests {
     @Test func aWarmedSaleServesItsFirstClaimsFromOpeningLeasesTakenBeforeItOpens() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
-        #expect(try await quotactl(["voucher", "create", "warm", "--limit", "2000", "--start", "+4s", "--redis", redis.url]).0 == 0)
-        #expect(try await quotactl(["lease", "set", "--voucher", "warm", "--opening", "300", "--redis", redis.url]).0 == 0)
         let hosts = [try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal"),
                      try await Quotad(redis: redis, dir: dir, host: "host-b", durability: "journal")]
+        #expect(try await quotactl(["voucher", "create", "warm", "--limit", "2000", "--start", "+9s", "--redis", redis.url]).0 == 0)
+        #expect(try await quotactl(["lease", "set", "--voucher", "warm", "--opening", "300", "--redis", redis.url]).0 == 0)
         let (st, out) = try await quotactl(["voucher", "warm", "warm", "--redis", redis.url])
         #expect(st == 0 && out.contains("opening lease of 300 tokens"), "\(out)")
-        try await eventually("both hosts hold their opening lease before the opening", timeout: .seconds(3)) {
+        try await eventually("both hosts hold their opening lease before the opening", timeout: .seconds(6)) {
             let open = try await redis.store.leases(voucher: "warm").filter { $0.state == .open }
             return Set(open.map(\.host)) == ["host-a", "host-b"] && open.allSatisfy { $0.granted == 300 }
         }
         let c = try await RESPClient.connect(hosts[0].socket)
         defer { c.close() }
         #expect(try await c.send("CLAIM", "warm", "early").errorCode == "INACTIVE", "nothing is served before the opening")
-        try await eventually("the sale opens", timeout: .seconds(6)) {
+        try await eventually("the sale opens", timeout: .seconds(10)) {
             try await c.send("CLAIM", "warm", "first").errorCode == nil
         }
         var users: [String] = []
