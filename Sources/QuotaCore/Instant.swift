@@ -5,11 +5,17 @@ public struct Instant: Sendable, Hashable, Comparable, CustomStringConvertible {
 
     public init(nanoseconds: UInt64) { self.nanoseconds = nanoseconds }
 
+    /// Later than any instant a clock reads.
+    public static let max = Instant(nanoseconds: .max)
+
     public static func < (a: Instant, b: Instant) -> Bool { a.nanoseconds < b.nanoseconds }
 
     public static func + (a: Instant, d: Duration) -> Instant {
         let n = d.nanosecondsClamped
-        if n >= 0 { return Instant(nanoseconds: a.nanoseconds &+ UInt64(n)) }
+        if n >= 0 {
+            let (sum, overflow) = a.nanoseconds.addingReportingOverflow(UInt64(n))
+            return Instant(nanoseconds: overflow ? .max : sum)
+        }
         let m = UInt64(-n)
         return Instant(nanoseconds: a.nanoseconds > m ? a.nanoseconds - m : 0)
     }

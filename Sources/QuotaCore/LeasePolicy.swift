@@ -48,9 +48,13 @@ public struct LeasePolicy: Sendable, Equatable {
     /// The opening lease of one host: `opening` when set, else half the region's allocation spread
     /// over the hosts seen in the region, within `[min, max]` (and never more than the allocation).
     public func openingSize(regionLimit: Int, hosts: Int) -> Int {
-        if let opening { return Swift.max(1, opening) }
-        let share = (regionLimit + 2 * Swift.max(1, hosts) - 1) / (2 * Swift.max(1, hosts))
-        return Swift.max(1, Swift.min(Swift.max(share, min), max, Swift.max(1, regionLimit)))
+        let h = Swift.max(1, hosts)
+        // Every live host must get its opening lease: an explicit size is capped at an equal share.
+        if let opening { return Swift.max(1, Swift.min(opening, regionLimit / h)) }
+        // Half the quota goes out as opening leases; the rest serves the first refills. Not raised to
+        // `min`: that would let the first hosts take it all and leave the others none.
+        let share = (regionLimit + 2 * h - 1) / (2 * h)
+        return Swift.max(1, Swift.min(share, max))
     }
 
     /// The lease size for an observed demand of `rate` tokens per second.

@@ -12,7 +12,9 @@ public struct RateEstimator: Sendable {
 
     /// Start from an expected rate (a scheduled sale's opening) unless a higher one was observed.
     public mutating func seed(_ expected: Double) {
-        if expected > rate { rate = expected }
+        // Bounded: a seed from an absurd opening (tokens / target seconds) must stay a number others can report.
+        let bounded = expected.isFinite ? min(expected, 1e12) : 0
+        if bounded > rate { rate = bounded }
     }
 
     /// Count `tokens` claimed at `now`.

@@ -738,18 +738,18 @@ public struct VoucherMachine: Sendable {
     /// Fresh metadata from the periodic refresh.
     public mutating func refreshed(_ rec: VoucherRecordInfo, policy: LeasePolicy, now: Instant, effects fx: inout [Effect]) {
         guard phase == .ready else { return }
-        let recalledAgain = record.map { rec.recallMs > $0.recallMs } ?? false
+        let recalledAgain = (record.map { rec.recallMs > $0.recallMs } ?? false) && rec.recallHost != rules.host
         apply(rec, policy: policy, now: now)
         // Another host found the pool empty while leases were out (a recall this host may have missed):
         // give back what no claim here waits for, so the last tokens are not stranded here.
-        if recalledAgain { stock.recall(now: now) }
+        if recalledAgain { stock.recall(now: now, waiting: parkedTokens) }
         settleEffects(now: now, &fx)
     }
 
     /// Another host asked for this voucher's stock back (it found the pool empty while leases were out).
     public mutating func recall(now: Instant, effects fx: inout [Effect]) {
         guard phase == .ready else { return }
-        stock.recall(now: now)
+        stock.recall(now: now, waiting: parkedTokens)
         settleEffects(now: now, &fx)
     }
 
@@ -972,16 +972,19 @@ public struct VoucherRecordInfo: Sendable, Equatable {
     public var perUser: Int
     /// When a host last found the pool empty while leases were out (Redis ms), or 0.
     public var recallMs: Int
+    /// The host that recalled at `recallMs` (a host ignores its own recalls).
+    public var recallHost: String
     /// The sale's schedule, placed on this host's clock.
     public var schedule: SaleSchedule
     /// Tokens of this host's opening lease before a scheduled opening (0: none).
     public var opening: Int
-    public init(status: VoucherStatus, pool: Int, perUser: Int, recallMs: Int = 0, schedule: SaleSchedule = SaleSchedule(),
-                opening: Int = 0) {
+    public init(status: VoucherStatus, pool: Int, perUser: Int, recallMs: Int = 0, recallHost: String = "",
+                schedule: SaleSchedule = SaleSchedule(), opening: Int = 0) {
         self.status = status
         self.pool = pool
         self.perUser = perUser
         self.recallMs = recallMs
+        self.recallHost = recallHost
         self.schedule = schedule
         self.opening = opening
     }

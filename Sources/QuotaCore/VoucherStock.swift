@@ -166,7 +166,9 @@ public func formatUTC(ms: Int64) -> String {
 
 /// A duration as seconds with one decimal, e.g. `3.2 s`.
 public func formatSeconds(_ d: Duration) -> String {
-    let tenths = (d.nanosecondsClamped + 50_000_000) / 100_000_000
+    let n = d.nanosecondsClamped
+    // Saturate rather than trap: a far-future time (year 9999) clamps to Int64.max nanoseconds.
+    let tenths = n > Int64.max - 50_000_000 ? n / 100_000_000 : (n + 50_000_000) / 100_000_000
     return "\(tenths / 10).\(tenths % 10) s"
 }
 
@@ -245,8 +247,12 @@ public struct VoucherStock: Sendable {
     public private(set) var abandonedLeases = 0
     /// The pool was empty while leases were held: ask again at this instant (recalled stock may be back).
     public private(set) var recallPollAt: Instant?
-    /// How often a host waiting for recalled stock asks Redis again.
+    /// How soon a host waiting for recalled stock first asks Redis again; each further empty answer
+    /// doubles the wait, up to ``recallPollMax``.
     public static let recallPoll: Duration = .milliseconds(10)
+    public static let recallPollMax: Duration = .milliseconds(160)
+    /// Empty-pool answers in a row (the next poll waits `recallPoll << emptyAnswers`).
+    private var emptyAnswers = 0
     /// Why the authority can no longer be trusted (Redis forgot this voucher): nothing is served or returned.
     public private(set) var lost: String?
     public private(set) var lastDemand: Instant?
@@ -377,15 +383,21 @@ public struct VoucherStock: Sendable {
 
     /// Another host found the pool empty while this one may hold stock: give back everything no claim
     /// here waits for (claims in flight settle first; their leases close when they do).
-    public mutating func recall(now: Instant) {
-        guard lost == nil, !draining else { return }
+    /// With claims parked here (`waiting` tokens) nothing goes back: they wait for this stock, and once
+    /// they are answered, the end-of-sale sweep gives back what is left. Before the opening, opening
+    /// leases are meant to be held: a recall then changes nothing.
+    public mutating func recall(now: Instant, waiting: Int) {
+        guard lost == nil, !draining, !beforeOpening(now) else { return }
         tail = true
-        if !leases.isEmpty || !finishedLeases.isEmpty { returnAll() }
+        if waiting == 0 && (!leases.isEmpty || !finishedLeases.isEmpty) { returnAll() }
     }
+
+    /// The sale has a scheduled opening still ahead.
+    private func beforeOpening(_ now: Instant) -> Bool { schedule.opensAt.map { now < $0 } ?? false }
 
     /// Near the end, stock no claim here waits for goes back at once (e.g. tokens a refused claim gave back).
     public mutating func sweepTail(waiting: Int, now: Instant) {
-        guard tail, waiting == 0, lost == nil, !leases.isEmpty || !finishedLeases.isEmpty else { return }
+        guard tail, waiting == 0, lost == nil, !leases.isEmpty || !finishedLeases.isEmpty, !beforeOpening(now) else { return }
         returnAll()
     }
 
@@ -651,8 +663,11 @@ public struct VoucherStock: Sendable {
         consecutiveFailures = 0
         poolHint = g.poolAfter
         recallPollAt = nil
+        emptyAnswers = 0
+        if g.granted > 0 { heldElsewhere = 0 }
         // An empty pool after this grant is not the end yet (other hosts may hold stock), but it is near.
-        if g.poolAfter == 0 { tail = true } else { soldOut = false }
+        // (Before the opening it means nothing: the opening leases took the pool, as they should.)
+        if g.poolAfter == 0 { if !beforeOpening(now) { tail = true } } else { soldOut = false }
         leaveTailIfRefilled(pool: g.poolAfter)
         openingAnswered()
         guard g.granted > 0 else { return }
@@ -687,23 +702,34 @@ public struct VoucherStock: Sendable {
         backoffUntil = nil
         consecutiveFailures = 0
         recallPollAt = nil
+        let openingRefused = openingInFlight
         openingAnswered()
         switch r {
-        case .soldOut(let abandoned):
-            soldOut = true
-            tail = true
+        case .soldOut, .recalling:
             poolHint = 0
-            heldElsewhere = 0
-            abandonedLeases = abandoned
-        case .recalling(let held):
+            // Before the opening, an empty pool means the opening leases took it: nothing ends yet.
+            if beforeOpening(now) { break }
             tail = true
-            poolHint = 0
-            heldElsewhere = held
-            recallPollAt = now + Self.recallPoll
+            if case .recalling(let held) = r {
+                heldElsewhere = held
+            } else if case .soldOut(let abandoned) = r {
+                heldElsewhere = 0
+                abandonedLeases = abandoned
+                // Claims in flight here may still give tokens back (a journal write that fails): the
+                // region is sold out only once they settle.
+                if tokensPending == 0 { soldOut = true; break }
+            }
+            let wait = min(Self.recallPoll * (1 << min(emptyAnswers, 8)), Self.recallPollMax)
+            emptyAnswers += 1
+            recallPollAt = now + wait
         case .inactive(let s):
             setStatus(s)
         case .schedule(let why):
-            scheduleBlock = (why, now + .milliseconds(250))
+            // Redis's clock says the sale is not open (the schedule changed since this host last read it):
+            // what is held goes back, and nothing is served until the next refresh brings the new schedule.
+            scheduleBlock = (why, .max)
+            returnAll()
+            if openingRefused { openingTaken = false }
         case .unknownVoucher:
             setStatus(.closed)
         }

@@ -142,11 +142,12 @@ enum QuotaScripts {
     /// Schedule (`start_ms`, `end_ms` on Redis's clock): no lease after the end, nor earlier than
     /// `warmup_ms` before the start (the opening lease is taken in that window).
     ///
-    /// The end of the sale: when the pool is empty, open leases whose expiry is not more than 10 s past
-    /// (`held`: their hosts may still serve or return them) mean the quota is not gone yet: the voucher's
-    /// `recall_ms` is set and its meta key published on `quota:recall` (at most every 5 ms), so that
-    /// their hosts give back what they do not need, and the caller asks again. With none held, the pool
-    /// is truly exhausted (`abandoned`: leases silent longer, left to reconciliation).
+    /// The end of the sale: when the pool is empty, other hosts' open leases whose expiry is not more than
+    /// 3 s past (`held`: their hosts may still serve or return them) mean the quota is not gone yet: the
+    /// voucher's `recall_ms`/`recall_host` are set and `quota:{ID}|host` is published on `quota:recall`
+    /// (at most every 50 ms, never before the opening), so that their hosts give back what they do not
+    /// need, and the caller asks again. With none held, the pool is exhausted as far as the caller can
+    /// get (`abandoned`: leases silent longer, left to reconciliation).
     /// Reply: {1, granted, lease_id, pool_after, ttl_ms} | {0, 0, '', pool, held, abandoned} nothing |
     /// {-2, state} | {-6, 'early'|'ended', start_ms|end_ms, now} outside the schedule |
     /// {-3, gen} another generation | {-5} unknown voucher.
@@ -162,6 +163,31 @@ enum QuotaScripts {
         archive(now)
         local m = redis.call('HMGET', KEYS[1], 'state', 'pool', 'start_ms', 'end_ms', 'recall_ms')
         local pool = tonumber(m[2])
+        local start_ms, end_ms = tonumber(m[3] or '0') or 0, tonumber(m[4] or '0') or 0
+        -- The pool is empty: leases of OTHER hosts that may still serve or return tokens (expiry at most
+        -- 3 s past) are recalled; older ones are abandoned (their hosts are silent). The caller's own
+        -- leases are its own business: recalling them would only make it give back what it waits for.
+        local function empty()
+          local held, abandoned = 0, 0
+          local ids = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+          for i = 1, #ids, 2 do
+            local v = redis.call('HGET', KEYS[2], ids[i])
+            local l = v and parse(v)
+            if l and l.host ~= host then
+              if tonumber(ids[i + 1]) > now - 3000 then held = held + 1 else abandoned = abandoned + 1 end
+            end
+          end
+          if held > 0 then
+            -- Not before the opening (opening leases are meant to be held then), at most every 50 ms.
+            if now >= start_ms and now - (tonumber(m[5] or '0') or 0) >= 50 then
+              redis.call('HSET', KEYS[1], 'recall_ms', now, 'recall_host', host)
+              redis.call('PUBLISH', 'quota:recall', KEYS[1] .. '|' .. host)
+            end
+          else
+            redis.call('HSET', KEYS[1], 'starved_ms', now)
+          end
+          return {0, 0, '', 0, held, abandoned}
+        end
         local req = ARGV[6]
         local prior = redis.call('HGET', KEYS[5], req)
         if prior then
@@ -174,6 +200,7 @@ enum QuotaScripts {
               return {1, l.g, prior, pool, l.e - now}
             end
           end
+          if pool <= 0 and tonumber(ARGV[2]) > 0 then return empty() end
           return {0, 0, '', pool}
         end
         local want, need, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -182,24 +209,11 @@ enum QuotaScripts {
           return {0, 0, '', pool}
         end
         if m[1] ~= 'active' then return {-2, m[1]} end
-        local start_ms, end_ms = tonumber(m[3] or '0') or 0, tonumber(m[4] or '0') or 0
         if end_ms > 0 and now >= end_ms then return {-6, 'ended', end_ms, now} end
         if start_ms > 0 and now < start_ms - tonumber(ARGV[9]) then return {-6, 'early', start_ms, now} end
         local n = math.min(want, math.max(need, math.ceil(pool * tonumber(ARGV[5]))))
         n = math.min(n, pool)
-        if n <= 0 then
-          local held = redis.call('ZCOUNT', KEYS[3], '(' .. (now - 10000), '+inf')
-          local abandoned = redis.call('ZCOUNT', KEYS[3], '-inf', now - 10000)
-          if held > 0 then
-            if now - (tonumber(m[5] or '0') or 0) >= 5 then
-              redis.call('HSET', KEYS[1], 'recall_ms', now)
-              redis.call('PUBLISH', 'quota:recall', KEYS[1])
-            end
-          else
-            redis.call('HSET', KEYS[1], 'starved_ms', now)
-          end
-          return {0, 0, '', 0, held, abandoned}
-        end
+        if n <= 0 then return empty() end
         local id = tostring(redis.call('HINCRBY', KEYS[1], 'lease_seq', 1))
         redis.call('HINCRBY', KEYS[1], 'pool', -n)
         redis.call('HINCRBY', KEYS[1], 'leased', n)
@@ -223,6 +237,9 @@ enum QuotaScripts {
         if l.host ~= ARGV[3] or l.st ~= 'o' then return {0} end
         \(now)
         if l.e <= now then return {-1} end
+        -- Past the sale's end nothing more is served: the lease is not renewed (its host returns it).
+        local end_ms = tonumber(redis.call('HGET', KEYS[1], 'end_ms') or '0') or 0
+        if end_ms > 0 and now >= end_ms then return {-1} end
         l.e = now + tonumber(ARGV[2])
         redis.call('HSET', KEYS[2], ARGV[1], fmt(l))
         redis.call('ZADD', KEYS[3], l.e, ARGV[1])

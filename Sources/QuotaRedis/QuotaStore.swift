@@ -33,6 +33,8 @@ public struct VoucherRecord: Sendable, Equatable {
     public var starvedMs: Int
     /// When a lease last found the pool empty while leases were held, and recalled them (Redis ms), or 0.
     public var recallMs: Int
+    /// The host that recalled at `recallMs`.
+    public var recallHost: String = ""
     /// The sale's schedule on Redis's clock (ms; 0: none).
     public var startMs: Int64
     public var endMs: Int64
@@ -40,7 +42,7 @@ public struct VoucherRecord: Sendable, Equatable {
 
     /// What the claim lifecycle needs of it (the schedule is placed on the host's clock by the caller).
     public var info: VoucherRecordInfo {
-        VoucherRecordInfo(status: status, pool: pool, perUser: perUser, recallMs: recallMs)
+        VoucherRecordInfo(status: status, pool: pool, perUser: perUser, recallMs: recallMs, recallHost: recallHost)
     }
 }
 
@@ -138,10 +140,15 @@ public final class QuotaStore: Sendable {
     /// The channel the LEASE script publishes recalls on (the message: the voucher's meta key).
     public static let recallChannel = "quota:recall"
 
-    /// The voucher id of a recall message (`quota:{ID}`), or nil.
-    public static func voucher(ofRecall message: String) -> String? {
-        guard message.hasPrefix("quota:{"), message.hasSuffix("}") else { return nil }
-        return String(message.dropFirst(7).dropLast())
+    /// The voucher id and the recalling host of a recall message (`quota:{ID}|host`; `quota:{ID}` from
+    /// older sidecars), or nil.
+    public static func recall(ofMessage message: String) -> (voucher: String, from: String?)? {
+        guard message.hasPrefix("quota:{") else { return nil }
+        let body = message.dropFirst(7)
+        guard let close = body.lastIndex(of: "}") else { return nil }
+        let rest = body[body.index(after: close)...]
+        if !rest.isEmpty && !rest.hasPrefix("|") { return nil }
+        return (String(body[..<close]), rest.isEmpty ? nil : String(rest.dropFirst()))
     }
     /// The region marker: its generation, created with the region's first voucher.
     public static let region = "quota:region"
@@ -344,7 +351,7 @@ public final class QuotaStore: Sendable {
         let rateIDs = rates.keys.sorted()
         if !host.isEmpty {
             for id in rateIDs {
-                batch.append(["HSET", Self.rates(id), host, "\(Int(rates[id]!.rounded()))"])
+                batch.append(["HSET", Self.rates(id), host, "\(Int(min(max(rates[id]!, 0), 1e15).rounded()))"])
                 batch.append(["PEXPIRE", Self.rates(id), "60000"])
             }
         }
@@ -437,7 +444,8 @@ public final class QuotaStore: Sendable {
             archivedLeases: int("archived_leases"), archivedGranted: int("archived_granted"),
             archivedReturned: int("archived_returned"), archivedRestocked: int("archived_restocked"),
             leaseSeq: int("lease_seq"), generation: f["gen"] ?? "", starvedMs: int("starved_ms"),
-            recallMs: int("recall_ms"), startMs: Int64(int("start_ms")), endMs: Int64(int("end_ms")), policy: policy(f))
+            recallMs: int("recall_ms"), recallHost: f["recall_host"] ?? "", startMs: Int64(int("start_ms")),
+            endMs: Int64(int("end_ms")), policy: policy(f))
     }
 
     /// Set a voucher's state. Returns false for an unknown voucher.

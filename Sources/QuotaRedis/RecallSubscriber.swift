@@ -4,12 +4,14 @@ import Logging
 import Synchronization
 
 /// Listens for recalls on the region's Redis (`SUBSCRIBE quota:recall`, see the LEASE script) on its own
-/// thread and connection, and hands each recalled voucher id to `onRecall`.
+/// thread and connection, and hands each voucher id recalled by another host to `onRecall` (this host's
+/// own recalls, `quota:{ID}|host`, are skipped: it knows what it asked for).
 ///
 /// It reconnects after any failure. A recall published while it is disconnected is missed; the
 /// periodic refresh reads the voucher's `recall_ms` and covers it, one refresh later.
 public final class RecallSubscriber: @unchecked Sendable {
     private let endpoint: RedisEndpoint
+    private let host: String
     private let logger: Logger
     private let onRecall: @Sendable (String) -> Void
     private let stopped = Atomic<Bool>(false)
@@ -23,8 +25,9 @@ public final class RecallSubscriber: @unchecked Sendable {
     /// Whether it is subscribed now.
     public var isConnected: Bool { _connected.load(ordering: .relaxed) }
 
-    public init(endpoint: RedisEndpoint, logger: Logger, onRecall: @escaping @Sendable (String) -> Void) {
+    public init(endpoint: RedisEndpoint, host: String, logger: Logger, onRecall: @escaping @Sendable (String) -> Void) {
         self.endpoint = endpoint
+        self.host = host
         self.logger = logger
         self.onRecall = onRecall
         let t = Thread { [self] in run() }
@@ -91,9 +94,9 @@ public final class RecallSubscriber: @unchecked Sendable {
             if kind == "subscribe" {
                 _connected.store(true, ordering: .relaxed)
                 logger.debug("recall subscription up", metadata: ["redis": "\(endpoint)"])
-            } else if kind == "message", let msg = a[2].string, let voucher = QuotaStore.voucher(ofRecall: msg) {
+            } else if kind == "message", let msg = a[2].string, let r = QuotaStore.recall(ofMessage: msg), r.from != host {
                 _received.add(1, ordering: .relaxed)
-                onRecall(voucher)
+                onRecall(r.voucher)
             }
         }
         return "stopped"

@@ -107,7 +107,7 @@ public final class SidecarService: Service, Sendable {
         let recovery = Task { await recoverPreviousRun() }
         let ticker = Task { await engine.runTicker() }
         let refresher = Task { await engine.runRefresher() }
-        let recalls = RecallSubscriber(endpoint: engine.store.connection.endpoint, logger: logger) { [engine] voucher in
+        let recalls = RecallSubscriber(endpoint: engine.store.connection.endpoint, host: engine.config.hostID, logger: logger) { [engine] voucher in
             engine.recall(voucher: voucher)
         }
 

@@ -344,9 +344,11 @@ struct LeaseCommand: AsyncParsableCommand {
             if let min, min < 1 { throw ValidationError("--min must be >= 1") }
             if let max, max < 1 { throw ValidationError("--max must be >= 1") }
             if let min, let max, max < min { throw ValidationError("--max must be >= --min") }
-            if let targetSeconds, !(targetSeconds > 0) { throw ValidationError("--target-seconds must be > 0") }
+            if let targetSeconds, !(targetSeconds >= 0.001 && targetSeconds <= 3600) {
+                throw ValidationError("--target-seconds must be between 0.001 and 3600")
+            }
             if let ttl, !(ttl >= 1 && ttl <= 3600) { throw ValidationError("--ttl must be between 1 and 3600 seconds") }
-            if let opening, opening < 1 { throw ValidationError("--opening must be >= 1") }
+            if let opening, !(1...1_000_000_000).contains(opening) { throw ValidationError("--opening must be between 1 and 1000000000") }
             let p = LeasePolicyOverride(min: min, max: max, targetSeconds: targetSeconds, ttlSeconds: ttl, opening: opening)
             guard !p.isEmpty else {
                 throw ValidationError("nothing to set: give --min, --max, --target-seconds, --ttl or --opening")

@@ -6,6 +6,17 @@ import QuotaRedis
 /// A sale time: RFC 3339 (`2026-12-01T12:00:00Z`, `…+08:00`, with or without fractions), a time relative
 /// to Redis's clock (`+30s`, `+1500ms`, `+5m`, `+2h`, `+1d`), or `none` (no bound). Returns Redis ms (0: none).
 func parseSaleTime(_ text: String, option: String, redisNowMs: Int64) throws -> Int64 {
+    let ms = try parseSaleTimeUnbounded(text, option: option, redisNowMs: redisNowMs)
+    // Ten years either way: further is a typo or a placeholder (use `none`), and stays far from overflow.
+    let bound: Int64 = 10 * 366 * 86_400_000
+    if ms != 0 && (ms > redisNowMs + bound || ms < redisNowMs - bound) {
+        throw ValidationError("\(option): '\(text)' is more than 10 years from now (\(formatUTC(ms: redisNowMs))); "
+            + "use none for no bound")
+    }
+    return ms
+}
+
+private func parseSaleTimeUnbounded(_ text: String, option: String, redisNowMs: Int64) throws -> Int64 {
     let s = text.trimmingCharacters(in: .whitespaces)
     if s == "none" || s == "0" { return 0 }
     if s.hasPrefix("+") {
@@ -14,17 +25,17 @@ func parseSaleTime(_ text: String, option: String, redisNowMs: Int64) throws -> 
         for (u, scale) in units where body.hasSuffix(u) {
             let number = body.dropLast(u.count)
             // "ms" is tried before "s" and "m": "+500ms" is not "+500m" followed by garbage.
-            if let v = Double(number), v >= 0, v.isFinite {
+            if let v = Double(number), v >= 0, v.isFinite, v * scale < 1e10 {
                 return redisNowMs + Int64((v * scale * 1000).rounded())
             }
         }
         throw ValidationError("\(option): '\(text)' is not a relative time; use e.g. +30s, +1500ms, +5m, +2h")
     }
     let f = ISO8601DateFormatter()
-    f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-    if let d = f.date(from: s) { return Int64((d.timeIntervalSince1970 * 1000).rounded()) }
-    f.formatOptions = [.withInternetDateTime]
-    if let d = f.date(from: s) { return Int64((d.timeIntervalSince1970 * 1000).rounded()) }
+    for options: ISO8601DateFormatter.Options in [[.withInternetDateTime, .withFractionalSeconds], [.withInternetDateTime]] {
+        f.formatOptions = options
+        if let d = f.date(from: s), abs(d.timeIntervalSince1970) < 1e13 { return Int64((d.timeIntervalSince1970 * 1000).rounded()) }
+    }
     throw ValidationError("\(option): '\(text)' is not a time; use RFC 3339 (2026-12-01T12:00:00Z) or +30s, or none")
 }
 
@@ -64,6 +75,16 @@ extension VoucherCommand {
                 guard let rec = try await withRedis(url, { () async throws(RedisError) in try await s.voucher(id) }) else { continue }
                 let newStart = startMs ?? rec.startMs
                 let newEnd = endMs ?? rec.endMs
+                // Sidecars learn a new schedule within a refresh (~1 s): a change that takes effect sooner
+                // than that could be served past. Stopping a sale now is what `voucher pause` is for.
+                if let startMs, startMs > now && startMs < now + 2_000 {
+                    throw ValidationError("--start must be at least 2 s ahead (sidecars learn a schedule within a refresh); "
+                        + "use a time in the past or none to open now")
+                }
+                if let endMs, endMs > 0 && endMs < now + 2_000 {
+                    throw ValidationError("--end must be at least 2 s ahead (sidecars learn a schedule within a refresh); "
+                        + "use quotactl voucher pause \(id) to stop a sale now")
+                }
                 if newStart > 0 && newEnd > 0 && newEnd <= newStart {
                     throw ValidationError("the end (\(formatUTC(ms: newEnd))) must be after the opening (\(formatUTC(ms: newStart)))")
                 }

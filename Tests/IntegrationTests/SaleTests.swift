@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import NIOCore
 import QuotaClient
 import QuotaHarness
 import QuotaRESP
@@ -166,7 +167,7 @@ struct SaleTests {
         // host-a holds up to 29 unserved tokens: not SOLDOUT while its lease may still serve or return them.
         #expect(last.errorCode == "UNAVAILABLE", "\(last)")
         #expect(last.errorMessage?.contains("being recalled") == true, "\(last)")
-        try await eventually("SOLDOUT once host-a's lease is 10 s past its expiry", timeout: .seconds(20)) {
+        try await eventually("SOLDOUT once host-a's lease is 3 s past its expiry", timeout: .seconds(20)) {
             let v = try await cb.send("CLAIM", "held", "b-late")
             if v.errorCode == nil { sold += 1 }
             return v.errorCode == "SOLDOUT" && v.errorMessage?.contains("await reconciliation") == true
@@ -233,6 +234,40 @@ struct SaleTests {
         #expect(try await q.stop() == 0)
     }
 
+    @Test func anEmptyPoolRecallsOnlyOtherHostsLeasesAndAnnouncesWhoAsked() async throws {
+        let redis = try await RedisServer()
+        #expect(try await redis.store.createVoucher(id: "own", limit: 10, perUser: 0, totalLimit: 10, region: "sg"))
+        let gen = try #require(try await redis.store.voucher("own")).generation
+        let first = try await redis.store.lease(voucher: "own", host: "host-a", req: "a.1", want: 10, need: 10,
+                                                ttl: .seconds(10), gen: gen)
+        guard case .granted(let g) = first, g.granted == 10, g.poolAfter == 0 else {
+            Issue.record("the first lease takes the pool: \(first)"); return
+        }
+        // host-a's own lease is not "held elsewhere": host-a is told the pool is gone, and nobody is recalled.
+        let own = try await redis.store.lease(voucher: "own", host: "host-a", req: "a.2", want: 1, need: 1,
+                                              ttl: .seconds(10), gen: gen)
+        #expect(own == LeaseReply.refused(.soldOut(abandoned: 0)), "\(own)")
+        #expect(try await redis.store.voucher("own")?.recallMs == 0, "a host never recalls itself")
+        // host-b finds host-a's lease held: it is recalled, and the message says who asked.
+        let sub = try await RESPClient.connect(redis.socket)
+        defer { sub.close() }
+        _ = try await sub.send(["SUBSCRIBE", "quota:recall"])
+        let message = Task { try await sub.sendRaw(ByteBuffer(), replies: 1)[0] }  // wait for the next push
+        try await Task.sleep(for: .milliseconds(100))
+        let other = try await redis.store.lease(voucher: "own", host: "host-b", req: "b.1", want: 1, need: 1,
+                                                ttl: .seconds(10), gen: gen)
+        #expect(other == LeaseReply.refused(.recalling(held: 1)), "\(other)")
+        let msg = try await message.value
+        guard case .array(let parts?) = msg else { Issue.record("not a push: \(msg)"); return }
+        #expect(parts.last?.string == "quota:{own}|host-b", "\(msg)")
+        let after = try await redis.store.voucher("own")
+        #expect(after?.recallMs ?? 0 > 0 && after?.recallHost == "host-b")
+        // A retry of a request that found the pool empty gets the same kind of answer, not a bare "nothing".
+        let retry = try await redis.store.lease(voucher: "own", host: "host-b", req: "b.1", want: 1, need: 1,
+                                                ttl: .seconds(10), gen: gen)
+        #expect(retry == LeaseReply.refused(.recalling(held: 1)), "\(retry)")
+    }
+
     @Test func badScheduleInputIsRefusedWithTheOptionAndChangesNothing() async throws {
         let redis = try await RedisServer()
         let (st1, out1) = try await quotactl(["voucher", "create", "bad", "--limit", "10", "--start", "tomorrow", "--redis", redis.url])
@@ -246,6 +281,12 @@ struct SaleTests {
         #expect(try await quotactl(["voucher", "create", "ok", "--limit", "10", "--redis", redis.url]).0 == 0)
         let (st4, out4) = try await quotactl(["voucher", "set-schedule", "ok", "--start", "+20m", "--end", "+10m", "--redis", redis.url])
         #expect(st4 != 0 && out4.contains("must be after the opening"), "\(out4)")
+        // Far-future placeholders, and changes sooner than sidecars can learn them, are refused too.
+        for (args, says) in [(["--start", "9999-12-31T00:00:00Z"], "more than 10 years"), (["--end", "+100000d"], "more than 10 years"),
+                             (["--end", "+1s"], "voucher pause"), (["--start", "+500ms"], "at least 2 s ahead")] {
+            let (st, out) = try await quotactl(["voucher", "set-schedule", "ok"] + args + ["--redis", redis.url])
+            #expect(st != 0 && out.contains(says), "\(args): \(out)")
+        }
         let rec = try await redis.store.voucher("ok")
         #expect(rec?.startMs == 0 && rec?.endMs == 0, "a refused change changes nothing")
         let (st5, _) = try await quotactl(["voucher", "set-schedule", "ok", "--start", "+20m", "--redis", redis.url])

@@ -98,7 +98,7 @@ struct SaleEndsTests {
         let r = try #require(lease(&s, now: c.now, waiting: 1))
         s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 500), sentAt: r.sentAt, now: c.now)
         guard case .served(let shares) = s.claim(qty: 3, now: c.now, inFlight: true) else { Issue.record("not served"); return }
-        s.recall(now: c.now)
+        s.recall(now: c.now, waiting: 0)
         #expect(s.available(now: c.now) == 0, "nothing is served after a recall")
         #expect(s.takeReturns().isEmpty, "the lease closes only when its claim in flight settles")
         s.abort(shares, now: c.now)
@@ -129,15 +129,18 @@ struct SaleEndsTests {
         #expect(!s.tail)
     }
 
-    @Test func openingSizeIsHalfTheAllocationOverTheHostsWithinMinAndMax() {
+    @Test func openingSizeIsHalfTheAllocationOverTheHostsUpToMaxSoEveryHostGetsOne() {
         let p = LeasePolicy(min: 10, max: 5000)
         #expect(p.openingSize(regionLimit: 20_000, hosts: 1) == 5000)
         #expect(p.openingSize(regionLimit: 20_000, hosts: 4) == 2500)
-        #expect(p.openingSize(regionLimit: 100, hosts: 8) == 10)
-        #expect(p.openingSize(regionLimit: 5, hosts: 8) == 5)
+        // Not raised to min: 8 hosts × 10 would take 80 of 100 and leave late hosts nothing.
+        #expect(p.openingSize(regionLimit: 100, hosts: 8) == 7)
+        #expect(p.openingSize(regionLimit: 5, hosts: 8) == 1)
         var q = p
         q.opening = 123
         #expect(q.openingSize(regionLimit: 20_000, hosts: 4) == 123)
+        // An explicit opening is capped at an equal share, so hosts × opening never exceeds the allocation.
+        #expect(q.openingSize(regionLimit: 200, hosts: 4) == 50)
     }
 
     @Test func utcFormattingMatchesRFC3339() {
