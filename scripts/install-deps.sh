@@ -16,6 +16,9 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 # Real Redis clients the compatibility tests and the examples run (Debian's packages).
 command -v ruby >/dev/null 2>&1 && ruby -e 'require "redis"' >/dev/null 2>&1 || need+=(ruby-redis)
 [ -d /usr/share/nodejs/redis ] || need+=(node-redis)
+# The deploy/ checks: promtool for the alerting rules, systemd-analyze for the unit.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
@@ -43,5 +46,5 @@ pyclient redis-py-5 redis==5.3.1
 # Link the wheel's librdkafka 2.16 where the binaries' rpath looks (.build/rdkafka).
 source "$(dirname "$0")/kafka-env.sh"
 # The Debian package starts a system redis on :6379; quotad's tests and demo use private servers only.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server postgresql >/dev/null 2>&1 || true; fi
+if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server postgresql prometheus >/dev/null 2>&1 || true; fi
 echo "dependencies ok: $(redis-server --version | cut -d' ' -f1-3), hiredis $(pkg-config --modversion hiredis), librdkafka headers $(pkg-config --modversion rdkafka)"
