@@ -62,7 +62,7 @@ struct SaleTests {
     @Test func claimsOutsideTheScheduleAreInactiveAndTheEndReturnsEveryLease() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
-        let (st, out) = try await quotactl(["voucher", "create", "timed", "--limit", "100", "--start", "+2s", "--end", "+4s",
+        let (st, out) = try await quotactl(["voucher", "create", "timed", "--limit", "100", "--start", "+3s", "--end", "+10s",
                                             "--redis", redis.url])
         #expect(st == 0, "\(out)")
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal")
@@ -72,17 +72,17 @@ struct SaleTests {
         #expect(early.errorCode == "INACTIVE", "\(early)")
         #expect(early.errorMessage?.contains("sale not started: opens at") == true, "\(early)")
         #expect(try await c.send("AVAIL", "timed") == .integer(100), "AVAIL works before the opening")
-        try await eventually("the sale opens", timeout: .seconds(5)) {
+        try await eventually("the sale opens", timeout: .seconds(10)) {
             try await c.send("CLAIM", "timed", "u1", "REQ", "r-\(UUID())").errorCode == nil
         }
         for i in 0..<9 { #expect(try await c.send("CLAIM", "timed", "u\(i)").errorCode == nil) }
         var sold = 10
-        try await eventually("the sale ends", timeout: .seconds(5)) {
+        try await eventually("the sale ends", timeout: .seconds(15)) {
             let v = try await c.send("CLAIM", "timed", "late")
             if v.errorCode == nil { sold += 1 }
             return v.errorMessage?.contains("sale ended at") == true
         }
-        try await eventually("its leases are back in the pool", timeout: .seconds(5)) {
+        try await eventually("its leases are back in the pool", timeout: .seconds(15)) {
             let a = try await redis.account("timed")
             return a.leases == 0 && a.pool == 100 - sold
         }
@@ -93,20 +93,23 @@ struct SaleTests {
     @Test func aWarmedSaleServesItsFirstClaimsFromOpeningLeasesTakenBeforeItOpens() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
-        let hosts = [try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal"),
-                     try await Quotad(redis: redis, dir: dir, host: "host-b", durability: "journal")]
-        #expect(try await quotactl(["voucher", "create", "warm", "--limit", "2000", "--start", "+9s", "--redis", redis.url]).0 == 0)
+        // A long warm-up window: each host takes its opening lease as soon as it sees the warm list, so a
+        // slow CI machine still has them well before the opening.
+        let warmup = "lease: { warmup_seconds: 120 }\n"
+        let hosts = [try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: warmup, durability: "journal"),
+                     try await Quotad(redis: redis, dir: dir, host: "host-b", extraYAML: warmup, durability: "journal")]
+        #expect(try await quotactl(["voucher", "create", "warm", "--limit", "2000", "--start", "+20s", "--redis", redis.url]).0 == 0)
         #expect(try await quotactl(["lease", "set", "--voucher", "warm", "--opening", "300", "--redis", redis.url]).0 == 0)
         let (st, out) = try await quotactl(["voucher", "warm", "warm", "--redis", redis.url])
         #expect(st == 0 && out.contains("opening lease of 300 tokens"), "\(out)")
-        try await eventually("both hosts hold their opening lease before the opening", timeout: .seconds(6)) {
+        try await eventually("both hosts hold their opening lease before the opening", timeout: .seconds(15)) {
             let open = try await redis.store.leases(voucher: "warm").filter { $0.state == .open }
             return Set(open.map(\.host)) == ["host-a", "host-b"] && open.allSatisfy { $0.granted == 300 }
         }
         let c = try await RESPClient.connect(hosts[0].socket)
         defer { c.close() }
         #expect(try await c.send("CLAIM", "warm", "early").errorCode == "INACTIVE", "nothing is served before the opening")
-        try await eventually("the sale opens", timeout: .seconds(10)) {
+        try await eventually("the sale opens", timeout: .seconds(25)) {
             try await c.send("CLAIM", "warm", "first").errorCode == nil
         }
         var users: [String] = []
