@@ -145,7 +145,8 @@ final class ClaimPipeline: Sendable {
             }
             return
         }
-        if let ev = ShippedEvent(r), producerBox.withLockedValue({ $0 != nil }) {
+        // No journal (durability none): ship straight to Kafka if there is one; build the event only then.
+        if producerBox.withLockedValue({ $0 != nil }), let ev = ShippedEvent(r) {
             Self.produce([(nil, ev)], producer: producerBox, ship: ship)
         }
         done?(true, nil)
