@@ -1,5 +1,5 @@
 # quotad — the two commands: `make demo` and `make test`.
-.PHONY: demo test deps build release bench chaos clean
+.PHONY: demo test deps build release bench chaos fuzz clean
 
 deps:
 	scripts/install-deps.sh
@@ -26,6 +26,11 @@ RUNS ?= 200
 DURATION ?= 15
 chaos: release
 	. scripts/kafka-env.sh && .build/release/quota-bench chaos --runs $(RUNS) --duration $(DURATION) $(if $(SEED),--seed $(SEED),)
+
+# libFuzzer on the RESP decoder and the command parser (Fuzz/README.md): FUZZ_SECONDS (default 120) or
+# FUZZ_RUNS executions; a crash is saved in Fuzz/crashes/ and fails the target.
+fuzz:
+	scripts/fuzz.sh
 
 clean:
 	rm -rf .build

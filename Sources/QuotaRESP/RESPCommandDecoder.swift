@@ -74,7 +74,8 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
     private static func parseInline(_ buffer: inout ByteBuffer, limits: RESPLimits) throws -> RESPCommand? {
         let view = buffer.readableBytesView
         guard let nl = view.firstIndex(of: 10) else {
-            if view.count > limits.maxInlineBytes {
+            // A line of exactly the limit may have its CR here and its LF still to come.
+            if view.count > limits.maxInlineBytes + (view.last == 13 ? 1 : 0) {
                 throw RESPProtocolError("too big inline request (limit \(limits.maxInlineBytes) bytes)")
             }
             return nil
@@ -85,6 +86,7 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
             throw RESPProtocolError("too big inline request (limit \(limits.maxInlineBytes) bytes)")
         }
         var args: [ByteBuffer] = []
+        var frameBytes = 0
         var i = view.startIndex
         while i < end {
             while i < end && (view[i] == 32 || view[i] == 9) { i += 1 }
@@ -96,6 +98,11 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
             }
             guard i - start <= limits.maxArgumentBytes else {
                 throw RESPProtocolError("argument too long (limit \(limits.maxArgumentBytes) bytes)")
+            }
+            // The frame limit holds for inline commands too (the inline limit may be set above it).
+            frameBytes += i - start
+            guard frameBytes <= limits.maxFrameBytes else {
+                throw RESPProtocolError("command too large (limit \(limits.maxFrameBytes) bytes)")
             }
             args.append(buffer.getSlice(at: start, length: i - start)!)
         }

@@ -149,7 +149,7 @@ public struct RESPValueDecoder: ByteToMessageDecoder, Sendable {
                 value = .array(nil)
             } else {
                 var items: [RESPValue] = []
-                items.reserveCapacity(n)
+                items.reserveCapacity(min(n, 1024))  // a 10-byte header must not allocate 32 MB
                 for _ in 0..<n {
                     guard let v = try parseValue(b, at: &i, maxBulkBytes: maxBulkBytes, depth: depth + 1) else {
                         return nil
