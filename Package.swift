@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "quotactl", targets: ["quotactl"]),
         .executable(name: "quota-bench", targets: ["quota-bench"]),
         .executable(name: "quota-ledger", targets: ["quota-ledger"]),
+        .library(name: "QuotaClient", targets: ["QuotaClient"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -78,7 +79,8 @@ let package = Package(
         .target(
             name: "QuotaClient",
             dependencies: ["QuotaRESP", .product(name: "NIOCore", package: "swift-nio"),
-                           .product(name: "NIOPosix", package: "swift-nio")]
+                           .product(name: "NIOPosix", package: "swift-nio"),
+                           .product(name: "Logging", package: "swift-log")]
         ),
         // Starts and stops the real servers tests and benchmarks need (redis-server, quotad, Tansu).
         .target(
