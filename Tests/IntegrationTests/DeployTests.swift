@@ -136,6 +136,15 @@ struct DeployTests {
             let base = ["_bucket", "_count", "_sum"].reduce(name) { n, s in n.hasSuffix(s) ? String(n.dropLast(s.count)) : n }
             #expect(exported.contains(base), "\(name) is queried but quotad does not export it")
         }
+        // Label values the queries select on (e.g. result="unavailable") are ones quotad writes.
+        let labelled = try NSRegularExpression(pattern: #"(quota_[a-z_]+)\{([a-z_]+)="([^"]+)""#)
+        for text in exprs + [rules] {
+            for m in labelled.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
+                let part = { (i: Int) in String(text[Range(m.range(at: i), in: text)!]) }
+                let series = "\(part(1)){\(part(2))=\"\(part(3))\""
+                #expect(body.contains(series), "\(series) is queried but never exported")
+            }
+        }
         c.close()
         #expect(try await q.stop() == 0)
         withExtendedLifetime((redis, dir)) {}
