@@ -112,6 +112,13 @@ public struct SidecarConfig: Sendable {
         /// `claims.require_req`: refuse `CLAIM` without `REQ` (a retried claim without a request id is a
         /// second claim). Default false.
         public var requireReq = false
+        /// `claims.max_dedupe_entries`: `REQ` answers kept at most, over all vouchers. When it is full of
+        /// answers still within their window, a new request id gets BUSY (a known one is still answered);
+        /// answers past their window are forgotten first. Default 1,000,000.
+        public var maxDedupeEntries = 1_000_000
+        /// `claims.max_dedupe_bytes`: the same bound in bytes (request id + 160 per entry, estimated).
+        /// Default 256 MiB.
+        public var maxDedupeBytes = 256 << 20
     }
 
     public struct Limits: Sendable {
@@ -131,6 +138,16 @@ public struct SidecarConfig: Sendable {
         public var maxQty = 1000
         /// `limits.max_vouchers`: vouchers tracked by this host. Default 100000.
         public var maxVouchers = 100_000
+        /// `limits.max_unknown_vouchers`: unknown voucher ids remembered (for 1 s each, taking no voucher
+        /// slot) so that repeated requests for them are answered NOVOUCHER without asking Redis. Default 10000.
+        public var maxUnknownVouchers = 10_000
+        /// `limits.max_output_bytes`: replies written to a connection and not yet taken by the peer; over it,
+        /// quotad stops reading that connection until the peer has read half of it. Default 1 MiB.
+        public var maxOutputBytes = 1 << 20
+        /// `limits.max_background_jobs`: owed Redis work (restocks of cancellations, per-user releases) that
+        /// piles up while Redis is unreachable; at this many, CLAIM and UNCLAIM get BUSY until Redis takes
+        /// some (owed work is never dropped). Default 100000.
+        public var maxBackgroundJobs = 100_000
         /// `limits.max_arguments`, `limits.max_argument_bytes`, `limits.max_frame_bytes`: RESP frame limits.
         /// Defaults 32, 4096, 65536.
         public var maxArguments = 32
@@ -307,6 +324,9 @@ public struct SidecarConfig: Sendable {
         if let v = try lim.int("tail_wait_ms", min: 0, max: 60_000) { c.limits.tailWait = .milliseconds(v) }
         if let v = try lim.int("max_qty", min: 1) { c.limits.maxQty = v }
         if let v = try lim.int("max_vouchers", min: 1) { c.limits.maxVouchers = v }
+        if let v = try lim.int("max_unknown_vouchers", min: 0, max: 10_000_000) { c.limits.maxUnknownVouchers = v }
+        if let v = try lim.int("max_output_bytes", min: 4096, max: 1 << 30) { c.limits.maxOutputBytes = v }
+        if let v = try lim.int("max_background_jobs", min: 1) { c.limits.maxBackgroundJobs = v }
         if let v = try lim.int("max_arguments", min: 4, max: 1024) { c.limits.maxArguments = v }
         if let v = try lim.int("max_argument_bytes", min: 64, max: 1 << 20) { c.limits.maxArgumentBytes = v }
         if let v = try lim.int("max_frame_bytes", min: 256, max: 16 << 20) { c.limits.maxFrameBytes = v }
@@ -348,6 +368,8 @@ public struct SidecarConfig: Sendable {
         }
         if let v = try cl.int("max_tracked", min: 0) { c.claims.maxTracked = v }
         if let v = try cl.bool("require_req") { c.claims.requireReq = v }
+        if let v = try cl.int("max_dedupe_entries", min: 1) { c.claims.maxDedupeEntries = v }
+        if let v = try cl.int("max_dedupe_bytes", min: 4096) { c.claims.maxDedupeBytes = v }
         try cl.finish()
         if let v = try r.int("redis_timeout_ms", min: 10, max: 60_000) { c.redisTimeout = .milliseconds(v) }
         var rd = try r.child("redis")

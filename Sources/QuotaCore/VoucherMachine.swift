@@ -28,6 +28,9 @@ public struct ClaimRules: Sendable {
     public var maxWaiting = 10_000
     /// Users remembered per voucher for the local per-user pre-check.
     public var maxTrackedUsers = 1_000_000
+    /// The process-wide bound of `REQ` answers kept (nil: unbounded). A new request id that finds it full
+    /// of answers still within their window is refused BUSY, never forgotten early.
+    public var dedupeBudget: DedupeBudget?
     /// At the end of a sale, how long a claim waits for stock recalled from other hosts before it is
     /// answered UNAVAILABLE (`limits.tail_wait_ms`).
     public var tailWait: Duration = .seconds(1)
@@ -238,10 +241,16 @@ public struct VoucherMachine: Sendable {
     private var deadlinesHead = 0
     private var retries = 0
     private var unclaims: [Ticket: Unclaim] = [:]
-    /// Tokens each user holds through this host (a lower bound of the global count).
-    private var localUsers: [String: Int] = [:]
-    private var dedupe: [String: Dedupe] = [:]
-    private var lastDedupeSweep = Instant(nanoseconds: 0)
+    /// Tokens each user holds through this host (a lower bound of the global count), by the user id's bytes.
+    private var localUsers: [ByteKey: Int] = [:]
+    /// `REQ` answers by the request id's bytes. Every entry is charged to `rules.dedupeBudget`.
+    private var dedupe: [ByteKey: Dedupe] = [:]
+    /// Expiries of answered entries in the order they were answered (expiries grow with it): the
+    /// oldest is forgotten first, and only once its window has passed.
+    private var dedupeOrder: [(key: ByteKey, expires: Instant)] = []
+    private var dedupeOrderHead = 0
+    /// The last request of any kind (claims and AVAIL): how long the voucher has been idle.
+    public private(set) var lastUse: Instant?
 
     public init(voucher: String, rules: ClaimRules, policy: LeasePolicy, requestPrefix: String,
                 nextSeq: @escaping @Sendable () -> Int, wallClock: @escaping @Sendable () -> Int64 = { 0 },
@@ -258,6 +267,7 @@ public struct VoucherMachine: Sendable {
 
     /// Decide `CLAIM` or `AVAIL`. Returns the answer now, or nil when it comes later on `ticket`.
     public mutating func handle(_ req: Request, ticket: Ticket, now: Instant, effects fx: inout [Effect]) -> Answer? {
+        lastUse = now
         switch phase {
         case .loading:
             return parkForLoad(req, ticket: ticket, &fx)
@@ -303,26 +313,87 @@ public struct VoucherMachine: Sendable {
     /// racing retries wait for the first. Transient refusals (UNAVAILABLE, BUSY) are not kept.
     private mutating func claimOnce(qty: Int, user: String, req: String, ticket: Ticket, now: Instant,
                                     _ fx: inout [Effect]) -> Answer? {
-        switch dedupe[req] {
+        let key = ByteKey(req)
+        switch dedupe[key] {
         case .done(let a, let exp) where now < exp:
             return a
         case .awaitingAck(_, let exp) where now < exp:
             return .refused(QuotaError(.unavailable, "the claim made for this request id is not yet acknowledged by Kafka; retry"))
         case .pending(var waiters):
             waiters.append(ticket)
-            dedupe[req] = .pending(waiters)
+            dedupe[key] = .pending(waiters)
             return nil
+        case nil:
+            // A request id not known here: it needs room in the table before anything is decided for it.
+            guard admitDedupe(key, now: now) else {
+                rules.dedupeBudget?.countRefusal()
+                stock.countRejection(.busy)
+                let b = rules.dedupeBudget
+                return .refused(QuotaError(.busy, "REQ table full: \(b?.entries ?? 0) request ids answered within their "
+                    + "\(rules.dedupeWindow) window (claims.max_dedupe_entries = \(b?.maxEntries ?? 0), claims.max_dedupe_bytes = "
+                    + "\(b?.maxBytes ?? 0)); retry with the same REQ"))
+            }
         default:
+            // An answer whose window has passed: replaced (its charge is reused).
             break
         }
+        dedupe[key] = .pending([])
         let a = claim(qty: qty, user: user, req: req, ticket: ticket, now: now, &fx)
         if let a {
-            if Self.isFinal(a) { dedupe[req] = .done(a, expires: now + rules.dedupeWindow) } else { dedupe.removeValue(forKey: req) }
-        } else {
-            dedupe[req] = .pending([])
+            if Self.isFinal(a) { dedupeDone(key, a, expires: now + rules.dedupeWindow) } else { dedupeRemove(key) }
         }
         return a
     }
+
+    // MARK: - The REQ table
+
+    /// Room for a request id not in the table: charged to the budget (the caller then enters it), after
+    /// this voucher's expired answers are forgotten (oldest first) if the budget is full. False: full of
+    /// live answers.
+    private mutating func admitDedupe(_ key: ByteKey, now: Instant) -> Bool {
+        guard let budget = rules.dedupeBudget else { return true }
+        let cost = DedupeBudget.cost(key)
+        if budget.tryCharge(cost) { return true }
+        sweepDedupe(now: now)
+        return budget.tryCharge(cost)
+    }
+
+    /// Keep `a` for `key` until `expires`.
+    private mutating func dedupeDone(_ key: ByteKey, _ a: Answer, expires: Instant) {
+        if dedupe.updateValue(.done(a, expires: expires), forKey: key) == nil {
+            rules.dedupeBudget?.forceCharge(DedupeBudget.cost(key))
+        }
+        dedupeOrder.append((key, expires))
+    }
+
+    /// Forget `key` (a transient answer, or an expired one) and release its charge.
+    private mutating func dedupeRemove(_ key: ByteKey) {
+        if dedupe.removeValue(forKey: key) != nil { rules.dedupeBudget?.release(DedupeBudget.cost(key)) }
+    }
+
+    /// Forget answers whose window has passed, oldest first. Entries answered again since (a request id
+    /// reused after its window) or still pending are kept.
+    private mutating func sweepDedupe(now: Instant) {
+        while dedupeOrderHead < dedupeOrder.count, dedupeOrder[dedupeOrderHead].expires <= now {
+            let key = dedupeOrder[dedupeOrderHead].key
+            dedupeOrderHead += 1
+            switch dedupe[key] {
+            case .done(_, let exp) where exp <= now: dedupeRemove(key)
+            case .awaitingAck(_, let exp) where exp <= now: dedupeRemove(key)
+            default: break
+            }
+        }
+        if dedupeOrderHead == dedupeOrder.count {
+            dedupeOrder.removeAll(keepingCapacity: dedupeOrder.count <= 4096)
+            dedupeOrderHead = 0
+        } else if dedupeOrderHead > 1024 && dedupeOrderHead * 2 > dedupeOrder.count {
+            dedupeOrder.removeFirst(dedupeOrderHead)
+            dedupeOrderHead = 0
+        }
+    }
+
+    /// `REQ` answers kept (answered, waiting for Kafka, or pending).
+    public var dedupeCount: Int { dedupe.count }
 
     static func isFinal(_ a: Answer) -> Bool {
         if case .refused(let e) = a { return e.code != .unavailable && e.code != .busy }
@@ -330,16 +401,21 @@ public struct VoucherMachine: Sendable {
     }
 
     /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
+    /// They are kept even over the table's bound: forgetting one within its window could grant a second claim.
     public mutating func restoreDedupe(_ entries: [RecoveredAnswer]) {
-        for e in entries {
-            dedupe[e.req] = e.awaitingAck ? .awaitingAck(claimID: e.claimID, expires: e.expires)
+        for e in entries.sorted(by: { $0.expires < $1.expires }) {
+            let key = ByteKey(e.req)
+            let value: Dedupe = e.awaitingAck ? .awaitingAck(claimID: e.claimID, expires: e.expires)
                 : .done(.claimID(e.claimID), expires: e.expires)
+            if dedupe.updateValue(value, forKey: key) == nil { rules.dedupeBudget?.forceCharge(DedupeBudget.cost(key)) }
+            dedupeOrder.append((key, e.expires))
         }
     }
 
     /// Kafka acknowledged the recovered claim of `req`: it answers retries from now on.
     public mutating func acknowledged(req: String) {
-        if case .awaitingAck(let id, let exp) = dedupe[req] { dedupe[req] = .done(.claimID(id), expires: exp) }
+        let key = ByteKey(req)
+        if case .awaitingAck(let id, let exp) = dedupe[key] { dedupe[key] = .done(.claimID(id), expires: exp) }
     }
 
     /// Whether a claim's tokens stay pinned until it settles (anything that can still refuse it).
@@ -381,7 +457,8 @@ public struct VoucherMachine: Sendable {
         let limit = perUserLimit
         if limit > 0 {
             // This host's own count is a lower bound of the user's global count: over it, refuse at once.
-            let held = localUsers[user, default: 0]
+            let userKey = ByteKey(user)
+            let held = localUsers[userKey, default: 0]
             if held + qty > limit {
                 stock.abort(shares, now: now)
                 stock.countRejection(.userlimit)
@@ -389,7 +466,7 @@ public struct VoucherMachine: Sendable {
             }
             // Reserved until the claim settles. The map is bounded: past the bound it only keeps users
             // it already has (the pre-check then misses, and Redis decides).
-            if held > 0 || localUsers.count < rules.maxTrackedUsers { localUsers[user] = held + qty }
+            if held > 0 || localUsers.count < rules.maxTrackedUsers { localUsers[userKey] = held + qty }
             if rules.perUserMode == .central && rules.injectedBug != "skip-user-check" {
                 var intent = event
                 intent.kind = .intent
@@ -439,10 +516,11 @@ public struct VoucherMachine: Sendable {
     private mutating func finish(_ ticket: Ticket, req: String?, _ a: Answer, now: Instant, _ fx: inout [Effect]) {
         fx.append(.answer(ticket, a))
         guard let req else { return }
-        if case .pending(let waiters) = dedupe[req] {
+        let key = ByteKey(req)
+        if case .pending(let waiters) = dedupe[key] {
             for w in waiters { fx.append(.answer(w, a)) }
         }
-        if Self.isFinal(a) { dedupe[req] = .done(a, expires: now + rules.dedupeWindow) } else { dedupe.removeValue(forKey: req) }
+        if Self.isFinal(a) { dedupeDone(key, a, expires: now + rules.dedupeWindow) } else { dedupeRemove(key) }
     }
 
     // MARK: - Claim events
@@ -616,8 +694,9 @@ public struct VoucherMachine: Sendable {
 
     /// This host's record of `user` goes down by `qty`; gone at zero.
     private mutating func releaseLocal(user: String, qty: Int) {
-        guard let held = localUsers[user] else { return }
-        if held - qty <= 0 { localUsers.removeValue(forKey: user) } else { localUsers[user] = held - qty }
+        let key = ByteKey(user)
+        guard let held = localUsers[key] else { return }
+        if held - qty <= 0 { localUsers.removeValue(forKey: key) } else { localUsers[key] = held - qty }
     }
 
     /// After any change: serve what waits, ask for leases and returns.
@@ -707,7 +786,7 @@ public struct VoucherMachine: Sendable {
             // Decide the requests that waited for the load, in arrival order.
             for (req, t) in waiters {
                 guard let a = decideReady(req, ticket: t, now: now, &fx) else { continue }
-                if case .claim(_, _, let r?) = req, case .pending = dedupe[r] {
+                if case .claim(_, _, let r?) = req, case .pending = dedupe[ByteKey(r)] {
                     finish(t, req: r, a, now: now, &fx)
                 } else {
                     fx.append(.answer(t, a))
@@ -878,6 +957,7 @@ public struct VoucherMachine: Sendable {
 
     /// Fencing, renewals, idle returns, parked and in-flight timeouts, retries.
     public mutating func tick(now: Instant, effects fx: inout [Effect]) {
+        sweepDedupe(now: now)
         guard phase == .ready else { return }
         stock.fence(now: now)
         expireInFlight(now: now, &fx)
@@ -885,14 +965,25 @@ public struct VoucherMachine: Sendable {
         for id in stock.renewals(now: now) { fx.append(.renew(id)) }
         stock.returnIfIdle(now: now)
         collect(now: now, &fx)
-        if now - lastDedupeSweep >= .seconds(1) {
-            lastDedupeSweep = now
-            dedupe = dedupe.filter {
-                switch $0.value {
-                case .done(_, let exp), .awaitingAck(_, let exp): return exp > now
-                case .pending: return true
-                }
-            }
+    }
+
+    /// Whether this voucher's state here can be dropped (and built again from Redis on the next request)
+    /// without losing anything: nothing held or owed (no lease, return, lease request, claim in flight,
+    /// parked or waiting for the load, no cancellation in flight), no `REQ` answer within its window,
+    /// not failing closed, and unused for `lease.idle_return_seconds` (by then its stock went back as
+    /// idle); an unknown voucher (`missing`) at once, a failed load once its retry pause is over. A scheduled
+    /// voucher before its opening is kept (it takes its opening lease in the warm-up window).
+    public func isEvictable(now: Instant) -> Bool {
+        guard stock.isSettled, stock.lost == nil, inFlight.isEmpty, unclaims.isEmpty, parkedHead == parked.count,
+            loadWaiters.isEmpty, !loadStarted, dedupe.isEmpty
+        else { return false }
+        switch phase {
+        case .loading: return false
+        case .missing: return true
+        case .failed(let until): return now >= until
+        case .ready:
+            if let opens = stock.schedule.opensAt, now < opens { return false }
+            return lastUse.map { now - $0 >= stock.policy.idleReturn } ?? true
         }
     }
 
