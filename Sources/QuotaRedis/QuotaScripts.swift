@@ -264,8 +264,9 @@ enum QuotaScripts {
     /// A cancelled claim's tokens whose lease this host no longer holds: back to the pool, once per
     /// claim id, through each lease's record (`restocked`), never past `granted - returned`.
     /// KEYS: meta, leases, restocked (zset claim id → ms). ARGV: claim_id, claim ts_ms, horizon_ms,
-    /// host, gen, then pairs (lease id, tokens). Markers older than the horizon are dropped, and a
-    /// restock of a claim cancelled longer ago than the horizon is refused (left to reconciliation).
+    /// host, gen, then pairs (lease id, tokens). Markers older than the horizon are dropped (and the set
+    /// expires a horizon after its newest marker), and a restock of a claim cancelled longer ago than the
+    /// horizon is refused (left to reconciliation).
     /// Reply: {1, tokens put back} | {0, 0} already done | {-4, 0} too old | {-3, gen} | {-5} unknown voucher.
     static let restock = """
         \(lib)
@@ -294,6 +295,8 @@ enum QuotaScripts {
         redis.call('HINCRBY', KEYS[1], 'pool', total)
         redis.call('HINCRBY', KEYS[1], 'restocked', total)
         redis.call('ZADD', KEYS[3], now, ARGV[1])
+        -- Every marker is dropped `horizon` after it was written, so the set can go with its newest one.
+        redis.call('PEXPIRE', KEYS[3], horizon)
         return {1, total}
         """
 

@@ -1,6 +1,8 @@
 import Logging
 import NIOConcurrencyHelpers
+import QuotaCore
 import QuotaRedis
+import Synchronization
 
 /// Background Redis work that is owed and must eventually be done: restocks of cancelled claims and
 /// releases of per-user counts. Each job is idempotent (by claim id), so it is retried until Redis
@@ -32,6 +34,8 @@ final class Chores: Sendable {
     }
 
     private let state = NIOLockedValueBox(State())
+    /// Jobs not done yet (waiting or running), readable without the lock (claims check it).
+    private let owed = Atomic<Int>(0)
     private let logger: Logger
     private let concurrency: Int
     /// A queue longer than this is logged (the work is owed: it is never dropped).
@@ -44,6 +48,7 @@ final class Chores: Sendable {
     }
 
     func submit(_ job: Job) {
+        owed.add(1, ordering: .relaxed)
         let n = state.withLockedValue { s -> Int in
             s.queue.append(Entry(job: job))
             return s.queue.count
@@ -53,6 +58,14 @@ final class Chores: Sendable {
 
     /// Jobs waiting or running.
     var outstanding: Int { state.withLockedValue { $0.queue.count + $0.running } }
+
+    /// BUSY while `limit` jobs are owed (`limits.max_background_jobs`): work that could owe more (claims,
+    /// cancellations) waits until Redis has taken some. Owed work itself is never dropped.
+    func refusal(limit: Int) -> QuotaError? {
+        guard owed.load(ordering: .relaxed) >= limit else { return nil }
+        return QuotaError(.busy, "background Redis work owed is at limits.max_background_jobs (\(limit)): Redis is "
+            + "slow or unreachable; retry later")
+    }
     var stats: (outstanding: Int, completed: Int, retries: Int) {
         state.withLockedValue { ($0.queue.count + $0.running, $0.completed, $0.retries) }
     }
@@ -96,6 +109,7 @@ final class Chores: Sendable {
             switch outcome {
             case .done:
                 s.completed += 1
+                owed.subtract(1, ordering: .relaxed)
             case .retry(let why):
                 var e = e
                 e.attempts += 1

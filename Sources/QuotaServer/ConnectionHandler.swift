@@ -8,18 +8,45 @@ import QuotaRedis
 /// One client connection: decodes commands, dispatches them, and writes replies in
 /// request order even when some wait for a lease. Replies of one read are batched
 /// into one write and flushed once the read is done.
-final class ConnectionHandler: ChannelInboundHandler {
-    typealias InboundIn = RESPCommand
+///
+/// Back-pressure: commands are decoded one at a time from the bytes read, and decoding (and reading)
+/// stops while the peer has more than `limits.max_output_bytes` of replies it has not read (the
+/// channel is not writable: its high water mark is that bound), or while
+/// `limits.max_pending_per_connection` commands wait for their replies. Bytes already read stay
+/// undecoded meanwhile (at most one read burst, `maxMessagesPerRead` reads). Reading resumes when the
+/// peer has read half of it (the low water mark) and fewer than half the pending bound wait.
+final class ConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private let engine: SidecarEngine
     private let isAdmin: Bool
+    private let limits: RESPLimits
+    private let maxPending: Int
+    /// Replies are handed to the channel once this many bytes wait in `out`, so writability is known.
+    private let flushChunk: Int
     private var out: ByteBuffer?
+    /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
+    private var input: ByteBuffer?
+    private var processing = false
     /// Replies not yet written because an earlier one is still pending (nil = pending).
     private var queue = CircularBuffer<Reply?>()
     /// Sequence number of `queue.first`.
     private var headSeq = 0
-    private var readPaused = false
+    /// Reading stopped: the peer has not read `limits.max_output_bytes` of replies.
+    private var outputPaused = false
+    /// Reading stopped: `limits.max_pending_per_connection` commands wait for their replies.
+    private var pendingPaused = false
+    /// Counted in the engine's `connections_paused`.
+    private var countedPaused = false
+    /// The channel asked for a read while paused: it is issued on resume.
+    private var readHeld = false
+    /// Bytes queued in the channel the peer has not taken, as last reported to the engine.
+    private var reportedPending = 0
+    /// An empty write is queued to learn when the queued bytes are gone (only while some are queued).
+    private var probing = false
+    private var inactive = false
     private var closing = false
     private var flushScheduled = false
     private let claimTimer: Metrics.Timer?
@@ -39,10 +66,13 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// A command could not be queued: `EXEC` discards the transaction.
     private var transactionFailed = false
 
-    init(engine: SidecarEngine, isAdmin: Bool, refusal: String? = nil) {
+    init(engine: SidecarEngine, isAdmin: Bool, limits: RESPLimits, refusal: String? = nil) {
         self.engine = engine
         self.isAdmin = isAdmin
+        self.limits = limits
         self.refusal = refusal
+        self.maxPending = engine.config.limits.maxPendingPerConnection
+        self.flushChunk = max(1024, min(64 << 10, engine.config.limits.maxOutputBytes / 4))
         self.claimTimer = engine.claimTimer.withLockedValue { $0 }
         self.authenticated = engine.config.socket.password == nil
         self.clientID = engine.nextClientID()
@@ -50,7 +80,43 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
-        let cmd = unwrapInboundIn(data)
+        var bytes = unwrapInboundIn(data)
+        if input == nil {
+            input = bytes
+        } else {
+            input!.writeBuffer(&bytes)
+        }
+        process(context: context)
+    }
+
+    /// Decode and run the commands read, one at a time, until the input runs out or back-pressure stops it.
+    private func process(context: ChannelHandlerContext) {
+        guard !processing else { return }
+        processing = true
+        defer { processing = false }
+        while !closing, var buf = input {
+            if shouldPause(context: context) { break }
+            input = nil
+            let cmd: RESPCommand?
+            do {
+                cmd = try RESPCommandDecoder.parse(&buf, limits: limits)
+            } catch let e as RESPProtocolError {
+                protocolError(e, context: context)
+                return
+            } catch {
+                context.close(promise: nil)
+                return
+            }
+            if buf.readableBytes > 0 {
+                if buf.readerIndex >= 16 << 10 && cmd == nil { buf.discardReadBytes() }
+                input = buf
+            }
+            guard let cmd else { break }
+            command(cmd, context: context)
+        }
+    }
+
+    private func command(_ cmd: RESPCommand, context: ChannelHandlerContext) {
         guard !cmd.arguments.isEmpty else { return }
         if let refusal {
             // Told on every command, so a client that swallows errors of its setup commands still sees it.
@@ -64,6 +130,19 @@ final class ConnectionHandler: ChannelInboundHandler {
             outcome = dispatch(cmd, context: context)
         }
         enqueue(outcome, context: context)
+    }
+
+    private func protocolError(_ e: RESPProtocolError, context: ChannelHandlerContext) {
+        engine.protocolErrors.add(1, ordering: .relaxed)
+        closing = true
+        input = nil
+        if queue.isEmpty {
+            write(.err("Protocol error: \(e.message)"), context: context)
+            flushReplies(context: context)
+            context.close(promise: nil)
+        } else {
+            queue.append(.err("Protocol error: \(e.message)"))
+        }
     }
 
     private func enqueue(_ outcome: Outcome, context: ChannelHandlerContext) {
@@ -85,15 +164,11 @@ final class ConnectionHandler: ChannelInboundHandler {
                 }
                 self.fill(seq: seq, reply, context: context)
             }
-            if queue.count >= engine.config.limits.maxPendingPerConnection && !readPaused {
-                readPaused = true
-                context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
-            }
         }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        flush(context: context)
+        flushReplies(context: context)
     }
 
     private func fill(seq: Int, _ r: Reply, context: ChannelHandlerContext) {
@@ -106,9 +181,75 @@ final class ConnectionHandler: ChannelInboundHandler {
             write(reply, context: context)
         }
         scheduleFlush(context: context)
-        if readPaused && queue.count < engine.config.limits.maxPendingPerConnection / 2 {
-            readPaused = false
-            context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
+        if pendingPaused { resume(context: context) }
+    }
+
+    // MARK: - Back-pressure
+
+    /// Whether to stop decoding now: hands big batches of replies to the channel first, so that its
+    /// writability says how much the peer has not read.
+    private func shouldPause(context: ChannelHandlerContext) -> Bool {
+        if let o = out, o.readableBytes >= flushChunk { flushReplies(context: context) }
+        if !outputPaused && !context.channel.isWritable { outputPaused = true }
+        if !pendingPaused && queue.count >= maxPending { pendingPaused = true }
+        guard outputPaused || pendingPaused else { return false }
+        if !countedPaused {
+            countedPaused = true
+            engine.connectionsPaused.add(1, ordering: .relaxed)
+            engine.backpressurePauses.add(1, ordering: .relaxed)
+        }
+        return true
+    }
+
+    /// Resume decoding (and reading) once the peer has read enough and enough replies went out.
+    private func resume(context: ChannelHandlerContext) {
+        guard !inactive else { return }
+        if outputPaused && context.channel.isWritable { outputPaused = false }
+        if pendingPaused && queue.count <= maxPending / 2 { pendingPaused = false }
+        guard !outputPaused && !pendingPaused else { return }
+        if countedPaused {
+            countedPaused = false
+            engine.connectionsPaused.subtract(1, ordering: .relaxed)
+        }
+        process(context: context)
+        scheduleFlush(context: context)
+        if readHeld && !outputPaused && !pendingPaused {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    /// Reads the channel asks for are held while paused.
+    func read(context: ChannelHandlerContext) {
+        if outputPaused || pendingPaused {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        reportPending(context: context)
+        if context.channel.isWritable && outputPaused { resume(context: context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Tell the engine how many reply bytes wait in the channel for the peer; while some do, an empty
+    /// write (completed when every byte before it is written) reports again when they are gone.
+    private func reportPending(context: ChannelHandlerContext) {
+        guard !inactive else { return }
+        let n = (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
+        if n != reportedPending {
+            engine.outputBytesPending.add(n - reportedPending, ordering: .relaxed)
+            reportedPending = n
+        }
+        guard n > 0, !probing else { return }
+        probing = true
+        let p = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: p)
+        p.futureResult.assumeIsolated().whenComplete { [self] _ in
+            probing = false
+            reportPending(context: context)
         }
     }
 
@@ -124,36 +265,35 @@ final class ConnectionHandler: ChannelInboundHandler {
         flushScheduled = true
         context.eventLoop.assumeIsolated().execute { [self] in
             flushScheduled = false
-            flush(context: context)
+            flushReplies(context: context)
             if closing && queue.isEmpty { context.close(promise: nil) }
         }
     }
 
-    private func flush(context: ChannelHandlerContext) {
+    private func flushReplies(context: ChannelHandlerContext) {
         guard var buf = out, buf.readableBytes > 0 else { return }
         out = nil
         buf.reserveCapacity(0)
         context.writeAndFlush(wrapOutboundOut(buf), promise: nil)
+        reportPending(context: context)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if let e = error as? RESPProtocolError {
-            engine.protocolErrors.add(1, ordering: .relaxed)
-            closing = true
-            if queue.isEmpty {
-                write(.err("Protocol error: \(e.message)"), context: context)
-                flush(context: context)
-                context.close(promise: nil)
-            } else {
-                queue.append(.err("Protocol error: \(e.message)"))
-            }
-            return
-        }
         context.close(promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        inactive = true
+        input = nil
         engine.connectionsCurrent.subtract(1, ordering: .relaxed)
+        if countedPaused {
+            countedPaused = false
+            engine.connectionsPaused.subtract(1, ordering: .relaxed)
+        }
+        if reportedPending != 0 {
+            engine.outputBytesPending.subtract(reportedPending, ordering: .relaxed)
+            reportedPending = 0
+        }
         context.fireChannelInactive()
     }
 
@@ -458,21 +598,53 @@ final class ConnectionHandler: ChannelInboundHandler {
         return .now(.err("invalid voucher id '\(v.prefix(64))': use 1-64 of A-Z a-z 0-9 _ . : -"))
     }
 
-    /// `CLAIM voucher user [QTY n] [REQ id]`: the stateless checks are `ClaimArguments.parse` (fuzzed in Fuzz/).
+    /// `CLAIM voucher user [QTY n]`
     private func claim(_ a: [ByteBuffer], loop: any EventLoop) -> Outcome {
-        let c: ClaimArguments
-        switch ClaimArguments.parse(a, maxQty: engine.config.limits.maxQty, isValidVoucher: QuotaStore.isValidVoucherID) {
-        case .success(let parsed): c = parsed
-        case .failure(.arity): return arity("CLAIM")
-        case .failure(.syntax(let m)): return syntax(m)
-        case .failure(.badVoucher(let v)): return badVoucher(v)
+        guard a.count >= 3 else {
+            return arity("CLAIM")
         }
-        if c.req == nil && engine.config.claims.requireReq {
+        var qty = 1
+        var req: String?
+        var i = 3
+        while i < a.count {
+            if a[i].equalsUppercased("QTY") {
+                guard i + 1 < a.count else { return syntax("QTY needs a value") }
+                guard let n = a[i + 1].parsePositiveInt(), n >= 1, n <= engine.config.limits.maxQty else {
+                    return syntax("QTY must be an integer from 1 to \(engine.config.limits.maxQty)")
+                }
+                qty = n
+                i += 2
+            } else if a[i].equalsUppercased("REQ") {
+                guard i + 1 < a.count else { return syntax("REQ needs a request id") }
+                guard a[i + 1].readableBytes >= 1, a[i + 1].readableBytes <= 128 else {
+                    return syntax("REQ request id must be 1-128 bytes")
+                }
+                // Ids are compared as bytes; bytes that are not UTF-8 would not survive the journal and the
+                // JSON events as themselves (two such ids would become one string), so they are refused.
+                guard let r = Self.utf8(a[i + 1]) else { return syntax("REQ request id must be valid UTF-8") }
+                req = r
+                i += 2
+            } else {
+                return syntax("unknown CLAIM option '\(String(buffer: a[i]).prefix(32))' (expected QTY n or REQ id)")
+            }
+        }
+        let v = String(buffer: a[1])
+        guard QuotaStore.isValidVoucherID(v) else { return badVoucher(v) }
+        guard a[2].readableBytes > 0, a[2].readableBytes <= 256 else {
+            return syntax("user id must be 1-256 bytes")
+        }
+        guard let user = Self.utf8(a[2]) else { return syntax("user id must be valid UTF-8") }
+        if req == nil && engine.config.claims.requireReq {
             return syntax("REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
                           + "for every retry of one claim")
         }
-        return engine.request(.claim(qty: c.qty, user: String(buffer: c.user), req: c.req.map { String(buffer: $0) }),
-                              voucher: c.voucher, loop: loop)
+        return engine.request(.claim(qty: qty, user: user, req: req), voucher: v, loop: loop)
+    }
+
+    /// The argument as a string if it is valid UTF-8 (ASCII, the common case, is checked first).
+    private static func utf8(_ b: ByteBuffer) -> String? {
+        if b.readableBytesView.allSatisfy({ $0 < 0x80 }) { return String(buffer: b) }
+        return String(validating: b.readableBytesView, as: UTF8.self)
     }
 
     private func syntax(_ m: String) -> Outcome {

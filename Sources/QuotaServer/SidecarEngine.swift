@@ -29,6 +29,13 @@ public final class SidecarEngine: Sendable {
     /// `QUOTAD_INJECT_BUG`: a deliberate bug for the chaos checker's self-test, never in production.
     let injectedBug = ProcessInfo.processInfo.environment["QUOTAD_INJECT_BUG"]
     private let vouchers = NIOLockedValueBox<[String: VoucherRuntime]>([:])
+    /// Unknown voucher ids answered NOVOUCHER from memory for a while, taking no voucher slot.
+    private let unknownVouchers: NIOLockedValueBox<ExpiringSet>
+    /// Counters of evicted voucher runtimes, so the process totals never go down.
+    private let retired = NIOLockedValueBox(VoucherCounters())
+    let vouchersEvicted = Atomic<Int>(0)
+    /// The process-wide bound of `REQ` answers (`claims.max_dedupe_entries` / `max_dedupe_bytes`).
+    let dedupeBudget: DedupeBudget
     private let _regionPolicy = NIOLockedValueBox(LeasePolicyOverride())
     private let claimSeq = Atomic<Int>(0)
     private let claimPrefix: String
@@ -49,6 +56,12 @@ public final class SidecarEngine: Sendable {
     let commandErrors = Atomic<Int>(0)
     let globalRejections = NIOLockedValueBox<[QuotaErrorCode: Int]>([:])
     let redisErrors = Atomic<Int>(0)
+    /// Connections whose reading is paused for back-pressure (output over `limits.max_output_bytes`, or
+    /// `limits.max_pending_per_connection` commands unanswered), and reply bytes queued to peers that
+    /// have not read them (as of each connection's last flush).
+    let connectionsPaused = Atomic<Int>(0)
+    let backpressurePauses = Atomic<Int>(0)
+    let outputBytesPending = Atomic<Int>(0)
 
     init(config: SidecarConfig, store: QuotaStore, pipeline: ClaimPipeline, boot: String, generation: String?,
          logger: Logger) {
@@ -64,6 +77,8 @@ public final class SidecarEngine: Sendable {
         self.claimBook = ClaimBook(prefix: claimPrefix, region: config.region, host: config.hostID,
                                    capacity: config.claims.maxTracked)
         region.withLockedValue { $0.adopted = generation }
+        dedupeBudget = DedupeBudget(maxEntries: config.claims.maxDedupeEntries, maxBytes: config.claims.maxDedupeBytes)
+        unknownVouchers = NIOLockedValueBox(ExpiringSet(capacity: config.limits.maxUnknownVouchers, ttl: .seconds(1)))
     }
 
     /// A new boot id: start time in ms and 16 random bits, base 36.
@@ -99,6 +114,7 @@ public final class SidecarEngine: Sendable {
         r.maxWaiting = config.limits.maxWaitingClaims
         r.maxTrackedUsers = config.claims.maxTracked
         r.tailWait = config.limits.tailWait
+        r.dedupeBudget = dedupeBudget
         r.injectedBug = injectedBug
         return r
     }
@@ -211,12 +227,74 @@ public final class SidecarEngine: Sendable {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, lost)))
         }
-        guard let rt = runtime(voucher) else {
-            countRejection(.busy)
-            return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
+        while true {
+            let now = monotonicNow()
+            switch lookup(voucher, now: now) {
+            case .full:
+                countRejection(.busy)
+                return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host (limits.max_vouchers = \(config.limits.maxVouchers))")))
+            case .unknown:
+                if case .claim = req { countRejection(.novoucher) }
+                return .now(.error(QuotaError(.novoucher, "no such voucher '\(voucher)'")))
+            case .runtime(let rt):
+                if let o = rt.handle(req, now: now, loop: loop) { return o }
+                // Evicted since it was looked up: look again (a new runtime is made).
+            }
         }
-        return rt.handle(req, now: monotonicNow(), loop: loop)
     }
+
+    private enum Lookup {
+        case runtime(VoucherRuntime)
+        /// Redis said it does not know this voucher less than a second ago.
+        case unknown
+        /// `limits.max_vouchers` runtimes exist.
+        case full
+    }
+
+    /// A request's runtime: the voucher's own, or a new one unless the id is known to be unknown.
+    private func lookup(_ voucher: String, now: Instant) -> Lookup {
+        if let rt = vouchers.withLockedValue({ $0[voucher] }) { return .runtime(rt) }
+        if unknownVouchers.withLockedValue({ $0.contains(voucher, now: now) }) { return .unknown }
+        return runtime(voucher).map { .runtime($0) } ?? .full
+    }
+
+    /// Redis does not know `rt`'s voucher: drop the runtime (it holds nothing once its waiters were
+    /// answered) and remember the id as unknown for a second, so a flood of unknown ids takes no slot.
+    func voucherMissing(_ rt: VoucherRuntime) {
+        let now = monotonicNow()
+        let dropped = vouchers.withLockedValue { map -> VoucherCounters? in
+            guard map[rt.id] === rt, let c = rt.evictIfIdle(now: now) else { return nil }
+            map.removeValue(forKey: rt.id)
+            return c
+        }
+        guard let c = dropped else { return }
+        unknownVouchers.withLockedValue { $0.insert(rt.id, now: now) }
+        retire(c)
+    }
+
+    /// Drop runtimes that hold nothing and were not used for a while (``VoucherMachine/isEvictable(now:)``).
+    func evictIdle(now: Instant) {
+        let candidates = runtimes.filter { $0.looksEvictable(now: now) }
+        guard !candidates.isEmpty else { return }
+        let dropped = vouchers.withLockedValue { map -> [VoucherCounters] in
+            var out: [VoucherCounters] = []
+            for rt in candidates where map[rt.id] === rt {
+                if let c = rt.evictIfIdle(now: now) {
+                    map.removeValue(forKey: rt.id)
+                    out.append(c)
+                }
+            }
+            return out
+        }
+        for c in dropped { retire(c) }
+    }
+
+    private func retire(_ c: VoucherCounters) {
+        vouchersEvicted.add(1, ordering: .relaxed)
+        retired.withLockedValue { $0.add(c) }
+    }
+
+    var unknownVoucherCount: Int { unknownVouchers.withLockedValue { $0.count } }
 
     /// Another host found `voucher`'s pool empty while leases were out: give back what is not needed here.
     func recall(voucher: String) {
@@ -287,7 +365,7 @@ public final class SidecarEngine: Sendable {
     /// Kafka acknowledged a recovered claim that a `REQ` retry may now be answered with.
     private func acknowledged(voucher: String, req: String) {
         let handed = recoveredReqs.withLockedValue { m -> Bool in
-            guard let i = m[voucher]?.firstIndex(where: { $0.req == req }) else { return true }
+            guard let i = m[voucher]?.firstIndex(where: { $0.req.utf8.elementsEqual(req.utf8) }) else { return true }
             m[voucher]![i].awaitingAck = false
             return false
         }
@@ -356,6 +434,10 @@ public final class SidecarEngine: Sendable {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, lost)))
         }
+        if let busy = chores.refusal(limit: config.limits.maxBackgroundJobs) {
+            countRejection(.busy)
+            return .now(.error(busy))
+        }
         switch claimBook.takeForUnclaim(claimID) {
         case .unknown:
             countRejection(.err)
@@ -363,12 +445,14 @@ public final class SidecarEngine: Sendable {
         case .already:
             return .now(.value(.ok))
         case .take(let e):
-            guard let rt = runtime(e.voucher) else {
-                claimBook.restore(claimID)
-                countRejection(.busy)
-                return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
+            while true {
+                guard let rt = runtime(e.voucher) else {
+                    claimBook.restore(claimID)
+                    countRejection(.busy)
+                    return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
+                }
+                if let o = rt.unclaim(e, loop: loop) { return o }
             }
-            return rt.unclaim(e, loop: loop)
         }
     }
 
@@ -378,11 +462,16 @@ public final class SidecarEngine: Sendable {
 
     /// Fencing, renewals, refills, idle returns, claim timeouts: every `interval`.
     func runTicker(interval: Duration = .milliseconds(50)) async {
+        var lastEviction = monotonicNow()
         while !Task.isCancelled {
             try? await Task.sleep(for: interval)
             let now = monotonicNow()
             for rt in runtimes { rt.tick(now: now) }
             pipeline.tick()
+            if now - lastEviction >= .seconds(1) {
+                lastEviction = now
+                evictIdle(now: now)
+            }
         }
     }
 
@@ -485,20 +574,10 @@ public final class SidecarEngine: Sendable {
     private func totals() -> (VoucherCounters, Int, [(String, VoucherRuntime.Snapshot)]) {
         let now = monotonicNow()
         let snaps = runtimes.compactMap { rt in rt.snapshot(now: now).map { (rt.id, $0) } }.sorted { $0.0 < $1.0 }
-        var total = VoucherCounters()
+        var total = retired.withLockedValue { $0 }
         var local = 0
         for (_, s) in snaps {
-            total.claimsOK += s.counters.claimsOK
-            total.tokensServed += s.counters.tokensServed
-            total.leasesTaken += s.counters.leasesTaken
-            total.tokensLeased += s.counters.tokensLeased
-            total.leasesRenewed += s.counters.leasesRenewed
-            total.leasesReturned += s.counters.leasesReturned
-            total.tokensReturned += s.counters.tokensReturned
-            total.leasesFenced += s.counters.leasesFenced
-            total.tokensLost += s.counters.tokensLost
-            total.claimsWaited += s.counters.claimsWaited
-            for (k, v) in s.counters.rejected { total.rejected[k, default: 0] += v }
+            total.add(s.counters)
             local += s.local
         }
         for (k, v) in globalRejections.withLockedValue({ $0 }) { total.rejected[k, default: 0] += v }
@@ -560,6 +639,25 @@ public final class SidecarEngine: Sendable {
             out += "region_hosts:\(regionHosts)\r\nrecalls_received:\(recallsReceived.load(ordering: .relaxed))\r\n"
             let u = userChecks.stats
             out += "user_check_batches:\(u.batches)\r\nuser_checks:\(u.checks)\r\nclaims_tracked:\(claimBook.count)\r\n\r\n"
+        }
+        if on("limits") {
+            // Every bound a peer could push against: current totals next to their bounds.
+            let l = config.limits
+            out += "# Limits\r\n"
+            out += "connections:\(connectionsCurrent.load(ordering: .relaxed))\r\nmax_connections:\(l.maxConnections)\r\n"
+            out += "connections_paused:\(connectionsPaused.load(ordering: .relaxed))\r\n"
+            out += "backpressure_pauses:\(backpressurePauses.load(ordering: .relaxed))\r\n"
+            out += "output_bytes_pending:\(max(0, outputBytesPending.load(ordering: .relaxed)))\r\n"
+            out += "max_output_bytes:\(l.maxOutputBytes)\r\nmax_pending_per_connection:\(l.maxPendingPerConnection)\r\n"
+            out += "vouchers_tracked:\(vouchersTracked)\r\nmax_vouchers:\(l.maxVouchers)\r\n"
+            out += "vouchers_evicted:\(vouchersEvicted.load(ordering: .relaxed))\r\n"
+            out += "unknown_vouchers_cached:\(unknownVoucherCount)\r\nmax_unknown_vouchers:\(l.maxUnknownVouchers)\r\n"
+            out += "dedupe_entries:\(dedupeBudget.entries)\r\nmax_dedupe_entries:\(dedupeBudget.maxEntries)\r\n"
+            out += "dedupe_bytes:\(dedupeBudget.bytes)\r\nmax_dedupe_bytes:\(dedupeBudget.maxBytes)\r\n"
+            out += "dedupe_refused:\(dedupeBudget.refused)\r\n"
+            out += "claims_tracked:\(claimBook.count)\r\nmax_tracked_claims:\(config.claims.maxTracked)\r\n"
+            out += "max_waiting_claims_per_voucher:\(l.maxWaitingClaims)\r\n"
+            out += "background_jobs:\(chores.outstanding)\r\nmax_background_jobs:\(l.maxBackgroundJobs)\r\n\r\n"
         }
         if on("keyspace") {
             out += "# Keyspace\r\ndb0:keys=\(snaps.count),expires=0,avg_ttl=0\r\n\r\n"

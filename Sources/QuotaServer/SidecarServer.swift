@@ -233,6 +233,9 @@ public final class SidecarService: Service, Sendable {
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 1024)
             .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
+            // Back-pressure: a connection whose peer has not read this much output stops being read.
+            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: ChannelOptions.Types.WriteBufferWaterMark(
+                low: config.limits.maxOutputBytes / 2, high: config.limits.maxOutputBytes))
             .childChannelInitializer { channel in
                 PeerCredentials.of(channel).flatMapThrowing { cred in
                     engine.connectionsTotal.add(1, ordering: .relaxed)
@@ -247,9 +250,9 @@ public final class SidecarService: Service, Sendable {
                         refusal = nil
                     }
                     let isAdmin = cred.uid == 0 || cred.uid == ownUID || config.socket.adminUIDs.contains(cred.uid ?? .max)
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPCommandDecoder(limits: limits)))
+                    // The handler decodes commands itself, one at a time, so that it can stop under back-pressure.
                     try channel.pipeline.syncOperations.addHandler(
-                        ConnectionHandler(engine: engine, isAdmin: isAdmin, refusal: refusal))
+                        ConnectionHandler(engine: engine, isAdmin: isAdmin, limits: limits, refusal: refusal))
                     if refusal != nil {
                         // A refused peer is told why at every command, and closed after 10 s at most.
                         engine.connectionsRefused.add(1, ordering: .relaxed)

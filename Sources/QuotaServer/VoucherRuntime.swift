@@ -27,15 +27,19 @@ final class VoucherRuntime: @unchecked Sendable {
     /// The highest lease id this host has been granted (Redis's `lease_seq` must never go below it).
     private var maxLeaseID = 0
     private var lostReason: String?
+    /// Dropped from the engine's registry (idle, or an unknown voucher): requests must look it up again.
+    private var evicted = false
 
     init(id: String, engine: SidecarEngine, policy: LeasePolicy, rules: ClaimRules, requestPrefix: String) {
         self.id = id
         self.engine = engine
         let pipeline = engine.pipeline
+        let chores = engine.chores
+        let maxJobs = engine.config.limits.maxBackgroundJobs
         machine = VoucherMachine(
             voucher: id, rules: rules, policy: policy, requestPrefix: requestPrefix,
             nextSeq: { [unowned engine] in engine.nextClaimSeq() }, wallClock: { wallClockMs() },
-            admission: { pipeline.refusal() })
+            admission: { pipeline.refusal() ?? chores.refusal(limit: maxJobs) })
     }
 
     /// Deferred work: what happens after the lock is released.
@@ -48,9 +52,14 @@ final class VoucherRuntime: @unchecked Sendable {
 
     // MARK: - Requests (event loop threads)
 
-    func handle(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop) -> Outcome {
+    /// Nil: this runtime was evicted since it was looked up; look the voucher up again.
+    func handle(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop) -> Outcome? {
         var fx: [VoucherMachine.Effect] = []
         lock.lock()
+        if evicted {
+            lock.unlock()
+            return nil
+        }
         let ticket = nextTicket
         nextTicket &+= 1
         let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx)
@@ -67,14 +76,22 @@ final class VoucherRuntime: @unchecked Sendable {
         return .now(Self.reply(answer!))
     }
 
-    /// `UNCLAIM` of a claim of this voucher made through this host.
-    func unclaim(_ e: ClaimEvent, loop: any EventLoop) -> Outcome {
+    /// `UNCLAIM` of a claim of this voucher made through this host. Nil: evicted, look it up again.
+    func unclaim(_ e: ClaimEvent, loop: any EventLoop) -> Outcome? {
+        guard !lock.withLock({ evicted }) else { return nil }
         let p = loop.makePromise(of: Reply.self)
+        var taken = false
         event(now: monotonicNow()) { m, now, fx in
+            taken = true
             let t = self.nextTicket
             self.nextTicket &+= 1
             self.promises[t] = p
             m.unclaim(e, ticket: t, tsMs: wallClockMs(), effects: &fx)
+        }
+        guard taken else {
+            // Evicted between the check and the event: nothing was done; the caller looks it up again.
+            p.succeed(.value(.ok))
+            return nil
         }
         return .later(p.futureResult)
     }
@@ -92,6 +109,8 @@ final class VoucherRuntime: @unchecked Sendable {
     private func event(now: Instant, _ body: (inout VoucherMachine, Instant, inout [VoucherMachine.Effect]) -> Void) {
         var fx: [VoucherMachine.Effect] = []
         lock.lock()
+        // An evicted runtime holds nothing and has nothing in flight: late ticks and recalls change nothing.
+        guard !evicted else { return lock.unlock() }
         body(&machine, now, &fx)
         let deferred = performLocked(fx)
         lock.unlock()
@@ -224,6 +243,8 @@ final class VoucherRuntime: @unchecked Sendable {
     private func startLoad() {
         let store = engine.store
         Task {
+            var unknown = false
+            defer { if unknown { self.engine.voucherMissing(self) } }
             let sentAt = monotonicNow()
             let result = await attempt { () async throws(RedisError) in try await store.vouchersWithClock([self.id]) }
             let policy = self.engine.regionPolicy
@@ -246,6 +267,7 @@ final class VoucherRuntime: @unchecked Sendable {
                     } else {
                         self.engine.countRejection(.novoucher)
                         m.loaded(.success(nil), policy: m.stock.policy, now: now, effects: &fx)
+                        unknown = true
                     }
                 case .failure(let e):
                     self.engine.logger.warning("voucher load failed", metadata: ["quota.voucher": "\(self.id)", "error": "\(e)"])
@@ -500,6 +522,26 @@ final class VoucherRuntime: @unchecked Sendable {
                 soldOut: s.soldOut, tail: s.tail, leaseSize: s.policy.leaseSize(rate: s.rate.rate), schedule: s.schedule)
         }
     }
+
+    // MARK: - Eviction
+
+    /// Whether it could be evicted now (a first look, without the registry's lock).
+    func looksEvictable(now: Instant) -> Bool {
+        lock.withLock { !evicted && ioInFlight == 0 && lostReason == nil && promises.isEmpty && machine.isEvictable(now: now) }
+    }
+
+    /// Mark it evicted if it still can be (under the registry's lock): from then on it takes no request.
+    /// Returns its counters (to keep the process totals) when it was evicted.
+    func evictIfIdle(now: Instant) -> VoucherCounters? {
+        lock.withLock {
+            guard !evicted, ioInFlight == 0, lostReason == nil, promises.isEmpty, machine.isEvictable(now: now) else { return nil }
+            evicted = true
+            return machine.stock.counters
+        }
+    }
+
+    /// `REQ` answers it keeps.
+    var dedupeCount: Int { lock.withLock { machine.dedupeCount } }
 
     /// Answers remembered from the journal of a previous run (claim ids of requests with `REQ`).
     func restoreDedupe(_ entries: [VoucherMachine.RecoveredAnswer]) {

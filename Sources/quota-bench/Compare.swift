@@ -78,10 +78,11 @@ enum Designs {
         let a = try await redis.account(voucher)
         var maxPerUser = 0
         if w.perUser > 0 {
-            // quotad's default per_user.groups (the sidecars run with the default).
+            // quotad's default per_user.groups (the sidecars run with the default). Counts only: claim
+            // markers live in their own keys (`…:m`), so every field here is a user.
             for g in 0..<64 {
                 let key = QuotaStore.userGroupKey(voucher: voucher, group: g)
-                for (k, v) in QuotaStore.fields(try await redis.store.connection.send(["HGETALL", key])) where !k.hasPrefix("#") {
+                for (_, v) in QuotaStore.fields(try await redis.store.connection.send(["HGETALL", key])) {
                     maxPerUser = max(maxPerUser, Int(v) ?? 0)
                 }
             }
