@@ -30,6 +30,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
     private var processing = false
+    /// Decoding continues in a later event-loop turn (``yieldTurn(context:)``).
+    private var yielded = false
+    /// Reply bytes written during the current ``process(context:)`` call.
+    private var turnBytes = 0
     /// Replies not yet written because an earlier one is still pending (nil = pending).
     private var queue = CircularBuffer<Reply?>()
     /// Sequence number of `queue.first`.
@@ -94,8 +98,17 @@ final class ConnectionHandler: ChannelDuplexHandler {
         guard !processing else { return }
         processing = true
         defer { processing = false }
+        var commands = 0
+        turnBytes = 0
         while !closing, var buf = input {
             if shouldPause(context: context) { break }
+            // Fairness: one connection's burst does not hold the event loop (and the other connections on it)
+            // for long; the rest is decoded in a later turn.
+            if commands >= Self.commandsPerTurn || turnBytes >= Self.bytesPerTurn {
+                yieldTurn(context: context)
+                break
+            }
+            commands += 1
             input = nil
             let cmd: RESPCommand?
             do {
@@ -113,6 +126,27 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             guard let cmd else { break }
             command(cmd, context: context)
+        }
+    }
+
+    /// At most this many commands, or this many reply bytes, are handled per connection per event-loop turn.
+    static let commandsPerTurn = 256
+    static let bytesPerTurn = 64 << 10
+
+    /// Continue decoding in a later turn of the event loop (reads are held until then).
+    private func yieldTurn(context: ChannelHandlerContext) {
+        guard !yielded else { return }
+        yielded = true
+        flushReplies(context: context)
+        context.eventLoop.assumeIsolated().execute { [self] in
+            yielded = false
+            guard !inactive else { return }
+            process(context: context)
+            scheduleFlush(context: context)
+            if readHeld && !outputPaused && !pendingPaused && !yielded {
+                readHeld = false
+                context.read()
+            }
         }
     }
 
@@ -213,15 +247,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
         process(context: context)
         scheduleFlush(context: context)
-        if readHeld && !outputPaused && !pendingPaused {
+        if readHeld && !outputPaused && !pendingPaused && !yielded {
             readHeld = false
             context.read()
         }
     }
 
-    /// Reads the channel asks for are held while paused.
+    /// Reads the channel asks for are held while paused (or while decoding is to continue in a later turn).
     func read(context: ChannelHandlerContext) {
-        if outputPaused || pendingPaused {
+        if outputPaused || pendingPaused || yielded {
             readHeld = true
         } else {
             context.read()
@@ -255,7 +289,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private func write(_ r: Reply, context: ChannelHandlerContext) {
         if out == nil { out = context.channel.allocator.buffer(capacity: 512) }
+        let before = out!.writerIndex
         out!.writeReply(r, proto: proto)
+        turnBytes &+= out!.writerIndex - before
     }
 
     /// Replies completed by other work (leases, journal syncs, user checks) arrive in bursts on the
