@@ -821,15 +821,23 @@ public struct VoucherMachine: Sendable {
         apply(rec, policy: policy, now: now)
         // Another host found the pool empty while leases were out (a recall this host may have missed):
         // give back what no claim here waits for, so the last tokens are not stranded here.
-        if recalledAgain { stock.recall(now: now, waiting: parkedTokens) }
+        if recalledAgain { stock.recall(now: now, waiting: parkedTokens, keepForParked: keepsForParked(against: rec.recallHost)) }
         settleEffects(now: now, &fx)
     }
 
     /// Another host asked for this voucher's stock back (it found the pool empty while leases were out).
-    public mutating func recall(now: Instant, effects fx: inout [Effect]) {
+    public mutating func recall(now: Instant, from host: String? = nil, effects fx: inout [Effect]) {
         guard phase == .ready else { return }
-        stock.recall(now: now, waiting: parkedTokens)
+        stock.recall(now: now, waiting: parkedTokens, keepForParked: keepsForParked(against: host))
         settleEffects(now: now, &fx)
+    }
+
+    /// Whether stock that parked claims here wait for is kept when `host` recalls it: a fixed order of
+    /// host ids decides, so two hosts each holding part of what both need never keep it for each other.
+    /// An unknown recaller (an older sidecar's message, a refresh without `recall_host`) does not take it.
+    private func keepsForParked(against host: String?) -> Bool {
+        guard let host, !host.isEmpty else { return true }
+        return rules.host < host
     }
 
     /// The operator listed this voucher to warm (`quotactl voucher warm`): load it if needed, then take
@@ -962,6 +970,7 @@ public struct VoucherMachine: Sendable {
         stock.fence(now: now)
         expireInFlight(now: now, &fx)
         serveParked(now: now, &fx)
+        stock.sweepTail(waiting: parkedTokens, now: now)
         for id in stock.renewals(now: now) { fx.append(.renew(id)) }
         stock.returnIfIdle(now: now)
         collect(now: now, &fx)

@@ -241,6 +241,9 @@ public struct VoucherStock: Sendable {
     /// The end of the sale is near: the region pool was seen empty, or another host recalled stock.
     /// Leases are then exactly what waiting claims need, and stock nobody waits for goes back at once.
     public private(set) var tail = false
+    /// Another host recalled this voucher's stock: what no claim here waits for goes back (``sweepTail``).
+    /// Cleared when this host holds nothing or is granted a lease.
+    public private(set) var recalled = false
     /// Leases that may still hold unserved tokens, as the last empty-pool answer counted them.
     public private(set) var heldElsewhere = 0
     /// Leases of hosts silent long past their expiry, as the last SOLDOUT answer counted them.
@@ -259,6 +262,8 @@ public struct VoucherStock: Sendable {
     public var rate = RateEstimator()
     public var counters = VoucherCounters()
     private var pendingReturns: [ReturnRequest] = []
+    /// Returns handed to the shell and not answered yet: the pool may be about to grow by them.
+    public private(set) var returnsOut = 0
     /// Fully served leases not yet closed at Redis: they ride along on the next lease request.
     public private(set) var finishedLeases: [LocalLease] = []
     /// Leases that may no longer serve (fenced, drained, paused) but still have claims in flight.
@@ -344,7 +349,10 @@ public struct VoucherStock: Sendable {
     /// The sale's schedule as last read from Redis. Past its end, every lease goes back.
     public mutating func setSchedule(_ s: SaleSchedule, now: Instant) {
         schedule = s
-        scheduleBlock = nil
+        if scheduleBlock != nil {
+            scheduleBlock = nil
+            if consecutiveFailures == 0 { backoffUntil = nil }
+        }
         endIfOver(now: now)
     }
 
@@ -386,18 +394,24 @@ public struct VoucherStock: Sendable {
     /// With claims parked here (`waiting` tokens) nothing goes back: they wait for this stock, and once
     /// they are answered, the end-of-sale sweep gives back what is left. Before the opening, opening
     /// leases are meant to be held: a recall then changes nothing.
-    public mutating func recall(now: Instant, waiting: Int) {
+    /// `keepForParked`: the host's parked claims have priority over the recalling host's (the machine
+    /// decides by host id, so two hosts never keep the last tokens for each other).
+    public mutating func recall(now: Instant, waiting: Int, keepForParked: Bool = true) {
         guard lost == nil, !draining, !beforeOpening(now) else { return }
         tail = true
-        if waiting == 0 && (!leases.isEmpty || !finishedLeases.isEmpty) { returnAll() }
+        recalled = true
+        if (waiting == 0 || !keepForParked) && (!leases.isEmpty || !finishedLeases.isEmpty) { returnAll() }
     }
 
     /// The sale has a scheduled opening still ahead.
     private func beforeOpening(_ now: Instant) -> Bool { schedule.opensAt.map { now < $0 } ?? false }
 
     /// Near the end, stock no claim here waits for goes back at once (e.g. tokens a refused claim gave back).
+    /// Only after another host recalled: a host that found the pool empty itself keeps serving what it holds.
     public mutating func sweepTail(waiting: Int, now: Instant) {
-        guard tail, waiting == 0, lost == nil, !leases.isEmpty || !finishedLeases.isEmpty, !beforeOpening(now) else { return }
+        guard tail, recalled, waiting == 0, lost == nil, !leases.isEmpty || !finishedLeases.isEmpty, !beforeOpening(now)
+        else { return }
+        recalled = false
         returnAll()
     }
 
@@ -663,8 +677,11 @@ public struct VoucherStock: Sendable {
         consecutiveFailures = 0
         poolHint = g.poolAfter
         recallPollAt = nil
-        emptyAnswers = 0
-        if g.granted > 0 { heldElsewhere = 0 }
+        if g.granted > 0 {
+            heldElsewhere = 0
+            emptyAnswers = 0
+            recalled = false
+        }
         // An empty pool after this grant is not the end yet (other hosts may hold stock), but it is near.
         // (Before the opening it means nothing: the opening leases took the pool, as they should.)
         if g.poolAfter == 0 { if !beforeOpening(now) { tail = true } } else { soldOut = false }
@@ -715,9 +732,9 @@ public struct VoucherStock: Sendable {
             } else if case .soldOut(let abandoned) = r {
                 heldElsewhere = 0
                 abandonedLeases = abandoned
-                // Claims in flight here may still give tokens back (a journal write that fails): the
-                // region is sold out only once they settle.
-                if tokensPending == 0 { soldOut = true; break }
+                // Claims in flight here may still give tokens back (a journal write that fails), and this
+                // host's own returns in flight are about to refill the pool: sold out only once both settle.
+                if tokensPending == 0 && returnsOut == 0 { soldOut = true; break }
             }
             let wait = min(Self.recallPoll * (1 << min(emptyAnswers, 8)), Self.recallPollMax)
             emptyAnswers += 1
@@ -730,6 +747,8 @@ public struct VoucherStock: Sendable {
             scheduleBlock = (why, .max)
             returnAll()
             if openingRefused { openingTaken = false }
+            // Not again before the next refresh has read the schedule (setSchedule lifts this).
+            backoffUntil = now + .seconds(1)
         case .unknownVoucher:
             setStatus(.closed)
         }
@@ -802,18 +821,21 @@ public struct VoucherStock: Sendable {
     /// Returns the shell must send now (fenced, finished, idle, drained leases).
     public mutating func takeReturns() -> [ReturnRequest] {
         guard !pendingReturns.isEmpty else { return [] }
+        returnsOut += pendingReturns.count
         defer { pendingReturns.removeAll(keepingCapacity: true) }
         return pendingReturns
     }
 
     /// A return was acknowledged by Redis with `applied` tokens put back into the pool.
     public mutating func returned(_ r: ReturnRequest, applied: Int) {
+        returnsOut = max(0, returnsOut - 1)
         counters.leasesReturned += 1
         counters.tokensReturned += applied
     }
 
     /// A return could not be sent: keep it for the next attempt.
     public mutating func returnFailed(_ r: ReturnRequest) {
+        returnsOut = max(0, returnsOut - 1)
         if lost == nil { pendingReturns.append(r) }
     }
 

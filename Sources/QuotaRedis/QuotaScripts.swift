@@ -178,8 +178,11 @@ enum QuotaScripts {
             end
           end
           if held > 0 then
-            -- Not before the opening (opening leases are meant to be held then), at most every 50 ms.
-            if now >= start_ms and now - (tonumber(m[5] or '0') or 0) >= 50 then
+            -- Only for claims waiting (need > 0; a refill ahead of demand recalls nobody), not before the
+            -- opening (opening leases are meant to be held then), at most every 50 ms (or after Redis's
+            -- clock went back).
+            local last = tonumber(m[5] or '0') or 0
+            if tonumber(ARGV[3]) > 0 and now >= start_ms and (now - last >= 50 or now < last) then
               redis.call('HSET', KEYS[1], 'recall_ms', now, 'recall_host', host)
               redis.call('PUBLISH', 'quota:recall', KEYS[1] .. '|' .. host)
             end

@@ -13,7 +13,7 @@ public final class RecallSubscriber: @unchecked Sendable {
     private let endpoint: RedisEndpoint
     private let host: String
     private let logger: Logger
-    private let onRecall: @Sendable (String) -> Void
+    private let onRecall: @Sendable (_ voucher: String, _ from: String?) -> Void
     private let stopped = Atomic<Bool>(false)
     /// The socket being read, so that ``stop()`` can wake the blocked read.
     private let socket = Atomic<Int32>(-1)
@@ -25,7 +25,7 @@ public final class RecallSubscriber: @unchecked Sendable {
     /// Whether it is subscribed now.
     public var isConnected: Bool { _connected.load(ordering: .relaxed) }
 
-    public init(endpoint: RedisEndpoint, host: String, logger: Logger, onRecall: @escaping @Sendable (String) -> Void) {
+    public init(endpoint: RedisEndpoint, host: String, logger: Logger, onRecall: @escaping @Sendable (_ voucher: String, _ from: String?) -> Void) {
         self.endpoint = endpoint
         self.host = host
         self.logger = logger
@@ -96,7 +96,7 @@ public final class RecallSubscriber: @unchecked Sendable {
                 logger.debug("recall subscription up", metadata: ["redis": "\(endpoint)"])
             } else if kind == "message", let msg = a[2].string, let r = QuotaStore.recall(ofMessage: msg), r.from != host {
                 _received.add(1, ordering: .relaxed)
-                onRecall(r.voucher)
+                onRecall(r.voucher, r.from)
             }
         }
         return "stopped"

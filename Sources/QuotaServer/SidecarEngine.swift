@@ -297,10 +297,10 @@ public final class SidecarEngine: Sendable {
     var unknownVoucherCount: Int { unknownVouchers.withLockedValue { $0.count } }
 
     /// Another host found `voucher`'s pool empty while leases were out: give back what is not needed here.
-    func recall(voucher: String) {
+    func recall(voucher: String, from host: String?) {
         guard let rt = vouchers.withLockedValue({ $0[voucher] }) else { return }
         recallsReceived.add(1, ordering: .relaxed)
-        rt.recall()
+        rt.recall(from: host)
     }
 
     /// The voucher's runtime, created on first use (nil: too many vouchers tracked).

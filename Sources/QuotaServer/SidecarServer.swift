@@ -107,8 +107,8 @@ public final class SidecarService: Service, Sendable {
         let recovery = Task { await recoverPreviousRun() }
         let ticker = Task { await engine.runTicker() }
         let refresher = Task { await engine.runRefresher() }
-        let recalls = RecallSubscriber(endpoint: engine.store.connection.endpoint, host: engine.config.hostID, logger: logger) { [engine] voucher in
-            engine.recall(voucher: voucher)
+        let recalls = RecallSubscriber(endpoint: engine.store.connection.endpoint, host: engine.config.hostID, logger: logger) { [engine] voucher, from in
+            engine.recall(voucher: voucher, from: from)
         }
 
         // Runs until SIGTERM/SIGINT (or the service group is cancelled).

@@ -456,8 +456,8 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     /// Another host recalled this voucher's stock.
-    func recall() {
-        event(now: monotonicNow()) { m, now, fx in m.recall(now: now, effects: &fx) }
+    func recall(from host: String?) {
+        event(now: monotonicNow()) { m, now, fx in m.recall(now: now, from: host, effects: &fx) }
     }
 
     /// The voucher is on the region's warm list: take its opening lease.

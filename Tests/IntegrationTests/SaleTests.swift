@@ -251,6 +251,11 @@ struct SaleTests {
                                               ttl: .seconds(10), gen: gen)
         #expect(own == LeaseReply.refused(.soldOut(abandoned: 0)), "\(own)")
         #expect(try await redis.store.voucher("own")?.recallMs == 0, "a host never recalls itself")
+        // A refill ahead of demand (need 0) at an empty pool recalls nobody either: nobody waits.
+        let ahead = try await redis.store.lease(voucher: "own", host: "host-c", req: "c.1", want: 5, need: 0,
+                                                ttl: .seconds(10), gen: gen)
+        #expect(ahead == LeaseReply.refused(.recalling(held: 1)), "\(ahead)")
+        #expect(try await redis.store.voucher("own")?.recallMs == 0, "no recall without a claim waiting")
         // host-b finds host-a's lease held: it is recalled, and the message says who asked.
         let sub = try await RESPClient.connect(redis.socket)
         defer { sub.close() }
