@@ -981,7 +981,8 @@ public struct VoucherMachine: Sendable {
     /// parked or waiting for the load, no cancellation in flight), no `REQ` answer within its window,
     /// not failing closed, and unused for `lease.idle_return_seconds` (by then its stock went back as
     /// idle); an unknown voucher (`missing`) at once, a failed load once its retry pause is over. A scheduled
-    /// voucher before its opening is kept (it takes its opening lease in the warm-up window).
+    /// voucher before its opening is kept (it takes its opening lease in the warm-up window), and so is one
+    /// the operator warms (`quotactl voucher warm`).
     public func isEvictable(now: Instant) -> Bool {
         guard stock.isSettled, stock.lost == nil, inFlight.isEmpty, unclaims.isEmpty, parkedHead == parked.count,
             loadWaiters.isEmpty, !loadStarted, dedupe.isEmpty
@@ -991,6 +992,9 @@ public struct VoucherMachine: Sendable {
         case .missing: return true
         case .failed(let until): return now >= until
         case .ready:
+            // Warmed by the operator (the region's warm list, read at every heartbeat): kept, or the next
+            // heartbeat would build it again and take another opening lease.
+            if warmWanted { return false }
             if let opens = stock.schedule.opensAt, now < opens { return false }
             return lastUse.map { now - $0 >= stock.policy.idleReturn } ?? true
         }

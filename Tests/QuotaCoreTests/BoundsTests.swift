@@ -174,6 +174,16 @@ struct BoundsTests {
         #expect(m.isEvictable(now: now))
     }
 
+    @Test func aVoucherTheOperatorWarmsIsKept() {
+        var r = Rig(durability: .none)
+        r.clock.advance(.seconds(3600))
+        #expect(r.m.isEvictable(now: r.clock.now), "idle, holding nothing")
+        var fx: [VoucherMachine.Effect] = []
+        r.m.warm(now: r.clock.now, effects: &fx)
+        r.clock.advance(.seconds(3600))
+        #expect(!r.m.isEvictable(now: r.clock.now), "the heartbeat would build it again and take another opening lease")
+    }
+
     @Test func aScheduledVoucherIsKeptBeforeItsOpening() throws {
         var r = Rig(durability: .none)
         var fx: [VoucherMachine.Effect] = []
