@@ -26,6 +26,8 @@ public final class SidecarEngine: Sendable {
     let startedAt = Date()
     /// This process's id in claim ids and lease request ids: start time in ms and random bits, base 36.
     let boot: String
+    /// Voucher runtimes made so far (each gets its own lease request id prefix).
+    private let runtimesMade = Atomic<Int>(0)
     /// `QUOTAD_INJECT_BUG`: a deliberate bug for the chaos checker's self-test, never in production.
     let injectedBug = ProcessInfo.processInfo.environment["QUOTAD_INJECT_BUG"]
     private let vouchers = NIOLockedValueBox<[String: VoucherRuntime]>([:])
@@ -310,8 +312,12 @@ public final class SidecarEngine: Sendable {
         let (rt, new): (VoucherRuntime?, Bool) = vouchers.withLockedValue { map in
             if let r = map[voucher] { return (r, false) }
             guard map.count < config.limits.maxVouchers else { return (nil, false) }
-            let r = VoucherRuntime(id: voucher, engine: self, policy: config.lease, rules: rules,
-                                   requestPrefix: "\(config.hostID).\(boot).")
+            // Lease request ids must never repeat within a boot: Redis answers a known id with what it got
+            // before. A runtime dropped as idle and made again starts its count afresh, so each runtime of
+            // a voucher gets its own prefix (the first one keeps the plain `host.boot.`).
+            let incarnation = runtimesMade.wrappingAdd(1, ordering: .relaxed).oldValue
+            let prefix = incarnation == 0 ? "\(config.hostID).\(boot)." : "\(config.hostID).\(boot).\(String(incarnation, radix: 36))."
+            let r = VoucherRuntime(id: voucher, engine: self, policy: config.lease, rules: rules, requestPrefix: prefix)
             map[voucher] = r
             return (r, true)
         }
