@@ -258,7 +258,9 @@ struct AccountingFaultTests {
                                  extraYAML: "redis_timeout_ms: 200\nlease: { min: 10, max: 10 }\n", durability: "journal")
         let c = try await RESPClient.connect(q.socket)
         #expect(try await c.send("CLAIM", "ll", "warm").errorCode == nil, "scripts loaded, a lease held")
-        redis.stall(0.8)
+        // Long enough that the refill (due after a few claims, slow ones on a loaded CI machine) is asked
+        // for while Redis sleeps.
+        redis.stall(2.5)
         try await Task.sleep(for: .milliseconds(100))
         // The refill lease request times out while Redis sleeps; Redis executes it afterwards.
         let r = try await claimUntilSoldOut(c, voucher: "ll", user: "u", maxUnavailable: 10_000)

@@ -149,7 +149,7 @@ struct SaleTests {
         let redis = try await RedisServer()
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "held", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
-        let yaml = "lease: { ttl: 2, safety_margin: 0.5, min: 30, max: 30 }\nlimits: { tail_wait_ms: 300 }\n"
+        let yaml = "lease: { ttl: 8, safety_margin: 0.5, min: 30, max: 30 }\nlimits: { tail_wait_ms: 300 }\n"
         let a = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: yaml, durability: "journal")
         let b = try await Quotad(redis: redis, dir: dir, host: "host-b", extraYAML: yaml, durability: "journal")
         let ca = try await RESPClient.connect(a.socket)
@@ -170,7 +170,7 @@ struct SaleTests {
         // host-a holds up to 29 unserved tokens: not SOLDOUT while its lease may still serve or return them.
         #expect(last.errorCode == "UNAVAILABLE", "\(last)")
         #expect(last.errorMessage?.contains("being recalled") == true, "\(last)")
-        try await eventually("SOLDOUT once host-a's lease is 3 s past its expiry", timeout: .seconds(20)) {
+        try await eventually("SOLDOUT once host-a's lease is 3 s past its expiry", timeout: .seconds(40)) {
             let v = try await cb.send("CLAIM", "held", "b-late")
             if v.errorCode == nil { sold += 1 }
             return v.errorCode == "SOLDOUT" && v.errorMessage?.contains("await reconciliation") == true
