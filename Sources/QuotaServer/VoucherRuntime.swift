@@ -29,6 +29,8 @@ final class VoucherRuntime: @unchecked Sendable {
     private var lostReason: String?
     /// Dropped from the engine's registry (idle, or an unknown voucher): requests must look it up again.
     private var evicted = false
+    /// The effects buffer of `handle`, kept (emptied, with its capacity) between claims: no allocation per claim.
+    private var scratch: [VoucherMachine.Effect] = []
 
     init(id: String, engine: SidecarEngine, policy: LeasePolicy, rules: ClaimRules, requestPrefix: String) {
         self.id = id
@@ -54,12 +56,13 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// Nil: this runtime was evicted since it was looked up; look the voucher up again.
     func handle(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop) -> Outcome? {
-        var fx: [VoucherMachine.Effect] = []
         lock.lock()
         if evicted {
             lock.unlock()
             return nil
         }
+        var fx = scratch
+        scratch = []
         let ticket = nextTicket
         nextTicket &+= 1
         let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx)
@@ -70,6 +73,8 @@ final class VoucherRuntime: @unchecked Sendable {
             later = p.futureResult
         }
         let deferred = performLocked(fx)
+        fx.removeAll(keepingCapacity: true)
+        scratch = fx
         lock.unlock()
         perform(deferred)
         if let later { return .later(later) }
@@ -154,6 +159,10 @@ final class VoucherRuntime: @unchecked Sendable {
                 pipeline.append(.claim(c)) { [self] ok, _ in
                     event(now: monotonicNow()) { m, now, fx in m.cancelRecorded(ref, ok: ok, now: now, effects: &fx) }
                 }
+            case .remember(let c, let seq):
+                // Done here, not deferred: the claim book has its own striped locks and calls nothing back,
+                // and a claim answered at once then needs no deferred list at all.
+                engine.claimBook.add(c, seq: seq)
             case .releaseUser(let c, let t?):
                 if let p = promises.removeValue(forKey: t) { out.append(.releaseThenOK(c, p)) } else { out.append(.effect(e)) }
             case .lease, .renew, .giveBack, .load:
