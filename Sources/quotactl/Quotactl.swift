@@ -118,8 +118,10 @@ struct VoucherJSON: Codable {
         per_user = r.perUser
         leased = r.leased
         returned = r.returned
-        leases_outstanding = leases.count
-        tokens_outstanding = leases.reduce(0) { $0 + $1.granted - $1.returned }
+        // Open leases only: closed ones stay listed (until archived) but hold nothing.
+        let open = leases.filter { $0.state == .open }
+        leases_outstanding = open.count
+        tokens_outstanding = open.reduce(0) { $0 + $1.outstanding }
         var p: [String: Double] = [:]
         if let v = r.policy.min { p["min"] = Double(v) }
         if let v = r.policy.max { p["max"] = Double(v) }
