@@ -634,47 +634,28 @@ final class ConnectionHandler: ChannelDuplexHandler {
         return .now(.err("invalid voucher id '\(v.prefix(64))': use 1-64 of A-Z a-z 0-9 _ . : -"))
     }
 
-    /// `CLAIM voucher user [QTY n]`
+    /// `CLAIM voucher user [QTY n] [REQ id]`: the stateless checks are `ClaimArguments.parse` (fuzzed in Fuzz/).
     private func claim(_ a: [ByteBuffer], loop: any EventLoop) -> Outcome {
-        guard a.count >= 3 else {
-            return arity("CLAIM")
+        let c: ClaimArguments
+        switch ClaimArguments.parse(a, maxQty: engine.config.limits.maxQty, isValidVoucher: QuotaStore.isValidVoucherID) {
+        case .success(let parsed): c = parsed
+        case .failure(.arity): return arity("CLAIM")
+        case .failure(.syntax(let m)): return syntax(m)
+        case .failure(.badVoucher(let v)): return badVoucher(v)
         }
-        var qty = 1
-        var req: String?
-        var i = 3
-        while i < a.count {
-            if a[i].equalsUppercased("QTY") {
-                guard i + 1 < a.count else { return syntax("QTY needs a value") }
-                guard let n = a[i + 1].parsePositiveInt(), n >= 1, n <= engine.config.limits.maxQty else {
-                    return syntax("QTY must be an integer from 1 to \(engine.config.limits.maxQty)")
-                }
-                qty = n
-                i += 2
-            } else if a[i].equalsUppercased("REQ") {
-                guard i + 1 < a.count else { return syntax("REQ needs a request id") }
-                guard a[i + 1].readableBytes >= 1, a[i + 1].readableBytes <= 128 else {
-                    return syntax("REQ request id must be 1-128 bytes")
-                }
-                // Ids are compared as bytes; bytes that are not UTF-8 would not survive the journal and the
-                // JSON events as themselves (two such ids would become one string), so they are refused.
-                guard let r = Self.utf8(a[i + 1]) else { return syntax("REQ request id must be valid UTF-8") }
-                req = r
-                i += 2
-            } else {
-                return syntax("unknown CLAIM option '\(String(buffer: a[i]).prefix(32))' (expected QTY n or REQ id)")
-            }
-        }
-        let v = String(buffer: a[1])
-        guard QuotaStore.isValidVoucherID(v) else { return badVoucher(v) }
-        guard a[2].readableBytes > 0, a[2].readableBytes <= 256 else {
-            return syntax("user id must be 1-256 bytes")
-        }
-        guard let user = Self.utf8(a[2]) else { return syntax("user id must be valid UTF-8") }
-        if req == nil && engine.config.claims.requireReq {
+        if c.req == nil && engine.config.claims.requireReq {
             return syntax("REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
                           + "for every retry of one claim")
         }
-        return engine.request(.claim(qty: qty, user: user, req: req), voucher: v, loop: loop)
+        // Ids are compared as bytes; bytes that are not UTF-8 would not survive the journal and the JSON
+        // events as themselves (two such ids would become one string), so they are refused.
+        guard let user = Self.utf8(c.user) else { return syntax("user id must be valid UTF-8") }
+        var req: String?
+        if let r = c.req {
+            guard let s = Self.utf8(r) else { return syntax("REQ request id must be valid UTF-8") }
+            req = s
+        }
+        return engine.request(.claim(qty: c.qty, user: user, req: req), voucher: c.voucher, loop: loop)
     }
 
     /// The argument as a string if it is valid UTF-8 (ASCII, the common case, is checked first).
