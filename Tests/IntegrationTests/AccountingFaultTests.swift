@@ -255,8 +255,9 @@ struct AccountingFaultTests {
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "ll", limit: 50, perUser: 0, totalLimit: 50, region: "sg")
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
-                                 extraYAML: "redis_timeout_ms: 200\nlease: { min: 10, max: 10 }\n", durability: "journal")
+                                 extraYAML: "redis_timeout_ms: 200\nlease: { min: 1, max: 1 }\n", durability: "journal")
         let c = try await RESPClient.connect(q.socket)
+        // Leases of one token: every claim asks Redis, so the stall below meets a lease request for sure.
         #expect(try await c.send("CLAIM", "ll", "warm").errorCode == nil, "scripts loaded, a lease held")
         // Long enough that the refill (due after a few claims, slow ones on a loaded CI machine) is asked
         // for while Redis sleeps.

@@ -62,22 +62,24 @@ struct SaleTests {
     @Test func claimsOutsideTheScheduleAreInactiveAndTheEndReturnsEveryLease() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
-        let (st, out) = try await quotactl(["voucher", "create", "timed", "--limit", "100", "--start", "+3s", "--end", "+10s",
-                                            "--redis", redis.url])
-        #expect(st == 0, "\(out)")
+        // The sidecar is up and connected before the sale is created, and the opening is far enough ahead
+        // that the first claim comes before it even on a loaded CI machine.
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal")
         let c = try await RESPClient.connect(q.socket)
         defer { c.close() }
+        let (st, out) = try await quotactl(["voucher", "create", "timed", "--limit", "100", "--start", "+8s", "--end", "+16s",
+                                            "--redis", redis.url])
+        #expect(st == 0, "\(out)")
         let early = try await c.send("CLAIM", "timed", "u1", "REQ", "early")
         #expect(early.errorCode == "INACTIVE", "\(early)")
         #expect(early.errorMessage?.contains("sale not started: opens at") == true, "\(early)")
         #expect(try await c.send("AVAIL", "timed") == .integer(100), "AVAIL works before the opening")
-        try await eventually("the sale opens", timeout: .seconds(10)) {
+        try await eventually("the sale opens", timeout: .seconds(20)) {
             try await c.send("CLAIM", "timed", "u1", "REQ", "r-\(UUID())").errorCode == nil
         }
         for i in 0..<9 { #expect(try await c.send("CLAIM", "timed", "u\(i)").errorCode == nil) }
         var sold = 10
-        try await eventually("the sale ends", timeout: .seconds(15)) {
+        try await eventually("the sale ends", timeout: .seconds(25)) {
             let v = try await c.send("CLAIM", "timed", "late")
             if v.errorCode == nil { sold += 1 }
             return v.errorMessage?.contains("sale ended at") == true
