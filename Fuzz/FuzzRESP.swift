@@ -141,7 +141,7 @@ func maxPendingBytes(_ l: RESPLimits) -> Int {
 }
 
 /// Read sizes derived from the input (FNV-1a seeded PRNG): a short input is cut into reads of 1-5 bytes
-/// (sometimes more), a long one at up to 64 random places (every read re-parses the pending frame, so
+/// (sometimes more), a long one at up to 32 random places (every read re-parses the pending frame, so
 /// more cuts would make long inputs quadratic).
 func chunkSizes(_ bytes: [UInt8]) -> [Int] {
     var h: UInt64 = 0xcbf2_9ce4_8422_2325
@@ -162,7 +162,7 @@ func chunkSizes(_ bytes: [UInt8]) -> [Int] {
         return sizes
     }
     var cuts = Set<Int>()
-    for _ in 0..<64 { cuts.insert(1 + next() % (bytes.count - 1)) }
+    for _ in 0..<32 { cuts.insert(1 + next() % (bytes.count - 1)) }
     var sizes: [Int] = []
     var last = 0
     for c in cuts.sorted() + [bytes.count] {
