@@ -938,6 +938,7 @@ public struct VoucherMachine: Sendable {
             stock.returned(r, applied: n)
             if r.close { fx.append(.journal(.leaseClosed(closeRecord(r)))) }
         case .gone:
+            stock.returnGone(r)
             fx.append(.journal(.leaseClosed(closeRecord(r))))
         case .failed:
             stock.returnFailed(r)

@@ -833,6 +833,11 @@ public struct VoucherStock: Sendable {
         counters.tokensReturned += applied
     }
 
+    /// Redis said the lease of a return is already closed or not this host's: nothing changed, nothing to retry.
+    public mutating func returnGone(_ r: ReturnRequest) {
+        returnsOut = max(0, returnsOut - 1)
+    }
+
     /// A return could not be sent: keep it for the next attempt.
     public mutating func returnFailed(_ r: ReturnRequest) {
         returnsOut = max(0, returnsOut - 1)
