@@ -3,37 +3,64 @@ public struct ClaimEvent: Sendable, Equatable {
     /// `claimed` and `unclaimed` are shipped to Kafka; `intent` (a claim waiting for its per-user
     /// check) stays in the journal, so a crash between the check and the claim can be undone.
     public enum Kind: UInt8, Sendable { case claimed = 1, unclaimed = 2, intent = 3 }
-    public var kind: Kind
-    public var claimID: String
-    public var voucher: String
-    public var user: String
-    public var qty: Int
-    public var region: String
-    public var host: String
+
+    /// The fields, in one heap box shared by copies (copy-on-write). An event is copied several times
+    /// per claim (the machine's effects, the journal, the UNCLAIM book, the Kafka queue); inline, each
+    /// copy retained and released its six strings and its shares array (measured: issue 13, README).
+    private final class Box: @unchecked Sendable {
+        // Mutated only through `ClaimEvent.fields`'s `_modify`, which copies a box that is shared.
+        var f: Fields
+        init(_ f: Fields) { self.f = f }
+    }
+
+    private struct Fields: Equatable {
+        var kind: Kind
+        var claimID: String
+        var voucher: String
+        var user: String
+        var qty: Int
+        var region: String
+        var host: String
+        var shares: [ClaimShare]
+        var tsMs: Int64
+        var req: String?
+        var toPool: UInt64
+    }
+
+    private var box: Box
+
+    private var fields: Fields {
+        get { box.f }
+        _modify {
+            if !isKnownUniquelyReferenced(&box) { box = Box(box.f) }
+            yield &box.f
+        }
+    }
+
+    public var kind: Kind { get { box.f.kind } set { fields.kind = newValue } }
+    public var claimID: String { get { box.f.claimID } set { fields.claimID = newValue } }
+    public var voucher: String { get { box.f.voucher } set { fields.voucher = newValue } }
+    public var user: String { get { box.f.user } set { fields.user = newValue } }
+    public var qty: Int { get { box.f.qty } set { fields.qty = newValue } }
+    public var region: String { get { box.f.region } set { fields.region = newValue } }
+    public var host: String { get { box.f.host } set { fields.host = newValue } }
     /// Which lease served how many of the claim's tokens (their sum is `qty`).
-    public var shares: [ClaimShare]
-    public var tsMs: Int64
+    public var shares: [ClaimShare] { get { box.f.shares } set { fields.shares = newValue } }
+    public var tsMs: Int64 { get { box.f.tsMs } set { fields.tsMs = newValue } }
     /// The client's request id (`CLAIM … REQ id`), journal only.
-    public var req: String?
+    public var req: String? { get { box.f.req } set { fields.req = newValue } }
     /// Cancellations only: bit `i` set means share `i` went back to the region pool (a restock,
     /// because its lease was no longer held open on this host); clear means it went back to its
     /// lease, which was still open here. See docs/accounting.md.
-    public var toPool: UInt64
+    public var toPool: UInt64 { get { box.f.toPool } set { fields.toPool = newValue } }
 
     public init(kind: Kind = .claimed, claimID: String, voucher: String, user: String, qty: Int, region: String,
                 host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
-        self.req = req
-        self.kind = kind
-        self.claimID = claimID
-        self.voucher = voucher
-        self.user = user
-        self.qty = qty
-        self.region = region
-        self.host = host
-        self.shares = shares
-        self.tsMs = tsMs
-        self.toPool = toPool
+        box = Box(Fields(kind: kind, claimID: claimID, voucher: voucher, user: user, qty: qty, region: region,
+                         host: host, shares: shares, tsMs: tsMs, req: req, toPool: toPool))
     }
+
+    public static func == (a: ClaimEvent, b: ClaimEvent) -> Bool { a.box === b.box || a.box.f == b.box.f }
 
     /// Most shares one claim may have (the journal refuses more when decoding).
     public static let maxShares = 64
@@ -200,5 +227,32 @@ enum JSON {
             }
         }
         s += "\""
+    }
+}
+
+extension ClaimEvent {
+    /// `prefix` then `seq` in lowercase base 36 (the same text as `prefix + String(seq, radix: 36)`),
+    /// written into one new string: a claim id costs one allocation, not three.
+    public static func claimID(prefix: String, seq: Int) -> String {
+        precondition(seq >= 0, "claim sequence numbers are never negative")
+        let alphabet: StaticString = "0123456789abcdefghijklmnopqrstuvwxyz"
+        var digits = 1
+        var v = seq
+        while v >= 36 { v /= 36; digits += 1 }
+        let head = prefix.utf8.count
+        return String(unsafeUninitializedCapacity: head + digits) { out in
+            var i = 0
+            for b in prefix.utf8 { out[i] = b; i += 1 }
+            var n = seq
+            var j = head + digits - 1
+            alphabet.withUTF8Buffer { a in
+                repeat {
+                    out[j] = a[n % 36]
+                    n /= 36
+                    j -= 1
+                } while n > 0
+            }
+            return head + digits
+        }
     }
 }

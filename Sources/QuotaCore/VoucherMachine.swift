@@ -118,7 +118,7 @@ public struct VoucherMachine: Sendable {
         case lease(LeaseRequest)
         /// Journal a lease grant durably before anything is served from it; answer with
         /// ``grantRecorded(_:request:ok:now:effects:)``.
-        case recordGrant(JournalRecord, LeaseGrant, LeaseRequest)
+        indirect case recordGrant(JournalRecord, LeaseGrant, LeaseRequest)
         /// Renew a lease; answer with ``renewAnswered(_:outcome:sentAt:now:effects:)``.
         case renew(String)
         /// Send a return; answer with ``returnAnswered(_:outcome:now:effects:)``.
@@ -450,7 +450,7 @@ public struct VoucherMachine: Sendable {
     private mutating func granted(_ shares: [ClaimShare], qty: Int, user: String, req: String?, ticket: Ticket,
                                   now: Instant, _ fx: inout [Effect]) -> Answer? {
         let seq = nextSeq()
-        let event = ClaimEvent(claimID: rules.idPrefix + String(seq, radix: 36), voucher: voucher, user: user, qty: qty,
+        let event = ClaimEvent(claimID: ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq), voucher: voucher, user: user, qty: qty,
                                region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
         var flight = InFlight(event: event, ticket: ticket, deadline: now + rules.claimTimeout, stage: .recording,
                               pinned: needsFlight)
