@@ -1,67 +1,164 @@
 #!/usr/bin/env bash
-# Issue-2 figures in one run (release build): claims/s of one quotad under redis-benchmark
-# beside redis-server's own INCR and an EVALSHA claim script; Redis commands per claim; quotad RSS.
+# The claim path's cost in one run (release build), issues 2 and 13: requests/s and the serving
+# process's CPU time per request (user + system from /proc/PID/stat) under redis-benchmark, for
+# redis-server's own INCR, a claim as one EVALSHA script on one hot key, and quotad's CLAIM in each
+# durability mode (journal and kafka ship to a Tansu broker on the same box), with a per-user limit,
+# and (BASE_BIN=dir) an older quotad build side by side. Then one unpipelined connection: p50 of a
+# raw Unix-socket round trip (a 20-line C echo server) against quotad's CLAIM. Rounds are interleaved
+# and medians reported: the machine is noisy.
+#
+#   scripts/bench-core.sh                          # N=1000000 C=50 P=16 ROUNDS=3
+#   BASE_BIN=/tmp/old/.build/release scripts/bench-core.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${N:-2000000}
+source scripts/kafka-env.sh
+N=${N:-1000000}
 C=${C:-50}
 P=${P:-16}
+ROUNDS=${ROUNDS:-3}
 BIN=${BIN:-.build/release}
+BASE_BIN=${BASE_BIN:-}
 source scripts/lib.sh
 qd_init quotad-bench
 qd_start_redis
-R="redis-cli -s $T/redis.sock"
+qd_start_tansu
+# The baselines run on their own redis-server without AOF (their best case: no fsync per write);
+# quotad's Redis is durable as it requires (AOF, fsync always), but quotad calls it ~0.001 times per claim.
+redis-server --port 0 --unixsocket "$T/base.sock" --save "" --appendonly no --dir "$T" --logfile "$T/base.log" &
+rpid=$!
+pids+=($rpid)
+qd_wait_sock "$T/base.sock"
+R="redis-cli -s $T/base.sock"
 
-rps() { grep -oE '[0-9.]+ requests per second' | tail -1 | cut -d' ' -f1; }
+rps() { tr '\r' '\n' | grep -oE '[0-9.]+ requests per second' | tail -1 | cut -d' ' -f1; }
+p50() { tr '\r' '\n' | grep -oE 'p50=[0-9.]+' | tail -1 | cut -d= -f2; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
 
-$R set bench:stock 1000000000 >/dev/null
+$R set bench:stock 1000000000000 >/dev/null
 sha=$($R script load "local s = tonumber(redis.call('GET', KEYS[1])) if s and s > 0 then redis.call('DECR', KEYS[1]) return 1 end return 0")
-$BIN/quotactl voucher create bench --limit 1000000000 --redis "unix://$T/redis.sock" >/dev/null
-cat > "$T/q.yaml" <<YAML
-host_id: bench-host
+$BIN/quotactl voucher create bench --limit 1000000000000 --redis "unix://$T/redis.sock" >/dev/null
+$BIN/quotactl voucher create benchu --limit 1000000000000 --per-user 1000000000 --redis "unix://$T/redis.sock" >/dev/null
+
+# One quotad per row, all running for the whole benchmark (each its own socket, journal and topic).
+declare -A QPID QSOCK
+start_quotad() { # name bin durability
+  local name=$1 bin=$2 mode=$3
+  cat > "$T/$name.yaml" <<YAML
+host_id: bench-$name
 region: sg
 regions:
   sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/quotad.sock }
-durability: none
+socket: { path: $T/$name.sock }
+durability: $mode
+journal: { dir: $T/journal-$name }
+kafka: { brokers: "127.0.0.1:$KPORT", topic: bench.$name }
 log_level: warning
 ${EXTRA_YAML:-}
 YAML
-$BIN/quotad --config "$T/q.yaml" 2>"$T/quotad.log" &
-qpid=$!
-pids+=($qpid)
-qd_wait_sock "$T/quotad.sock"
-# The three are interleaved over ROUNDS rounds and the medians reported (the machine is noisy):
-# redis-server's own INCR (one Redis round trip per claim at best), a claim as one Lua script on
-# one hot key (the design quotad replaces), and quotad's CLAIM.
-incrs=(); evals=(); claims=()
-calls=0; sent=0; ok=0
-for round in $(seq "${ROUNDS:-3}"); do
-  incrs+=($(redis-benchmark -s "$T/redis.sock" -n "$N" -c "$C" -P "$P" -q INCR bench:counter 2>/dev/null | rps))
-  evals+=($(redis-benchmark -s "$T/redis.sock" -n "$N" -c "$C" -P "$P" -q EVALSHA "$sha" 1 bench:stock 2>/dev/null | rps))
-  $R config resetstat >/dev/null
-  s0=$(redis-cli -s "$T/quotad.sock" info stats | tr -d '\r')
-  claims+=($(redis-benchmark -s "$T/quotad.sock" -n "$N" -c "$C" -P "$P" -q CLAIM bench user 2>/dev/null | rps))
-  s1=$(redis-cli -s "$T/quotad.sock" info stats | tr -d '\r')
-  calls=$((calls + $($R info commandstats | tr -d '\r' | grep -oE 'calls=[0-9]+' | cut -d= -f2 | paste -sd+ | bc)))
-  d() { echo $(( $(echo "$s1" | grep "^$1:" | cut -d: -f2) - $(echo "$s0" | grep "^$1:" | cut -d: -f2) )); }
-  sent=$((sent + $(d redis_commands))); ok=$((ok + $(d claims_ok)))
-done
-median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-incr=$(median "${incrs[@]}"); evalsha=$(median "${evals[@]}"); claim=$(median "${claims[@]}")
-leases=$(redis-cli -s "$T/quotad.sock" info stats | tr -d '\r' | grep '^leases_taken:' | cut -d: -f2)
-rss=$(awk '/VmRSS/ {print $2}' /proc/$qpid/status)
-hwm=$(awk '/VmHWM/ {print $2}' /proc/$qpid/status)
+  "$bin/quotad" --config "$T/$name.yaml" 2>>"$T/quotad-$name.log" &
+  QPID[$name]=$!
+  pids+=($!)
+  QSOCK[$name]=$T/$name.sock
+  qd_wait_sock "$T/$name.sock"
+}
+rows=(none journal kafka peruser)
+start_quotad none "$BIN" none
+start_quotad journal "$BIN" journal
+start_quotad kafka "$BIN" kafka
+start_quotad peruser "$BIN" none
+if [ -n "$BASE_BIN" ]; then start_quotad base "$BASE_BIN" none; rows+=(base); fi
 
-printf "\nredis-benchmark -n %s -c %s -P %s, medians of %s interleaved rounds, %s cores, %s\n\n" "$N" "$C" "$P" "${ROUNDS:-3}" "$(nproc)" "$(date -u +%Y-%m-%d)"
-printf "| what | requests/s | quotad CLAIM / this |\n|---|---:|---:|\n"
-printf "| quotad \`CLAIM bench user\` (Unix socket) | %.0f | 1.00 |\n" "$claim"
-printf "| redis-server \`INCR\` | %.0f | %.2f |\n" "$incr" "$(echo "$claim / $incr" | bc -l)"
-printf "| redis-server \`EVALSHA\` claim script, one hot key | %.0f | %.2f |\n" "$evalsha" "$(echo "$claim / $evalsha" | bc -l)"
-printf "\nper round: quotad %s | INCR %s | EVALSHA %s\n" "${claims[*]}" "${incrs[*]}" "${evals[*]}"
-printf "claims ok %s, leases taken %s\n" "$ok" "$leases"
-printf "Redis commands sent by quotad (round trips, incl. 1 s refreshes): %s => %.6f per claim\n" \
-  "$sent" "$(echo "$sent / $ok" | bc -l)"
-printf "Redis command executions (INFO commandstats, incl. commands inside Lua): %s => %.6f per claim\n" \
-  "$calls" "$(echo "$calls / $ok" | bc -l)"
-printf "quotad RSS %s kB (peak %s kB)\n" "$rss" "$hwm"
+# A raw Unix-socket round trip: read whatever came, answer +OK (one command per read when unpipelined).
+cat > "$T/echo.c" <<'C'
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+  int s = socket(AF_UNIX, SOCK_STREAM, 0);
+  struct sockaddr_un a = {0};
+  a.sun_family = AF_UNIX;
+  strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
+  if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 64)) return 1;
+  for (;;) {
+    int c = accept(s, 0, 0);
+    if (c < 0) continue;
+    if (fork() == 0) {
+      char buf[65536];
+      ssize_t n;
+      while ((n = read(c, buf, sizeof buf)) > 0) if (write(c, "+OK\r\n", 5) != 5) break;
+      _exit(0);
+    }
+    close(c);
+  }
+}
+C
+cc -O2 -o "$T/echo" "$T/echo.c"
+"$T/echo" "$T/echo.sock" &
+pids+=($!)
+qd_wait_sock "$T/echo.sock"
+
+# Warm-up: leases sized, Kafka producers connected.
+for r in "${rows[@]}"; do
+  v=bench; args="CLAIM bench user"
+  [ "$r" = peruser ] && args="CLAIM benchu u:__rand_int__"
+  redis-benchmark -s "${QSOCK[$r]}" -n 200000 -c "$C" -P "$P" -r 1000000000 -q $args >/dev/null 2>&1
+done
+
+# run NAME PID SOCKET ARGS...: appends "rps cpu_us_per_request" to $T/res.NAME
+run() {
+  local name=$1 pid=$2 sock=$3; shift 3
+  local t0 t1 out
+  t0=$(ticks "$pid")
+  out=$(redis-benchmark -s "$sock" -n "$N" -c "$C" -P "$P" -r 1000000000 -q "$@" 2>/dev/null | rps)
+  t1=$(ticks "$pid")
+  echo "$out $(echo "($t1 - $t0) * 1000000 / $hz / $N" | bc -l)" >> "$T/res.$name"
+}
+for round in $(seq "$ROUNDS"); do
+  run incr "$rpid" "$T/base.sock" INCR bench:counter
+  run evalsha "$rpid" "$T/base.sock" EVALSHA "$sha" 1 bench:stock
+  for r in "${rows[@]}"; do
+    if [ "$r" = peruser ]; then run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM benchu u:__rand_int__
+    else run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM bench user; fi
+  done
+done
+# Unpipelined, one connection: p50 of each (redis-benchmark reports it in ms, 3 decimals).
+for round in $(seq "$ROUNDS"); do
+  echo "$(redis-benchmark -s "$T/echo.sock" -n 100000 -c 1 -P 1 -q PING_INLINE 2>/dev/null | p50)" >> "$T/p50.echo"
+  echo "$(redis-benchmark -s "${QSOCK[none]}" -n 100000 -c 1 -P 1 -q CLAIM bench user 2>/dev/null | p50)" >> "$T/p50.claim"
+  echo "$(redis-benchmark -s "$T/base.sock" -n 100000 -c 1 -P 1 -q INCR bench:counter 2>/dev/null | p50)" >> "$T/p50.incr"
+done
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+col() { cut -d' ' -f"$2" "$T/res.$1" | median; }
+rss=$(awk '/VmRSS/ {print $2}' "/proc/${QPID[none]}/status")
+incr_cpu=$(col incr 2)
+none_rps=$(col none 1)
+
+printf "\nredis-benchmark -n %s -c %s -P %s, medians of %s interleaved rounds, %s cores, %s\n\n" "$N" "$C" "$P" "$ROUNDS" "$(nproc)" "$(date -u +%Y-%m-%d)"
+printf "| what | requests/s | server CPU µs per request | CPU / redis INCR |\n|---|---:|---:|---:|\n"
+row() { # label name
+  printf "| %s | %.0f | %.2f | %.1f× |\n" "$1" "$(col "$2" 1)" "$(col "$2" 2)" "$(echo "$(col "$2" 2) / $incr_cpu" | bc -l)"
+}
+row "redis-server \`INCR\` (no AOF)" incr
+row "redis-server \`EVALSHA\` claim script, one hot key (no AOF)" evalsha
+row "quotad \`CLAIM\`, durability \`none\`" none
+row "quotad \`CLAIM\`, durability \`journal\` (ships to Tansu)" journal
+row "quotad \`CLAIM\`, durability \`kafka\` (Tansu)" kafka
+row "quotad \`CLAIM\`, \`none\`, per-user limit, a random user per claim" peruser
+[ -n "$BASE_BIN" ] && row "quotad \`CLAIM\`, \`none\`, BASE_BIN ($BASE_BIN)" base
+printf "\nper round (requests/s, CPU µs):\n"
+for f in incr evalsha "${rows[@]}"; do printf "  %-8s %s\n" "$f" "$(tr '\n' ' ' < "$T/res.$f")"; done
+printf "\nper-user limit / none, requests/s: %.2f\n" "$(echo "$(col peruser 1) / $none_rps" | bc -l)"
+printf "journal / EVALSHA, requests/s: %.2f\n" "$(echo "$(col journal 1) / $(col evalsha 1)" | bc -l)"
+[ -n "$BASE_BIN" ] && printf "this build / BASE_BIN, CPU per claim: %.3f, requests/s: %.3f\n" \
+  "$(echo "$(col none 2) / $(col base 2)" | bc -l)" "$(echo "$none_rps / $(col base 1)" | bc -l)"
+e=$(median < "$T/p50.echo"); c=$(median < "$T/p50.claim"); i=$(median < "$T/p50.incr")
+printf "one unpipelined connection, p50 ms: raw socket echo %s, redis INCR %s, quotad CLAIM %s (%.2f× the echo)\n" \
+  "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"
+leases=$(redis-cli -s "${QSOCK[none]}" info stats | tr -d '\r' | grep '^leases_taken:' | cut -d: -f2)
+sent=$(redis-cli -s "${QSOCK[none]}" info stats | tr -d '\r' | grep '^redis_commands:' | cut -d: -f2)
+ok=$(redis-cli -s "${QSOCK[none]}" info stats | tr -d '\r' | grep '^claims_ok:' | cut -d: -f2)
+printf "quotad (none): %s claims, %s leases, %s Redis commands sent => %.6f per claim; RSS %s kB\n" \
+  "$ok" "$leases" "$sent" "$(echo "$sent / $ok" | bc -l)" "$rss"
