@@ -241,8 +241,13 @@ extension ClaimEvent {
         while v >= 36 { v /= 36; digits += 1 }
         let head = prefix.utf8.count
         return String(unsafeUninitializedCapacity: head + digits) { out in
-            var i = 0
-            for b in prefix.utf8 { out[i] = b; i += 1 }
+            let copied: Void? = prefix.utf8.withContiguousStorageIfAvailable { p in
+                if let from = p.baseAddress, let to = out.baseAddress { to.update(from: from, count: p.count) }
+            }
+            if copied == nil {
+                var i = 0
+                for b in prefix.utf8 { out[i] = b; i += 1 }
+            }
             var n = seq
             var j = head + digits - 1
             alphabet.withUTF8Buffer { a in
