@@ -220,8 +220,17 @@ public struct SidecarConfig: Sendable {
             }
             let tcp = url.hasPrefix("redis://") && url.count > "redis://".count
             let unix = (url.hasPrefix("unix:///") && url.count > "unix:///".count) || (url.hasPrefix("/") && url.count > 1)
-            guard tcp || unix else {
-                throw ConfigError(key: one.key("redis"), "must be redis://HOST:PORT or unix:///PATH, got '\(url)'")
+            // A Redis Cluster: seed nodes, each HOST:PORT, unix:///PATH or /PATH.
+            let cluster = url.hasPrefix("redis-cluster://")
+                && url.dropFirst("redis-cluster://".count).split(separator: ",", omittingEmptySubsequences: false).allSatisfy {
+                    let seed = String($0.filter { $0 != " " })
+                    if seed.hasPrefix("/") || seed.hasPrefix("unix:///") { return seed.count > 1 && seed != "unix:///" }
+                    let hp = seed.split(separator: ":", omittingEmptySubsequences: false)
+                    return hp.count == 2 && !hp[0].isEmpty && (Int(hp[1]).map { $0 > 0 && $0 < 65536 } ?? false)
+                }
+            guard tcp || unix || cluster else {
+                throw ConfigError(key: one.key("redis"),
+                                  "must be redis://HOST:PORT, unix:///PATH or redis-cluster://HOST:PORT,HOST:PORT,…, got '\(url)'")
             }
             regions[name] = url
             try one.finish()
@@ -231,8 +240,10 @@ public struct SidecarConfig: Sendable {
             throw ConfigError(key: "regions.\(region).redis", "is required: the Redis of this host's region '\(region)'")
         }
         let host = try r.string("host_id") ?? defaultHostID
-        guard !host.isEmpty, host.utf8.count <= 64, !host.contains("|"), !host.contains(" ") else {
-            throw ConfigError(key: "host_id", "must be 1-64 characters without '|' or spaces")
+        // The id is written into Redis records (`host|…`), recall messages (`quota:{ID}|host`) and claim
+        // ids (`host.boot.seq`): the characters of a voucher id keep every one of them parseable.
+        guard !host.isEmpty, host.utf8.count <= 64, host.utf8.allSatisfy(Self.isIDByte) else {
+            throw ConfigError(key: "host_id", "must be 1-64 of A-Z a-z 0-9 _ . : - (got '\(host.prefix(80))')")
         }
         var c = SidecarConfig(hostID: host, region: region, regions: regions)
 
@@ -392,5 +403,12 @@ public struct SidecarConfig: Sendable {
             throw ConfigError(key: "kafka.brokers", "is required with durability: kafka")
         }
         return c
+    }
+}
+
+extension SidecarConfig {
+    /// A byte allowed in a host id: A-Z a-z 0-9 _ . : - (the voucher id alphabet).
+    static func isIDByte(_ c: UInt8) -> Bool {
+        (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 95 || c == 46 || c == 58 || c == 45
     }
 }

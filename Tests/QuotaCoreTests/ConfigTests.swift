@@ -57,6 +57,10 @@ struct ConfigTests {
         #expect(errorKey(minimal + "\nlimits: { max_qty: -3 }") == "limits.max_qty")
         #expect(errorKey("region: [1, 2]") == "region")
         #expect(errorKey("region: sg\nregions: { sg: { redis: localhost } }") == "regions.sg.redis")
+        // Host ids go into Redis records, recall messages and claim ids: only the voucher id alphabet.
+        for bad in ["\"a}b\"", "\"a|b\"", "\"a b\"", "\"a{b\"", "\"hôst\"", String(repeating: "h", count: 65)] {
+            #expect(errorKey(minimal.replacingOccurrences(of: "host_id: host-a", with: "host_id: \(bad)")) == "host_id", "\(bad)")
+        }
     }
 
     @Test func featuresNotBuiltYetAreRefusedNotIgnored() throws {
