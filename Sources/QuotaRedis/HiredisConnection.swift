@@ -271,6 +271,7 @@ public final class HiredisConnection: @unchecked Sendable {
         switch endpoint {
         case .unix(let path): ctx = redisConnectUnixWithTimeout(path, timeval(timeout))
         case .tcp(let host, let port): ctx = redisConnectWithTimeout(host, Int32(port), timeval(timeout))
+        case .cluster: return .failure(OpenError(message: "\(endpoint) is a Redis Cluster: connect to one of its nodes"))
         }
         guard let ctx else { return .failure(OpenError(message: "cannot allocate hiredis context")) }
         if ctx.pointee.err != 0 {

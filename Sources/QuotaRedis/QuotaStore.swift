@@ -112,16 +112,24 @@ public enum RestockReply: Sendable, Equatable {
 /// (zset: live sidecars by last heartbeat; expires a day after the last), `quota:{region}:warm` (zset:
 /// vouchers to warm, by when; owned by `quotactl voucher warm`, entries pruned after a day, expires),
 /// `quota:{ID}:rates` (hash: each host's claim rate, for `quotactl lease advise`; expires after 60 s).
+///
+/// On a Redis Cluster (`redis-cluster://` URLs) every script's keys share one slot: a voucher's keys
+/// its `{ID}` tag, a per-user group's its `{ID:g}` tag, the region's hosts and warm list `{region}`;
+/// a per-user batch is split by slot (one script call per slot, pipelined per node).
 public final class QuotaStore: Sendable {
-    public let connection: HiredisConnection
+    public let connection: RedisClient
     private let shas = ScriptCache()
 
-    public init(connection: HiredisConnection) {
-        self.connection = connection
+    public init(client: RedisClient) {
+        self.connection = client
+    }
+
+    public convenience init(connection: HiredisConnection) {
+        self.init(client: RedisClient(connection))
     }
 
     public convenience init(url: String, timeout: Duration = .seconds(1), logger: Logger) throws(RedisError) {
-        self.init(connection: HiredisConnection(endpoint: try RedisEndpoint(url: url), timeout: timeout, logger: logger))
+        self.init(client: RedisClient(endpoint: try RedisEndpoint(url: url), timeout: timeout, logger: logger))
     }
 
     // MARK: Keys
@@ -186,12 +194,43 @@ public final class QuotaStore: Sendable {
 
     // MARK: Scripts
 
+    /// The script's SHA1, loading it first (on a cluster: on every master; a node that lacks it later,
+    /// a promoted replica or a new master, answers `NOSCRIPT` and gets the script by `EVAL`).
     private func scriptSHA(_ script: String) async throws(RedisError) -> String {
         if let cached = shas.get(script) { return cached }
+        if connection.isCluster {
+            var firstError: RedisError?
+            var sha: String?
+            for (_, r) in try await connection.sendToMasters(["SCRIPT", "LOAD", script]) {
+                switch r {
+                case .success(let v):
+                    if let s = v.string { sha = s } else if firstError == nil { firstError = .badReply("SCRIPT LOAD: \(v)") }
+                case .failure(let e): if firstError == nil { firstError = e }
+                }
+            }
+            guard let sha else { throw firstError ?? RedisError.badReply("SCRIPT LOAD: no master") }
+            shas.set(script, sha)
+            return sha
+        }
         let r = try await connection.send(["SCRIPT", "LOAD", script])
         guard let s = r.string else { throw RedisError.badReply("SCRIPT LOAD: \(r)") }
         shas.set(script, s)
         return s
+    }
+
+    /// Several calls of one script, pipelined (on a cluster: one pipeline per node); replies in order.
+    /// A call answered `NOSCRIPT` is sent again by `EVAL`; an error reply throws.
+    private func evalMany(_ script: String, calls: [(keys: [String], args: [String])]) async throws(RedisError) -> [RedisValue] {
+        let sha = try await scriptSHA(script)
+        let tails = calls.map { [String($0.keys.count)] + $0.keys + $0.args }
+        var replies = try await connection.send(batch: tails.map { ["EVALSHA", sha] + $0 })
+        for i in replies.indices {
+            if case .error(let e) = replies[i], e.hasPrefix("NOSCRIPT") {
+                replies[i] = try await connection.send(["EVAL", script] + tails[i])
+            }
+            if case .error(let e) = replies[i] { throw RedisError.server(e) }
+        }
+        return replies
     }
 
     private func eval(_ script: String, keys: [String], args: [String]) async throws(RedisError) -> RedisValue {
@@ -302,13 +341,16 @@ public final class QuotaStore: Sendable {
 
     /// `(setting, value)` pairs that make Redis forget acknowledged writes after a crash, or none.
     /// quotad needs `appendonly yes` and `appendfsync always` (docs/accounting.md).
+    /// On a cluster every master is asked (the value then names the master).
     public func durabilityProblems() async throws(RedisError) -> [(String, String)] {
         var out: [(String, String)] = []
         for (key, want) in [("appendonly", "yes"), ("appendfsync", "always")] {
-            let r = try await connection.send(["CONFIG", "GET", key])
-            let a = r.array ?? []
-            let v = a.count == 2 ? a[1].string ?? "" : "?"
-            if v != want { out.append((key, v)) }
+            for (node, reply) in try await connection.sendToMasters(["CONFIG", "GET", key]) {
+                let r = try reply.get()
+                let a = r.array ?? []
+                let v = a.count == 2 ? a[1].string ?? "" : "?"
+                if v != want { out.append((key, connection.isCluster ? "\(v) on \(node)" : v)) }
+            }
         }
         return out
     }
@@ -641,8 +683,6 @@ public final class QuotaStore: Sendable {
     /// The claim markers of a user group: which claims were counted, and for how much.
     public static func userMarkersKey(voucher: String, group: Int) -> String { "quota:u:{\(voucher):\(group)}:m" }
 
-    /// Check many claims at once, in one script call (one round trip). On Redis Cluster the keys of
-    /// one call must share a slot: there the batch would be split per slot (not built: single node).
     /// The outcome of one per-user check.
     public enum UserCheckOutcome: Sendable, Equatable {
         case counted
@@ -651,9 +691,50 @@ public final class QuotaStore: Sendable {
         case released
     }
 
-    /// Returns, per check in order, its outcome.
+    /// Check many claims at once, in one script call (one round trip). On a Redis Cluster the keys of
+    /// one call must share a slot: there the batch is split by the slot of each check's group (one call
+    /// per slot, pipelined per node, the nodes in parallel). Returns, per check in order, its outcome.
     public func checkUsers(_ checks: [UserCheck]) async throws(RedisError) -> [UserCheckOutcome] {
         guard !checks.isEmpty else { return [] }
+        guard connection.isCluster else { return try await checkUsersInOneCall(checks) }
+        var bySlot: [Int: [Int]] = [:]
+        var slots: [Int] = []
+        for (i, c) in checks.enumerated() {
+            let s = ClusterSlot.of(Self.userGroupKey(voucher: c.voucher, group: c.group))
+            if bySlot[s] == nil { slots.append(s) }
+            bySlot[s, default: []].append(i)
+        }
+        if slots.count == 1 { return try await checkUsersInOneCall(checks) }
+        let parts = slots.map { bySlot[$0]!.map { checks[$0] } }
+        let calls = parts.map(Self.userCheckCall)
+        let replies = try await evalMany(QuotaScripts.userCheck, calls: calls)
+        var out = [UserCheckOutcome](repeating: .overLimit, count: checks.count)
+        for (k, r) in replies.enumerated() {
+            let outcomes = try Self.userOutcomes(r, count: parts[k].count)
+            for (j, i) in bySlot[slots[k]]!.enumerated() { out[i] = outcomes[j] }
+        }
+        return out
+    }
+
+    private func checkUsersInOneCall(_ checks: [UserCheck]) async throws(RedisError) -> [UserCheckOutcome] {
+        let call = Self.userCheckCall(checks)
+        let r = try await eval(QuotaScripts.userCheck, keys: call.keys, args: call.args)
+        return try Self.userOutcomes(r, count: checks.count)
+    }
+
+    private static func userOutcomes(_ r: RedisValue, count: Int) throws(RedisError) -> [UserCheckOutcome] {
+        guard let a = r.array, a.count == count else { throw RedisError.badReply("USERCHECK: \(r)") }
+        return a.map {
+            switch $0.int {
+            case 1: return .counted
+            case 2: return .released
+            default: return .overLimit
+            }
+        }
+    }
+
+    /// The keys and arguments of one USERCHECK call over `checks`.
+    private static func userCheckCall(_ checks: [UserCheck]) -> (keys: [String], args: [String]) {
         struct GroupID: Hashable {
             var voucher: String
             var group: Int
@@ -675,15 +756,7 @@ public final class QuotaStore: Sendable {
             }
             args += [Self.decimal(idx), Self.decimal(c.limit), c.user, Self.decimal(c.qty), c.claimID]
         }
-        let r = try await eval(QuotaScripts.userCheck, keys: keys, args: args)
-        guard let a = r.array, a.count == checks.count else { throw RedisError.badReply("USERCHECK: \(r)") }
-        return a.map {
-            switch $0.int {
-            case 1: return .counted
-            case 2: return .released
-            default: return .overLimit
-            }
-        }
+        return (keys, args)
     }
 
     /// Undo a claim's per-user count; returns the quantity released (0: nothing was counted).

@@ -7,6 +7,9 @@ import Synchronization
 /// thread and connection, and hands each voucher id recalled by another host to `onRecall` (this host's
 /// own recalls, `quota:{ID}|host`, are skipped: it knows what it asked for).
 ///
+/// On a Redis Cluster it subscribes on one seed node (a `PUBLISH` reaches every node of the cluster) and
+/// moves to the next seed after a failure.
+///
 /// It reconnects after any failure. A recall published while it is disconnected is missed; the
 /// periodic refresh reads the voucher's `recall_ms` and covers it, one refresh later.
 public final class RecallSubscriber: @unchecked Sendable {
@@ -43,24 +46,30 @@ public final class RecallSubscriber: @unchecked Sendable {
 
     private func run() {
         var lastError: String?
+        let targets: [RedisEndpoint]
+        if case .cluster(let seeds) = endpoint { targets = seeds } else { targets = [endpoint] }
+        var next = 0
         while !stopped.load(ordering: .relaxed) {
+            let endpoint = targets[next % targets.count]
             switch HiredisConnection.open(endpoint, timeout: .seconds(1)) {
             case .failure(let e):
                 if lastError != e.message {
                     logger.warning("recall subscription down", metadata: ["redis": "\(endpoint)", "error": "\(e.message)"])
                     lastError = e.message
                 }
-                usleep(200_000)
+                next += 1
+                usleep(next % targets.count == 0 ? 200_000 : 10_000)
             case .success(let ctx):
                 // Reads block until a message comes (no read timeout); TCP keep-alive finds a dead peer.
                 _ = redisSetTimeout(ctx, Glibc.timeval(tv_sec: 0, tv_usec: 0))
                 if case .tcp = endpoint { _ = redisEnableKeepAlive(ctx) }
                 socket.store(ctx.pointee.fd, ordering: .relaxed)
-                let why = listen(ctx)
+                let why = listen(ctx, endpoint)
                 _connected.store(false, ordering: .relaxed)
                 socket.store(-1, ordering: .relaxed)
                 redisFree(ctx)
                 if !stopped.load(ordering: .relaxed) {
+                    next += 1
                     if lastError != why {
                         logger.warning("recall subscription lost", metadata: ["redis": "\(endpoint)", "error": "\(why)"])
                         lastError = why
@@ -72,7 +81,7 @@ public final class RecallSubscriber: @unchecked Sendable {
     }
 
     /// Subscribe and deliver messages until the connection fails; returns why.
-    private func listen(_ ctx: UnsafeMutablePointer<redisContext>) -> String {
+    private func listen(_ ctx: UnsafeMutablePointer<redisContext>, _ endpoint: RedisEndpoint) -> String {
         let args = ["SUBSCRIBE", QuotaStore.recallChannel]
         var cargs = args.map { strdup($0) }
         defer { for p in cargs { free(p) } }

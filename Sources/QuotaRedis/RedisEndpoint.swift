@@ -1,12 +1,33 @@
-/// Where a Redis server listens: `unix:///path/redis.sock`, `redis://host:port`, `host:port` or `/path`.
-public enum RedisEndpoint: Sendable, Equatable, CustomStringConvertible {
+/// Where a Redis server listens: `unix:///path/redis.sock`, `redis://host:port`, `host:port` or `/path`;
+/// or a Redis Cluster given by seed nodes: `redis-cluster://host:port,host:port,…` (a seed may also be
+/// `unix:///path` or `/path`: it is asked for the topology; the nodes themselves are reached at the
+/// addresses the cluster announces).
+public indirect enum RedisEndpoint: Sendable, Equatable, CustomStringConvertible {
     case unix(path: String)
     case tcp(host: String, port: Int)
+    /// A Redis Cluster: the seed nodes asked for its topology (never another `.cluster`).
+    case cluster(seeds: [RedisEndpoint])
+
+    public static let clusterScheme = "redis-cluster://"
 
     /// Parse a Redis URL; the error says which forms are accepted.
     public init(url: String) throws(RedisError) {
+        if url.hasPrefix(Self.clusterScheme) {
+            let list = url.dropFirst(Self.clusterScheme.count).split(separator: ",", omittingEmptySubsequences: false)
+            var seeds: [RedisEndpoint] = []
+            for s in list {
+                let seed = s.trimmingSpaces
+                guard !seed.isEmpty, !seed.hasPrefix("redis-cluster:") else {
+                    throw RedisError.invalidURL(
+                        "'\(url)' is not a Redis Cluster address (use redis-cluster://HOST:PORT,HOST:PORT,… with at least one seed node)")
+                }
+                seeds.append(try RedisEndpoint(url: seed))
+            }
+            self = .cluster(seeds: seeds)
+            return
+        }
         let bad = RedisError.invalidURL(
-            "'\(url)' is not a Redis address (use redis://HOST:PORT, unix:///PATH or /PATH)")
+            "'\(url)' is not a Redis address (use redis://HOST:PORT, unix:///PATH, /PATH or redis-cluster://HOST:PORT,HOST:PORT,…)")
         if url.hasPrefix("unix://") {
             let path = String(url.dropFirst("unix://".count))
             guard path.hasPrefix("/"), path.count > 1 else { throw bad }
@@ -28,10 +49,27 @@ public enum RedisEndpoint: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// Whether this is a Redis Cluster.
+    public var isCluster: Bool {
+        if case .cluster = self { return true }
+        return false
+    }
+
     public var description: String {
         switch self {
         case .unix(let p): return "unix://\(p)"
         case .tcp(let h, let p): return "redis://\(h):\(p)"
+        case .cluster(let seeds):
+            return Self.clusterScheme + seeds.map {
+                if case .tcp(let h, let p) = $0 { return "\(h):\(p)" }
+                return $0.description
+            }.joined(separator: ",")
         }
+    }
+}
+
+extension Substring {
+    fileprivate var trimmingSpaces: String {
+        String(drop { $0 == " " }.reversed().drop { $0 == " " }.reversed())
     }
 }
