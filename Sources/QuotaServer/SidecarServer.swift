@@ -20,6 +20,8 @@ public final class SidecarService: Service, Sendable {
     private let logger: Logger
     private let recovered: JournalRecovery?
     private let socketLock: Int32
+    /// The previous run's recovery (``recoverPreviousRun()``) finished: a graceful stop waits for it.
+    private let recoveryDone = NIOLockedValueBox(false)
 
     public init(config: SidecarConfig, logger: Logger) throws {
         // One process per socket: a lock next to it for our whole life, and never unlink a live socket.
@@ -118,9 +120,24 @@ public final class SidecarService: Service, Sendable {
         try? await channel.close()
         try? await metricsChannel?.close()
         recalls.stop()
-        let left = await engine.drain()
-        recovery.cancel()
+        let bound = Duration.seconds(10)
+        let deadline = ContinuousClock.now + bound
+        var left = await engine.drain(timeout: bound)
+        // The previous run's recovery is owed work too: a lease request whose answer was never seen may
+        // have been granted, and only this journal can name it. It gets the rest of the same bound (it
+        // retries until Redis answers); cancelled only when that runs out, and then named as work not done.
+        while !recoveryDone.withLockedValue({ $0 }) && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        if !recoveryDone.withLockedValue({ $0 }) {
+            recovery.cancel()
+            left.append("recovery of the previous run (lease requests to resolve, leases to return on the journal's word)")
+        }
         _ = await recovery.value
+        // What the recovery owed besides (restocks, per-user releases) may have been queued after the drain.
+        if recoveryDone.withLockedValue({ $0 }) {
+            left += await engine.chores.drain(timeout: max(.milliseconds(100), deadline - ContinuousClock.now))
+        }
         ticker.cancel()
         refresher.cancel()
         chores.cancel()
@@ -167,6 +184,11 @@ public final class SidecarService: Service, Sendable {
     /// claims that never completed are released. Every step is idempotent, so a repeat after another
     /// crash changes nothing.
     private func recoverPreviousRun() async {
+        await recoverPreviousRunSteps()
+        if !Task.isCancelled { recoveryDone.withLockedValue { $0 = true } }
+    }
+
+    private func recoverPreviousRunSteps() async {
         guard let rec = recovered else { return }
         let host = engine.config.hostID
         let gen = rec.ledger.generation ?? engine.adoptedGeneration ?? ""
