@@ -131,4 +131,152 @@ struct RedisClusterTests {
         let (st3, out3) = try await quotactl(["audit", "flash", "--redis", cluster.url])
         #expect(st3 == 0, "\(out3)")
     }
+
+    /// The voucher's slot moves to another master mid-sale (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE):
+    /// sidecars follow ASK/TRYAGAIN during the move and MOVED after it; the sale ends at exactly its limit.
+    @Test func slotMigratedMidSaleIsFollowedAndTheSaleEndsExactly() async throws {
+        let cluster = try await RedisClusterServer(masters: 3)
+        let dir = TempDir()
+        let limit = 12_000
+        #expect(try await quotactl(["voucher", "create", "mv", "--limit", String(limit), "--redis", cluster.url]).0 == 0)
+        // Small leases: the sidecars go to Redis many times while the slot moves.
+        let (st, out) = try await quotactl(["lease", "set", "--voucher", "mv", "--min", "20", "--max", "20", "--redis", cluster.url])
+        #expect(st == 0, "\(out)")
+        var sidecars: [Quotad] = []
+        for h in ["host-a", "host-b", "host-c"] { sidecars.append(try await Quotad(redisURL: cluster.url, dir: dir, host: h)) }
+        let slot = RedisClusterServer.slot(ofVoucher: "mv")
+        let from = try await cluster.masterPort(ofSlot: slot)
+        let to = try await cluster.masterPorts().first { $0 != from }!
+        let sold = Counter()
+        let errorTimes = ErrorLog()
+        let start = ContinuousClock.now
+        var moved: (begin: Duration, end: Duration, seq: Int) = (.zero, .zero, 0)
+        let ids = try await withThrowingTaskGroup(of: [String].self) { g in
+            for i in 0..<30 {
+                let sock = sidecars[i % 3].socket
+                g.addTask {
+                    let c = try await RESPClient.connect(sock)
+                    defer { c.close() }
+                    var ids: [String] = []
+                    var n = 0
+                    while ContinuousClock.now - start < .seconds(40) {
+                        n += 1
+                        let r = try await c.send("CLAIM", "mv", "u\(i)-\(n)")
+                        if let code = r.errorCode {
+                            if code == "SOLDOUT" { break }
+                            errorTimes.add(code, at: ContinuousClock.now - start)
+                            try await Task.sleep(for: .milliseconds(5))
+                        } else if case .bulkString(let b?) = r {
+                            ids.append(String(buffer: b))
+                            sold.add(1)
+                        }
+                    }
+                    return ids
+                }
+            }
+            try await eventually("a quarter sold", timeout: .seconds(20)) { sold.value > limit / 4 }
+            moved.begin = ContinuousClock.now - start
+            try await cluster.migrate(slot: slot, to: to, pause: .milliseconds(300))
+            moved.end = ContinuousClock.now - start
+            moved.seq = try await cluster.store.voucher("mv")?.leaseSeq ?? 0
+            var all: [String] = []
+            for try await r in g { all += r }
+            return all
+        }
+        #expect(ids.count == limit, "exactly the limit was sold")
+        #expect(Set(ids).count == ids.count)
+        #expect(sold.value > limit / 4 && moved.seq > 0)
+        #expect(try await cluster.masterPort(ofSlot: slot) == to)
+        #expect(try await cluster.command(to, "EXISTS", "quota:{mv}") == .integer(1), "the voucher lives on the new master")
+        let after = try await cluster.store.voucher("mv")?.leaseSeq ?? 0
+        #expect(after > moved.seq, "leases were taken on the new master after the move (\(moved.seq) → \(after))")
+        // Errors, if any, only within a bounded window around the move.
+        let errs = errorTimes.all
+        #expect(errs.allSatisfy { $0.at >= moved.begin && $0.at <= moved.end + .seconds(2) }, "errors outside the move: \(errs.prefix(10))")
+        #expect(errs.count < 300, "\(errs.count) errors")
+        for s in sidecars { #expect(try await s.stop() == 0) }
+        let a = try await cluster.account("mv")
+        #expect(a.pool == 0 && a.leases == 0 && a.leased - a.returned == limit)
+        let problems = try await cluster.audit("mv", journals: sidecars.map { ($0.host, $0.journalDir) }, netClaimed: ids.count)
+        #expect(problems.isEmpty, "\(problems)")
+    }
+
+    /// The master of the voucher's slot is kill -9ed mid-sale (one replica per master, node timeout 1 s):
+    /// claims that need Redis get UNAVAILABLE while the slot has no master, never more than the limit is
+    /// sold, and the sale resumes by itself once the replica is promoted; the books balance.
+    @Test func masterKilledMidSaleFailsClosedThenResumesAfterFailover() async throws {
+        let cluster = try await RedisClusterServer(masters: 3, replicas: 1, nodeTimeoutMs: 1000)
+        let dir = TempDir()
+        let limit = 12_000
+        #expect(try await quotactl(["voucher", "create", "fo", "--limit", String(limit), "--redis", cluster.url]).0 == 0)
+        #expect(try await quotactl(["lease", "set", "--voucher", "fo", "--min", "20", "--max", "20", "--redis", cluster.url]).0 == 0)
+        var sidecars: [Quotad] = []
+        for h in ["host-a", "host-b", "host-c"] {
+            sidecars.append(try await Quotad(redisURL: cluster.url, dir: dir, host: h, extraYAML: "limits: { claim_timeout_ms: 500 }\n"))
+        }
+        let slot = RedisClusterServer.slot(ofVoucher: "fo")
+        let killed = try await cluster.masterPort(ofSlot: slot)
+        let sold = Counter()
+        let errorTimes = ErrorLog()
+        let start = ContinuousClock.now
+        var killedAt: Duration = .zero
+        var promotedAt: Duration = .zero
+        let ids = try await withThrowingTaskGroup(of: [String].self) { g in
+            for i in 0..<30 {
+                let sock = sidecars[i % 3].socket
+                g.addTask {
+                    let c = try await RESPClient.connect(sock)
+                    defer { c.close() }
+                    var ids: [String] = []
+                    var n = 0
+                    while ContinuousClock.now - start < .seconds(45) {
+                        n += 1
+                        let r = try await c.send("CLAIM", "fo", "u\(i)-\(n)", "REQ", "q\(i)-\(n)")
+                        if let code = r.errorCode {
+                            if code == "SOLDOUT" { break }
+                            errorTimes.add(code, at: ContinuousClock.now - start)
+                            try await Task.sleep(for: .milliseconds(10))
+                        } else if case .bulkString(let b?) = r {
+                            ids.append(String(buffer: b))
+                            sold.add(1)
+                        }
+                    }
+                    return ids
+                }
+            }
+            try await eventually("a quarter sold", timeout: .seconds(20)) { sold.value > limit / 4 }
+            try await cluster.kill9(killed)
+            killedAt = ContinuousClock.now - start
+            try await eventually("a replica is promoted", timeout: .seconds(20)) {
+                try await cluster.masterPort(ofSlot: slot) != killed
+            }
+            promotedAt = ContinuousClock.now - start
+            var all: [String] = []
+            for try await r in g { all += r }
+            return all
+        }
+        let errs = errorTimes.all
+        #expect(Set(ids).count == ids.count)
+        #expect(ids.count <= limit, "never oversold")
+        #expect(errs.contains { $0.code == "UNAVAILABLE" }, "claims failed closed while the slot had no master")
+        #expect(errs.allSatisfy { $0.code == "UNAVAILABLE" }, "\(Set(errs.map(\.code)))")
+        #expect(errs.allSatisfy { $0.at >= killedAt && $0.at <= promotedAt + .seconds(5) },
+                "UNAVAILABLE only around the failover (killed \(killedAt), promoted \(promotedAt)): \(errs.map(\.at).max() ?? .zero)")
+        let lastError = errs.map(\.at).max() ?? .zero
+        let soldAfter = sold.value
+        #expect(soldAfter > limit / 2, "the sale resumed after the failover (sold \(soldAfter), last error at \(lastError))")
+        for s in sidecars { #expect(try await s.stop() == 0) }
+        let a = try await cluster.account("fo")
+        #expect(a.pool + a.outstanding + ids.count == limit, "pool + outstanding + claimed == limit: \(a), \(ids.count)")
+        let problems = try await cluster.audit("fo", netClaimed: ids.count)
+        #expect(problems.isEmpty, "\(problems)")
+    }
+}
+
+/// Error replies with when they came (since the test's start).
+final class ErrorLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [(code: String, at: Duration)] = []
+    func add(_ code: String, at: Duration) { lock.withLock { items.append((code, at)) } }
+    var all: [(code: String, at: Duration)] { lock.withLock { items } }
 }
