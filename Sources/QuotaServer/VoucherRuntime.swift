@@ -50,6 +50,8 @@ final class VoucherRuntime: @unchecked Sendable {
         case effect(VoucherMachine.Effect)
         /// Release a user's count once, then answer `+OK` (the release is retried in the background if it failed).
         case releaseThenOK(ClaimEvent, EventLoopPromise<Reply>)
+        /// A completion that came while the lock was held (``append(_:_:then:)``).
+        case run(@Sendable () -> Void)
     }
 
     // MARK: - Requests (event loop threads)
@@ -138,12 +140,12 @@ final class VoucherRuntime: @unchecked Sendable {
             case .recordLater(let c):
                 pipeline.append(.claim(c))
             case .journalIntent(let c, let seq):
-                pipeline.append(.claim(c)) { [self] ok, _ in
+                append(.claim(c), &out) { [self] ok, _ in
                     event(now: monotonicNow()) { m, now, fx in m.intentJournaled(seq: seq, ok: ok, now: now, effects: &fx) }
                 }
             case .recordClaim(let c, let seq):
                 let kafka = pipeline.durability == .kafka
-                pipeline.append(.claim(c)) { [self] ok, pos in
+                append(.claim(c), &out) { [self] ok, pos in
                     event(now: monotonicNow()) { m, now, fx in m.claimRecorded(seq: seq, ok: ok, now: now, effects: &fx) }
                     if ok, kafka, let pos {
                         pipeline.whenAcknowledged(pos) { [self] in
@@ -152,11 +154,11 @@ final class VoucherRuntime: @unchecked Sendable {
                     }
                 }
             case .recordGrant(let r, let g, let request):
-                pipeline.append(r) { [self] ok, _ in
+                append(r, &out) { [self] ok, _ in
                     event(now: monotonicNow()) { m, now, fx in m.grantRecorded(g, request: request, ok: ok, now: now, effects: &fx) }
                 }
             case .recordCancel(let c, let ref):
-                pipeline.append(.claim(c)) { [self] ok, _ in
+                append(.claim(c), &out) { [self] ok, _ in
                     event(now: monotonicNow()) { m, now, fx in m.cancelRecorded(ref, ok: ok, now: now, effects: &fx) }
                 }
             case .remember(let c, let seq):
@@ -175,9 +177,22 @@ final class VoucherRuntime: @unchecked Sendable {
         return out
     }
 
+    /// `pipeline.append` with a completion, from under the lock. The pipeline may run the completion before
+    /// `append` returns (no journal, or a journal that is stopping); the completion feeds this runtime, so
+    /// it must not run under the lock: one that comes that early is deferred until the lock is released.
+    private func append(_ r: JournalRecord, _ out: inout [Deferred],
+                        then: @escaping @Sendable (Bool, JournalPosition?) -> Void) {
+        let gate = SynchronousCompletionGate()
+        engine.pipeline.append(r) { ok, pos in
+            if !gate.catchEarly({ then(ok, pos) }) { then(ok, pos) }
+        }
+        if let early = gate.close() { out.append(.run(early)) }
+    }
+
     private func perform(_ deferred: [Deferred]) {
         for d in deferred {
             switch d {
+            case .run(let body): body()
             case .reply(let p, let r): p.succeed(r)
             case .effect(let e): start(e)
             case .releaseThenOK(let c, let p):
@@ -573,4 +588,26 @@ func wallClockMs() -> Int64 {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME_COARSE, &ts)
     return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+}
+
+/// Catches a completion that runs before the call that registered it returns (see `VoucherRuntime.append`).
+private final class SynchronousCompletionGate: Sendable {
+    private let state = NIOLockedValueBox<(open: Bool, early: (@Sendable () -> Void)?)>((true, nil))
+
+    /// True: the caller has not returned yet; `body` is kept for it to run after its lock is released.
+    func catchEarly(_ body: @escaping @Sendable () -> Void) -> Bool {
+        state.withLockedValue { s in
+            guard s.open else { return false }
+            s.early = body
+            return true
+        }
+    }
+
+    /// The registering call returned: later completions run where they come; an early one is returned.
+    func close() -> (@Sendable () -> Void)? {
+        state.withLockedValue { s in
+            s.open = false
+            return s.early
+        }
+    }
 }
