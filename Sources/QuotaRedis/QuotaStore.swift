@@ -281,7 +281,12 @@ public final class QuotaStore: Sendable {
 
     /// The region marker's generation and the one it succeeded (if it was rehydrated).
     public func regionMarker() async throws(RedisError) -> (generation: String?, previous: String?) {
-        let f = Self.fields(try await connection.send(["HGETALL", Self.region]))
+        // An error reply (-LOADING while Redis reloads its AOF, -WRONGTYPE, an ACL refusal) is not "no marker":
+        // read as one, a host would conclude that Redis lost its data and fail closed for good.
+        let reply = try await connection.send(["HGETALL", Self.region])
+        if case .error(let e) = reply { throw RedisError.server(e) }
+        guard reply.array != nil else { throw RedisError.badReply("HGETALL \(Self.region): \(reply)") }
+        let f = Self.fields(reply)
         return (f["gen"], f["prev"])
     }
 
