@@ -24,11 +24,11 @@ qd_start_redis
 qd_start_tansu
 # The baselines run on their own redis-server without AOF (their best case: no fsync per write);
 # quotad's Redis is durable as it requires (AOF, fsync always), but quotad calls it ~0.001 times per claim.
-redis-server --port 0 --unixsocket "$T/base.sock" --save "" --appendonly no --dir "$T" --logfile "$T/base.log" &
+redis-server --port 0 --unixsocket "$T/redis-base.sock" --save "" --appendonly no --dir "$T" --logfile "$T/redis-base.log" &
 rpid=$!
 pids+=($rpid)
-qd_wait_sock "$T/base.sock"
-R="redis-cli -s $T/base.sock"
+qd_wait_sock "$T/redis-base.sock"
+R="redis-cli -s $T/redis-base.sock"
 
 rps() { tr '\r' '\n' | grep -oE '[0-9.]+ requests per second' | tail -1 | cut -d' ' -f1; }
 p50() { tr '\r' '\n' | grep -oE 'p50=[0-9.]+' | tail -1 | cut -d= -f2; }
@@ -116,8 +116,8 @@ run() {
   echo "$out $(echo "($t1 - $t0) * 1000000 / $hz / $N" | bc -l)" >> "$T/res.$name"
 }
 for round in $(seq "$ROUNDS"); do
-  run incr "$rpid" "$T/base.sock" INCR bench:counter
-  run evalsha "$rpid" "$T/base.sock" EVALSHA "$sha" 1 bench:stock
+  run incr "$rpid" "$T/redis-base.sock" INCR bench:counter
+  run evalsha "$rpid" "$T/redis-base.sock" EVALSHA "$sha" 1 bench:stock
   for r in "${rows[@]}"; do
     if [ "$r" = peruser ]; then run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM benchu u:__rand_int__
     else run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM bench user; fi
@@ -127,7 +127,7 @@ done
 for round in $(seq "$ROUNDS"); do
   echo "$(redis-benchmark -s "$T/echo.sock" -n 100000 -c 1 -P 1 -q PING_INLINE 2>/dev/null | p50)" >> "$T/p50.echo"
   echo "$(redis-benchmark -s "${QSOCK[none]}" -n 100000 -c 1 -P 1 -q CLAIM bench user 2>/dev/null | p50)" >> "$T/p50.claim"
-  echo "$(redis-benchmark -s "$T/base.sock" -n 100000 -c 1 -P 1 -q INCR bench:counter 2>/dev/null | p50)" >> "$T/p50.incr"
+  echo "$(redis-benchmark -s "$T/redis-base.sock" -n 100000 -c 1 -P 1 -q INCR bench:counter 2>/dev/null | p50)" >> "$T/p50.incr"
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
