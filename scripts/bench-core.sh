@@ -43,7 +43,9 @@ $BIN/quotactl voucher create benchu --limit 1000000000000 --per-user 1000000000 
 # One quotad per row, all running for the whole benchmark (each its own socket, journal and topic).
 declare -A QPID QSOCK
 start_quotad() { # name bin durability
-  local name=$1 bin=$2 mode=$3
+  local name=$1 bin=$2 mode=$3 kafka=""
+  # durability none: nothing recorded (no Kafka section, so no background shipping either)
+  [ "$mode" != none ] && kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: bench.$name }"
   cat > "$T/$name.yaml" <<YAML
 host_id: bench-$name
 region: sg
@@ -52,7 +54,7 @@ regions:
 socket: { path: $T/$name.sock }
 durability: $mode
 journal: { dir: $T/journal-$name }
-kafka: { brokers: "127.0.0.1:$KPORT", topic: bench.$name }
+$kafka
 log_level: warning
 ${EXTRA_YAML:-}
 YAML
