@@ -99,7 +99,7 @@ enum QuotaScripts {
     static let create = """
         \(now)
         if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 'exists'} end
-        redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'pool', ARGV[1], 'state', 'active',
+        redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'allocated', ARGV[1], 'pool', ARGV[1], 'state', 'active',
           'per_user', ARGV[2], 'total_limit', ARGV[3], 'region', ARGV[4], 'lease_seq', 0,
           'leased', 0, 'returned', 0, 'restocked', 0, 'created_ms', now, 'gen', ARGV[5],
           'closed_retention_ms', ARGV[6], 'start_ms', ARGV[7], 'end_ms', ARGV[8])
@@ -336,6 +336,89 @@ enum QuotaScripts {
         redis.call('ZREM', KEYS[3], ARGV[1])
         redis.call('ZADD', KEYS[4], now, ARGV[1])
         return {1, delta}
+        """
+
+    /// Transfers of unleased quota between regions (`quotactl rebalance`). A record in
+    /// `quota:{ID}:transfers`: `HSET <transfer id> "<dir>|<peer region>|<amount>|<state>|<ms>|<peer gen>"`,
+    /// dir `out` (this region gave) or `in` (this region received), state `t` taken (the source's side,
+    /// not yet confirmed delivered) or `d` done. The region's allocation is `limit`; `allocated` is the
+    /// allocation it was created with, `sent` and `received` the sums of its out and in records, so that
+    /// `limit == allocated - sent + received` and R1 (`pool + leased - returned - restocked == limit`) hold
+    /// after every step.
+    static let transferLib = """
+        local function tparse(v)
+          local dir, peer, n, st, ts, pg = string.match(v, '^(%a+)|([^|]*)|(%d+)|(%a)|(%d+)|(.*)$')
+          if not dir then return nil end
+          return {dir = dir, peer = peer, n = tonumber(n), st = st, ts = ts, pg = pg}
+        end
+        local function tfmt(t)
+          return t.dir .. '|' .. t.peer .. '|' .. t.n .. '|' .. t.st .. '|' .. t.ts .. '|' .. t.pg
+        end
+        """
+
+    /// Step 1, in the source region: take `amount` from the pool and the allocation, record the transfer
+    /// `taken`. Once per transfer id: a second call answers the record and changes nothing.
+    /// KEYS: meta, transfers. ARGV: transfer id, destination region, amount, gen, destination's gen.
+    /// Reply: {1, record} taken now | {2, record} taken before | {-7, pool} the pool has less than `amount`:
+    /// nothing changed | {-3, gen} | {-5} unknown voucher.
+    static let transferTake = """
+        \(lib)
+        \(transferLib)
+        local bad = gencheck(KEYS[1], ARGV[4])
+        if bad then return bad end
+        local prior = redis.call('HGET', KEYS[2], ARGV[1])
+        if prior then return {2, prior} end
+        local n = tonumber(ARGV[3])
+        local m = redis.call('HMGET', KEYS[1], 'pool', 'limit')
+        local pool, limit = tonumber(m[1]), tonumber(m[2])
+        if n > pool then return {-7, pool} end
+        \(now)
+        redis.call('HSETNX', KEYS[1], 'allocated', limit)
+        redis.call('HINCRBY', KEYS[1], 'pool', -n)
+        redis.call('HINCRBY', KEYS[1], 'limit', -n)
+        redis.call('HINCRBY', KEYS[1], 'sent', n)
+        local rec = tfmt({dir = 'out', peer = ARGV[2], n = n, st = 't', ts = now, pg = ARGV[5]})
+        redis.call('HSET', KEYS[2], ARGV[1], rec)
+        return {1, rec}
+        """
+
+    /// Step 2, in the destination region: add `amount` to the pool and the allocation, record the transfer
+    /// received. Once per transfer id: a re-run never adds twice.
+    /// KEYS: meta, transfers. ARGV: transfer id, source region, amount, gen.
+    /// Reply: {1, record} given now | {2, record} given before (nothing changed) | {-3, gen} | {-5}.
+    static let transferGive = """
+        \(lib)
+        \(transferLib)
+        local bad = gencheck(KEYS[1], ARGV[4])
+        if bad then return bad end
+        local prior = redis.call('HGET', KEYS[2], ARGV[1])
+        if prior then return {2, prior} end
+        local n = tonumber(ARGV[3])
+        \(now)
+        redis.call('HSETNX', KEYS[1], 'allocated', redis.call('HGET', KEYS[1], 'limit'))
+        redis.call('HINCRBY', KEYS[1], 'pool', n)
+        redis.call('HINCRBY', KEYS[1], 'limit', n)
+        redis.call('HINCRBY', KEYS[1], 'received', n)
+        local rec = tfmt({dir = 'in', peer = ARGV[2], n = n, st = 'd', ts = now, pg = ''})
+        redis.call('HSET', KEYS[2], ARGV[1], rec)
+        return {1, rec}
+        """
+
+    /// Step 3, in the source region: mark the transfer done (the destination has it).
+    /// KEYS: meta, transfers. ARGV: transfer id, gen.
+    /// Reply: {1} marked now | {0} done before | {-4} no such outgoing transfer | {-3, gen} | {-5}.
+    static let transferDone = """
+        \(lib)
+        \(transferLib)
+        local bad = gencheck(KEYS[1], ARGV[2])
+        if bad then return bad end
+        local v = redis.call('HGET', KEYS[2], ARGV[1])
+        local t = v and tparse(v)
+        if not t or t.dir ~= 'out' then return {-4} end
+        if t.st == 'd' then return {0} end
+        t.st = 'd'
+        redis.call('HSET', KEYS[2], ARGV[1], tfmt(t))
+        return {1}
         """
 
     /// Rebuild one voucher's state from the ledger (`quotactl rehydrate`), atomically. Refused when the

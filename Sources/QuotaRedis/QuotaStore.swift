@@ -39,6 +39,12 @@ public struct VoucherRecord: Sendable, Equatable {
     public var startMs: Int64
     public var endMs: Int64
     public var policy: LeasePolicyOverride
+    /// The allocation this region was created with (nil: not recorded, for vouchers created before
+    /// transfers existed and never moved), and the quota moved out of and into it by transfers
+    /// (`quotactl rebalance`): `limit == allocated - sent + received`.
+    public var allocated: Int? = nil
+    public var sent: Int = 0
+    public var received: Int = 0
 
     /// What the claim lifecycle needs of it (the schedule is placed on the host's clock by the caller).
     public var info: VoucherRecordInfo {
@@ -77,6 +83,49 @@ public struct LeaseRecord: Sendable, Equatable {
         return LeaseRecord(id: id, host: String(p[0]), granted: g, returned: r, restocked: k, expiresMs: e, state: st,
                            durability: modes[String(p[6])] ?? "", req: String(p[7]))
     }
+}
+
+/// A transfer of unleased quota between regions, as one region records it (`quotactl rebalance`).
+public struct TransferRecord: Sendable, Equatable, Codable {
+    public enum Direction: String, Sendable, Codable { case out, `in` }
+    public enum State: String, Sendable, Codable { case taken = "t", done = "d" }
+    public var id: String
+    /// `out`: this region gave it (the source's record); `in`: this region received it.
+    public var direction: Direction
+    /// The other region: the destination of an `out` record, the source of an `in` one.
+    public var peer: String
+    public var amount: Int
+    /// `taken`: taken from the source, not yet confirmed delivered; `done`. `in` records are always done.
+    public var state: State
+    /// When this region recorded it (Redis ms).
+    public var tsMs: Int
+    /// On an `out` record: the destination voucher's generation when the transfer was taken.
+    public var peerGeneration: String
+
+    /// Parse `dir|peer|amount|state|ms|peer gen`.
+    public static func parse(id: String, _ v: String) -> TransferRecord? {
+        let p = v.split(separator: "|", maxSplits: 5, omittingEmptySubsequences: false)
+        guard p.count == 6, let dir = Direction(rawValue: String(p[0])), let n = Int(p[2]),
+            let st = State(rawValue: String(p[3])), let ts = Int(p[4])
+        else { return nil }
+        return TransferRecord(id: id, direction: dir, peer: String(p[1]), amount: n, state: st, tsMs: ts,
+                              peerGeneration: String(p[5]))
+    }
+
+    /// Transfer ids: 1–64 of `A-Z a-z 0-9 _ . : -`.
+    public static func isValidID(_ id: String) -> Bool { QuotaStore.isValidVoucherID(id) }
+}
+
+/// Answer of a transfer step (`quotactl rebalance`).
+public enum TransferReply: Sendable, Equatable {
+    /// Applied now; the record as written.
+    case applied(TransferRecord)
+    /// Applied before (same transfer id): nothing changed; the record as it stands.
+    case already(TransferRecord)
+    /// Step 1 only: the pool holds fewer tokens than asked (this many): nothing changed.
+    case poolTooSmall(Int)
+    /// Step 3 only: the source has no such outgoing transfer.
+    case unknown
 }
 
 /// Answer of the LEASE script.
@@ -145,6 +194,7 @@ public final class QuotaStore: Sendable {
     static let hosts = "quota:{region}:hosts"
     static let warmList = "quota:{region}:warm"
     static func rates(_ id: String) -> String { "quota:{\(id)}:rates" }
+    static func transfers(_ id: String) -> String { "quota:{\(id)}:transfers" }
     /// The channel the LEASE script publishes recalls on (the message: the voucher's meta key).
     public static let recallChannel = "quota:recall"
 
@@ -492,7 +542,8 @@ public final class QuotaStore: Sendable {
             archivedReturned: int("archived_returned"), archivedRestocked: int("archived_restocked"),
             leaseSeq: int("lease_seq"), generation: f["gen"] ?? "", starvedMs: int("starved_ms"),
             recallMs: int("recall_ms"), recallHost: f["recall_host"] ?? "", startMs: Int64(int("start_ms")),
-            endMs: Int64(int("end_ms")), policy: policy(f))
+            endMs: Int64(int("end_ms")), policy: policy(f), allocated: f["allocated"].flatMap { Int($0) },
+            sent: int("sent"), received: int("received"))
     }
 
     /// Set a voucher's state. Returns false for an unknown voucher.
@@ -777,6 +828,71 @@ public final class QuotaStore: Sendable {
         try await connection.send(["HGET", Self.userGroupKey(voucher: voucher, user: user, groups: groups), user]).int ?? 0
     }
 
+    // MARK: Transfers between regions
+
+    private func transferReply(_ r: RedisValue, id: String, gen: String, voucher: String, what: String)
+        throws(RedisError) -> TransferReply
+    {
+        guard let a = r.array, let st = a.first?.int else { throw RedisError.badReply("\(what): \(r)") }
+        if let e = Self.generationError(a, known: gen.isEmpty ? "?" : gen, voucher: voucher) { throw e }
+        func rec() throws(RedisError) -> TransferRecord {
+            guard a.count > 1, let v = a[1].string, let t = TransferRecord.parse(id: id, v) else {
+                throw RedisError.badReply("\(what): \(r)")
+            }
+            return t
+        }
+        switch st {
+        case 1 where a.count > 1: return .applied(try rec())
+        case 1: return .applied(TransferRecord(id: id, direction: .out, peer: "", amount: 0, state: .done, tsMs: 0, peerGeneration: ""))
+        case 2: return .already(try rec())
+        case 0: return .already(TransferRecord(id: id, direction: .out, peer: "", amount: 0, state: .done, tsMs: 0, peerGeneration: ""))
+        case -7: return .poolTooSmall(a.count > 1 ? a[1].int ?? 0 : 0)
+        case -4: return .unknown
+        default: throw RedisError.badReply("\(what): \(r)")
+        }
+    }
+
+    /// Step 1 of a transfer, in the source region: take `amount` from the pool and the allocation and
+    /// record it `taken` (once per transfer id). `gen` is the voucher's generation here (checked).
+    public func takeTransfer(voucher: String, id: String, to: String, amount: Int, gen: String, toGeneration: String)
+        async throws(RedisError) -> TransferReply
+    {
+        let r = try await eval(QuotaScripts.transferTake, keys: [Self.meta(voucher), Self.transfers(voucher)],
+                               args: [id, to, String(amount), gen, toGeneration])
+        return try transferReply(r, id: id, gen: gen, voucher: voucher, what: "TRANSFER TAKE")
+    }
+
+    /// Step 2 of a transfer, in the destination region: add `amount` to the pool and the allocation and
+    /// record it received (once per transfer id).
+    public func giveTransfer(voucher: String, id: String, from: String, amount: Int, gen: String)
+        async throws(RedisError) -> TransferReply
+    {
+        let r = try await eval(QuotaScripts.transferGive, keys: [Self.meta(voucher), Self.transfers(voucher)],
+                               args: [id, from, String(amount), gen])
+        return try transferReply(r, id: id, gen: gen, voucher: voucher, what: "TRANSFER GIVE")
+    }
+
+    /// Step 3 of a transfer, in the source region: mark it done.
+    public func finishTransfer(voucher: String, id: String, gen: String) async throws(RedisError) -> TransferReply {
+        let r = try await eval(QuotaScripts.transferDone, keys: [Self.meta(voucher), Self.transfers(voucher)], args: [id, gen])
+        return try transferReply(r, id: id, gen: gen, voucher: voucher, what: "TRANSFER DONE")
+    }
+
+    /// This region's transfer records of a voucher (oldest first).
+    public func transfers(voucher: String) async throws(RedisError) -> [TransferRecord] {
+        let r = try await connection.send(["HGETALL", Self.transfers(voucher)])
+        if case .error(let e) = r { throw RedisError.server(e) }
+        return Self.fields(r).compactMap { TransferRecord.parse(id: $0.key, $0.value) }
+            .sorted { ($0.tsMs, $0.id) < ($1.tsMs, $1.id) }
+    }
+
+    /// One transfer record of a voucher in this region, or nil.
+    public func transfer(voucher: String, id: String) async throws(RedisError) -> TransferRecord? {
+        let r = try await connection.send(["HGET", Self.transfers(voucher), id])
+        if case .error(let e) = r { throw RedisError.server(e) }
+        return r.string.flatMap { TransferRecord.parse(id: id, $0) }
+    }
+
     public func leases(voucher: String) async throws(RedisError) -> [LeaseRecord] {
         let r = try await connection.send(["HGETALL", Self.leases(voucher)])
         return Self.fields(r).compactMap { LeaseRecord.parse(id: $0.key, $0.value) }
@@ -793,7 +909,9 @@ private final class ScriptCache: Sendable {
 
 extension VoucherAudit {
     /// The books of a voucher as Redis holds them.
-    public init(record r: VoucherRecord, leases: [LeaseRecord]) {
+    /// With `transfers` (this region's transfer records), R5 checks them against `sent`/`received`; without,
+    /// only R4 (`limit == allocated - sent + received`) is checked of the transfers.
+    public init(record r: VoucherRecord, leases: [LeaseRecord], transfers: [TransferRecord]? = nil) {
         self.init(
             voucher: r.id, limit: r.limit, pool: r.pool, leased: r.leased, returned: r.returned, restocked: r.restocked,
             archivedGranted: r.archivedGranted, archivedReturned: r.archivedReturned, archivedRestocked: r.archivedRestocked,
@@ -801,5 +919,13 @@ extension VoucherAudit {
                 VoucherAudit.Lease(id: $0.id, host: $0.host, granted: $0.granted, returned: $0.returned,
                                    restocked: $0.restocked, state: $0.state.rawValue)
             })
+        allocated = r.allocated
+        sent = r.sent
+        received = r.received
+        totalLimit = r.totalLimit
+        self.transfers = transfers?.map {
+            VoucherAudit.Transfer(id: $0.id, outgoing: $0.direction == .out, peer: $0.peer, amount: $0.amount,
+                                  done: $0.state == .done)
+        }
     }
 }

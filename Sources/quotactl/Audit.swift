@@ -12,7 +12,11 @@ struct AuditCommand: AsyncParsableCommand {
         abstract: "Check a voucher's books: Redis's own identity, and each given host journal against Redis.",
         discussion: """
             Checks, per region (docs/accounting.md): pool + leased - returned - restocked == limit; the lease
-            records sum to the counters; no lease gave back more than it was granted. With --journal DIR (a
+            records sum to the counters; no lease gave back more than it was granted; the allocation is the created
+            one less what transfers sent plus what they received (quotactl rebalance), and the transfer records
+            sum to those. With --config (every region), across regions: the allocations plus the transfers in
+            flight (taken from a source, not yet received) equal the voucher's limit, and every received
+            transfer was taken by its source with the same amount. With --journal DIR (a
             host's journal directory, repeatable): every lease the journal holds is in Redis with the same
             grant; leases Redis closed were closed with what the journal says was not served; a stopped host
             holds no lease open. Exits 1 on any imbalance.
@@ -33,6 +37,19 @@ struct AuditCommand: AsyncParsableCommand {
         var open_leases: Int
         var tokens_in_open_leases: Int
         var tokens_sold_through_closed_leases: Int
+        /// The allocation it was created with (nil: not recorded, no transfer touched it).
+        var allocated: Int?
+        var sent: Int
+        var received: Int
+        /// Tokens this region sent that their destination has not received yet.
+        var in_flight_out: Int
+        var problems: [String]
+    }
+
+    struct GlobalReport: Codable {
+        var total_limit: Int
+        var allocations: Int
+        var in_flight: Int
         var problems: [String]
     }
 
@@ -50,6 +67,8 @@ struct AuditCommand: AsyncParsableCommand {
         var voucher: String
         var regions: [RegionReport]
         var journals: [JournalReport]
+        /// Across regions (only with --config: every region known).
+        var global: GlobalReport?
         var balanced: Bool
     }
 
@@ -63,18 +82,31 @@ struct AuditCommand: AsyncParsableCommand {
         for (name, url) in r.regions.sorted(by: { $0.key < $1.key }) {
             let s = try conn.store(url)
             let voucher = id
-            let got = try await withRedis(url) { () async throws(RedisError) -> (VoucherRecord, [LeaseRecord])? in
+            let got = try await withRedis(url) { () async throws(RedisError) -> (VoucherRecord, [LeaseRecord], [TransferRecord])? in
                 guard let rec = try await s.voucher(voucher) else { return nil }
-                return (rec, try await s.leases(voucher: voucher))
+                return (rec, try await s.leases(voucher: voucher), try await s.transfers(voucher: voucher))
             }
-            guard let (rec, leases) = got else { continue }
+            guard let (rec, leases, transfers) = got else { continue }
             found = true
-            let b = VoucherAudit(record: rec, leases: leases)
+            let b = VoucherAudit(record: rec, leases: leases, transfers: transfers)
             booksByRegion.append((name, b))
             regions.append(RegionReport(
                 region: name, limit: b.limit, pool: b.pool, leased: b.leased, returned: b.returned, restocked: b.restocked,
                 open_leases: leases.filter { $0.state == .open }.count, tokens_in_open_leases: b.openOutstanding,
-                tokens_sold_through_closed_leases: b.closedOutstanding, problems: b.redisProblems()))
+                tokens_sold_through_closed_leases: b.closedOutstanding, allocated: rec.allocated, sent: rec.sent,
+                received: rec.received, in_flight_out: 0, problems: b.redisProblems()))
+        }
+        var global: GlobalReport?
+        if conn.config != nil && !booksByRegion.isEmpty {
+            let g = VoucherAudit.globalProblems(booksByRegion.map { (region: $0.0, books: $0.1) })
+            var received: [String: Set<String>] = [:]
+            for (name, b) in booksByRegion { received[name] = Set((b.transfers ?? []).filter { !$0.outgoing }.map(\.id)) }
+            for (i, (_, b)) in booksByRegion.enumerated() {
+                regions[i].in_flight_out = b.inFlight(received: received).reduce(0) { $0 + $1.amount }
+            }
+            global = GlobalReport(total_limit: booksByRegion.map(\.1.totalLimit).max() ?? 0,
+                                  allocations: booksByRegion.reduce(0) { $0 + $1.1.limit }, in_flight: g.inFlight,
+                                  problems: g.problems)
         }
         guard found else { throw ValidationError("no voucher '\(id)' (see: quotactl voucher list)") }
         for dir in journal {
@@ -94,7 +126,8 @@ struct AuditCommand: AsyncParsableCommand {
                 served_in_open_leases: mine.reduce(0) { $0 + $1.served }, net_claims_in_journal: net, problems: problems))
         }
         let balanced = regions.allSatisfy(\.problems.isEmpty) && journals.allSatisfy(\.problems.isEmpty)
-        let report = Report(voucher: id, regions: regions, journals: journals, balanced: balanced)
+            && (global?.problems.isEmpty ?? true)
+        let report = Report(voucher: id, regions: regions, journals: journals, global: global, balanced: balanced)
         if conn.json {
             try emitJSON(report)
         } else {
@@ -102,12 +135,20 @@ struct AuditCommand: AsyncParsableCommand {
             for g in regions {
                 print("  region \(g.region): limit \(g.limit) = pool \(g.pool) + leased \(g.leased) - returned \(g.returned) - restocked \(g.restocked)")
                 print("    open leases \(g.open_leases) holding \(g.tokens_in_open_leases); sold through closed leases \(g.tokens_sold_through_closed_leases)")
+                if g.sent > 0 || g.received > 0 {
+                    print("    allocation \(g.limit) = created \(g.allocated.map(String.init) ?? "?") - sent \(g.sent) + received \(g.received)"
+                        + (g.in_flight_out > 0 ? "; \(g.in_flight_out) sent still in flight" : ""))
+                }
                 for p in g.problems { print("    IMBALANCE \(p)") }
             }
             for j in journals {
                 print("  journal \(j.dir) (host \(j.host), \(j.running ? "running" : "stopped")): \(j.open_leases) open lease(s), "
                     + "\(j.served_in_open_leases) served in them; net claims in the retained journal \(j.net_claims_in_journal)")
                 for p in j.problems { print("    IMBALANCE \(p)") }
+            }
+            if let g = global {
+                print("  all regions: limit \(g.total_limit) = allocations \(g.allocations) + in flight \(g.in_flight)")
+                for p in g.problems { print("    IMBALANCE \(p)") }
             }
             print(balanced ? "balanced" : "NOT balanced")
         }

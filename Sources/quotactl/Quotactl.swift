@@ -12,7 +12,7 @@ struct Quotactl: AsyncParsableCommand {
         commandName: "quotactl",
         abstract: "Operate quotad: vouchers, lease policy, audit, reconcile, rehydrate, journals, status.",
         subcommands: [VoucherCommand.self, LeaseCommand.self, AuditCommand.self, ReconcileCommand.self, RehydrateCommand.self,
-                      JournalCommand.self, StatusCommand.self])
+                      JournalCommand.self, StatusCommand.self, RebalanceCommand.self])
 }
 
 /// Where to find the regions' Redis and the local quotad.
@@ -220,10 +220,13 @@ struct VoucherCommand: AsyncParsableCommand {
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Show a voucher's pool and leases in every region.")
         @Argument var id: String
+        @Flag(name: .long, help: "Every region side by side: allocation, pool, leased, sold, transfers in and out.")
+        var global = false
         @OptionGroup var conn: Connection
 
         func run() async throws {
             try requireVoucherID(id)
+            if global { return try await showGlobal(id, conn) }
             let r = try conn.regions()
             var out: [VoucherJSON] = []
             var leaseLists: [[LeaseRecord]] = []
@@ -426,4 +429,78 @@ struct StatusCommand: AsyncParsableCommand {
             }
         }
     }
+}
+
+/// One region of `voucher show ID --global`.
+struct GlobalRegionJSON: Codable {
+    var region: String
+    var state: String
+    /// The region's allocation now, and the one it was created with.
+    var allocation: Int
+    var allocated_at_creation: Int?
+    var pool: Int
+    /// Tokens in open leases (held by hosts, served or not).
+    var leased: Int
+    /// Tokens sold through closed leases.
+    var sold: Int
+    var transfers_in: Int
+    var transfers_out: Int
+    /// Tokens this region sent that the destination has not received yet.
+    var in_flight_out: Int
+    var transfers: [TransferRecord]
+}
+
+struct GlobalJSON: Codable {
+    var id: String
+    var limit: Int
+    var allocations: Int
+    var in_flight: Int
+    var regions: [GlobalRegionJSON]
+    var problems: [String]
+}
+
+/// `voucher show ID --global`: every region side by side.
+func showGlobal(_ id: String, _ conn: Connection) async throws {
+    let r = try conn.regions()
+    var rows: [GlobalRegionJSON] = []
+    var books: [(region: String, books: VoucherAudit)] = []
+    for (name, url) in r.regions.sorted(by: { $0.key < $1.key }) {
+        let s = try conn.store(url)
+        let got = try await withRedis(url) { () async throws(RedisError) -> (VoucherRecord, [LeaseRecord], [TransferRecord])? in
+            guard let rec = try await s.voucher(id) else { return nil }
+            return (rec, try await s.leases(voucher: id), try await s.transfers(voucher: id))
+        }
+        guard let (rec, leases, transfers) = got else { continue }
+        let b = VoucherAudit(record: rec, leases: leases, transfers: transfers)
+        books.append((name, b))
+        rows.append(GlobalRegionJSON(region: name, state: rec.status.rawValue, allocation: rec.limit, allocated_at_creation: rec.allocated,
+                                     pool: rec.pool, leased: b.openOutstanding, sold: b.closedOutstanding, transfers_in: rec.received,
+                                     transfers_out: rec.sent, in_flight_out: 0, transfers: transfers))
+    }
+    guard !rows.isEmpty else { throw ValidationError("no voucher '\(id)' (see: quotactl voucher list)") }
+    var received: [String: Set<String>] = [:]
+    for (name, b) in books { received[name] = Set((b.transfers ?? []).filter { !$0.outgoing }.map(\.id)) }
+    for i in rows.indices { rows[i].in_flight_out = books[i].books.inFlight(received: received).reduce(0) { $0 + $1.amount } }
+    let g = VoucherAudit.globalProblems(books)
+    let out = GlobalJSON(id: id, limit: books.map(\.books.totalLimit).max() ?? 0, allocations: rows.reduce(0) { $0 + $1.allocation },
+                         in_flight: g.inFlight, regions: rows, problems: g.problems + books.flatMap { $0.books.transferProblems() })
+    if conn.json { return try emitJSON(out) }
+    print("voucher \(id)  limit \(out.limit) = allocations \(out.allocations) + in flight \(out.in_flight)")
+    let header = ["region", "state", "allocation", "pool", "leased", "sold", "in", "out", "in flight"]
+    var table = [header]
+    for row in rows {
+        table.append([row.region, row.state, String(row.allocation), String(row.pool), String(row.leased), String(row.sold),
+                      String(row.transfers_in), String(row.transfers_out), String(row.in_flight_out)])
+    }
+    let widths = header.indices.map { c in table.map { $0[c].count }.max() ?? 0 }
+    for line in table {
+        print("  " + line.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }
+            .joined(separator: "  "))
+    }
+    for row in rows {
+        for t in row.transfers where t.direction == .out && t.state == .taken {
+            print("  transfer \(t.id): \(t.amount) from \(row.region) to \(t.peer) left taken (finish: quotactl rebalance \(id) --resume)")
+        }
+    }
+    for p in out.problems { print("  IMBALANCE \(p)") }
 }
