@@ -16,12 +16,13 @@ struct FuzzRegressionTests {
     static let seeds: [String] = ((try? FileManager.default.contentsOfDirectory(atPath: corpus.path)) ?? [])
         .filter { !$0.hasPrefix(".") }.sorted()
 
-    /// The limit sets the fuzz target uses: quotad's defaults, the smallest config, and an argument limit
-    /// above the frame limit (inline limit = `max_argument_bytes`, as `SidecarServer` sets it).
+    /// The limit sets the fuzz target uses, from the loosest to the tightest: quotad's defaults, an argument
+    /// limit above the frame limit, and the smallest config (inline limit = `max_argument_bytes`, as
+    /// `SidecarServer` sets it). Each is at most the one before it in every limit.
     static let limitSets = [
         RESPLimits(maxArguments: 32, maxArgumentBytes: 4096, maxInlineBytes: 4096, maxFrameBytes: 65536),
-        RESPLimits(maxArguments: 4, maxArgumentBytes: 64, maxInlineBytes: 64, maxFrameBytes: 256),
         RESPLimits(maxArguments: 4, maxArgumentBytes: 300, maxInlineBytes: 300, maxFrameBytes: 256),
+        RESPLimits(maxArguments: 4, maxArgumentBytes: 64, maxInlineBytes: 64, maxFrameBytes: 256),
     ]
 
     @Test func theCorpusIsThere() {
@@ -31,11 +32,23 @@ struct FuzzRegressionTests {
     @Test(arguments: FuzzRegressionTests.seeds)
     func seedHasAWellFormedOutcome(_ name: String) throws {
         let bytes = [UInt8](try Data(contentsOf: Self.corpus.appendingPathComponent(name)))
+        var runs: [Run] = []
         for limits in Self.limitSets {
             let whole = Self.decode(bytes, limits: limits, reads: [bytes.count])
             let split = Self.decode(bytes, limits: limits, reads: Self.smallReads(bytes))
             #expect(whole == split, "\(name): outcome depends on how the stream is cut")
             for command in whole.commands { Self.checkCommand(command, limits: limits, seed: name) }
+            runs.append(whole)
+        }
+        // Limits only refuse: a tighter set accepts a prefix of what the looser one accepts, and the same
+        // whole outcome when it refuses nothing (as the fuzz target checks).
+        for (loose, tight) in zip(runs, runs.dropFirst()) {
+            if tight.error == nil {
+                #expect(tight == loose, "\(name): a looser limit set changes the outcome")
+            } else {
+                #expect(Array(loose.commands.prefix(tight.commands.count)) == tight.commands,
+                        "\(name): a looser limit set changes the commands")
+            }
         }
         // The client-side reply decoder: a value, "need more bytes" or a protocol error, never anything else.
         var buffer = ByteBuffer(bytes: bytes)
