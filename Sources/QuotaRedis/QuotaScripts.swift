@@ -35,6 +35,34 @@ enum QuotaScripts {
           if gen ~= '' and g ~= gen then return {-3, g} end
           return nil
         end
+        -- Removals that can empty a key (ZREM, HDEL) are deferred to the end of the script (`flush`):
+        -- Redis deletes an emptied key, and in a MIGRATING slot Redis Cluster aborts a script that then
+        -- touches the missing key ("Script attempted to access a non local key"), after the writes before
+        -- it (scripts are not rolled back). So no key is touched after a removal from it.
+        local removals, removal_keys = {}, {}
+        local function remove_later(cmd, key, member)
+          local r = removals[key]
+          if not r then
+            r = {cmd = cmd, members = {}, skip = {}}
+            removals[key] = r
+            removal_keys[#removal_keys + 1] = key
+          end
+          r.members[#r.members + 1] = member
+        end
+        -- A member written again after its removal was deferred stays (as if removed, then written).
+        local function readded(key, member)
+          local r = removals[key]
+          if r then r.skip[member] = true end
+        end
+        local function flush()
+          for _, key in ipairs(removal_keys) do
+            local r, ms = removals[key], {}
+            for _, m in ipairs(r.members) do
+              if not r.skip[m] then ms[#ms + 1] = m end
+            end
+            if #ms > 0 then redis.call(r.cmd, key, unpack(ms)) end
+          end
+        end
         """
 
     /// A cumulative return of lease `id` by `host` (KEYS[1] meta, KEYS[2] leases, KEYS[3] exp, KEYS[4] closed).
@@ -56,8 +84,8 @@ enum QuotaScripts {
           end
           if close then
             l.st = 'c'
-            redis.call('ZREM', KEYS[3], id)
             redis.call('ZADD', KEYS[4], now, id)
+            remove_later('ZREM', KEYS[3], id)
           end
           redis.call('HSET', KEYS[2], id, fmt(l))
           return delta, nil
@@ -65,22 +93,32 @@ enum QuotaScripts {
         """
 
     /// Archive a few closed leases older than the voucher's retention (KEYS as above, KEYS[5] reqs).
+    /// Their removals from `leases`, `reqs` and `closed` are deferred (`flush`); the script treats the
+    /// archived request ids as gone (`archived_req`).
     static let archive = """
+        local archived_req = {}
         local function archive(now)
           local keep = tonumber(redis.call('HGET', KEYS[1], 'closed_retention_ms') or '604800000')
           local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - keep, 'LIMIT', 0, 8)
+          local g, r, k, n = 0, 0, 0, 0
           for _, id in ipairs(old) do
             local v = redis.call('HGET', KEYS[2], id)
             if v then
               local l = parse(v)
-              redis.call('HINCRBY', KEYS[1], 'archived_granted', l.g)
-              redis.call('HINCRBY', KEYS[1], 'archived_returned', l.r)
-              redis.call('HINCRBY', KEYS[1], 'archived_restocked', l.k)
-              redis.call('HINCRBY', KEYS[1], 'archived_leases', 1)
-              redis.call('HDEL', KEYS[2], id)
-              if l.req ~= '' then redis.call('HDEL', KEYS[5], l.req) end
+              g, r, k, n = g + l.g, r + l.r, k + l.k, n + 1
+              remove_later('HDEL', KEYS[2], id)
+              if l.req ~= '' then
+                remove_later('HDEL', KEYS[5], l.req)
+                archived_req[l.req] = true
+              end
             end
-            redis.call('ZREM', KEYS[4], id)
+            remove_later('ZREM', KEYS[4], id)
+          end
+          if n > 0 then
+            redis.call('HINCRBY', KEYS[1], 'archived_granted', g)
+            redis.call('HINCRBY', KEYS[1], 'archived_returned', r)
+            redis.call('HINCRBY', KEYS[1], 'archived_restocked', k)
+            redis.call('HINCRBY', KEYS[1], 'archived_leases', n)
           end
         end
         """
@@ -113,11 +151,14 @@ enum QuotaScripts {
     /// not more than an hour ago. Reply: {now_ms, hosts, {voucher, ...}}.
     static let heartbeat = """
         \(now)
-        redis.call('ZADD', KEYS[1], now, ARGV[1])
-        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 30000)
-        redis.call('PEXPIRE', KEYS[1], 86400000)
         local warm = redis.call('ZRANGEBYSCORE', KEYS[2], now - 3600000, now + tonumber(ARGV[2]), 'LIMIT', 0, 1000)
-        return {now, redis.call('ZCARD', KEYS[1]), warm}
+        redis.call('ZADD', KEYS[1], now, ARGV[1])
+        redis.call('PEXPIRE', KEYS[1], 86400000)
+        -- The hosts that the trim keeps, counted before it: the trim is the script's last access to the
+        -- set (a removal can empty a key; see `lib`).
+        local live = redis.call('ZCOUNT', KEYS[1], '(' .. (now - 30000), '+inf')
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 30000)
+        return {now, live, warm}
         """
 
     /// Put a voucher on the region's warm list. KEYS: warm list. ARGV: voucher, at_ms (0: now).
@@ -128,8 +169,9 @@ enum QuotaScripts {
         local at = tonumber(ARGV[2])
         if at <= 0 then at = now end
         redis.call('ZADD', KEYS[1], at, ARGV[1])
-        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
         redis.call('PEXPIRE', KEYS[1], 86400000 + math.max(0, at - now))
+        -- Last: the trim can empty the list (a removal can empty a key; see `lib`).
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
         return at
         """
 
@@ -159,6 +201,7 @@ enum QuotaScripts {
         if bad then return bad end
         \(now)
         local host = ARGV[1]
+        local function run()
         for i = 10, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
         archive(now)
         local m = redis.call('HMGET', KEYS[1], 'state', 'pool', 'start_ms', 'end_ms', 'recall_ms')
@@ -193,6 +236,7 @@ enum QuotaScripts {
         end
         local req = ARGV[6]
         local prior = redis.call('HGET', KEYS[5], req)
+        if archived_req[req] then prior = nil end
         if prior then
           if prior ~= '-' then
             local v = redis.call('HGET', KEYS[2], prior)
@@ -209,6 +253,7 @@ enum QuotaScripts {
         local want, need, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
         if want <= 0 then
           redis.call('HSET', KEYS[5], req, '-')
+          readded(KEYS[5], req)
           return {0, 0, '', pool}
         end
         if m[1] ~= 'active' then return {-2, m[1]} end
@@ -224,7 +269,12 @@ enum QuotaScripts {
         redis.call('HSET', KEYS[2], id, fmt({host = host, g = n, r = 0, k = 0, e = exp, st = 'o', mode = ARGV[8], req = req}))
         redis.call('ZADD', KEYS[3], exp, id)
         redis.call('HSET', KEYS[5], req, id)
+        readded(KEYS[5], req)
         return {1, n, id, pool - n, ttl}
+        end
+        local out = run()
+        flush()
+        return out
         """
 
     /// KEYS: meta, leases, exp. ARGV: lease_id, ttl_ms, host, gen.
@@ -259,6 +309,7 @@ enum QuotaScripts {
         if bad then return {bad[1], bad[2] or ''} end
         \(now)
         local delta, why = give_back(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], now)
+        flush()
         if delta then return {1, delta} end
         if why == 'not ours' then return {-1, 0} end
         return {0, 0}
@@ -277,9 +328,18 @@ enum QuotaScripts {
         if bad then return bad end
         \(now)
         local horizon = tonumber(ARGV[3])
-        redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - horizon)
-        if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {0, 0} end
-        if now - tonumber(ARGV[2]) > horizon - 60000 then return {-4, 0} end
+        -- Markers older than the horizon are dropped last, on every path (a removal can empty a key; see
+        -- `lib`); until then one counts only while the trim would keep it.
+        local function trim() redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - horizon) end
+        local done = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]) or '')
+        if done and done > now - horizon then
+          trim()
+          return {0, 0}
+        end
+        if now - tonumber(ARGV[2]) > horizon - 60000 then
+          trim()
+          return {-4, 0}
+        end
         local total = 0
         for i = 6, #ARGV, 2 do
           local v = redis.call('HGET', KEYS[2], ARGV[i])
@@ -300,6 +360,7 @@ enum QuotaScripts {
         redis.call('ZADD', KEYS[3], now, ARGV[1])
         -- Every marker is dropped `horizon` after it was written, so the set can go with its newest one.
         redis.call('PEXPIRE', KEYS[3], horizon)
+        trim()
         return {1, total}
         """
 
@@ -333,8 +394,8 @@ enum QuotaScripts {
         end
         l.st = 'x'
         redis.call('HSET', KEYS[2], ARGV[1], fmt(l))
-        redis.call('ZREM', KEYS[3], ARGV[1])
         redis.call('ZADD', KEYS[4], now, ARGV[1])
+        redis.call('ZREM', KEYS[3], ARGV[1])
         return {1, delta}
         """
 
