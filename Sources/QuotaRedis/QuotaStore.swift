@@ -268,17 +268,21 @@ public final class QuotaStore: Sendable {
         return s
     }
 
-    /// Several calls of one script, pipelined (on a cluster: one pipeline per node); replies in order.
-    /// A call answered `NOSCRIPT` is sent again by `EVAL`; an error reply throws.
-    private func evalMany(_ script: String, calls: [(keys: [String], args: [String])]) async throws(RedisError) -> [RedisValue] {
-        let sha = try await scriptSHA(script)
+    /// Several calls of one script, pipelined (on a cluster: one pipeline per node); per call in order,
+    /// its reply or its own failure (an error reply is a `.server` failure). On a cluster the calls on a
+    /// node that failed fail while the others keep their replies.
+    private func evalEach(_ script: String, calls: [(keys: [String], args: [String])]) async -> [Result<RedisValue, RedisError>] {
+        let sha: String
+        do throws(RedisError) { sha = try await scriptSHA(script) } catch { return calls.map { _ in .failure(error) } }
         let tails = calls.map { [String($0.keys.count)] + $0.keys + $0.args }
-        var replies = try await connection.send(batch: tails.map { ["EVALSHA", sha] + $0 })
+        var replies = await connection.sendEach(batch: tails.map { ["EVALSHA", sha] + $0 })
         for i in replies.indices {
-            if case .error(let e) = replies[i], e.hasPrefix("NOSCRIPT") {
-                replies[i] = try await connection.send(["EVAL", script] + tails[i])
+            if case .success(.error(let e)) = replies[i], e.hasPrefix("NOSCRIPT") {
+                do throws(RedisError) { replies[i] = .success(try await connection.send(["EVAL", script] + tails[i])) } catch {
+                    replies[i] = .failure(error)
+                }
             }
-            if case .error(let e) = replies[i] { throw RedisError.server(e) }
+            if case .success(.error(let e)) = replies[i] { replies[i] = .failure(.server(e)) }
         }
         return replies
     }
@@ -749,10 +753,40 @@ public final class QuotaStore: Sendable {
 
     /// Check many claims at once, in one script call (one round trip). On a Redis Cluster the keys of
     /// one call must share a slot: there the batch is split by the slot of each check's group (one call
-    /// per slot, pipelined per node, the nodes in parallel). Returns, per check in order, its outcome.
+    /// per slot, pipelined per node, the nodes in parallel). Returns, per check in order, its outcome;
+    /// throws when any check failed: `.unreachable` only when none was sent (``checkEachUser(_:)`` gives
+    /// the checks that ran their answers when another part failed).
     public func checkUsers(_ checks: [UserCheck]) async throws(RedisError) -> [UserCheckOutcome] {
+        let results = await checkEachUser(checks)
+        var out: [UserCheckOutcome] = []
+        var notSent: RedisError?
+        var mayHaveRun: RedisError?
+        for r in results {
+            switch r {
+            case .success(let o): out.append(o)
+            case .failure(let e) where e.wasNotSent: if notSent == nil { notSent = e }
+            case .failure(let e): if mayHaveRun == nil { mayHaveRun = e }
+            }
+        }
+        if let mayHaveRun { throw mayHaveRun }
+        if let notSent {
+            if out.isEmpty { throw notSent }
+            throw RedisError.timedOut("per-user checks: \(out.count) of \(checks.count) ran, the rest were not sent: \(notSent)")
+        }
+        return out
+    }
+
+    /// ``checkUsers(_:)``, per check: its outcome, or its own failure. On a Redis Cluster the checks of a
+    /// master that failed fail (`.unreachable` if they were not sent, the connection's error if they may
+    /// have run) while the checks that ran on the other masters keep their outcomes.
+    public func checkEachUser(_ checks: [UserCheck]) async -> [Result<UserCheckOutcome, RedisError>] {
         guard !checks.isEmpty else { return [] }
-        guard connection.isCluster else { return try await checkUsersInOneCall(checks) }
+        func one(_ checks: [UserCheck]) async -> [Result<UserCheckOutcome, RedisError>] {
+            do throws(RedisError) { return try await checkUsersInOneCall(checks).map { .success($0) } } catch {
+                return checks.map { _ in .failure(error) }
+            }
+        }
+        guard connection.isCluster else { return await one(checks) }
         var bySlot: [Int: [Int]] = [:]
         var slots: [Int] = []
         for (i, c) in checks.enumerated() {
@@ -760,13 +794,16 @@ public final class QuotaStore: Sendable {
             if bySlot[s] == nil { slots.append(s) }
             bySlot[s, default: []].append(i)
         }
-        if slots.count == 1 { return try await checkUsersInOneCall(checks) }
+        if slots.count == 1 { return await one(checks) }
         let parts = slots.map { bySlot[$0]!.map { checks[$0] } }
         let calls = parts.map(Self.userCheckCall)
-        let replies = try await evalMany(QuotaScripts.userCheck, calls: calls)
-        var out = [UserCheckOutcome](repeating: .overLimit, count: checks.count)
+        let replies = await evalEach(QuotaScripts.userCheck, calls: calls)
+        var out = [Result<UserCheckOutcome, RedisError>](repeating: .failure(.badReply("USERCHECK: no reply")), count: checks.count)
         for (k, r) in replies.enumerated() {
-            let outcomes = try Self.userOutcomes(r, count: parts[k].count)
+            let outcomes: [Result<UserCheckOutcome, RedisError>]
+            do throws(RedisError) { outcomes = try Self.userOutcomes(r.get(), count: parts[k].count).map { .success($0) } } catch {
+                outcomes = parts[k].map { _ in .failure(error) }
+            }
             for (j, i) in bySlot[slots[k]]!.enumerated() { out[i] = outcomes[j] }
         }
         return out

@@ -55,6 +55,17 @@ public final class RedisClient: Sendable {
         }
     }
 
+    /// Send several commands; per command in order, its reply or its own failure. On a cluster the
+    /// parts on different nodes succeed or fail apart (``RedisClusterRouter/sendEach(batch:)``); on one
+    /// server the pipeline succeeds or fails as a whole.
+    public func sendEach(batch: [[String]]) async -> [Result<RedisValue, RedisError>] {
+        switch backend {
+        case .single(let c):
+            do { return try await c.send(batch: batch).map { .success($0) } } catch { return batch.map { _ in .failure(error) } }
+        case .cluster(let r): return await r.sendEach(batch: batch)
+        }
+    }
+
     /// Send `args` to every master (the one server when standalone): each one's reply or failure.
     public func sendToMasters(_ args: [String]) async throws(RedisError) -> [(node: String, reply: Result<RedisValue, RedisError>)] {
         switch backend {

@@ -140,58 +140,112 @@ public final class RedisClusterRouter: Sendable {
     }
 
     /// Send several commands: one pipeline per node, the nodes in parallel; replies in order. A command
-    /// redirected (`MOVED`, `ASK`, `TRYAGAIN`) is sent again on its own.
+    /// redirected (`MOVED`, `ASK`, `TRYAGAIN`) is sent again on its own. Throws when any part failed (see
+    /// ``sendEach(batch:)`` for per-command results): `.unreachable` only when nothing of the batch was
+    /// sent, else the first failure that may have run or, if the failed parts were not sent while others
+    /// ran, `.timedOut` (the batch as a whole is neither done nor undone).
     public func send(batch: [[String]]) async throws(RedisError) -> [RedisValue] {
+        let results = await sendEach(batch: batch)
+        return try Self.wholeBatch(results)
+    }
+
+    /// The replies of a batch whose parts were answered separately, or the one error that describes it
+    /// (`.unreachable` and `.queuedTooLong` only when nothing of it was sent).
+    public static func wholeBatch(_ results: [Result<RedisValue, RedisError>]) throws(RedisError) -> [RedisValue] {
+        var replies: [RedisValue] = []
+        var notSent: RedisError?
+        var mayHaveRun: RedisError?
+        var ran = false
+        for r in results {
+            switch r {
+            case .success(let v):
+                replies.append(v)
+                ran = true
+            case .failure(let e):
+                if e.wasNotSent {
+                    if notSent == nil { notSent = e }
+                } else if mayHaveRun == nil {
+                    mayHaveRun = e
+                }
+            }
+        }
+        if let mayHaveRun { throw mayHaveRun }
+        if let notSent {
+            if !ran { throw notSent }
+            throw RedisError.timedOut("part of the batch ran, the rest was not sent: \(notSent)")
+        }
+        return replies
+    }
+
+    /// Send several commands: one pipeline per node, the nodes in parallel. Per command in order: its
+    /// reply, or its own failure: `.unreachable` (or `.queuedTooLong`) for one that was not sent (its
+    /// node refused the connection), the node's error (a timeout, a broken connection: it may have run)
+    /// for one that was. The parts that ran keep their replies when another node fails.
+    public func sendEach(batch: [[String]]) async -> [Result<RedisValue, RedisError>] {
         if batch.isEmpty { return [] }
         let slots = batch.map { ClusterSlot.of(command: $0) }
         let batchSlot = slots.first { $0 != nil } ?? nil
+        var results = [Result<RedisValue, RedisError>](repeating: .success(.null), count: batch.count)
         var groups: [String: [Int]] = [:]
         var order: [String] = []
         for (i, s) in slots.enumerated() {
-            let node = try await node(for: s ?? batchSlot)
-            if groups[node] == nil { order.append(node) }
-            groups[node, default: []].append(i)
-        }
-        var replies = [RedisValue](repeating: .null, count: batch.count)
-        var failure: (String, RedisError)?
-        if order.count == 1 {
-            do {
-                replies = try await connection(order[0]).send(batch: batch)
-            } catch { failure = (order[0], error) }
-        } else {
-            var conns: [(String, HiredisConnection)] = []
-            for n in order { conns.append((n, try connection(n))) }
-            let results = await withTaskGroup(of: (String, Result<[RedisValue], RedisError>).self) { g in
-                for (node, conn) in conns {
-                    let cmds = groups[node]!.map { batch[$0] }
-                    g.addTask {
-                        do throws(RedisError) { return (node, .success(try await conn.send(batch: cmds))) } catch { return (node, .failure(error)) }
-                    }
-                }
-                var out: [(String, Result<[RedisValue], RedisError>)] = []
-                for await r in g { out.append(r) }
-                return out
-            }
-            for (node, r) in results {
-                switch r {
-                case .success(let values):
-                    for (j, i) in groups[node]!.enumerated() { replies[i] = values[j] }
-                case .failure(let e):
-                    if failure == nil { failure = (node, e) }
-                }
+            do throws(RedisError) {
+                let node = try await node(for: s ?? batchSlot)
+                if groups[node] == nil { order.append(node) }
+                groups[node, default: []].append(i)
+            } catch {
+                results[i] = .failure(error)
             }
         }
-        if let (node, e) = failure {
-            noteFailure(node)
+        var conns: [(String, HiredisConnection)] = []
+        for n in order {
+            do throws(RedisError) { conns.append((n, try connection(n))) } catch {
+                for i in groups[n]! { results[i] = .failure(error) }
+            }
+        }
+        let parts = await withTaskGroup(of: (String, Result<[RedisValue], RedisError>).self) { g in
+            for (node, conn) in conns {
+                let cmds = groups[node]!.map { batch[$0] }
+                g.addTask {
+                    do throws(RedisError) { return (node, .success(try await conn.send(batch: cmds))) } catch { return (node, .failure(error)) }
+                }
+            }
+            var out: [(String, Result<[RedisValue], RedisError>)] = []
+            for await r in g { out.append(r) }
+            return out
+        }
+        var failed: [String] = []
+        for (node, r) in parts {
+            switch r {
+            case .success(let values):
+                for (j, i) in groups[node]!.enumerated() { results[i] = .success(values[j]) }
+            case .failure(let e):
+                failed.append(node)
+                for i in groups[node]! { results[i] = .failure(e) }
+            }
+        }
+        if !failed.isEmpty {
+            for n in failed { noteFailure(n) }
             _ = await refresh(.connectionFailure)
-            throw e
         }
-        for i in replies.indices {
-            if case .error(let e) = replies[i], e.hasPrefix("MOVED ") || e.hasPrefix("ASK ") || e.hasPrefix("TRYAGAIN") {
-                replies[i] = try await send(batch[i], slot: slots[i] ?? batchSlot)
+        for i in results.indices {
+            switch results[i] {
+            case .success(.error(let e)) where e.hasPrefix("MOVED ") || e.hasPrefix("ASK ") || e.hasPrefix("TRYAGAIN"):
+                results[i] = await Self.result { () async throws(RedisError) in try await self.send(batch[i], slot: slots[i] ?? batchSlot) }
+            case .failure(.unreachable):
+                // Not sent: safe to send to the master the map names now, if that is another node.
+                let slot = slots[i] ?? batchSlot
+                if let now = owner(slot), groups[now]?.contains(i) != true {
+                    results[i] = await Self.result { () async throws(RedisError) in try await self.send(batch[i], slot: slot) }
+                }
+            default: break
             }
         }
-        return replies
+        return results
+    }
+
+    private static func result(_ body: () async throws(RedisError) -> RedisValue) async -> Result<RedisValue, RedisError> {
+        do { return .success(try await body()) } catch { return .failure(error) }
     }
 
     /// Send `args` to every master (`SCRIPT LOAD`, `CONFIG GET`): each master's reply or failure.

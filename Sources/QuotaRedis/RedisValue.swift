@@ -61,6 +61,14 @@ public enum RedisError: Error, Sendable, Equatable, CustomStringConvertible {
     /// data or the voucher was created again (docs/accounting.md, "Redis that forgets").
     case generation(String)
 
+    /// Whether the call was certainly not sent (nothing of it ran).
+    public var wasNotSent: Bool {
+        switch self {
+        case .unreachable, .queuedTooLong: return true
+        default: return false
+        }
+    }
+
     /// Whether the call may have been executed although no answer came back.
     public var outcomeUnknown: Bool {
         if case .timedOut = self { return true }

@@ -51,13 +51,10 @@ final class UserCheckBatcher: Sendable {
     private func send(_ batch: [Item]) {
         let store = self.store
         Task {
-            let r = await attempt { () async throws(RedisError) in try await store.checkUsers(batch.map(\.check)) }
-            for (i, item) in batch.enumerated() {
-                switch r {
-                case .success(let oks): item.done(.success(oks[i]))
-                case .failure(let e): item.done(.failure(e))
-                }
-            }
+            // Per check: on a Redis Cluster a batch is split over masters, and the checks that ran keep
+            // their answers when another master fails (only a check that was not sent is `.unreachable`).
+            let results = await store.checkEachUser(batch.map(\.check))
+            for (item, r) in zip(batch, results) { item.done(r) }
             let next = state.withLockedValue { s -> [Item]? in
                 guard !s.queue.isEmpty else {
                     s.inFlight -= 1

@@ -68,4 +68,51 @@ struct RedisClusterReviewTests {
             #expect(try await cluster.command(from, "ZSCORE", "quota:{\(v)}:exp", l.id) != .null, "open lease \(l.id) is not in the expiry set")
         }
     }
+
+    /// Finding 2. A per-user batch split over two masters, one of them down (connection refused). The
+    /// other master ran its part and answered: user X is over the limit. The router throws the failed
+    /// node's `.unreachable` for the whole batch, and `VoucherRuntime.startUserCheck` reads `.unreachable` as
+    /// "not sent: nothing counted" for every check of it — with `per_user.on_unavailable: local` X's claim
+    /// is then decided on this host's record alone although Redis answered that X is over the limit
+    /// (and, fail-closed, answered checks are thrown away). `.unreachable` must mean that nothing of the
+    /// batch was sent.
+    @Test func aPartlyExecutedPerUserBatchIsNotReportedAsNotSent() async throws {
+        let cluster = try await RedisClusterServer(masters: 3)
+        let v = "pu"
+        #expect(try await cluster.store.createVoucher(id: v, limit: 1000, perUser: 1, totalLimit: 1000, region: "sg"))
+        let groups = 64
+        // Two users whose groups live on different masters.
+        var users: [(user: String, group: Int, port: Int)] = []
+        var i = 0
+        while users.count < 2 {
+            let u = "user\(i)"
+            i += 1
+            let gr = QuotaStore.userGroup(user: u, groups: groups)
+            let port = try await cluster.masterPort(ofSlot: ClusterSlot.of(QuotaStore.userGroupKey(voucher: v, group: gr)))
+            if users.allSatisfy({ $0.port != port }) { users.append((u, gr, port)) }
+        }
+        let x = users[0], y = users[1]
+        func check(_ u: (user: String, group: Int, port: Int), _ claim: String) -> QuotaStore.UserCheck {
+            QuotaStore.UserCheck(voucher: v, group: u.group, limit: 1, user: u.user, qty: 1, claimID: claim)
+        }
+        // X holds the limit already (a claim through another host).
+        #expect(try await cluster.store.checkUsers([check(x, "c-x-1")]) == [.counted])
+
+        // Y's master goes away; a fresh sidecar store (as after a restart) meets it refused.
+        try await cluster.kill9(y.port)
+        var logger = Logger(label: "review")
+        logger.logLevel = .critical
+        let store = try QuotaStore(url: cluster.url, timeout: .seconds(1), logger: logger)
+        defer { store.connection.close() }
+        do {
+            let out = try await store.checkUsers([check(x, "c-x-2"), check(y, "c-y-1")])
+            #expect(out[0] == .overLimit)
+        } catch .unreachable(let why) {
+            Issue.record("X's check ran on its master (over the limit) but the batch says 'not sent': \(why)")
+        } catch {
+            // Any other error is 'unknown': retried by claim id, never decided locally. Acceptable.
+        }
+        #expect(try await cluster.command(x.port, "HGET", QuotaStore.userGroupKey(voucher: v, group: x.group), x.user) == .string("1"),
+                "X's count on its master")
+    }
 }
