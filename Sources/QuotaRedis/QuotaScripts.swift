@@ -420,16 +420,23 @@ enum QuotaScripts {
     /// Step 1, in the source region: take `amount` from the pool and the allocation, record the transfer
     /// `taken`. Once per transfer id: a second call answers the record and changes nothing.
     /// KEYS: meta, transfers. ARGV: transfer id, destination region, amount, gen, destination's gen.
-    /// Reply: {1, record} taken now | {2, record} taken before | {-7, pool} the pool has less than `amount`:
-    /// nothing changed | {-3, gen} | {-5} unknown voucher.
+    /// Reply: {1, record} taken now | {2, record} taken before (the same destination and amount) | {-7, pool}
+    /// the pool has less than `amount`: nothing changed | {-8, record} the id is recorded here otherwise (an
+    /// `in` record, or `out` to another region or amount): nothing changed | {-3, gen} | {-5} unknown voucher.
     static let transferTake = """
         \(lib)
         \(transferLib)
         local bad = gencheck(KEYS[1], ARGV[4])
         if bad then return bad end
-        local prior = redis.call('HGET', KEYS[2], ARGV[1])
-        if prior then return {2, prior} end
         local n = tonumber(ARGV[3])
+        local prior = redis.call('HGET', KEYS[2], ARGV[1])
+        if prior then
+          -- Only this transfer's own `out` record makes a re-run; any other record of the id (an `in`
+          -- one: the id was used the other way) is a conflict: nothing changed.
+          local p = tparse(prior)
+          if p and p.dir == 'out' and p.peer == ARGV[2] and p.n == n then return {2, prior} end
+          return {-8, prior}
+        end
         local m = redis.call('HMGET', KEYS[1], 'pool', 'limit')
         local pool, limit = tonumber(m[1]), tonumber(m[2])
         if n > pool then return {-7, pool} end
@@ -446,14 +453,21 @@ enum QuotaScripts {
     /// Step 2, in the destination region: add `amount` to the pool and the allocation, record the transfer
     /// received. Once per transfer id: a re-run never adds twice.
     /// KEYS: meta, transfers. ARGV: transfer id, source region, amount, gen.
-    /// Reply: {1, record} given now | {2, record} given before (nothing changed) | {-3, gen} | {-5}.
+    /// Reply: {1, record} given now | {2, record} given before (nothing changed) | {-8, record} this region
+    /// holds an `out` record of the id (used the other way): nothing changed | {-3, gen} | {-5}.
     static let transferGive = """
         \(lib)
         \(transferLib)
         local bad = gencheck(KEYS[1], ARGV[4])
         if bad then return bad end
         local prior = redis.call('HGET', KEYS[2], ARGV[1])
-        if prior then return {2, prior} end
+        if prior then
+          -- An `out` record of the id here: the id was used the other way (this region is its source):
+          -- a conflict, nothing changed.
+          local p = tparse(prior)
+          if not p or p.dir == 'out' then return {-8, prior} end
+          return {2, prior}
+        end
         local n = tonumber(ARGV[3])
         \(now)
         redis.call('HSETNX', KEYS[1], 'allocated', redis.call('HGET', KEYS[1], 'limit'))

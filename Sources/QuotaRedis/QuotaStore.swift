@@ -126,6 +126,9 @@ public enum TransferReply: Sendable, Equatable {
     case poolTooSmall(Int)
     /// Step 3 only: the source has no such outgoing transfer.
     case unknown
+    /// Steps 1 and 2: the region records the transfer id otherwise (this record: the id used the other
+    /// way, or to another region or amount): nothing changed.
+    case conflict(TransferRecord)
 }
 
 /// Answer of the LEASE script.
@@ -885,6 +888,7 @@ public final class QuotaStore: Sendable {
         case 0: return .already(TransferRecord(id: id, direction: .out, peer: "", amount: 0, state: .done, tsMs: 0, peerGeneration: ""))
         case -7: return .poolTooSmall(a.count > 1 ? a[1].int ?? 0 : 0)
         case -4: return .unknown
+        case -8: return .conflict(try rec())
         default: throw RedisError.badReply("\(what): \(r)")
         }
     }

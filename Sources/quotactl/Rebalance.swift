@@ -96,6 +96,13 @@ struct RebalanceCommand: AsyncParsableCommand {
             throw ValidationError("region \(from) has \(srcRec.pool) unleased tokens of \(id) in its pool, \(amount) asked; nothing changed "
                 + "(leased tokens come back to the pool as hosts return them)")
         }
+        // The id must not be recorded in the destination otherwise (used the other way, or another
+        // transfer): checked before step 1, so that a refused command changes nothing.
+        if let d = try await withRedis(toURL, { () async throws(RedisError) in try await dst.transfer(voucher: voucher, id: tid) }),
+           d.direction != .in || d.peer != from || d.amount != amount {
+            throw ValidationError("transfer \(tid) exists in \(to) as \(Self.describe(d)), not \(amount) from \(from): use another "
+                + "--transfer-id; nothing changed")
+        }
         var dstRec = try await withRedis(toURL) { () async throws(RedisError) in try await dst.voucher(voucher) }
         if dstRec == nil {
             // The voucher has no pool in the destination yet: create an empty one (allocation 0) to receive.
@@ -130,6 +137,8 @@ struct RebalanceCommand: AsyncParsableCommand {
         case .poolTooSmall(let p):
             throw ValidationError("region \(from) has \(p) unleased tokens of \(id) in its pool, \(amount) asked; nothing changed "
                 + "(leased tokens come back to the pool as hosts return them)")
+        case .conflict(let t):
+            throw ValidationError("transfer \(tid) exists in \(from) as \(Self.describe(t)), not \(amount) to \(to); nothing changed")
         case .unknown: throw ValidationError("transfer \(tid): unexpected answer from \(from)")
         }
         if take == "applied" { await recordDefinitions([(from, src)]) }
@@ -174,6 +183,9 @@ struct RebalanceCommand: AsyncParsableCommand {
                 throw ValidationError("transfer \(tid): \(rec.peer) holds it as \(Self.describe(t)), \(from) as \(Self.describe(rec))")
             }
             give = "already"
+        case .conflict(let t):
+            throw ValidationError("transfer \(tid): \(rec.peer) holds it as \(Self.describe(t)) (the id used the other way), "
+                + "\(from) as \(Self.describe(rec)): not given; it stays in flight")
         default: throw ValidationError("transfer \(tid): unexpected answer from \(rec.peer)")
         }
         if give == "applied" { await recordDefinitions([(rec.peer, dst)]) }
@@ -193,6 +205,7 @@ struct RebalanceCommand: AsyncParsableCommand {
     private func resumeAll(_ regions: [String: String]) async throws {
         let voucher = id
         var results: [StepsJSON] = []
+        var failed: [String] = []
         var found = false
         for (name, url) in regions.sorted(by: { $0.key < $1.key }) {
             let s = try conn.store(url)
@@ -202,7 +215,16 @@ struct RebalanceCommand: AsyncParsableCommand {
                 .filter { $0.direction == .out && $0.state == .taken && (transferId == nil || $0.id == transferId) }
             for t in pending {
                 if !conn.json { print("transfer \(t.id): \(t.amount) of \(id) from \(name) to \(t.peer), left taken: finishing") }
-                let (give, done) = try await finish(t, from: name, srcURL: url, src: s, srcGen: rec.generation, regions: regions)
+                let give: String, done: String
+                do {
+                    (give, done) = try await finish(t, from: name, srcURL: url, src: s, srcGen: rec.generation, regions: regions)
+                } catch {
+                    // Reported; the others are still finished (the exit status says one failed).
+                    FileHandle.standardError.write(Data(("error: transfer \(t.id) (\(t.amount) from \(name) to \(t.peer)) not "
+                        + "finished: \(error)\n").utf8))
+                    failed.append(t.id)
+                    continue
+                }
                 results.append(StepsJSON(transfer: t.id, voucher: id, from: name, to: t.peer, amount: t.amount, take: "already",
                                          give: give, done: done, result: "done"))
                 if !conn.json {
@@ -211,8 +233,14 @@ struct RebalanceCommand: AsyncParsableCommand {
             }
         }
         guard found else { throw ValidationError("no voucher '\(id)' (see: quotactl voucher list)") }
-        if conn.json { return try emitJSON(results) }
-        if results.isEmpty { print("no transfer of \(id) in flight: nothing to finish") }
+        if conn.json { try emitJSON(results) } else if results.isEmpty && failed.isEmpty {
+            print("no transfer of \(id) in flight: nothing to finish")
+        }
+        if !failed.isEmpty {
+            fflush(nil)
+            throw ValidationError("\(failed.count) transfer(s) of \(id) not finished: \(failed.joined(separator: ", ")) "
+                + "(see the errors above; they stay in flight)")
+        }
     }
 
     /// The region's allocation as the ledger keeps it (rehydration rebuilds a pool from it). Best effort: a
