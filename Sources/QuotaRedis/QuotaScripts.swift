@@ -137,10 +137,13 @@ enum QuotaScripts {
     static let create = """
         \(now)
         if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 'exists'} end
-        redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'allocated', ARGV[1], 'pool', ARGV[1], 'state', 'active',
+        local state = ARGV[9]
+        if not state or state == '' then state = 'active' end
+        redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'allocated', ARGV[1], 'pool', ARGV[1], 'state', state,
           'per_user', ARGV[2], 'total_limit', ARGV[3], 'region', ARGV[4], 'lease_seq', 0,
           'leased', 0, 'returned', 0, 'restocked', 0, 'created_ms', now, 'gen', ARGV[5],
           'closed_retention_ms', ARGV[6], 'start_ms', ARGV[7], 'end_ms', ARGV[8])
+        for i = 10, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
         return {1, 'created'}
         """
 

@@ -420,15 +420,19 @@ public final class QuotaStore: Sendable {
     // MARK: Vouchers
 
     /// Create a voucher's pool in this region (and the region marker if there is none). Returns false if
-    /// it exists already.
+    /// it exists already. With `regionGeneration` (the marker's, read by the caller) no marker is created;
+    /// `status` and `policy` are written by the same script (never briefly active when created paused).
     public func createVoucher(id: String, limit: Int, perUser: Int, totalLimit: Int, region: String,
                               closedRetention: Duration = QuotaStore.closedRetention, startMs: Int64 = 0,
-                              endMs: Int64 = 0) async throws(RedisError) -> Bool {
-        let gen = try await ensureRegion(proposed: Self.newGeneration())
+                              endMs: Int64 = 0, status: VoucherStatus = .active,
+                              policy: LeasePolicyOverride = LeasePolicyOverride(),
+                              regionGeneration: String? = nil) async throws(RedisError) -> Bool {
+        let gen: String
+        if let regionGeneration { gen = regionGeneration } else { gen = try await ensureRegion(proposed: Self.newGeneration()) }
         let r = try await eval(
             QuotaScripts.create, keys: [Self.meta(id)],
             args: [String(limit), String(perUser), String(totalLimit), region, gen, String(closedRetention.milliseconds),
-                   String(startMs), String(endMs)])
+                   String(startMs), String(endMs), status.rawValue] + Self.policyFields(policy))
         guard r.array?.first?.int == 1 else { return false }
         _ = try await connection.send(["SADD", Self.vouchers, id])
         return true

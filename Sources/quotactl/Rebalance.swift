@@ -105,13 +105,18 @@ struct RebalanceCommand: AsyncParsableCommand {
         }
         var dstRec = try await withRedis(toURL) { () async throws(RedisError) in try await dst.voucher(voucher) }
         if dstRec == nil {
-            // The voucher has no pool in the destination yet: create an empty one (allocation 0) to receive.
+            // No pool in the destination. Only a region that never had the voucher gets one (allocation 0):
+            // without the region marker, its Redis lost its data (the voucher with it): fail closed.
+            guard let regionGen = try await withRedis(toURL, { () async throws(RedisError) in try await dst.regionGeneration() })
+            else {
+                throw ValidationError("region \(to) has no region marker (its Redis lost its data?): its allocation of \(id) is "
+                    + "unknown; rebuild it with `quotactl rehydrate --region \(to)` first; nothing changed")
+            }
+            // Created with the source's status and lease policy in the same script: never briefly active.
             _ = try await withRedis(toURL) { () async throws(RedisError) in
                 try await dst.createVoucher(id: voucher, limit: 0, perUser: srcRec.perUser, totalLimit: srcRec.totalLimit,
-                                            region: to, startMs: srcRec.startMs, endMs: srcRec.endMs)
-            }
-            if srcRec.status != .active {
-                _ = try await withRedis(toURL) { () async throws(RedisError) in try await dst.setStatus(voucher, srcRec.status) }
+                                            region: to, startMs: srcRec.startMs, endMs: srcRec.endMs, status: srcRec.status,
+                                            policy: srcRec.policy, regionGeneration: regionGen)
             }
             dstRec = try await withRedis(toURL) { () async throws(RedisError) in try await dst.voucher(voucher) }
         }

@@ -91,4 +91,24 @@ import Testing
         let (_, inFlight, problems, aout) = try await t.audit("rr1")
         #expect(inFlight == 0, "tokens stranded in flight: \(inFlight); problems \(problems)\n\(aout)")
     }
+
+    /// Finding 2. The destination's Redis lost its data (restart without AOF): the voucher and the region
+    /// marker are gone, the region's sidecars fail closed, and `rehydrate` is how it comes back. `rebalance`
+    /// takes "no voucher in the destination" for "never had a pool there", runs `createVoucher` (which also
+    /// writes a NEW region marker through ensureRegion) and gives into an empty voucher: the region's
+    /// allocation of 400 (less what it sold) is gone (G1: 500 + 100 != 1000), and a later `rehydrate` skips
+    /// the voucher ("exists in Redis, never overwritten"). Expected: refused, nothing changed (the region's
+    /// marker is absent while the source's voucher says total_limit 1000 — G1 cannot hold).
+    @Test func aRebalanceIntoARegionThatLostItsDataCreatesAnEmptyVoucherOverTheLoss() async throws {
+        let t = try await Regions()
+        let (cst, cout) = try await t.ctl(["voucher", "create", "rr2", "--limit", "1000", "--region", "sg=600", "--region", "id=400"])
+        #expect(cst == 0, "\(cout)")
+        try await t.id.restartEmpty()
+        let (st, out) = try await t.ctl(["rebalance", "rr2", "--from", "sg", "--to", "id", "--amount", "100"])
+        #expect(st != 0, "rebalance into a region that lost its data succeeded:\n\(out)")
+        #expect(try await t.id.store.voucher("rr2") == nil, "an empty voucher was created over the lost one")
+        #expect(try await t.id.store.regionGeneration() == nil, "a new region marker was written over the lost one")
+        let (ast, _, problems, aout) = try await t.audit("rr2")
+        #expect(ast == 0 && problems.isEmpty, "G1 after the rebalance: \(problems)\n\(aout)")
+    }
 }
