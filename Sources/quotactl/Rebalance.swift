@@ -146,7 +146,9 @@ struct RebalanceCommand: AsyncParsableCommand {
             throw ValidationError("transfer \(tid) exists in \(from) as \(Self.describe(t)), not \(amount) to \(to); nothing changed")
         case .unknown: throw ValidationError("transfer \(tid): unexpected answer from \(from)")
         }
-        if take == "applied" { await recordDefinitions([(from, src)]) }
+        // The source's new allocation on the ledger (rehydration rebuilds the pool from it), on every run
+        // that finds the take applied: a run killed before this write leaves it to the next one.
+        try await recordDefinitions([(from, src)])
         Self.failpoint("after-take")
         let (give, done) = try await finish(rec, from: from, srcURL: fromURL, src: src, srcGen: srcRec.generation,
                                             regions: r.regions)
@@ -193,8 +195,10 @@ struct RebalanceCommand: AsyncParsableCommand {
                 + "\(from) as \(Self.describe(rec)): not given; it stays in flight")
         default: throw ValidationError("transfer \(tid): unexpected answer from \(rec.peer)")
         }
-        if give == "applied" { await recordDefinitions([(rec.peer, dst)]) }
         Self.failpoint("after-give")
+        // Both regions' allocations on the ledger before the transfer is marked done (every run: one
+        // killed before these writes leaves them to the next); not written: not marked done.
+        try await recordDefinitions([(from, src), (rec.peer, dst)])
         // Step 3: mark it done in the source.
         let marked = try await withRedis(srcURL) { () async throws(RedisError) in
             try await src.finishTransfer(voucher: voucher, id: tid, gen: srcGen)
@@ -248,21 +252,25 @@ struct RebalanceCommand: AsyncParsableCommand {
         }
     }
 
-    /// The region's allocation as the ledger keeps it (rehydration rebuilds a pool from it). Best effort: a
-    /// Kafka failure is reported, the transfer goes on (its records in Redis are the truth; run
-    /// `quotactl voucher pause|resume` later to write the definitions again).
-    private func recordDefinitions(_ stores: [(String, QuotaStore)]) async {
+    /// The regions' allocations as the ledger keeps them (rehydration rebuilds a pool from them). With
+    /// Kafka configured, a failure to write them throws: the caller stops before marking the transfer done
+    /// (it stays finishable by a re-run or `--resume`, which write them again).
+    private func recordDefinitions(_ stores: [(String, QuotaStore)]) async throws {
         guard let cfg = try? conn.loadConfig(), let brokers = cfg.kafka.brokers else { return }
         var defs: [(key: String, value: [UInt8])] = []
         let now = Int64(Date().timeIntervalSince1970 * 1000)
         for (region, s) in stores {
-            guard let rec = try? await s.voucher(id) else { continue }
+            guard let rec = try await s.voucher(id) else {
+                throw ValidationError("no voucher '\(id)' in \(region) to write its allocation to the ledger")
+            }
             defs.append((id, VoucherDefinition(voucher: id, region: region, limit: rec.limit, totalLimit: rec.totalLimit,
                                                perUser: rec.perUser, state: rec.status.rawValue, generation: rec.generation,
                                                tsMs: now).kafkaValue))
         }
         do { _ = try produceEvents(brokers: brokers, topic: cfg.kafka.topic, defs) } catch {
-            FileHandle.standardError.write(Data("warning: the new allocation is not on Kafka (\(error)); the ledger's is stale\n".utf8))
+            throw ValidationError("the new allocation of \(id) in \(stores.map(\.0).joined(separator: ", ")) is not on Kafka "
+                + "(\(error)): the ledger's is stale, so the transfer is not marked done; run the same command again (or "
+                + "--resume) when Kafka is back")
         }
     }
 

@@ -111,4 +111,34 @@ import Testing
         let (ast, _, problems, aout) = try await t.audit("rr2")
         #expect(ast == 0 && problems.isEmpty, "G1 after the rebalance: \(problems)\n\(aout)")
     }
+
+    /// Finding 3 (oversell). The source's new allocation reaches the ledger only right after step 1 applied
+    /// (`recordDefinitions` after `case .applied`). quotactl killed -9 between the take script's effect and
+    /// that write (or Kafka failing there: only a warning) leaves the ledger saying sg = 600; the re-run or
+    /// `--resume` sees the take `already` and never writes sg's definition. When sg's Redis later loses its
+    /// data, `rehydrate` rebuilds sg's pool from limit 600 while id holds 700: 1300 tokens for a 1000 limit.
+    /// (The step-1 script is run directly here: that is exactly the state quotactl leaves when killed there.)
+    @Test func killedBetweenTakeAndItsLedgerDefinitionThenSourceRehydratedOversells() async throws {
+        let kafka = try await KafkaBroker()
+        let t = try await Regions(kafka: kafka, topic: "t-rb3")
+        let (cst, cout) = try await t.ctl(["voucher", "create", "rr3", "--limit", "1000", "--region", "sg=600", "--region", "id=400"])
+        #expect(cst == 0, "\(cout)")
+        let sgGen = try await t.sg.store.voucher("rr3")!.generation
+        let idGen = try await t.id.store.voucher("rr3")!.generation
+        let taken = try await t.sg.store.takeTransfer(voucher: "rr3", id: "T3", to: "id", amount: 300, gen: sgGen, toGeneration: idGen)
+        guard case .applied = taken else { throw TestError.failed("take: \(taken)") }
+        // --- quotactl killed here (after the script, before recordDefinitions) ---
+        let (rs, ro) = try await t.ctl(["rebalance", "rr3", "--resume"])
+        #expect(rs == 0 && ro.contains("T3"), "\(ro)")
+        #expect(try await t.sg.store.voucher("rr3")!.limit == 300)
+        #expect(try await t.id.store.voucher("rr3")!.limit == 700)
+
+        try await t.sg.restartEmpty()
+        let (hs, ho) = try await t.ctl(["rehydrate", "--region", "sg", "--confirm-shipped"])
+        #expect(hs == 0 && ho.contains("rebuilt"), "\(ho)")
+        let sg = try await t.sg.store.voucher("rr3")
+        let id = try await t.id.store.voucher("rr3")!
+        #expect(sg?.limit == 300, "sg rehydrated with allocation \(sg?.limit ?? -1): sg + id = \((sg?.limit ?? 0) + id.limit) > 1000\n\(ho)")
+        #expect((sg?.pool ?? 0) + id.pool <= 1000, "unleased pools \(sg?.pool ?? -1) + \(id.pool) exceed the limit: oversell")
+    }
 }
