@@ -121,7 +121,9 @@ import Testing
         let (st, out) = try await t.ctl(["rebalance", "rb1", "--from", "sg", "--to", "id", "--amount", "300"])
         #expect(st == 0 && out.contains("done"), "\(out)")
         let b = try await t.books("rb1")
-        #expect(b.sg.limit == 300 && b.sg.pool == 300 && b.id.limit == 700 && b.id.pool == 300, "\(b)")
+        // id's sold-out sidecar may already have leased from its new pool (its refresh or a recall can come
+        // first), so id's pool is at most the 300 moved; what it sells is counted below.
+        #expect(b.sg.limit == 300 && b.sg.pool == 300 && b.id.limit == 700 && b.id.pool <= 300, "\(b)")
 
         // The sold-out sidecar sees the new pool without a restart.
         var again = 0
