@@ -137,10 +137,12 @@ struct PerUserTests {
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "pd", limit: 100_000, perUser: 1, totalLimit: 100_000, region: "sg")
         _ = try await quotactl(["lease", "set", "--voucher", "pd", "--min", "500", "--max", "500", "--redis", redis.url])
+        // Leases that outlive the test: on a loaded CI box the loops below took longer than the default lease
+        // ttl, and a fenced lease answers "no local stock", which is not what this test is about.
         let strict = try await Quotad(redis: redis, dir: dir, host: "host-a",
-                                      extraYAML: "limits: { claim_timeout_ms: 500 }\n")
+                                      extraYAML: "limits: { claim_timeout_ms: 500 }\nlease: { ttl: 120 }\n")
         let lenient = try await Quotad(redis: redis, dir: dir, host: "host-b",
-                                       extraYAML: "per_user: { on_unavailable: local }\nlimits: { claim_timeout_ms: 3000 }\n")
+                                       extraYAML: "per_user: { on_unavailable: local }\nlimits: { claim_timeout_ms: 3000 }\nlease: { ttl: 120 }\n")
         let sc = try await RESPClient.connect(strict.socket)
         let lc = try await RESPClient.connect(lenient.socket)
         // Both hosts hold stock before Redis goes away.
