@@ -176,23 +176,14 @@ public final class RedisServer: @unchecked Sendable {
     }
 
     /// The voucher's books as Redis holds them, for ``VoucherAudit`` checks.
-    public func books(_ voucher: String) async throws -> VoucherAudit {
-        guard let rec = try await store.voucher(voucher) else { throw TestError.failed("no voucher '\(voucher)' in Redis") }
-        return VoucherAudit(record: rec, leases: try await store.leases(voucher: voucher))
-    }
+    public func books(_ voucher: String) async throws -> VoucherAudit { try await store.books(voucher) }
 
     /// Every accounting problem of `voucher`: Redis's own books (R1–R3), each stopped host's journal
     /// (J1–J3), and, given `netClaimed`, the claims against the books (C1). Empty when it all balances.
     public func audit(_ voucher: String, journals: [(host: String, dir: String)] = [], netClaimed: Int? = nil) async throws
         -> [String]
     {
-        let b = try await books(voucher)
-        var out = b.redisProblems()
-        for j in journals {
-            out += b.journalProblems(host: j.host, ledger: JournalRecovery.read(dir: j.dir).ledger, hostStopped: true)
-        }
-        if let netClaimed { out += b.claimProblems(netClaimed: netClaimed) }
-        return out
+        try await store.auditProblems(voucher, journals: journals, netClaimed: netClaimed)
     }
 
     deinit {
@@ -444,4 +435,24 @@ public func httpGet(port: Int, path: String) throws -> (Int, String) {
     let status = Int(text.split(separator: " ").dropFirst().first ?? "") ?? 0
     let body = text.range(of: "\r\n\r\n").map { String(text[$0.upperBound...]) } ?? ""
     return (status, body)
+}
+
+extension QuotaStore {
+    /// A voucher's books as Redis holds them (standalone or cluster).
+    func books(_ voucher: String) async throws -> VoucherAudit {
+        guard let rec = try await self.voucher(voucher) else { throw TestError.failed("no voucher '\(voucher)' in Redis") }
+        return VoucherAudit(record: rec, leases: try await leases(voucher: voucher))
+    }
+
+    /// Every accounting problem of `voucher`: Redis's own books (R1–R3), each stopped host's journal
+    /// (J1–J3), and, given `netClaimed`, the claims against the books (C1). Empty when it all balances.
+    func auditProblems(_ voucher: String, journals: [(host: String, dir: String)], netClaimed: Int?) async throws -> [String] {
+        let b = try await books(voucher)
+        var out = b.redisProblems()
+        for j in journals {
+            out += b.journalProblems(host: j.host, ledger: JournalRecovery.read(dir: j.dir).ledger, hostStopped: true)
+        }
+        if let netClaimed { out += b.claimProblems(netClaimed: netClaimed) }
+        return out
+    }
 }

@@ -186,14 +186,7 @@ public final class RedisClusterServer: @unchecked Sendable {
     public func audit(_ voucher: String, journals: [(host: String, dir: String)] = [], netClaimed: Int? = nil) async throws
         -> [String]
     {
-        guard let rec = try await store.voucher(voucher) else { throw TestError.failed("no voucher '\(voucher)' in Redis") }
-        let b = VoucherAudit(record: rec, leases: try await store.leases(voucher: voucher))
-        var out = b.redisProblems()
-        for j in journals {
-            out += b.journalProblems(host: j.host, ledger: JournalRecovery.read(dir: j.dir).ledger, hostStopped: true)
-        }
-        if let netClaimed { out += b.claimProblems(netClaimed: netClaimed) }
-        return out
+        try await store.auditProblems(voucher, journals: journals, netClaimed: netClaimed)
     }
 
     deinit {
