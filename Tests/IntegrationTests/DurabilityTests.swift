@@ -157,7 +157,8 @@ struct DurabilityTests {
             try await q.restart()
             #expect(answered.all.count >= before, "round \(round)")
         }
-        try await Task.sleep(for: .milliseconds(800))
+        // The load goes on after the last restart until it has made progress (a loaded box is slow).
+        try await eventually("1,000 claims answered", timeout: .seconds(60)) { answered.all.count > 1000 }
         stop.set()
         await loader.value
         #expect(try await q.stop() == 0)
