@@ -51,6 +51,11 @@ public final class Journal: @unchecked Sendable {
         public var maxBytes: Int = 1 << 30
         /// Keep fully shipped segments this long (so `REQ` answers and `UNCLAIM` survive a restart). Default 60 s.
         public var retention: Duration = .seconds(60)
+        /// Whether events are shipped (Kafka is configured). Without a shipper the journal is a recovery log
+        /// only: new events wait for no acknowledgement, so sealed segments go after the retention and
+        /// nothing grows with the claims served. Events a previous run left unshipped are kept for a later
+        /// start with Kafka (they hold the segments after them, within `maxBytes`).
+        public var ships = true
         public init(dir: String) { self.dir = dir }
     }
 
@@ -281,7 +286,12 @@ public final class Journal: @unchecked Sendable {
 
     /// Mirror `state` into the hot-path atomics; call after every change.
     private func publish() {
-        let (h, b) = state.withLockedValue { s in (s.healthy, s.segments.values.reduce(0) { $0 + ($1.done ? 0 : $1.bytes) }) }
+        // Every segment from the oldest one still waiting for Kafka on: none of them can be deleted yet.
+        let (h, b) = state.withLockedValue { s -> (Bool, Int) in
+            var oldest = UInt64.max
+            for (id, seg) in s.segments where !seg.done && id < oldest { oldest = id }
+            return (s.healthy, s.segments.reduce(0) { $0 + ($1.key >= oldest ? $1.value.bytes : 0) })
+        }
         healthyFlag.store(h, ordering: .relaxed)
         backlog.store(b, ordering: .relaxed)
     }
@@ -345,7 +355,7 @@ public final class Journal: @unchecked Sendable {
         state.withLockedValue { s in
             s.segments[current]?.bytes = goodOffset
             s.segments[current]?.events = next
-            for e in shipped { s.segments[current]?.unacked.insert(e.position.index) }
+            if options.ships { for e in shipped { s.segments[current]?.unacked.insert(e.position.index) } }
             if !s.healthy { logger.info("journal writes again", metadata: ["journal.dir": "\(options.dir)"]) }
             s.healthy = true
             s.lastError = nil
@@ -354,7 +364,7 @@ public final class Journal: @unchecked Sendable {
         }
         publish()
         // The shipper learns of the events before their waiters are answered (kafka mode waits on it).
-        if !shipped.isEmpty { onDurable(shipped) }
+        if !shipped.isEmpty && options.ships { onDurable(shipped) }
         for (p, pos) in zip(batch, positions) { p.done?(.success(pos)) }
         if goodOffset >= options.segmentBytes { maybeRoll(force: true) }
     }

@@ -49,6 +49,13 @@ final class ClaimPipeline: Sendable {
     }
     private let ship = NIOLockedValueBox(ShipState())
     private let _kafkaDown = Atomic<Bool>(false)
+    /// No journal: more than ``maxUnjournaled`` events wait for Kafka in memory (set by ``tick()``).
+    private let _memoryBacklogFull = Atomic<Bool>(false)
+
+    /// Without a journal (`durability: none`, no `journal.dir`) the events Kafka has not acknowledged are
+    /// held only in memory (here and in librdkafka): past this many, claims are refused until Kafka catches
+    /// up, so a broker that is down cannot grow the sidecar without bound (about 50 MB at this count).
+    static let maxUnjournaled = 100_000
 
     /// - Parameter boot: written to the journal (durably) before anything else.
     init(config: SidecarConfig, recovered: JournalRecovery?, boot: JournalBoot, logger: Logger) throws {
@@ -63,6 +70,7 @@ final class ClaimPipeline: Sendable {
             opts.maxBytes = config.journal.maxBytes
             opts.segmentBytes = config.journal.segmentBytes
             opts.retention = config.claims.dedupeWindow
+            opts.ships = config.kafka.brokers != nil
             let rec = recovered ?? JournalRecovery.read(dir: dir)
             do {
                 journal = try Journal(options: opts, recovered: rec, boot: boot, logger: logger) { events in
@@ -119,6 +127,9 @@ final class ClaimPipeline: Sendable {
             if journal.isOverBound {
                 return QuotaError(.unavailable, "unshipped journal backlog over journal.max_bytes (\(journal.options.maxBytes))")
             }
+        }
+        if _memoryBacklogFull.load(ordering: .relaxed) {
+            return QuotaError(.unavailable, "over \(Self.maxUnjournaled) claim events wait for Kafka in memory (no journal.dir)")
         }
         if durability == .kafka && _kafkaDown.load(ordering: .relaxed) {
             return QuotaError(.unavailable, "Kafka unreachable (durability: kafka)")
@@ -266,6 +277,18 @@ final class ClaimPipeline: Sendable {
             }
         }
         if !retry.isEmpty { Self.produce(retry, producer: producerBox, ship: ship) }
+        if journal == nil {
+            let waiting = ship.withLockedValue { $0.bySeq.count + $0.retry.count }
+            let full = waiting > Self.maxUnjournaled
+            if _memoryBacklogFull.exchange(full, ordering: .relaxed) != full {
+                if full {
+                    logger.error("claims refused: too many events wait for Kafka in memory",
+                                 metadata: ["waiting": "\(waiting)", "bound": "\(Self.maxUnjournaled)"])
+                } else {
+                    logger.info("claims served again: Kafka caught up", metadata: ["waiting": "\(waiting)"])
+                }
+            }
+        }
         let stalled = ship.withLockedValue { s in !s.bySeq.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }
         let silent = producerBox.withLockedValue { $0 }.map { $0.sinceBrokerAnswered > unavailableAfter } ?? false
         let down = stalled || silent

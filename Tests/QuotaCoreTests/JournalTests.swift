@@ -226,6 +226,31 @@ struct JournalFileTests {
         j.close()
     }
 
+    @Test func withoutKafkaNothingWaitsToBeShippedSoSegmentsGoAndMemoryStaysBounded() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var o = Journal.Options(dir: dir)
+        o.segmentBytes = 512
+        o.retention = .zero
+        o.ships = false
+        let shipped = NIOLockedValueBox(0)
+        let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { c in
+            shipped.withLockedValue { $0 += c.count }
+        }
+        appendAndWait(j, [grant("1", 1000)])
+        for chunk in 0..<10 { appendAndWait(j, (0..<20).map { claim("c\(chunk * 20 + $0)") }) }
+        #expect(shipped.withLockedValue { $0 } == 0, "nothing is handed to a shipper that does not exist")
+        #expect(j.unshippedClaims == 0, "no claim waits for a Kafka that is not configured")
+        for _ in 0..<40 where segments(dir).count > 1 { usleep(50_000) }
+        #expect(segments(dir).count == 1, "sealed segments are deleted after the retention")
+        #expect(j.backlogBytes < 1024, "the backlog is only the open segment: \(j.backlogBytes)")
+        j.close()
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.openLeases == [.init(voucher: "v", lease: "1", granted: 1000, served: 200)],
+                "recovery still knows what was served")
+        #expect(r.segments.allSatisfy { $0.toShip.isEmpty }, "a later start with Kafka ships nothing of it")
+    }
+
     @Test func owedRestocksAndReleasesSurviveTheDeletionOfTheirSegments() throws {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
