@@ -403,15 +403,20 @@ public final class QuotaStore: Sendable {
 
     /// `(setting, value)` pairs that make Redis forget acknowledged writes after a crash, or none.
     /// quotad needs `appendonly yes` and `appendfsync always` (docs/accounting.md).
-    /// On a cluster every master is asked (the value then names the master).
+    /// On a cluster every master and every replica is asked (a replica is promoted with its own settings
+    /// when its master fails); the value then names the node. A replica that does not answer is not a
+    /// problem here (its master's answer stands; it is asked again at the next start).
     public func durabilityProblems() async throws(RedisError) -> [(String, String)] {
         var out: [(String, String)] = []
         for (key, want) in [("appendonly", "yes"), ("appendfsync", "always")] {
-            for (node, reply) in try await connection.sendToMasters(["CONFIG", "GET", key]) {
+            let replies = try await connection.sendToMasters(["CONFIG", "GET", key]).map { ($0.node, $0.reply, false) }
+                + connection.sendToReplicas(["CONFIG", "GET", key]).map { ($0.node, $0.reply, true) }
+            for (node, reply, isReplica) in replies {
+                if isReplica, case .failure = reply { continue }
                 let r = try reply.get()
                 let a = r.array ?? []
                 let v = a.count == 2 ? a[1].string ?? "" : "?"
-                if v != want { out.append((key, connection.isCluster ? "\(v) on \(node)" : v)) }
+                if v != want { out.append((key, connection.isCluster ? "\(v) on \(isReplica ? "replica " : "")\(node)" : v)) }
             }
         }
         return out

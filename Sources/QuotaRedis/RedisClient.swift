@@ -75,6 +75,14 @@ public final class RedisClient: Sendable {
         }
     }
 
+    /// Send `args` to every replica of a cluster (none when standalone): each one's reply or failure.
+    public func sendToReplicas(_ args: [String]) async throws(RedisError) -> [(node: String, reply: Result<RedisValue, RedisError>)] {
+        switch backend {
+        case .single: return []
+        case .cluster(let r): return try await r.sendToReplicas(args)
+        }
+    }
+
     /// Stop every connection; queued requests fail with ``RedisError/closed``.
     public func close() {
         switch backend {

@@ -266,6 +266,44 @@ public final class RedisClusterRouter: Sendable {
         return out.sorted { $0.0 < $1.0 }.map { (node: $0.0, reply: $0.1) }
     }
 
+    /// Send `args` to every replica the cluster knows (`CLUSTER NODES` asked of a master: it lists replicas
+    /// that `CLUSTER SLOTS` leaves out until they have replicated something), except failed ones.
+    public func sendToReplicas(_ args: [String]) async throws(RedisError) -> [(node: String, reply: Result<RedisValue, RedisError>)] {
+        try await ensureLoaded()
+        guard let first = masters.first else { return [] }
+        let conn = try connection(first)
+        guard let text = try await conn.send(["CLUSTER", "NODES"]).string else {
+            throw RedisError.badReply("CLUSTER NODES: not a text reply")
+        }
+        var out: [(node: String, reply: Result<RedisValue, RedisError>)] = []
+        for node in Self.parseReplicas(text, askedHost: Self.host(of: conn.endpoint)) {
+            do throws(RedisError) {
+                out.append((node, .success(try await connection(node).send(args))))
+            } catch {
+                out.append((node, .failure(error)))
+            }
+        }
+        return out
+    }
+
+    /// The replicas named in a `CLUSTER NODES` reply (`host:port`, sorted), without failed or handshaking ones.
+    public static func parseReplicas(_ text: String, askedHost: String) -> [String] {
+        var out: [String] = []
+        for line in text.split(whereSeparator: \.isNewline) {
+            let f = line.split(separator: " ")
+            guard f.count >= 3 else { continue }
+            let flags = f[2].split(separator: ",")
+            guard flags.contains("slave") || flags.contains("replica"),
+                !flags.contains("fail"), !flags.contains("handshake"), !flags.contains("noaddr")
+            else { continue }
+            var addr = String(f[1].prefix { $0 != "@" && $0 != "," })
+            if addr.hasPrefix(":") { addr = askedHost + addr }
+            guard let colon = addr.lastIndex(of: ":"), Int(addr[addr.index(after: colon)...]) != nil else { continue }
+            if !out.contains(addr) { out.append(addr) }
+        }
+        return out.sorted()
+    }
+
     // MARK: Routing
 
     private func owner(_ slot: Int?) -> String? {

@@ -115,4 +115,23 @@ struct RedisClusterReviewTests {
         #expect(try await cluster.command(x.port, "HGET", QuotaStore.userGroupKey(voucher: v, group: x.group), x.user) == .string("1"),
                 "X's count on its master")
     }
+
+    /// Left open by the cluster work: `redis.require_durable` asked only the masters, so a replica with
+    /// `appendfsync everysec` passed the start-up check, and a failover to it can forget acknowledged leases.
+    @Test func aReplicaThatIsNotDurableIsRefusedAtStartNamingTheReplica() async throws {
+        let cluster = try await RedisClusterServer(masters: 3, replicas: 1)
+        let dir = TempDir()
+        let masters = Set(try await cluster.masterPorts())
+        let replica = try #require(cluster.nodes.map(\.port).first { !masters.contains($0) })
+        #expect(try await cluster.command(replica, "CONFIG", "SET", "appendfsync", "everysec") == .status("OK"))
+        try writeConfig(dir.file("q.yaml"), "host_id: host-a\nregion: sg\nregions: { sg: { redis: \"\(cluster.url)\" } }\n"
+            + "socket: { path: \(dir.file("a.sock")) }\ndurability: none\n")
+        let (st, out) = try await Quotad.refusedStart(config: dir.file("q.yaml"), log: dir.file("q.log"))
+        #expect(st != 0)
+        #expect(out.contains("redis.require_durable") && out.contains("everysec on replica 127.0.0.1:\(replica)"), "\(out)")
+        // Made durable, the same cluster is accepted.
+        #expect(try await cluster.command(replica, "CONFIG", "SET", "appendfsync", "always") == .status("OK"))
+        let q = try await Quotad(config: dir.file("q.yaml"), socket: dir.file("a.sock"), host: "host-a", log: dir.file("q2.log"))
+        #expect(try await q.stop() == 0)
+    }
 }

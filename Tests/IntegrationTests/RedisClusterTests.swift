@@ -48,6 +48,19 @@ struct ClusterSlotTests {
         #expect(ClusterSlot.routingKey(["HGETALL", "quota:{v}"]) == "quota:{v}")
     }
 
+    @Test func replicasAreReadFromClusterNodesWithoutFailedOnes() {
+        let text = """
+            e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
+            07c3 127.0.0.1:30004@31004,node-4 slave e7d1 0 1426238317239 4 connected
+            67ed :30005@31005 slave 292f 0 1426238316232 5 connected
+            6ec2 127.0.0.1:30006@31006 slave,fail 824f 1426238316232 1426238315000 6 disconnected
+            9a1b 10.0.0.7:30007@31007 replica e7d1 0 1426238316232 7 connected
+            """
+        #expect(RedisClusterRouter.parseReplicas(text, askedHost: "10.1.1.1")
+                == ["10.0.0.7:30007", "10.1.1.1:30005", "127.0.0.1:30004"])
+        #expect(RedisClusterRouter.parseReplicas("garbage\n\n", askedHost: "h").isEmpty)
+    }
+
     @Test func clusterURLsParseAndOtherFormsStayAsTheyWere() throws {
         let e = try RedisEndpoint(url: "redis-cluster://127.0.0.1:7000, 127.0.0.1:7001,unix:///tmp/r.sock")
         #expect(e == .cluster(seeds: [.tcp(host: "127.0.0.1", port: 7000), .tcp(host: "127.0.0.1", port: 7001), .unix(path: "/tmp/r.sock")]))
