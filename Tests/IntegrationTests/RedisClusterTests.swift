@@ -129,6 +129,93 @@ struct RedisClusterTests {
         #expect(store.connection.cluster!.redirects == redirects + 1, "the map was updated: no second MOVED")
     }
 
+    /// Issue 12's multi-region setup: region sg on a standalone Redis, region id on a 3-master cluster with a
+    /// replica each, two sidecars in each region selling at once, 3,000 moved from sg to id mid-sale; every
+    /// region sells exactly its final allocation and the global books balance.
+    @Test func twoRegionsOneOfThemAClusterSellTheGlobalLimitWithQuotaMovedMidSale() async throws {
+        let sg = try await RedisServer()
+        let id = try await RedisClusterServer(masters: 3, replicas: 1)
+        let dir = TempDir()
+        func yaml(_ host: String, _ region: String) -> String {
+            """
+            host_id: \(host)
+            region: \(region)
+            regions:
+              sg: { redis: "\(sg.url)" }
+              id: { redis: "\(id.url)" }
+            socket: { path: \(dir.file("\(host).sock")) }
+            durability: none
+            lease: { min: 5, max: 40 }
+            avail_refresh: 0.2
+
+            """
+        }
+        let ctlConfig = dir.file("quotactl.yaml")
+        try yaml("quotactl", "sg").write(toFile: ctlConfig, atomically: true, encoding: .utf8)
+        let create = try await quotactl(["voucher", "create", "gr", "--limit", "30000", "--region", "sg=18000", "--region", "id=12000",
+                                         "--config", ctlConfig])
+        #expect(create.0 == 0, "\(create.1)")
+        var sidecars: [(Quotad, String)] = []
+        for (h, r) in [("sg-a", "sg"), ("sg-b", "sg"), ("id-a", "id"), ("id-b", "id")] {
+            try yaml(h, r).write(toFile: dir.file("\(h).yaml"), atomically: true, encoding: .utf8)
+            sidecars.append((try await Quotad(config: dir.file("\(h).yaml"), socket: dir.file("\(h).sock"), host: h,
+                                              log: dir.file("\(h).log")), r))
+        }
+        let moved = Flag()
+        let perRegion = try await withThrowingTaskGroup(of: (String, [String]).self) { g in
+            for i in 0..<40 {
+                let (q, region) = sidecars[i % 4]
+                g.addTask {
+                    let c = try await RESPClient.connect(q.socket)
+                    defer { c.close() }
+                    let (ids, errors) = try await claimAll(c, voucher: "gr") { "w\(i)-u\($0)" }
+                    #expect(errors.keys.allSatisfy { $0 == "SOLDOUT" }, "\(errors)")
+                    return (region, ids)
+                }
+            }
+            g.addTask {
+                // Mid-sale: once a sixth of sg's pool is out in leases (its sidecars sell on meanwhile).
+                try await eventually("sg's sale under way", timeout: .seconds(60)) {
+                    (try await sg.store.voucher("gr")?.pool ?? 0) <= 15_000
+                }
+                let (st, out) = try await quotactl(["rebalance", "gr", "--from", "sg", "--to", "id", "--amount", "3000",
+                                                    "--config", ctlConfig])
+                #expect(st == 0 && out.contains("done"), "\(out)")
+                moved.set()
+                return ("", [])
+            }
+            var out: [String: [String]] = [:]
+            for try await (r, ids) in g { out[r, default: []] += ids }
+            return out
+        }
+        #expect(moved.isSet)
+        // Clients told SOLDOUT before the 3,000 arrived in id left: a last pass on every sidecar sells the rest.
+        var tail: [String: [String]] = [:]
+        for (q, region) in sidecars {
+            let c = try await RESPClient.connect(q.socket)
+            try await eventually("\(q.host) sold out", timeout: .seconds(20)) {
+                let (ids, _) = try await claimAll(c, voucher: "gr") { "tail-\(q.host)-\(tail[region, default: []].count)-\($0)" }
+                tail[region, default: []] += ids
+                return ids.isEmpty
+            }
+            c.close()
+        }
+        let sgIDs = perRegion["sg", default: []] + tail["sg", default: []]
+        let idIDs = perRegion["id", default: []] + tail["id", default: []]
+        #expect(sgIDs.count == 15_000, "sg sells its allocation after the move: \(sgIDs.count)")
+        #expect(idIDs.count == 15_000, "id sells its allocation after the move: \(idIDs.count)")
+        #expect(Set(sgIDs + idIDs).count == 30_000, "30,000 distinct claims: the global limit")
+        for (q, _) in sidecars { #expect(try await q.stop() == 0) }
+        let (ast, aout) = try await quotactl(["audit", "gr", "--json", "--config", ctlConfig])
+        let report = try JSONSerialization.jsonObject(with: Data(aout.utf8)) as? [String: Any] ?? [:]
+        #expect(ast == 0 && report["balanced"] as? Bool == true, "\(aout)")
+        let (gst, gout) = try await quotactl(["voucher", "show", "gr", "--global", "--json", "--config", ctlConfig])
+        let g = try JSONSerialization.jsonObject(with: Data(gout.utf8)) as? [String: Any] ?? [:]
+        #expect(gst == 0 && g["limit"] as? Int == 30_000 && g["allocations"] as? Int == 30_000 && g["in_flight"] as? Int == 0, "\(gout)")
+        let rows = (g["regions"] as? [[String: Any]]) ?? []
+        #expect(rows.map { "\($0["region"]!):\($0["allocation"]!):\($0["sold"]!)" } == ["id:15000:15000", "sg:15000:15000"], "\(rows)")
+    }
+
     @Test func threeSidecarsOnThreeMastersSellExactlyTheLimitWithPerUserLimits() async throws {
         let cluster = try await RedisClusterServer(masters: 3)
         let dir = TempDir()
