@@ -1,5 +1,5 @@
 # quotad — the two commands: `make demo` and `make test`.
-.PHONY: demo test deps build release bench chaos fuzz clean
+.PHONY: demo demo-regions test deps build release bench chaos fuzz clean
 
 deps:
 	scripts/install-deps.sh
@@ -12,6 +12,10 @@ release: deps
 
 demo: release
 	scripts/demo.sh
+
+# Two regions, one of them a Redis Cluster with replicas, quota moved between them mid-sale.
+demo-regions: release
+	scripts/demo-regions.sh
 
 test: deps
 	scripts/test.sh
