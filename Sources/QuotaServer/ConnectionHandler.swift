@@ -27,6 +27,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// Replies are handed to the channel once this many bytes wait in `out`, so writability is known.
     private let flushChunk: Int
     private var out: ByteBuffer?
+    /// The runtime of this connection's last claimed voucher (``SidecarEngine/request(_:voucher:loop:cache:)``).
+    private var lastRuntime: VoucherRuntime?
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
     private var processing = false
@@ -655,7 +657,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             guard let s = Self.utf8(r) else { return syntax("REQ request id must be valid UTF-8") }
             req = s
         }
-        return engine.request(.claim(qty: c.qty, user: user, req: req), voucher: c.voucher, loop: loop)
+        return engine.request(.claim(qty: c.qty, user: user, req: req), voucher: c.voucher, loop: loop, cache: &lastRuntime)
     }
 
     /// The argument as a string if it is valid UTF-8 (ASCII, the common case, is checked first).

@@ -49,6 +49,8 @@ public final class SidecarEngine: Sendable {
     private let clientIDs = Atomic<Int>(0)
     /// The region generation this host adopted (journaled), and why the region is lost, if it is.
     private let region = NIOLockedValueBox<(adopted: String?, lost: String?)>((nil, nil))
+    /// `region.lost != nil`, for the claim path (an atomic load instead of a shared lock per claim).
+    private let _regionLostFlag = Atomic<Bool>(false)
 
     // Counters outside any voucher.
     let connectionsCurrent = Atomic<Int>(0)
@@ -160,6 +162,7 @@ public final class SidecarEngine: Sendable {
                 ? "the region's Redis has no region marker, but this host ran on generation \(a): Redis lost its data"
                 : "the region's Redis has generation \(g!), but this host ran on generation \(a): Redis lost its data or was replaced"
             region.withLockedValue { $0.lost = why + " (restore it with quotactl rehydrate)" }
+            _regionLostFlag.store(true, ordering: .relaxed)
             logger.critical("failing closed for every voucher: \(why)")
             for rt in runtimes { rt.regionLost(why) }
         }
@@ -176,6 +179,7 @@ public final class SidecarEngine: Sendable {
     private func adoptSuccessor(_ g: String, of old: String) async {
         guard await journalGeneration(g) else { return }
         region.withLockedValue { $0 = (g, nil) }
+        _regionLostFlag.store(false, ordering: .relaxed)
         vouchers.withLockedValue { $0.removeAll() }
         logger.notice("the region was rehydrated: adopting generation \(g) (succeeds \(old)); serving again")
         guard let dir = config.journal.dir, config.durability != .none else { return }
@@ -220,14 +224,22 @@ public final class SidecarEngine: Sendable {
     // MARK: - Requests
 
     /// Handle `CLAIM` / `AVAIL` for `voucher` (already validated).
-    func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop) -> Outcome {
+    /// `cache`: the caller's last runtime (a connection's), used while it is this voucher's and not
+    /// evicted, so the hot path takes no engine-wide lock; updated to the runtime that answered.
+    func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop,
+                 cache: inout VoucherRuntime?) -> Outcome {
         if isDraining, case .claim = req {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, "draining: this host no longer serves claims")))
         }
-        if let lost = regionLost {
+        if _regionLostFlag.load(ordering: .relaxed), let lost = regionLost {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, lost)))
+        }
+        let now = monotonicNow()
+        if let rt = cache, rt.id == voucher {
+            if let o = rt.handle(req, now: now, loop: loop) { return o }
+            cache = nil  // evicted: look it up again
         }
         while true {
             let now = monotonicNow()
@@ -239,10 +251,18 @@ public final class SidecarEngine: Sendable {
                 if case .claim = req { countRejection(.novoucher) }
                 return .now(.error(QuotaError(.novoucher, "no such voucher '\(voucher)'")))
             case .runtime(let rt):
-                if let o = rt.handle(req, now: now, loop: loop) { return o }
+                if let o = rt.handle(req, now: now, loop: loop) {
+                    cache = rt
+                    return o
+                }
                 // Evicted since it was looked up: look again (a new runtime is made).
             }
         }
+    }
+
+    func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop) -> Outcome {
+        var none: VoucherRuntime?
+        return request(req, voucher: voucher, loop: loop, cache: &none)
     }
 
     private enum Lookup {
