@@ -28,7 +28,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let flushChunk: Int
     private var out: ByteBuffer?
     /// The runtime of this connection's last claimed voucher (``SidecarEngine/request(_:voucher:loop:cache:)``).
-    private var lastRuntime: VoucherRuntime?
+    private var lastRuntime = SidecarEngine.RuntimeCache()
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
     private var processing = false

@@ -51,6 +51,16 @@ public final class SidecarEngine: Sendable {
     private let region = NIOLockedValueBox<(adopted: String?, lost: String?)>((nil, nil))
     /// `region.lost != nil`, for the claim path (an atomic load instead of a shared lock per claim).
     private let _regionLostFlag = Atomic<Bool>(false)
+    /// Bumped after any runtime leaves `vouchers`: a connection's cached runtime is used only while it is
+    /// unchanged (``RuntimeCache``), so no claim is served by a runtime that is no longer registered.
+    private let registryEpoch = Atomic<Int>(0)
+
+    /// A connection's last voucher runtime, valid while the registry lost no runtime since.
+    struct RuntimeCache {
+        fileprivate var runtime: VoucherRuntime?
+        fileprivate var epoch = 0
+        init() {}
+    }
 
     // Counters outside any voucher.
     let connectionsCurrent = Atomic<Int>(0)
@@ -181,6 +191,7 @@ public final class SidecarEngine: Sendable {
         region.withLockedValue { $0 = (g, nil) }
         _regionLostFlag.store(false, ordering: .relaxed)
         vouchers.withLockedValue { $0.removeAll() }
+        registryEpoch.add(1, ordering: .sequentiallyConsistent)
         logger.notice("the region was rehydrated: adopting generation \(g) (succeeds \(old)); serving again")
         guard let dir = config.journal.dir, config.durability != .none else { return }
         let open = JournalRecovery.read(dir: dir).ledger.openAccounts.filter(\.trusted)
@@ -224,10 +235,10 @@ public final class SidecarEngine: Sendable {
     // MARK: - Requests
 
     /// Handle `CLAIM` / `AVAIL` for `voucher` (already validated).
-    /// `cache`: the caller's last runtime (a connection's), used while it is this voucher's and not
-    /// evicted, so the hot path takes no engine-wide lock; updated to the runtime that answered.
+    /// `cache`: the caller's last runtime (a connection's), used while it is this voucher's and no runtime
+    /// left the registry since, so the hot path takes no engine-wide lock; updated to the one that answered.
     func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop,
-                 cache: inout VoucherRuntime?) -> Outcome {
+                 cache: inout RuntimeCache) -> Outcome {
         if isDraining, case .claim = req {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, "draining: this host no longer serves claims")))
@@ -237,10 +248,12 @@ public final class SidecarEngine: Sendable {
             return .now(.error(QuotaError(.unavailable, lost)))
         }
         let now = monotonicNow()
-        if let rt = cache, rt.id == voucher {
+        // Read before the lookup: a removal after it makes the next claim look up again.
+        let epoch = registryEpoch.load(ordering: .sequentiallyConsistent)
+        if let rt = cache.runtime, rt.id == voucher, cache.epoch == epoch {
             if let o = rt.handle(req, now: now, loop: loop) { return o }
-            cache = nil  // evicted: look it up again
         }
+        cache.runtime = nil
         while true {
             let now = monotonicNow()
             switch lookup(voucher, now: now) {
@@ -252,7 +265,8 @@ public final class SidecarEngine: Sendable {
                 return .now(.error(QuotaError(.novoucher, "no such voucher '\(voucher)'")))
             case .runtime(let rt):
                 if let o = rt.handle(req, now: now, loop: loop) {
-                    cache = rt
+                    cache.runtime = rt
+                    cache.epoch = epoch
                     return o
                 }
                 // Evicted since it was looked up: look again (a new runtime is made).
@@ -261,7 +275,7 @@ public final class SidecarEngine: Sendable {
     }
 
     func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop) -> Outcome {
-        var none: VoucherRuntime?
+        var none = RuntimeCache()
         return request(req, voucher: voucher, loop: loop, cache: &none)
     }
 
@@ -290,6 +304,7 @@ public final class SidecarEngine: Sendable {
             return c
         }
         guard let c = dropped else { return }
+        registryEpoch.add(1, ordering: .sequentiallyConsistent)
         unknownVouchers.withLockedValue { $0.insert(rt.id, now: now) }
         retire(c)
     }
@@ -308,6 +323,7 @@ public final class SidecarEngine: Sendable {
             }
             return out
         }
+        if !dropped.isEmpty { registryEpoch.add(1, ordering: .sequentiallyConsistent) }
         for c in dropped { retire(c) }
     }
 

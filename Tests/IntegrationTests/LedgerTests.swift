@@ -124,6 +124,9 @@ struct LedgerTests {
         for u in 0..<100 { attempts.append(("u\(u)", u % 2)) }
         let first = try await claimAttempts(attempts, sidecars: [a, b], voucher: "rh", connections: 20)
         #expect(first.perUser.values.reduce(0) { $0 + $1.count } == 100)
+        // A connection that lives across the loss and the rehydration (a pooled app connection).
+        let kept = try await RESPClient.connect(a.socket)
+        #expect(try await kept.send("CLAIM", "rh", "k0").errorCode == nil)
 
         try await redis.restartEmpty()
         try await eventually("both sidecars fail closed") {
@@ -145,6 +148,11 @@ struct LedgerTests {
             defer { c.close() }
             return try await c.send("CLAIM", "rh", "u0").errorCode == nil
         }
+        // Found by review (ea1a66d): the kept connection's runtime from before the loss stayed in use.
+        try await eventually("the kept connection is served again", timeout: .seconds(20)) {
+            try await kept.send("CLAIM", "rh", "k1").errorCode == nil
+        }
+        kept.close()
         // The rest of the sale: 300 users, five tries each, over both hosts, until nothing is left.
         var rest: [(user: String, host: Int)] = []
         for k in 0..<5 { for u in 0..<300 { rest.append(("u\(u)", (u + k) % 2)) } }
