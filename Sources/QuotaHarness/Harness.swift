@@ -270,7 +270,8 @@ public final class Quotad: @unchecked Sendable {
     }
 
     /// SIGTERM and wait: returns the exit status.
-    public func stop(timeout: Duration = .seconds(20)) async throws -> Int32 {
+    /// (A stop may take its drain, up to 10 s, and a Kafka flush, up to 10 s, on a loaded machine more.)
+    public func stop(timeout: Duration = .seconds(60)) async throws -> Int32 {
         child.signal(SIGTERM)
         return try await child.wait(timeout: timeout)
     }

@@ -57,7 +57,10 @@ struct PerUserTests {
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "one", limit: 1_000_000, perUser: 1, totalLimit: 1_000_000, region: "sg")
         var sidecars: [Quotad] = []
-        for h in ["host-a", "host-b", "host-c"] { sidecars.append(try await Quotad(redis: redis, dir: dir, host: h)) }
+// Up to 4,800 claims in flight, each with a per-user check in Redis: on a loaded machine a claim may
+        // wait longer than the default 2 s claim timeout, and these assertions are exact.
+        let patient = "limits: { claim_timeout_ms: 30000 }\nredis_timeout_ms: 5000\n"
+        for h in ["host-a", "host-b", "host-c"] { sidecars.append(try await Quotad(redis: redis, dir: dir, host: h, extraYAML: patient)) }
         // Each user tries 5 times, on different hosts, concurrently with everyone else.
         var attempts: [(user: String, host: Int)] = []
         for k in 0..<5 { for u in 0..<10_000 { attempts.append(("user-\(u)", (u + k) % 3)) } }
@@ -78,7 +81,10 @@ struct PerUserTests {
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "three", limit: 15_000, perUser: 3, totalLimit: 15_000, region: "sg")
         var sidecars: [Quotad] = []
-        for h in ["host-a", "host-b", "host-c"] { sidecars.append(try await Quotad(redis: redis, dir: dir, host: h)) }
+// Up to 4,800 claims in flight, each with a per-user check in Redis: on a loaded machine a claim may
+        // wait longer than the default 2 s claim timeout, and these assertions are exact.
+        let patient = "limits: { claim_timeout_ms: 30000 }\nredis_timeout_ms: 5000\n"
+        for h in ["host-a", "host-b", "host-c"] { sidecars.append(try await Quotad(redis: redis, dir: dir, host: h, extraYAML: patient)) }
         var attempts: [(user: String, host: Int)] = []
         for k in 0..<5 { for u in 0..<10_000 { attempts.append(("user-\(u)", (u + k) % 3)) } }
         let r = try await claimAttempts(attempts, sidecars: sidecars, voucher: "three")

@@ -19,6 +19,8 @@ func claimUntilSoldOut(_ c: RESPClient, voucher: String, user: String, maxUnavai
             errors[code, default: 0] += 1
             if code == "SOLDOUT" { return (ids, errors) }
             if code == "UNAVAILABLE" && errors[code]! > maxUnavailable { return (ids, errors) }
+            // A brief pause: a refusal that is instant for 250 ms must not use up the budget in a spin.
+            if code == "UNAVAILABLE" || code == "BUSY" { try await Task.sleep(for: .milliseconds(10)) }
             continue
         }
         guard case .bulkString(let b?) = r else { throw TestError.failed("unexpected reply \(r)") }

@@ -221,7 +221,7 @@ struct JournalFileTests {
         #expect(kept.count >= 4, "no segment after an unacknowledged one is deleted: \(kept.count) left")
         j.markShipped([all.first { $0.position.segment == first && $0.position.index == 0 }!.position])
         // The writer sweeps on its next pass (at most 0.5 s).
-        for _ in 0..<40 where segments(dir).count > 1 { usleep(50_000) }
+        for _ in 0..<200 where segments(dir).count > 1 { usleep(50_000) }
         #expect(segments(dir).count == 1, "then they all go, oldest first")
         j.close()
     }
@@ -241,7 +241,7 @@ struct JournalFileTests {
         for chunk in 0..<10 { appendAndWait(j, (0..<20).map { claim("c\(chunk * 20 + $0)") }) }
         #expect(shipped.withLockedValue { $0 } == 0, "nothing is handed to a shipper that does not exist")
         #expect(j.unshippedClaims == 0, "no claim waits for a Kafka that is not configured")
-        for _ in 0..<40 where segments(dir).count > 1 { usleep(50_000) }
+        for _ in 0..<200 where segments(dir).count > 1 { usleep(50_000) }
         #expect(segments(dir).count == 1, "sealed segments are deleted after the retention")
         #expect(j.backlogBytes < 1024, "the backlog is only the open segment: \(j.backlogBytes)")
         j.close()
