@@ -203,4 +203,38 @@ struct PerUserTests {
         let a = try await redis.account("uc")
         #expect(a.pool == 99 && a.leases == 0, "pool \(a.pool)")
     }
+
+    /// The UNCLAIM book keeps a claim served by two leases apart from the usual one-lease claim (issue 13's
+    /// smaller book): cancelling either kind gives every token back.
+    @Test func aClaimServedByTwoLeasesIsCancelledWholeAndItsTokensGoBack() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "ul", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
+        let (st, out) = try await quotactl(["lease", "set", "--voucher", "ul", "--min", "5", "--max", "5", "--redis", redis.url])
+        #expect(st == 0, "\(out)")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", kafka: kafka, topic: "t-ul")
+        let c = try await RESPClient.connect(q.socket)
+        var ids: [String] = []
+        for i in 0..<4 { ids.append(try #require(try await c.send("CLAIM", "ul", "u\(i)", "QTY", "3").string)) }
+        try await eventually("the claims are on Kafka", timeout: .seconds(30)) { try await q.stat("journal_unshipped_claims") == 0 }
+        let s = try streamed(kafka, topic: "t-ul")
+        func shareCount(_ id: String) -> Int {
+            guard let body = s.claimed[id]?.first,
+                let o = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] else { return -1 }
+            return (o["leases"] as? [[String: Any]])?.count ?? -1
+        }
+        let spread = try #require(ids.first { shareCount($0) == 2 }, "a claim of 3 from leases of 5 spans two: \(ids.map(shareCount))")
+        let single = try #require(ids.first { shareCount($0) == 1 })
+        #expect(try await c.send("UNCLAIM", spread) == .simpleString("OK"))
+        #expect(try await c.send("UNCLAIM", spread) == .simpleString("OK"), "a second UNCLAIM changes nothing")
+        #expect(try await c.send("UNCLAIM", single) == .simpleString("OK"))
+        c.close()
+        #expect(try await q.stop() == 0)
+        let t = try streamed(kafka, topic: "t-ul")
+        #expect(t.unclaimed == [spread, single])
+        #expect(t.net == 2, "4 claims, 2 cancelled")
+        let a = try await redis.account("ul")
+        #expect(a.pool == 100 - 6 && a.leases == 0, "pool \(a.pool): the 6 tokens of the cancelled claims went back")
+    }
 }
