@@ -377,10 +377,22 @@ public final class SidecarEngine: Sendable {
         let window = config.claims.dedupeWindow
         let cancelled = Set(rec.history.filter { $0.kind == .unclaimed }.map(\.claimID))
         var reqs: [String: [VoucherMachine.RecoveredAnswer]] = [:]
+        // Journal positions only of the claims a REQ retry must wait for (kafka mode, not acknowledged): a
+        // map of every claim cost seconds on a large journal.
+        var waiting = Set<String>()
+        if config.durability == .kafka {
+            for (e, acked) in zip(rec.history, rec.acknowledged) where e.kind == .claimed && e.req != nil && !acked {
+                waiting.insert(e.claimID)
+            }
+        }
         var position: [String: JournalPosition] = [:]
-        for seg in rec.segments {
-            for (i, ev) in seg.events.enumerated() {
-                if case .claim(let e) = ev, e.kind == .claimed { position[e.claimID] = JournalPosition(segment: seg.id, index: i) }
+        if !waiting.isEmpty {
+            for seg in rec.segments {
+                for (i, ev) in seg.events.enumerated() {
+                    if case .claim(let e) = ev, e.kind == .claimed, waiting.contains(e.claimID) {
+                        position[e.claimID] = JournalPosition(segment: seg.id, index: i)
+                    }
+                }
             }
         }
         for (e, acked) in zip(rec.history, rec.acknowledged) {

@@ -94,17 +94,19 @@ public final class SidecarService: Service, Sendable {
             metricsChannel = try await exporter.serve(host: host, port: port, group: group)
             logger.info("metrics on http://\(host):\(port)/metrics")
         }
-        let channel = try await bind()
-        logger.info("quotad listening", metadata: [
-            "socket": "\(config.socket.path)", "region": "\(config.region)", "host": "\(config.hostID)",
-            "redis": "\(engine.store.connection.endpoint)", "boot": "\(engine.boot)",
-        ])
+        // The previous run's REQ answers and UNCLAIM book before the socket opens: a request retried the
+        // moment it opens must get its first answer, not a second claim.
         if let rec = recovered {
             engine.restore(rec)
             engine.pipeline.reship(rec)
             let n = rec.segments.reduce(0) { $0 + $1.toShip.count }
             if n > 0 { logger.info("journal: shipping events of the previous run again", metadata: ["events": "\(n)"]) }
         }
+        let channel = try await bind()
+        logger.info("quotad listening", metadata: [
+            "socket": "\(config.socket.path)", "region": "\(config.region)", "host": "\(config.hostID)",
+            "redis": "\(engine.store.connection.endpoint)", "boot": "\(engine.boot)",
+        ])
         let chores = Task { await engine.chores.run() }
         let recovery = Task { await recoverPreviousRun() }
         let ticker = Task { await engine.runTicker() }
