@@ -52,9 +52,10 @@ public final class Journal: @unchecked Sendable {
         /// Keep fully shipped segments this long (so `REQ` answers and `UNCLAIM` survive a restart). Default 60 s.
         public var retention: Duration = .seconds(60)
         /// Whether events are shipped (Kafka is configured). Without a shipper the journal is a recovery log
-        /// only: new events wait for no acknowledgement, so sealed segments go after the retention and
-        /// nothing grows with the claims served. Events a previous run left unshipped are kept for a later
-        /// start with Kafka (they hold the segments after them, within `maxBytes`).
+        /// only: each segment gets an empty `.shipped` marker when it is opened (so a crash leaves nothing
+        /// "to ship" either, and a later start with Kafka ships nothing of this run, never a fragment), and
+        /// sealed segments go after the retention. Events a previous run with Kafka left unshipped are never
+        /// dropped: a start without Kafka on them is refused.
         public var ships = true
         public init(dir: String) { self.dir = dir }
     }
@@ -117,6 +118,15 @@ public final class Journal: @unchecked Sendable {
         // Served counts that cannot be proven: keep the leases (for audit and reconciliation), never
         // return them on this journal's word.
         if !recovered.leaseStateTrusted { ledger.distrustAll() }
+        if !options.ships {
+            let left = recovered.segments.reduce(0) { $0 + $1.toShip.count }
+            if left > 0 {
+                throw JournalError(message: "journal.dir \(options.dir) holds \(left) events a previous run did not ship to "
+                    + "Kafka (not shipped yet), and no kafka section is configured: configure kafka to ship them, or "
+                    + "ship them with quotactl journal ship, or move the directory away to discard them (they then "
+                    + "never reach the ledger)")
+            }
+        }
         lockFD = try Self.lockDirectory(options.dir)
         state.withLockedValue { s in
             for seg in recovered.segments {
@@ -424,6 +434,12 @@ public final class Journal: @unchecked Sendable {
         }
         goodOffset = buf.count
         state.withLockedValue { $0.segments[id]?.bytes = goodOffset }
+        // Nothing of this run is shipped: say so before the segment holds any event (after it exists, so a
+        // marker never outlives a segment that was not created and then names another one).
+        if !options.ships {
+            writeMarker(id, unacked: [])
+            state.withLockedValue { $0.segments[id]?.markedShipped = true }
+        }
     }
 
     private func deleteSegment(_ id: UInt64) {

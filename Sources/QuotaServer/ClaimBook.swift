@@ -57,7 +57,7 @@ final class ClaimBook: Sendable {
         static func split(_ id: String) -> (prefix: Substring, seq: Int)? {
             guard let dot = id.utf8.lastIndex(of: UInt8(ascii: ".")) else { return nil }
             let after = id.utf8.index(after: dot)
-            guard let seq = Int(id[after...], radix: 36), seq >= 0 else { return nil }
+            guard let seq = ClaimBook.canonicalSequence(id[after...]) else { return nil }
             return (id[..<after], seq)
         }
     }
@@ -82,7 +82,18 @@ final class ClaimBook: Sendable {
     /// The sequence number of a claim id of this boot, or nil.
     private func sequence(_ id: String) -> Int? {
         guard id.hasPrefix(prefix) else { return nil }
-        return Int(id.dropFirst(prefix.count), radix: 36)
+        return Self.canonicalSequence(id.dropFirst(prefix.count))
+    }
+
+    /// A sequence number written as quotad writes it (``ClaimEvent/claimID(prefix:seq:)``: base 36, lower
+    /// case, no sign, no leading zero), or nil: any other spelling is not the id of a claim (it would reach
+    /// a real claim's slot under an id that was never granted; a negative one reached no slot at all).
+    static func canonicalSequence(_ s: Substring) -> Int? {
+        let u = s.utf8
+        guard let first = u.first, u.count <= 13, first != UInt8(ascii: "0") || u.count == 1 else { return nil }
+        guard u.allSatisfy({ ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z")) })
+        else { return nil }
+        return Int(s, radix: 36)
     }
 
     private func locate(_ seq: Int) -> (stripe: Int, slot: Int) {

@@ -191,6 +191,16 @@ struct PerUserTests {
         #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"), "a second UNCLAIM changes nothing")
         let unknown = try await c.send("UNCLAIM", "sg.nobody.x.1")
         #expect(unknown.errorCode == "ERR" && unknown.string?.contains("unknown claim id") == true)
+        // Found by review: a negative sequence crashed the sidecar; other spellings of a claim's sequence
+        // (a sign, leading zeros, upper case) cancelled the claim under an id that was never granted.
+        let prefix = String(id[..<id.index(after: id.lastIndex(of: ".")!)])
+        let seq = String(id[id.index(after: id.lastIndex(of: ".")!)...])
+        for alias in [prefix + "-1", prefix + "-" + seq, prefix + "+" + seq, prefix + "0" + seq, prefix + seq.uppercased() + "g",
+                      prefix + "", prefix + "zzzzzzzzzzzzzzzzzzzz"] {
+            let r = try await c.send("UNCLAIM", alias)
+            #expect(r.errorCode == "ERR" && r.string?.contains("unknown claim id") == true, "\(alias): \(r)")
+        }
+        #expect(try await c.send("PING") == .simpleString("PONG"), "the sidecar lives")
         #expect(try await c.send("UNCLAIM").errorCode == "ERR")
         let again = try #require(try await c.send("CLAIM", "uc", "bob").string, "bob may claim again after the cancel")
         #expect(again != id)

@@ -251,6 +251,39 @@ struct JournalFileTests {
         #expect(r.segments.allSatisfy { $0.toShip.isEmpty }, "a later start with Kafka ships nothing of it")
     }
 
+    /// Review of c699c92: a run without Kafka killed -9 left its open segment without a `.shipped` marker, so
+    /// the next start counted its events as unshipped for ever (holding every later segment).
+    @Test func withoutKafkaACrashLeavesNothingToShip() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var o = Journal.Options(dir: dir)
+        o.ships = false
+        let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
+        appendAndWait(j, [grant("1", 100)] + (0..<10).map { claim("k\($0)") })
+        j.stopWriting()  // a kill -9: no close, no markers written at the end
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.segments.allSatisfy { $0.toShip.isEmpty }, "\(r.segments.map { $0.toShip.count })")
+        j.close()
+    }
+
+    /// Events a run with Kafka left unshipped are not dropped by a start without Kafka: it is refused, naming why.
+    @Test func aStartWithoutKafkaOnUnshippedEventsIsRefusedNamingThem() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let j = try writeJournal(dir, [grant("1", 100), claim("a"), claim("b")])
+        j.close()  // stopped before Kafka acknowledged anything: the markers list every event
+        var o = Journal.Options(dir: dir)
+        o.ships = false
+        #expect(throws: JournalError.self) {
+            _ = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
+        }
+        do {
+            _ = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
+        } catch {
+            #expect(error.message.contains("not shipped") && error.message.contains("kafka"), "\(error.message)")
+        }
+    }
+
     @Test func owedRestocksAndReleasesSurviveTheDeletionOfTheirSegments() throws {
         let dir = tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
