@@ -34,12 +34,15 @@ final class ClaimPipeline: Sendable {
         /// `durability: kafka`: replies waiting for a position's acknowledgement.
         var waiters: [JournalPosition: @Sendable () -> Void] = [:]
         /// `durability: kafka`: acknowledged before anyone waited for them.
-        var earlyAcks: Set<JournalPosition> = []
+        /// Events nobody waits for (lease records, cancellations) land here too: entries older than
+        /// ``earlyAckAge`` are dropped by ``tick()`` (a claim's waiter comes within moments of its write).
+        var earlyAcks: [JournalPosition: ContinuousClock.Instant] = [:]
         /// Events librdkafka could not queue yet (local queue full).
         var retry: [(JournalPosition?, ShippedEvent)] = []
         /// Journal positions whose delivery failed for good in librdkafka: produced again from the journal.
         var redeliver: [JournalPosition] = []
         var lastRedelivery = ContinuousClock.now
+        var lastEarlyAckSweep = ContinuousClock.now
         var lastProgress = ContinuousClock.now
         var nextSequence: UInt64 = 1
         var shipped = 0
@@ -166,7 +169,7 @@ final class ClaimPipeline: Sendable {
     /// `durability: kafka`: run `then` once Kafka acknowledged the event at `pos`.
     func whenAcknowledged(_ pos: JournalPosition, _ then: @escaping @Sendable () -> Void) {
         let now = ship.withLockedValue { s -> Bool in
-            if s.earlyAcks.remove(pos) != nil { return true }
+            if s.earlyAcks.removeValue(forKey: pos) != nil { return true }
             s.waiters[pos] = then
             return false
         }
@@ -177,7 +180,7 @@ final class ClaimPipeline: Sendable {
     func stopWaiting(_ pos: JournalPosition) {
         ship.withLockedValue { s in
             s.waiters.removeValue(forKey: pos)
-            s.earlyAcks.remove(pos)
+            s.earlyAcks.removeValue(forKey: pos)
         }
     }
 
@@ -235,7 +238,7 @@ final class ClaimPipeline: Sendable {
                 if let w = s.waiters.removeValue(forKey: pos) {
                     waiters.append(w)
                 } else if kafkaMode {
-                    s.earlyAcks.insert(pos)
+                    s.earlyAcks[pos] = .now
                 }
             }
             s.lastProgress = .now
@@ -248,6 +251,9 @@ final class ClaimPipeline: Sendable {
     /// that lost its state can leave an idempotent producer stuck (its producer id and sequence numbers
     /// mean nothing to the new broker) without a fatal error.
     static let stuckAfter: Duration = .seconds(10)
+
+    /// How long an acknowledgement nobody waited for is kept for a waiter that may still come.
+    static let earlyAckAge: Duration = .seconds(10)
 
     /// Periodic: retry events librdkafka could not queue; recreate a producer after a fatal error or when
     /// it is stuck; decide whether Kafka counts as down.
@@ -277,6 +283,12 @@ final class ClaimPipeline: Sendable {
             }
         }
         if !retry.isEmpty { Self.produce(retry, producer: producerBox, ship: ship) }
+        ship.withLockedValue { s in
+            guard !s.earlyAcks.isEmpty, ContinuousClock.now - s.lastEarlyAckSweep >= .seconds(1) else { return }
+            s.lastEarlyAckSweep = .now
+            let cutoff = ContinuousClock.now - Self.earlyAckAge
+            s.earlyAcks = s.earlyAcks.filter { $0.value > cutoff }
+        }
         if journal == nil {
             let waiting = ship.withLockedValue { $0.bySeq.count + $0.retry.count }
             let full = waiting > Self.maxUnjournaled
@@ -340,6 +352,8 @@ final class ClaimPipeline: Sendable {
     var kafkaDown: Bool { _kafkaDown.load(ordering: .relaxed) }
 
     struct Stats {
+        /// Acknowledgements kept for a waiter that has not come (kafka mode).
+        var earlyAcks = 0
         var inFlight: Int
         var shipped: Int
         var deliveryErrors: Int
@@ -352,9 +366,9 @@ final class ClaimPipeline: Sendable {
     }
 
     var stats: Stats {
-        let s = ship.withLockedValue { ($0.bySeq.count + $0.retry.count, $0.shipped, $0.deliveryErrors, $0.recreations) }
+        let s = ship.withLockedValue { ($0.bySeq.count + $0.retry.count, $0.shipped, $0.deliveryErrors, $0.recreations, $0.earlyAcks.count) }
         let sync = journal?.syncStats ?? (0, 0)
-        return Stats(inFlight: s.0, shipped: s.1, deliveryErrors: s.2, recreations: s.3,
+        return Stats(earlyAcks: s.4, inFlight: s.0, shipped: s.1, deliveryErrors: s.2, recreations: s.3,
                      journalBacklogBytes: journal?.backlogBytes ?? 0, journalUnshipped: journal?.unshippedClaims ?? 0,
                      journalSegments: journal?.segmentCount ?? 0, syncs: sync.0, recordsSynced: sync.1)
     }

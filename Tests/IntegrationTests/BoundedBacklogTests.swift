@@ -74,4 +74,28 @@ struct BoundedBacklogTests {
         }
         #expect(try await q.stop() == 0)
     }
+
+    /// Found by review: in kafka mode every acknowledgement nobody waits for (lease grants and closes,
+    /// cancellations) was kept for a waiter that never comes: a set that grew with every lease.
+    @Test func acknowledgementsNobodyWaitsForAreNotKeptForEver() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "ea", limit: 100_000, perUser: 0, totalLimit: 100_000, region: "sg")
+        let (st, out) = try await quotactl(["lease", "set", "--voucher", "ea", "--min", "5", "--max", "5", "--redis", redis.url])
+        #expect(st == 0, "\(out)")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", kafka: kafka, topic: "t-ea", durability: "kafka")
+        let c = try await RESPClient.connect(q.socket)
+        var ok = 0
+        for i in 0..<200 where try await c.send("CLAIM", "ea", "u\(i)").errorCode == nil { ok += 1 }
+        #expect(ok == 200)
+        // About 40 leases granted and closed: their records were acknowledged with nobody waiting.
+        try await eventually("everything acknowledged", timeout: .seconds(30)) { try await q.stat("journal_unshipped_claims") == 0 }
+        let kept = try await q.stat("kafka_early_acks")
+        #expect(kept > 0, "lease records acknowledged with no waiter: \(kept)")
+        try await eventually("dropped after their age", timeout: .seconds(30)) { try await q.stat("kafka_early_acks") == 0 }
+        #expect(try await c.send("CLAIM", "ea", "after").errorCode == nil, "claims still get their acknowledgement")
+        c.close()
+        #expect(try await q.stop() == 0)
+    }
 }
