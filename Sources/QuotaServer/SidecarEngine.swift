@@ -686,6 +686,8 @@ public final class SidecarEngine: Sendable {
             out += "journal_healthy:\(pipeline.journal.map { $0.isHealthy ? 1 : 0 } ?? 1)\r\n"
             out += "kafka_backlog:\(p.inFlight)\r\nkafka_shipped:\(p.shipped)\r\nkafka_delivery_errors:\(p.deliveryErrors)\r\n"
             out += "kafka_early_acks:\(p.earlyAcks)\r\n"
+            // 0: no kafka section: this host's claims never reach Kafka or the ledger (see quotactl rehydrate).
+            out += "kafka_enabled:\(config.kafka.brokers == nil ? 0 : 1)\r\n"
             out += "kafka_down:\(pipeline.kafkaDown ? 1 : 0)\r\nkafka_producer_recreations:\(p.recreations)\r\n"
             let c = chores.stats
             out += "background_jobs:\(c.outstanding)\r\nbackground_jobs_done:\(c.completed)\r\nbackground_retries:\(c.retries)\r\n"

@@ -12,8 +12,10 @@ struct RehydrateCommand: AsyncParsableCommand {
         discussion: """
             For a Redis that lost its data (sidecars then answer UNAVAILABLE for the region, never serving or
             returning anything). First reads the Kafka tail into the ledger; the hosts' journals must have been
-            shipped to Kafka (every quotad shows journal_unshipped_claims:0, or dead hosts' journals were shipped
-            with quotactl journal ship) — say so with --confirm-shipped. Per voucher defined in the region: the
+            shipped to Kafka (every quotad shows journal_unshipped_claims:0 and kafka_enabled:1, or dead hosts'
+            journals were shipped with quotactl journal ship) — say so with --confirm-shipped. A host that runs
+            without a kafka section never ships its claims: the ledger cannot know them, and a rehydrate would
+            sell them again. Per voucher defined in the region: the
             pool becomes limit − net claims − what leases open at the loss may still have sold (their whole
             unsold part is held back: under-issue, never re-granted); those leases are recreated open and
             expired, so their hosts return them on their journal's word or reconciliation reclaims them with
@@ -43,7 +45,7 @@ struct RehydrateCommand: AsyncParsableCommand {
     func run() async throws {
         guard confirmShipped else {
             throw ValidationError("--confirm-shipped: rehydrate only once every host's journal is on Kafka (journal_unshipped_claims:0 "
-                + "on every quotad, or quotactl journal ship for dead hosts); claims not yet shipped would be sold again")
+                + "and kafka_enabled:1 on every quotad, or quotactl journal ship for dead hosts); claims not yet shipped would be sold again")
         }
         let access = try await LedgerAccess.open(conn, ledgerURL: ledger, catchUp: true)
         guard let url = access.config.regions[region] else { throw ValidationError("--region \(region): no regions.\(region).redis in the config") }

@@ -30,6 +30,7 @@ struct BoundedBacklogTests {
         #expect(st == 0, "\(out)")
         #expect(try await q.stat("claims_ok") == 30_000)
         #expect(try await q.stat("journal_unshipped_claims") == 0, "nothing waits for a Kafka that is not configured")
+        #expect(try await q.stat("kafka_enabled") == 0, "and INFO says this host ships nothing")
         // Sealed segments go after the retention (rolled at 64 KiB or 2 s, kept 1 s).
         try await eventually("old segments deleted", timeout: .seconds(20)) {
             try await q.stat("journal_segments") <= 2
