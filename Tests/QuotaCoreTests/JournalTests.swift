@@ -113,6 +113,32 @@ struct JournalCodecTests {
         #expect(Set(obj.keys) == ["type", "claim_id", "voucher", "user", "qty", "region", "host", "leases", "ts_ms"])
     }
 
+    /// The byte-level JSON writer (issue 13) against a JSON parser: quotes, backslashes, every control
+    /// character, multi-byte and astral characters, at the start, the end and in runs.
+    @Test func everyStringSurvivesTheKafkaJSONExactly() throws {
+        let pieces = ["a", "\"", "\\", "\n", "\r", "\t", "\u{0}", "\u{1f}", "\u{7f}", "é", "€", "😀", "ÿ", "/", " ", "\u{2028}"]
+        var rng = SystemRandomNumberGenerator()
+        var cases = pieces + ["", "plain-ascii_user:42"]
+        for c in 0..<0x20 { cases.append(String(UnicodeScalar(UInt8(c)))) }
+        for _ in 0..<500 { cases.append((0..<Int.random(in: 1...12, using: &rng)).map { _ in pieces.randomElement(using: &rng)! }.joined()) }
+        for text in cases {
+            let e = ClaimEvent(claimID: "id-" + text, voucher: "v", user: text, qty: 1, region: "sg", host: "h" + text,
+                               shares: [ClaimShare(leaseId: text, tokens: 1)], tsMs: 7)
+            let o = try #require(try JSONSerialization.jsonObject(with: Data(e.kafkaValue)) as? [String: Any], "\(Array(text.utf8))")
+            #expect(o["user"] as? String == text && o["claim_id"] as? String == "id-" + text && o["host"] as? String == "h" + text,
+                    "\(Array(text.utf8))")
+            #expect(((o["leases"] as? [[String: Any]])?.first?["id"] as? String) == text)
+            let g = LeaseGrantRecord(voucher: "v", lease: text, granted: 3, req: "r", region: "sg", host: text, durability: "journal", tsMs: 1)
+            let go = try #require(try JSONSerialization.jsonObject(with: Data(g.kafkaValue)) as? [String: Any])
+            #expect(go["lease"] as? String == text && go["host"] as? String == text && go["granted"] as? Int == 3)
+        }
+        // Exactly the text of the previous encoder for a plain event (consumers compare re-sent bodies).
+        let plain = ClaimEvent(claimID: "sg.h.b.1", voucher: "v", user: "u\"1", qty: 2, region: "sg", host: "h",
+                               shares: [ClaimShare(leaseId: "3", tokens: 2)], tsMs: 9)
+        #expect(String(decoding: plain.kafkaValue, as: UTF8.self)
+                == #"{"type":"claimed","claim_id":"sg.h.b.1","voucher":"v","user":"u\"1","qty":2,"region":"sg","host":"h","leases":[{"id":"3","qty":2}],"ts_ms":9}"#)
+    }
+
     @Test func cancellationAndLeaseCloseAreContractJSONWithPerLeaseQuantities() throws {
         let c = ClaimEvent(kind: .unclaimed, claimID: "x", voucher: "v", user: "u", qty: 3, region: "sg", host: "h",
                            shares: [.init(leaseId: "1", tokens: 1), .init(leaseId: "2", tokens: 2)], tsMs: 5, toPool: 2)
