@@ -49,9 +49,11 @@ final class ClaimBook: Sendable {
             var slots: [Int: Slot] = [:]
             var spread: [Int: (qty: Int, shares: [ClaimShare])] = [:]
         }
-        var byPrefix: [String: Boot] = [:]
+        /// Keyed by the prefix's bytes: `String` keys compare canonically equivalent spellings (a Kelvin sign
+        /// and a K) as equal, and an id spelled so must not reach a claim.
+        var byPrefix: [[UInt8]: Boot] = [:]
         /// Ids not of the `prefix` + base-36 sequence form (none that quotad makes).
-        var other: [String: Entry] = [:]
+        var other: [[UInt8]: Entry] = [:]
         var count = 0
 
         static func split(_ id: String) -> (prefix: Substring, seq: Int)? {
@@ -81,8 +83,10 @@ final class ClaimBook: Sendable {
 
     /// The sequence number of a claim id of this boot, or nil.
     private func sequence(_ id: String) -> Int? {
-        guard id.hasPrefix(prefix) else { return nil }
-        return Self.canonicalSequence(id.dropFirst(prefix.count))
+        // Bytes, not `hasPrefix`: that compares canonically equivalent spellings as equal.
+        guard id.utf8.starts(with: prefix.utf8) else { return nil }
+        let rest = id.utf8.dropFirst(prefix.utf8.count)
+        return Self.canonicalSequence(Substring(rest))
     }
 
     /// A sequence number written as quotad writes it (``ClaimEvent/claimID(prefix:seq:)``: base 36, lower
@@ -155,7 +159,7 @@ final class ClaimBook: Sendable {
         older.withLockedValue { o in
             guard o.count < capacity else { return }
             if let (prefix, seq) = Older.split(e.claimID) {
-                let key = String(prefix)
+                let key = Array(prefix.utf8)
                 var boot = o.byPrefix.removeValue(forKey: key) ?? Older.Boot(region: e.region, host: e.host)
                 var slot = Slot(seq: seq, voucher: e.voucher, user: e.user)
                 if let lease = Self.numbered(e) {
@@ -166,7 +170,7 @@ final class ClaimBook: Sendable {
                 }
                 if boot.slots.updateValue(slot, forKey: seq) == nil { o.count += 1 }
                 o.byPrefix[key] = boot
-            } else if o.other.updateValue(Entry(event: e, unclaimed: false), forKey: e.claimID) == nil {
+            } else if o.other.updateValue(Entry(event: e, unclaimed: false), forKey: Array(e.claimID.utf8)) == nil {
                 o.count += 1
             }
         }
@@ -193,18 +197,24 @@ final class ClaimBook: Sendable {
         }
         return older.withLockedValue { o in
             if let (prefix, seq) = Older.split(id) {
-                let key = String(prefix)
-                guard let boot = o.byPrefix[key], let slot = boot.slots[seq] else {
+                let key = Array(prefix.utf8)
+                // Read without keeping the boot alive: the write below then changes its slots in place
+                // (a local copy of the boot would make it copy them all).
+                guard let slot = o.byPrefix[key]?.slots[seq] else {
                     var none: Entry? = nil
                     return body(&none)
                 }
-                var entry: Entry? = Self.entry(id, slot, spread: boot.spread[seq], region: boot.region, host: boot.host)
+                let region = o.byPrefix[key]!.region
+                let host = o.byPrefix[key]!.host
+                let spread = slot.lease < 0 ? o.byPrefix[key]!.spread[seq] : nil
+                var entry: Entry? = Self.entry(id, slot, spread: spread, region: region, host: host)
                 let result = body(&entry)
                 o.byPrefix[key]!.slots[seq]!.unclaimed = entry?.unclaimed ?? slot.unclaimed
                 return result
             }
-            var e = o.other[id]
-            defer { if e != nil { o.other[id] = e } }
+            let key = Array(id.utf8)
+            var e = o.other[key]
+            defer { if e != nil { o.other[key] = e } }
             return body(&e)
         }
     }

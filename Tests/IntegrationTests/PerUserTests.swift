@@ -255,4 +255,35 @@ struct PerUserTests {
         let a = try await redis.account("ul")
         #expect(a.pool == 100 - 3 && a.leases == 0, "pool \(a.pool): the 9 tokens of the cancelled claims went back")
     }
+
+    /// Found by review: claim ids were compared as Swift strings, which treat canonically equivalent spellings
+    /// as equal, so `UNCLAIM` of a host id's K spelled as a Kelvin sign cancelled the real claim under an id
+    /// that was never granted (in this boot's book and in an earlier boot's).
+    @Test func aClaimIDSpelledWithEquivalentCharactersIsNotAClaim() async throws {
+        let kafka = try await KafkaBroker()
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "kv", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-K", kafka: kafka, topic: "t-kv")
+        let c = try await RESPClient.connect(q.socket)
+        let now = try #require(try await c.send("CLAIM", "kv", "u1").string)
+        let earlier = try #require(try await c.send("CLAIM", "kv", "u2").string)
+        let kelvin = { (id: String) in id.replacingOccurrences(of: "K", with: "\u{212A}") }
+        #expect(Array(kelvin(now).utf8) != Array(now.utf8) && kelvin(now) == now, "other bytes, equal as Swift strings")
+        let r1 = try await c.send("UNCLAIM", kelvin(now))
+        #expect(r1.errorCode == "ERR" && r1.string?.contains("unknown claim id") == true, "\(r1)")
+        c.close()
+        #expect(try await q.stop() == 0)
+        try await q.restart()
+        let c2 = try await RESPClient.connect(q.socket)
+        let r2 = try await c2.send("UNCLAIM", kelvin(earlier))
+        #expect(r2.errorCode == "ERR" && r2.string?.contains("unknown claim id") == true, "\(r2)")
+        #expect(try await c2.send("UNCLAIM", earlier) == .simpleString("OK"))
+        #expect(try await c2.send("UNCLAIM", now) == .simpleString("OK"))
+        c2.close()
+        #expect(try await q.stop() == 0)
+        let t = try streamed(kafka, topic: "t-kv")
+        #expect(Set(t.unclaimed.map { Array($0.utf8) }) == Set([now, earlier].map { Array($0.utf8) }),
+                "cancellations carry the granted ids only: \(t.unclaimed)")
+    }
 }
