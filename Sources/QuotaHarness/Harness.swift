@@ -334,7 +334,11 @@ public final class KafkaBroker: @unchecked Sendable {
         port = try freePort()
         child = try Self.launch(port)
         let port = self.port
+        let child = self.child
         try await eventually("tansu listens on \(port)") { canConnect(port) }
+        // The listener must be this broker (not one that took the port first and left ours unable to bind).
+        try await Task.sleep(for: .milliseconds(100))
+        guard child.isRunning else { throw TestError.failed("tansu on \(port) exited at start: \(child.output.suffix(300))") }
     }
 
     private static func launch(_ port: Int) throws -> ChildProcess {
@@ -365,7 +369,21 @@ public final class KafkaBroker: @unchecked Sendable {
     }
 }
 
+/// Ports ``freePort()`` handed out in this process: never handed out twice. The kernel may give a port that
+/// was bound and closed a moment ago to the next `bind(0)`, so two tests starting servers at once could get
+/// the same one; the second server then fails to bind while the first answers on it (a test then stops or
+/// kills a broker that is not the one its sidecars talk to).
+private let handedOut = NIOLockedValueBox(Set<Int>())
+
 public func freePort() throws -> Int {
+    for _ in 0..<100 {
+        let p = try anyFreePort()
+        if handedOut.withLockedValue({ $0.insert(p).inserted }) { return p }
+    }
+    throw TestError.failed("no free port not handed out before")
+}
+
+private func anyFreePort() throws -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
     var addr = sockaddr_in()
