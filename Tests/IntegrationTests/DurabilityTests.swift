@@ -268,6 +268,9 @@ struct DurabilityTests {
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a", kafka: kafka, topic: "t-cj")
         let c = try await RESPClient.connect(q.socket)
         for i in 0..<20 { _ = try await c.send("CLAIM", "cj", "u\(i)") }
+        // One more just before the kill: the newest segment then holds its snapshot and a record after it, even
+        // when it was rolled (every 2 s) during a slow run.
+        _ = try await c.send("CLAIM", "cj", "last")
         c.close()
         q.child.signal(SIGKILL)
         _ = try await q.child.wait()
@@ -276,7 +279,9 @@ struct DurabilityTests {
         let path = "\(jdir)/\(seg)"
         var bytes = [UInt8](FileManager.default.contents(atPath: path)!)
         try #require(bytes.count > 100)
-        bytes[bytes.count / 2] ^= 0xff
+        // Inside the first record (the segment's snapshot), with records after it: corruption, not a torn tail
+        // (a flipped last record is read as a write cut short by the crash).
+        bytes[12] ^= 0xff
         try Data(bytes).write(to: URL(fileURLWithPath: path))
 
         try await q.restart()
