@@ -179,7 +179,8 @@ enum QuotaScripts {
         """
 
     /// KEYS: meta, leases, exp, closed, reqs. ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
-    /// gen, mode (`k`|`j`|`n`), warmup_ms, then pairs (lease id, returned total) of this host's leases to
+    /// gen, mode (`k`|`j`|`n`), warmup_ms, recall (`1`: an empty pool may recall; `0`: not, for a shard
+    /// that is not the caller's last resort; see `recall`), then pairs (lease id, returned total) of this host's leases to
     /// close first. The same `req` gets the same answer: the lease it was granted while it is open (with
     /// its remaining ttl, which may be negative), or nothing. `want` 0 only resolves `req` (nothing is
     /// granted to it afterwards).
@@ -205,9 +206,9 @@ enum QuotaScripts {
         \(now)
         local host = ARGV[1]
         local function run()
-        for i = 10, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
+        for i = 11, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
         archive(now)
-        local m = redis.call('HMGET', KEYS[1], 'state', 'pool', 'start_ms', 'end_ms', 'recall_ms')
+        local m = redis.call('HMGET', KEYS[1], 'state', 'pool', 'start_ms', 'end_ms', 'recall_ms', 'lease_prefix')
         local pool = tonumber(m[2])
         local start_ms, end_ms = tonumber(m[3] or '0') or 0, tonumber(m[4] or '0') or 0
         -- The pool is empty: leases of OTHER hosts that may still serve or return tokens (expiry at most
@@ -228,7 +229,7 @@ enum QuotaScripts {
             -- opening (opening leases are meant to be held then), at most every 50 ms (or after Redis's
             -- clock went back).
             local last = tonumber(m[5] or '0') or 0
-            if tonumber(ARGV[3]) > 0 and now >= start_ms and (now - last >= 50 or now < last) then
+            if ARGV[10] == '1' and tonumber(ARGV[3]) > 0 and now >= start_ms and (now - last >= 50 or now < last) then
               redis.call('HSET', KEYS[1], 'recall_ms', now, 'recall_host', host)
               redis.call('PUBLISH', 'quota:recall', KEYS[1] .. '|' .. host)
             end
@@ -265,7 +266,8 @@ enum QuotaScripts {
         local n = math.min(want, math.max(need, math.ceil(pool * tonumber(ARGV[5]))))
         n = math.min(n, pool)
         if n <= 0 then return empty() end
-        local id = tostring(redis.call('HINCRBY', KEYS[1], 'lease_seq', 1))
+        -- A hot-key shard's leases are numbered `<shard>.<n>` (its `lease_prefix`), so a lease id names its shard.
+        local id = (m[6] or '') .. tostring(redis.call('HINCRBY', KEYS[1], 'lease_seq', 1))
         redis.call('HINCRBY', KEYS[1], 'pool', -n)
         redis.call('HINCRBY', KEYS[1], 'leased', n)
         local exp = now + ttl
@@ -278,6 +280,20 @@ enum QuotaScripts {
         local out = run()
         flush()
         return out
+        """
+
+    /// A recall without a lease (a sharded voucher whose every shard came back empty while other hosts
+    /// held leases of some): the LEASE script's recall, on one shard. KEYS: meta. ARGV: host.
+    /// Reply: 1 published | 0 not now (before the opening, within 50 ms of the last, unknown voucher).
+    static let recall = """
+        if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+        \(now)
+        local m = redis.call('HMGET', KEYS[1], 'start_ms', 'recall_ms')
+        local start_ms, last = tonumber(m[1] or '0') or 0, tonumber(m[2] or '0') or 0
+        if now < start_ms or (now - last < 50 and now >= last) then return 0 end
+        redis.call('HSET', KEYS[1], 'recall_ms', now, 'recall_host', ARGV[1])
+        redis.call('PUBLISH', 'quota:recall', KEYS[1] .. '|' .. ARGV[1])
+        return 1
         """
 
     /// KEYS: meta, leases, exp. ARGV: lease_id, ttl_ms, host, gen.

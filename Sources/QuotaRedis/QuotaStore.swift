@@ -45,6 +45,11 @@ public struct VoucherRecord: Sendable, Equatable {
     public var allocated: Int? = nil
     public var sent: Int = 0
     public var received: Int = 0
+    /// Hot-key shards (`voucher create --shards K`): the hash tags of the voucher's sub-pools, index 0 the
+    /// voucher id itself, and each one's pool. Empty for an unsharded voucher. The counters above are the
+    /// sums over the shards; `leaseSeq` is shard 0's.
+    public var shardTags: [String] = []
+    public var shardPools: [Int] = []
 
     /// What the claim lifecycle needs of it (the schedule is placed on the host's clock by the caller).
     public var info: VoucherRecordInfo {
@@ -171,6 +176,8 @@ public enum RestockReply: Sendable, Equatable {
 public final class QuotaStore: Sendable {
     public let connection: RedisClient
     private let shas = ScriptCache()
+    /// Each voucher's shard tags as last read from Redis (`[id]`: unsharded).
+    let shardCache = NIOLockedValueBox<[String: [String]]>([:])
 
     public init(client: RedisClient) {
         self.connection = client
@@ -201,15 +208,18 @@ public final class QuotaStore: Sendable {
     /// The channel the LEASE script publishes recalls on (the message: the voucher's meta key).
     public static let recallChannel = "quota:recall"
 
-    /// The voucher id and the recalling host of a recall message (`quota:{ID}|host`; `quota:{ID}` from
-    /// older sidecars), or nil.
+    /// The voucher id and the recalling host of a recall message (`quota:{ID}|host`, `quota:{ID#s…}|host`
+    /// from a shard; `quota:{ID}` from older sidecars), or nil.
     public static func recall(ofMessage message: String) -> (voucher: String, from: String?)? {
         guard message.hasPrefix("quota:{") else { return nil }
         let body = message.dropFirst(7)
         guard let close = body.lastIndex(of: "}") else { return nil }
         let rest = body[body.index(after: close)...]
         if !rest.isEmpty && !rest.hasPrefix("|") { return nil }
-        return (String(body[..<close]), rest.isEmpty ? nil : String(rest.dropFirst()))
+        // A shard's key (`quota:{ID#s…}`) recalls for its voucher.
+        let tag = body[..<close]
+        let voucher = tag.firstIndex(of: "#").map { tag[..<$0] } ?? tag
+        return (String(voucher), rest.isEmpty ? nil : String(rest.dropFirst()))
     }
     /// The region marker: its generation, created with the region's first voucher.
     public static let region = "quota:region"
@@ -290,7 +300,7 @@ public final class QuotaStore: Sendable {
         return replies
     }
 
-    private func eval(_ script: String, keys: [String], args: [String]) async throws(RedisError) -> RedisValue {
+    func eval(_ script: String, keys: [String], args: [String]) async throws(RedisError) -> RedisValue {
         let sha = try await scriptSHA(script)
         let tail = [String(keys.count)] + keys + args
         var reply = try await connection.send(["EVALSHA", sha] + tail)
@@ -301,12 +311,12 @@ public final class QuotaStore: Sendable {
         return reply
     }
 
-    private func voucherKeys(_ id: String) -> [String] {
+    func voucherKeys(_ id: String) -> [String] {
         [Self.meta(id), Self.leases(id), Self.exp(id), Self.closed(id), Self.reqs(id)]
     }
 
     /// A script reply that says the voucher's generation is not the one the caller knew.
-    private static func generationError(_ a: [RedisValue], known: String, voucher: String) -> RedisError? {
+    static func generationError(_ a: [RedisValue], known: String, voucher: String) -> RedisError? {
         switch a.first?.int {
         case -3: return .generation("voucher '\(voucher)' has generation \(a.count > 1 ? a[1].string ?? "?" : "?") in Redis, this host knew \(known)")
         case -5 where !known.isEmpty: return .generation("voucher '\(voucher)' (generation \(known)) is gone from Redis")
@@ -431,27 +441,52 @@ public final class QuotaStore: Sendable {
                               closedRetention: Duration = QuotaStore.closedRetention, startMs: Int64 = 0,
                               endMs: Int64 = 0, status: VoucherStatus = .active,
                               policy: LeasePolicyOverride = LeasePolicyOverride(),
-                              regionGeneration: String? = nil) async throws(RedisError) -> Bool {
+                              regionGeneration: String? = nil, shards: Int = 1) async throws(RedisError) -> Bool {
         let gen: String
         if let regionGeneration { gen = regionGeneration } else { gen = try await ensureRegion(proposed: Self.newGeneration()) }
-        let r = try await eval(
-            QuotaScripts.create, keys: [Self.meta(id)],
-            args: [String(limit), String(perUser), String(totalLimit), region, gen, String(closedRetention.milliseconds),
-                   String(startMs), String(endMs), status.rawValue] + Self.policyFields(policy))
+        func args(_ n: Int) -> [String] {
+            [String(n), String(perUser), String(totalLimit), region, gen, String(closedRetention.milliseconds),
+             String(startMs), String(endMs), status.rawValue] + Self.policyFields(policy)
+        }
+        guard shards > 1 else {
+            let r = try await eval(QuotaScripts.create, keys: [Self.meta(id)], args: args(limit))
+            guard r.array?.first?.int == 1 else { return false }
+            _ = try await connection.send(["SADD", Self.vouchers, id])
+            return true
+        }
+        if try await connection.send(["EXISTS", Self.meta(id)]).int == 1 { return false }
+        let tags = try await placeShards(id: id, shards: shards)
+        let parts = Self.split(limit, into: shards)
+        // The sub-pools first, the voucher's own key last: until it exists the voucher does not (a create
+        // cut short leaves sub-pools nobody reads, taken over by the re-run).
+        for s in 1..<shards {
+            let r = try await eval(QuotaScripts.create, keys: [Self.meta(tags[s])],
+                                   args: args(parts[s]) + ["shard_of", id, "lease_prefix", "\(s)."])
+            if r.array?.first?.int == 1 { continue }
+            let f = Self.fields(try await connection.send(["HGETALL", Self.meta(tags[s])]))
+            guard f["shard_of"] == id, f["limit"] == String(parts[s]), f["gen"] == gen, f["lease_seq"] == "0" else {
+                throw RedisError.badReply("shard \(s) of voucher '\(id)' (\(Self.meta(tags[s]))) exists with other "
+                                          + "contents; delete that key or create the voucher with the same limit and shards")
+            }
+        }
+        let r = try await eval(QuotaScripts.create, keys: [Self.meta(id)],
+                               args: args(parts[0]) + ["shards", String(shards),
+                                                       "shard_tags", tags.dropFirst().joined(separator: ",")])
         guard r.array?.first?.int == 1 else { return false }
+        shardCache.withLockedValue { $0[id] = tags }
         _ = try await connection.send(["SADD", Self.vouchers, id])
         return true
     }
 
     public func voucher(_ id: String) async throws(RedisError) -> VoucherRecord? {
         let r = try await connection.send(["HGETALL", Self.meta(id)])
-        return Self.record(id: id, r)
+        return try await withShards([id], [r])[0]
     }
 
     /// Several vouchers in one pipeline (nil for unknown ids).
     public func vouchers(_ ids: [String]) async throws(RedisError) -> [VoucherRecord?] {
         let rs = try await connection.send(batch: ids.map { ["HGETALL", Self.meta($0)] })
-        return zip(ids, rs).map { Self.record(id: $0, $1) }
+        return try await withShards(ids, rs)
     }
 
     /// Several vouchers and Redis's clock in one round trip (the clock read right after the records),
@@ -472,7 +507,7 @@ public final class QuotaStore: Sendable {
         guard rs.count == batch.count, let t = rs[ids.count].array, t.count == 2, let sec = t[0].int, let us = t[1].int else {
             throw RedisError.badReply("TIME: \(rs.last ?? .null)")
         }
-        return (zip(ids, rs).map { Self.record(id: $0, $1) }, Int64(sec) * 1000 + Int64(us) / 1000)
+        return (try await withShards(ids, Array(rs.prefix(ids.count))), Int64(sec) * 1000 + Int64(us) / 1000)
     }
 
     /// A sidecar's heartbeat: Redis's clock, the live hosts of the region, the vouchers to warm now.
@@ -508,7 +543,7 @@ public final class QuotaStore: Sendable {
         if let startMs { fields += ["start_ms", String(startMs)] }
         if let endMs { fields += ["end_ms", String(endMs)] }
         guard !fields.isEmpty else { return try await self.voucher(voucher) != nil }
-        guard try await eval(QuotaScripts.setFields, keys: [Self.meta(voucher)], args: fields).int == 1 else { return false }
+        guard try await setFields(voucher, fields) else { return false }
         if let startMs, startMs > 0 {
             _ = try await connection.send(["ZADD", Self.warmList, "XX", String(startMs), voucher])
         }
@@ -564,7 +599,7 @@ public final class QuotaStore: Sendable {
 
     /// Set a voucher's state. Returns false for an unknown voucher.
     public func setStatus(_ id: String, _ status: VoucherStatus) async throws(RedisError) -> Bool {
-        try await eval(QuotaScripts.setFields, keys: [Self.meta(id)], args: ["state", status.rawValue]).int == 1
+        try await setFields(id, ["state", status.rawValue])
     }
 
     // MARK: Lease policy
@@ -584,7 +619,7 @@ public final class QuotaStore: Sendable {
         let fields = Self.policyFields(p)
         guard !fields.isEmpty else { return true }
         if let voucher {
-            return try await eval(QuotaScripts.setFields, keys: [Self.meta(voucher)], args: fields).int == 1
+            return try await setFields(voucher, fields)
         }
         _ = try await connection.send(["HSET", Self.policy] + fields)
         return true
@@ -604,10 +639,24 @@ public final class QuotaStore: Sendable {
                       durability: String = "", warmup: Duration = .seconds(10), close: [ReturnRequest] = [])
         async throws(RedisError) -> LeaseReply
     {
+        let tags = try await shardTags(voucher)
+        if tags.count > 1 {
+            return try await shardedLease(voucher: voucher, tags: tags, host: host, req: req, want: want, need: need,
+                                          ttl: ttl, gen: gen, durability: durability, warmup: warmup, close: close)
+        }
+        return try await leaseOne(voucher: voucher, tag: voucher, host: host, req: req, want: want, need: need, ttl: ttl,
+                                  gen: gen, durability: durability, warmup: warmup, recall: true, close: close)
+    }
+
+    /// One LEASE script call on one pool (`tag`: the voucher id, or one of its shards' tags).
+    func leaseOne(voucher: String, tag: String, host: String, req: String, want: Int, need: Int, ttl: Duration,
+                  gen: String, durability: String, warmup: Duration, recall: Bool, close: [ReturnRequest])
+        async throws(RedisError) -> LeaseReply
+    {
         var args = [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction),
-                    req, gen, LeaseRecord.modeLetter(durability), String(warmup.milliseconds)]
+                    req, gen, LeaseRecord.modeLetter(durability), String(warmup.milliseconds), recall ? "1" : "0"]
         for c in close { args += [c.leaseId, String(c.returnedTotal)] }
-        let r = try await eval(QuotaScripts.lease, keys: voucherKeys(voucher), args: args)
+        let r = try await eval(QuotaScripts.lease, keys: voucherKeys(tag), args: args)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("LEASE: \(r)") }
         if let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
         switch status {
@@ -641,7 +690,8 @@ public final class QuotaStore: Sendable {
         async throws(RedisError) -> RenewOutcome
     {
         let r = try await eval(
-            QuotaScripts.renew, keys: Array(voucherKeys(voucher).prefix(3)), args: [lease, String(ttl.milliseconds), host, gen])
+            QuotaScripts.renew, keys: Array(voucherKeys(try await shardTag(voucher, lease: lease)).prefix(3)),
+            args: [lease, String(ttl.milliseconds), host, gen])
         if let a = r.array, let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
         switch r.array?.first?.int {
         case 1: return .renewed(ttl: ttl)
@@ -657,7 +707,7 @@ public final class QuotaStore: Sendable {
         async throws(RedisError) -> ReturnReply
     {
         let r = try await eval(
-            QuotaScripts.giveBack, keys: Array(voucherKeys(voucher).prefix(4)),
+            QuotaScripts.giveBack, keys: Array(voucherKeys(try await shardTag(voucher, lease: lease)).prefix(4)),
             args: [lease, String(returnedTotal), close ? "1" : "0", host, gen])
         if let a = r.array, let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
         guard let a = r.array, a.count == 2, let status = a[0].int, let applied = a[1].int else {
@@ -677,9 +727,33 @@ public final class QuotaStore: Sendable {
                         shares: [ClaimShare], horizon: Duration = QuotaStore.restockHorizon) async throws(RedisError)
         -> RestockReply
     {
+        let tags = try await shardTags(voucher)
+        if tags.count > 1 {
+            // Per shard, once per claim id each: a restock cut short between shards is finished by its retry.
+            var byShard: [Int: [ClaimShare]] = [:]
+            for s in shares { byShard[Self.shardIndex(ofLease: s.leaseId), default: []].append(s) }
+            var total = 0, applied = false, tooOld = false
+            for (i, part) in byShard.sorted(by: { $0.key < $1.key }) {
+                guard i < tags.count else { throw Self.unknownShard(voucher, lease: part[0].leaseId, shards: tags.count) }
+                switch try await restockOne(voucher: voucher, tag: tags[i], claimID: claimID, tsMs: tsMs, host: host, gen: gen,
+                                            shares: part, horizon: horizon) {
+                case .applied(let n): total += n; applied = true
+                case .alreadyDone: break
+                case .tooOld: tooOld = true
+                }
+            }
+            if applied { return .applied(total) }
+            return tooOld ? .tooOld : .alreadyDone
+        }
+        return try await restockOne(voucher: voucher, tag: voucher, claimID: claimID, tsMs: tsMs, host: host, gen: gen,
+                                    shares: shares, horizon: horizon)
+    }
+
+    private func restockOne(voucher: String, tag: String, claimID: String, tsMs: Int64, host: String, gen: String,
+                            shares: [ClaimShare], horizon: Duration) async throws(RedisError) -> RestockReply {
         var args = [claimID, String(tsMs), String(horizon.milliseconds), host, gen]
         for s in shares { args += [s.leaseId, String(s.tokens)] }
-        let r = try await eval(QuotaScripts.restock, keys: [Self.meta(voucher), Self.leases(voucher), Self.restocked(voucher)],
+        let r = try await eval(QuotaScripts.restock, keys: [Self.meta(tag), Self.leases(tag), Self.restocked(tag)],
                                args: args)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("RESTOCK: \(r)") }
         if let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
@@ -709,7 +783,7 @@ public final class QuotaStore: Sendable {
     public func reclaim(voucher: String, lease: String, sold: Int, grace: Duration, forfeit: Bool) async throws(RedisError)
         -> ReclaimReply
     {
-        let r = try await eval(QuotaScripts.reclaim, keys: Array(voucherKeys(voucher).prefix(4)),
+        let r = try await eval(QuotaScripts.reclaim, keys: Array(voucherKeys(try await shardTag(voucher, lease: lease)).prefix(4)),
                                args: [lease, String(sold), String(grace.milliseconds), forfeit ? "1" : "0"])
         guard let a = r.array, let st = a.first?.int else { throw RedisError.badReply("RECLAIM: \(r)") }
         switch st {
@@ -943,10 +1017,12 @@ public final class QuotaStore: Sendable {
         return r.string.flatMap { TransferRecord.parse(id: id, $0) }
     }
 
+    /// A voucher's lease records (of every shard), by shard and lease number.
     public func leases(voucher: String) async throws(RedisError) -> [LeaseRecord] {
-        let r = try await connection.send(["HGETALL", Self.leases(voucher)])
-        return Self.fields(r).compactMap { LeaseRecord.parse(id: $0.key, $0.value) }
-            .sorted { (Int($0.id) ?? 0) < (Int($1.id) ?? 0) }
+        let tags = try await shardTags(voucher)
+        let rs = try await connection.send(batch: tags.map { ["HGETALL", Self.leases($0)] })
+        return rs.flatMap { Self.fields($0).compactMap { LeaseRecord.parse(id: $0.key, $0.value) } }
+            .sorted { Self.leaseOrder($0.id) < Self.leaseOrder($1.id) }
     }
 }
 

@@ -107,6 +107,8 @@ struct VoucherJSON: Codable {
     var lease_policy: [String: Double]
     var start_ms: Int64
     var end_ms: Int64
+    /// Hot-key shards: each shard's pool (absent for an unsharded voucher).
+    var shard_pools: [Int]?
 
     init(_ r: VoucherRecord, leases: [LeaseRecord]) {
         id = r.id
@@ -131,6 +133,7 @@ struct VoucherJSON: Codable {
         lease_policy = p
         start_ms = r.startMs
         end_ms = r.endMs
+        shard_pools = r.shardPools.isEmpty ? nil : r.shardPools
     }
 }
 
@@ -146,7 +149,8 @@ struct VoucherCommand: AsyncParsableCommand {
         @Option(name: .long, help: "Per-user limit (0 = none).") var perUser: Int = 0
         @Option(name: .long, parsing: .singleValue, help: "Region allocation R=N (repeatable); default: all to the home region.")
         var region: [String] = []
-        @Option(name: .long, help: "Shards (reserved; must be 1 in this version).") var shards: Int = 1
+        @Option(name: .long, help: "Hot-key shards: each region's pool split into this many sub-pools on different slots (1-64).")
+        var shards: Int = 1
         @Option(name: .long, help: "Sale opening: RFC 3339 or +30s (Redis's clock). Before it CLAIM answers INACTIVE.")
         var start: String?
         @Option(name: .long, help: "Sale end: RFC 3339 or +10m (Redis's clock). After it CLAIM answers INACTIVE.")
@@ -157,7 +161,7 @@ struct VoucherCommand: AsyncParsableCommand {
             try requireVoucherID(id)
             guard limit >= 0 else { throw ValidationError("--limit must be >= 0") }
             guard perUser >= 0 else { throw ValidationError("--per-user must be >= 0") }
-            guard shards == 1 else { throw ValidationError("--shards: sharded pools are not built yet; use 1") }
+            guard (1...64).contains(shards) else { throw ValidationError("--shards must be from 1 to 64, got \(shards)") }
             let r = try conn.regions()
             var alloc: [(String, Int)] = []
             if region.isEmpty {
@@ -193,7 +197,7 @@ struct VoucherCommand: AsyncParsableCommand {
                 }
                 let ok = try await withRedis(url) { () async throws(RedisError) in
                     try await s.createVoucher(id: id, limit: n, perUser: perUser, totalLimit: limit, region: name,
-                                              startMs: startMs, endMs: endMs)
+                                              startMs: startMs, endMs: endMs, shards: shards)
                 }
                 guard ok else {
                     throw ValidationError("voucher '\(id)' already exists in region \(name)"
@@ -212,7 +216,7 @@ struct VoucherCommand: AsyncParsableCommand {
                 try emitJSON(["id": id, "limit": String(limit), "regions": alloc.map { "\($0.0)=\($0.1)" }.joined(separator: ",")])
             } else {
                 print("created voucher \(id): limit \(limit)\(perUser > 0 ? ", \(perUser) per user" : ""), "
-                    + alloc.map { "\($0.0)=\($0.1)" }.joined(separator: " "))
+                    + alloc.map { "\($0.0)=\($0.1)" }.joined(separator: " ") + (shards > 1 ? ", \(shards) shards per region" : ""))
             }
         }
     }
@@ -250,6 +254,9 @@ struct VoucherCommand: AsyncParsableCommand {
                 print("voucher \(j.id)  region \(j.region)  state \(j.state)")
                 print("  limit \(j.limit) (total \(j.total_limit))  pool \(j.pool)  per-user \(j.per_user == 0 ? "none" : String(j.per_user))")
                 print("  leased \(j.leased)  returned \(j.returned)  outstanding \(j.tokens_outstanding) in \(j.leases_outstanding) lease(s)")
+                if let p = j.shard_pools {
+                    print("  shards \(p.count): pools " + p.map(String.init).joined(separator: " "))
+                }
                 if j.start_ms > 0 || j.end_ms > 0 {
                     print("  sale: \(describeSchedule(startMs: j.start_ms, endMs: j.end_ms, nowMs: nowMs))")
                 }

@@ -92,9 +92,12 @@ struct RebalanceCommand: AsyncParsableCommand {
         if let p = prior, p.direction != .out || p.peer != to || p.amount != amount {
             throw ValidationError("transfer \(tid) exists in \(from) as \(Self.describe(p)), not \(amount) to \(to); nothing changed")
         }
-        if prior == nil && srcRec.pool < amount {
-            throw ValidationError("region \(from) has \(srcRec.pool) unleased tokens of \(id) in its pool, \(amount) asked; nothing changed "
-                + "(leased tokens come back to the pool as hosts return them)")
+        // A sharded voucher's transfers move quota in and out of its shard 0 (the voucher's own key).
+        let movable = srcRec.shardPools.first ?? srcRec.pool
+        if prior == nil && movable < amount {
+            throw ValidationError("region \(from) has \(movable) unleased tokens of \(id) in its pool"
+                + (srcRec.shardPools.isEmpty ? "" : " (sharded: transfers take from shard 0; all shards hold \(srcRec.pool))")
+                + ", \(amount) asked; nothing changed (leased tokens come back to the pool as hosts return them)")
         }
         // The id must not be recorded in the destination otherwise (used the other way, or another
         // transfer): checked before step 1, so that a refused command changes nothing.

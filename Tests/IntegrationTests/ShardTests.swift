@@ -1,0 +1,198 @@
+import Foundation
+import QuotaClient
+import QuotaCore
+import QuotaHarness
+import QuotaRESP
+import QuotaRedis
+import Testing
+
+/// Claims on one connection until SOLDOUT; returns the claim ids and the other error codes seen.
+private func claimUntilSoldOut(_ c: RESPClient, voucher: String, user: (Int) -> String) async throws
+    -> (ids: [String], errors: [String: Int])
+{
+    var ids: [String] = []
+    var errors: [String: Int] = [:]
+    var n = 0
+    while true {
+        let r = try await c.send("CLAIM", voucher, user(n))
+        n += 1
+        if let code = r.errorCode {
+            if code == "SOLDOUT" { return (ids, errors) }
+            errors[code, default: 0] += 1
+            if errors.values.reduce(0, +) > 2000 { return (ids, errors) }
+            try await Task.sleep(for: .milliseconds(5))
+            continue
+        }
+        guard case .bulkString(let b?) = r else { throw TestError.failed("unexpected reply \(r)") }
+        ids.append(String(buffer: b))
+    }
+}
+
+/// Each shard's meta fields of a sharded voucher, by shard index.
+private func shardFields(_ store: QuotaStore, _ voucher: String) async throws -> [[String: String]] {
+    var out: [[String: String]] = []
+    for tag in try await store.shardTags(voucher) {
+        out.append(QuotaStore.fields(try await store.connection.send(["HGETALL", "quota:{\(tag)}"])))
+    }
+    return out
+}
+
+/// `count` host ids whose home shard among `shards` is `home`.
+private func hosts(homedOn home: Int, of shards: Int, count: Int, prefix: String) -> [String] {
+    (0..<10_000).lazy.map { "\(prefix)\($0)" }.filter { QuotaStore.homeShard(host: $0, shards: shards) == home }
+        .prefix(count).map { $0 }
+}
+
+/// Sells `voucher` through `sidecars` with `perSidecar` connections each until every connection hears SOLDOUT.
+private func sell(_ voucher: String, _ sidecars: [Quotad], perSidecar: Int) async throws -> (ids: [String], errors: [[String: Int]]) {
+    var clients: [RESPClient] = []
+    for s in sidecars { for _ in 0..<perSidecar { clients.append(try await RESPClient.connect(s.socket)) } }
+    defer { for c in clients { c.close() } }
+    let results = try await withThrowingTaskGroup(of: ([String], [String: Int]).self) { g in
+        for (i, c) in clients.enumerated() { g.addTask { try await claimUntilSoldOut(c, voucher: voucher) { "c\(i)-u\($0)" } } }
+        var all: [([String], [String: Int])] = []
+        for try await r in g { all.append(r) }
+        return all
+    }
+    return (results.flatMap(\.0), results.map(\.1))
+}
+
+@Suite("Hot-key shards on one Redis", .timeLimit(.minutes(3)))
+struct ShardTests {
+    @Test func shardedVoucherIsCreatedAsSubPoolsThatSumToTheLimitAndShowsThem() async throws {
+        let redis = try await RedisServer()
+        let (st, out) = try await quotactl(["voucher", "create", "hot", "--limit", "1000", "--shards", "3", "--redis", redis.url])
+        #expect(st == 0 && out.contains("3 shards"), "\(out)")
+        let f = try await shardFields(redis.store, "hot")
+        #expect(f.count == 3)
+        #expect(f.map { $0["limit"] } == ["334", "333", "333"])
+        #expect(f.map { $0["pool"] } == ["334", "333", "333"])
+        #expect(f[1]["shard_of"] == "hot" && f[2]["shard_of"] == "hot")
+        #expect(f[1]["lease_prefix"] == "1." && f[2]["lease_prefix"] == "2.")
+        #expect(Set(f.map { $0["gen"] ?? "" }).count == 1, "one generation for every shard")
+        let rec = try #require(try await redis.store.voucher("hot"))
+        #expect(rec.limit == 1000 && rec.pool == 1000 && rec.shardPools == [334, 333, 333])
+        #expect(try await redis.audit("hot").isEmpty)
+        let (st2, out2) = try await quotactl(["voucher", "show", "hot", "--redis", redis.url])
+        #expect(st2 == 0 && out2.contains("shards 3: pools 334 333 333") && out2.contains("pool 1000"), "\(out2)")
+        // State changes reach every shard.
+        #expect(try await quotactl(["voucher", "pause", "hot", "--redis", redis.url]).0 == 0)
+        #expect(try await shardFields(redis.store, "hot").allSatisfy { $0["state"] == "paused" })
+        #expect(try await quotactl(["voucher", "resume", "hot", "--redis", redis.url]).0 == 0)
+        #expect(try await shardFields(redis.store, "hot").allSatisfy { $0["state"] == "active" })
+        // Bad shard counts are refused, naming the option, and create nothing.
+        for bad in ["0", "65", "-1"] {
+            let (s, o) = try await quotactl(["voucher", "create", "bad\(bad)", "--limit", "10", "--shards", bad, "--redis", redis.url])
+            #expect(s != 0 && o.contains("--shards"), "\(o)")
+        }
+        #expect(try await redis.store.voucherIDs() == ["hot"])
+        // A second create of the same id changes nothing.
+        let (s3, o3) = try await quotactl(["voucher", "create", "hot", "--limit", "5", "--shards", "2", "--redis", redis.url])
+        #expect(s3 != 0 && o3.contains("already exists"), "\(o3)")
+        #expect(try await redis.store.voucher("hot")?.limit == 1000)
+    }
+
+    @Test func threeSidecarsSellAShardedVoucherExactlyAndEveryShardIsLeasedFrom() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        #expect(try await quotactl(["voucher", "create", "hot", "--limit", "6000", "--shards", "3", "--redis", redis.url]).0 == 0)
+        // One host homed on each shard.
+        let names = (0..<3).map { hosts(homedOn: $0, of: 3, count: 1, prefix: "h\($0)-")[0] }
+        var sidecars: [Quotad] = []
+        for h in names { sidecars.append(try await Quotad(redis: redis, dir: dir, host: h)) }
+        let (ids, errors) = try await sell("hot", sidecars, perSidecar: 20)
+        #expect(ids.count == 6000, "exactly the limit was sold")
+        #expect(Set(ids).count == ids.count)
+        #expect(errors.allSatisfy { $0.isEmpty }, "no error but the final SOLDOUT: \(errors)")
+        for s in sidecars { #expect(try await s.stop() == 0) }
+        let f = try await shardFields(redis.store, "hot")
+        #expect(f.allSatisfy { Int($0["leased"] ?? "0")! > 0 }, "every shard was leased from: \(f.map { $0["leased"] ?? "" })")
+        #expect(f.allSatisfy { $0["pool"] == "0" })
+        let a = try await redis.account("hot")
+        #expect(a.leases == 0 && a.leased - a.returned - a.restocked == 6000)
+        let problems = try await redis.audit("hot", journals: [], netClaimed: ids.count)
+        #expect(problems.isEmpty, "\(problems)")
+        #expect(try await quotactl(["audit", "hot", "--redis", redis.url]).0 == 0)
+    }
+
+    @Test func oneSidecarFallsBackThroughEveryShardAndSellsThemAll() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        #expect(try await quotactl(["voucher", "create", "hot", "--limit", "2000", "--shards", "4", "--redis", redis.url]).0 == 0)
+        let q = try await Quotad(redis: redis, dir: dir, host: "solo", durability: "journal")
+        let (ids, errors) = try await sell("hot", [q], perSidecar: 16)
+        #expect(ids.count == 2000)
+        #expect(errors.allSatisfy { $0.isEmpty }, "\(errors)")
+        #expect(try await q.stop() == 0)
+        let f = try await shardFields(redis.store, "hot")
+        #expect(f.allSatisfy { $0["pool"] == "0" && Int($0["leased"] ?? "0")! > 0 }, "\(f)")
+        let leases = try await redis.store.leases(voucher: "hot")
+        #expect(Set(leases.map { QuotaStore.shardIndex(ofLease: $0.id) }) == [0, 1, 2, 3])
+        let problems = try await redis.audit("hot", journals: [("solo", dir.file("journal-solo"))], netClaimed: ids.count)
+        #expect(problems.isEmpty, "\(problems)")
+    }
+
+    /// A lease request that fell back to another shard and is asked again (a lost reply) gets that same
+    /// lease, even after its home shard was refilled meanwhile: never a second grant for one request.
+    @Test func aRetriedLeaseRequestGetsItsOneGrantEvenAfterItsHomeShardRefilled() async throws {
+        let redis = try await RedisServer()
+        let s = redis.store
+        #expect(try await s.createVoucher(id: "v", limit: 20, perUser: 0, totalLimit: 20, region: "sg", shards: 2))
+        let gen = try #require(try await s.voucher("v")).generation
+        let pair = hosts(homedOn: 0, of: 2, count: 2, prefix: "x")
+        let (a, b) = (pair[0], pair[1])
+        // b empties the home shard of both.
+        guard case .granted(let gb) = try await s.lease(voucher: "v", host: b, req: "b1", want: 10, need: 10, ttl: .seconds(30), gen: gen)
+        else { throw TestError.failed("no lease for b") }
+        #expect(gb.granted == 10 && QuotaStore.shardIndex(ofLease: gb.id) == 0)
+        // a falls back to shard 1.
+        guard case .granted(let ga) = try await s.lease(voucher: "v", host: a, req: "a1", want: 4, need: 4, ttl: .seconds(30), gen: gen)
+        else { throw TestError.failed("no lease for a") }
+        #expect(ga.granted == 4 && QuotaStore.shardIndex(ofLease: ga.id) == 1, "\(ga)")
+        // b gives its lease back: the home shard is full again.
+        #expect(try await s.giveBack(voucher: "v", lease: gb.id, host: b, returnedTotal: 10, close: true, gen: gen) == .applied(10))
+        // a's request asked again (its reply was lost): the same lease, nothing more.
+        guard case .granted(let again) = try await s.lease(voucher: "v", host: a, req: "a1", want: 4, need: 4, ttl: .seconds(30), gen: gen)
+        else { throw TestError.failed("refused") }
+        #expect(again.id == ga.id && again.granted == 4)
+        guard case .granted(let resolved) = try await s.lease(voucher: "v", host: a, req: "a1", want: 0, need: 0, ttl: .seconds(30), gen: gen)
+        else { throw TestError.failed("refused") }
+        #expect(resolved.id == ga.id && resolved.granted == 4, "resolving the request finds its one grant")
+        let open = try await s.leases(voucher: "v").filter { $0.host == a && $0.state == .open }
+        #expect(open.map(\.id) == [ga.id], "one lease for one request")
+        // A request resolved on every shard before it was ever granted gets nothing afterwards.
+        guard case .granted(let none) = try await s.lease(voucher: "v", host: a, req: "a2", want: 0, need: 0, ttl: .seconds(30), gen: gen)
+        else { throw TestError.failed("refused") }
+        #expect(none.granted == 0)
+        guard case .granted(let still) = try await s.lease(voucher: "v", host: a, req: "a2", want: 5, need: 5, ttl: .seconds(30), gen: gen)
+        else { throw TestError.failed("refused") }
+        #expect(still.granted == 0, "a resolved request is never granted later")
+        #expect(try await redis.audit("v").isEmpty)
+    }
+
+    /// Every shard empty while another host holds idle stock: it is recalled (the recall names the
+    /// voucher, whatever shard published it), and the busy host sells the whole limit before SOLDOUT.
+    @Test func idleStockOfAnotherHostOnAnotherShardIsRecalledBeforeSoldOut() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        #expect(try await quotactl(["voucher", "create", "hot", "--limit", "600", "--shards", "3", "--redis", redis.url]).0 == 0)
+        let idleHost = hosts(homedOn: 1, of: 3, count: 1, prefix: "idle")[0]
+        let busyHost = hosts(homedOn: 0, of: 3, count: 1, prefix: "busy")[0]
+        // Long idle return and ttl: only a recall brings the idle host's stock back within the test.
+        let yaml = "lease: { min: 100, max: 200, ttl: 60 }\n"
+        let idle = try await Quotad(redis: redis, dir: dir, host: idleHost, extraYAML: yaml)
+        let busy = try await Quotad(redis: redis, dir: dir, host: busyHost, extraYAML: yaml)
+        let c0 = try await RESPClient.connect(idle.socket)
+        #expect(try await c0.send("CLAIM", "hot", "early").errorCode == nil)
+        let heldBefore = try await redis.store.leases(voucher: "hot").filter { $0.host == idleHost && $0.state == .open }
+        #expect(!heldBefore.isEmpty, "the idle host holds a lease")
+        let (ids, errors) = try await sell("hot", [busy], perSidecar: 8)
+        #expect(ids.count == 599, "everything but the idle host's one claim: \(ids.count)")
+        #expect(errors.allSatisfy { ($0["UNAVAILABLE"] ?? 0) == 0 }, "\(errors)")
+        c0.close()
+        #expect(try await idle.stop() == 0)
+        #expect(try await busy.stop() == 0)
+        let problems = try await redis.audit("hot", journals: [], netClaimed: ids.count + 1)
+        #expect(problems.isEmpty, "\(problems)")
+    }
+}
