@@ -14,7 +14,7 @@ swift build --package-path examples/hummingbird/quota-claim-app --scratch-path .
 # then the suites that load the machine on purpose (a peer flooding quotad, hundreds of pooled callers, the
 # example app), each group on its own so that its load does not change the timing the others depend on.
 heavy="AbuseTests|QuotaClientTests"
-cluster="RedisClusterTests|RedisClusterReviewTests"
+cluster="RedisClusterTests|RedisClusterReviewTests|RedisClusterShardTests"
 status=0
 swift test --skip "$heavy|$cluster" 2>&1 | tee .build/test-output.txt || status=1
 swift test --filter "$cluster" 2>&1 | tee -a .build/test-output.txt || status=1

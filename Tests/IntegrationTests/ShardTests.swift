@@ -196,3 +196,136 @@ struct ShardTests {
         #expect(problems.isEmpty, "\(problems)")
     }
 }
+
+@Suite("Hot-key shards on a Redis Cluster", .serialized, .timeLimit(.minutes(3)))
+struct RedisClusterShardTests {
+    /// Three shards on three masters (with replicas), three sidecars: exactly the limit, and every master
+    /// carries a share of the lease traffic.
+    @Test func threeShardsLandOnThreeMastersAndEachCarriesLeaseTraffic() async throws {
+        let cluster = try await RedisClusterServer(masters: 3, replicas: 1)
+        let dir = TempDir()
+        let (st, out) = try await quotactl(["voucher", "create", "hot", "--limit", "9000", "--shards", "3", "--redis", cluster.url])
+        #expect(st == 0, "\(out)")
+        let tags = try await cluster.store.shardTags("hot")
+        #expect(tags.count == 3)
+        var masters: [Int] = []
+        for t in tags { masters.append(try await cluster.masterPort(ofSlot: ClusterSlot.of("quota:{\(t)}"))) }
+        #expect(Set(masters).count == 3, "one shard per master: \(tags) on \(masters)")
+        let names = (0..<3).map { hosts(homedOn: $0, of: 3, count: 1, prefix: "c\($0)-")[0] }
+        var sidecars: [Quotad] = []
+        for h in names { sidecars.append(try await Quotad(redisURL: cluster.url, dir: dir, host: h)) }
+        // Lease traffic per master: EVALSHA calls counted by each master's INFO commandstats.
+        func evalCalls(_ port: Int) async throws -> Int {
+            let text = try await cluster.command(port, "INFO", "commandstats").string ?? ""
+            let line = text.split(separator: "\r\n").first { $0.hasPrefix("cmdstat_evalsha:") } ?? ""
+            return Int(line.split(separator: ",").first?.split(separator: "=").last ?? "0") ?? 0
+        }
+        var before: [Int] = []
+        for m in masters { before.append(try await evalCalls(m)) }
+        let (ids, errors) = try await sell("hot", sidecars, perSidecar: 16)
+        #expect(ids.count == 9000, "exactly the limit was sold")
+        #expect(Set(ids).count == ids.count)
+        #expect(errors.allSatisfy { $0.isEmpty }, "\(errors)")
+        var calls: [Int] = []
+        for (m, b) in zip(masters, before) { calls.append(try await evalCalls(m) - b) }
+        #expect(calls.allSatisfy { $0 > 10 }, "each master ran scripts for its shard: \(calls)")
+        let f = try await shardFields(cluster.store, "hot")
+        #expect(f.allSatisfy { Int($0["leased"] ?? "0")! > 0 && $0["pool"] == "0" }, "\(f.map { ($0["leased"], $0["pool"]) })")
+        for s in sidecars { #expect(try await s.stop() == 0) }
+        let problems = try await cluster.audit("hot", journals: sidecars.map { ($0.host, $0.journalDir) }, netClaimed: ids.count)
+        #expect(problems.isEmpty, "\(problems)")
+        let (st3, out3) = try await quotactl(["audit", "hot", "--redis", cluster.url])
+        #expect(st3 == 0, "\(out3)")
+    }
+
+    /// The master of one shard killed mid-sale: hosts homed on the other shards keep selling through the
+    /// outage, claims that need the dead shard fail closed until its replica is promoted, and the books
+    /// balance; never oversold.
+    @Test func aShardsMasterKilledMidSaleStopsOnlyWhatNeedsThatShard() async throws {
+        let cluster = try await RedisClusterServer(masters: 3, replicas: 1, nodeTimeoutMs: 1000)
+        let dir = TempDir()
+        let limit = 30_000
+        #expect(try await quotactl(["voucher", "create", "fo", "--limit", String(limit), "--shards", "3", "--redis", cluster.url]).0 == 0)
+        #expect(try await quotactl(["lease", "set", "--voucher", "fo", "--min", "20", "--max", "20", "--redis", cluster.url]).0 == 0)
+        let tags = try await cluster.store.shardTags("fo")
+        let names = (0..<3).map { hosts(homedOn: $0, of: 3, count: 1, prefix: "fo\($0)-")[0] }
+        var sidecars: [Quotad] = []
+        for h in names {
+            sidecars.append(try await Quotad(redisURL: cluster.url, dir: dir, host: h, extraYAML: "limits: { claim_timeout_ms: 500 }\n"))
+        }
+        let slot = ClusterSlot.of("quota:{\(tags[0])}")
+        let killed = try await cluster.masterPort(ofSlot: slot)
+        let soldBy = (0..<3).map { _ in Counter() }
+        let errorTimes = ErrorLog()
+        let start = ContinuousClock.now
+        var killedAt: Duration = .zero
+        var promotedAt: Duration = .zero
+        let during = (0..<3).map { _ in Counter() }
+        let window = WindowFlag()
+        let ids = try await withThrowingTaskGroup(of: [String].self) { g in
+            for i in 0..<30 {
+                let k = i % 3
+                let sock = sidecars[k].socket
+                g.addTask {
+                    let c = try await RESPClient.connect(sock)
+                    defer { c.close() }
+                    var ids: [String] = []
+                    var n = 0
+                    while ContinuousClock.now - start < .seconds(60) {
+                        n += 1
+                        let r = try await c.send("CLAIM", "fo", "u\(i)-\(n)", "REQ", "q\(i)-\(n)")
+                        if let code = r.errorCode {
+                            if code == "SOLDOUT" { break }
+                            errorTimes.add(code, at: ContinuousClock.now - start)
+                            try await Task.sleep(for: .milliseconds(10))
+                        } else if case .bulkString(let b?) = r {
+                            ids.append(String(buffer: b))
+                            soldBy[k].add(1)
+                            if window.open { during[k].add(1) }
+                        }
+                    }
+                    return ids
+                }
+            }
+            try await eventually("a tenth sold", timeout: .seconds(30)) { soldBy.reduce(0) { $0 + $1.value } > limit / 10 }
+            killedAt = ContinuousClock.now - start
+            try await cluster.kill9(killed)
+            try await Task.sleep(for: .milliseconds(300))
+            window.open = true
+            try await eventually("a replica is promoted", timeout: .seconds(20)) {
+                try await cluster.masterPort(ofSlot: slot) != killed
+            }
+            window.open = false
+            promotedAt = ContinuousClock.now - start
+            var all: [String] = []
+            for try await r in g { all += r }
+            return all
+        }
+        let errs = errorTimes.all
+        #expect(Set(ids).count == ids.count)
+        #expect(ids.count <= limit, "never oversold")
+        #expect(errs.allSatisfy { $0.code == "UNAVAILABLE" }, "\(Set(errs.map(\.code)))")
+        let outside = errs.filter { $0.at < killedAt || $0.at > promotedAt + .seconds(5) }
+        #expect(outside.isEmpty, "UNAVAILABLE only around the failover (killed \(killedAt), promoted \(promotedAt)): \(outside.prefix(5))")
+        #expect(during[1].value > 0 && during[2].value > 0,
+                "hosts homed on the live masters sold while shard 0 had no master: \(during.map(\.value))")
+        #expect(ids.count > limit * 9 / 10, "the sale went on after the failover: \(ids.count)")
+        for s in sidecars { #expect(try await s.stop() == 0) }
+        // The harness's own connection to the killed master broke: its first call re-reads the map.
+        _ = try? await cluster.store.voucher("fo")
+        let a = try await cluster.account("fo")
+        #expect(a.pool + a.outstanding + ids.count == limit, "pool + outstanding + claimed == limit: \(a), \(ids.count)")
+        let problems = try await cluster.audit("fo", journals: sidecars.map { ($0.host, $0.journalDir) }, netClaimed: ids.count)
+        #expect(problems.isEmpty, "\(problems)")
+    }
+}
+
+/// A flag set by the test's driver and read by its clients.
+private final class WindowFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var open: Bool {
+        get { lock.withLock { value } }
+        set { lock.withLock { value = newValue } }
+    }
+}
