@@ -66,11 +66,14 @@ public final class RedisClusterServer: @unchecked Sendable {
             "--cluster-config-file", "nodes.conf", "--cluster-port", String(n.busPort),
             "--cluster-node-timeout", String(nodeTimeoutMs), "--cluster-replica-validity-factor", "0",
             "--cluster-require-full-coverage", "no", "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-            "--enable-debug-command", "yes",
+            "--enable-debug-command", "yes", "--unixsocket", n.dir + "/redis.sock", "--unixsocketperm", "700",
         ]
         let c = try ChildProcess("/usr/bin/redis-server", args, log: n.dir + "/redis.log")
         lock.withLock { children[n.port] = c }
     }
+
+    /// The Unix socket a node also listens on (for load generators that speak to one node).
+    public func socketPath(_ port: Int) -> String? { nodes.first { $0.port == port }.map { $0.dir + "/redis.sock" } }
 
     /// A connection to one node (not routed: commands there may be answered `MOVED`).
     public func node(_ port: Int) -> HiredisConnection {
