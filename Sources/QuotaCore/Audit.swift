@@ -88,6 +88,8 @@ public struct VoucherAudit: Sendable {
     public var totalLimit = 0
     /// This region's transfer records; nil when not read (R5 is then not checked).
     public var transfers: [Transfer]?
+    /// A sharded voucher's books per shard (each must balance by itself, not only their sums).
+    public var shards: [VoucherAudit] = []
 
     public init(voucher: String, limit: Int, pool: Int, leased: Int, returned: Int, restocked: Int,
                 archivedGranted: Int = 0, archivedReturned: Int = 0, archivedRestocked: Int = 0, leases: [Lease]) {
@@ -129,6 +131,7 @@ public struct VoucherAudit: Sendable {
             out.append("R3 \(voucher) lease \(l.id): returned \(l.returned) + restocked \(l.restocked) > granted \(l.granted)")
         }
         out += transferProblems()
+        for (i, s) in shards.enumerated() { out += s.redisProblems().map { "shard \(i): \($0)" } }
         return out
     }
 

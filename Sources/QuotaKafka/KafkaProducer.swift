@@ -187,3 +187,40 @@ struct LogLimiter {
         return n
     }
 }
+
+/// A one-shot delivery failure of ``KafkaProducer/produceAll(brokers:topic:_:logger:timeout:)``.
+public struct KafkaDeliveryError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+}
+
+extension KafkaProducer {
+    /// Produce `events` with a short-lived idempotent producer and wait until Kafka acknowledged them all
+    /// (operator tools, and rare sidecar records such as a borrow's allocations). Returns how many were
+    /// acknowledged; throws when the producer cannot start or not all were acknowledged within `timeout`.
+    public static func produceAll(brokers: String, topic: String, _ events: [(key: String, value: [UInt8])],
+                                  logger: Logger, timeout: Duration = .seconds(60)) throws(KafkaDeliveryError) -> Int {
+        guard !events.isEmpty else { return 0 }
+        let acked = NIOLockedValueBox(0)
+        let p: KafkaProducer
+        do {
+            p = try KafkaProducer(brokers: brokers, topic: topic, logger: logger,
+                                  onDelivery: { rs in acked.withLockedValue { $0 += rs.filter { $0.error == nil }.count } })
+        } catch {
+            throw KafkaDeliveryError(description: "cannot start a Kafka producer for \(brokers): \(error)")
+        }
+        for (i, e) in events.enumerated() {
+            do {
+                try p.produce(key: e.key, value: e.value, sequence: UInt64(i + 1))
+            } catch {
+                _ = p.flush(timeout: .seconds(5))
+                try? p.produce(key: e.key, value: e.value, sequence: UInt64(i + 1))
+            }
+        }
+        let left = p.flush(timeout: timeout)
+        p.close(flushTimeout: .zero)
+        guard left == 0 else {
+            throw KafkaDeliveryError(description: "Kafka did not acknowledge \(left) of \(events.count) events within \(timeout)")
+        }
+        return acked.withLockedValue { $0 }
+    }
+}

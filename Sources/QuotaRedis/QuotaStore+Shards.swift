@@ -28,10 +28,20 @@ extension QuotaStore {
     }
 
     /// Sort key of lease ids: by shard, then number.
-    static func leaseOrder(_ id: String) -> (Int, Int) {
+    static func leaseOrder(_ id: String) -> (Int, Int) { leaseNumber(id) ?? (shardIndex(ofLease: id), 0) }
+
+    /// A lease id's shard and its number in that shard's `lease_seq` (nil: not a lease id quotad makes).
+    public static func leaseNumber(_ id: String) -> (shard: Int, number: Int)? {
         let s = shardIndex(ofLease: id)
-        let n = s == 0 ? id : String(id[id.index(after: id.firstIndex(of: ".")!)...])
-        return (s, Int(n) ?? 0)
+        let n = s == 0 ? Substring(id) : id[id.index(after: id.firstIndex(of: ".")!)...]
+        return Int(n).map { (s, $0) }
+    }
+
+    /// The request id a sidecar journaled for a lease record's request (a shard's variant `req#s` → `req`).
+    public static func journaledRequest(_ req: String, lease: String) -> String {
+        let s = shardIndex(ofLease: lease)
+        let suffix = "#\(s)"
+        return s > 0 && req.hasSuffix(suffix) ? String(req.dropLast(suffix.count)) : req
     }
 
     /// The home shard of `host` among `shards`.
@@ -106,6 +116,8 @@ extension QuotaStore {
     /// more round trip for all of them) and summed. A shard missing, or of another generation, makes the
     /// record's generation say so: a sidecar then fails closed for the voucher.
     func withShards(_ ids: [String], _ replies: [RedisValue]) async throws(RedisError) -> [VoucherRecord?] {
+        // An error reply (LOADING, CLUSTERDOWN, NOPERM…) is a failed read, never an absent voucher.
+        for r in replies { if case .error(let e) = r { throw RedisError.server(e) } }
         var out = zip(ids, replies).map { Self.record(id: $0, $1) }
         var wanted: [(index: Int, tags: [String])] = []
         for (i, (id, r)) in zip(ids, replies).enumerated() {
@@ -116,19 +128,27 @@ extension QuotaStore {
         }
         guard !wanted.isEmpty else { return out }
         let rs = try await connection.send(batch: wanted.flatMap { w in w.tags.dropFirst().map { ["HGETALL", Self.meta($0)] } })
+        for r in rs { if case .error(let e) = r { throw RedisError.server(e) } }
         var k = 0
         for w in wanted {
             var rec = out[w.index]!
             rec.shardTags = w.tags
             rec.shardPools = [rec.pool]
+            rec.shardRecords = [rec]
             for tag in w.tags.dropFirst() {
                 let f = Self.fields(rs[k])
                 k += 1
                 guard let sub = Self.record(id: rec.id, rs[k - 1]), f["shard_of"] == rec.id else {
                     rec.generation = "(shard \(tag) missing)"
                     rec.shardPools.append(0)
+                    rec.shardRecords.append(VoucherRecord(
+                        id: rec.id, limit: 0, pool: 0, status: .closed, perUser: 0, totalLimit: 0, region: rec.region,
+                        leased: 0, returned: 0, restocked: 0, archivedLeases: 0, archivedGranted: 0, archivedReturned: 0,
+                        archivedRestocked: 0, leaseSeq: 0, generation: "", starvedMs: 0, recallMs: 0, startMs: 0, endMs: 0,
+                        policy: LeasePolicyOverride()))
                     continue
                 }
+                rec.shardRecords.append(sub)
                 if sub.generation != rec.generation { rec.generation = "(shard \(tag): \(sub.generation))" }
                 rec.limit += sub.limit
                 rec.pool += sub.pool

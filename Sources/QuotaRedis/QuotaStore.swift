@@ -50,6 +50,8 @@ public struct VoucherRecord: Sendable, Equatable {
     /// sums over the shards; `leaseSeq` is shard 0's.
     public var shardTags: [String] = []
     public var shardPools: [Int] = []
+    /// Each shard's own record (index 0: the voucher's key), as read.
+    public var shardRecords: [VoucherRecord] = []
 
     /// What the claim lifecycle needs of it (the schedule is placed on the host's clock by the caller).
     public var info: VoucherRecordInfo {
@@ -199,6 +201,7 @@ public final class QuotaStore: Sendable {
     static func closed(_ id: String) -> String { "quota:{\(id)}:closed" }
     static func reqs(_ id: String) -> String { "quota:{\(id)}:reqs" }
     static func restocked(_ id: String) -> String { "quota:{\(id)}:restocked" }
+    static func resolved(_ id: String) -> String { "quota:{\(id)}:resolved" }
     static let vouchers = "quota:vouchers"
     static let policy = "quota:policy"
     static let hosts = "quota:{region}:hosts"
@@ -457,6 +460,18 @@ public final class QuotaStore: Sendable {
         if try await connection.send(["EXISTS", Self.meta(id)]).int == 1 { return false }
         let tags = try await placeShards(id: id, shards: shards)
         let parts = Self.split(limit, into: shards)
+        // A sub-pool key that exists must be this create's own, left by a run cut short: checked for all of
+        // them before anything is written.
+        let found = try await connection.send(batch: tags.dropFirst().map { ["HGETALL", Self.meta($0)] })
+        for (s, r) in zip(1..., found) {
+            if case .error(let e) = r { throw RedisError.server(e) }
+            let f = Self.fields(r)
+            guard f.isEmpty || (f["shard_of"] == id && f["limit"] == String(parts[s]) && f["gen"] == gen && f["lease_seq"] == "0")
+            else {
+                throw RedisError.badReply("shard \(s) of voucher '\(id)' (\(Self.meta(tags[s]))) exists with other "
+                                          + "contents; delete that key or create the voucher with the same limit and shards")
+            }
+        }
         // The sub-pools first, the voucher's own key last: until it exists the voucher does not (a create
         // cut short leaves sub-pools nobody reads, taken over by the re-run).
         for s in 1..<shards {
@@ -656,7 +671,7 @@ public final class QuotaStore: Sendable {
         var args = [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction),
                     req, gen, LeaseRecord.modeLetter(durability), String(warmup.milliseconds), recall ? "1" : "0"]
         for c in close { args += [c.leaseId, String(c.returnedTotal)] }
-        let r = try await eval(QuotaScripts.lease, keys: voucherKeys(tag), args: args)
+        let r = try await eval(QuotaScripts.lease, keys: voucherKeys(tag) + [Self.resolved(tag)], args: args)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("LEASE: \(r)") }
         if let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
         switch status {
@@ -1049,6 +1064,9 @@ extension VoucherAudit {
         sent = r.sent
         received = r.received
         totalLimit = r.totalLimit
+        shards = r.shardRecords.enumerated().map { i, sub in
+            VoucherAudit(record: sub, leases: leases.filter { QuotaStore.shardIndex(ofLease: $0.id) == i })
+        }
         self.transfers = transfers?.map {
             VoucherAudit.Transfer(id: $0.id, outgoing: $0.direction == .out, peer: $0.peer, amount: $0.amount,
                                   done: $0.state == .done)

@@ -25,7 +25,8 @@ final class VoucherRuntime: @unchecked Sendable {
     /// The voucher's generation in Redis, learned at load: every script call says it.
     private var generation: String?
     /// The highest lease id this host has been granted (Redis's `lease_seq` must never go below it).
-    private var maxLeaseID = 0
+    /// The highest lease number granted so far, per shard (one entry, 0, for an unsharded voucher).
+    private var maxLeaseIDs: [Int: Int] = [:]
     private var lostReason: String?
     /// Dropped from the engine's registry (idle, or an unknown voucher): requests must look it up again.
     private var evicted = false
@@ -320,11 +321,11 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// The highest lease id granted so far: read before a refresh is sent, so a refresh read before a
     /// later grant landed is not mistaken for a Redis that went back.
-    var leaseHighWater: Int { lock.withLock { maxLeaseID } }
+    var leaseHighWater: [Int: Int] { lock.withLock { maxLeaseIDs } }
 
     /// Fresh metadata from the periodic refresh (nil: the voucher is gone from Redis). `highWater`:
     /// ``leaseHighWater`` when the refresh was sent.
-    func refreshed(_ rec: VoucherRecord?, regionPolicy: LeasePolicyOverride, highWater: Int, redisNowMs: Int64,
+    func refreshed(_ rec: VoucherRecord?, regionPolicy: LeasePolicyOverride, highWater: [Int: Int], redisNowMs: Int64,
                    sentAt: Instant, now: Instant) {
         event(now: now) { m, now, fx in
             guard m.phase == .ready, lostReason == nil else { return }
@@ -338,10 +339,15 @@ final class VoucherRuntime: @unchecked Sendable {
                               + "Redis lost its data or the voucher was created again", &m, now: now, &fx)
                 return
             }
-            if rec.leaseSeq < highWater {
-                loseAuthority("Redis's lease sequence of '\(id)' went back from \(highWater) to \(rec.leaseSeq): "
-                              + "Redis lost acknowledged writes (appendfsync?)", &m, now: now, &fx)
-                return
+            // Each shard's own sequence (a sharded voucher's shards live on different masters: any one of
+            // them can fail over to a replica that lost the last grants).
+            for (shard, hw) in highWater.sorted(by: { $0.key < $1.key }) {
+                let seq = shard == 0 ? rec.leaseSeq : shard < rec.shardRecords.count ? rec.shardRecords[shard].leaseSeq : 0
+                if seq < hw {
+                    loseAuthority("Redis's lease sequence of '\(id)'\(shard == 0 ? "" : " shard \(shard)") went back from "
+                                  + "\(hw) to \(seq): Redis lost acknowledged writes (appendfsync? a failover?)", &m, now: now, &fx)
+                    return
+                }
             }
             let p = effectivePolicy(rec, regionPolicy)
             m.refreshed(info(rec, policy: p, redisNowMs: redisNowMs, sentAt: sentAt, receivedAt: now), policy: p, now: now,
@@ -405,7 +411,7 @@ final class VoucherRuntime: @unchecked Sendable {
         ioDone(now: monotonicNow()) { m, now, fx in
             switch result {
             case .success(.granted(let g)):
-                if let n = Int(g.id) { maxLeaseID = max(maxLeaseID, n) }
+                if let (s, n) = QuotaStore.leaseNumber(g.id) { maxLeaseIDs[s] = max(maxLeaseIDs[s] ?? 0, n) }
                 m.leaseAnswered(.granted(g), request: request, trusted: trusted, now: now, effects: &fx)
             case .success(.refused(let r)):
                 m.leaseAnswered(.refused(r), request: request, trusted: trusted, now: now, effects: &fx)

@@ -39,29 +39,13 @@ struct LedgerAccess {
 
 /// Produce events to the claim topic and wait until Kafka acknowledged them all.
 func produceEvents(brokers: String, topic: String, _ events: [(key: String, value: [UInt8])]) throws -> Int {
-    guard !events.isEmpty else { return 0 }
     var logger = Logger(label: "quotactl.kafka")
     logger.logLevel = .error
-    let acked = NIOLockedValueBox(0)
-    let p: KafkaProducer
     do {
-        p = try KafkaProducer(brokers: brokers, topic: topic, logger: logger,
-                              onDelivery: { rs in acked.withLockedValue { $0 += rs.filter { $0.error == nil }.count } })
+        return try KafkaProducer.produceAll(brokers: brokers, topic: topic, events, logger: logger)
     } catch {
-        throw ValidationError("cannot start a Kafka producer for \(brokers): \(error)")
+        throw ValidationError("\(error)")
     }
-    for (i, e) in events.enumerated() {
-        do {
-            try p.produce(key: e.key, value: e.value, sequence: UInt64(i + 1))
-        } catch {
-            _ = p.flush(timeout: .seconds(5))
-            try? p.produce(key: e.key, value: e.value, sequence: UInt64(i + 1))
-        }
-    }
-    let left = p.flush(timeout: .seconds(60))
-    p.close(flushTimeout: .zero)
-    guard left == 0 else { throw ValidationError("Kafka did not acknowledge \(left) of \(events.count) events within 60 s") }
-    return acked.withLockedValue { $0 }
 }
 
 /// `quotactl reconcile`: Redis, the ledger and Kafka side by side; `--repair` reclaims the leases of hosts
@@ -170,7 +154,7 @@ struct ReconcileCommand: AsyncParsableCommand {
                     var line = LeaseLine(voucher: id, region: region, lease: l.id, host: l.host, state: l.state.rawValue,
                                          granted: l.granted, returned: l.returned, restocked: l.restocked,
                                          ledgerSold: v.soldNet,
-                                         proof: Self.proof(v, record: l, unansweredInShippedJournal: shippedRequests.contains("\(id)|\(l.req)")),
+                                         proof: Self.proof(v, record: l, unansweredInShippedJournal: shippedRequests.contains("\(id)|\(QuotaStore.journaledRequest(l.req, lease: l.id))")),
                                          action: "")
                     switch l.state {
                     case .closed, .reclaimed:

@@ -329,3 +329,132 @@ private final class WindowFlag: @unchecked Sendable {
         set { lock.withLock { value = newValue } }
     }
 }
+
+/// Findings of the review of the shards change, each a test that failed before its fix.
+@Suite("Hot-key shards: review findings", .timeLimit(.minutes(3)))
+struct ShardReviewTests {
+    /// A shard other than 0 that loses its last grants (a failover to a replica that lagged) is caught by
+    /// that shard's lease sequence: the host fails closed instead of serving a lease Redis forgot.
+    @Test func aShardThatForgotItsLastGrantFailsTheHostClosed() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        #expect(try await quotactl(["voucher", "create", "v", "--limit", "1000", "--shards", "2", "--redis", redis.url]).0 == 0)
+        let host = hosts(homedOn: 1, of: 2, count: 1, prefix: "lag")[0]
+        // One lease that lasts the test: the refresh, not a new grant, is what meets the lost write.
+        let q = try await Quotad(redis: redis, dir: dir, host: host,
+                                 extraYAML: "avail_refresh: 0.2\nlease: { min: 400, max: 400, ttl: 60 }\n")
+        let c = try await RESPClient.connect(q.socket)
+        defer { c.close() }
+        #expect(try await c.send("CLAIM", "v", "u1").errorCode == nil)
+        let tag = try await redis.store.shardTags("v")[1]
+        let lease = try #require(try await redis.store.leases(voucher: "v").first { $0.host == host && $0.state == .open })
+        #expect(QuotaStore.shardIndex(ofLease: lease.id) == 1)
+        // What a replica that missed the grant holds: no lease, the sequence and the pool as before it.
+        let conn = redis.store.connection
+        _ = try await conn.send(["HDEL", "quota:{\(tag)}:leases", lease.id])
+        _ = try await conn.send(["ZREM", "quota:{\(tag)}:exp", lease.id])
+        _ = try await conn.send(["HINCRBY", "quota:{\(tag)}", "pool", String(lease.granted)])
+        _ = try await conn.send(["HINCRBY", "quota:{\(tag)}", "leased", String(-lease.granted)])
+        _ = try await conn.send(["HINCRBY", "quota:{\(tag)}", "lease_seq", "-1"])
+        try await eventually("claims fail closed", timeout: .seconds(10)) {
+            try await c.send("CLAIM", "v", "u2").errorCode == "UNAVAILABLE"
+        }
+        #expect(try await c.send("CLAIM", "v", "u3").errorCode == "UNAVAILABLE")
+        _ = try await q.stop()
+    }
+
+    /// Requests resolved "nothing" on a shard (every fall-through writes one) are dropped after the
+    /// voucher's retention, like archived grants' requests: the hash does not grow for the voucher's life.
+    @Test func resolvedRequestMarkersAreDroppedAfterTheRetention() async throws {
+        let redis = try await RedisServer()
+        let s = redis.store
+        #expect(try await s.createVoucher(id: "v", limit: 1000, perUser: 0, totalLimit: 1000, region: "sg",
+                                          closedRetention: .seconds(1), shards: 2))
+        let gen = try #require(try await s.voucher("v")).generation
+        let pair = hosts(homedOn: 0, of: 2, count: 2, prefix: "r")
+        guard case .granted(let g) = try await s.lease(voucher: "v", host: pair[1], req: "drain", want: 500, need: 500,
+                                                       ttl: .seconds(60), gen: gen), g.granted == 500
+        else { throw TestError.failed("shard 0 not drained") }
+        for i in 0..<30 {
+            guard case .granted(let a) = try await s.lease(voucher: "v", host: pair[0], req: "a\(i)", want: 1, need: 1,
+                                                           ttl: .seconds(60), gen: gen), a.granted == 1
+            else { throw TestError.failed("no fall-through grant") }
+        }
+        let conn = s.connection
+        #expect(try await conn.send(["HLEN", "quota:{v}:reqs"]).int == 31, "the drain and 30 resolved markers")
+        try await Task.sleep(for: .milliseconds(1500))
+        for i in 30..<34 {
+            _ = try await s.lease(voucher: "v", host: pair[0], req: "a\(i)", want: 1, need: 1, ttl: .seconds(60), gen: gen)
+        }
+        let left = try await conn.send(["HLEN", "quota:{v}:reqs"]).int ?? -1
+        #expect(left <= 31 - 30 + 4, "old resolved markers dropped: \(left) left")
+        #expect(try await conn.send(["ZCARD", "quota:{v}:resolved"]).int == left - 1)
+        // A dropped marker's request asked again, long after: its own answer was "nothing", and the grant
+        // of its fall-through stays the one it got.
+        #expect(try await redis.audit("v").isEmpty)
+    }
+
+    /// An error reply reading a shard (a key of the wrong type here; LOADING or NOPERM in life) is a failed
+    /// refresh, not a voucher gone from Redis: the host keeps serving what it holds.
+    @Test func anErrorReadingAShardIsAFailedRefreshNotALostVoucher() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        #expect(try await quotactl(["voucher", "create", "v", "--limit", "1000", "--shards", "2", "--redis", redis.url]).0 == 0)
+        let host = hosts(homedOn: 0, of: 2, count: 1, prefix: "err")[0]
+        let q = try await Quotad(redis: redis, dir: dir, host: host, extraYAML: "avail_refresh: 0.2\n")
+        let c = try await RESPClient.connect(q.socket)
+        defer { c.close() }
+        #expect(try await c.send("CLAIM", "v", "u0").errorCode == nil)
+        let tag = try await redis.store.shardTags("v")[1]
+        let conn = redis.store.connection
+        let saved = try await conn.send(["DUMP", "quota:{\(tag)}"]).string ?? ""
+        _ = try await conn.send(["DEL", "quota:{\(tag)}"])
+        _ = try await conn.send(["SET", "quota:{\(tag)}", "not a hash"])
+        for i in 1...15 {
+            let r = try await c.send("CLAIM", "v", "u\(i)")
+            #expect(r.errorCode == nil, "claim \(i): \(r)")
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        _ = try await conn.send(["DEL", "quota:{\(tag)}"])
+        _ = try await conn.send(["RESTORE", "quota:{\(tag)}", "0", saved])
+        #expect(try await c.send("CLAIM", "v", "u99").errorCode == nil)
+        #expect(try await q.stop() == 0)
+        #expect(try await redis.audit("v", netClaimed: 17).isEmpty)
+    }
+
+    @Test func aShardsRequestVariantIsMatchedToTheJournaledRequest() {
+        #expect(QuotaStore.journaledRequest("r-7#1", lease: "1.3") == "r-7")
+        #expect(QuotaStore.journaledRequest("r-7#1", lease: "3") == "r-7#1")
+        #expect(QuotaStore.journaledRequest("r-7#2", lease: "1.3") == "r-7#2")
+        #expect(QuotaStore.journaledRequest("r-7", lease: "12") == "r-7")
+        #expect(QuotaStore.leaseNumber("2.15")! == (2, 15))
+        #expect(QuotaStore.leaseNumber("15")! == (0, 15))
+        #expect(QuotaStore.leaseNumber("x.1") == nil && QuotaStore.leaseNumber("") == nil)
+    }
+
+    /// Shards that balance only in sum (one has tokens the other lacks) are reported, per shard.
+    @Test func auditChecksEveryShardsBooksNotOnlyTheirSum() async throws {
+        let redis = try await RedisServer()
+        #expect(try await quotactl(["voucher", "create", "v", "--limit", "300", "--shards", "3", "--redis", redis.url]).0 == 0)
+        #expect(try await redis.audit("v").isEmpty)
+        let tags = try await redis.store.shardTags("v")
+        _ = try await redis.store.connection.send(["HINCRBY", "quota:{\(tags[1])}", "pool", "5"])
+        _ = try await redis.store.connection.send(["HINCRBY", "quota:{\(tags[2])}", "pool", "-5"])
+        let problems = try await redis.audit("v")
+        #expect(problems.contains { $0.hasPrefix("shard 1: R1") } && problems.contains { $0.hasPrefix("shard 2: R1") }, "\(problems)")
+        let (st, out) = try await quotactl(["audit", "v", "--redis", redis.url])
+        #expect(st != 0 && out.contains("shard 1"), "\(out)")
+    }
+
+    /// A create that meets a sub-pool key with other contents writes nothing at all.
+    @Test func createMeetingAForeignShardKeyWritesNothing() async throws {
+        let redis = try await RedisServer()
+        let conn = redis.store.connection
+        _ = try await conn.send(["HSET", "quota:{hot#2}", "foo", "bar"])
+        let (st, out) = try await quotactl(["voucher", "create", "hot", "--limit", "30", "--shards", "3", "--redis", redis.url])
+        #expect(st != 0 && out.contains("shard 2"), "\(out)")
+        let keys = (try await conn.send(["KEYS", "quota:*"]).array ?? []).compactMap(\.string).filter { $0 != "quota:region" }
+        #expect(keys == ["quota:{hot#2}"], "\(keys)")
+        #expect(try await redis.store.voucherIDs().isEmpty)
+    }
+}
