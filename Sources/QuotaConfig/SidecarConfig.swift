@@ -27,6 +27,10 @@ public struct SidecarConfig: Sendable {
     /// `redis.require_durable`: refuse to start unless the region's Redis has `appendonly yes` and
     /// `appendfsync always` (a Redis that can forget leases can oversell). Default true.
     public var requireDurableRedis = true
+    /// `borrow`: when this region's pool of a voucher is exhausted (no host holds stock to recall), move
+    /// unleased quota from other configured regions that still have some (`regions.<r>.redis`), in
+    /// amounts bounded by the lease size, as transfer records (`quotactl rebalance`'s). Default false.
+    public var borrow = false
     /// `avail_refresh`: seconds between refreshes of the pool size and voucher state. Default 1.
     public var availRefresh: Duration
     /// `policy_refresh`: seconds between refreshes of lease policy from Redis. Default 2.
@@ -179,9 +183,7 @@ public struct SidecarConfig: Sendable {
     /// The own region's Redis URL.
     public var redisURL: String { regions[region] ?? "" }
 
-    static let notBuilt = [
-        "borrow": "borrowing between regions is not built yet",
-    ]
+    static let notBuilt: [String: String] = [:]
 
     static func hostPort(_ v: String, key: String) throws(ConfigError) -> (String, Int) {
         guard let colon = v.lastIndex(of: ":"), let port = Int(v[v.index(after: colon)...]), port > 0, port < 65536,
@@ -383,6 +385,7 @@ public struct SidecarConfig: Sendable {
         if let v = try cl.int("max_dedupe_bytes", min: 4096) { c.claims.maxDedupeBytes = v }
         try cl.finish()
         if let v = try r.int("redis_timeout_ms", min: 10, max: 60_000) { c.redisTimeout = .milliseconds(v) }
+        if let v = try r.bool("borrow") { c.borrow = v }
         var rd = try r.child("redis")
         if let v = try rd.bool("require_durable") { c.requireDurableRedis = v }
         try rd.finish()

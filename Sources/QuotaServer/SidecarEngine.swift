@@ -20,6 +20,8 @@ public final class SidecarEngine: Sendable {
     /// Claim durations (swift-metrics Timer, Prometheus histogram) when `metrics.listen` is set.
     let claimTimer = NIOLockedValueBox<Metrics.Timer?>(nil)
     let claimBook: ClaimBook
+    /// Borrowing from other regions when this one is sold out (`borrow: true`), else nil.
+    let borrower: Borrower?
     /// `REQ` answers from the previous run's journal, by voucher, handed to runtimes as they are created.
     private let recoveredReqs = NIOLockedValueBox<[String: [VoucherMachine.RecoveredAnswer]]>([:])
     let logger: Logger
@@ -90,6 +92,7 @@ public final class SidecarEngine: Sendable {
         self.claimPrefix = "\(config.region).\(config.hostID).\(boot)."
         self.claimBook = ClaimBook(prefix: claimPrefix, region: config.region, host: config.hostID,
                                    capacity: config.claims.maxTracked)
+        self.borrower = config.borrow ? Borrower(config: config, home: store, logger: logger) : nil
         region.withLockedValue { $0.adopted = generation }
         dedupeBudget = DedupeBudget(maxEntries: config.claims.maxDedupeEntries, maxBytes: config.claims.maxDedupeBytes)
         unknownVouchers = NIOLockedValueBox(ExpiringSet(capacity: config.limits.maxUnknownVouchers, ttl: .seconds(1)))
@@ -694,6 +697,11 @@ public final class SidecarEngine: Sendable {
             out += "redis_late_replies:\(store.connection.lateReplies)\r\n"
             out += "region_generation:\(adoptedGeneration ?? "")\r\nregion_lost:\(regionLost == nil ? 0 : 1)\r\n"
             out += "region_hosts:\(regionHosts)\r\nrecalls_received:\(recallsReceived.load(ordering: .relaxed))\r\n"
+            if let b = borrower {
+                out += "borrowed_tokens:\(b.tokensBorrowed.load(ordering: .relaxed))\r\n"
+                    + "borrow_transfers:\(b.transfers.load(ordering: .relaxed))\r\n"
+                    + "borrow_failures:\(b.failures.load(ordering: .relaxed))\r\n"
+            }
             let u = userChecks.stats
             out += "user_check_batches:\(u.batches)\r\nuser_checks:\(u.checks)\r\nclaims_tracked:\(claimBook.count)\r\n\r\n"
         }

@@ -374,17 +374,25 @@ final class VoucherRuntime: @unchecked Sendable {
 
     private func startLease(_ l: LeaseRequest) {
         let engine = self.engine
-        let ttl = lock.withLock { machine.stock.policy.ttl }
+        let (ttl, sizes) = lock.withLock { (machine.stock.policy.ttl, machine.stock.policy.min...max(machine.stock.policy.min, machine.stock.policy.max)) }
         let trusted = engine.config.durability != .none
         let send: @Sendable () -> Void = { [self] in
             Task {
                 let sentAt = monotonicNow()
                 let gen = self.gen()
-                let result = await attempt { () async throws(RedisError) in
+                var result = await attempt { () async throws(RedisError) in
                     try await engine.store.lease(voucher: self.id, host: engine.config.hostID, req: l.req, want: l.want,
                                                  need: l.need, ttl: ttl, gen: gen,
                                                  durability: engine.config.durability.rawValue,
                                                  warmup: engine.config.lease.warmup, close: l.close)
+                }
+                // This region is sold out: borrow from another region (sized like a lease), then ask again
+                // (answered as a recall with nothing held: the next request comes after the recall poll).
+                if case .success(.refused(.soldOut)) = result, l.want > 0, let b = engine.borrower {
+                    let amount = max(l.need, min(max(l.want, sizes.lowerBound), sizes.upperBound))
+                    if await b.borrow(voucher: self.id, need: l.need, amount: amount, generation: gen) > 0 {
+                        result = .success(.refused(.recalling(held: 0)))
+                    }
                 }
                 var request = l
                 request.sentAt = sentAt

@@ -66,7 +66,9 @@ struct ConfigTests {
     @Test func featuresNotBuiltYetAreRefusedNotIgnored() throws {
         #expect(errorKey(minimal + "\nper_user: { mode: sometimes }") == "per_user.mode")
         #expect(errorKey(minimal + "\nper_user: { on_unavailable: guess }") == "per_user.on_unavailable")
-        #expect(errorKey(minimal + "\nborrow: true") == "borrow")
+        #expect(errorKey(minimal + "\nborrow: maybe") == "borrow")
+        #expect(try load(minimal + "\nborrow: true").borrow)
+        #expect(try !load(minimal).borrow)
     }
 
     @Test func contractMinimalFileWithJournalAndKafkaLoads() throws {
