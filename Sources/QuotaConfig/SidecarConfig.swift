@@ -402,6 +402,9 @@ public struct SidecarConfig: Sendable {
             c.logLevel = v
         }
         try r.finish(notBuilt: notBuilt)
+        if c.borrow && !c.regions.contains(where: { $0.key != c.region && $0.value != c.redisURL }) {
+            throw ConfigError(key: "borrow", "needs another region with its own Redis under regions to borrow from")
+        }
         if c.durability == .kafka && c.kafka.brokers == nil {
             throw ConfigError(key: "kafka.brokers", "is required with durability: kafka")
         }

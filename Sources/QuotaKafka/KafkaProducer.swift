@@ -198,12 +198,13 @@ extension KafkaProducer {
     /// (operator tools, and rare sidecar records such as a borrow's allocations). Returns how many were
     /// acknowledged; throws when the producer cannot start or not all were acknowledged within `timeout`.
     public static func produceAll(brokers: String, topic: String, _ events: [(key: String, value: [UInt8])],
-                                  logger: Logger, timeout: Duration = .seconds(60)) throws(KafkaDeliveryError) -> Int {
+                                  properties: [String: String] = [:], logger: Logger,
+                                  timeout: Duration = .seconds(60)) throws(KafkaDeliveryError) -> Int {
         guard !events.isEmpty else { return 0 }
         let acked = NIOLockedValueBox(0)
         let p: KafkaProducer
         do {
-            p = try KafkaProducer(brokers: brokers, topic: topic, logger: logger,
+            p = try KafkaProducer(brokers: brokers, topic: topic, properties: properties, logger: logger,
                                   onDelivery: { rs in acked.withLockedValue { $0 += rs.filter { $0.error == nil }.count } })
         } catch {
             throw KafkaDeliveryError(description: "cannot start a Kafka producer for \(brokers): \(error)")

@@ -992,11 +992,18 @@ public final class QuotaStore: Sendable {
     }
 
     /// Step 1 of a transfer, in the source region: take `amount` from the pool and the allocation and
-    /// record it `taken` (once per transfer id). `gen` is the voucher's generation here (checked).
-    public func takeTransfer(voucher: String, id: String, to: String, amount: Int, gen: String, toGeneration: String)
-        async throws(RedisError) -> TransferReply
+    /// record it `taken` (once per transfer id). `gen` is the voucher's generation here (checked). A
+    /// sharded voucher's transfer is taken from shard `shard` (its record is kept with that shard's books).
+    public func takeTransfer(voucher: String, id: String, to: String, amount: Int, gen: String, toGeneration: String,
+                             shard: Int = 0) async throws(RedisError) -> TransferReply
     {
-        let r = try await eval(QuotaScripts.transferTake, keys: [Self.meta(voucher), Self.transfers(voucher)],
+        var tag = voucher
+        if shard > 0 {
+            let tags = try await shardTags(voucher)
+            guard shard < tags.count else { throw RedisError.badReply("voucher '\(voucher)' has no shard \(shard)") }
+            tag = tags[shard]
+        }
+        let r = try await eval(QuotaScripts.transferTake, keys: [Self.meta(tag), Self.transfers(tag)],
                                args: [id, to, String(amount), gen, toGeneration])
         return try transferReply(r, id: id, gen: gen, voucher: voucher, what: "TRANSFER TAKE")
     }
@@ -1013,23 +1020,39 @@ public final class QuotaStore: Sendable {
 
     /// Step 3 of a transfer, in the source region: mark it done.
     public func finishTransfer(voucher: String, id: String, gen: String) async throws(RedisError) -> TransferReply {
-        let r = try await eval(QuotaScripts.transferDone, keys: [Self.meta(voucher), Self.transfers(voucher)], args: [id, gen])
+        let tag = try await transferShard(voucher: voucher, id: id) ?? voucher
+        let r = try await eval(QuotaScripts.transferDone, keys: [Self.meta(tag), Self.transfers(tag)], args: [id, gen])
         return try transferReply(r, id: id, gen: gen, voucher: voucher, what: "TRANSFER DONE")
     }
 
     /// This region's transfer records of a voucher (oldest first).
+    /// (Every shard's, for a sharded voucher.)
     public func transfers(voucher: String) async throws(RedisError) -> [TransferRecord] {
-        let r = try await connection.send(["HGETALL", Self.transfers(voucher)])
-        if case .error(let e) = r { throw RedisError.server(e) }
-        return Self.fields(r).compactMap { TransferRecord.parse(id: $0.key, $0.value) }
-            .sorted { ($0.tsMs, $0.id) < ($1.tsMs, $1.id) }
+        let rs = try await connection.send(batch: try await shardTags(voucher).map { ["HGETALL", Self.transfers($0)] })
+        var out: [TransferRecord] = []
+        for r in rs {
+            if case .error(let e) = r { throw RedisError.server(e) }
+            out += Self.fields(r).compactMap { TransferRecord.parse(id: $0.key, $0.value) }
+        }
+        return out.sorted { ($0.tsMs, $0.id) < ($1.tsMs, $1.id) }
     }
 
     /// One transfer record of a voucher in this region, or nil.
     public func transfer(voucher: String, id: String) async throws(RedisError) -> TransferRecord? {
-        let r = try await connection.send(["HGET", Self.transfers(voucher), id])
+        guard let tag = try await transferShard(voucher: voucher, id: id) else { return nil }
+        let r = try await connection.send(["HGET", Self.transfers(tag), id])
         if case .error(let e) = r { throw RedisError.server(e) }
         return r.string.flatMap { TransferRecord.parse(id: id, $0) }
+    }
+
+    /// The tag of the shard whose books record transfer `id` (nil: none does).
+    private func transferShard(voucher: String, id: String) async throws(RedisError) -> String? {
+        for tag in try await shardTags(voucher) {
+            let r = try await connection.send(["HEXISTS", Self.transfers(tag), id])
+            if case .error(let e) = r { throw RedisError.server(e) }
+            if r.int == 1 { return tag }
+        }
+        return nil
     }
 
     /// A voucher's lease records (of every shard), by shard and lease number.

@@ -388,10 +388,14 @@ final class VoucherRuntime: @unchecked Sendable {
                 }
                 // This region is sold out: borrow from another region (sized like a lease), then ask again
                 // (answered as a recall with nothing held: the next request comes after the recall poll).
-                if case .success(.refused(.soldOut)) = result, l.want > 0, let b = engine.borrower {
-                    let amount = max(l.need, min(max(l.want, sizes.lowerBound), sizes.upperBound))
-                    if await b.borrow(voucher: self.id, need: l.need, amount: amount, generation: gen) > 0 {
-                        result = .success(.refused(.recalling(held: 0)))
+                // Only for claims waiting (no borrowing ahead of demand, nor before an opening). Sold out only
+                // when every other region said it has nothing to lend; while that cannot be told, claims
+                // wait (and fail closed at their timeout).
+                if case .success(.refused(.soldOut)) = result, l.need > 0, let b = engine.borrower {
+                    let amount = min(max(l.want, l.need, sizes.lowerBound), sizes.upperBound)
+                    switch await b.borrow(voucher: self.id, need: l.need, amount: amount, generation: gen) {
+                    case .moved, .retry: result = .success(.refused(.recalling(held: 0)))
+                    case .exhausted: break
                     }
                 }
                 var request = l

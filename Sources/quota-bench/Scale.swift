@@ -104,19 +104,6 @@ extension Scale {
         let c = try await RedisClusterServer(masters: 3)
         let masters = try await c.masterPorts()
         var steps: [NodeStep] = []
-        func measure(_ design: String, _ body: () async throws -> (LoadResult, Int)) async throws {
-            var before: [(commands: Int, cpu: Double)] = []
-            for m in masters { before.append(try await nodeCounters(c, m)) }
-            let (r, oversold) = try await body()
-            var after: [(commands: Int, cpu: Double)] = []
-            for m in masters { after.append(try await nodeCounters(c, m)) }
-            if !quiet { FileHandle.standardError.write(Data("\n".utf8)) }
-            let k = Double(max(1, r.ok)) / 1000
-            steps.append(NodeStep(
-                design: design, claimsPerSecond: r.claimsPerSecond,
-                cpuMsPer1000Claims: zip(after, before).map { ($0.cpu - $1.cpu) * 1000 / k },
-                commandsPer1000Claims: zip(after, before).map { Double($0.commands - $1.commands) / k }, oversold: oversold))
-        }
         let limit = 1_000_000_000
         for k in shardCounts {
             let id = "scale-\(k)"
@@ -127,17 +114,17 @@ extension Scale {
                 qs.append(try await Quotad(redisURL: c.url, dir: dir, host: "scale-\(k)-\(i)", durability: "none",
                                            extraYAML: "log_level: warning\n"))
             }
-            try await measure("quotad, \(k) shard\(k == 1 ? "" : "s"), \(n) sidecars") {
-                let progress = Progress()
-                let shown = quiet ? nil : Progress.show(progress, label: "quotad \(k) shards", of: connections)
-                let r = try await runRESP(
-                    sockets: qs.map(\.socket), connections: max(connections, n), pipeline: pipeline, users: 1_000_000,
-                    uniqueUsers: false, duration: duration, progress: progress,
-                    command: { ["CLAIM", id, $0] }, classify: classifyQuotad)
-                shown?.cancel()
-                _ = await shown?.value
-                return (r, 0)
-            }
+            let before = try await countersOf(c, masters)
+            let progress = Progress()
+            let shown = quiet ? nil : Progress.show(progress, label: "quotad \(k) shards", of: connections)
+            let r = try await runRESP(
+                sockets: qs.map(\.socket), connections: max(connections, n), pipeline: pipeline, users: 1_000_000,
+                uniqueUsers: false, duration: duration, progress: progress,
+                command: { ["CLAIM", id, $0] }, classify: classifyQuotad)
+            shown?.cancel()
+            _ = await shown?.value
+            let after = try await countersOf(c, masters)
+            steps.append(step("quotad, \(k) shard\(k == 1 ? "" : "s"), \(n) sidecars", r, before, after, oversold: 0))
             for q in qs { _ = try await q.stop() }
             let a = try await c.account(id)
             if a.leases != 0 { FileHandle.standardError.write(Data("warning: \(a.leases) leases open after shutdown\n".utf8)) }
@@ -148,25 +135,25 @@ extension Scale {
         guard let sock = c.socketPath(owner) else { throw ValidationError("no socket for node \(owner)") }
         _ = try await c.command(owner, "SET", stock, String(limit))
         let sha = try await c.command(owner, "SCRIPT", "LOAD", Designs.luaClaim).string ?? ""
-        try await measure("Lua script per claim (one hot key)") {
-            let progress = Progress()
-            let shown = quiet ? nil : Progress.show(progress, label: "redis-lua", of: connections)
-            let r = try await runRESP(
-                sockets: [sock], connections: connections, pipeline: pipeline, users: 1_000_000, uniqueUsers: false,
-                duration: duration, progress: progress,
-                command: { ["EVALSHA", sha, "2", stock, "lua:{bench}:users", $0, "0"] },
-                classify: { v in
-                    switch v {
-                    case .integer(1): return .ok(id: nil)
-                    case .integer(0): return .soldOut
-                    default: return .refused(v.errorCode ?? "BADREPLY")
-                    }
-                })
-            shown?.cancel()
-            _ = await shown?.value
-            let left = try await c.command(owner, "GET", stock).int ?? 0
-            return (r, max(0, (limit - left) - r.ok))
-        }
+        let before = try await countersOf(c, masters)
+        let progress = Progress()
+        let shown = quiet ? nil : Progress.show(progress, label: "redis-lua", of: connections)
+        let r = try await runRESP(
+            sockets: [sock], connections: connections, pipeline: pipeline, users: 1_000_000, uniqueUsers: false,
+            duration: duration, progress: progress,
+            command: { ["EVALSHA", sha, "2", stock, "lua:{bench}:users", $0, "0"] },
+            classify: { v in
+                switch v {
+                case .integer(1): return .ok(id: nil)
+                case .integer(0): return .soldOut
+                default: return .refused(v.errorCode ?? "BADREPLY")
+                }
+            })
+        shown?.cancel()
+        _ = await shown?.value
+        let after = try await countersOf(c, masters)
+        let left = try await c.command(owner, "GET", stock).int ?? 0
+        steps.append(step("Lua script per claim (one hot key)", r, before, after, oversold: max(0, r.ok - (limit - left))))
         if json { return try printJSON(steps) }
         let names = masters.map { "node \($0)" }
         print("| design | claims/s | " + names.map { "\($0) CPU ms / 1,000 claims" }.joined(separator: " | ")
@@ -178,4 +165,19 @@ extension Scale {
                   + s.commandsPer1000Claims.map { String(format: "%.2f", $0) }.joined(separator: " | ") + " |")
         }
     }
+}
+
+private func countersOf(_ c: RedisClusterServer, _ masters: [Int]) async throws -> [(commands: Int, cpu: Double)] {
+    var out: [(commands: Int, cpu: Double)] = []
+    for m in masters { out.append(try await nodeCounters(c, m)) }
+    return out
+}
+
+private func step(_ design: String, _ r: LoadResult, _ before: [(commands: Int, cpu: Double)],
+                  _ after: [(commands: Int, cpu: Double)], oversold: Int) -> Scale.NodeStep {
+    let k = Double(max(1, r.ok)) / 1000
+    return Scale.NodeStep(
+        design: design, claimsPerSecond: r.claimsPerSecond,
+        cpuMsPer1000Claims: zip(after, before).map { ($0.cpu - $1.cpu) * 1000 / k },
+        commandsPer1000Claims: zip(after, before).map { Double($0.commands - $1.commands) / k }, oversold: oversold)
 }

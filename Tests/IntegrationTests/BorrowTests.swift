@@ -24,7 +24,7 @@ struct BorrowTests {
             try yaml(host: "quotactl", region: "sg", borrow: false).write(toFile: ctlConfig, atomically: true, encoding: .utf8)
         }
 
-        func yaml(host: String, region: String, borrow: Bool) -> String {
+        func yaml(host: String, region: String, borrow: Bool, extra: String = "") -> String {
             """
             host_id: \(host)
             region: \(region)
@@ -37,13 +37,15 @@ struct BorrowTests {
             borrow: \(borrow)
             lease: { min: 10, max: 50 }
             avail_refresh: 0.2
-
+            \(extra)
             """
         }
 
-        func sidecar(_ host: String, region: String, borrow: Bool, failpoint: String? = nil) async throws -> Quotad {
+        func sidecar(_ host: String, region: String, borrow: Bool, failpoint: String? = nil, extra: String = "") async throws
+            -> Quotad
+        {
             let cfg = dir.file("\(host).yaml")
-            try yaml(host: host, region: region, borrow: borrow).write(toFile: cfg, atomically: true, encoding: .utf8)
+            try yaml(host: host, region: region, borrow: borrow, extra: extra).write(toFile: cfg, atomically: true, encoding: .utf8)
             return try await Quotad(config: cfg, socket: dir.file("\(host).sock"), host: host, log: dir.file("\(host).log"),
                                     environment: failpoint.map { ["QUOTAD_FAILPOINT": $0] } ?? [:])
         }
@@ -130,5 +132,111 @@ struct BorrowTests {
         #expect(done.allSatisfy { $0.state == .done }, "\(done)")
         let (st2, out2) = try await r.ctl(["audit", "v"])
         #expect(st2 == 0, "\(out2)")
+    }
+}
+
+/// Findings of the review of borrowing, each a test that failed before its fix.
+@Suite(.serialized, .timeLimit(.minutes(3)))
+struct BorrowReviewTests {
+    typealias Regions = BorrowTests.Regions
+
+    /// Another sidecar finished this one's transfer while it was between steps: the tokens reached the
+    /// region, so its claim is served (the source still has quota), not answered SOLDOUT.
+    @Test func aBorrowFinishedByAnotherSidecarStillServesTheClaim() async throws {
+        let r = try await Regions()
+        #expect(try await r.ctl(["voucher", "create", "v", "--limit", "100", "--region", "sg=0", "--region", "id=100"]).0 == 0)
+        let extra = "limits: { claim_timeout_ms: 15000 }\n"
+        let slow = try await r.sidecar("sg-slow", region: "sg", borrow: true, failpoint: "borrow-pause-after-take", extra: extra)
+        let fast = try await r.sidecar("sg-fast", region: "sg", borrow: true, extra: extra)
+        let c1 = try await RESPClient.connect(slow.socket)
+        let c2 = try await RESPClient.connect(fast.socket)
+        defer { c1.close(); c2.close() }
+        async let first = c1.send("CLAIM", "v", "a")
+        try await eventually("the slow sidecar took a transfer", timeout: .seconds(10)) {
+            !(try await r.id.store.transfers(voucher: "v")).isEmpty
+        }
+        #expect(try await c2.send("CLAIM", "v", "b").errorCode == nil, "the fast sidecar finished the transfer and sold")
+        let reply = try await first
+        #expect(reply.errorCode == nil, "the slow sidecar's claim is served, the source still has quota: \(reply)")
+        #expect(try await slow.stop() == 0)
+        #expect(try await fast.stop() == 0)
+        #expect(try await r.ctl(["audit", "v"]).0 == 0)
+    }
+
+    /// The source's Redis does not answer for a while: the borrowing host cannot tell the quota is gone, so
+    /// its claims wait (or fail closed) and the sale goes on when the source answers again; never SOLDOUT early.
+    @Test func aSourceThatDoesNotAnswerIsWaitedForNotSoldOut() async throws {
+        let r = try await Regions()
+        #expect(try await r.ctl(["voucher", "create", "v", "--limit", "250", "--region", "sg=50", "--region", "id=200"]).0 == 0)
+        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true)
+        _ = try await r.id.store.connection.send(["CLIENT", "PAUSE", "2500", "ALL"])
+        let sold = try await BorrowTests.sellOut(sg, voucher: "v", conns: 4, tag: "p")
+        #expect(sold.count == 250, "everything sold once the source answered: \(sold.count)")
+        #expect(try await sg.stop() == 0)
+        #expect(try await r.ctl(["audit", "v"]).0 == 0)
+    }
+
+    /// A source whose lease sequence went back (a failover to a replica that lost writes; its pool may
+    /// count tokens already sold) lends nothing more.
+    @Test func aSourceWhoseLeaseSequenceWentBackLendsNothing() async throws {
+        let r = try await Regions()
+        #expect(try await r.ctl(["voucher", "create", "v", "--limit", "520", "--region", "sg=20", "--region", "id=500"]).0 == 0)
+        let idHost = try await r.sidecar("id-1", region: "id", borrow: false)
+        let ci = try await RESPClient.connect(idHost.socket)
+        #expect(try await ci.send("CLAIM", "v", "i").errorCode == nil)
+        ci.close()
+        #expect(try await idHost.stop() == 0)
+        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true, extra: "limits: { claim_timeout_ms: 500 }\n")
+        let c = try await RESPClient.connect(sg.socket)
+        defer { c.close() }
+        for i in 0..<30 { #expect(try await c.send("CLAIM", "v", "u\(i)").errorCode == nil, "claim \(i)") }
+        let before = try await r.id.store.transfers(voucher: "v").count
+        #expect(before >= 1, "sg borrowed from id")
+        // What a replica that lost the last grants holds: a lower sequence and a fuller pool.
+        _ = try await r.id.store.connection.send(["HINCRBY", "quota:{v}", "lease_seq", "-1"])
+        _ = try await r.id.store.connection.send(["HINCRBY", "quota:{v}", "pool", "1"])
+        var codes: [String: Int] = [:]
+        for i in 0..<40 {
+            let reply = try await c.send("CLAIM", "v", "w\(i)")
+            codes[reply.errorCode ?? "OK", default: 0] += 1
+        }
+        #expect(try await r.id.store.transfers(voucher: "v").count == before, "no borrow from the source that went back")
+        #expect(codes["SOLDOUT"] == nil, "nobody can tell the quota is gone: \(codes)")
+        #expect((codes["UNAVAILABLE"] ?? 0) > 0, "claims fail closed once the borrowed tokens are sold: \(codes)")
+        _ = try await sg.stop()
+    }
+
+    /// A transfer toward this region that can never be finished (taken for another generation of the
+    /// voucher here) is left to the operator; borrowing from its source goes on, and the sale ends SOLDOUT.
+    @Test func anUnfinishableTransferDoesNotStopBorrowingFromItsSource() async throws {
+        let r = try await Regions()
+        #expect(try await r.ctl(["voucher", "create", "v", "--limit", "600", "--region", "sg=100", "--region", "id=500"]).0 == 0)
+        let gen = try #require(try await r.id.store.voucher("v")).generation
+        let stuck = try await r.id.store.takeTransfer(voucher: "v", id: "t-stuck", to: "sg", amount: 10, gen: gen, toGeneration: "bogus")
+        guard case .applied = stuck else { throw TestError.failed("\(stuck)") }
+        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true)
+        let sold = try await BorrowTests.sellOut(sg, voucher: "v", conns: 4, tag: "s")
+        #expect(sold.count == 590, "everything but the stuck transfer: \(sold.count)")
+        #expect(try await sg.stop() == 0)
+        let (st, out) = try await r.ctl(["audit", "v"])
+        #expect(st == 0 && out.contains("in flight"), "\(out)")
+    }
+
+    /// A sharded source lends from whichever shard has quota, not only shard 0.
+    @Test func aShardedSourceLendsFromAShardThatHasQuota() async throws {
+        let r = try await Regions()
+        #expect(try await r.ctl(["voucher", "create", "v", "--limit", "500", "--region", "sg=100", "--region", "id=400",
+                                 "--shards", "2"]).0 == 0)
+        let gen = try #require(try await r.id.store.voucher("v")).generation
+        let drainer = (0..<1000).map { "d\($0)" }.first { QuotaStore.homeShard(host: $0, shards: 2) == 0 }!
+        guard case .granted(let g) = try await r.id.store.lease(voucher: "v", host: drainer, req: "d", want: 200, need: 200,
+                                                                 ttl: .seconds(60), gen: gen), g.granted == 200,
+              QuotaStore.shardIndex(ofLease: g.id) == 0
+        else { throw TestError.failed("id's shard 0 not drained") }
+        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true)
+        let sold = try await BorrowTests.sellOut(sg, voucher: "v", conns: 4, tag: "s")
+        #expect(sold.count == 300, "sg's 100 and id's shard 1: \(sold.count)")
+        #expect(try await sg.stop() == 0)
+        #expect(try await r.ctl(["audit", "v"]).0 == 0)
     }
 }

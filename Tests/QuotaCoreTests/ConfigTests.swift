@@ -67,7 +67,10 @@ struct ConfigTests {
         #expect(errorKey(minimal + "\nper_user: { mode: sometimes }") == "per_user.mode")
         #expect(errorKey(minimal + "\nper_user: { on_unavailable: guess }") == "per_user.on_unavailable")
         #expect(errorKey(minimal + "\nborrow: maybe") == "borrow")
-        #expect(try load(minimal + "\nborrow: true").borrow)
+        #expect(errorKey(minimal + "\nborrow: true") == "borrow", "nothing to borrow from: one region")
+        let two = minimal.replacingOccurrences(of: "  sg: { redis: \"unix:///tmp/t/redis.sock\" }",
+                                               with: "  sg: { redis: \"unix:///tmp/t/redis.sock\" }\n  id: { redis: \"redis://h:2\" }")
+        #expect(try load(two + "\nborrow: true").borrow)
         #expect(try !load(minimal).borrow)
     }
 
@@ -138,5 +141,6 @@ struct ShippedConfigTests {
         #expect(c.lease == d.lease)
         #expect(c.limits.maxWaitingClaims == d.limits.maxWaitingClaims && c.limits.claimTimeout == d.limits.claimTimeout)
         #expect(c.socket.mode == d.socket.mode && c.redisTimeout == d.redisTimeout && c.availRefresh == d.availRefresh)
+        #expect(c.borrow == d.borrow)
     }
 }
