@@ -19,4 +19,7 @@ status=0
 swift test --skip "$heavy|$cluster" 2>&1 | tee .build/test-output.txt || status=1
 swift test --filter "$cluster" 2>&1 | tee -a .build/test-output.txt || status=1
 swift test --filter "$heavy" 2>&1 | tee -a .build/test-output.txt || status=1
+# Release builds on a Redis Cluster (everything above runs debug builds; a release-only crash once passed them).
+{ swift build -c release --product quotad && swift build -c release --product quotactl && scripts/release-smoke.sh; } 2>&1 \
+  | tee -a .build/test-output.txt || status=1
 exit $status

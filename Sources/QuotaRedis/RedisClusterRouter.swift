@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import Synchronization
 
 /// A Redis Cluster, reached through one ``HiredisConnection`` per node (each with its own owner thread,
@@ -203,23 +204,26 @@ public final class RedisClusterRouter: Sendable {
                 for i in groups[n]! { results[i] = .failure(error) }
             }
         }
-        let parts = await withTaskGroup(of: (String, Result<[RedisValue], RedisError>).self) { g in
+        // Child tasks return nothing and leave their answers in a box: a task group whose child tasks
+        // return these values crashed release builds (Swift 6.3: a bad retain copying the child's result
+        // into the group; debug builds were fine).
+        let box = NIOLockedValueBox<[NodeReply<[RedisValue]>]>([])
+        await withTaskGroup(of: Void.self) { g in
             for (node, conn) in conns {
                 let cmds = groups[node]!.map { batch[$0] }
                 g.addTask {
-                    do throws(RedisError) { return (node, .success(try await conn.send(batch: cmds))) } catch { return (node, .failure(error)) }
+                    let r = await NodeReply.of(node) { () async throws(RedisError) in try await conn.send(batch: cmds) }
+                    box.withLockedValue { $0.append(r) }
                 }
             }
-            var out: [(String, Result<[RedisValue], RedisError>)] = []
-            for await r in g { out.append(r) }
-            return out
         }
+        let parts = box.withLockedValue { $0 }
         var failed: [String] = []
-        for (node, r) in parts {
-            switch r {
-            case .success(let values):
+        for part in parts {
+            switch part {
+            case .replied(let node, let values):
                 for (j, i) in groups[node]!.enumerated() { results[i] = .success(values[j]) }
-            case .failure(let e):
+            case .failed(let node, let e):
                 failed.append(node)
                 for i in groups[node]! { results[i] = .failure(e) }
             }
@@ -253,17 +257,23 @@ public final class RedisClusterRouter: Sendable {
         try await ensureLoaded()
         var conns: [(String, HiredisConnection)] = []
         for n in masters { conns.append((n, try connection(n))) }
-        let out = await withTaskGroup(of: (String, Result<RedisValue, RedisError>).self) { g in
+        let box = NIOLockedValueBox<[NodeReply<RedisValue>]>([])
+        await withTaskGroup(of: Void.self) { g in
             for (node, conn) in conns {
                 g.addTask {
-                    do throws(RedisError) { return (node, .success(try await conn.send(args))) } catch { return (node, .failure(error)) }
+                    let r = await NodeReply.of(node) { () async throws(RedisError) in try await conn.send(args) }
+                    box.withLockedValue { $0.append(r) }
                 }
             }
-            var out: [(String, Result<RedisValue, RedisError>)] = []
-            for await r in g { out.append(r) }
-            return out
         }
-        return out.sorted { $0.0 < $1.0 }.map { (node: $0.0, reply: $0.1) }
+        var out: [(node: String, reply: Result<RedisValue, RedisError>)] = []
+        for r in box.withLockedValue({ $0 }) {
+            switch r {
+            case .replied(let n, let v): out.append((n, .success(v)))
+            case .failed(let n, let e): out.append((n, .failure(e)))
+            }
+        }
+        return out.sorted { $0.node < $1.node }
     }
 
     /// Send `args` to every replica the cluster knows (`CLUSTER NODES` asked of a master: it lists replicas
@@ -478,5 +488,15 @@ public final class RedisClusterRouter: Sendable {
         }
         guard !masters.isEmpty else { return nil }
         return (owner, masters.sorted(), replicas.sorted())
+    }
+}
+
+/// One node's answer to a call sent to several nodes at once (a task group's element).
+enum NodeReply<T: Sendable>: Sendable {
+    case replied(String, T)
+    case failed(String, RedisError)
+
+    static func of(_ node: String, _ body: () async throws(RedisError) -> T) async -> NodeReply<T> {
+        do { return .replied(node, try await body()) } catch { return .failed(node, error) }
     }
 }

@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import QuotaCore
+import QuotaRedis
 import Synchronization
 
 /// Claims made through this host, for `UNCLAIM`.
@@ -135,7 +136,7 @@ final class ClaimBook: Sendable {
         let qty: Int
         if slot.lease >= 0 {
             qty = Int(slot.qty)
-            shares = [ClaimShare(leaseId: String(slot.lease), tokens: qty)]
+            shares = [ClaimShare(leaseId: Self.leaseID(slot.lease), tokens: qty)]
         } else {
             shares = spread?.shares ?? []
             qty = spread?.qty ?? 0
@@ -145,12 +146,21 @@ final class ClaimBook: Sendable {
                      unclaimed: slot.unclaimed)
     }
 
-    /// The lease id of a claim that is one share of a numbered lease (all its tokens), or nil.
+    /// The lease id of a claim that is one share of a numbered lease (all its tokens), or nil. A hot-key
+    /// shard's lease `s.N` is kept as `s << 48 | N` (shards ≤ 64, N < 2⁴⁸).
     private static func numbered(_ e: ClaimEvent) -> Int64? {
         guard e.shares.count == 1, e.shares[0].tokens == e.qty, e.qty >= 0, e.qty <= Int(Int32.max),
-            let n = Int64(e.shares[0].leaseId), n >= 0, String(n) == e.shares[0].leaseId
+            let (s, n) = QuotaStore.leaseNumber(e.shares[0].leaseId), s >= 0, s < 128, n >= 0, n < 1 << 48
         else { return nil }
-        return n
+        let v = Int64(s) << 48 | Int64(n)
+        // Only ids that come back spelled the same (no sign, no leading zero).
+        return leaseID(v) == e.shares[0].leaseId ? v : nil
+    }
+
+    /// The lease id a slot keeps (see ``numbered(_:)``).
+    static func leaseID(_ v: Int64) -> String {
+        let s = v >> 48, n = v & (1 << 48 - 1)
+        return s == 0 ? String(n) : "\(s).\(n)"
     }
 
     /// A claim of an earlier boot (from the journal).

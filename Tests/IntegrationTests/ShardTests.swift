@@ -132,6 +132,31 @@ struct ShardTests {
         #expect(problems.isEmpty, "\(problems)")
     }
 
+    /// Claims served from a shard's lease (`s.N`) are cancelled through that lease (the UNCLAIM book keeps
+    /// such ids compact): the tokens go back once, to the right shard, and the books balance.
+    @Test func unclaimOfAClaimFromAShardLeaseGoesBackThroughThatShard() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        #expect(try await quotactl(["voucher", "create", "hot", "--limit", "100", "--shards", "2", "--redis", redis.url]).0 == 0)
+        let host = hosts(homedOn: 1, of: 2, count: 1, prefix: "un")[0]
+        let q = try await Quotad(redis: redis, dir: dir, host: host, durability: "journal")
+        let c = try await RESPClient.connect(q.socket)
+        var ids: [String] = []
+        for i in 0..<5 {
+            guard case .bulkString(let b?) = try await c.send("CLAIM", "hot", "u\(i)") else { throw TestError.failed("claim") }
+            ids.append(String(buffer: b))
+        }
+        #expect(try await redis.store.leases(voucher: "hot").allSatisfy { QuotaStore.shardIndex(ofLease: $0.id) == 1 })
+        for id in ids.prefix(2) { #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"), "\(id)") }
+        #expect(try await c.send("UNCLAIM", ids[0]) == .simpleString("OK"), "a second UNCLAIM changes nothing")
+        c.close()
+        #expect(try await q.stop() == 0)
+        let a = try await redis.account("hot")
+        #expect(a.leases == 0 && a.leased - a.returned - a.restocked == 3, "\(a)")
+        let problems = try await redis.audit("hot", journals: [(host, dir.file("journal-\(host)"))], netClaimed: 3)
+        #expect(problems.isEmpty, "\(problems)")
+    }
+
     /// A lease request that fell back to another shard and is asked again (a lost reply) gets that same
     /// lease, even after its home shard was refilled meanwhile: never a second grant for one request.
     @Test func aRetriedLeaseRequestGetsItsOneGrantEvenAfterItsHomeShardRefilled() async throws {
