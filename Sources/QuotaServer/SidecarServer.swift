@@ -18,7 +18,9 @@ public final class SidecarService: Service, Sendable {
     public let engine: SidecarEngine
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
-    private let recovered: JournalRecovery?
+    /// What the journal held at start; after ``run()`` restored from it, only its books (the events of a large
+    /// journal, every claim of the retention window, are not kept for the process's life).
+    private let recovered: NIOLockedValueBox<JournalRecovery?>
     private let socketLock: Int32
     /// The previous run's recovery (``recoverPreviousRun()``) finished: a graceful stop waits for it.
     private let recoveryDone = NIOLockedValueBox(false)
@@ -42,7 +44,7 @@ public final class SidecarService: Service, Sendable {
                 logger.error("journal: lease state not trusted (corrupt newest segment); leases of the previous run stay leased until reconciled")
             }
         }
-        self.recovered = rec
+        self.recovered = NIOLockedValueBox(rec)
         let boot = SidecarEngine.newBoot()
         let pipeline: ClaimPipeline
         do {
@@ -96,11 +98,16 @@ public final class SidecarService: Service, Sendable {
         }
         // The previous run's REQ answers and UNCLAIM book before the socket opens: a request retried the
         // moment it opens must get its first answer, not a second claim.
-        if let rec = recovered {
+        if let rec = recovered.withLockedValue({ $0 }) {
             engine.restore(rec)
             engine.pipeline.reship(rec)
             let n = rec.segments.reduce(0) { $0 + $1.toShip.count }
             if n > 0 { logger.info("journal: shipping events of the previous run again", metadata: ["events": "\(n)"]) }
+            var books = JournalRecovery()
+            books.ledger = rec.ledger
+            books.leaseStateTrusted = rec.leaseStateTrusted
+            books.issues = rec.issues
+            recovered.withLockedValue { $0 = books }
         }
         let channel = try await bind()
         logger.info("quotad listening", metadata: [
@@ -191,7 +198,7 @@ public final class SidecarService: Service, Sendable {
     }
 
     private func recoverPreviousRunSteps() async {
-        guard let rec = recovered else { return }
+        guard let rec = recovered.withLockedValue({ $0 }) else { return }
         let host = engine.config.hostID
         let gen = rec.ledger.generation ?? engine.adoptedGeneration ?? ""
         let store = engine.store
