@@ -102,8 +102,13 @@ enum QuotaScripts {
           local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - keep, 'LIMIT', 0, 8)
           local g, r, k, n = 0, 0, 0, 0
           for _, id in ipairs(old) do
-            local v = redis.call('HGET', KEYS[2], id)
-            if v then
+            -- `-<req>`: a request resolved "nothing, ever" (see `lease`): only its `reqs` entry goes.
+            local v = string.sub(id, 1, 1) ~= '-' and redis.call('HGET', KEYS[2], id)
+            if string.sub(id, 1, 1) == '-' then
+              local rq = string.sub(id, 2)
+              remove_later('HDEL', KEYS[5], rq)
+              archived_req[rq] = true
+            elseif v then
               local l = parse(v)
               g, r, k, n = g + l.g, r + l.r, k + l.k, n + 1
               remove_later('HDEL', KEYS[2], id)
@@ -178,9 +183,10 @@ enum QuotaScripts {
         return at
         """
 
-    /// KEYS: meta, leases, exp, closed, reqs, resolved (zset: requests answered "nothing, ever" by `want` 0,
-    /// by when; they and their `reqs` entries are dropped after `closed_retention_ms`, as archived grants'
-    /// are). ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
+    /// KEYS: meta, leases, exp, closed, reqs. Requests answered "nothing, ever" (`want` 0) are also listed in
+    /// `closed` as `-<req>` by when, so that `archive` drops them and their `reqs` entries after
+    /// `closed_retention_ms`, as it does archived grants' (no extra key: a key missing in a MIGRATING slot
+    /// makes Redis refuse the script with TRYAGAIN). ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
     /// gen, mode (`k`|`j`|`n`), warmup_ms, recall (`1`: an empty pool may recall; `0`: not, for a shard
     /// that is not the caller's last resort; see `recall`), then pairs (lease id, returned total) of this host's leases to
     /// close first. The same `req` gets the same answer: the lease it was granted while it is open (with
@@ -210,14 +216,6 @@ enum QuotaScripts {
         local function run()
         for i = 11, #ARGV, 2 do give_back(ARGV[i], ARGV[i + 1], true, host, now) end
         archive(now)
-        do
-          local keep = tonumber(redis.call('HGET', KEYS[1], 'closed_retention_ms') or '604800000')
-          for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now - keep, 'LIMIT', 0, 16)) do
-            remove_later('HDEL', KEYS[5], r)
-            remove_later('ZREM', KEYS[6], r)
-            archived_req[r] = true
-          end
-        end
         local m = redis.call('HMGET', KEYS[1], 'state', 'pool', 'start_ms', 'end_ms', 'recall_ms', 'lease_prefix')
         local pool = tonumber(m[2])
         local start_ms, end_ms = tonumber(m[3] or '0') or 0, tonumber(m[4] or '0') or 0
@@ -268,8 +266,8 @@ enum QuotaScripts {
         if want <= 0 then
           redis.call('HSET', KEYS[5], req, '-')
           readded(KEYS[5], req)
-          redis.call('ZADD', KEYS[6], now, req)
-          readded(KEYS[6], req)
+          redis.call('ZADD', KEYS[4], now, '-' .. req)
+          readded(KEYS[4], '-' .. req)
           return {0, 0, '', pool}
         end
         if m[1] ~= 'active' then return {-2, m[1]} end

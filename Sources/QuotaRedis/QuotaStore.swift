@@ -201,7 +201,6 @@ public final class QuotaStore: Sendable {
     static func closed(_ id: String) -> String { "quota:{\(id)}:closed" }
     static func reqs(_ id: String) -> String { "quota:{\(id)}:reqs" }
     static func restocked(_ id: String) -> String { "quota:{\(id)}:restocked" }
-    static func resolved(_ id: String) -> String { "quota:{\(id)}:resolved" }
     static let vouchers = "quota:vouchers"
     static let policy = "quota:policy"
     static let hosts = "quota:{region}:hosts"
@@ -671,7 +670,7 @@ public final class QuotaStore: Sendable {
         var args = [host, String(want), String(need), String(ttl.milliseconds), String(LeasePolicy.exhaustionFraction),
                     req, gen, LeaseRecord.modeLetter(durability), String(warmup.milliseconds), recall ? "1" : "0"]
         for c in close { args += [c.leaseId, String(c.returnedTotal)] }
-        let r = try await eval(QuotaScripts.lease, keys: voucherKeys(tag) + [Self.resolved(tag)], args: args)
+        let r = try await eval(QuotaScripts.lease, keys: voucherKeys(tag), args: args)
         guard let a = r.array, let status = a.first?.int else { throw RedisError.badReply("LEASE: \(r)") }
         if let e = Self.generationError(a, known: gen, voucher: voucher) { throw e }
         switch status {

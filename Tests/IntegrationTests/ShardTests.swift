@@ -406,14 +406,17 @@ struct ShardReviewTests {
             else { throw TestError.failed("no fall-through grant") }
         }
         let conn = s.connection
-        #expect(try await conn.send(["HLEN", "quota:{v}:reqs"]).int == 31, "the drain and 30 resolved markers")
+        // (On a slow run the first markers may be dropped already: the retention is one second.)
+        let written = try await conn.send(["HLEN", "quota:{v}:reqs"]).int ?? 0
+        #expect(written > 1 && written <= 31, "the drain and up to 30 resolved markers: \(written)")
         try await Task.sleep(for: .milliseconds(1500))
         for i in 30..<34 {
             _ = try await s.lease(voucher: "v", host: pair[0], req: "a\(i)", want: 1, need: 1, ttl: .seconds(60), gen: gen)
         }
         let left = try await conn.send(["HLEN", "quota:{v}:reqs"]).int ?? -1
         #expect(left <= 31 - 30 + 4, "old resolved markers dropped: \(left) left")
-        #expect(try await conn.send(["ZCARD", "quota:{v}:resolved"]).int == left - 1)
+        let listed = (try await conn.send(["ZRANGE", "quota:{v}:closed", "0", "-1"]).array ?? []).compactMap(\.string)
+        #expect(listed.filter { $0.hasPrefix("-") }.count == left - 1, "each kept marker listed once: \(listed)")
         // A dropped marker's request asked again, long after: its own answer was "nothing", and the grant
         // of its fall-through stays the one it got.
         #expect(try await redis.audit("v").isEmpty)
