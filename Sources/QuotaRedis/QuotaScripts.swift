@@ -184,9 +184,10 @@ enum QuotaScripts {
         """
 
     /// KEYS: meta, leases, exp, closed, reqs. Requests answered "nothing, ever" (`want` 0) are also listed in
-    /// `closed` as `-<req>` by when, so that `archive` drops them and their `reqs` entries after
-    /// `closed_retention_ms`, as it does archived grants' (no extra key: a key missing in a MIGRATING slot
-    /// makes Redis refuse the script with TRYAGAIN). ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
+    /// `closed` as `-<req>`, so that `archive` drops them and their `reqs` entries an hour later (or after
+    /// `closed_retention_ms` if shorter; a host that retries a request after longer than that has had its
+    /// leases expire meanwhile) (no extra key: a key missing in a MIGRATING slot makes Redis refuse the
+    /// script with TRYAGAIN). ARGV: host, want, need, ttl_ms, exhaustion_fraction, req,
     /// gen, mode (`k`|`j`|`n`), warmup_ms, recall (`1`: an empty pool may recall; `0`: not, for a shard
     /// that is not the caller's last resort; see `recall`), then pairs (lease id, returned total) of this host's leases to
     /// close first. The same `req` gets the same answer: the lease it was granted while it is open (with
@@ -266,7 +267,9 @@ enum QuotaScripts {
         if want <= 0 then
           redis.call('HSET', KEYS[5], req, '-')
           readded(KEYS[5], req)
-          redis.call('ZADD', KEYS[4], now, '-' .. req)
+          -- Dropped an hour from now (or after the retention, if shorter): scored as if closed earlier.
+          local keep = tonumber(redis.call('HGET', KEYS[1], 'closed_retention_ms') or '604800000')
+          redis.call('ZADD', KEYS[4], now - math.max(0, keep - 3600000), '-' .. req)
           readded(KEYS[4], '-' .. req)
           return {0, 0, '', pool}
         end
