@@ -34,7 +34,9 @@ struct RecoveryStopTests {
         try await eventually("the lease request is journaled (and then sent)") {
             !JournalRecovery.read(dir: q.journalDir).ledger.requests.isEmpty
         }
-        try await Task.sleep(for: .milliseconds(300))
+        // Time for the sidecar to write the request to Redis's socket (it sits there while Redis is stopped);
+        // 300 ms was not always enough on a loaded machine.
+        try await Task.sleep(for: .milliseconds(1500))
         try await q.kill9()
         _ = await stuck
         c.close()

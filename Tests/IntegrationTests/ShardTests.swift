@@ -435,16 +435,18 @@ struct ShardReviewTests {
         #expect(try await c.send("CLAIM", "v", "u0").errorCode == nil)
         let tag = try await redis.store.shardTags("v")[1]
         let conn = redis.store.connection
-        let saved = try await conn.send(["DUMP", "quota:{\(tag)}"]).string ?? ""
-        _ = try await conn.send(["DEL", "quota:{\(tag)}"])
-        _ = try await conn.send(["SET", "quota:{\(tag)}", "not a hash"])
+        let saved = QuotaStore.fields(try await conn.send(["HGETALL", "quota:{\(tag)}"]))
+        // Replaced atomically (RENAME, here and below): a refresh between a DEL and a SET would see the shard
+        // missing, which rightly fails the voucher closed.
+        _ = try await conn.send(["SET", "quota:{\(tag)}:tmp", "not a hash"])
+        _ = try await conn.send(["RENAME", "quota:{\(tag)}:tmp", "quota:{\(tag)}"])
         for i in 1...15 {
             let r = try await c.send("CLAIM", "v", "u\(i)")
             #expect(r.errorCode == nil, "claim \(i): \(r)")
             try await Task.sleep(for: .milliseconds(100))
         }
-        _ = try await conn.send(["DEL", "quota:{\(tag)}"])
-        _ = try await conn.send(["RESTORE", "quota:{\(tag)}", "0", saved])
+        _ = try await conn.send(["HSET", "quota:{\(tag)}:tmp"] + saved.flatMap { [$0.key, $0.value] })
+        _ = try await conn.send(["RENAME", "quota:{\(tag)}:tmp", "quota:{\(tag)}"])
         #expect(try await c.send("CLAIM", "v", "u99").errorCode == nil)
         #expect(try await q.stop() == 0)
         #expect(try await redis.audit("v", netClaimed: 17).isEmpty)
