@@ -9,33 +9,11 @@ LIMIT=${LIMIT:-200000}
 BIN=${BIN:-.build/release}
 source scripts/lib.sh
 qd_init quotad-regions
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 echo "== region sg: a redis-server ($T/redis.sock)"
 qd_start_redis
 echo "== region id: a Redis Cluster, 3 masters + 3 replicas (AOF, fsync always)"
-nodes=()
-for i in 0 1 2 3 4 5; do
-  p=$(free_port); b=$(free_port); mkdir -p "$T/n$i"
-  redis-server --port "$p" --bind 127.0.0.1 --dir "$T/n$i" --cluster-enabled yes --cluster-config-file nodes.conf \
-    --cluster-port "$b" --cluster-node-timeout 2000 --appendonly yes --appendfsync always --save "" \
-    --logfile "$T/n$i/redis.log" &
-  pids+=($!)
-  nodes+=("127.0.0.1:$p")
-done
-for n in "${nodes[@]}"; do
-  for _ in $(seq 100); do redis-cli -h "${n%:*}" -p "${n#*:}" ping >/dev/null 2>&1 && break; sleep 0.1; done
-done
-redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$T/cluster-create.log"
-for _ in $(seq 300); do
-  ok=0
-  for n in "${nodes[@]}"; do
-    redis-cli -h "${n%:*}" -p "${n#*:}" cluster info 2>/dev/null | grep -q cluster_state:ok && ok=$((ok + 1))
-  done
-  [ "$ok" = 6 ] && break
-  sleep 0.1
-done
-CLUSTER="redis-cluster://$(IFS=,; echo "${nodes[*]}")"
+qd_start_cluster 3 1
 
 config() { # host region
   cat <<YAML

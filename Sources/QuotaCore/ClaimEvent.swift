@@ -150,17 +150,8 @@ public struct LeaseGrantRecord: Sendable, Equatable {
 
     /// The Kafka value: a `lease_granted` event.
     public var kafkaValue: [UInt8] {
-        var j = JSONBytes(capacity: 192)
-        j.raw("{\"type\":\"lease_granted\",\"voucher\":")
-        j.string(voucher)
-        j.raw(",\"region\":")
-        j.string(region)
-        j.raw(",\"host\":")
-        j.string(host)
-        j.raw(",\"lease\":")
-        j.string(lease)
-        j.raw(",\"granted\":")
-        j.int(granted)
+        var j = JSONBytes.leaseEvent("{\"type\":\"lease_granted\",\"voucher\":", voucher: voucher, region: region,
+                                     host: host, lease: lease, granted: granted)
         j.raw(",\"durability\":")
         j.string(durability)
         j.raw(",\"ts_ms\":")
@@ -201,17 +192,8 @@ public struct LeaseClose: Sendable, Equatable {
 
     /// The Kafka value (CONTRACT §4): a `lease_closed` event.
     public var kafkaValue: [UInt8] {
-        var j = JSONBytes(capacity: 192)
-        j.raw("{\"type\":\"lease_closed\",\"voucher\":")
-        j.string(voucher)
-        j.raw(",\"region\":")
-        j.string(region)
-        j.raw(",\"host\":")
-        j.string(host)
-        j.raw(",\"lease\":")
-        j.string(lease)
-        j.raw(",\"granted\":")
-        j.int(granted)
+        var j = JSONBytes.leaseEvent("{\"type\":\"lease_closed\",\"voucher\":", voucher: voucher, region: region,
+                                     host: host, lease: lease, granted: granted)
         j.raw(",\"served\":")
         j.int(served)
         j.raw(",\"returned\":")
@@ -301,5 +283,25 @@ extension ClaimEvent {
             }
             return head + digits
         }
+    }
+}
+
+extension JSONBytes {
+    /// The head the lease events share: `{"type":…,"voucher":…,"region":…,"host":…,"lease":…,"granted":N`
+    /// (`opening`: the text up to the voucher's value).
+    fileprivate static func leaseEvent(_ opening: StaticString, voucher: String, region: String, host: String, lease: String,
+                                       granted: Int) -> JSONBytes {
+        var j = JSONBytes(capacity: 192)
+        j.raw(opening)
+        j.string(voucher)
+        j.raw(",\"region\":")
+        j.string(region)
+        j.raw(",\"host\":")
+        j.string(host)
+        j.raw(",\"lease\":")
+        j.string(lease)
+        j.raw(",\"granted\":")
+        j.int(granted)
+        return j
     }
 }

@@ -43,7 +43,11 @@ struct DesignResult: Codable, Sendable {
 
 /// redis-server's counters: top-level commands processed and CPU seconds.
 func redisCounters(_ store: QuotaStore) async throws -> (commands: Int, cpu: Double) {
-    let info = try await store.connection.send(["INFO", "all"]).string ?? ""
+    redisCounters(info: try await store.connection.send(["INFO", "all"]).string ?? "")
+}
+
+/// The same counters from an `INFO all` reply's text.
+func redisCounters(info: String) -> (commands: Int, cpu: Double) {
     var commands = 0
     var cpu = 0.0
     for line in info.split(whereSeparator: \.isNewline) {

@@ -69,16 +69,7 @@ struct Scale: AsyncParsableCommand {
 
 /// redis-server's counters of one cluster node: top-level commands and CPU seconds.
 private func nodeCounters(_ cluster: RedisClusterServer, _ port: Int) async throws -> (commands: Int, cpu: Double) {
-    let info = try await cluster.command(port, "INFO", "all").string ?? ""
-    var commands = 0
-    var cpu = 0.0
-    for line in info.split(whereSeparator: \.isNewline) {
-        let kv = line.split(separator: ":", maxSplits: 1).map(String.init)
-        guard kv.count == 2 else { continue }
-        if kv[0] == "total_commands_processed" { commands = Int(kv[1]) ?? 0 }
-        if kv[0] == "used_cpu_sys" || kv[0] == "used_cpu_user" { cpu += Double(kv[1].trimmingCharacters(in: .whitespaces)) ?? 0 }
-    }
-    return (commands, cpu)
+    redisCounters(info: try await cluster.command(port, "INFO", "all").string ?? "")
 }
 
 extension Scale {
