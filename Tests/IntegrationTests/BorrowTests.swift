@@ -11,46 +11,14 @@ import Testing
 /// leaves the tokens in flight (counted by the audit), and the next borrow finishes them.
 @Suite(.serialized, .timeLimit(.minutes(3)))
 struct BorrowTests {
-    final class Regions: @unchecked Sendable {
-        let sg: RedisServer
-        let id: RedisServer
-        let dir = TempDir()
-        let ctlConfig: String
+    /// Two regions, each its own Redis; sidecars journal their claims and borrow when asked to.
+    typealias Regions = RebalanceTests.TwoRegions
 
-        init() async throws {
-            sg = try await RedisServer()
-            id = try await RedisServer()
-            ctlConfig = dir.file("quotactl.yaml")
-            try yaml(host: "quotactl", region: "sg", borrow: false).write(toFile: ctlConfig, atomically: true, encoding: .utf8)
-        }
-
-        func yaml(host: String, region: String, borrow: Bool, extra: String = "") -> String {
-            """
-            host_id: \(host)
-            region: \(region)
-            regions:
-              sg: { redis: "\(sg.url)" }
-              id: { redis: "\(id.url)" }
-            socket: { path: \(dir.file("\(host).sock")) }
-            durability: journal
-            journal: { dir: \(dir.file("journal-\(host)")) }
-            borrow: \(borrow)
-            lease: { min: 10, max: 50 }
-            avail_refresh: 0.2
-            \(extra)
-            """
-        }
-
-        func sidecar(_ host: String, region: String, borrow: Bool, failpoint: String? = nil, extra: String = "") async throws
-            -> Quotad
-        {
-            let cfg = dir.file("\(host).yaml")
-            try yaml(host: host, region: region, borrow: borrow, extra: extra).write(toFile: cfg, atomically: true, encoding: .utf8)
-            return try await Quotad(config: cfg, socket: dir.file("\(host).sock"), host: host, log: dir.file("\(host).log"),
-                                    environment: failpoint.map { ["QUOTAD_FAILPOINT": $0] } ?? [:])
-        }
-
-        func ctl(_ args: [String]) async throws -> (Int32, String) { try await quotactl(args + ["--config", ctlConfig]) }
+    static func regions() async throws -> Regions {
+        try await Regions(settings: { host, dir in
+            "durability: journal\njournal: { dir: \(dir.file("journal-\(host)")) }\nlease: { min: 10, max: 50 }\n"
+                + "avail_refresh: 0.2\n"
+        })
     }
 
     /// Claims on `conns` connections to `q` until each hears SOLDOUT (or its connection breaks); the claim ids.
@@ -81,11 +49,11 @@ struct BorrowTests {
     }
 
     @Test func aSoldOutRegionBorrowsFromAnotherAndTheGlobalTotalIsTheLimit() async throws {
-        let r = try await Regions()
+        let r = try await BorrowTests.regions()
         let (st, out) = try await r.ctl(["voucher", "create", "v", "--limit", "1000", "--region", "sg=150", "--region", "id=850"])
         #expect(st == 0, "\(out)")
-        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true)
-        let id = try await r.sidecar("id-1", region: "id", borrow: false)
+        let sg = try await r.sidecar("sg-1", region: "sg", extra: "borrow: true\n")
+        let id = try await r.sidecar("id-1", region: "id")
         async let sgSold = Self.sellOut(sg, voucher: "v", conns: 8, tag: "s")
         async let idSold = Self.sellOut(id, voucher: "v", conns: 2, tag: "i")
         let (a, b) = try await (sgSold, idSold)
@@ -114,16 +82,16 @@ struct BorrowTests {
     /// ends at exactly the limit.
     @Test(arguments: ["borrow-after-take", "borrow-after-give"])
     func aSidecarKilledBetweenBorrowStepsLosesNothing(failpoint: String) async throws {
-        let r = try await Regions()
+        let r = try await BorrowTests.regions()
         #expect(try await r.ctl(["voucher", "create", "v", "--limit", "600", "--region", "sg=100", "--region", "id=500"]).0 == 0)
-        let dying = try await r.sidecar("sg-1", region: "sg", borrow: true, failpoint: failpoint)
+        let dying = try await r.sidecar("sg-1", region: "sg", extra: "borrow: true\n", failpoint: failpoint)
         let before = try await Self.sellOut(dying, voucher: "v", conns: 4, tag: "a")
         try await eventually("the sidecar died at the failpoint", timeout: .seconds(30)) { !dying.child.isRunning }
         let inFlight = try await r.id.store.transfers(voucher: "v")
         #expect(inFlight.count == 1 && inFlight[0].state == .taken, "\(inFlight)")
         let (st, out) = try await r.ctl(["audit", "v"])
         #expect(st == 0, "balanced with the transfer in flight: \(out)")
-        let again = try await r.sidecar("sg-1", region: "sg", borrow: true)
+        let again = try await r.sidecar("sg-1", region: "sg", extra: "borrow: true\n")
         let after = try await Self.sellOut(again, voucher: "v", conns: 4, tag: "b")
         #expect(before.count + after.count == 600, "every token sold once: \(before.count) + \(after.count)")
         #expect(Set(before + after).count == before.count + after.count)
@@ -143,11 +111,11 @@ struct BorrowReviewTests {
     /// Another sidecar finished this one's transfer while it was between steps: the tokens reached the
     /// region, so its claim is served (the source still has quota), not answered SOLDOUT.
     @Test func aBorrowFinishedByAnotherSidecarStillServesTheClaim() async throws {
-        let r = try await Regions()
+        let r = try await BorrowTests.regions()
         #expect(try await r.ctl(["voucher", "create", "v", "--limit", "100", "--region", "sg=0", "--region", "id=100"]).0 == 0)
         let extra = "limits: { claim_timeout_ms: 15000 }\n"
-        let slow = try await r.sidecar("sg-slow", region: "sg", borrow: true, failpoint: "borrow-pause-after-take", extra: extra)
-        let fast = try await r.sidecar("sg-fast", region: "sg", borrow: true, extra: extra)
+        let slow = try await r.sidecar("sg-slow", region: "sg", extra: "borrow: true\n" + extra, failpoint: "borrow-pause-after-take")
+        let fast = try await r.sidecar("sg-fast", region: "sg", extra: "borrow: true\n" + extra)
         let c1 = try await RESPClient.connect(slow.socket)
         let c2 = try await RESPClient.connect(fast.socket)
         defer { c1.close(); c2.close() }
@@ -166,9 +134,9 @@ struct BorrowReviewTests {
     /// The source's Redis does not answer for a while: the borrowing host cannot tell the quota is gone, so
     /// its claims wait (or fail closed) and the sale goes on when the source answers again; never SOLDOUT early.
     @Test func aSourceThatDoesNotAnswerIsWaitedForNotSoldOut() async throws {
-        let r = try await Regions()
+        let r = try await BorrowTests.regions()
         #expect(try await r.ctl(["voucher", "create", "v", "--limit", "250", "--region", "sg=50", "--region", "id=200"]).0 == 0)
-        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true)
+        let sg = try await r.sidecar("sg-1", region: "sg", extra: "borrow: true\n")
         _ = try await r.id.store.connection.send(["CLIENT", "PAUSE", "2500", "ALL"])
         let sold = try await BorrowTests.sellOut(sg, voucher: "v", conns: 4, tag: "p")
         #expect(sold.count == 250, "everything sold once the source answered: \(sold.count)")
@@ -179,14 +147,14 @@ struct BorrowReviewTests {
     /// A source whose lease sequence went back (a failover to a replica that lost writes; its pool may
     /// count tokens already sold) lends nothing more.
     @Test func aSourceWhoseLeaseSequenceWentBackLendsNothing() async throws {
-        let r = try await Regions()
+        let r = try await BorrowTests.regions()
         #expect(try await r.ctl(["voucher", "create", "v", "--limit", "520", "--region", "sg=20", "--region", "id=500"]).0 == 0)
-        let idHost = try await r.sidecar("id-1", region: "id", borrow: false)
+        let idHost = try await r.sidecar("id-1", region: "id")
         let ci = try await RESPClient.connect(idHost.socket)
         #expect(try await ci.send("CLAIM", "v", "i").errorCode == nil)
         ci.close()
         #expect(try await idHost.stop() == 0)
-        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true, extra: "limits: { claim_timeout_ms: 500 }\n")
+        let sg = try await r.sidecar("sg-1", region: "sg", extra: "borrow: true\nlimits: { claim_timeout_ms: 500 }\n")
         let c = try await RESPClient.connect(sg.socket)
         defer { c.close() }
         for i in 0..<30 { #expect(try await c.send("CLAIM", "v", "u\(i)").errorCode == nil, "claim \(i)") }
@@ -209,12 +177,12 @@ struct BorrowReviewTests {
     /// A transfer toward this region that can never be finished (taken for another generation of the
     /// voucher here) is left to the operator; borrowing from its source goes on, and the sale ends SOLDOUT.
     @Test func anUnfinishableTransferDoesNotStopBorrowingFromItsSource() async throws {
-        let r = try await Regions()
+        let r = try await BorrowTests.regions()
         #expect(try await r.ctl(["voucher", "create", "v", "--limit", "600", "--region", "sg=100", "--region", "id=500"]).0 == 0)
         let gen = try #require(try await r.id.store.voucher("v")).generation
         let stuck = try await r.id.store.takeTransfer(voucher: "v", id: "t-stuck", to: "sg", amount: 10, gen: gen, toGeneration: "bogus")
         guard case .applied = stuck else { throw TestError.failed("\(stuck)") }
-        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true)
+        let sg = try await r.sidecar("sg-1", region: "sg", extra: "borrow: true\n")
         let sold = try await BorrowTests.sellOut(sg, voucher: "v", conns: 4, tag: "s")
         #expect(sold.count == 590, "everything but the stuck transfer: \(sold.count)")
         #expect(try await sg.stop() == 0)
@@ -224,7 +192,7 @@ struct BorrowReviewTests {
 
     /// A sharded source lends from whichever shard has quota, not only shard 0.
     @Test func aShardedSourceLendsFromAShardThatHasQuota() async throws {
-        let r = try await Regions()
+        let r = try await BorrowTests.regions()
         #expect(try await r.ctl(["voucher", "create", "v", "--limit", "500", "--region", "sg=100", "--region", "id=400",
                                  "--shards", "2"]).0 == 0)
         let gen = try #require(try await r.id.store.voucher("v")).generation
@@ -233,7 +201,7 @@ struct BorrowReviewTests {
                                                                  ttl: .seconds(60), gen: gen), g.granted == 200,
               QuotaStore.shardIndex(ofLease: g.id) == 0
         else { throw TestError.failed("id's shard 0 not drained") }
-        let sg = try await r.sidecar("sg-1", region: "sg", borrow: true)
+        let sg = try await r.sidecar("sg-1", region: "sg", extra: "borrow: true\n")
         let sold = try await BorrowTests.sellOut(sg, voucher: "v", conns: 4, tag: "s")
         #expect(sold.count == 300, "sg's 100 and id's shard 1: \(sold.count)")
         #expect(try await sg.stop() == 0)

@@ -15,15 +15,21 @@ import Testing
         let id: RedisServer
         let dir = TempDir()
         let config: String
+        /// A sidecar's keys after its regions and socket (durability, lease policy, …), given its host id
+        /// and this setup's directory.
+        let settings: @Sendable (_ host: String, _ dir: TempDir) -> String
 
-        init() async throws {
+        init(settings: @escaping @Sendable (_ host: String, _ dir: TempDir) -> String = { _, _ in
+            "durability: none\nlease: { min: 5, max: 40 }\navail_refresh: 0.2\n"
+        }) async throws {
             sg = try await RedisServer()
             id = try await RedisServer()
+            self.settings = settings
             config = dir.file("quotactl.yaml")
             try yaml(host: "quotactl", region: "sg").write(toFile: config, atomically: true, encoding: .utf8)
         }
 
-        func yaml(host: String, region: String) -> String {
+        func yaml(host: String, region: String, extra: String = "") -> String {
             """
             host_id: \(host)
             region: \(region)
@@ -31,18 +37,16 @@ import Testing
               sg: { redis: "\(sg.url)" }
               id: { redis: "\(id.url)" }
             socket: { path: \(dir.file("\(host).sock")) }
-            durability: none
-            lease: { min: 5, max: 40 }
-            avail_refresh: 0.2
 
-            """
+            """ + settings(host, dir) + extra
         }
 
-        /// A sidecar of `region`.
-        func sidecar(_ host: String, region: String) async throws -> Quotad {
+        /// A sidecar of `region` (`extra`: more keys; `failpoint`: `QUOTAD_FAILPOINT`).
+        func sidecar(_ host: String, region: String, extra: String = "", failpoint: String? = nil) async throws -> Quotad {
             let cfg = dir.file("\(host).yaml")
-            try yaml(host: host, region: region).write(toFile: cfg, atomically: true, encoding: .utf8)
-            return try await Quotad(config: cfg, socket: dir.file("\(host).sock"), host: host, log: dir.file("\(host).log"))
+            try yaml(host: host, region: region, extra: extra).write(toFile: cfg, atomically: true, encoding: .utf8)
+            return try await Quotad(config: cfg, socket: dir.file("\(host).sock"), host: host, log: dir.file("\(host).log"),
+                                    environment: failpoint.map { ["QUOTAD_FAILPOINT": $0] } ?? [:])
         }
 
         func ctl(_ args: [String], failpoint: String? = nil) async throws -> (Int32, String) {
