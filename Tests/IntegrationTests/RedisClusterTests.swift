@@ -353,23 +353,8 @@ struct RedisClusterTests {
             for i in 0..<30 {
                 let sock = sidecars[i % 3].socket
                 g.addTask {
-                    let c = try await RESPClient.connect(sock)
-                    defer { c.close() }
-                    var ids: [String] = []
-                    var n = 0
-                    while ContinuousClock.now - start < .seconds(45) {
-                        n += 1
-                        let r = try await c.send("CLAIM", "fo", "u\(i)-\(n)", "REQ", "q\(i)-\(n)")
-                        if let code = r.errorCode {
-                            if code == "SOLDOUT" { break }
-                            errorTimes.add(code, at: ContinuousClock.now - start)
-                            try await Task.sleep(for: .milliseconds(10))
-                        } else if case .bulkString(let b?) = r {
-                            ids.append(String(buffer: b))
-                            sold.add(1)
-                        }
-                    }
-                    return ids
+                    try await claimThroughFailover(sock, client: i, voucher: "fo", start: start, for: .seconds(45),
+                                                   errors: errorTimes) { sold.add(1) }
                 }
             }
             try await eventually("a quarter sold", timeout: .seconds(20)) { sold.value > limit / 4 }
@@ -400,6 +385,30 @@ struct RedisClusterTests {
         let problems = try await cluster.audit("fo", netClaimed: ids.count)
         #expect(problems.isEmpty, "\(problems)")
     }
+}
+
+/// Claims `voucher` on a new connection to `socket` (users `u<i>-<n>`, request ids `q<i>-<n>`) until SOLDOUT
+/// or until `limit` after `start` has passed; every error reply is logged with its time and the claim is
+/// tried again 10 ms later; `granted` runs for each claim granted. Returns the claim ids.
+func claimThroughFailover(_ socket: String, client i: Int, voucher: String, start: ContinuousClock.Instant,
+                          for limit: Duration, errors: ErrorLog, granted: @Sendable () -> Void) async throws -> [String] {
+    let c = try await RESPClient.connect(socket)
+    defer { c.close() }
+    var ids: [String] = []
+    var n = 0
+    while ContinuousClock.now - start < limit {
+        n += 1
+        let r = try await c.send("CLAIM", voucher, "u\(i)-\(n)", "REQ", "q\(i)-\(n)")
+        if let code = r.errorCode {
+            if code == "SOLDOUT" { break }
+            errors.add(code, at: ContinuousClock.now - start)
+            try await Task.sleep(for: .milliseconds(10))
+        } else if case .bulkString(let b?) = r {
+            ids.append(String(buffer: b))
+            granted()
+        }
+    }
+    return ids
 }
 
 /// Error replies with when they came (since the test's start).

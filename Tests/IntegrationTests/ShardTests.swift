@@ -292,24 +292,11 @@ struct RedisClusterShardTests {
                 let k = i % 3
                 let sock = sidecars[k].socket
                 g.addTask {
-                    let c = try await RESPClient.connect(sock)
-                    defer { c.close() }
-                    var ids: [String] = []
-                    var n = 0
-                    while ContinuousClock.now - start < .seconds(60) {
-                        n += 1
-                        let r = try await c.send("CLAIM", "fo", "u\(i)-\(n)", "REQ", "q\(i)-\(n)")
-                        if let code = r.errorCode {
-                            if code == "SOLDOUT" { break }
-                            errorTimes.add(code, at: ContinuousClock.now - start)
-                            try await Task.sleep(for: .milliseconds(10))
-                        } else if case .bulkString(let b?) = r {
-                            ids.append(String(buffer: b))
-                            soldBy[k].add(1)
-                            if window.open { during[k].add(1) }
-                        }
+                    try await claimThroughFailover(sock, client: i, voucher: "fo", start: start, for: .seconds(60),
+                                                   errors: errorTimes) {
+                        soldBy[k].add(1)
+                        if window.open { during[k].add(1) }
                     }
-                    return ids
                 }
             }
             try await eventually("a tenth sold", timeout: .seconds(30)) { soldBy.reduce(0) { $0 + $1.value } > limit / 10 }
@@ -417,8 +404,6 @@ struct ShardReviewTests {
         #expect(left <= 31 - 30 + 4, "old resolved markers dropped: \(left) left")
         let listed = (try await conn.send(["ZRANGE", "quota:{v}:closed", "0", "-1"]).array ?? []).compactMap(\.string)
         #expect(listed.filter { $0.hasPrefix("-") }.count == left - 1, "each kept marker listed once: \(listed)")
-        // A dropped marker's request asked again, long after: its own answer was "nothing", and the grant
-        // of its fall-through stays the one it got.
         #expect(try await redis.audit("v").isEmpty)
     }
 
