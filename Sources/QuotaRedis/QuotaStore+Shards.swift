@@ -120,10 +120,10 @@ extension QuotaStore {
         for r in replies { if case .error(let e) = r { throw RedisError.server(e) } }
         var out = zip(ids, replies).map { Self.record(id: $0, $1) }
         var wanted: [(index: Int, tags: [String])] = []
-        for (i, (id, r)) in zip(ids, replies).enumerated() {
-            guard out[i] != nil else { continue }
-            let tags = Self.tags(id, Self.fields(r)["shard_tags"])
-            shardCache.withLockedValue { $0[id] = tags }
+        for (i, rec) in out.enumerated() {
+            guard let rec else { continue }
+            let tags = rec.shardTags.isEmpty ? [rec.id] : rec.shardTags
+            shardCache.withLockedValue { $0[rec.id] = tags }
             if tags.count > 1 { wanted.append((i, tags)) }
         }
         guard !wanted.isEmpty else { return out }
@@ -132,20 +132,16 @@ extension QuotaStore {
         var k = 0
         for w in wanted {
             var rec = out[w.index]!
-            rec.shardTags = w.tags
             rec.shardPools = [rec.pool]
             rec.shardRecords = [rec]
             for tag in w.tags.dropFirst() {
                 let f = Self.fields(rs[k])
                 k += 1
-                guard let sub = Self.record(id: rec.id, rs[k - 1]), f["shard_of"] == rec.id else {
+                guard let sub = Self.record(id: rec.id, fields: f), f["shard_of"] == rec.id else {
                     rec.generation = "(shard \(tag) missing)"
                     rec.shardPools.append(0)
-                    rec.shardRecords.append(VoucherRecord(
-                        id: rec.id, limit: 0, pool: 0, status: .closed, perUser: 0, totalLimit: 0, region: rec.region,
-                        leased: 0, returned: 0, restocked: 0, archivedLeases: 0, archivedGranted: 0, archivedReturned: 0,
-                        archivedRestocked: 0, leaseSeq: 0, generation: "", starvedMs: 0, recallMs: 0, startMs: 0, endMs: 0,
-                        policy: LeasePolicyOverride()))
+                    // Its place kept (records are indexed by shard): empty books, closed.
+                    rec.shardRecords.append(Self.record(id: rec.id, fields: ["region": rec.region])!)
                     continue
                 }
                 rec.shardRecords.append(sub)

@@ -594,8 +594,11 @@ public final class QuotaStore: Sendable {
             ttlSeconds: f["lease_ttl"].flatMap { Double($0) }, opening: f["lease_opening"].flatMap { Int($0) })
     }
 
-    static func record(id: String, _ r: RedisValue) -> VoucherRecord? {
-        let f = fields(r)
+    static func record(id: String, _ r: RedisValue) -> VoucherRecord? { record(id: id, fields: fields(r)) }
+
+    /// A voucher hash's fields as a record (nil: no fields, no voucher). `shardTags` is the voucher's shard
+    /// tags (its own id first) when its hash lists sub-pools, else empty; the counters are this hash's own.
+    static func record(id: String, fields f: [String: String]) -> VoucherRecord? {
         guard !f.isEmpty else { return nil }
         func int(_ k: String) -> Int { f[k].flatMap { Int($0) } ?? 0 }
         return VoucherRecord(
@@ -608,7 +611,8 @@ public final class QuotaStore: Sendable {
             leaseSeq: int("lease_seq"), generation: f["gen"] ?? "", starvedMs: int("starved_ms"),
             recallMs: int("recall_ms"), recallHost: f["recall_host"] ?? "", startMs: Int64(int("start_ms")),
             endMs: Int64(int("end_ms")), policy: policy(f), allocated: f["allocated"].flatMap { Int($0) },
-            sent: int("sent"), received: int("received"))
+            sent: int("sent"), received: int("received"),
+            shardTags: f["shard_tags"].map { tags(id, $0) } ?? [])
     }
 
     /// Set a voucher's state. Returns false for an unknown voucher.

@@ -47,8 +47,13 @@ final class Borrower: Sendable {
     private func store(_ url: String) throws(RedisError) -> QuotaStore {
         if let s = stores.withLockedValue({ $0[url] }) { return s }
         let s = try QuotaStore(url: url, timeout: config.redisTimeout, logger: logger)
-        stores.withLockedValue { $0[url] = $0[url] ?? s }
-        return stores.withLockedValue { $0[url]! }
+        let kept = stores.withLockedValue { m in
+            if let other = m[url] { return other }
+            m[url] = s
+            return s
+        }
+        if kept !== s { s.connection.close() }  // another borrow made one first
+        return kept
     }
 
     /// What a borrow came to.
