@@ -601,9 +601,12 @@ public struct VoucherStock: Sendable {
     /// - Parameter waiting: tokens wanted by parked claims.
     public mutating func nextLease(now: Instant, waiting: Int) -> LeaseRequest? {
         guard !leaseInFlight else { return nil }
-        if let req = unresolvedRequest, !nextLeaseWouldBeSent(now: now) {
-            // Learn what the unanswered request got (or make sure it gets nothing), even when no
-            // new lease is wanted: a lease granted unseen must not stay outstanding.
+        if let req = unresolvedRequest {
+            // Learn what the unanswered request got (or make sure it gets nothing) before anything else, even
+            // when no new lease is wanted: a lease granted unseen must not stay outstanding. Only learned,
+            // never asked for tokens again: on a sharded voucher the request's "nothing" on the shards it
+            // passed is dropped after an hour, and asked again after that it could be granted a second lease
+            // (more tokens go out under a new request id once this one is answered).
             guard lost == nil, backoffUntil.map({ now >= $0 }) ?? true else { return nil }
             leaseInFlight = true
             return LeaseRequest(req: req, want: 0, need: 0, sentAt: now)
@@ -621,20 +624,18 @@ public struct VoucherStock: Sendable {
         }
         rate.roll(now: now)
         let recentDemand = lastDemand.map { now - $0 < policy.idleReturn } ?? false
-        guard waiting > 0 || recentDemand || unresolvedRequest != nil else { return nil }
+        guard waiting > 0 || recentDemand else { return nil }
         fence(now: now)
         let avail = available(now: now)
         let size = policy.leaseSize(rate: rate.rate)
         // Near the end, only what waiting claims need: no refill ahead of demand.
         let wanted = waiting > avail || (!tail && avail <= policy.refillThreshold(leaseSize: size))
-        guard wanted || unresolvedRequest != nil else { return nil }
-        let need = wanted ? max(0, waiting - avail) : 0
+        guard wanted else { return nil }
+        let need = max(0, waiting - avail)
         leaseInFlight = true
         recallPollAt = nil
-        let req = unresolvedRequest ?? newRequestID()
         let close = takeFinishedForClose()
-        let want = !wanted ? 0 : tail ? need : max(size, need)
-        return LeaseRequest(req: req, want: want, need: need, sentAt: now, close: close)
+        return LeaseRequest(req: newRequestID(), want: tail ? need : max(size, need), need: need, sentAt: now, close: close)
     }
 
     private mutating func newRequestID() -> String {
