@@ -41,7 +41,13 @@ public final class PostgresServer: @unchecked Sendable {
         child = try ChildProcess(pe, pa, log: dir.file("postgres.log"))
         let sock = "\(socketDir)/.s.PGSQL.5432"
         try await eventually("postgres listens", timeout: .seconds(30)) { FileManager.default.fileExists(atPath: sock) }
-        try await Task.sleep(for: .milliseconds(300))
+        // Listening is not accepting: until recovery at start ends, connections get "the database system is
+        // starting up" (a loaded fresh-clone run met it after the 300 ms this used to wait).
+        try await eventually("postgres accepts connections", timeout: .seconds(30)) {
+            let ready = try ChildProcess("\(bin)/pg_isready", ["-h", self.socketDir, "-U", "postgres", "-d", "postgres"],
+                                         log: self.dir.file("pg_isready.log"))
+            return try await ready.wait(timeout: .seconds(10)) == 0
+        }
     }
 
     static func binDir() throws -> String {

@@ -46,7 +46,7 @@ struct BenchAndMetricsTests {
     @Test func scaleScenarioLeavesNoStrandedTokensAndBalancedBooks() async throws {
         let dir = TempDir()
         let p = try ChildProcess(Bin.path("quota-bench"), [
-            "scale", "--sidecars", "1,2", "--duration", "1", "--connections", "8", "--pipeline", "4", "--json", "--quiet",
+            "scale", "--sidecars", "1,2", "--duration", "3", "--connections", "8", "--pipeline", "4", "--json", "--quiet",
         ], log: dir.file("out"))
         #expect(try await p.wait(timeout: .seconds(120)) == 0, "\(p.output)")
         let out = p.output
@@ -58,7 +58,7 @@ struct BenchAndMetricsTests {
             #expect(s["booksBalance"] as? Bool == true)
             #expect((s["claimsPerSecond"] as? Double ?? 0) > 0)
             // A design that asks Redis per claim needs >= 1,000; the lease design needs a fraction, even in a
-            // 1 s debug run on a loaded CI machine, where few claims carry the refreshes' fixed cost (the
+            // 3 s debug run on a loaded CI machine (1 s was once too few claims under load), where few claims carry the refreshes' fixed cost (the
             // release figures are in the README: ~0.5 per 1,000).
             #expect((s["redisCommandsPer1000Claims"] as? Double ?? 1000) < 1000, "under one command per claim")
         }
