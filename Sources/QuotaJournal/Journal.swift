@@ -27,6 +27,15 @@ public struct DurableEvent: Sendable {
     public var event: ShippedEvent
 }
 
+/// Receives the answers of records appended with ``Journal/append(_:sink:token:)``, one call per write
+/// batch, on the writer thread, in append order.
+public protocol JournalBatchSink: AnyObject, Sendable {
+    /// These records are durable, at these positions (`positions[i]` is `tokens[i]`'s).
+    func journaled(tokens: [Int], positions: [JournalPosition])
+    /// These records could not be written (the journal failed or is stopping).
+    func failed(_ tokens: [Int])
+}
+
 /// The local write-ahead journal: append-only segment files under `dir`, checksummed,
 /// group-committed with `fdatasync`.
 ///
@@ -63,6 +72,9 @@ public final class Journal: @unchecked Sendable {
     private struct Pending {
         var record: JournalRecord
         var done: (@Sendable (Result<JournalPosition, JournalError>) -> Void)?
+        /// Answered with the other records of its batch that name the same sink (``append(_:sink:token:)``).
+        var sink: (any JournalBatchSink)?
+        var token = 0
     }
 
     private struct Segment {
@@ -193,6 +205,20 @@ public final class Journal: @unchecked Sendable {
         }
         queue.append(Pending(record: r, done: done))
         lock.unlock(withValue: 1)
+    }
+
+    /// Queue a record whose answer goes to `sink` together with every other record of the same write
+    /// batch that names it: one call per sink and batch, not one closure per record (the claim path's
+    /// hot records). Returns false, and calls nothing, when the journal is stopping (the record failed).
+    public func append(_ r: JournalRecord, sink: any JournalBatchSink, token: Int) -> Bool {
+        lock.lock()
+        if stopping {
+            lock.unlock()
+            return false
+        }
+        queue.append(Pending(record: r, done: nil, sink: sink, token: token))
+        lock.unlock(withValue: 1)
+        return true
     }
 
     /// Kafka acknowledged these events.
@@ -375,7 +401,7 @@ public final class Journal: @unchecked Sendable {
         publish()
         // The shipper learns of the events before their waiters are answered (kafka mode waits on it).
         if !shipped.isEmpty && options.ships { onDurable(shipped) }
-        for (p, pos) in zip(batch, positions) { p.done?(.success(pos)) }
+        answer(batch, .success(positions))
         if goodOffset >= options.segmentBytes { maybeRoll(force: true) }
     }
 
@@ -386,7 +412,44 @@ public final class Journal: @unchecked Sendable {
             s.lastError = message
         }
         publish()
-        for p in batch { p.done?(.failure(JournalError(message: message))) }
+        answer(batch, .failure(JournalError(message: message)))
+    }
+
+    /// Answer a written (or failed) batch in append order: records with a sink are gathered per sink and
+    /// handed over together, before the next record with a closure is answered (so no answer overtakes
+    /// an earlier record's).
+    private func answer(_ batch: [Pending], _ result: Result<[JournalPosition], JournalError>) {
+        var order: [ObjectIdentifier] = []
+        var gathered: [ObjectIdentifier: (sink: any JournalBatchSink, tokens: [Int], positions: [JournalPosition])] = [:]
+        func handOver() {
+            for key in order {
+                guard let g = gathered[key] else { continue }
+                switch result {
+                case .success: g.sink.journaled(tokens: g.tokens, positions: g.positions)
+                case .failure: g.sink.failed(g.tokens)
+                }
+            }
+            order.removeAll()
+            gathered.removeAll()
+        }
+        for (i, p) in batch.enumerated() {
+            if let sink = p.sink {
+                let key = ObjectIdentifier(sink)
+                if gathered[key] == nil {
+                    order.append(key)
+                    gathered[key] = (sink, [], [])
+                }
+                gathered[key]!.tokens.append(p.token)
+                if case .success(let positions) = result { gathered[key]!.positions.append(positions[i]) }
+            } else if let done = p.done {
+                handOver()
+                switch result {
+                case .success(let positions): done(.success(positions[i]))
+                case .failure(let e): done(.failure(e))
+                }
+            }
+        }
+        handOver()
     }
 
     private func maybeRoll(force: Bool) {

@@ -166,6 +166,13 @@ final class ClaimPipeline: Sendable {
         done?(true, nil)
     }
 
+    /// Append a claim's record whose answer goes to `sink` with the rest of its write batch
+    /// (``JournalBatchSink``). False: not queued (no journal, or the journal is stopping); the caller
+    /// answers it as failed.
+    func append(_ r: JournalRecord, sink: any JournalBatchSink, token: Int) -> Bool {
+        journal?.append(r, sink: sink, token: token) ?? false
+    }
+
     /// `durability: kafka`: run `then` once Kafka acknowledged the event at `pos`.
     func whenAcknowledged(_ pos: JournalPosition, _ then: @escaping @Sendable () -> Void) {
         let now = ship.withLockedValue { s -> Bool in

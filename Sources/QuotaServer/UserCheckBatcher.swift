@@ -2,15 +2,21 @@ import NIOConcurrencyHelpers
 import NIOCore
 import QuotaRedis
 
+/// Receives the results of per-user checks, all of one batch that it submitted in one call.
+protocol UserCheckSink: AnyObject, Sendable {
+    /// `results[i]` is the result of the check submitted with `tokens[i]`.
+    func usersChecked(tokens: [Int], results: [Result<QuotaStore.UserCheckOutcome, RedisError>])
+}
+
 /// Batches per-user checks from concurrent claims: whatever queued while earlier batches were
 /// on the wire goes out together, as one script call. Up to `maxInFlight` batches are on the
-/// wire at once. Results are handed back from the task that sent the batch; each caller feeds its
-/// voucher's machine under that voucher's lock.
+/// wire at once. Results are handed back from the task that sent the batch, one call per sink
+/// (a voucher's runtime), which feeds its machine all of them under one taking of its lock.
 final class UserCheckBatcher: Sendable {
-    typealias Done = @Sendable (Result<QuotaStore.UserCheckOutcome, RedisError>) -> Void
     private struct Item {
         var check: QuotaStore.UserCheck
-        var done: Done
+        var sink: any UserCheckSink
+        var token: Int
     }
     private let store: QuotaStore
     private let maxInFlight: Int
@@ -29,9 +35,9 @@ final class UserCheckBatcher: Sendable {
         self.maxBatch = maxBatch
     }
 
-    func submit(_ check: QuotaStore.UserCheck, done: @escaping Done) {
+    func submit(_ check: QuotaStore.UserCheck, sink: any UserCheckSink, token: Int) {
         let batch = state.withLockedValue { s -> [Item]? in
-            s.queue.append(Item(check: check, done: done))
+            s.queue.append(Item(check: check, sink: sink, token: token))
             guard s.inFlight < maxInFlight else { return nil }
             s.inFlight += 1
             return take(&s)
@@ -54,7 +60,22 @@ final class UserCheckBatcher: Sendable {
             // Per check: on a Redis Cluster a batch is split over masters, and the checks that ran keep
             // their answers when another master fails (only a check that was not sent is `.unreachable`).
             let results = await store.checkEachUser(batch.map(\.check))
-            for (item, r) in zip(batch, results) { item.done(r) }
+            var order: [ObjectIdentifier] = []
+            var bySink: [ObjectIdentifier: (sink: any UserCheckSink, tokens: [Int],
+                                            results: [Result<QuotaStore.UserCheckOutcome, RedisError>])] = [:]
+            for (item, r) in zip(batch, results) {
+                let key = ObjectIdentifier(item.sink)
+                if bySink[key] == nil {
+                    order.append(key)
+                    bySink[key] = (item.sink, [], [])
+                }
+                bySink[key]!.tokens.append(item.token)
+                bySink[key]!.results.append(r)
+            }
+            for key in order {
+                let g = bySink[key]!
+                g.sink.usersChecked(tokens: g.tokens, results: g.results)
+            }
             let next = state.withLockedValue { s -> [Item]? in
                 guard !s.queue.isEmpty else {
                     s.inFlight -= 1

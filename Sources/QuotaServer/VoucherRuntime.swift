@@ -145,14 +145,9 @@ final class VoucherRuntime: @unchecked Sendable {
                     event(now: monotonicNow()) { m, now, fx in m.intentJournaled(seq: seq, ok: ok, now: now, effects: &fx) }
                 }
             case .recordClaim(let c, let seq):
-                let kafka = pipeline.durability == .kafka
-                append(.claim(c), &out) { [self] ok, pos in
-                    event(now: monotonicNow()) { m, now, fx in m.claimRecorded(seq: seq, ok: ok, now: now, effects: &fx) }
-                    if ok, kafka, let pos {
-                        pipeline.whenAcknowledged(pos) { [self] in
-                            event(now: monotonicNow()) { m, now, fx in m.claimAcknowledged(seq: seq, now: now, effects: &fx) }
-                        }
-                    }
+                // Answered with the rest of its write batch (``journaled(tokens:positions:)``).
+                if !pipeline.append(.claim(c), sink: self, token: seq) {
+                    out.append(.run { [self] in failed([seq]) })
                 }
             case .recordGrant(let r, let g, let request):
                 append(r, &out) { [self] ok, _ in
@@ -191,10 +186,12 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     private func perform(_ deferred: [Deferred]) {
+        var replies: [(EventLoopPromise<Reply>, Reply)] = []
+        defer { Self.complete(replies) }
         for d in deferred {
             switch d {
             case .run(let body): body()
-            case .reply(let p, let r): p.succeed(r)
+            case .reply(let p, let r): replies.append((p, r))
             case .effect(let e): start(e)
             case .releaseThenOK(let c, let p):
                 let engine = self.engine
@@ -206,6 +203,31 @@ final class VoucherRuntime: @unchecked Sendable {
                     if case .failure = r { engine.releaseUser(c) }
                     p.succeed(.value(.ok))
                 }
+            }
+        }
+    }
+
+    /// Complete promises, one hop per event loop for those of another thread's loop (a journal batch
+    /// answers many connections' claims at once: one task per loop, not one per reply).
+    private static func complete(_ replies: [(EventLoopPromise<Reply>, Reply)]) {
+        if replies.count < 2 {
+            for (p, r) in replies { p.succeed(r) }
+            return
+        }
+        var byLoop: [ObjectIdentifier: (loop: any EventLoop, items: [(EventLoopPromise<Reply>, Reply)])] = [:]
+        for (p, r) in replies {
+            let loop = p.futureResult.eventLoop
+            if loop.inEventLoop {
+                p.succeed(r)
+            } else {
+                byLoop[ObjectIdentifier(loop), default: (loop, [])].items.append((p, r))
+            }
+        }
+        for (loop, items) in byLoop.values {
+            if items.count == 1 {
+                items[0].0.succeed(items[0].1)
+            } else {
+                loop.execute { for (p, r) in items { p.succeed(r) } }
             }
         }
     }
@@ -243,17 +265,7 @@ final class VoucherRuntime: @unchecked Sendable {
         let check = QuotaStore.UserCheck(
             voucher: id, group: QuotaStore.userGroup(user: c.user, groups: engine.config.perUser.groups),
             limit: limit, user: c.user, qty: c.qty, claimID: c.claimID)
-        engine.userChecks.submit(check) { [self] r in
-            let result: VoucherMachine.UserCheckResult
-            switch r {
-            case .success(.counted): result = .counted
-            case .success(.overLimit): result = .overLimit
-            case .success(.released): result = .released
-            case .failure(.unreachable(let why)): result = .notSent(why)
-            case .failure(let e): result = .unknown("\(e)")
-            }
-            event(now: monotonicNow()) { m, now, fx in m.userChecked(seq: seq, result, now: now, effects: &fx) }
-        }
+        engine.userChecks.submit(check, sink: self, token: seq)
     }
 
     private func isServerError(_ e: RedisError) -> Bool {
@@ -609,6 +621,47 @@ func wallClockMs() -> Int64 {
 }
 
 /// Catches a completion that runs before the call that registered it returns (see `VoucherRuntime.append`).
+extension VoucherRuntime: JournalBatchSink {
+    /// Claim records of one journal write batch are durable: one pass under the lock for all of them.
+    func journaled(tokens: [Int], positions: [JournalPosition]) {
+        event(now: monotonicNow()) { m, now, fx in
+            for seq in tokens { m.claimRecorded(seq: seq, ok: true, now: now, effects: &fx) }
+        }
+        let pipeline = engine.pipeline
+        guard pipeline.durability == .kafka else { return }
+        for (seq, pos) in zip(tokens, positions) {
+            pipeline.whenAcknowledged(pos) { [self] in
+                event(now: monotonicNow()) { m, now, fx in m.claimAcknowledged(seq: seq, now: now, effects: &fx) }
+            }
+        }
+    }
+
+    func failed(_ tokens: [Int]) {
+        event(now: monotonicNow()) { m, now, fx in
+            for seq in tokens { m.claimRecorded(seq: seq, ok: false, now: now, effects: &fx) }
+        }
+    }
+}
+
+extension VoucherRuntime: UserCheckSink {
+    /// The per-user checks of one batch: one pass under the lock for all of them.
+    func usersChecked(tokens: [Int], results: [Result<QuotaStore.UserCheckOutcome, RedisError>]) {
+        event(now: monotonicNow()) { m, now, fx in
+            for (seq, r) in zip(tokens, results) {
+                let result: VoucherMachine.UserCheckResult
+                switch r {
+                case .success(.counted): result = .counted
+                case .success(.overLimit): result = .overLimit
+                case .success(.released): result = .released
+                case .failure(.unreachable(let why)): result = .notSent(why)
+                case .failure(let e): result = .unknown("\(e)")
+                }
+                m.userChecked(seq: seq, result, now: now, effects: &fx)
+            }
+        }
+    }
+}
+
 private final class SynchronousCompletionGate: Sendable {
     private let state = NIOLockedValueBox<(open: Bool, early: (@Sendable () -> Void)?)>((true, nil))
 

@@ -380,4 +380,70 @@ struct JournalFileTests {
         #expect(r.issues.isEmpty && r.tornTails.isEmpty, "failed writes were cut back: \(r.issues) \(r.tornTails)")
         #expect(r.segments.flatMap(\.claims).count == ok.withLockedValue { $0 })
     }
+
+    /// Records appended with a sink are answered per write batch and sink, one call each, in append order,
+    /// and never before an earlier record answered by a closure; a stopping journal refuses them and calls nothing.
+    @Test func aSinksRecordsAreAnsweredTogetherPerBatchInAppendOrder() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let j = try Journal(options: Journal.Options(dir: dir), recovered: JournalRecovery.read(dir: dir),
+                            logger: Logger(label: "t")) { _ in }
+        appendAndWait(j, [grant("1", 100_000)])
+        let a = RecordingSink(), b = RecordingSink()
+        let log = NIOLockedValueBox<[String]>([])
+        a.log = log
+        b.log = log
+        let done = DispatchSemaphore(value: 0)
+        for i in 0..<3000 {
+            #expect(j.append(claim("c\(i)"), sink: i % 2 == 0 ? a : b, token: i))
+            if i % 1000 == 500 { j.append(claim("x\(i)")) { _ in log.withLockedValue { $0.append("closure \(i)") }; done.signal() } }
+        }
+        for _ in 0..<3 { done.wait() }
+        try waitUntil { a.tokens.count + b.tokens.count == 3000 }
+        #expect(a.tokens == Array(stride(from: 0, to: 3000, by: 2)), "every token once, in order")
+        #expect(b.tokens == Array(stride(from: 1, to: 3000, by: 2)))
+        #expect(a.calls < 1500 && b.calls < 1500, "answered in batches: \(a.calls) and \(b.calls) calls")
+        // Positions: claims are shipped events, numbered in append order within a segment.
+        let all = (a.answered + b.answered).sorted { $0.0 < $1.0 }
+        #expect(zip(all, all.dropFirst()).allSatisfy { ($0.1.segment, $0.1.index) < ($1.1.segment, $1.1.index) })
+        // A closure's answer comes after every earlier sink record's and before every later one's.
+        let entries = log.withLockedValue { $0 }
+        for i in [500, 1500, 2500] {
+            let at = try #require(entries.firstIndex(of: "closure \(i)"))
+            let before = entries[..<at].compactMap { Int($0) }, after = entries[at...].compactMap { Int($0) }
+            #expect(before.allSatisfy { $0 <= i } && after.allSatisfy { $0 > i }, "closure \(i) in order")
+        }
+        j.stopWriting()
+        #expect(!j.append(claim("late"), sink: a, token: 9999), "a stopping journal refuses the record")
+        j.close()
+        #expect(!a.tokens.contains(9999) && a.failedTokens.isEmpty)
+    }
+}
+
+/// Records what a journal hands a sink.
+final class RecordingSink: JournalBatchSink, @unchecked Sendable {
+    private let lock = NIOLock()
+    private var _tokens: [Int] = []
+    private var _answered: [(Int, JournalPosition)] = []
+    private var _failed: [Int] = []
+    private var _calls = 0
+    var log: NIOLockedValueBox<[String]>?
+    var tokens: [Int] { lock.withLock { _tokens } }
+    var answered: [(Int, JournalPosition)] { lock.withLock { _answered } }
+    var failedTokens: [Int] { lock.withLock { _failed } }
+    var calls: Int { lock.withLock { _calls } }
+    func journaled(tokens: [Int], positions: [JournalPosition]) {
+        lock.withLock {
+            _calls += 1
+            _tokens += tokens
+            _answered += zip(tokens, positions).map { ($0, $1) }
+        }
+        log?.withLockedValue { $0 += tokens.map(String.init) }
+    }
+    func failed(_ tokens: [Int]) { lock.withLock { _failed += tokens } }
+}
+
+func waitUntil(_ check: () -> Bool) throws {
+    for _ in 0..<1000 where !check() { usleep(10_000) }
+    try #require(check(), "timed out")
 }
