@@ -69,7 +69,12 @@ start_quotad none "$BIN" none
 start_quotad journal "$BIN" journal
 start_quotad kafka "$BIN" kafka
 start_quotad peruser "$BIN" none
-if [ -n "$BASE_BIN" ]; then start_quotad base "$BASE_BIN" none; rows+=(base); fi
+if [ -n "$BASE_BIN" ]; then
+  start_quotad base "$BASE_BIN" none
+  start_quotad basejournal "$BASE_BIN" journal
+  start_quotad baseperuser "$BASE_BIN" none
+  rows+=(base basejournal baseperuser)
+fi
 
 # A raw Unix-socket round trip: read whatever came, answer +OK (one command per read when unpipelined).
 cat > "$T/echo.c" <<'C'
@@ -104,7 +109,7 @@ qd_wait_sock "$T/echo.sock"
 # Warm-up: leases sized, Kafka producers connected.
 for r in "${rows[@]}"; do
   v=bench; args="CLAIM bench user"
-  [ "$r" = peruser ] && args="CLAIM benchu u:__rand_int__"
+  [[ "$r" = *peruser ]] && args="CLAIM benchu u:__rand_int__"
   redis-benchmark -s "${QSOCK[$r]}" -n 200000 -c "$C" -P "$P" -r 1000000000 -q $args >/dev/null 2>&1
 done
 
@@ -121,7 +126,7 @@ for round in $(seq "$ROUNDS"); do
   run incr "$rpid" "$T/redis-base.sock" INCR bench:counter
   run evalsha "$rpid" "$T/redis-base.sock" EVALSHA "$sha" 1 bench:stock
   for r in "${rows[@]}"; do
-    if [ "$r" = peruser ]; then run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM benchu u:__rand_int__
+    if [[ "$r" = *peruser ]]; then run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM benchu u:__rand_int__
     else run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM bench user; fi
   done
 done
@@ -149,13 +154,21 @@ row "quotad \`CLAIM\`, durability \`none\`" none
 row "quotad \`CLAIM\`, durability \`journal\` (ships to Tansu)" journal
 row "quotad \`CLAIM\`, durability \`kafka\` (Tansu)" kafka
 row "quotad \`CLAIM\`, \`none\`, per-user limit, a random user per claim" peruser
-[ -n "$BASE_BIN" ] && row "quotad \`CLAIM\`, \`none\`, BASE_BIN ($BASE_BIN)" base
+if [ -n "$BASE_BIN" ]; then
+  row "quotad \`CLAIM\`, \`none\`, BASE_BIN ($BASE_BIN)" base
+  row "quotad \`CLAIM\`, \`journal\`, BASE_BIN" basejournal
+  row "quotad \`CLAIM\`, \`none\`, per-user limit, BASE_BIN" baseperuser
+fi
 printf "\nper round (requests/s, CPU µs):\n"
 for f in incr evalsha "${rows[@]}"; do printf "  %-8s %s\n" "$f" "$(tr '\n' ' ' < "$T/res.$f")"; done
 printf "\nper-user limit / none, requests/s: %.2f\n" "$(echo "$(col peruser 1) / $none_rps" | bc -l)"
 printf "journal / EVALSHA, requests/s: %.2f\n" "$(echo "$(col journal 1) / $(col evalsha 1)" | bc -l)"
-[ -n "$BASE_BIN" ] && printf "this build / BASE_BIN, CPU per claim: %.3f, requests/s: %.3f\n" \
-  "$(echo "$(col none 2) / $(col base 2)" | bc -l)" "$(echo "$none_rps / $(col base 1)" | bc -l)"
+if [ -n "$BASE_BIN" ]; then
+  for m in none:base journal:basejournal peruser:baseperuser; do
+    printf "this build / BASE_BIN, %s: CPU per claim %.3f, requests/s %.3f\n" "${m%%:*}" \
+      "$(echo "$(col "${m%%:*}" 2) / $(col "${m##*:}" 2)" | bc -l)" "$(echo "$(col "${m%%:*}" 1) / $(col "${m##*:}" 1)" | bc -l)"
+  done
+fi
 e=$(median < "$T/p50.echo"); c=$(median < "$T/p50.claim"); i=$(median < "$T/p50.incr")
 printf "one unpipelined connection, p50 ms: raw socket echo %s, redis INCR %s, quotad CLAIM %s (%.2f× the echo)\n" \
   "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"

@@ -28,7 +28,8 @@ public struct DurableEvent: Sendable {
 }
 
 /// Receives the answers of records appended with ``Journal/append(_:sink:token:)``, one call per write
-/// batch, on the writer thread, in append order.
+/// batch (and run between records answered by closures), on the writer thread, each sink's in its append
+/// order. Different sinks' answers are not ordered among themselves.
 public protocol JournalBatchSink: AnyObject, Sendable {
     /// These records are durable, at these positions (`positions[i]` is `tokens[i]`'s).
     func journaled(tokens: [Int], positions: [JournalPosition])
@@ -415,9 +416,9 @@ public final class Journal: @unchecked Sendable {
         answer(batch, .failure(JournalError(message: message)))
     }
 
-    /// Answer a written (or failed) batch in append order: records with a sink are gathered per sink and
-    /// handed over together, before the next record with a closure is answered (so no answer overtakes
-    /// an earlier record's).
+    /// Answer a written (or failed) batch: records with a sink are gathered per sink and handed over
+    /// together, before the next record with a closure is answered (a closure's answer never overtakes an
+    /// earlier record's, nor follows a later one's; each sink's answers are in its append order).
     private func answer(_ batch: [Pending], _ result: Result<[JournalPosition], JournalError>) {
         var order: [ObjectIdentifier] = []
         var gathered: [ObjectIdentifier: (sink: any JournalBatchSink, tokens: [Int], positions: [JournalPosition])] = [:]
@@ -429,8 +430,8 @@ public final class Journal: @unchecked Sendable {
                 case .failure: g.sink.failed(g.tokens)
                 }
             }
-            order.removeAll()
-            gathered.removeAll()
+            order.removeAll(keepingCapacity: true)
+            gathered.removeAll(keepingCapacity: true)
         }
         for (i, p) in batch.enumerated() {
             if let sink = p.sink {

@@ -620,7 +620,6 @@ func wallClockMs() -> Int64 {
     return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
 }
 
-/// Catches a completion that runs before the call that registered it returns (see `VoucherRuntime.append`).
 extension VoucherRuntime: JournalBatchSink {
     /// Claim records of one journal write batch are durable: one pass under the lock for all of them.
     func journaled(tokens: [Int], positions: [JournalPosition]) {
@@ -662,6 +661,7 @@ extension VoucherRuntime: UserCheckSink {
     }
 }
 
+/// Catches a completion that runs before the call that registered it returns (see `VoucherRuntime.append`).
 private final class SynchronousCompletionGate: Sendable {
     private let state = NIOLockedValueBox<(open: Bool, early: (@Sendable () -> Void)?)>((true, nil))
 

@@ -418,6 +418,29 @@ struct JournalFileTests {
         j.close()
         #expect(!a.tokens.contains(9999) && a.failedTokens.isEmpty)
     }
+
+    /// A failed write (disk full) answers its sink records as failed, each once, and what a sink was told is
+    /// durable is exactly what recovery finds.
+    @Test func aFullDiskFailsASinksRecordsOnceAndRecoveryHoldsExactlyTheJournaledOnes() throws {
+        let dir = tempDir()
+        defer {
+            umount(dir)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        try #require(mount("tmpfs", dir, "tmpfs", 0, "size=64k") == 0, "needs root to mount a tmpfs")
+        var o = Journal.Options(dir: dir)
+        o.segmentBytes = 1 << 30
+        let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
+        appendAndWait(j, [grant("1", 1_000_000)])
+        let sink = RecordingSink()
+        for i in 0..<3000 { #expect(j.append(claim("c\(i)"), sink: sink, token: i)) }
+        try waitUntil { sink.tokens.count + sink.failedTokens.count == 3000 }
+        #expect(!sink.failedTokens.isEmpty, "the disk filled up")
+        #expect(Set(sink.tokens + sink.failedTokens).count == 3000, "each record answered once")
+        j.close()
+        let r = JournalRecovery.read(dir: dir)
+        #expect(Set(r.segments.flatMap(\.claims).map(\.claimID)) == Set(sink.tokens.map { "c\($0)" }))
+    }
 }
 
 /// Records what a journal hands a sink.
