@@ -219,8 +219,20 @@ struct JSONBytes {
         s.withUTF8Buffer { out.append(contentsOf: $0) }
     }
 
+    /// Decimal digits written straight into the output (no string made).
     mutating func int<T: BinaryInteger>(_ v: T) {
-        out.append(contentsOf: String(v).utf8)
+        var m = UInt64(v.magnitude)
+        if v < 0 { out.append(UInt8(ascii: "-")) }
+        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes: room for 20 digits
+        var n = 0
+        withUnsafeMutableBytes(of: &digits) { d in
+            repeat {
+                d[n] = UInt8(ascii: "0") + UInt8(m % 10)
+                m /= 10
+                n += 1
+            } while m > 0
+            for i in stride(from: n - 1, through: 0, by: -1) { out.append(d[i]) }
+        }
     }
 
     mutating func string(_ v: String) {

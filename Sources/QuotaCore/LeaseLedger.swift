@@ -112,7 +112,7 @@ public struct LeaseLedger: Sendable, Equatable {
                 owedReleases[e.claimID] = Release(voucher: e.voucher, user: e.user, claimID: e.claimID)
             case .claimed:
                 // The claim exists: its intent's count is the claim's own, nothing to release.
-                owedReleases.removeValue(forKey: e.claimID)
+                if !owedReleases.isEmpty { owedReleases.removeValue(forKey: e.claimID) }
                 for s in e.shares { change(e.voucher, s.leaseId, claim: e.claimID) { $0.served += s.tokens } }
             case .unclaimed:
                 if e.toPool != 0 { owedRestocks[e.claimID] = e }

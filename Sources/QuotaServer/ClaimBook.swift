@@ -149,19 +149,12 @@ final class ClaimBook: Sendable {
     /// The lease id of a claim that is one share of a numbered lease (all its tokens), or nil. A hot-key
     /// shard's lease `s.N` is kept as `s << 48 | N` (shards ≤ 64, N < 2⁴⁸).
     private static func numbered(_ e: ClaimEvent) -> Int64? {
-        guard e.shares.count == 1, e.shares[0].tokens == e.qty, e.qty >= 0, e.qty <= Int(Int32.max),
-            let (s, n) = QuotaStore.leaseNumber(e.shares[0].leaseId), s >= 0, s < 128, n >= 0, n < 1 << 48
-        else { return nil }
-        let v = Int64(s) << 48 | Int64(n)
-        // Only ids that come back spelled the same (no sign, no leading zero).
-        return leaseID(v) == e.shares[0].leaseId ? v : nil
+        guard e.shares.count == 1, e.shares[0].tokens == e.qty, e.qty >= 0, e.qty <= Int(Int32.max) else { return nil }
+        return PackedLease.pack(e.shares[0].leaseId)
     }
 
     /// The lease id a slot keeps (see ``numbered(_:)``).
-    static func leaseID(_ v: Int64) -> String {
-        let s = v >> 48, n = v & (1 << 48 - 1)
-        return s == 0 ? String(n) : "\(s).\(n)"
-    }
+    static func leaseID(_ v: Int64) -> String { PackedLease.id(v) }
 
     /// A claim of an earlier boot (from the journal).
     func addRecovered(_ e: ClaimEvent) {
