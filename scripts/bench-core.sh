@@ -2,7 +2,8 @@
 # The claim path's cost in one run (release build), issues 2 and 13: requests/s and the serving
 # process's CPU time per request (user + system from /proc/PID/stat) under redis-benchmark, for
 # redis-server's own INCR, a claim as one EVALSHA script on one hot key, and quotad's CLAIM in each
-# durability mode (journal and kafka ship to a Tansu broker on the same box), with a per-user limit,
+# durability mode (journal and kafka ship to a Tansu broker on the same box; none both as configured by
+# itself, with no journal, and with a journal.dir), with a per-user limit (none, no journal),
 # and (BASE_BIN=dir) an older quotad build side by side. Then one unpipelined connection: p50 of a
 # raw Unix-socket round trip (a 20-line C echo server) against quotad's CLAIM. Rounds are interleaved
 # and medians reported: the machine is noisy.
@@ -42,8 +43,10 @@ $BIN/quotactl voucher create benchu --limit 1000000000000 --per-user 1000000000 
 
 # One quotad per row, all running for the whole benchmark (each its own socket, journal and topic).
 declare -A QPID QSOCK
-start_quotad() { # name bin durability
-  local name=$1 bin=$2 mode=$3 kafka=""
+start_quotad() { # name bin durability [nojournal]
+  local name=$1 bin=$2 mode=$3 kafka="" journal="journal: { dir: $T/journal-$1 }"
+  # `none` without journal.dir is what `durability: none` alone configures: no journal at all.
+  [ "${4:-}" = nojournal ] && journal=""
   # durability none: nothing recorded (no Kafka section, so no background shipping either)
   [ "$mode" != none ] && kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: bench.$name }"
   cat > "$T/$name.yaml" <<YAML
@@ -53,7 +56,7 @@ regions:
   sg: { redis: "unix://$T/redis.sock" }
 socket: { path: $T/$name.sock }
 durability: $mode
-journal: { dir: $T/journal-$name }
+$journal
 $kafka
 log_level: warning
 ${EXTRA_YAML:-}
@@ -64,16 +67,18 @@ YAML
   QSOCK[$name]=$T/$name.sock
   qd_wait_sock "$T/$name.sock"
 }
-rows=(none journal kafka peruser)
-start_quotad none "$BIN" none
+rows=(none nonejournal journal kafka peruser)
+start_quotad none "$BIN" none nojournal
+start_quotad nonejournal "$BIN" none
 start_quotad journal "$BIN" journal
 start_quotad kafka "$BIN" kafka
-start_quotad peruser "$BIN" none
+start_quotad peruser "$BIN" none nojournal
 if [ -n "$BASE_BIN" ]; then
-  start_quotad base "$BASE_BIN" none
+  start_quotad base "$BASE_BIN" none nojournal
+  start_quotad basenonejournal "$BASE_BIN" none
   start_quotad basejournal "$BASE_BIN" journal
-  start_quotad baseperuser "$BASE_BIN" none
-  rows+=(base basejournal baseperuser)
+  start_quotad baseperuser "$BASE_BIN" none nojournal
+  rows+=(base basenonejournal basejournal baseperuser)
 fi
 
 # A raw Unix-socket round trip: read whatever came, answer +OK (one command per read when unpipelined).
@@ -150,12 +155,14 @@ row() { # label name
 }
 row "redis-server \`INCR\` (no AOF)" incr
 row "redis-server \`EVALSHA\` claim script, one hot key (no AOF)" evalsha
-row "quotad \`CLAIM\`, durability \`none\`" none
+row "quotad \`CLAIM\`, durability \`none\` (no journal: its default)" none
+row "quotad \`CLAIM\`, durability \`none\` with a \`journal.dir\`" nonejournal
 row "quotad \`CLAIM\`, durability \`journal\` (ships to Tansu)" journal
 row "quotad \`CLAIM\`, durability \`kafka\` (Tansu)" kafka
 row "quotad \`CLAIM\`, \`none\`, per-user limit, a random user per claim" peruser
 if [ -n "$BASE_BIN" ]; then
-  row "quotad \`CLAIM\`, \`none\`, BASE_BIN ($BASE_BIN)" base
+  row "quotad \`CLAIM\`, \`none\` (no journal), BASE_BIN ($BASE_BIN)" base
+  row "quotad \`CLAIM\`, \`none\` with a \`journal.dir\`, BASE_BIN" basenonejournal
   row "quotad \`CLAIM\`, \`journal\`, BASE_BIN" basejournal
   row "quotad \`CLAIM\`, \`none\`, per-user limit, BASE_BIN" baseperuser
 fi
@@ -164,7 +171,7 @@ for f in incr evalsha "${rows[@]}"; do printf "  %-8s %s\n" "$f" "$(tr '\n' ' ' 
 printf "\nper-user limit / none, requests/s: %.2f\n" "$(echo "$(col peruser 1) / $none_rps" | bc -l)"
 printf "journal / EVALSHA, requests/s: %.2f\n" "$(echo "$(col journal 1) / $(col evalsha 1)" | bc -l)"
 if [ -n "$BASE_BIN" ]; then
-  for m in none:base journal:basejournal peruser:baseperuser; do
+  for m in none:base nonejournal:basenonejournal journal:basejournal peruser:baseperuser; do
     printf "this build / BASE_BIN, %s: CPU per claim %.3f, requests/s %.3f\n" "${m%%:*}" \
       "$(echo "$(col "${m%%:*}" 2) / $(col "${m##*:}" 2)" | bc -l)" "$(echo "$(col "${m%%:*}" 1) / $(col "${m##*:}" 1)" | bc -l)"
   done

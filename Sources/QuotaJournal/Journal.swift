@@ -74,6 +74,9 @@ public final class Journal: @unchecked Sendable {
         /// under `none`, which that mode already does not promise to keep).
         public var syncEveryBatch = true
         public var lazySyncInterval: Duration = .milliseconds(500)
+        /// With ``syncEveryBatch`` false: after a batch nothing waited for, the writer sleeps this long
+        /// before taking the next one.
+        public var lazyGatherMicroseconds = 2_000
         public init(dir: String) { self.dir = dir }
     }
 
@@ -350,8 +353,8 @@ public final class Journal: @unchecked Sendable {
             var batch: [Pending] = []
             var stop = false
             if got {
-                batch = queue
-                queue.removeAll(keepingCapacity: true)
+                swap(&batch, &queue)
+                queue.reserveCapacity(batch.count)
                 stop = stopping
                 lock.unlock(withValue: 0)
             }
@@ -360,6 +363,9 @@ public final class Journal: @unchecked Sendable {
             maybeRoll(force: false)
             sweep()
             if stop { return }
+            // Nothing waited for that batch: let the next one gather (a wake-up and a write per few claims
+            // costs more CPU than the fdatasync it replaced). A waited record waits this much longer at most.
+            if !batch.isEmpty && unsyncedSince != nil { usleep(UInt32(options.lazyGatherMicroseconds)) }
         }
     }
 
