@@ -67,16 +67,6 @@ public final class Journal: @unchecked Sendable {
         /// sealed segments go after the retention. Events a previous run with Kafka left unshipped are never
         /// dropped: a start without Kafka on them is refused.
         public var ships = true
-        /// Sync every write batch (`durability: journal|kafka`). When false (`durability: none`), a batch in
-        /// which no record waits for its answer is written but not synced: it is synced with the next batch
-        /// that has a waiter, before its segment is closed, and at most ``lazySyncInterval`` later. A killed
-        /// process loses nothing written; a machine crash can lose those unsynced records (claims answered
-        /// under `none`, which that mode already does not promise to keep).
-        public var syncEveryBatch = true
-        public var lazySyncInterval: Duration = .milliseconds(500)
-        /// With ``syncEveryBatch`` false: after a batch nothing waited for, the writer sleeps this long
-        /// before taking the next one.
-        public var lazyGatherMicroseconds = 2_000
         public init(dir: String) { self.dir = dir }
     }
 
@@ -124,8 +114,6 @@ public final class Journal: @unchecked Sendable {
     private var current: UInt64 = 0
     private var goodOffset = 0
     private var openedAt = ContinuousClock.now
-    /// Written and not yet synced (``Options/syncEveryBatch`` false), since this instant.
-    private var unsyncedSince: ContinuousClock.Instant?
     private var ledger: LeaseLedger
     private var thread: Thread?
     private let onDurable: @Sendable ([DurableEvent]) -> Void
@@ -359,13 +347,9 @@ public final class Journal: @unchecked Sendable {
                 lock.unlock(withValue: 0)
             }
             if !batch.isEmpty { write(batch) }
-            if let since = unsyncedSince, stop || ContinuousClock.now - since >= options.lazySyncInterval { lazySync() }
             maybeRoll(force: false)
             sweep()
             if stop { return }
-            // Nothing waited for that batch: let the next one gather (a wake-up and a write per few claims
-            // costs more CPU than the fdatasync it replaced). A waited record waits this much longer at most.
-            if !batch.isEmpty && unsyncedSince != nil { usleep(UInt32(options.lazyGatherMicroseconds)) }
         }
     }
 
@@ -395,8 +379,7 @@ public final class Journal: @unchecked Sendable {
                 positions.append(JournalPosition(segment: current, index: -1))
             }
         }
-        let waited = options.syncEveryBatch || batch.contains { $0.done != nil || $0.sink != nil }
-        if let err = writeAll(buf) ?? (waited ? sync() : nil) {
+        if let err = writeAll(buf) ?? sync() {
             // Cut the segment back to the last good record, and the file position with it: nothing
             // half-written stays behind and the next write does not leave a hole.
             _ = ftruncate(fd, off_t(goodOffset))
@@ -406,11 +389,6 @@ public final class Journal: @unchecked Sendable {
             return
         }
         goodOffset += buf.count
-        if waited {
-            unsyncedSince = nil
-        } else if unsyncedSince == nil {
-            unsyncedSince = .now
-        }
         state.withLockedValue { s in
             s.segments[current]?.bytes = goodOffset
             s.segments[current]?.events = next
@@ -418,7 +396,7 @@ public final class Journal: @unchecked Sendable {
             if !s.healthy { logger.info("journal writes again", metadata: ["journal.dir": "\(options.dir)"]) }
             s.healthy = true
             s.lastError = nil
-            if waited { s.syncs += 1 }
+            s.syncs += 1
             s.recordsSynced += batch.count
         }
         publish()
@@ -475,31 +453,11 @@ public final class Journal: @unchecked Sendable {
         handOver()
     }
 
-    /// Sync what ``Options/syncEveryBatch`` left unsynced. A failure marks the journal unhealthy (claims
-    /// are refused until a write succeeds again).
-    private func lazySync() {
-        guard fd >= 0, unsyncedSince != nil else { return }
-        if let err = sync() {
-            state.withLockedValue { s in
-                if s.healthy { logger.error("journal sync failed", metadata: ["error": "\(err)"]) }
-                s.healthy = false
-                s.lastError = err
-            }
-            publish()
-            return
-        }
-        unsyncedSince = nil
-        state.withLockedValue { $0.syncs += 1 }
-    }
-
     private func maybeRoll(force: Bool) {
         guard fd >= 0 else { return }
         let events = state.withLockedValue { s in s.segments[current]?.events ?? 0 }
         let old = ContinuousClock.now - openedAt >= options.rollAfter
         guard force || (old && events > 0) else { return }
-        // A segment is closed synced: recovery reads it as complete or cut at its end, never with a hole.
-        lazySync()
-        guard unsyncedSince == nil else { return }
         let previous = current
         Glibc.close(fd)
         fd = -1

@@ -74,8 +74,6 @@ final class ClaimPipeline: Sendable {
             opts.segmentBytes = config.journal.segmentBytes
             opts.retention = config.claims.dedupeWindow
             opts.ships = config.kafka.brokers != nil
-            // `none` answers before anything is written: only records something waits for are synced at once.
-            opts.syncEveryBatch = config.durability != .none
             let rec = recovered ?? JournalRecovery.read(dir: dir)
             do {
                 journal = try Journal(options: opts, recovered: rec, boot: boot, logger: logger) { events in

@@ -442,35 +442,6 @@ struct JournalFileTests {
         #expect(Set(r.segments.flatMap(\.claims).map(\.claimID)) == Set(sink.tokens.map { "c\($0)" }))
     }
 
-    /// `durability: none`: records nothing waits for are written without a sync; the next record that is
-    /// waited for syncs them all, and otherwise the lazy interval does; recovery reads every one.
-    @Test func withoutWaitersUnderNoneRecordsAreSyncedLaterNotPerBatch() throws {
-        let dir = tempDir()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        var o = Journal.Options(dir: dir)
-        o.syncEveryBatch = false
-        o.lazySyncInterval = .seconds(30)
-        let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
-        appendAndWait(j, [grant("1", 100_000)])
-        let synced = j.syncStats.syncs
-        for i in 0..<2000 { j.append(claim("c\(i)")) }
-        try waitUntil { j.syncStats.records >= 2001 }
-        #expect(j.syncStats.syncs == synced, "no sync for records nobody waits for")
-        appendAndWait(j, [claim("waited")])
-        #expect(j.syncStats.syncs == synced + 1, "a waited record syncs (and with it everything before it)")
-        j.close()
-        #expect(JournalRecovery.read(dir: dir).segments.flatMap(\.claims).count == 2001)
-
-        let dir2 = tempDir()
-        defer { try? FileManager.default.removeItem(atPath: dir2) }
-        o = Journal.Options(dir: dir2)
-        o.syncEveryBatch = false
-        o.lazySyncInterval = .milliseconds(100)
-        let k = try Journal(options: o, recovered: JournalRecovery.read(dir: dir2), logger: Logger(label: "t")) { _ in }
-        for i in 0..<100 { k.append(claim("c\(i)")) }
-        try waitUntil { k.syncStats.records >= 100 && k.syncStats.syncs >= 1 }
-        k.close()
-    }
 }
 
 /// Records what a journal hands a sink.
