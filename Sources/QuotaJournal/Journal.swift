@@ -83,7 +83,7 @@ public final class Journal: @unchecked Sendable {
         /// Shipped events written (their indexes are 0..<events).
         var events: Int
         /// Indexes not yet acknowledged by Kafka.
-        var unacked: Set<Int> = []
+        var unacked = AckBits()
         var sealed: Bool
         var sealedAt = ContinuousClock.now
         var markedShipped = false
@@ -144,7 +144,7 @@ public final class Journal: @unchecked Sendable {
         state.withLockedValue { s in
             for seg in recovered.segments {
                 var info = Segment(bytes: seg.bytes, events: seg.events.count, sealed: true)
-                info.unacked = Set(seg.toShip.map(\.0))
+                info.unacked = AckBits(seg.toShip.map(\.0))
                 if info.unacked.isEmpty, seg.unacked != nil { info.markedShipped = true }
                 s.segments[seg.id] = info
             }
@@ -225,7 +225,19 @@ public final class Journal: @unchecked Sendable {
     /// Kafka acknowledged these events.
     public func markShipped(_ positions: [JournalPosition]) {
         state.withLockedValue { s in
-            for p in positions { s.segments[p.segment]?.unacked.remove(p.index) }
+            // A run of positions in one segment: one lookup, and the segment taken out of the dictionary
+            // while it changes (so its bits are changed in place, not copied).
+            var i = 0
+            while i < positions.count {
+                let id = positions[i].segment
+                var j = i
+                while j < positions.count && positions[j].segment == id { j += 1 }
+                if var seg = s.segments.removeValue(forKey: id) {
+                    for k in i..<j { seg.unacked.remove(positions[k].index) }
+                    s.segments[id] = seg
+                }
+                i = j
+            }
         }
         sweep()
     }
@@ -392,7 +404,10 @@ public final class Journal: @unchecked Sendable {
         state.withLockedValue { s in
             s.segments[current]?.bytes = goodOffset
             s.segments[current]?.events = next
-            if options.ships { for e in shipped { s.segments[current]?.unacked.insert(e.position.index) } }
+            if options.ships, let first = shipped.first, var seg = s.segments.removeValue(forKey: current) {
+                seg.unacked.insert(first.position.index..<next)
+                s.segments[current] = seg
+            }
             if !s.healthy { logger.info("journal writes again", metadata: ["journal.dir": "\(options.dir)"]) }
             s.healthy = true
             s.lastError = nil

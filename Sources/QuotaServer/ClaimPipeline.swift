@@ -30,7 +30,7 @@ final class ClaimPipeline: Sendable {
 
     private struct ShipState {
         /// Produced, not yet acknowledged: librdkafka sequence → journal position (nil: not journaled).
-        var bySeq: [UInt64: JournalPosition?] = [:]
+        var bySeq = SequenceTable()
         /// `durability: kafka`: replies waiting for a position's acknowledgement.
         var waiters: [JournalPosition: @Sendable () -> Void] = [:]
         /// `durability: kafka`: acknowledged before anyone waited for them.
@@ -201,7 +201,7 @@ final class ClaimPipeline: Sendable {
             var out: [UInt64] = []
             out.reserveCapacity(items.count)
             for (pos, _) in items {
-                s.bySeq[s.nextSequence] = pos
+                s.bySeq.insert(s.nextSequence, pos)
                 out.append(s.nextSequence)
                 s.nextSequence += 1
             }
@@ -219,7 +219,7 @@ final class ClaimPipeline: Sendable {
         }
         if !failed.isEmpty {
             ship.withLockedValue { s in
-                for q in failedSeqs { s.bySeq.removeValue(forKey: q) }
+                for q in failedSeqs { _ = s.bySeq.remove(q) }
                 s.retry += failed
             }
         }
@@ -235,10 +235,10 @@ final class ClaimPipeline: Sendable {
                     // With message.timeout.ms=0 librdkafka retries by itself: this is fatal for the message.
                     // It stays unacknowledged in the journal, and is produced again from there.
                     s.deliveryErrors += 1
-                    if case .some(.some(let pos)) = s.bySeq.removeValue(forKey: r.sequence) { s.redeliver.append(pos) }
+                    if case .some(.some(let pos)) = s.bySeq.remove(r.sequence) { s.redeliver.append(pos) }
                     continue
                 }
-                guard let entry = s.bySeq.removeValue(forKey: r.sequence) else { continue }
+                guard let entry = s.bySeq.remove(r.sequence) else { continue }
                 s.shipped += 1
                 guard let pos = entry else { continue }
                 acked.append(pos)
