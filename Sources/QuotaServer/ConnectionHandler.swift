@@ -29,6 +29,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var out: ByteBuffer?
     /// The runtime of this connection's last claimed voucher (``SidecarEngine/request(_:voucher:loop:cache:)``).
     private var lastRuntime = SidecarEngine.RuntimeCache()
+    /// Consecutive `CLAIM`s of one voucher decoded in this turn, not yet handled: handled together
+    /// (``flushClaims(context:)``) before any other command, and at the end of the turn.
+    private var claimRun: (voucher: String, requests: [VoucherMachine.Request], started: [NIODeadline])?
+    static let maxClaimRun = 64
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
     private var processing = false
@@ -99,7 +103,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func process(context: ChannelHandlerContext) {
         guard !processing else { return }
         processing = true
-        defer { processing = false }
+        defer {
+            flushClaims(context: context)
+            processing = false
+        }
         var commands = 0
         turnBytes = 0
         while !closing, var buf = input {
@@ -139,6 +146,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func yieldTurn(context: ChannelHandlerContext) {
         guard !yielded else { return }
         yielded = true
+        flushClaims(context: context)
         flushReplies(context: context)
         context.eventLoop.assumeIsolated().execute { [self] in
             yielded = false
@@ -154,6 +162,22 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private func command(_ cmd: RESPCommand, context: ChannelHandlerContext) {
         guard !cmd.arguments.isEmpty else { return }
+        if refusal == nil, transaction == nil, authenticated, cmd.arguments[0].equalsUppercased("CLAIM") {
+            switch claimRequest(cmd.arguments) {
+            case .success(let (voucher, req)):
+                if let run = claimRun, run.voucher != voucher { flushClaims(context: context) }
+                if claimRun == nil { claimRun = (voucher, [], []) }
+                claimRun!.requests.append(req)
+                claimRun!.started.append(claimTimer == nil ? .uptimeNanoseconds(0) : .now())
+                if claimRun!.requests.count >= Self.maxClaimRun { flushClaims(context: context) }
+                return
+            case .failure(let refused):
+                flushClaims(context: context)
+                enqueue(refused.outcome, context: context)
+                return
+            }
+        }
+        flushClaims(context: context)
         if let refusal {
             // Told on every command, so a client that swallows errors of its setup commands still sees it.
             enqueue(.now(.value(.error(refusal))), context: context)
@@ -169,6 +193,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     private func protocolError(_ e: RESPProtocolError, context: ChannelHandlerContext) {
+        flushClaims(context: context)
         engine.protocolErrors.add(1, ordering: .relaxed)
         closing = true
         input = nil
@@ -638,26 +663,56 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     /// `CLAIM voucher user [QTY n] [REQ id]`: the stateless checks are `ClaimArguments.parse` (fuzzed in Fuzz/).
     private func claim(_ a: [ByteBuffer], loop: any EventLoop) -> Outcome {
+        switch claimRequest(a) {
+        case .success(let (voucher, req)): return engine.request(req, voucher: voucher, loop: loop, cache: &lastRuntime)
+        case .failure(let refused): return refused.outcome
+        }
+    }
+
+    /// A `CLAIM`'s arguments refused before any voucher sees them.
+    private struct RefusedClaim: Error {
+        var outcome: Outcome
+    }
+
+    /// A `CLAIM`'s voucher and request, or its refusal.
+    private func claimRequest(_ a: [ByteBuffer]) -> Result<(String, VoucherMachine.Request), RefusedClaim> {
         let c: ClaimArguments
         switch ClaimArguments.parse(a, maxQty: engine.config.limits.maxQty, isValidVoucher: QuotaStore.isValidVoucherID) {
         case .success(let parsed): c = parsed
-        case .failure(.arity): return arity("CLAIM")
-        case .failure(.syntax(let m)): return syntax(m)
-        case .failure(.badVoucher(let v)): return badVoucher(v)
+        case .failure(.arity): return .failure(RefusedClaim(outcome: arity("CLAIM")))
+        case .failure(.syntax(let m)): return .failure(RefusedClaim(outcome: syntax(m)))
+        case .failure(.badVoucher(let v)): return .failure(RefusedClaim(outcome: badVoucher(v)))
         }
         if c.req == nil && engine.config.claims.requireReq {
-            return syntax("REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
-                          + "for every retry of one claim")
+            return .failure(RefusedClaim(outcome: syntax(
+                "REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
+                + "for every retry of one claim")))
         }
         // Ids are compared as bytes; bytes that are not UTF-8 would not survive the journal and the JSON
         // events as themselves (two such ids would become one string), so they are refused.
-        guard let user = Self.utf8(c.user) else { return syntax("user id must be valid UTF-8") }
+        guard let user = Self.utf8(c.user) else { return .failure(RefusedClaim(outcome: syntax("user id must be valid UTF-8"))) }
         var req: String?
         if let r = c.req {
-            guard let s = Self.utf8(r) else { return syntax("REQ request id must be valid UTF-8") }
+            guard let s = Self.utf8(r) else { return .failure(RefusedClaim(outcome: syntax("REQ request id must be valid UTF-8"))) }
             req = s
         }
-        return engine.request(.claim(qty: c.qty, user: user, req: req), voucher: c.voucher, loop: loop, cache: &lastRuntime)
+        return .success((c.voucher, .claim(qty: c.qty, user: user, req: req)))
+    }
+
+    /// Handle the run of `CLAIM`s decoded so far, and queue their replies in order.
+    private func flushClaims(context: ChannelHandlerContext) {
+        guard let run = claimRun else { return }
+        claimRun = nil
+        let outcomes = engine.requestMany(run.requests, voucher: run.voucher, loop: context.eventLoop, cache: &lastRuntime)
+        for (outcome, t0) in zip(outcomes, run.started) {
+            if let timer = claimTimer {
+                switch outcome {
+                case .now: timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds)
+                case .later(let f): f.whenComplete { _ in timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
+                }
+            }
+            enqueue(outcome, context: context)
+        }
     }
 
     /// The argument as a string if it is valid UTF-8 (ASCII, the common case, is checked first).

@@ -277,6 +277,22 @@ public final class SidecarEngine: Sendable {
         }
     }
 
+    /// Claims of one voucher read together on one connection: handled under one taking of the voucher's
+    /// lock (the two event loops of a hot voucher otherwise meet on its lock once per claim; issue 13).
+    /// The outcomes are in the order of `claims`.
+    func requestMany(_ claims: [VoucherMachine.Request], voucher: String, loop: any EventLoop,
+                     cache: inout RuntimeCache) -> [Outcome] {
+        if claims.count > 1, !isDraining, !_regionLostFlag.load(ordering: .relaxed) {
+            let epoch = registryEpoch.load(ordering: .sequentiallyConsistent)
+            if let rt = cache.runtime, rt.id == voucher, cache.epoch == epoch,
+               let outcomes = rt.handleMany(claims, now: monotonicNow(), loop: loop) {
+                return outcomes
+            }
+        }
+        // One at a time: the first looks the runtime up (and fills the cache), or answers a refusal.
+        return claims.map { request($0, voucher: voucher, loop: loop, cache: &cache) }
+    }
+
     func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop) -> Outcome {
         var none = RuntimeCache()
         return request(req, voucher: voucher, loop: loop, cache: &none)

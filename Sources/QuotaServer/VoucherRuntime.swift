@@ -84,6 +84,37 @@ final class VoucherRuntime: @unchecked Sendable {
         return .now(Self.reply(answer!))
     }
 
+    /// ``handle(_:now:loop:)`` for several requests under one taking of the lock, in order; their effects
+    /// are carried out together (journal appends in decision order under the lock, the rest after).
+    func handleMany(_ reqs: [VoucherMachine.Request], now: Instant, loop: any EventLoop) -> [Outcome]? {
+        lock.lock()
+        if evicted {
+            lock.unlock()
+            return nil
+        }
+        var fx = scratch
+        scratch = []
+        var outcomes: [Outcome] = []
+        outcomes.reserveCapacity(reqs.count)
+        for req in reqs {
+            let ticket = nextTicket
+            nextTicket &+= 1
+            if let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx) {
+                outcomes.append(.now(Self.reply(answer)))
+            } else {
+                let p = loop.makePromise(of: Reply.self)
+                promises[ticket] = p
+                outcomes.append(.later(p.futureResult))
+            }
+        }
+        let deferred = performLocked(fx)
+        fx.removeAll(keepingCapacity: true)
+        scratch = fx
+        lock.unlock()
+        perform(deferred)
+        return outcomes
+    }
+
     /// `UNCLAIM` of a claim of this voucher made through this host. Nil: evicted, look it up again.
     func unclaim(_ e: ClaimEvent, loop: any EventLoop) -> Outcome? {
         guard !lock.withLock({ evicted }) else { return nil }
