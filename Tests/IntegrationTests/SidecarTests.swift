@@ -253,6 +253,67 @@ struct SidecarTests {
         #expect(try await q.stop() == 0)
     }
 
+    /// Claims read together are handled as runs per voucher (issue 13): in one write, runs of two
+    /// vouchers, bad claims, a retried REQ, other commands, MULTI/EXEC and, last, a protocol error are
+    /// answered one for one, in order, and exactly the good claims are sold.
+    @Test func claimRunsMixedWithOtherCommandsAreAnsweredInOrderOneForOne() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "ra", limit: 1000, perUser: 0, totalLimit: 1000, region: "sg")
+        _ = try await redis.store.createVoucher(id: "rb", limit: 1000, perUser: 0, totalLimit: 1000, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a")
+        let c = try await RESPClient.connect(q.socket)
+        #expect(try await c.send("CLAIM", "ra", "warm").errorCode == nil)
+        #expect(try await c.send("CLAIM", "rb", "warm").errorCode == nil)
+        var cmds: [[String]] = []
+        var want: [String] = []  // "id", "id=<k>" (same id as reply k), an error code, or an exact reply
+        for i in 0..<150 {
+            switch i % 10 {
+            case 0, 1, 2, 3: cmds.append(["CLAIM", "ra", "u\(i)"]); want.append("id")
+            case 4: cmds.append(["CLAIM", "rb", "u\(i)"]); want.append("id")
+            case 5: cmds.append(["CLAIM", "ra", "u\(i)", "QTY", "0"]); want.append("ERR")
+            case 6: cmds.append(["CLAIM", "ra", "r", "REQ", "req-\(i / 20)"])
+                want.append(i % 20 == 6 ? "id" : "id=\(want.count - 10)")
+            case 7: cmds.append(["PING", "p\(i)"]); want.append("p\(i)")
+            case 8: cmds.append(["CLAIM", "nosuch", "u"]); want.append("NOVOUCHER")
+            default: cmds.append(["CLAIM", "ra", "u\(i)"]); want.append("id")
+            }
+        }
+        cmds += [["MULTI"], ["CLAIM", "ra", "t1"], ["EXEC"], ["CLAIM", "ra", "after"]]
+        want += ["OK", "QUEUED", "array", "id"]
+        var bytes = ByteBuffer()
+        for cmd in cmds { bytes.writeString("*\(cmd.count)\r\n" + cmd.map { "$\($0.utf8.count)\r\n\($0)\r\n" }.joined()) }
+        bytes.writeString("*1\r\n$3\r\nabcdef\r\n")  // a protocol error after it all
+        let replies = try await c.sendRaw(bytes, replies: cmds.count + 1)
+        var ids = Set<String>()
+        for (k, (r, w)) in zip(replies, want).enumerated() {
+            switch w {
+            case "id":
+                let id = try #require(r.string, "reply \(k) to \(cmds[k]): \(r)")
+                #expect(!r.isError && id.hasPrefix("sg.host-a."), "reply \(k) to \(cmds[k]): \(r)")
+                #expect(ids.insert(id).inserted, "claim ids are unique: \(id)")
+            case let w where w.hasPrefix("id="):
+                #expect(r == replies[Int(w.dropFirst(3))!], "a retried REQ gets the first answer: reply \(k)")
+            case "OK": #expect(r == .ok)
+            case "QUEUED": #expect(r == .simpleString("QUEUED"))
+            case "array":
+                guard case .array(let a?) = r, a.count == 1, a[0].errorCode == nil else { Issue.record("EXEC: \(r)"); continue }
+                ids.insert(a[0].string!)
+            case let w where w.hasPrefix("p"): #expect(r == .bulk(w), "reply \(k) out of order: \(r)")
+            default: #expect(r.errorCode == w, "reply \(k) to \(cmds[k]): \(r)")
+            }
+        }
+        #expect(replies.last?.string?.hasPrefix("ERR Protocol error") == true, "\(replies.last!)")
+        try await c.waitClosed()
+        // Sold: the two warm-ups and every distinct id answered.
+        let c2 = try await RESPClient.connect(q.socket)
+        let availA = try await c2.send("AVAIL", "ra"), availB = try await c2.send("AVAIL", "rb")
+        let sold = 2000 - (Int(availA.string ?? "") ?? -1) - (Int(availB.string ?? "") ?? -1)
+        #expect(sold == ids.count + 2, "sold \(sold), answered \(ids.count) distinct ids + 2 warm-ups")
+        c2.close()
+        #expect(try await q.stop() == 0)
+    }
+
     @Test func operatorsPauseResumeAndRetuneLeasesWhileSidecarsRun() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
