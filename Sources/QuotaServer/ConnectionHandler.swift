@@ -31,7 +31,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var lastRuntime = SidecarEngine.RuntimeCache()
     /// Consecutive `CLAIM`s of one voucher decoded in this turn, not yet handled: handled together
     /// (``flushClaims(context:)``) before any other command, and at the end of the turn.
-    private var claimRun: (voucher: String, requests: [VoucherMachine.Request], started: [NIODeadline])?
+    private var runVoucher: String?
+    private var runRequests: [VoucherMachine.Request] = []
+    /// When each claim of the run was read (only with a claim timer).
+    private var runStarted: [NIODeadline] = []
     static let maxClaimRun = 64
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
@@ -163,19 +166,23 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func command(_ cmd: RESPCommand, context: ChannelHandlerContext) {
         guard !cmd.arguments.isEmpty else { return }
         if refusal == nil, transaction == nil, authenticated, cmd.arguments[0].equalsUppercased("CLAIM") {
+            let t0: NIODeadline? = claimTimer == nil ? nil : .now()
             switch claimRequest(cmd.arguments) {
             case .success(let (voucher, req)):
-                if let run = claimRun, run.voucher != voucher { flushClaims(context: context) }
-                if claimRun == nil { claimRun = (voucher, [], []) }
-                claimRun!.requests.append(req)
-                claimRun!.started.append(claimTimer == nil ? .uptimeNanoseconds(0) : .now())
-                if claimRun!.requests.count >= Self.maxClaimRun { flushClaims(context: context) }
-                return
+                if let v = runVoucher, v != voucher { flushClaims(context: context) }
+                runVoucher = voucher
+                runRequests.append(req)
+                if let t0 { runStarted.append(t0) }
+                // The run counts toward the connection's pending bound (``shouldPause(context:)``).
+                if runRequests.count >= Self.maxClaimRun || queue.count + runRequests.count >= maxPending {
+                    flushClaims(context: context)
+                }
             case .failure(let refused):
                 flushClaims(context: context)
+                if let t0, let timer = claimTimer { timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
                 enqueue(refused.outcome, context: context)
-                return
             }
+            return
         }
         flushClaims(context: context)
         if let refusal {
@@ -252,7 +259,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func shouldPause(context: ChannelHandlerContext) -> Bool {
         if let o = out, o.readableBytes >= flushChunk { flushReplies(context: context) }
         if !outputPaused && !context.channel.isWritable { outputPaused = true }
-        if !pendingPaused && queue.count >= maxPending { pendingPaused = true }
+        if !pendingPaused && queue.count + runRequests.count >= maxPending { pendingPaused = true }
         guard outputPaused || pendingPaused else { return false }
         if !countedPaused {
             countedPaused = true
@@ -701,18 +708,31 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     /// Handle the run of `CLAIM`s decoded so far, and queue their replies in order.
     private func flushClaims(context: ChannelHandlerContext) {
-        guard let run = claimRun else { return }
-        claimRun = nil
-        let outcomes = engine.requestMany(run.requests, voucher: run.voucher, loop: context.eventLoop, cache: &lastRuntime)
-        for (outcome, t0) in zip(outcomes, run.started) {
-            if let timer = claimTimer {
-                switch outcome {
-                case .now: timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds)
-                case .later(let f): f.whenComplete { _ in timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
-                }
+        guard let voucher = runVoucher else { return }
+        runVoucher = nil
+        let loop = context.eventLoop
+        if runRequests.count == 1 {
+            let outcome = engine.request(runRequests[0], voucher: voucher, loop: loop, cache: &lastRuntime)
+            runRequests.removeAll(keepingCapacity: true)
+            finishClaim(outcome, started: runStarted.first, context: context)
+        } else {
+            let outcomes = engine.requestMany(runRequests, voucher: voucher, loop: loop, cache: &lastRuntime)
+            runRequests.removeAll(keepingCapacity: true)
+            for (i, outcome) in outcomes.enumerated() {
+                finishClaim(outcome, started: i < runStarted.count ? runStarted[i] : nil, context: context)
             }
-            enqueue(outcome, context: context)
         }
+        runStarted.removeAll(keepingCapacity: true)
+    }
+
+    private func finishClaim(_ outcome: Outcome, started t0: NIODeadline?, context: ChannelHandlerContext) {
+        if let t0, let timer = claimTimer {
+            switch outcome {
+            case .now: timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds)
+            case .later(let f): f.whenComplete { _ in timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
+            }
+        }
+        enqueue(outcome, context: context)
     }
 
     /// The argument as a string if it is valid UTF-8 (ASCII, the common case, is checked first).

@@ -266,6 +266,31 @@ struct AbuseTests {
         #expect(try await redis.audit("v1", journals: [(q.host, q.journalDir)], netClaimed: 1000).isEmpty)
     }
 
+    /// Claims read together are handled as a run (issue 13), and the run counts toward the pending bound:
+    /// with Redis stalled under a per-user check, a client that pipelines 100 claims and reads nothing has
+    /// at most `max_pending_per_connection` of them in flight (a run of 64 went past it; helper finding).
+    @Test func aRunOfPipelinedClaimsStaysWithinThePendingBound() async throws {
+        let (redis, q) = try await sidecar("limits: { max_pending_per_connection: 4 }\n", durability: "journal", perUser: 5)
+        let c = try await RESPClient.connect(q.socket)
+        defer { c.close() }
+        #expect(try await c.send("CLAIM", "v1", "warm").errorCode == nil, "loaded, scripts in place")
+        let peer = try RawPeer(q.socket)
+        defer { close(peer.fd) }
+        redis.stall(3)
+        try await Task.sleep(for: .milliseconds(200))
+        peer.sendAll((0..<100).map { "*3\r\n$5\r\nCLAIM\r\n$2\r\nv1\r\n$\("u\($0)".utf8.count)\r\nu\($0)\r\n" }.joined())
+        var most = 0
+        for _ in 0..<10 {
+            try await Task.sleep(for: .milliseconds(150))
+            let line = try await c.send("INFO", "vouchers").string ?? ""
+            let field = { (k: String) in Int(line.components(separatedBy: k + "=").dropFirst().first?.prefix { $0.isNumber } ?? "") ?? 0 }
+            most = max(most, field("inflight") + field("parked"))
+        }
+        #expect(most > 0, "the claims were read")
+        #expect(most <= 4, "claims in flight for one connection: \(most), bound 4")
+        #expect(try await q.stop() == 0)
+    }
+
     // MARK: - 2. Unknown vouchers and idle runtimes
 
     @Test func aHundredThousandUnknownVouchersTakeNoSlotAndARealClaimIsServed() async throws {
