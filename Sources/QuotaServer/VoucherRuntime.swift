@@ -59,60 +59,49 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// Nil: this runtime was evicted since it was looked up; look the voucher up again.
     func handle(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop) -> Outcome? {
-        lock.lock()
-        if evicted {
-            lock.unlock()
-            return nil
-        }
-        var fx = scratch
-        scratch = []
-        let ticket = nextTicket
-        nextTicket &+= 1
-        let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx)
-        var later: EventLoopFuture<Reply>?
-        if answer == nil {
-            let p = loop.makePromise(of: Reply.self)
-            promises[ticket] = p
-            later = p.futureResult
-        }
-        let deferred = performLocked(fx)
-        fx.removeAll(keepingCapacity: true)
-        scratch = fx
-        lock.unlock()
-        perform(deferred)
-        if let later { return .later(later) }
-        return .now(Self.reply(answer!))
+        var out: Outcome?
+        guard decide({ fx in out = admit(req, now: now, loop: loop, &fx) }) else { return nil }
+        return out
     }
 
     /// ``handle(_:now:loop:)`` for several requests under one taking of the lock, in order; their effects
     /// are carried out together (journal appends in decision order under the lock, the rest after).
     func handleMany(_ reqs: [VoucherMachine.Request], now: Instant, loop: any EventLoop) -> [Outcome]? {
+        var outcomes: [Outcome] = []
+        outcomes.reserveCapacity(reqs.count)
+        guard decide({ fx in
+            for req in reqs { outcomes.append(admit(req, now: now, loop: loop, &fx)) }
+        }) else { return nil }
+        return outcomes
+    }
+
+    /// Run `body` under the lock with the reused effects buffer, then carry the effects out. False: evicted.
+    private func decide(_ body: (inout [VoucherMachine.Effect]) -> Void) -> Bool {
         lock.lock()
         if evicted {
             lock.unlock()
-            return nil
+            return false
         }
         var fx = scratch
         scratch = []
-        var outcomes: [Outcome] = []
-        outcomes.reserveCapacity(reqs.count)
-        for req in reqs {
-            let ticket = nextTicket
-            nextTicket &+= 1
-            if let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx) {
-                outcomes.append(.now(Self.reply(answer)))
-            } else {
-                let p = loop.makePromise(of: Reply.self)
-                promises[ticket] = p
-                outcomes.append(.later(p.futureResult))
-            }
-        }
+        body(&fx)
         let deferred = performLocked(fx)
         fx.removeAll(keepingCapacity: true)
         scratch = fx
         lock.unlock()
         perform(deferred)
-        return outcomes
+        return true
+    }
+
+    /// One request to the machine (under the lock): its answer now, or a promise registered for it.
+    private func admit(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop,
+                       _ fx: inout [VoucherMachine.Effect]) -> Outcome {
+        let ticket = nextTicket
+        nextTicket &+= 1
+        if let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx) { return .now(Self.reply(answer)) }
+        let p = loop.makePromise(of: Reply.self)
+        promises[ticket] = p
+        return .later(p.futureResult)
     }
 
     /// `UNCLAIM` of a claim of this voucher made through this host. Nil: evicted, look it up again.

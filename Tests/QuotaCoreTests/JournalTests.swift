@@ -354,11 +354,7 @@ struct JournalFileTests {
             umount(dir)
             try? FileManager.default.removeItem(atPath: dir)
         }
-        try #require(mount("tmpfs", dir, "tmpfs", 0, "size=64k") == 0, "needs root to mount a tmpfs")
-        var o = Journal.Options(dir: dir)
-        o.segmentBytes = 1 << 30
-        let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
-        appendAndWait(j, [grant("1", 1_000_000)])
+        let j = try journalOnATinyDisk(dir)
         let failures = NIOLockedValueBox<[String]>([])
         let ok = NIOLockedValueBox(0)
         let done = DispatchSemaphore(value: 0)
@@ -427,11 +423,7 @@ struct JournalFileTests {
             umount(dir)
             try? FileManager.default.removeItem(atPath: dir)
         }
-        try #require(mount("tmpfs", dir, "tmpfs", 0, "size=64k") == 0, "needs root to mount a tmpfs")
-        var o = Journal.Options(dir: dir)
-        o.segmentBytes = 1 << 30
-        let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
-        appendAndWait(j, [grant("1", 1_000_000)])
+        let j = try journalOnATinyDisk(dir)
         let sink = RecordingSink()
         for i in 0..<3000 { #expect(j.append(claim("c\(i)"), sink: sink, token: i)) }
         try waitUntil { sink.tokens.count + sink.failedTokens.count == 3000 }
@@ -465,6 +457,16 @@ final class RecordingSink: JournalBatchSink, @unchecked Sendable {
         log?.withLockedValue { $0 += tokens.map(String.init) }
     }
     func failed(_ tokens: [Int]) { lock.withLock { _failed += tokens } }
+}
+
+/// A journal on a 64 KiB tmpfs at `dir` (unmounted by the caller), with a lease granted in it.
+func journalOnATinyDisk(_ dir: String) throws -> Journal {
+    try #require(mount("tmpfs", dir, "tmpfs", 0, "size=64k") == 0, "needs root to mount a tmpfs")
+    var o = Journal.Options(dir: dir)
+    o.segmentBytes = 1 << 30
+    let j = try Journal(options: o, recovered: JournalRecovery.read(dir: dir), logger: Logger(label: "t")) { _ in }
+    appendAndWait(j, [grant("1", 1_000_000)])
+    return j
 }
 
 func waitUntil(_ check: () -> Bool) throws {
