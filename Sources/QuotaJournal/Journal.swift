@@ -435,28 +435,20 @@ public final class Journal: @unchecked Sendable {
     /// together, before the next record with a closure is answered (a closure's answer never overtakes an
     /// earlier record's, nor follows a later one's; each sink's answers are in its append order).
     private func answer(_ batch: [Pending], _ result: Result<[JournalPosition], JournalError>) {
-        var order: [ObjectIdentifier] = []
-        var gathered: [ObjectIdentifier: (sink: any JournalBatchSink, tokens: [Int], positions: [JournalPosition])] = [:]
+        /// The sink records met since the last closure: (sink, token, index in the batch).
+        var run: [(sink: any JournalBatchSink, token: Int, index: Int)] = []
         func handOver() {
-            for key in order {
-                guard let g = gathered[key] else { continue }
+            for g in grouped(run, by: { ObjectIdentifier($0.sink) }) {
                 switch result {
-                case .success: g.sink.journaled(tokens: g.tokens, positions: g.positions)
-                case .failure: g.sink.failed(g.tokens)
+                case .success(let positions): g[0].sink.journaled(tokens: g.map(\.token), positions: g.map { positions[$0.index] })
+                case .failure: g[0].sink.failed(g.map(\.token))
                 }
             }
-            order.removeAll(keepingCapacity: true)
-            gathered.removeAll(keepingCapacity: true)
+            run.removeAll(keepingCapacity: true)
         }
         for (i, p) in batch.enumerated() {
             if let sink = p.sink {
-                let key = ObjectIdentifier(sink)
-                if gathered[key] == nil {
-                    order.append(key)
-                    gathered[key] = (sink, [], [])
-                }
-                gathered[key]!.tokens.append(p.token)
-                if case .success(let positions) = result { gathered[key]!.positions.append(positions[i]) }
+                run.append((sink, p.token, i))
             } else if let done = p.done {
                 handOver()
                 switch result {

@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import QuotaCore
 import QuotaRedis
 
 /// Receives the results of per-user checks, all of one batch that it submitted in one call.
@@ -60,21 +61,8 @@ final class UserCheckBatcher: Sendable {
             // Per check: on a Redis Cluster a batch is split over masters, and the checks that ran keep
             // their answers when another master fails (only a check that was not sent is `.unreachable`).
             let results = await store.checkEachUser(batch.map(\.check))
-            var order: [ObjectIdentifier] = []
-            var bySink: [ObjectIdentifier: (sink: any UserCheckSink, tokens: [Int],
-                                            results: [Result<QuotaStore.UserCheckOutcome, RedisError>])] = [:]
-            for (item, r) in zip(batch, results) {
-                let key = ObjectIdentifier(item.sink)
-                if bySink[key] == nil {
-                    order.append(key)
-                    bySink[key] = (item.sink, [], [])
-                }
-                bySink[key]!.tokens.append(item.token)
-                bySink[key]!.results.append(r)
-            }
-            for key in order {
-                let g = bySink[key]!
-                g.sink.usersChecked(tokens: g.tokens, results: g.results)
+            for g in grouped(Array(zip(batch, results)), by: { ObjectIdentifier($0.0.sink) }) {
+                g[0].0.sink.usersChecked(tokens: g.map(\.0.token), results: g.map(\.1))
             }
             let next = state.withLockedValue { s -> [Item]? in
                 guard !s.queue.isEmpty else {

@@ -234,20 +234,15 @@ final class VoucherRuntime: @unchecked Sendable {
             for (p, r) in replies { p.succeed(r) }
             return
         }
-        var byLoop: [ObjectIdentifier: (loop: any EventLoop, items: [(EventLoopPromise<Reply>, Reply)])] = [:]
+        var others: [(EventLoopPromise<Reply>, Reply)] = []
         for (p, r) in replies {
-            let loop = p.futureResult.eventLoop
-            if loop.inEventLoop {
-                p.succeed(r)
-            } else {
-                byLoop[ObjectIdentifier(loop), default: (loop, [])].items.append((p, r))
-            }
+            if p.futureResult.eventLoop.inEventLoop { p.succeed(r) } else { others.append((p, r)) }
         }
-        for (loop, items) in byLoop.values {
+        for items in grouped(others, by: { ObjectIdentifier($0.0.futureResult.eventLoop) }) {
             if items.count == 1 {
                 items[0].0.succeed(items[0].1)
             } else {
-                loop.execute { for (p, r) in items { p.succeed(r) } }
+                items[0].0.futureResult.eventLoop.execute { for (p, r) in items { p.succeed(r) } }
             }
         }
     }
