@@ -38,6 +38,12 @@ public struct ClaimRules: Sendable {
     /// (the per-user check always passes) or `no-timeout-cancel` (a claim that lands after its timeout is
     /// not cancelled, yet its tokens serve again). Never set in production.
     public var injectedBug: String?
+    /// `durability: none` only: whether background records (``VoucherMachine/Effect/recordLater(_:)``)
+    /// go anywhere: claims when there is a journal or a Kafka producer, per-user intents only when there
+    /// is a journal. When they would go nowhere the machine does not build them (issue 13: building the
+    /// intent copies the event).
+    public var recordsClaims = true
+    public var recordsIntents = true
 
     public init(region: String, host: String, idPrefix: String, durability: Durability) {
         self.region = region
@@ -469,13 +475,16 @@ public struct VoucherMachine: Sendable {
             if held > 0 || localUsers.count < rules.maxTrackedUsers { localUsers[userKey] = held + qty }
             if rules.perUserMode == .central && rules.injectedBug != "skip-user-check" {
                 var intent = event
-                intent.kind = .intent
                 if rules.durability == .none {
-                    fx.append(.recordLater(intent))
+                    if rules.recordsIntents {
+                        intent.kind = .intent
+                        fx.append(.recordLater(intent))
+                    }
                     flight.stage = .checking(retryAt: nil)
                     flight.mayBeCounted = true
                     fx.append(.checkUser(event, seq: seq, limit: limit))
                 } else {
+                    intent.kind = .intent
                     flight.stage = .intent
                     fx.append(.journalIntent(intent, seq: seq))
                 }
@@ -497,7 +506,7 @@ public struct VoucherMachine: Sendable {
         if rules.durability == .none {
             if f.pinned { stock.commit(f.event.shares) }
             inFlight.removeValue(forKey: seq)
-            fx.append(.recordLater(f.event))
+            if rules.recordsClaims { fx.append(.recordLater(f.event)) }
             fx.append(.remember(f.event, seq: seq))
             return .claimID(f.event.claimID)
         }

@@ -567,17 +567,19 @@ enum QuotaScripts {
         for i = 1, #ARGV, 5 do
           local j = tonumber(ARGV[i]) * 2 - 1
           local k, mk = KEYS[j], KEYS[j + 1]
-          local lim, u, q, c = tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
+          -- The quantity stays the decimal string it came as: a Lua number passed to redis.call is
+          -- formatted with printf (%.17g), which was a visible part of Redis's time per check.
+          local lim, u, qs, c = tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
           local prior = redis.call('HGET', mk, c)
           if prior == '-' then
             out[#out + 1] = 2
           elseif prior then
             out[#out + 1] = 1
-          elseif redis.call('HINCRBY', k, u, q) > lim then
-            redis.call('HINCRBY', k, u, -q)
+          elseif redis.call('HINCRBY', k, u, qs) > lim then
+            redis.call('HINCRBY', k, u, '-' .. qs)
             out[#out + 1] = 0
           else
-            redis.call('HSET', mk, c, q)
+            redis.call('HSET', mk, c, qs)
             out[#out + 1] = 1
             touched[mk] = true
           end

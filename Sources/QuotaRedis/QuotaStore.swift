@@ -937,21 +937,30 @@ public final class QuotaStore: Sendable {
             var group: Int
         }
         var keyIndex: [GroupID: Int] = [:]
+        // A batch is nearly always one voucher's: its groups are looked up by number, without hashing
+        // the voucher's name per check.
+        let first = checks.first?.voucher
+        var firstIndex: [Int: Int] = [:]
         var keys: [String] = []
         var args: [String] = []
         args.reserveCapacity(checks.count * 5)
         for c in checks {
-            let g = GroupID(voucher: c.voucher, group: c.group)
             let idx: Int
-            if let i = keyIndex[g] {
+            if c.voucher == first, let i = firstIndex[c.group] {
+                idx = i
+            } else if c.voucher != first, let i = keyIndex[GroupID(voucher: c.voucher, group: c.group)] {
                 idx = i
             } else {
                 keys.append(Self.userGroupKey(voucher: c.voucher, group: c.group))
                 keys.append(Self.userMarkersKey(voucher: c.voucher, group: c.group))
                 idx = keys.count / 2
-                keyIndex[g] = idx
+                if c.voucher == first { firstIndex[c.group] = idx } else { keyIndex[GroupID(voucher: c.voucher, group: c.group)] = idx }
             }
-            args += [Self.decimal(idx), Self.decimal(c.limit), c.user, Self.decimal(c.qty), c.claimID]
+            args.append(Self.decimal(idx))
+            args.append(Self.decimal(c.limit))
+            args.append(c.user)
+            args.append(Self.decimal(c.qty))
+            args.append(c.claimID)
         }
         return (keys, args)
     }

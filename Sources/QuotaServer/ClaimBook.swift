@@ -10,30 +10,60 @@ import Synchronization
 /// with no hashing and little contention between event loops. The ring keeps the last `capacity`
 /// claims. Claims of earlier boots, rebuilt from the journal at start, are kept in a map.
 ///
-/// A slot is 56 bytes and allocates nothing for the usual claim (one share, of a lease whose id is a
-/// number, as Redis's `lease_seq` makes them); a claim spread over several leases keeps its shares in its
-/// stripe's side table until its slot is reused. (Before: 64 bytes plus a 64-byte array per claim, about
-/// 128 MB for the default million claims; issue 13.)
+/// A slot is 32 bytes and allocates nothing for the usual claim (one share, of a lease whose id is a
+/// number, as Redis's `lease_seq` makes them, of at most 32,767 tokens); any other claim keeps what the
+/// slot cannot in its stripe's side table until its slot is reused. The voucher is a number into the
+/// book's table of voucher ids, and which claim a slot holds is its lap of the ring (the sequence number
+/// follows from the lap, the stripe and the slot). The ring is written in full at start: 32 MB for the
+/// default million claims (before: 56 bytes a slot, 56 MB; 64 bytes plus a 64-byte array per claim before
+/// that; issue 13).
 final class ClaimBook: Sendable {
     struct Entry: Sendable {
         var event: ClaimEvent
         var unclaimed: Bool
     }
-    /// What `UNCLAIM` needs of a claim of this boot (its id is rebuilt from the prefix and `seq`).
+    /// What `UNCLAIM` needs of a claim (its id is rebuilt from the prefix and its sequence number).
     private struct Slot {
-        var seq = -1
-        var voucher = ""
         var user = ""
-        /// The one share's lease id, or -1: the shares are in the stripe's `spread`.
+        /// The one share's lease id (``PackedLease``), or -1: the claim's voucher, quantity and shares are
+        /// in the side table (`spread`).
         var lease: Int64 = -1
-        var qty: Int32 = 0
-        var unclaimed = false
+        /// Ring slots: the claim's lap of the ring plus one (0: empty). Claims of earlier boots: 1.
+        var lap: UInt32 = 0
+        /// Index into the book's voucher ids (when `lease >= 0`).
+        var voucher: UInt16 = 0
+        /// The quantity (when `lease >= 0`) in the low 15 bits; the top bit: unclaimed.
+        var bits: UInt16 = 0
+
+        static let unclaimedBit: UInt16 = 0x8000
+        static let maxQty = 0x7FFF
+        var unclaimed: Bool {
+            get { bits & Self.unclaimedBit != 0 }
+            set { bits = newValue ? bits | Self.unclaimedBit : bits & ~Self.unclaimedBit }
+        }
+        var qty: Int { Int(bits & ~Self.unclaimedBit) }
+    }
+    /// A claim a slot cannot hold by itself.
+    private struct Spread {
+        var voucher: String
+        var qty: Int
+        var shares: [ClaimShare]
     }
     private struct Stripe {
         var slots: [Slot]
-        /// Quantity and shares of claims that are not one share of a numbered lease, by sequence number.
-        var spread: [Int: (qty: Int, shares: [ClaimShare])] = [:]
+        /// Claims that are not one share of a numbered lease (or of a voucher past the table's bound, or of
+        /// more than `Slot.maxQty` tokens), by sequence number.
+        var spread: [Int: Spread] = [:]
     }
+    /// Voucher ids by index (slots keep the index), bounded: past `maxVouchers` a claim goes to `spread`.
+    private struct Vouchers {
+        var names: [String] = []
+        var index: [ByteKey: UInt16] = [:]
+    }
+    static let maxVouchers = Int(UInt16.max)
+    private let vouchers = NIOLockedValueBox(Vouchers())
+    /// Bytes per claim kept in the ring (what `claims.max_tracked` costs).
+    static var slotStride: Int { MemoryLayout<Slot>.stride }
     static let stripeCount = 64
     let capacity: Int
     private let prefix: String
@@ -48,7 +78,7 @@ final class ClaimBook: Sendable {
             var region: String
             var host: String
             var slots: [Int: Slot] = [:]
-            var spread: [Int: (qty: Int, shares: [ClaimShare])] = [:]
+            var spread: [Int: Spread] = [:]
         }
         /// Keyed by the prefix's bytes: `String` keys compare canonically equivalent spellings (a Kelvin sign
         /// and a K) as equal, and an id spelled so must not reach a claim.
@@ -105,43 +135,80 @@ final class ClaimBook: Sendable {
         (seq % Self.stripeCount, (seq / Self.stripeCount) % perStripe)
     }
 
-    /// Remember a claim of this boot; `seq` is the sequence number its id ends with.
-    func add(_ e: ClaimEvent, seq: Int) {
-        guard capacity > 0 else { return }
+    /// The lap mark a ring slot keeps for claim `seq` (its lap of the ring plus one), or nil past 2³²−2 laps.
+    private func lapMark(_ seq: Int) -> UInt32? {
+        let lap = seq / (Self.stripeCount * perStripe)
+        return lap < Int(UInt32.max) ? UInt32(lap + 1) : nil
+    }
+
+    /// The sequence number of the claim a ring slot holds (`mark` > 0).
+    private func sequence(mark: UInt32, stripe: Int, slot: Int) -> Int {
+        (Int(mark) - 1) * Self.stripeCount * perStripe + slot * Self.stripeCount + stripe
+    }
+
+    /// The index slots keep for voucher `id`, or nil once the table holds ``maxVouchers`` ids (the claims
+    /// of such a voucher keep their id in the side table). Taken once per voucher's runtime, at its first
+    /// claim, not per claim; ids stay for the process's life, so only vouchers that granted a claim here
+    /// (or whose claims the journal holds) may take one.
+    func voucherIndex(_ id: String) -> UInt16? {
+        vouchers.withLockedValue { v in
+            let key = ByteKey(id)
+            if let i = v.index[key] { return i }
+            guard v.names.count < Self.maxVouchers else { return nil }
+            let i = UInt16(v.names.count)
+            v.names.append(id)
+            v.index[key] = i
+            return i
+        }
+    }
+
+    private func voucherName(_ i: UInt16) -> String { vouchers.withLockedValue { $0.names[Int(i)] } }
+
+    /// A slot for `e` and, when the slot cannot hold it by itself, its side-table entry.
+    private static func compact(_ e: ClaimEvent, voucherIndex: UInt16?) -> (Slot, Spread?) {
+        var slot = Slot()
+        slot.user = e.user
+        if let voucherIndex, let lease = Self.numbered(e), e.qty <= Slot.maxQty {
+            slot.lease = lease
+            slot.voucher = voucherIndex
+            slot.bits = UInt16(e.qty)
+            return (slot, nil)
+        }
+        return (slot, Spread(voucher: e.voucher, qty: e.qty, shares: e.shares))
+    }
+
+    /// Remember a claim of this boot; `seq` is the sequence number its id ends with, `voucherIndex` its
+    /// voucher's ``voucherIndex(_:)``.
+    func add(_ e: ClaimEvent, seq: Int, voucherIndex: UInt16?) {
+        guard capacity > 0, let mark = lapMark(seq) else { return }
+        assert(voucherIndex.map { voucherName($0) == e.voucher } ?? true, "a claim of another voucher's index")
         let (s, i) = locate(seq)
-        let lease = Self.numbered(e)
+        var (slot, spread) = Self.compact(e, voucherIndex: voucherIndex)
+        slot.lap = mark
         stripes[s].withLockedValue { st in
             let old = st.slots[i]
-            if old.lease < 0, old.seq >= 0 { st.spread.removeValue(forKey: old.seq) }
-            st.slots[i].seq = seq
-            st.slots[i].voucher = e.voucher
-            st.slots[i].user = e.user
-            st.slots[i].unclaimed = false
-            if let lease {
-                st.slots[i].lease = lease
-                st.slots[i].qty = Int32(e.qty)
-            } else {
-                st.slots[i].lease = -1
-                st.slots[i].qty = 0
-                st.spread[seq] = (e.qty, e.shares)
-            }
+            if old.lease < 0, old.lap != 0 { st.spread.removeValue(forKey: sequence(mark: old.lap, stripe: s, slot: i)) }
+            st.slots[i] = slot
+            if let spread { st.spread[seq] = spread }
         }
         added.add(1, ordering: .relaxed)
     }
 
-    /// A slot's claim as an entry (`spread`: its quantity and shares when not one numbered lease's).
-    private static func entry(_ id: String, _ slot: Slot, spread: (qty: Int, shares: [ClaimShare])?, region: String,
-                              host: String) -> Entry {
+    /// A slot's claim as an entry (`spread`: its side-table entry when it has one).
+    private func entry(_ id: String, _ slot: Slot, spread: Spread?, region: String, host: String) -> Entry {
         let shares: [ClaimShare]
         let qty: Int
+        let voucher: String
         if slot.lease >= 0 {
-            qty = Int(slot.qty)
+            qty = slot.qty
             shares = [ClaimShare(leaseId: Self.leaseID(slot.lease), tokens: qty)]
+            voucher = voucherName(slot.voucher)
         } else {
             shares = spread?.shares ?? []
             qty = spread?.qty ?? 0
+            voucher = spread?.voucher ?? ""
         }
-        return Entry(event: ClaimEvent(claimID: id, voucher: slot.voucher, user: slot.user, qty: qty, region: region,
+        return Entry(event: ClaimEvent(claimID: id, voucher: voucher, user: slot.user, qty: qty, region: region,
                                        host: host, shares: shares, tsMs: 0),
                      unclaimed: slot.unclaimed)
     }
@@ -149,7 +216,7 @@ final class ClaimBook: Sendable {
     /// The lease id of a claim that is one share of a numbered lease (all its tokens), or nil. A hot-key
     /// shard's lease `s.N` is kept as `s << 48 | N` (shards ≤ 64, N < 2⁴⁸).
     private static func numbered(_ e: ClaimEvent) -> Int64? {
-        guard e.shares.count == 1, e.shares[0].tokens == e.qty, e.qty >= 0, e.qty <= Int(Int32.max) else { return nil }
+        guard e.shares.count == 1, e.shares[0].tokens == e.qty, e.qty >= 0 else { return nil }
         return PackedLease.pack(e.shares[0].leaseId)
     }
 
@@ -164,13 +231,10 @@ final class ClaimBook: Sendable {
             if let (prefix, seq) = Older.split(e.claimID) {
                 let key = Array(prefix.utf8)
                 var boot = o.byPrefix.removeValue(forKey: key) ?? Older.Boot(region: e.region, host: e.host)
-                var slot = Slot(seq: seq, voucher: e.voucher, user: e.user)
-                if let lease = Self.numbered(e) {
-                    slot.lease = lease
-                    slot.qty = Int32(e.qty)
-                } else {
-                    boot.spread[seq] = (e.qty, e.shares)
-                }
+                // (The lock order is always older, then vouchers: see `with`.)
+                var (slot, spread) = Self.compact(e, voucherIndex: voucherIndex(e.voucher))
+                slot.lap = 1
+                if let spread { boot.spread[seq] = spread } else { boot.spread.removeValue(forKey: seq) }
                 if boot.slots.updateValue(slot, forKey: seq) == nil { o.count += 1 }
                 o.byPrefix[key] = boot
             } else if o.other.updateValue(Entry(event: e, unclaimed: false), forKey: Array(e.claimID.utf8)) == nil {
@@ -184,15 +248,15 @@ final class ClaimBook: Sendable {
     /// Look up and change one claim's entry under its lock.
     private func with<T>(_ id: String, _ body: (inout Entry?) -> T) -> T {
         if let seq = sequence(id) {
-            guard capacity > 0 else { var none: Entry? = nil; return body(&none) }
+            guard capacity > 0, let mark = lapMark(seq) else { var none: Entry? = nil; return body(&none) }
             let (s, i) = locate(seq)
             return stripes[s].withLockedValue { st in
-                guard st.slots[i].seq == seq else {
+                guard st.slots[i].lap == mark else {
                     var none: Entry? = nil
                     return body(&none)
                 }
                 let slot = st.slots[i]
-                var entry: Entry? = Self.entry(id, slot, spread: st.spread[seq], region: region, host: host)
+                var entry: Entry? = entry(id, slot, spread: slot.lease < 0 ? st.spread[seq] : nil, region: region, host: host)
                 let result = body(&entry)
                 st.slots[i].unclaimed = entry?.unclaimed ?? slot.unclaimed
                 return result
@@ -210,7 +274,7 @@ final class ClaimBook: Sendable {
                 let region = o.byPrefix[key]!.region
                 let host = o.byPrefix[key]!.host
                 let spread = slot.lease < 0 ? o.byPrefix[key]!.spread[seq] : nil
-                var entry: Entry? = Self.entry(id, slot, spread: spread, region: region, host: host)
+                var entry: Entry? = entry(id, slot, spread: spread, region: region, host: host)
                 let result = body(&entry)
                 o.byPrefix[key]!.slots[seq]!.unclaimed = entry?.unclaimed ?? slot.unclaimed
                 return result
@@ -236,6 +300,13 @@ final class ClaimBook: Sendable {
     func restore(_ id: String) { with(id) { e in e?.unclaimed = false } }
 
     func markUnclaimed(_ id: String) { with(id) { e in e?.unclaimed = true } }
+
+    /// Claims of this boot kept in the side table (not one share of a numbered lease of at most 32,767 tokens,
+    /// or of a voucher past the table's bound): ~140 bytes each instead of the slot's 32.
+    var spreadCount: Int { stripes.reduce(0) { n, st in n + st.withLockedValue { $0.spread.count } } }
+
+    /// Voucher ids in the book's table (bounded by ``maxVouchers``, kept for the process's life).
+    var voucherCount: Int { vouchers.withLockedValue { $0.names.count } }
 
     /// Claims of this boot in the ring (at most `capacity`) plus those of earlier boots.
     var count: Int { min(added.load(ordering: .relaxed), capacity) + older.withLockedValue { $0.count } }

@@ -133,6 +133,8 @@ public final class SidecarEngine: Sendable {
         r.tailWait = config.limits.tailWait
         r.dedupeBudget = dedupeBudget
         r.injectedBug = injectedBug
+        r.recordsClaims = config.journal.dir != nil || config.kafka.brokers != nil
+        r.recordsIntents = config.journal.dir != nil
         return r
     }
 
@@ -737,6 +739,7 @@ public final class SidecarEngine: Sendable {
             out += "dedupe_bytes:\(dedupeBudget.bytes)\r\nmax_dedupe_bytes:\(dedupeBudget.maxBytes)\r\n"
             out += "dedupe_refused:\(dedupeBudget.refused)\r\n"
             out += "claims_tracked:\(claimBook.count)\r\nmax_tracked_claims:\(config.claims.maxTracked)\r\n"
+            out += "claims_tracked_spread:\(claimBook.spreadCount)\r\nclaim_book_vouchers:\(claimBook.voucherCount)\r\n"
             out += "max_waiting_claims_per_voucher:\(l.maxWaitingClaims)\r\n"
             out += "background_jobs:\(chores.outstanding)\r\nmax_background_jobs:\(l.maxBackgroundJobs)\r\n\r\n"
         }

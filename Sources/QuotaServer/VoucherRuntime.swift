@@ -5,6 +5,7 @@ import NIOCore
 import QuotaCore
 import QuotaJournal
 import QuotaRedis
+import Synchronization
 
 /// One voucher on this host: the ``VoucherMachine`` value behind a lock, and the I/O it asks for.
 ///
@@ -15,6 +16,17 @@ import QuotaRedis
 final class VoucherRuntime: @unchecked Sendable {
     let id: String
     private unowned let engine: SidecarEngine
+    /// This voucher's number in the claim book (``ClaimBook/voucherIndex(_:)``), taken at its first claim
+    /// (not at creation: a runtime is made for any well-formed id before Redis says the voucher exists, and
+    /// the book's table of ids is bounded and never shrinks). -2: not yet; -1: the table was full.
+    private let bookIndexState = Atomic<Int>(-2)
+    private var bookIndex: UInt16? {
+        let v = bookIndexState.load(ordering: .relaxed)
+        if v >= -1 { return v >= 0 ? UInt16(v) : nil }
+        let i = engine.claimBook.voucherIndex(id)   // idempotent: racing first claims get the same index
+        bookIndexState.store(i.map(Int.init) ?? -1, ordering: .relaxed)
+        return i
+    }
     private let lock = NIOLock()
 
     // Guarded by `lock`.
@@ -180,7 +192,7 @@ final class VoucherRuntime: @unchecked Sendable {
             case .remember(let c, let seq):
                 // Done here, not deferred: the claim book has its own striped locks and calls nothing back,
                 // and a claim answered at once then needs no deferred list at all.
-                engine.claimBook.add(c, seq: seq)
+                engine.claimBook.add(c, seq: seq, voucherIndex: bookIndex)
             case .releaseUser(let c, let t?):
                 if let p = promises.removeValue(forKey: t) { out.append(.releaseThenOK(c, p)) } else { out.append(.effect(e)) }
             case .lease, .renew, .giveBack, .load:
@@ -254,7 +266,7 @@ final class VoucherRuntime: @unchecked Sendable {
         case .renew(let id): startRenew(id)
         case .giveBack(let r): startReturn(r)
         case .checkUser(let c, let seq, let limit): startUserCheck(c, seq: seq, limit: limit)
-        case .remember(let c, let seq): engine.claimBook.add(c, seq: seq)
+        case .remember(let c, let seq): engine.claimBook.add(c, seq: seq, voucherIndex: bookIndex)
         case .restock(let c): engine.restock(c)
         case .releaseUser(let c, _): engine.releaseUser(c)
         case .unclaimFailed(let claimID): engine.claimBook.restore(claimID)

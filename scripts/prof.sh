@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A CPU profile of release quotad under redis-benchmark (-c 50 -P 16), for issue 13's work: where a
+# claim's CPU goes. MODE=journal (ships to a private Tansu) | none | peruser (none, a random user per
+# claim); NOJ=1: no journal.dir (what `durability: none` alone configures). Needs a release build.
+#   MODE=none NOJ=1 scripts/prof.sh
+#   perf report -i /tmp/perf.none.data --no-children -g none --sort comm    # per thread
+#   perf report -i /tmp/perf.none.data --children -g none --sort symbol     # per function, callees included
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/kafka-env.sh
+source scripts/lib.sh
+MODE=${MODE:-journal}
+qd_init quotad-prof
+qd_start_redis
+qd_start_tansu
+BIN=.build/release
+$BIN/quotactl voucher create bench --limit 1000000000000 --redis "unix://$T/redis.sock" >/dev/null
+$BIN/quotactl voucher create benchu --limit 1000000000000 --per-user 1000000000 --redis "unix://$T/redis.sock" >/dev/null
+dm=$MODE; [ "$MODE" = peruser ] && dm=none
+kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: bench.prof }"
+[ "$dm" = none ] && kafka=""
+cat > "$T/q.yaml" <<YAML
+host_id: prof
+region: sg
+regions:
+  sg: { redis: "unix://$T/redis.sock" }
+socket: { path: $T/q.sock }
+durability: $dm
+$( [ -n "${NOJ:-}" ] || echo "journal: { dir: $T/journal }")
+$kafka
+log_level: warning
+YAML
+$BIN/quotad --config "$T/q.yaml" 2>>"$T/q.log" &
+qpid=$!
+pids+=($qpid)
+qd_wait_sock "$T/q.sock"
+args="CLAIM bench user"; [ "$MODE" = peruser ] && args="CLAIM benchu u:__rand_int__"
+redis-benchmark -s $T/q.sock -n 200000 -c 50 -P 16 -r 1000000000 -q $args >/dev/null 2>&1
+perf record -F 999 -g -p $qpid -o ${OUT:-/tmp}/perf.$MODE.data -- sleep 8 >/dev/null 2>&1 &
+ppid=$!
+redis-benchmark -s $T/q.sock -n ${N:-600000} -c 50 -P 16 -r 1000000000 -q $args 2>/dev/null | tr '\r' '\n' | tail -2
+wait $ppid || true
