@@ -135,11 +135,20 @@ for round in $(seq "$ROUNDS"); do
     else run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM bench user; fi
   done
 done
-# Unpipelined, one connection: p50 of each (redis-benchmark reports it in ms, 3 decimals).
+# Unpipelined, one connection: p50 of each (redis-benchmark reports it in ms, 3 decimals, from a histogram
+# whose buckets are 8 µs wide here: 0.023, 0.031, 0.039), and the mean round trip (1 / requests per second
+# of the one connection), which is not bucketed.
+unpiped() { # name socket command...
+  local name=$1 sock=$2 out
+  shift 2
+  out=$(redis-benchmark -s "$sock" -n 100000 -c 1 -P 1 -q "$@" 2>/dev/null | tr '\r' '\n')
+  echo "$out" | p50 >> "$T/p50.$name"
+  echo "$out" | rps | awk '{printf "%.1f\n", 1000000 / $1}' >> "$T/rtt.$name"
+}
 for round in $(seq "$ROUNDS"); do
-  echo "$(redis-benchmark -s "$T/echo.sock" -n 100000 -c 1 -P 1 -q PING_INLINE 2>/dev/null | p50)" >> "$T/p50.echo"
-  echo "$(redis-benchmark -s "${QSOCK[none]}" -n 100000 -c 1 -P 1 -q CLAIM bench user 2>/dev/null | p50)" >> "$T/p50.claim"
-  echo "$(redis-benchmark -s "$T/redis-base.sock" -n 100000 -c 1 -P 1 -q INCR bench:counter 2>/dev/null | p50)" >> "$T/p50.incr"
+  unpiped echo "$T/echo.sock" PING_INLINE
+  unpiped claim "${QSOCK[none]}" CLAIM bench user
+  unpiped incr "$T/redis-base.sock" INCR bench:counter
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -178,6 +187,9 @@ if [ -n "$BASE_BIN" ]; then
 fi
 e=$(median < "$T/p50.echo"); c=$(median < "$T/p50.claim"); i=$(median < "$T/p50.incr")
 printf "one unpipelined connection, p50 ms: raw socket echo %s, redis INCR %s, quotad CLAIM %s (%.2f× the echo)\n" \
+  "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"
+e=$(median < "$T/rtt.echo"); c=$(median < "$T/rtt.claim"); i=$(median < "$T/rtt.incr")
+printf "one unpipelined connection, mean round trip µs: raw socket echo %s, redis INCR %s, quotad CLAIM %s (%.2f× the echo)\n" \
   "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"
 leases=$(redis-cli -s "${QSOCK[none]}" info stats | tr -d '\r' | grep '^leases_taken:' | cut -d: -f2)
 sent=$(redis-cli -s "${QSOCK[none]}" info stats | tr -d '\r' | grep '^redis_commands:' | cut -d: -f2)
