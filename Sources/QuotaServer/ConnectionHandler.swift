@@ -45,8 +45,12 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var turnBytes = 0
     /// Replies not yet written because an earlier one is still pending (nil = pending).
     private var queue = CircularBuffer<Reply?>()
-    /// Sequence number of `queue.first`.
+    /// Sequence number of `queue.first` (every reply takes one, in order, also one written at once).
     private var headSeq = 0
+    /// Receives the replies of ``Outcome/pending`` claims (made at the first claim; detached at close).
+    private var replyBox: ReplyBox?
+    /// When each ``Outcome/pending`` claim started, by its place (only with the claim latency histogram).
+    private var pendingStarts: [Int: NIODeadline] = [:]
     /// Reading stopped: the peer has not read `limits.max_output_bytes` of replies.
     private var outputPaused = false
     /// Reading stopped: `limits.max_pending_per_connection` commands wait for their replies.
@@ -218,9 +222,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
         case .now(let r):
             if queue.isEmpty {
                 write(r, context: context)
+                headSeq += 1   // every reply takes a number: a run's places are known before it is decided
             } else {
                 queue.append(r)
             }
+        case .pending:
+            // Its reply comes to `replyBox` (``fill(_:context:)``) at this place.
+            queue.append(nil)
         case .later(let f):
             let seq = headSeq + queue.count
             queue.append(nil)
@@ -240,16 +248,41 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     private func fill(seq: Int, _ r: Reply, context: ChannelHandlerContext) {
+        place(seq: seq, r)
+        drain(context: context)
+        scheduleFlush(context: context)
+        if pendingPaused { resume(context: context) }
+    }
+
+    /// Replies of ``Outcome/pending`` requests, handed over by ``ReplyBox/deliver(_:)`` (on this loop, in a
+    /// task of their own: written and flushed at once).
+    func fill(_ items: [(seq: Int, reply: Reply)], context: ChannelHandlerContext) {
+        let now: NIODeadline? = claimTimer == nil || pendingStarts.isEmpty ? nil : .now()
+        for (seq, r) in items {
+            place(seq: seq, r)
+            if let now, let t0 = pendingStarts.removeValue(forKey: seq) {
+                claimTimer?.recordNanoseconds((now - t0).nanoseconds)
+            }
+        }
+        drain(context: context)
+        flushReplies(context: context)
+        if closing && queue.isEmpty { context.close(promise: nil) }
+        if pendingPaused { resume(context: context) }
+    }
+
+    private func place(seq: Int, _ r: Reply) {
         let i = seq - headSeq
         guard i >= 0, i < queue.count else { return }
         queue[queue.index(queue.startIndex, offsetBy: i)] = r
+    }
+
+    /// Write the replies at the head of the queue that are known.
+    private func drain(context: ChannelHandlerContext) {
         while let first = queue.first, let reply = first {
             queue.removeFirst()
             headSeq += 1
             write(reply, context: context)
         }
-        scheduleFlush(context: context)
-        if pendingPaused { resume(context: context) }
     }
 
     // MARK: - Back-pressure
@@ -355,6 +388,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         inactive = true
         input = nil
+        replyBox?.detach()
+        replyBox = nil
+        pendingStarts.removeAll()
         engine.connectionsCurrent.subtract(1, ordering: .relaxed)
         if countedPaused {
             countedPaused = false
@@ -383,6 +419,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             switch outcome {
             case .now: timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds)
             case .later(let f): f.whenComplete { _ in timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
+            case .pending: break   // (only requests made with an address; this one was not)
             }
             return outcome
         }
@@ -549,6 +586,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .later(let f):
                 replies.append(nil)
                 later.append((i, f))
+            case .pending:
+                // Not made here (a transaction's commands are dispatched without an address).
+                replies.append(.error(QuotaError(.err, "internal: a reply without its place")))
             }
         }
         if later.isEmpty { return .now(.replies(replies.map { $0! })) }
@@ -711,12 +751,18 @@ final class ConnectionHandler: ChannelDuplexHandler {
         guard let voucher = runVoucher else { return }
         runVoucher = nil
         let loop = context.eventLoop
+        // Each outcome takes the next place in the reply order (``enqueue(_:context:)``), so request `i`'s
+        // place is `firstSeq + i` whatever the others' outcomes.
+        let box = replyBox(context: context)
+        let firstSeq = headSeq + queue.count
         if runRequests.count == 1 {
-            let outcome = engine.request(runRequests[0], voucher: voucher, loop: loop, cache: &lastRuntime)
+            let outcome = engine.request(runRequests[0], voucher: voucher, loop: loop, cache: &lastRuntime,
+                                         address: ReplyAddress(box: box, seq: firstSeq))
             runRequests.removeAll(keepingCapacity: true)
             finishClaim(outcome, started: runStarted.first, context: context)
         } else {
-            let outcomes = engine.requestMany(runRequests, voucher: voucher, loop: loop, cache: &lastRuntime)
+            let outcomes = engine.requestMany(runRequests, voucher: voucher, loop: loop, cache: &lastRuntime,
+                                              box: box, firstSeq: firstSeq)
             runRequests.removeAll(keepingCapacity: true)
             for (i, outcome) in outcomes.enumerated() {
                 finishClaim(outcome, started: i < runStarted.count ? runStarted[i] : nil, context: context)
@@ -730,9 +776,18 @@ final class ConnectionHandler: ChannelDuplexHandler {
             switch outcome {
             case .now: timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds)
             case .later(let f): f.whenComplete { _ in timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
+            case .pending: pendingStarts[headSeq + queue.count] = t0
             }
         }
         enqueue(outcome, context: context)
+    }
+
+    /// This connection's ``ReplyBox`` (made at its first claim).
+    private func replyBox(context: ChannelHandlerContext) -> ReplyBox {
+        if let b = replyBox { return b }
+        let b = ReplyBox(loop: context.eventLoop, handler: self, context: context)
+        replyBox = b
+        return b
     }
 
     /// The argument as a string if it is valid UTF-8 (ASCII, the common case, is checked first).

@@ -21,6 +21,47 @@ public enum Reply: Sendable {
 public enum Outcome: Sendable {
     case now(Reply)
     case later(EventLoopFuture<Reply>)
+    /// Comes later to the ``ReplyAddress`` the request was made with (no promise, no future: the reply is
+    /// handed to its connection with the others of its batch). Only requests made with an address get it.
+    case pending
+}
+
+/// Where a reply decided later goes without a promise: a connection's ``ReplyBox`` and the reply's place
+/// in that connection's order of replies (issue 13: a promise, its future and a callback per claim were a
+/// visible part of a claim answered from another thread, as with the journal or a per-user check).
+struct ReplyAddress: Sendable {
+    let box: ReplyBox
+    let seq: Int
+}
+
+/// A connection's receiver of replies decided on other threads. Everything in it happens on `loop`:
+/// ``deliver(_:)`` is called there (runtimes reach it with one `execute` per event loop and batch), and
+/// the connection detaches it there when it closes; replies that come after are dropped, as the channel
+/// is gone.
+final class ReplyBox: @unchecked Sendable {
+    let loop: any EventLoop
+    private var handler: ConnectionHandler?
+    private var context: ChannelHandlerContext?
+
+    init(loop: any EventLoop, handler: ConnectionHandler, context: ChannelHandlerContext) {
+        self.loop = loop
+        self.handler = handler
+        self.context = context
+    }
+
+    /// On `loop`: hand the connection its replies (in any order; it writes them in its own order).
+    func deliver(_ items: [(seq: Int, reply: Reply)]) {
+        loop.preconditionInEventLoop()
+        guard let handler, let context else { return }
+        handler.fill(items, context: context)
+    }
+
+    /// On `loop`: the connection is gone (this also breaks the cycle handler -> box -> handler).
+    func detach() {
+        loop.preconditionInEventLoop()
+        handler = nil
+        context = nil
+    }
 }
 
 extension ByteBuffer {

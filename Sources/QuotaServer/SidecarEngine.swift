@@ -242,8 +242,9 @@ public final class SidecarEngine: Sendable {
     /// Handle `CLAIM` / `AVAIL` for `voucher` (already validated).
     /// `cache`: the caller's last runtime (a connection's), used while it is this voucher's and no runtime
     /// left the registry since, so the hot path takes no engine-wide lock; updated to the one that answered.
+    /// With an `address`, a reply not known now goes there (``Outcome/pending``) instead of a promise.
     func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop,
-                 cache: inout RuntimeCache) -> Outcome {
+                 cache: inout RuntimeCache, address: ReplyAddress? = nil) -> Outcome {
         if isDraining, case .claim = req {
             countRejection(.unavailable)
             return .now(.error(QuotaError(.unavailable, "draining: this host no longer serves claims")))
@@ -256,7 +257,7 @@ public final class SidecarEngine: Sendable {
         // Read before the lookup: a removal after it makes the next claim look up again.
         let epoch = registryEpoch.load(ordering: .sequentiallyConsistent)
         if let rt = cache.runtime, rt.id == voucher, cache.epoch == epoch {
-            if let o = rt.handle(req, now: now, loop: loop) { return o }
+            if let o = rt.handle(req, now: now, loop: loop, address: address) { return o }
         }
         cache.runtime = nil
         while true {
@@ -269,7 +270,7 @@ public final class SidecarEngine: Sendable {
                 if case .claim = req { countRejection(.novoucher) }
                 return .now(.error(QuotaError(.novoucher, "no such voucher '\(voucher)'")))
             case .runtime(let rt):
-                if let o = rt.handle(req, now: now, loop: loop) {
+                if let o = rt.handle(req, now: now, loop: loop, address: address) {
                     cache.runtime = rt
                     cache.epoch = epoch
                     return o
@@ -281,18 +282,22 @@ public final class SidecarEngine: Sendable {
 
     /// Claims of one voucher read together on one connection: handled under one taking of the voucher's
     /// lock (the two event loops of a hot voucher otherwise meet on its lock once per claim; issue 13).
-    /// The outcomes are in the order of `claims`.
+    /// The outcomes are in the order of `claims`; with a `box`, claim `i`'s reply, if not known now, goes to
+    /// its place `firstSeq + i` there.
     func requestMany(_ claims: [VoucherMachine.Request], voucher: String, loop: any EventLoop,
-                     cache: inout RuntimeCache) -> [Outcome] {
+                     cache: inout RuntimeCache, box: ReplyBox? = nil, firstSeq: Int = 0) -> [Outcome] {
         if claims.count > 1, !isDraining, !_regionLostFlag.load(ordering: .relaxed) {
             let epoch = registryEpoch.load(ordering: .sequentiallyConsistent)
             if let rt = cache.runtime, rt.id == voucher, cache.epoch == epoch,
-               let outcomes = rt.handleMany(claims, now: monotonicNow(), loop: loop) {
+               let outcomes = rt.handleMany(claims, now: monotonicNow(), loop: loop, box: box, firstSeq: firstSeq) {
                 return outcomes
             }
         }
         // One at a time: the first looks the runtime up (and fills the cache), or answers a refusal.
-        return claims.map { request($0, voucher: voucher, loop: loop, cache: &cache) }
+        return claims.enumerated().map { i, c in
+            request(c, voucher: voucher, loop: loop, cache: &cache,
+                    address: box.map { ReplyAddress(box: $0, seq: firstSeq + i) })
+        }
     }
 
     func request(_ req: VoucherMachine.Request, voucher: String, loop: any EventLoop) -> Outcome {

@@ -31,7 +31,8 @@ final class VoucherRuntime: @unchecked Sendable {
 
     // Guarded by `lock`.
     private var machine: VoucherMachine
-    private var promises: [Int: EventLoopPromise<Reply>] = [:]
+    /// Who waits for each ticket's answer: a promise, or a connection's ``ReplyAddress``.
+    private var waiters: [Int: Waiter] = [:]
     private var nextTicket = 0
     private var ioInFlight = 0
     /// The voucher's generation in Redis, learned at load: every script call says it.
@@ -57,32 +58,45 @@ final class VoucherRuntime: @unchecked Sendable {
             admission: { pipeline.refusal() ?? chores.refusal(limit: maxJobs) })
     }
 
+    /// Where a ticket's answer goes.
+    private enum Waiter {
+        case promise(EventLoopPromise<Reply>)
+        case address(ReplyAddress)
+    }
+
     /// Deferred work: what happens after the lock is released.
     private enum Deferred {
-        case reply(EventLoopPromise<Reply>, Reply)
+        case reply(Waiter, Reply)
         case effect(VoucherMachine.Effect)
         /// Release a user's count once, then answer `+OK` (the release is retried in the background if it failed).
-        case releaseThenOK(ClaimEvent, EventLoopPromise<Reply>)
+        case releaseThenOK(ClaimEvent, Waiter)
         /// A completion that came while the lock was held (``append(_:_:then:)``).
         case run(@Sendable () -> Void)
     }
 
     // MARK: - Requests (event loop threads)
 
-    /// Nil: this runtime was evicted since it was looked up; look the voucher up again.
-    func handle(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop) -> Outcome? {
+    /// Nil: this runtime was evicted since it was looked up; look the voucher up again. With an `address`,
+    /// an answer that is not known now goes there (``Outcome/pending``), else to a promise (``Outcome/later``).
+    func handle(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop,
+                address: ReplyAddress? = nil) -> Outcome? {
         var out: Outcome?
-        guard decide({ fx in out = admit(req, now: now, loop: loop, &fx) }) else { return nil }
+        guard decide({ fx in out = admit(req, now: now, loop: loop, address: address, &fx) }) else { return nil }
         return out
     }
 
-    /// ``handle(_:now:loop:)`` for several requests under one taking of the lock, in order; their effects
-    /// are carried out together (journal appends in decision order under the lock, the rest after).
-    func handleMany(_ reqs: [VoucherMachine.Request], now: Instant, loop: any EventLoop) -> [Outcome]? {
+    /// ``handle(_:now:loop:address:)`` for several requests under one taking of the lock, in order; their
+    /// effects are carried out together (journal appends in decision order under the lock, the rest after).
+    /// With a `box`, request `i`'s answer, if not known now, goes to its place `firstSeq + i`.
+    func handleMany(_ reqs: [VoucherMachine.Request], now: Instant, loop: any EventLoop,
+                    box: ReplyBox? = nil, firstSeq: Int = 0) -> [Outcome]? {
         var outcomes: [Outcome] = []
         outcomes.reserveCapacity(reqs.count)
         guard decide({ fx in
-            for req in reqs { outcomes.append(admit(req, now: now, loop: loop, &fx)) }
+            for (i, req) in reqs.enumerated() {
+                let address = box.map { ReplyAddress(box: $0, seq: firstSeq + i) }
+                outcomes.append(admit(req, now: now, loop: loop, address: address, &fx))
+            }
         }) else { return nil }
         return outcomes
     }
@@ -106,13 +120,18 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     /// One request to the machine (under the lock): its answer now, or a promise registered for it.
-    private func admit(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop,
+    private func admit(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop, address: ReplyAddress?,
                        _ fx: inout [VoucherMachine.Effect]) -> Outcome {
         let ticket = nextTicket
         nextTicket &+= 1
         if let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx) { return .now(Self.reply(answer)) }
+        // (The effects, answers among them, are carried out after every request of the call was admitted.)
+        if let address {
+            waiters[ticket] = .address(address)
+            return .pending
+        }
         let p = loop.makePromise(of: Reply.self)
-        promises[ticket] = p
+        waiters[ticket] = .promise(p)
         return .later(p.futureResult)
     }
 
@@ -125,7 +144,7 @@ final class VoucherRuntime: @unchecked Sendable {
             taken = true
             let t = self.nextTicket
             self.nextTicket &+= 1
-            self.promises[t] = p
+            self.waiters[t] = .promise(p)
             m.unclaim(e, ticket: t, tsMs: wallClockMs(), effects: &fx)
         }
         guard taken else {
@@ -167,7 +186,7 @@ final class VoucherRuntime: @unchecked Sendable {
         for e in fx {
             switch e {
             case .answer(let t, let a):
-                if let p = promises.removeValue(forKey: t) { out.append(.reply(p, Self.reply(a))) }
+                if let w = waiters.removeValue(forKey: t) { out.append(.reply(w, Self.reply(a))) }
             case .journal(let r):
                 pipeline.append(r)
             case .recordLater(let c):
@@ -194,7 +213,7 @@ final class VoucherRuntime: @unchecked Sendable {
                 // and a claim answered at once then needs no deferred list at all.
                 engine.claimBook.add(c, seq: seq, voucherIndex: bookIndex)
             case .releaseUser(let c, let t?):
-                if let p = promises.removeValue(forKey: t) { out.append(.releaseThenOK(c, p)) } else { out.append(.effect(e)) }
+                if let w = waiters.removeValue(forKey: t) { out.append(.releaseThenOK(c, w)) } else { out.append(.effect(e)) }
             case .lease, .renew, .giveBack, .load:
                 ioInFlight += 1
                 out.append(.effect(e))
@@ -218,14 +237,14 @@ final class VoucherRuntime: @unchecked Sendable {
     }
 
     private func perform(_ deferred: [Deferred]) {
-        var replies: [(EventLoopPromise<Reply>, Reply)] = []
+        var replies: [(Waiter, Reply)] = []
         defer { Self.complete(replies) }
         for d in deferred {
             switch d {
             case .run(let body): body()
-            case .reply(let p, let r): replies.append((p, r))
+            case .reply(let w, let r): replies.append((w, r))
             case .effect(let e): start(e)
-            case .releaseThenOK(let c, let p):
+            case .releaseThenOK(let c, let w):
                 let engine = self.engine
                 Task {
                     let r = await attempt { () async throws(RedisError) in
@@ -233,28 +252,39 @@ final class VoucherRuntime: @unchecked Sendable {
                                                            groups: engine.config.perUser.groups)
                     }
                     if case .failure = r { engine.releaseUser(c) }
-                    p.succeed(.value(.ok))
+                    Self.complete([(w, .value(.ok))])
                 }
             }
         }
     }
 
-    /// Complete promises, one hop per event loop for those of another thread's loop (a journal batch
-    /// answers many connections' claims at once: one task per loop, not one per reply).
-    private static func complete(_ replies: [(EventLoopPromise<Reply>, Reply)]) {
-        if replies.count < 2 {
-            for (p, r) in replies { p.succeed(r) }
-            return
+    /// Hand answers to their waiters, one hop per event loop (a journal batch answers many connections'
+    /// claims at once: one task per loop, not one per reply). A promise of the calling thread's own loop is
+    /// completed at once; a connection's address is always reached by a hop, so that a reply never comes
+    /// before the connection made its place (it does so in the same event-loop turn as the request).
+    private static func complete(_ replies: [(Waiter, Reply)]) {
+        guard !replies.isEmpty else { return }
+        var promised: [(EventLoopPromise<Reply>, Reply)] = []
+        var addressed: [(ReplyAddress, Reply)] = []
+        for (w, r) in replies {
+            switch w {
+            case .promise(let p):
+                if p.futureResult.eventLoop.inEventLoop { p.succeed(r) } else { promised.append((p, r)) }
+            case .address(let a): addressed.append((a, r))
+            }
         }
-        var others: [(EventLoopPromise<Reply>, Reply)] = []
-        for (p, r) in replies {
-            if p.futureResult.eventLoop.inEventLoop { p.succeed(r) } else { others.append((p, r)) }
-        }
-        for items in grouped(others, by: { ObjectIdentifier($0.0.futureResult.eventLoop) }) {
+        for items in grouped(promised, by: { ObjectIdentifier($0.0.futureResult.eventLoop) }) {
             if items.count == 1 {
                 items[0].0.succeed(items[0].1)
             } else {
                 items[0].0.futureResult.eventLoop.execute { for (p, r) in items { p.succeed(r) } }
+            }
+        }
+        for items in grouped(addressed, by: { ObjectIdentifier($0.0.box.loop) }) {
+            items[0].0.box.loop.execute {
+                for group in grouped(items, by: { ObjectIdentifier($0.0.box) }) {
+                    group[0].0.box.deliver(group.map { (seq: $0.0.seq, reply: $0.1) })
+                }
             }
         }
     }
@@ -608,14 +638,14 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// Whether it could be evicted now (a first look, without the registry's lock).
     func looksEvictable(now: Instant) -> Bool {
-        lock.withLock { !evicted && ioInFlight == 0 && lostReason == nil && promises.isEmpty && machine.isEvictable(now: now) }
+        lock.withLock { !evicted && ioInFlight == 0 && lostReason == nil && waiters.isEmpty && machine.isEvictable(now: now) }
     }
 
     /// Mark it evicted if it still can be (under the registry's lock): from then on it takes no request.
     /// Returns its counters (to keep the process totals) when it was evicted.
     func evictIfIdle(now: Instant) -> VoucherCounters? {
         lock.withLock {
-            guard !evicted, ioInFlight == 0, lostReason == nil, promises.isEmpty, machine.isEvictable(now: now) else { return nil }
+            guard !evicted, ioInFlight == 0, lostReason == nil, waiters.isEmpty, machine.isEvictable(now: now) else { return nil }
             evicted = true
             return machine.stock.counters
         }

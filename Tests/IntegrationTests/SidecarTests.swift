@@ -256,17 +256,28 @@ struct SidecarTests {
     /// Claims read together are handled as runs per voucher (issue 13): in one write, runs of two
     /// vouchers, bad claims, a retried REQ, other commands, MULTI/EXEC and, last, a protocol error are
     /// answered one for one, in order, and exactly the good claims are sold.
-    @Test func claimRunsMixedWithOtherCommandsAreAnsweredInOrderOneForOne() async throws {
+    // `none`: claims are answered at once; `journal`: after their write batch, through the connection's
+    // reply box (``Outcome/pending``), at places numbered before they were decided. A per-user limit makes
+    // claims wait for Redis in both modes, and a user's second claim in a run is refused at once, between
+    // claims that wait: every reply must still land at its own place.
+    @Test(arguments: ["none", "journal"])
+    func claimRunsMixedWithOtherCommandsAreAnsweredInOrderOneForOne(durability: String) async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "ra", limit: 1000, perUser: 0, totalLimit: 1000, region: "sg")
         _ = try await redis.store.createVoucher(id: "rb", limit: 1000, perUser: 0, totalLimit: 1000, region: "sg")
-        let q = try await Quotad(redis: redis, dir: dir, host: "host-a")
+        _ = try await redis.store.createVoucher(id: "rp", limit: 1000, perUser: 1, totalLimit: 1000, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", durability: durability)
         let c = try await RESPClient.connect(q.socket)
         #expect(try await c.send("CLAIM", "ra", "warm").errorCode == nil)
         #expect(try await c.send("CLAIM", "rb", "warm").errorCode == nil)
+        #expect(try await c.send("CLAIM", "rp", "warm").errorCode == nil)
         var cmds: [[String]] = []
         var want: [String] = []  // "id", "id=<k>" (same id as reply k), an error code, or an exact reply
+        // First, with nothing waiting: a run whose first claim is refused at once (written at once) and
+        // whose second waits: the second's place was numbered before the first was decided.
+        cmds += [["CLAIM", "rp", "warm"], ["CLAIM", "rp", "first"]]
+        want += ["USERLIMIT", "id"]
         for i in 0..<150 {
             switch i % 10 {
             case 0, 1, 2, 3: cmds.append(["CLAIM", "ra", "u\(i)"]); want.append("id")
@@ -279,19 +290,46 @@ struct SidecarTests {
             default: cmds.append(["CLAIM", "ra", "u\(i)"]); want.append("id")
             }
         }
+        for j in 0..<30 {
+            cmds.append(["CLAIM", "rp", "pu\(j)"]); want.append("id")
+            cmds.append(["CLAIM", "rp", "pu\(j)"]); want.append("USERLIMIT")
+        }
         cmds += [["MULTI"], ["CLAIM", "ra", "t1"], ["EXEC"], ["CLAIM", "ra", "after"]]
         want += ["OK", "QUEUED", "array", "id"]
         var bytes = ByteBuffer()
         for cmd in cmds { bytes.writeString("*\(cmd.count)\r\n" + cmd.map { "$\($0.utf8.count)\r\n\($0)\r\n" }.joined()) }
         bytes.writeString("*1\r\n$3\r\nabcdef\r\n")  // a protocol error after it all
-        let replies = try await c.sendRaw(bytes, replies: cmds.count + 1)
+        // A reply put at a wrong place is never written (the ones after it wait for it): fail, not hang.
+        let all = cmds.count + 1
+        let payload = bytes
+        let answered: [RESPValue]? = await withTaskGroup(of: [RESPValue]?.self) { g in
+            g.addTask { try? await c.sendRaw(payload, replies: all) }
+            g.addTask {
+                try? await Task.sleep(for: .seconds(30))
+                if !Task.isCancelled { c.close() }   // (a read waiting for a reply ends only when the socket does)
+                return nil
+            }
+            let first = await g.next() ?? nil
+            g.cancelAll()
+            return first
+        }
+        let replies = try #require(answered, "every command answered within 30 s")
         var ids = Set<String>()
+        var lastSeq: [String: Int] = [:]
         for (k, (r, w)) in zip(replies, want).enumerated() {
             switch w {
             case "id":
                 let id = try #require(r.string, "reply \(k) to \(cmds[k]): \(r)")
                 #expect(!r.isError && id.hasPrefix("sg.host-a."), "reply \(k) to \(cmds[k]): \(r)")
                 #expect(ids.insert(id).inserted, "claim ids are unique: \(id)")
+                // A voucher's claims are numbered as they are served, in the order sent (claims waiting for
+                // stock are served first come, first served): a reply at another's place breaks the order.
+                if !r.isError {
+                    let seq = claimIDParts(id).seq
+                    let v = cmds[k][1]
+                    #expect(seq > lastSeq[v, default: -1], "reply \(k) to \(cmds[k]): \(id) after \(v)'s claim \(lastSeq[v, default: -1])")
+                    lastSeq[v] = seq
+                }
             case let w where w.hasPrefix("id="):
                 #expect(r == replies[Int(w.dropFirst(3))!], "a retried REQ gets the first answer: reply \(k)")
             case "OK": #expect(r == .ok)
@@ -308,8 +346,10 @@ struct SidecarTests {
         // Sold: the two warm-ups and every distinct id answered.
         let c2 = try await RESPClient.connect(q.socket)
         let availA = try await c2.send("AVAIL", "ra"), availB = try await c2.send("AVAIL", "rb")
-        let sold = 2000 - (Int(availA.string ?? "") ?? -1) - (Int(availB.string ?? "") ?? -1)
-        #expect(sold == ids.count + 2, "sold \(sold), answered \(ids.count) distinct ids + 2 warm-ups")
+        let availP = try await c2.send("AVAIL", "rp")
+        let left = [availA, availB, availP].map { Int($0.string ?? "") ?? -1 }
+        let sold = 3000 - left.reduce(0, +)
+        #expect(sold == ids.count + 3, "sold \(sold), answered \(ids.count) distinct ids + 3 warm-ups")
         c2.close()
         #expect(try await q.stop() == 0)
     }
