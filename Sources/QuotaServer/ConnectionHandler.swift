@@ -116,8 +116,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
         var commands = 0
         turnBytes = 0
-        while !closing, var buf = input {
-            if shouldPause(context: context) { break }
+        while !closing, !inactive, var buf = input {
+            // (A flush in `shouldPause` that finds the peer gone closes the channel at once: `inactive`.)
+            if shouldPause(context: context) || inactive { break }
             // Fairness: one connection's burst does not hold the event loop (and the other connections on it)
             // for long; the rest is decoded in a later turn.
             if commands >= Self.commandsPerTurn || turnBytes >= Self.bytesPerTurn {
@@ -210,6 +211,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         input = nil
         if queue.isEmpty {
             write(.err("Protocol error: \(e.message)"), context: context)
+            headSeq += 1   // (every reply takes a number; the connection closes now anyway)
             flushReplies(context: context)
             context.close(promise: nil)
         } else {
@@ -272,6 +274,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private func place(seq: Int, _ r: Reply) {
         let i = seq - headSeq
+        assert(i >= 0 && i < queue.count && queue[queue.index(queue.startIndex, offsetBy: i)] == nil,
+               "a reply for place \(seq), which is not waiting (head \(headSeq), \(queue.count) queued)")
         guard i >= 0, i < queue.count else { return }
         queue[queue.index(queue.startIndex, offsetBy: i)] = r
     }
@@ -587,7 +591,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 replies.append(nil)
                 later.append((i, f))
             case .pending:
-                // Not made here (a transaction's commands are dispatched without an address).
+                // Never: a transaction's commands are dispatched without an address (a claim answered so
+                // might have been granted: checked in debug builds, which run the tests).
+                assertionFailure("a transaction's command got a reply address")
                 replies.append(.error(QuotaError(.err, "internal: a reply without its place")))
             }
         }
@@ -750,6 +756,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func flushClaims(context: ChannelHandlerContext) {
         guard let voucher = runVoucher else { return }
         runVoucher = nil
+        guard !inactive else {
+            // The peer is gone: nobody could learn these claims' ids; they are not decided (helper finding:
+            // decided, they sold tokens to nobody, and the run made a reply box that was never detached).
+            runRequests.removeAll(keepingCapacity: true)
+            runStarted.removeAll(keepingCapacity: true)
+            return
+        }
         let loop = context.eventLoop
         // Each outcome takes the next place in the reply order (``enqueue(_:context:)``), so request `i`'s
         // place is `firstSeq + i` whatever the others' outcomes.
@@ -784,6 +797,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     /// This connection's ``ReplyBox`` (made at its first claim).
     private func replyBox(context: ChannelHandlerContext) -> ReplyBox {
+        assert(!inactive, "a reply box for a closed connection is never detached")
         if let b = replyBox { return b }
         let b = ReplyBox(loop: context.eventLoop, handler: self, context: context)
         replyBox = b

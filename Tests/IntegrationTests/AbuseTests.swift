@@ -492,4 +492,33 @@ struct AbuseTests {
         #expect(try await q.stop() == 0)
         #expect(try await redis.audit("v1", journals: [(q.host, q.journalDir)], netClaimed: 103).isEmpty)
     }
+
+    // Found by review (the reply path without promises): a flush that finds the peer gone closes the channel
+    // at once, inside the decoding loop, which went on decoding what was already read: the claims were decided
+    // (tokens sold to nobody) and the run made a reply box after the close, never detached (~14 KB leaked per
+    // connection). A peer that stops reading and leaves mid-pipeline now gets nothing decided after it is gone.
+    @Test func aPeerThatLeavesMidPipelineHasNoClaimDecidedAfterItIsGone() async throws {
+        // max_output_bytes 4096: replies are handed to the channel every 1,024 bytes while decoding.
+        let (redis, q) = try await sidecar("limits: { max_output_bytes: 4096 }\n")
+        let c = try await RESPClient.connect(q.socket)
+        #expect(try await c.send("CLAIM", "v1", "warm").string?.hasPrefix("sg.host-a.") == true)
+        let before = Int(try await q.info()["claims_ok"] ?? "") ?? -1
+        // An ECHO whose reply passes the flush size, then claims, all in the first read (2,048 bytes).
+        var burst = "*2\r\n$4\r\nECHO\r\n$1500\r\n" + String(repeating: "x", count: 1500) + "\r\n"
+        for i in 0..<15 { burst += "*3\r\n$5\r\nCLAIM\r\n$2\r\nv1\r\n$3\r\nu\(i % 10)\(i / 10)\r\n" }
+        for _ in 0..<50 {
+            let p = try RawPeer(q.socket)
+            _ = shutdown(p.fd, Int32(SHUT_RD))   // quotad's first write to it fails (EPIPE)
+            p.sendAll(burst)
+            try await Task.sleep(for: .milliseconds(5))
+            close(p.fd)
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        let after = Int(try await q.info()["claims_ok"] ?? "") ?? -1
+        #expect(after == before, "claims decided for peers that were gone: \(after - before)")
+        #expect(try await c.send("CLAIM", "v1", "after").string?.hasPrefix("sg.host-a.") == true, "still serving")
+        c.close()
+        #expect(try await q.stop() == 0)
+        #expect(try await redis.audit("v1", journals: [(q.host, q.journalDir)], netClaimed: before + 1).isEmpty)
+    }
 }
