@@ -257,7 +257,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Replies of ``Outcome/pending`` requests, handed over by ``ReplyBox/deliver(_:)`` (on this loop, in a
-    /// task of their own: written and flushed at once).
+    /// task of their own). Flushed once at the end of the loop's tick, like the promises' replies: in
+    /// `durability: kafka` acknowledgements come one claim at a time, and a flush per delivery was a write
+    /// per claim.
     func fill(_ items: [(seq: Int, reply: Reply)], context: ChannelHandlerContext) {
         let now: NIODeadline? = claimTimer == nil || pendingStarts.isEmpty ? nil : .now()
         for (seq, r) in items {
@@ -267,8 +269,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
         }
         drain(context: context)
-        flushReplies(context: context)
-        if closing && queue.isEmpty { context.close(promise: nil) }
+        scheduleFlush(context: context)
         if pendingPaused { resume(context: context) }
     }
 

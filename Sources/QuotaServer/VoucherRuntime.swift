@@ -264,6 +264,16 @@ final class VoucherRuntime: @unchecked Sendable {
     /// before the connection made its place (it does so in the same event-loop turn as the request).
     private static func complete(_ replies: [(Waiter, Reply)]) {
         guard !replies.isEmpty else { return }
+        if replies.count == 1 {
+            // The usual case outside batches (one Kafka acknowledgement, one timeout): no grouping.
+            switch replies[0].0 {
+            case .promise(let p): p.succeed(replies[0].1)
+            case .address(let a):
+                let r = replies[0].1
+                a.box.loop.execute { a.box.deliver([(seq: a.seq, reply: r)]) }
+            }
+            return
+        }
         var promised: [(EventLoopPromise<Reply>, Reply)] = []
         var addressed: [(ReplyAddress, Reply)] = []
         for (w, r) in replies {
