@@ -53,8 +53,13 @@ import Testing
             let out = TempDir()
             let p = try ChildProcess(Bin.path("quotactl"), args + ["--config", config], log: out.file("out"),
                                      environment: failpoint.map { ["QUOTACTL_FAILPOINT": $0] } ?? [:])
-            let st = try await p.wait()
-            return (st, p.output)
+            do {
+                let st = try await p.wait()
+                return (st, p.output)
+            } catch {
+                // Seen once in a full run on a loaded box (BorrowTests): say which command and what it printed.
+                throw TestError.failed("quotactl \(args.joined(separator: " ")) did not exit: \(error); it printed: \(p.output)")
+            }
         }
 
         func json(_ args: [String]) async throws -> [String: Any] {
