@@ -250,10 +250,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     private func fill(seq: Int, _ r: Reply, context: ChannelHandlerContext) {
-        place(seq: seq, r)
-        drain(context: context)
-        scheduleFlush(context: context)
-        if pendingPaused { resume(context: context) }
+        fill([(seq: seq, reply: r)], context: context)
     }
 
     /// Replies of ``Outcome/pending`` requests, handed over by ``ReplyBox/deliver(_:)`` (on this loop, in a
