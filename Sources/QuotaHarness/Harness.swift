@@ -259,14 +259,26 @@ public final class Quotad: @unchecked Sendable {
         try await waitReady()
     }
 
+    /// Until quotad answers, or its process has exited. A restart restores the journal before the socket
+    /// opens (seconds for a large journal in a debug build, and many times that while every suite runs
+    /// on the same 2 cores: a 20 s bound failed once so in CI), so the bound is generous; a quotad that
+    /// exits is reported at once with its log.
     private func waitReady() async throws {
         let socket = self.socket
-        try await eventually("quotad answers PING", timeout: .seconds(20)) {
-            guard let c = try? await RESPClient.connect(socket) else { return false }
-            defer { c.close() }
-            let r = try await c.send("PING")
-            return r == .simpleString("PONG") || r.errorCode == "NOAUTH"  // a socket.password is set
+        let child = self.child
+        let deadline = ContinuousClock.now + .seconds(90)
+        while ContinuousClock.now < deadline {
+            if let c = try? await RESPClient.connect(socket) {
+                let r = try? await c.send("PING")
+                c.close()
+                if r == .simpleString("PONG") || r?.errorCode == "NOAUTH" { return }  // NOAUTH: a socket.password is set
+            }
+            guard child.isRunning else {
+                throw TestError.failed("quotad exited before it answered PING: \(child.output.suffix(2000))")
+            }
+            try await Task.sleep(for: .milliseconds(50))
         }
+        throw TestError.timeout("quotad answers PING within 90 s")
     }
 
     /// SIGTERM and wait: returns the exit status.

@@ -223,23 +223,59 @@ final class ClaimBook: Sendable {
     /// The lease id a slot keeps (see ``numbered(_:)``).
     static func leaseID(_ v: Int64) -> String { PackedLease.id(v) }
 
-    /// A claim of an earlier boot (from the journal).
-    func addRecovered(_ e: ClaimEvent) {
-        guard capacity > 0 else { return }
+    /// Claims of earlier boots (from the journal), in the journal's order.
+    ///
+    /// One lock for the lot, and each boot's claims go into its map as one run: a million claims
+    /// restored one by one (a lock, an id prefix copied and hashed twice, a voucher lookup and a map
+    /// grown by doubling, each) held the socket closed for seconds at start.
+    func addRecovered(_ events: [ClaimEvent]) {
+        guard capacity > 0, !events.isEmpty else { return }
         older.withLockedValue { o in
-            guard o.count < capacity else { return }
-            if let (prefix, seq) = Older.split(e.claimID) {
-                let key = Array(prefix.utf8)
-                var boot = o.byPrefix.removeValue(forKey: key) ?? Older.Boot(region: e.region, host: e.host)
-                // (The lock order is always older, then vouchers: see `with`.)
-                var (slot, spread) = Self.compact(e, voucherIndex: voucherIndex(e.voucher))
-                slot.lap = 1
-                if let spread { boot.spread[seq] = spread } else { boot.spread.removeValue(forKey: seq) }
-                if boot.slots.updateValue(slot, forKey: seq) == nil { o.count += 1 }
+            // The current run: its boot's prefix and its claims, put into the boot's map at once.
+            var key: [UInt8] = []
+            var run: [(seq: Int, slot: Slot, spread: Spread?)] = []
+            var first: ClaimEvent? = nil
+            var lastVoucher: (id: String, index: UInt16?)? = nil
+            func endRun(_ o: inout Older) {
+                guard let first else { return }
+                var boot = o.byPrefix.removeValue(forKey: key) ?? Older.Boot(region: first.region, host: first.host)
+                boot.slots.reserveCapacity(boot.slots.count + run.count)
+                for (seq, slot, spread) in run {
+                    if let spread { boot.spread[seq] = spread } else if !boot.spread.isEmpty { boot.spread.removeValue(forKey: seq) }
+                    if boot.slots.updateValue(slot, forKey: seq) == nil { o.count += 1 }
+                }
                 o.byPrefix[key] = boot
-            } else if o.other.updateValue(Entry(event: e, unclaimed: false), forKey: Array(e.claimID.utf8)) == nil {
-                o.count += 1
+                run.removeAll(keepingCapacity: true)
             }
+            for e in events {
+                let id = e.claimID
+                guard let (prefix, seq) = Older.split(id) else {
+                    endRun(&o)
+                    first = nil
+                    guard o.count < capacity else { break }
+                    if o.other.updateValue(Entry(event: e, unclaimed: false), forKey: Array(id.utf8)) == nil { o.count += 1 }
+                    continue
+                }
+                if first == nil || !key.elementsEqual(prefix.utf8) {
+                    endRun(&o)
+                    key = Array(prefix.utf8)
+                    first = e
+                }
+                // (Counted when the run ends; a claim id twice in a run is counted once by the map.)
+                guard o.count + run.count < capacity else { break }
+                // (The lock order is always older, then vouchers: see `with`.)
+                let index: UInt16?
+                if let last = lastVoucher, last.id.utf8.elementsEqual(e.voucher.utf8) {
+                    index = last.index
+                } else {
+                    index = voucherIndex(e.voucher)
+                    lastVoucher = (e.voucher, index)
+                }
+                var (slot, spread) = Self.compact(e, voucherIndex: index)
+                slot.lap = 1
+                run.append((seq, slot, spread))
+            }
+            endRun(&o)
         }
     }
 

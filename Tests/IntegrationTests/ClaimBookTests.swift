@@ -5,6 +5,7 @@
 // own voucher's tokens, whatever its size, and claims of an earlier boot come back from the journal.
 import QuotaClient
 import QuotaHarness
+import QuotaJournal
 import NIOCore
 import QuotaRESP
 import Testing
@@ -113,6 +114,54 @@ struct ClaimBookTests {
         #expect(info.contains("claims_tracked_spread:0\r\n"), "one-share claims sit in their slots: \(info)")
         c.close()
         #expect(try await q.stop() == 0)
+        withExtendedLifetime(redis) {}
+    }
+
+    // A restart puts the journal's claims into the book in runs, one run per earlier boot, with each
+    // cancellation marked after the claims before it (issue 13: one by one, a million claims held the
+    // socket closed for seconds). Three boots: claims of the first two, cancelled in the boot that made them
+    // or in a later one, must come back with their cancellations: a cancelled claim is not given back twice.
+    @Test func claimsAndCancellationsOfSeveralEarlierBootsComeBackFromTheJournal() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "boots", limit: 20, perUser: 0, totalLimit: 20, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", durability: "journal")
+        var c = try await RESPClient.connect(q.socket)
+        var a: [String] = []
+        for i in 0..<4 { a.append(try #require(granted(try await c.send("CLAIM", "boots", "a\(i)")))) }
+        #expect(try await c.send("UNCLAIM", a[0]) == .simpleString("OK"))
+        c.close()
+        try await q.kill9()
+        try await q.restart()
+        c = try await RESPClient.connect(q.socket)
+        var b: [String] = []
+        for i in 0..<3 { b.append(try #require(granted(try await c.send("CLAIM", "boots", "b\(i)")))) }
+        #expect(try await c.send("UNCLAIM", a[1]) == .simpleString("OK"), "a claim of the boot before")
+        #expect(try await c.send("UNCLAIM", b[0]) == .simpleString("OK"))
+        c.close()
+        #expect(try await q.stop() == 0)
+        try await q.restart()
+        c = try await RESPClient.connect(q.socket)
+        // Cancelled before: the idempotent OK, and nothing given back again.
+        for id in [a[0], a[1], b[0]] { #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"), "\(id)") }
+        // Not cancelled yet, of either earlier boot: known, and given back now.
+        for id in [a[2], b[1]] { #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"), "\(id)") }
+        let unknown = try await c.send("UNCLAIM", a[3] + "0")
+        #expect(unknown.errorCode == "ERR", "an id no boot made: \(unknown)")
+        c.close()
+        #expect(try await q.stop() == 0)
+        // Each cancellation is in the journal once: one taken again (its cancellation lost at the restore)
+        // is journaled a second time (Redis ignores the second give-back of a claim id, so the pool alone
+        // would not show it).
+        let history = JournalRecovery.read(dir: q.journalDir).history
+        var cancels: [String: Int] = [:]
+        for e in history where e.kind == .unclaimed { cancels[e.claimID, default: 0] += 1 }
+        #expect(cancels == [a[0]: 1, a[1]: 1, b[0]: 1, a[2]: 1, b[1]: 1], "\(cancels)")
+        #expect(history.filter { $0.kind == .claimed }.count == 7)
+        // Still claimed: a[3] and b[2].
+        let v = try #require(try await redis.store.voucher("boots"))
+        #expect(v.limit - v.pool == 2, "claimed \(v.limit - v.pool)")
+        #expect(try await redis.audit("boots", journals: [(host: "host-a", dir: q.journalDir)], netClaimed: 2).isEmpty)
         withExtendedLifetime(redis) {}
     }
 }

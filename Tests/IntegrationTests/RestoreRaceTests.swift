@@ -8,7 +8,7 @@ import QuotaHarness
 import QuotaRESP
 import Testing
 
-@Suite("Restart: nothing is served before the journal is restored", .serialized, .timeLimit(.minutes(4)))
+@Suite("Restart: nothing is served before the journal is restored", .serialized, .timeLimit(.minutes(6)))
 struct RestoreRaceTests {
     @Test func aRequestRetriedTheMomentTheSocketOpensGetsTheClaimOfThePreviousRun() async throws {
         let redis = try await RedisServer()
@@ -33,7 +33,7 @@ struct RestoreRaceTests {
         // The moment the socket answers: the retry of order-1, and an UNCLAIM of a claim of the previous run.
         var retry: RESPValue?
         var unclaim: RESPValue?
-        let deadline = ContinuousClock.now + .seconds(60)
+        let deadline = ContinuousClock.now + .seconds(100)  // the restart waits up to 90 s (see `Quotad.restart`)
         while retry == nil, ContinuousClock.now < deadline {
             guard let r = try? await RESPClient.connect(socket) else {
                 try await Task.sleep(for: .milliseconds(1))
