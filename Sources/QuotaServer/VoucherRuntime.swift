@@ -690,9 +690,7 @@ func wallClockMs() -> Int64 {
 extension VoucherRuntime: JournalBatchSink {
     /// Claim records of one journal write batch are durable: one pass under the lock for all of them.
     func journaled(tokens: [Int], positions: [JournalPosition]) {
-        event(now: monotonicNow()) { m, now, fx in
-            for seq in tokens { m.claimRecorded(seq: seq, ok: true, now: now, effects: &fx) }
-        }
+        event(now: monotonicNow()) { m, now, fx in m.claimsRecorded(seqs: tokens, ok: true, now: now, effects: &fx) }
         let pipeline = engine.pipeline
         guard pipeline.durability == .kafka else { return }
         for (seq, pos) in zip(tokens, positions) {
@@ -703,9 +701,7 @@ extension VoucherRuntime: JournalBatchSink {
     }
 
     func failed(_ tokens: [Int]) {
-        event(now: monotonicNow()) { m, now, fx in
-            for seq in tokens { m.claimRecorded(seq: seq, ok: false, now: now, effects: &fx) }
-        }
+        event(now: monotonicNow()) { m, now, fx in m.claimsRecorded(seqs: tokens, ok: false, now: now, effects: &fx) }
     }
 }
 

@@ -145,6 +145,39 @@ struct VoucherMachineTests {
         #expect(r.take().answers.isEmpty, "its caller was answered once")
     }
 
+    // A journal batch's records are answered in one call that settles once after them all (issue 13):
+    // tokens of the batch's failed records must still serve the claim that waits, and each claim is
+    // answered once, as it would be record by record.
+    @Test func aJournalBatchIsAnsweredAsItsRecordsWouldBeOneByOne() throws {
+        var r = Rig(durability: .journal)
+        let (t1, _) = r.claim("u1")
+        try r.grant(3)
+        let (t2, _) = r.claim("u2")
+        let (t3, _) = r.claim("u3")
+        let (t4, a4) = r.claim("u4")
+        #expect(a4 == nil)
+        var fx = r.take()
+        let seqs = fx.records.map(\.1)
+        #expect(seqs.count == 3, "three tokens, three records; the fourth claim waits")
+        #expect(r.m.stock.available(now: r.clock.now) == 0)
+        // The disk refused the first two records: their tokens serve the waiting claim in the same call.
+        r.m.claimsRecorded(seqs: Array(seqs[0..<2]), ok: false, now: r.clock.now, effects: &r.fx)
+        fx = r.take()
+        for t in [t1, t2] {
+            guard case .refused(let e)? = fx.answers[t] else { Issue.record("\(t) not refused: \(fx.answers)"); continue }
+            #expect(e.code == .unavailable)
+        }
+        let (e4, s4) = try #require(fx.records.first, "the waiting claim took a returned token")
+        #expect(fx.records.count == 1 && fx.answers[t3] == nil && fx.answers[t4] == nil)
+        // The rest land together: both answered with their ids, once.
+        r.m.claimsRecorded(seqs: [seqs[2], s4], ok: true, now: r.clock.now, effects: &r.fx)
+        fx = r.take()
+        #expect(fx.answers.count == 2 && fx.answers[t4] == .claimID(e4.claimID))
+        if case .claimID? = fx.answers[t3] {} else { Issue.record("t3: \(String(describing: fx.answers[t3]))") }
+        #expect(fx.remembered.count == 2)
+        #expect(r.m.stock.tokensPending == 0 && r.m.stock.available(now: r.clock.now) == 1)
+    }
+
     @Test func kafkaModeWaitsForTheAcknowledgementAndCancelsALateOne() throws {
         var r = Rig(durability: .kafka, claimTimeout: .seconds(1))
         let (t1, _) = r.claim("u1")

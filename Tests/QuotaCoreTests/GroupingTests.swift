@@ -1,0 +1,31 @@
+import QuotaCore
+import Testing
+
+private final class Receiver {}
+
+@Suite("grouped(_:by:): a batch's answers by receiver")
+struct GroupingTests {
+    /// The plain definition: groups in the order of their first item, items in their order.
+    private func reference(_ items: [(Int, Int)]) -> [[(Int, Int)]] {
+        var order: [Int] = []
+        var by: [Int: [(Int, Int)]] = [:]
+        for it in items {
+            if by[it.0] == nil { order.append(it.0) }
+            by[it.0, default: []].append(it)
+        }
+        return order.map { by[$0]! }
+    }
+
+    @Test(arguments: [0, 1, 2, 3, 15, 16, 17, 40])
+    func groupsKeepTheOrderOfFirstItemsAndOfItemsWithinForAnyNumberOfReceivers(receivers: Int) {
+        let objects = (0..<max(receivers, 1)).map { _ in Receiver() }
+        var rng = SystemRandomNumberGenerator()
+        for n in [0, 1, 5, 100, 1000] {
+            let items: [(Int, Int)] = receivers == 0 ? [] : (0..<n).map { ($0 % 3 == 0 ? 0 : Int.random(in: 0..<receivers, using: &rng), $0) }
+            let got = grouped(items, by: { ObjectIdentifier(objects[$0.0]) })
+            let want = reference(items)
+            #expect(got.map { $0.map(\.1) } == want.map { $0.map(\.1) }, "receivers \(receivers), items \(n)")
+            #expect(got.allSatisfy { g in g.allSatisfy { $0.0 == g[0].0 } })
+        }
+    }
+}
