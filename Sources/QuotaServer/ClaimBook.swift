@@ -237,15 +237,17 @@ final class ClaimBook: Sendable {
             var first: ClaimEvent? = nil
             var lastVoucher: (id: String, index: UInt16?)? = nil
             func endRun(_ o: inout Older) {
-                guard let first else { return }
+                defer { run.removeAll(keepingCapacity: true) }
+                guard let first, !run.isEmpty, o.count < capacity else { return }
                 var boot = o.byPrefix.removeValue(forKey: key) ?? Older.Boot(region: first.region, host: first.host)
-                boot.slots.reserveCapacity(boot.slots.count + run.count)
+                boot.slots.reserveCapacity(boot.slots.count + min(run.count, capacity - o.count))
+                // As one by one: each claim while the book has room (an id already kept takes none more).
                 for (seq, slot, spread) in run {
+                    guard o.count < capacity else { break }
                     if let spread { boot.spread[seq] = spread } else if !boot.spread.isEmpty { boot.spread.removeValue(forKey: seq) }
                     if boot.slots.updateValue(slot, forKey: seq) == nil { o.count += 1 }
                 }
                 o.byPrefix[key] = boot
-                run.removeAll(keepingCapacity: true)
             }
             for e in events {
                 let id = e.claimID
@@ -261,8 +263,8 @@ final class ClaimBook: Sendable {
                     key = Array(prefix.utf8)
                     first = e
                 }
-                // (Counted when the run ends; a claim id twice in a run is counted once by the map.)
-                guard o.count + run.count < capacity else { break }
+                // (The bound is checked as the run goes into the map: a claim id twice counts once.)
+                guard o.count < capacity else { break }
                 // (The lock order is always older, then vouchers: see `with`.)
                 let index: UInt16?
                 if let last = lastVoucher, last.id.utf8.elementsEqual(e.voucher.utf8) {
