@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of two release builds side by side: quotad CPU µs per claim (user + system from /proc) and
 # claims/s under redis-benchmark, ROUNDS interleaved rounds of N claims, medians. One change at a time.
-# MODE=none|journal|peruser (as scripts/prof.sh), NOJ=1: no journal.dir for both.
+# MODE=none|journal|peruser (as scripts/prof.sh), NOJ=1: no journal.dir for both; NOKAFKA=1: journal mode without shipping.
 #   git worktree add /tmp/base HEAD~1 && (cd /tmp/base && swift build -c release)
 #   BIN_A=/tmp/base/.build/release BIN_B=.build/release MODE=none NOJ=1 scripts/ab.sh
 set -euo pipefail
@@ -19,7 +19,7 @@ dm=$MODE; [ "$MODE" = peruser ] && dm=none
 declare -A P
 for x in A B; do
   bin=BIN_$x; bin=${!bin}
-  kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: ab.$x }"; [ "$dm" = none ] && kafka=""
+  kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: ab.$x }"; [ "$dm" = none ] && kafka=""; [ -n "${NOKAFKA:-}" ] && kafka=""
   cat > "$T/$x.yaml" <<YAML
 host_id: ab-$x
 region: sg

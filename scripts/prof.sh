@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A CPU profile of release quotad under redis-benchmark (-c 50 -P 16), for issue 13's work: where a
 # claim's CPU goes. MODE=journal (ships to a private Tansu) | none | peruser (none, a random user per
-# claim); NOJ=1: no journal.dir (what `durability: none` alone configures). Needs a release build.
+# claim); NOJ=1: no journal.dir (what `durability: none` alone configures); NOKAFKA=1: journal mode without
+# shipping. Needs a release build.
 #   MODE=none NOJ=1 scripts/prof.sh
 #   perf report -i /tmp/perf.none.data --no-children -g none --sort comm    # per thread
 #   perf report -i /tmp/perf.none.data --children -g none --sort symbol     # per function, callees included
@@ -18,7 +19,7 @@ $BIN/quotactl voucher create bench --limit 1000000000000 --redis "unix://$T/redi
 $BIN/quotactl voucher create benchu --limit 1000000000000 --per-user 1000000000 --redis "unix://$T/redis.sock" >/dev/null
 dm=$MODE; [ "$MODE" = peruser ] && dm=none
 kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: bench.prof }"
-[ "$dm" = none ] && kafka=""
+[ "$dm" = none ] && kafka=""; [ -n "${NOKAFKA:-}" ] && kafka=""
 cat > "$T/q.yaml" <<YAML
 host_id: prof
 region: sg
