@@ -2,6 +2,7 @@
 # A/B of two release builds side by side: quotad CPU µs per claim (user + system from /proc) and
 # claims/s under redis-benchmark, ROUNDS interleaved rounds of N claims, medians. One change at a time.
 # MODE=none|journal|peruser (as scripts/prof.sh), NOJ=1: no journal.dir for both; NOKAFKA=1: journal mode without shipping.
+# EXTRA_A / EXTRA_B: a YAML line for one side only (one build, two configs: BIN_A=BIN_B, EXTRA_B="event_loops: 1").
 #   git worktree add /tmp/base HEAD~1 && (cd /tmp/base && swift build -c release)
 #   BIN_A=/tmp/base/.build/release BIN_B=.build/release MODE=none NOJ=1 scripts/ab.sh
 set -euo pipefail
@@ -30,6 +31,7 @@ durability: $dm
 $( [ -n "${NOJ:-}" ] || echo "journal: { dir: $T/journal-$x }")
 $kafka
 log_level: warning
+$(v=EXTRA_$x; echo "${!v:-}")
 YAML
   "$bin/quotad" --config "$T/$x.yaml" 2>>"$T/q$x.log" &
   P[$x]=$!; pids+=($!)

@@ -253,6 +253,11 @@ public final class Quotad: @unchecked Sendable {
 
     /// Start again with the same config (after kill -9): a new log file per run.
     public func restart() async throws {
+        // A second quotad on the same config is refused (its socket's lock is held) while the first one goes
+        // on answering PING: a test that forgot to stop the first would go on testing the first.
+        guard !child.isRunning else {
+            throw TestError.failed("restart while the previous quotad (pid \(child.pid)) still runs: stop or kill it first")
+        }
         restarts += 1
         child = try ChildProcess(Bin.path("quotad"), ["--config", config], log: "\(logPath).\(restarts)",
                                  environment: environment)
