@@ -135,7 +135,7 @@ public struct VoucherMachine: Sendable {
         case journalIntent(ClaimEvent, seq: Int)
         /// Check a claim's user in Redis (idempotent by claim id); answer with ``userChecked(seq:_:now:effects:)``.
         case checkUser(ClaimEvent, seq: Int, limit: Int)
-        /// Record a claim durably; answer with ``claimRecorded(seq:ok:now:effects:)`` (and, with
+        /// Record a claim durably; answer with ``claimsRecorded(seqs:ok:now:effects:)`` (and, with
         /// `durability: kafka`, ``claimAcknowledged(seq:now:effects:)`` once Kafka has it).
         case recordClaim(ClaimEvent, seq: Int)
         /// Record in the background (`durability: none`): no answer comes back.
@@ -501,7 +501,7 @@ public struct VoucherMachine: Sendable {
     }
 
     /// Record a claim whose user (if any) is settled: at once with `durability: none` (returns the
-    /// answer), else durably (returns nil: ``claimRecorded(seq:ok:now:effects:)`` continues).
+    /// answer), else durably (returns nil: ``claimsRecorded(seqs:ok:now:effects:)`` continues).
     private mutating func record(seq: Int, _ f: InFlight, _ fx: inout [Effect]) -> Answer? {
         if rules.durability == .none {
             if f.pinned { stock.commit(f.event.shares) }
@@ -583,15 +583,9 @@ public struct VoucherMachine: Sendable {
         settleEffects(now: now, &fx)
     }
 
-    /// The claim record is durable (`ok`) or could not be written.
-    public mutating func claimRecorded(seq: Int, ok: Bool, now: Instant, effects fx: inout [Effect]) {
-        recorded(seq: seq, ok: ok, now: now, &fx)
-        settleEffects(now: now, &fx)
-    }
-
-    /// The claim records of one journal batch are durable (`ok`) or could not be written: each as
-    /// ``claimRecorded(seq:ok:now:effects:)``, with what waits served and the leases asked for once, after
-    /// them all (issue 13: once per claim was a tenth of the journal thread's work).
+    /// The claim records of one journal batch are durable (`ok`) or could not be written, each in turn, with
+    /// what waits served and the leases asked for once, after them all (issue 13: once per claim was a tenth
+    /// of the journal thread's work).
     public mutating func claimsRecorded(seqs: [Int], ok: Bool, now: Instant, effects fx: inout [Effect]) {
         for seq in seqs { recorded(seq: seq, ok: ok, now: now, &fx) }
         settleEffects(now: now, &fx)

@@ -153,7 +153,7 @@ struct BoundsTests {
         try r.grant(10)
         let recs = r.take().records
         #expect(!r.m.isEvictable(now: r.clock.now), "a claim in flight and a lease held")
-        r.m.claimRecorded(seq: recs[0].1, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [recs[0].1], ok: true, now: r.clock.now, effects: &r.fx)
         r.m.rules.dedupeWindow = .seconds(60)
         r.tick(.seconds(31))  // idle: the lease goes back
         let back = r.take().returns

@@ -66,7 +66,7 @@ struct SaleReview2Tests {
 
         /// Make every claim record so far durable.
         mutating func commitRecords() {
-            for (_, seq) in fx.records { m.claimRecorded(seq: seq, ok: true, now: clock.now, effects: &fx) }
+            for (_, seq) in fx.records { m.claimsRecorded(seqs: [seq], ok: true, now: clock.now, effects: &fx) }
         }
 
         mutating func tick(_ d: Duration) {
@@ -473,7 +473,7 @@ struct Review2TwoHosts {
             case .recordGrant(_, let g, let l):
                 hosts[i].m.grantRecorded(g, request: l, ok: true, now: now, effects: &fx)
             case .recordClaim(_, let seq):
-                hosts[i].m.claimRecorded(seq: seq, ok: true, now: now, effects: &fx)
+                hosts[i].m.claimsRecorded(seqs: [seq], ok: true, now: now, effects: &fx)
             case .giveBack(let r):
                 let n = region.giveBack(r, host: hosts[i].name)
                 hosts[i].m.returnAnswered(r, outcome: .applied(n), now: now, effects: &fx)

@@ -66,7 +66,7 @@ struct SaleReviewTests {
 
         /// Make every claim record so far durable.
         mutating func commitRecords() {
-            for (_, seq) in fx.records { m.claimRecorded(seq: seq, ok: true, now: clock.now, effects: &fx) }
+            for (_, seq) in fx.records { m.claimsRecorded(seqs: [seq], ok: true, now: clock.now, effects: &fx) }
         }
 
         mutating func tick(_ d: Duration) {

@@ -87,7 +87,7 @@ struct VoucherMachineTests {
         let fx = r.take()
         let (event, seq) = try #require(fx.records.first)
         #expect(fx.answers.isEmpty, "not durable yet")
-        r.m.claimRecorded(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [seq], ok: true, now: r.clock.now, effects: &r.fx)
         let after = r.take()
         #expect(after.answers[t] == .claimID(event.claimID))
         #expect(after.remembered == [event.claimID], "answered with its id: remembered for UNCLAIM")
@@ -116,7 +116,7 @@ struct VoucherMachineTests {
         try r.grant(10)
         let (_, seq) = try #require(r.take().records.first)
         #expect(r.m.stock.tokensPending == 1)
-        r.m.claimRecorded(seq: seq, ok: false, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [seq], ok: false, now: r.clock.now, effects: &r.fx)
         let fx = r.take()
         guard case .refused(let e)? = fx.answers[t] else { Issue.record("not refused"); return }
         #expect(e.code == .unavailable)
@@ -134,7 +134,7 @@ struct VoucherMachineTests {
         #expect(e.code == .unavailable)
         #expect(r.m.stock.tokensPending == 1, "still pinned: the record may still land")
         // The stalled disk comes back: the record is durable, so it is cancelled before the token serves again.
-        r.m.claimRecorded(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [seq], ok: true, now: r.clock.now, effects: &r.fx)
         let fx = r.take()
         let (cancel, ref) = try #require(fx.cancels.first)
         #expect(cancel.kind == .unclaimed && cancel.claimID == event.claimID && cancel.toPool == 0 && ref == .claim(seq))
@@ -206,14 +206,14 @@ struct VoucherMachineTests {
         let (t1, _) = r.claim("u1")
         try r.grant(10)
         let (e1, s1) = try #require(r.take().records.first)
-        r.m.claimRecorded(seq: s1, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [s1], ok: true, now: r.clock.now, effects: &r.fx)
         #expect(r.take().answers.isEmpty, "journaled, not yet acknowledged")
         r.m.claimAcknowledged(seq: s1, now: r.clock.now, effects: &r.fx)
         #expect(r.take().answers[t1] == .claimID(e1.claimID))
         // The next one is never acknowledged in time.
         let (t2, _) = r.claim("u2")
         let (_, s2) = try #require(r.take().records.first)
-        r.m.claimRecorded(seq: s2, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [s2], ok: true, now: r.clock.now, effects: &r.fx)
         r.tick(.milliseconds(1100))
         let fx = r.take()
         guard case .refused? = fx.answers[t2] else { Issue.record("not refused"); return }
@@ -240,7 +240,7 @@ struct VoucherMachineTests {
                 "asked again, idempotent by claim id")
         r.m.userChecked(seq: seq, .counted, now: r.clock.now, effects: &r.fx)
         let (_, s2) = try #require(r.take().records.first)
-        r.m.claimRecorded(seq: s2, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [s2], ok: true, now: r.clock.now, effects: &r.fx)
         #expect(r.take().answers[t] == .claimID(intent.claimID))
     }
 
@@ -305,7 +305,7 @@ struct VoucherMachineTests {
         r.m.drain(now: r.clock.now, effects: &r.fx)
         #expect(r.take().returns.isEmpty, "the lease cannot close while its claim is in flight")
         #expect(!r.m.isSettled)
-        r.m.claimRecorded(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [seq], ok: true, now: r.clock.now, effects: &r.fx)
         let fx = r.take()
         #expect(fx.returns == [ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 9, close: true)])
         r.m.returnAnswered(fx.returns[0], outcome: .applied(9), now: r.clock.now, effects: &r.fx)
@@ -320,7 +320,7 @@ struct VoucherMachineTests {
         try r.grant(10)
         let recs = r.take().records
         #expect(recs.count == 1, "one claim for one request id")
-        r.m.claimRecorded(seq: recs[0].1, ok: true, now: r.clock.now, effects: &r.fx)
+        r.m.claimsRecorded(seqs: [recs[0].1], ok: true, now: r.clock.now, effects: &r.fx)
         let answers = r.take().answers
         #expect(answers[t1] == .claimID(recs[0].0.claimID) && answers[t2] == answers[t1])
         let (_, a3) = r.claim("u1", req: "order-1")
