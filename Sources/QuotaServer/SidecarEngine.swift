@@ -423,21 +423,10 @@ public final class SidecarEngine: Sendable {
         }
         // The book takes the claims in runs; a cancellation is marked after the claims before it.
         var run: [ClaimEvent] = []
-        for e in rec.history {
-            switch e.kind {
-            case .claimed: run.append(e)
-            case .unclaimed:
-                claimBook.addRecovered(run)
-                run.removeAll(keepingCapacity: true)
-                claimBook.markUnclaimed(e.claimID)
-            case .intent: break
-            }
-        }
-        claimBook.addRecovered(run)
-        run = []
         for (e, acked) in zip(rec.history, rec.acknowledged) {
             switch e.kind {
             case .claimed:
+                run.append(e)
                 guard let req = e.req, !cancelled.contains(e.claimID) else { continue }
                 let age = Duration.milliseconds(max(0, nowWall - e.tsMs))
                 guard age < window else { continue }
@@ -448,9 +437,14 @@ public final class SidecarEngine: Sendable {
                     let voucher = e.voucher
                     pipeline.whenAcknowledged(pos) { [weak self] in self?.acknowledged(voucher: voucher, req: req) }
                 }
-            case .unclaimed, .intent: break
+            case .unclaimed:
+                claimBook.addRecovered(run)
+                run.removeAll(keepingCapacity: true)
+                claimBook.markUnclaimed(e.claimID)
+            case .intent: break
             }
         }
+        claimBook.addRecovered(run)
         recoveredReqs.withLockedValue { $0 = reqs }
     }
 
