@@ -14,7 +14,8 @@ public func grouped<T>(_ items: [T], by key: (T) -> ObjectIdentifier) -> [[T]] {
     var index: [ObjectIdentifier: Int]? = nil
     for item in items {
         let k = key(item)
-        if let i = index.map({ $0[k] }) ?? keys.firstIndex(of: k) {
+        let found: Int? = if let index { index[k] } else { keys.firstIndex(of: k) }
+        if let i = found {
             groups[i].append(item)
             continue
         }
