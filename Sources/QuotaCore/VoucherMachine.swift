@@ -550,8 +550,17 @@ public struct VoucherMachine: Sendable {
         settleEffects(now: now, &fx)
     }
 
-    /// Redis answered (or did not answer) a per-user check.
-    public mutating func userChecked(seq: Int, _ result: UserCheckResult, now: Instant, effects fx: inout [Effect]) {
+    /// Redis answered (or did not answer) the per-user checks of one batch: `results[i]` is `seqs[i]`'s. Each
+    /// is taken in turn, then what waits is served and the leases asked for once, after them all (as
+    /// ``claimsRecorded(seqs:ok:now:effects:)``): a waiting claim is decided after the whole batch has given
+    /// back its tokens and its users' counts.
+    public mutating func usersChecked(seqs: [Int], results: [UserCheckResult], now: Instant, effects fx: inout [Effect]) {
+        precondition(seqs.count == results.count, "one result per check")
+        for (seq, result) in zip(seqs, results) { userChecked(seq: seq, result, now: now, &fx) }
+        settleEffects(now: now, &fx)
+    }
+
+    private mutating func userChecked(seq: Int, _ result: UserCheckResult, now: Instant, _ fx: inout [Effect]) {
         guard var f = inFlight[seq], case .checking = f.stage else { return }
         switch result {
         case .counted:
@@ -580,7 +589,6 @@ public struct VoucherMachine: Sendable {
                 abort(seq, QuotaError(.unavailable, "per-user check unavailable: \(why)"), now: now, &fx)
             }
         }
-        settleEffects(now: now, &fx)
     }
 
     /// The claim records of one journal batch are durable (`ok`) or could not be written, each in turn, with

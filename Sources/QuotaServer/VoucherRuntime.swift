@@ -708,19 +708,16 @@ extension VoucherRuntime: JournalBatchSink {
 extension VoucherRuntime: UserCheckSink {
     /// The per-user checks of one batch: one pass under the lock for all of them.
     func usersChecked(tokens: [Int], results: [Result<QuotaStore.UserCheckOutcome, RedisError>]) {
-        event(now: monotonicNow()) { m, now, fx in
-            for (seq, r) in zip(tokens, results) {
-                let result: VoucherMachine.UserCheckResult
-                switch r {
-                case .success(.counted): result = .counted
-                case .success(.overLimit): result = .overLimit
-                case .success(.released): result = .released
-                case .failure(.unreachable(let why)): result = .notSent(why)
-                case .failure(let e): result = .unknown("\(e)")
-                }
-                m.userChecked(seq: seq, result, now: now, effects: &fx)
+        let checked = results.map { r -> VoucherMachine.UserCheckResult in
+            switch r {
+            case .success(.counted): .counted
+            case .success(.overLimit): .overLimit
+            case .success(.released): .released
+            case .failure(.unreachable(let why)): .notSent(why)
+            case .failure(let e): .unknown("\(e)")
             }
         }
+        event(now: monotonicNow()) { m, now, fx in m.usersChecked(seqs: tokens, results: checked, now: now, effects: &fx) }
     }
 }
 

@@ -193,10 +193,33 @@ struct VoucherMachineTests {
         for case .journalIntent(_, let s) in r.take() { seqs.append(s) }
         #expect(seqs.count == 2)
         for s in seqs { r.m.intentJournaled(seq: s, ok: true, now: r.clock.now, effects: &r.fx) }
-        for s in seqs { r.m.userChecked(seq: s, .counted, now: r.clock.now, effects: &r.fx) }
+        for s in seqs { r.m.usersChecked(seqs: [s], results: [.counted], now: r.clock.now, effects: &r.fx) }
         _ = r.take()
         r.m.claimsRecorded(seqs: seqs, ok: false, now: r.clock.now, effects: &r.fx)
         let fx = r.take()
+        #expect(fx.answers[tp] == nil, "not refused: \(String(describing: fx.answers[tp]))")
+        #expect(fx.contains { if case .journalIntent = $0 { return true }; return false }, "the waiting claim goes on")
+    }
+
+    /// The per-user twin of the test above: a batch of checks that Redis never got (it was down) gives back
+    /// both claims' tokens and the user's counts before the claim that waits for tokens is decided. Settled
+    /// after each check, the waiting claim met one returned token and a count still held, and was refused
+    /// `USERLIMIT`, a final answer, for a count that the same batch gave back.
+    @Test func aBatchOfUnsentUserChecksReleasesItsCountsBeforeAWaitingClaimIsDecided() throws {
+        var r = Rig(durability: .journal, perUser: 2)
+        _ = r.claim("u")
+        try r.grant(3)
+        _ = r.claim("u")
+        let (tp, ap) = r.claim("u", qty: 2)
+        #expect(ap == nil, "parked: one token left")
+        var seqs: [Int] = []
+        for case .journalIntent(_, let s) in r.take() { seqs.append(s) }
+        #expect(seqs.count == 2)
+        for s in seqs { r.m.intentJournaled(seq: s, ok: true, now: r.clock.now, effects: &r.fx) }
+        #expect(r.take().filter { if case .checkUser = $0 { return true }; return false }.count == 2)
+        r.m.usersChecked(seqs: seqs, results: [.notSent("redis down"), .notSent("redis down")], now: r.clock.now, effects: &r.fx)
+        let fx = r.take()
+        #expect(fx.answers.count == 2, "both checked claims are answered")
         #expect(fx.answers[tp] == nil, "not refused: \(String(describing: fx.answers[tp]))")
         #expect(fx.contains { if case .journalIntent = $0 { return true }; return false }, "the waiting claim goes on")
     }
@@ -232,13 +255,13 @@ struct VoucherMachineTests {
         r.m.intentJournaled(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
         fx = r.take()
         #expect(fx.contains { if case .checkUser(let c, _, _) = $0 { return c.claimID == intent.claimID }; return false })
-        r.m.userChecked(seq: seq, .unknown("timeout"), now: r.clock.now, effects: &r.fx)
+        r.m.usersChecked(seqs: [seq], results: [.unknown("timeout")], now: r.clock.now, effects: &r.fx)
         #expect(r.take().answers.isEmpty, "not refused: the count may have been taken")
         r.tick(.milliseconds(60))
         fx = r.take()
         #expect(fx.contains { if case .checkUser(let c, _, _) = $0 { return c.claimID == intent.claimID }; return false },
                 "asked again, idempotent by claim id")
-        r.m.userChecked(seq: seq, .counted, now: r.clock.now, effects: &r.fx)
+        r.m.usersChecked(seqs: [seq], results: [.counted], now: r.clock.now, effects: &r.fx)
         let (_, s2) = try #require(r.take().records.first)
         r.m.claimsRecorded(seqs: [s2], ok: true, now: r.clock.now, effects: &r.fx)
         #expect(r.take().answers[t] == .claimID(intent.claimID))
@@ -252,7 +275,7 @@ struct VoucherMachineTests {
         else { Issue.record("no intent"); return }
         r.m.intentJournaled(seq: seq, ok: true, now: r.clock.now, effects: &r.fx)
         _ = r.take()
-        r.m.userChecked(seq: seq, .unknown("timeout"), now: r.clock.now, effects: &r.fx)
+        r.m.usersChecked(seqs: [seq], results: [.unknown("timeout")], now: r.clock.now, effects: &r.fx)
         r.tick(.milliseconds(400))
         let fx = r.take()
         guard case .refused(let e)? = fx.answers[t] else { Issue.record("not refused"); return }
@@ -260,7 +283,7 @@ struct VoucherMachineTests {
         // Given up: the count that may have been taken is released (a tombstone in Redis, so a check of
         // this claim that still runs later cannot count it again), and a late answer changes nothing.
         #expect(fx.contains { if case .releaseUser = $0 { return true }; return false })
-        r.m.userChecked(seq: seq, .counted, now: r.clock.now, effects: &r.fx)
+        r.m.usersChecked(seqs: [seq], results: [.counted], now: r.clock.now, effects: &r.fx)
         #expect(r.take().isEmpty)
         #expect(r.m.stock.tokensPending == 0 && r.m.stock.available(now: r.clock.now) == 10)
     }
