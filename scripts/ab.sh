@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of two release builds side by side: quotad CPU µs per claim (user + system from /proc) and
 # claims/s under redis-benchmark, ROUNDS interleaved rounds of N claims, medians. One change at a time.
-# MODE=none|journal|peruser (as scripts/prof.sh), NOJ=1: no journal.dir for both; NOKAFKA=1: journal mode without shipping.
+# Rounds alternate which side runs first (ABBA). MODE=none|journal|peruser (as scripts/prof.sh), NOJ=1: no journal.dir for both; NOKAFKA=1: journal mode without shipping.
 # EXTRA_A / EXTRA_B: a YAML line for one side only (one build, two configs: BIN_A=BIN_B, EXTRA_B="event_loops: 1").
 #   git worktree add /tmp/base HEAD~1 && (cd /tmp/base && swift build -c release)
 #   BIN_A=/tmp/base/.build/release BIN_B=.build/release MODE=none NOJ=1 scripts/ab.sh
@@ -42,7 +42,9 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 for x in A B; do redis-benchmark -s $T/$x.sock -n 200000 -c 50 -P 16 -r 1000000000 -q $args >/dev/null 2>&1; done
 for r in $(seq $ROUNDS); do
-  for x in A B; do
+  # The side run first in a round was ahead whatever the build (both orders showed it): alternate it.
+  order="A B"; [ $((r % 2)) = 0 ] && order="B A"
+  for x in $order; do
     t0=$(ticks ${P[$x]}); r0=$(ticks $rpid)
     rps=$(redis-benchmark -s $T/$x.sock -n $N -c 50 -P 16 -r 1000000000 -q $args 2>/dev/null | tr '\r' '\n' | grep -oE '[0-9.]+ requests per second' | tail -1 | cut -d' ' -f1)
     t1=$(ticks ${P[$x]}); r1=$(ticks $rpid)

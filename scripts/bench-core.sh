@@ -4,7 +4,8 @@
 # redis-server's own INCR, a claim as one EVALSHA script on one hot key, and quotad's CLAIM in each
 # durability mode (journal and kafka ship to a Tansu broker on the same box; none both as configured by
 # itself, with no journal, and with a journal.dir), with a per-user limit (none, no journal),
-# and (BASE_BIN=dir) an older quotad build side by side. Then one unpipelined connection: p50 of a
+# PING on redis-server and on quotad (each one's connection path without the command's work), and
+# (BASE_BIN=dir) an older quotad build side by side. Then one unpipelined connection: p50 of a
 # raw Unix-socket round trip (a 20-line C echo server) against quotad's CLAIM. Rounds are interleaved
 # and medians reported: the machine is noisy.
 #
@@ -130,6 +131,9 @@ run() {
 for round in $(seq "$ROUNDS"); do
   run incr "$rpid" "$T/redis-base.sock" INCR bench:counter
   run evalsha "$rpid" "$T/redis-base.sock" EVALSHA "$sha" 1 bench:stock
+  # PING on each server: the connection path alone (read, decode, dispatch, reply, write), no claim.
+  run redisping "$rpid" "$T/redis-base.sock" PING
+  run ping "${QPID[none]}" "${QSOCK[none]}" PING
   for r in "${rows[@]}"; do
     if [[ "$r" = *peruser ]]; then run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM benchu u:__rand_int__
     else run "$r" "${QPID[$r]}" "${QSOCK[$r]}" CLAIM bench user; fi
@@ -164,6 +168,8 @@ row() { # label name
 }
 row "redis-server \`INCR\` (no AOF)" incr
 row "redis-server \`EVALSHA\` claim script, one hot key (no AOF)" evalsha
+row "redis-server \`PING\`" redisping
+row "quotad \`PING\` (the \`none\` process: its connection path without a claim)" ping
 row "quotad \`CLAIM\`, durability \`none\` (no journal: its default)" none
 row "quotad \`CLAIM\`, durability \`none\` with a \`journal.dir\`" nonejournal
 row "quotad \`CLAIM\`, durability \`journal\` (ships to Tansu)" journal
@@ -176,8 +182,10 @@ if [ -n "$BASE_BIN" ]; then
   row "quotad \`CLAIM\`, \`none\`, per-user limit, BASE_BIN" baseperuser
 fi
 printf "\nper round (requests/s, CPU µs):\n"
-for f in incr evalsha "${rows[@]}"; do printf "  %-8s %s\n" "$f" "$(tr '\n' ' ' < "$T/res.$f")"; done
+for f in incr evalsha redisping ping "${rows[@]}"; do printf "  %-8s %s\n" "$f" "$(tr '\n' ' ' < "$T/res.$f")"; done
 printf "\nper-user limit / none, requests/s: %.2f\n" "$(echo "$(col peruser 1) / $none_rps" | bc -l)"
+printf "quotad CPU µs per claim over its PING (the claim's own work, \`none\`): %.2f; redis INCR over its PING: %.2f\n" \
+  "$(echo "$(col none 2) - $(col ping 2)" | bc -l)" "$(echo "$incr_cpu - $(col redisping 2)" | bc -l)"
 printf "journal / EVALSHA, requests/s: %.2f\n" "$(echo "$(col journal 1) / $(col evalsha 1)" | bc -l)"
 if [ -n "$BASE_BIN" ]; then
   for m in none:base nonejournal:basenonejournal journal:basejournal peruser:baseperuser; do
