@@ -21,18 +21,8 @@ declare -A P
 for x in A B; do
   bin=BIN_$x; bin=${!bin}
   kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: ab.$x }"; [ "$dm" = none ] && kafka=""; [ -n "${NOKAFKA:-}" ] && kafka=""
-  cat > "$T/$x.yaml" <<YAML
-host_id: ab-$x
-region: sg
-regions:
-  sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/$x.sock }
-durability: $dm
-$( [ -n "${NOJ:-}" ] || echo "journal: { dir: $T/journal-$x }")
-$kafka
-log_level: warning
-$(v=EXTRA_$x; echo "${!v:-}")
-YAML
+  extra=EXTRA_$x
+  qd_sidecar_yaml "$x" "$dm" "$( [ -n "${NOJ:-}" ] || echo "journal: { dir: $T/journal-$x }")" "$kafka" "${!extra:-}"
   "$bin/quotad" --config "$T/$x.yaml" 2>>"$T/q$x.log" &
   P[$x]=$!; pids+=($!)
   qd_wait_sock "$T/$x.sock"

@@ -50,18 +50,7 @@ start_quotad() { # name bin durability [nojournal]
   [ "${4:-}" = nojournal ] && journal=""
   # durability none: nothing recorded (no Kafka section, so no background shipping either)
   [ "$mode" != none ] && kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: bench.$name }"
-  cat > "$T/$name.yaml" <<YAML
-host_id: bench-$name
-region: sg
-regions:
-  sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/$name.sock }
-durability: $mode
-$journal
-$kafka
-log_level: warning
-${EXTRA_YAML:-}
-YAML
+  qd_sidecar_yaml "$name" "$mode" "$journal" "$kafka" "${EXTRA_YAML:-}"
   "$bin/quotad" --config "$T/$name.yaml" 2>>"$T/quotad-$name.log" &
   QPID[$name]=$!
   pids+=($!)

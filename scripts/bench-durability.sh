@@ -18,17 +18,7 @@ for mode in none journal kafka; do
   for shape in "1 1" "50 16"; do
     set -- $shape
     conns=$1; pipe=$2
-    cat > "$T/q.yaml" <<YAML
-host_id: bench-$mode
-region: sg
-regions:
-  sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/q.sock }
-durability: $mode
-journal: { dir: $T/journal-$mode-$conns }
-kafka: { brokers: "127.0.0.1:$KPORT", topic: bench.$mode }
-log_level: warning
-YAML
+    qd_sidecar_yaml q "$mode" "journal: { dir: $T/journal-$mode-$conns }" "kafka: { brokers: \"127.0.0.1:$KPORT\", topic: bench.$mode }"
     $BIN/quotad --config "$T/q.yaml" 2>>"$T/quotad.log" &
     qpid=$!
     qd_wait_sock "$T/q.sock"

@@ -12,15 +12,7 @@ qd_init quotad-bench
 qd_start_redis
 $BIN/quotactl voucher create free --limit 1000000000 --redis "unix://$T/redis.sock" >/dev/null
 $BIN/quotactl voucher create peruser --limit 1000000000 --per-user 1 --redis "unix://$T/redis.sock" >/dev/null
-cat > "$T/q.yaml" <<YAML
-host_id: bench
-region: sg
-regions:
-  sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/q.sock }
-durability: none
-log_level: warning
-YAML
+qd_sidecar_yaml q none
 : > "$T/rows"
 for shape in "50 16" "1 1"; do
   set -- $shape

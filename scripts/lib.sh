@@ -22,6 +22,20 @@ qd_start_redis() {
   pids+=($!)
   qd_wait_sock "$T/redis.sock"
 }
+# A sidecar's config on the private redis-server (region sg): $T/NAME.yaml, serving on $T/NAME.sock,
+# host id NAME, log level warning. Each further argument is one more YAML line (empty ones are left out).
+#   qd_sidecar_yaml q none "journal: { dir: $T/journal }"
+qd_sidecar_yaml() {
+  local name=$1 mode=$2 line
+  shift 2
+  {
+    printf 'host_id: %s\nregion: sg\nregions:\n  sg: { redis: "unix://%s/redis.sock" }\n' "$name" "$T"
+    printf 'socket: { path: %s/%s.sock }\ndurability: %s\nlog_level: warning\n' "$T" "$name" "$mode"
+    for line in "$@"; do
+      if [ -n "$line" ]; then printf '%s\n' "$line"; fi
+    done
+  } > "$T/$name.yaml"
+}
 # A private Tansu broker on a free loopback port: sets KPORT (needs scripts/kafka-env.sh sourced).
 qd_start_tansu() {
   KPORT=$(qd_free_port)

@@ -20,17 +20,7 @@ $BIN/quotactl voucher create benchu --limit 1000000000000 --per-user 1000000000 
 dm=$MODE; [ "$MODE" = peruser ] && dm=none
 kafka="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: bench.prof }"
 [ "$dm" = none ] && kafka=""; [ -n "${NOKAFKA:-}" ] && kafka=""
-cat > "$T/q.yaml" <<YAML
-host_id: prof
-region: sg
-regions:
-  sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/q.sock }
-durability: $dm
-$( [ -n "${NOJ:-}" ] || echo "journal: { dir: $T/journal }")
-$kafka
-log_level: warning
-YAML
+qd_sidecar_yaml q "$dm" "$( [ -n "${NOJ:-}" ] || echo "journal: { dir: $T/journal }")" "$kafka"
 $BIN/quotad --config "$T/q.yaml" 2>>"$T/q.log" &
 qpid=$!
 pids+=($qpid)

@@ -11,17 +11,7 @@ qd_init quotad-restore
 qd_start_redis
 BIN=${BIN:-.build/release}
 $BIN/quotactl voucher create bench --limit 1000000000000 --redis "unix://$T/redis.sock" >/dev/null
-cat > "$T/q.yaml" <<YAML
-host_id: restore
-region: sg
-regions:
-  sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/q.sock }
-durability: none
-journal: { dir: $T/journal }
-claims: { dedupe_window_seconds: 900 }
-log_level: warning
-YAML
+qd_sidecar_yaml q none "journal: { dir: $T/journal }" "claims: { dedupe_window_seconds: 900 }"
 $BIN/quotad --config "$T/q.yaml" 2>>"$T/q.log" &
 qp=$!
 qd_wait_sock "$T/q.sock"

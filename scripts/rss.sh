@@ -13,17 +13,7 @@ qd_init quotad-rss
 qd_start_redis
 BIN=${BIN:-.build/release}
 $BIN/quotactl voucher create bench --limit 1000000000000 --redis "unix://$T/redis.sock" >/dev/null
-cat > "$T/q.yaml" <<YAML
-host_id: rss
-region: sg
-regions:
-  sg: { redis: "unix://$T/redis.sock" }
-socket: { path: $T/q.sock }
-durability: none
-$( [ -n "${J:-}" ] && echo "journal: { dir: $T/journal }")
-log_level: warning
-${EXTRA_YAML:-}
-YAML
+qd_sidecar_yaml q none "$( [ -n "${J:-}" ] && echo "journal: { dir: $T/journal }")" "${EXTRA_YAML:-}"
 $BIN/quotad --config "$T/q.yaml" 2>>"$T/q.log" &
 qp=$!; pids+=($qp)
 qd_wait_sock "$T/q.sock"

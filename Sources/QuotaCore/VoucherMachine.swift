@@ -133,7 +133,8 @@ public struct VoucherMachine: Sendable {
         case journal(JournalRecord)
         /// Journal a claim's per-user intent durably; answer with ``intentJournaled(seq:ok:now:effects:)``.
         case journalIntent(ClaimEvent, seq: Int)
-        /// Check a claim's user in Redis (idempotent by claim id); answer with ``userChecked(seq:_:now:effects:)``.
+        /// Check a claim's user in Redis (idempotent by claim id); answer with
+        /// ``usersChecked(seqs:results:now:effects:)``, a batch's results at once.
         case checkUser(ClaimEvent, seq: Int, limit: Int)
         /// Record a claim durably; answer with ``claimsRecorded(seqs:ok:now:effects:)`` (and, with
         /// `durability: kafka`, ``claimAcknowledged(seq:now:effects:)`` once Kafka has it).
@@ -555,7 +556,7 @@ public struct VoucherMachine: Sendable {
     /// ``claimsRecorded(seqs:ok:now:effects:)``): a waiting claim is decided after the whole batch has given
     /// back its tokens and its users' counts.
     public mutating func usersChecked(seqs: [Int], results: [UserCheckResult], now: Instant, effects fx: inout [Effect]) {
-        precondition(seqs.count == results.count, "one result per check")
+        assert(seqs.count == results.count, "one result per check")   // (a missing one: that claim times out)
         for (seq, result) in zip(seqs, results) { userChecked(seq: seq, result, now: now, &fx) }
         settleEffects(now: now, &fx)
     }
