@@ -95,8 +95,9 @@ final class VoucherRuntime: @unchecked Sendable {
         guard decide({ fx in
             for (i, req) in reqs.enumerated() {
                 let address = box.map { ReplyAddress(box: $0, seq: firstSeq + i) }
-                outcomes.append(admit(req, now: now, loop: loop, address: address, &fx))
+                outcomes.append(admit(req, now: now, loop: loop, address: address, inRun: true, &fx))
             }
+            machine.endRun(now: now, effects: &fx)
         }) else { return nil }
         return outcomes
     }
@@ -121,10 +122,12 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// One request to the machine (under the lock): its answer now, or a promise registered for it.
     private func admit(_ req: VoucherMachine.Request, now: Instant, loop: any EventLoop, address: ReplyAddress?,
-                       _ fx: inout [VoucherMachine.Effect]) -> Outcome {
+                       inRun: Bool = false, _ fx: inout [VoucherMachine.Effect]) -> Outcome {
         let ticket = nextTicket
         nextTicket &+= 1
-        if let answer = machine.handle(req, ticket: ticket, now: now, effects: &fx) { return .now(Self.reply(answer)) }
+        let answer = inRun ? machine.handleInRun(req, ticket: ticket, now: now, effects: &fx)
+            : machine.handle(req, ticket: ticket, now: now, effects: &fx)
+        if let answer { return .now(Self.reply(answer)) }
         // (The effects, answers among them, are carried out after every request of the call was admitted.)
         if let address {
             waiters[ticket] = .address(address)

@@ -224,6 +224,54 @@ struct VoucherMachineTests {
         #expect(fx.contains { if case .journalIntent = $0 { return true }; return false }, "the waiting claim goes on")
     }
 
+    /// A connection's pipelined claims are decided as a run (`handleInRun`, then `endRun`): each gets the answer
+    /// it gets one by one, and the stock they call for is asked once, after the run, with what the whole run
+    /// left waiting.
+    @Test(arguments: [Durability.none, .journal])
+    func aRunOfClaimsIsDecidedAsOneByOneAndAsksForStockOnceAfterIt(durability: Durability) throws {
+        var one = Rig(durability: durability)
+        var run = Rig(durability: durability)
+        for i in [0, 1] {
+            var r = i == 0 ? one : run
+            _ = r.claim("first")
+            try r.grant(10)
+            _ = r.take()
+            if i == 0 { one = r } else { run = r }
+        }
+        let n = 25
+        var oneAnswers: [VoucherMachine.Answer?] = []
+        for k in 0..<n { oneAnswers.append(one.claim("u\(k)").1) }
+        var runAnswers: [VoucherMachine.Answer?] = []
+        for k in 0..<n {
+            run.ticket += 1
+            runAnswers.append(run.m.handleInRun(.claim(qty: 1, user: "u\(k)", req: nil), ticket: run.ticket,
+                                                now: run.clock.now, effects: &run.fx))
+        }
+        let beforeEnd = run.fx.filter { if case .lease = $0 { return true }; return false }
+        #expect(beforeEnd.isEmpty, "no lease asked within the run")
+        run.m.endRun(now: run.clock.now, effects: &run.fx)
+        #expect(runAnswers == oneAnswers, "the same answer for each claim")
+        let oneFx = one.take(), runFx = run.take()
+        let served = durability == .none ? runAnswers.compactMap { $0 }.count : runFx.records.count
+        #expect(served == 9, "nine tokens were left; the rest wait")
+        #expect(runFx.records.map(\.1) == oneFx.records.map(\.1), "the same claims recorded, in order")
+        let runLeases = runFx.compactMap { if case .lease(let l) = $0 { return l } else { return nil } }
+        let oneLeases = oneFx.compactMap { if case .lease(let l) = $0 { return l } else { return nil } }
+        #expect(!oneLeases.isEmpty && runLeases.count == 1, "one by one: \(oneLeases.count); the run: \(runLeases.count)")
+        // The waiting claims are served by the lease the run asked for, as by the one asked one by one.
+        for (var r, leases) in [(one, oneLeases), (run, runLeases)] {
+            r.fx = [.lease(leases[0])]
+            try r.grant(10, id: "2")
+            let fx = r.take()
+            let more = durability == .none ? fx.answers.values.filter { if case .claimID = $0 { return true }; return false }.count
+                : fx.records.count
+            #expect(more == 10, "ten more served")
+        }
+        var endAgain: [VoucherMachine.Effect] = []
+        run.m.endRun(now: run.clock.now, effects: &endAgain)
+        #expect(endAgain.isEmpty, "a run ends once")
+    }
+
     @Test func kafkaModeWaitsForTheAcknowledgementAndCancelsALateOne() throws {
         var r = Rig(durability: .kafka, claimTimeout: .seconds(1))
         let (t1, _) = r.claim("u1")
