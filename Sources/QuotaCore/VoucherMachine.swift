@@ -285,7 +285,9 @@ public struct VoucherMachine: Sendable {
     /// claims, under one taking of the voucher's lock): the leases and returns the run calls for are asked
     /// once, by ``endRun(now:effects:)`` after its last request, not after each (issue 13: that was ~2 % of
     /// `none`'s CPU). Nothing a later request of the run decides depends on it: taking stock fences expired
-    /// leases itself, and every effect of the run is carried out after the run anyway.
+    /// leases itself, and every effect of the run is carried out after the run anyway. Only the lease asked
+    /// may differ: sized after the whole run, it may be asked a little earlier or a little larger (the demand
+    /// of the run's claims lands in one rate window), never missed.
     public mutating func handleInRun(_ req: Request, ticket: Ticket, now: Instant, effects fx: inout [Effect]) -> Answer? {
         lastUse = now
         switch phase {
