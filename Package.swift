@@ -167,7 +167,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
-        .testTarget(name: "QuotaServerTests", dependencies: ["QuotaServer", "QuotaCore"]),
+        .testTarget(name: "QuotaServerTests", dependencies: ["QuotaServer", "QuotaCore", "QuotaChaos"]),
         .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig", "QuotaJournal", "QuotaChaos"]),
         .testTarget(
             name: "QuotaRESPTests",

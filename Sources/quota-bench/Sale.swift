@@ -3,6 +3,7 @@ import Foundation
 import Histogram
 import NIOCore
 import NIOPosix
+import QuotaChaos
 import QuotaClient
 import QuotaHarness
 import QuotaRESP

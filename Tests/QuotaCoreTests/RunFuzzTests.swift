@@ -1,3 +1,4 @@
+import QuotaChaos
 import QuotaCore
 import Testing
 import Foundation
@@ -11,16 +12,6 @@ import Foundation
 //     (durable first unless `none`); per-user limit; each ticket answered once; at the end every lease is
 //     closed with exactly its unserved tokens returned (no oversell, nothing stranded).
 
-struct SplitMix: RandomNumberGenerator {
-    var s: UInt64
-    mutating func next() -> UInt64 {
-        s &+= 0x9E37_79B9_7F4A_7C15
-        var z = s
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 struct FuzzWorld {
     typealias M = VoucherMachine
@@ -67,7 +58,7 @@ struct FuzzWorld {
     var rich = false
     init(seed: UInt64, durability: Durability, perUser: Int, rich: Bool = false) {
         self.rich = rich
-        rng = SplitMix(s: seed)
+        rng = SplitMix(seed)
         self.durability = durability
         self.perUser = perUser
         policy = LeasePolicy(min: 5, max: 12, ttl: .seconds(3), idleReturn: .seconds(4), safetyMargin: .milliseconds(600))

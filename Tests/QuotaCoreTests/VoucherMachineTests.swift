@@ -55,6 +55,20 @@ struct Rig {
         clock.advance(d)
         m.tick(now: clock.now, effects: &fx)
     }
+
+    /// With a per-user limit of 2 and 3 tokens: two claims of user `u` taken (their intents' seqs), and a third
+    /// of 2 tokens waiting for stock (its ticket).
+    mutating func twoClaimsOfOneUserInFlightAndAThirdWaiting() throws -> (seqs: [Int], waiting: Int) {
+        _ = claim("u")
+        try grant(3)
+        _ = claim("u")
+        let (tp, ap) = claim("u", qty: 2)
+        #expect(ap == nil, "parked: one token left")
+        var seqs: [Int] = []
+        for case .journalIntent(_, let s) in take() { seqs.append(s) }
+        #expect(seqs.count == 2)
+        return (seqs, tp)
+    }
 }
 
 extension [VoucherMachine.Effect] {
@@ -184,14 +198,7 @@ struct VoucherMachineTests {
     // answer, kept for its REQ).
     @Test func aFailedBatchReleasesItsUsersCountsBeforeAWaitingClaimIsDecided() throws {
         var r = Rig(durability: .journal, perUser: 2)
-        _ = r.claim("u")
-        try r.grant(3)
-        _ = r.claim("u")
-        let (tp, ap) = r.claim("u", qty: 2)
-        #expect(ap == nil, "parked: one token left")
-        var seqs: [Int] = []
-        for case .journalIntent(_, let s) in r.take() { seqs.append(s) }
-        #expect(seqs.count == 2)
+        let (seqs, tp) = try r.twoClaimsOfOneUserInFlightAndAThirdWaiting()
         for s in seqs { r.m.intentJournaled(seq: s, ok: true, now: r.clock.now, effects: &r.fx) }
         for s in seqs { r.m.usersChecked(seqs: [s], results: [.counted], now: r.clock.now, effects: &r.fx) }
         _ = r.take()
@@ -207,14 +214,7 @@ struct VoucherMachineTests {
     /// `USERLIMIT`, a final answer, for a count that the same batch gave back.
     @Test func aBatchOfUnsentUserChecksReleasesItsCountsBeforeAWaitingClaimIsDecided() throws {
         var r = Rig(durability: .journal, perUser: 2)
-        _ = r.claim("u")
-        try r.grant(3)
-        _ = r.claim("u")
-        let (tp, ap) = r.claim("u", qty: 2)
-        #expect(ap == nil, "parked: one token left")
-        var seqs: [Int] = []
-        for case .journalIntent(_, let s) in r.take() { seqs.append(s) }
-        #expect(seqs.count == 2)
+        let (seqs, tp) = try r.twoClaimsOfOneUserInFlightAndAThirdWaiting()
         for s in seqs { r.m.intentJournaled(seq: s, ok: true, now: r.clock.now, effects: &r.fx) }
         #expect(r.take().filter { if case .checkUser = $0 { return true }; return false }.count == 2)
         r.m.usersChecked(seqs: seqs, results: [.notSent("redis down"), .notSent("redis down")], now: r.clock.now, effects: &r.fx)

@@ -1,4 +1,5 @@
 @testable import QuotaServer
+import QuotaChaos
 import QuotaCore
 import Testing
 
@@ -58,7 +59,7 @@ struct RecoveredRunsTests {
 
     func check(seed: Int, unique: Bool) {
         var seen = Set<String>()
-        var rng = SplitMix(seed: UInt64(seed) &+ 1)
+        var rng = SplitMix(UInt64(seed) &+ 1)
         let capacity = Int(rng.next() % 9)
         let prefixes = ["sg.h1.bootA.", "sg.h1.bootB.", "eu.h2.bootC."]
         let odd = ["x", "sg.h1.bootA.00", "sg.h1.bootA.Z", "sg.h1.bootA.", "sg.h1.bootB.-1"]
@@ -104,14 +105,3 @@ struct RecoveredRunsTests {
     }
 }
 
-struct SplitMix {
-    var s: UInt64
-    init(seed: UInt64) { s = seed }
-    mutating func next() -> UInt64 {
-        s &+= 0x9E37_79B9_7F4A_7C15
-        var z = s
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
