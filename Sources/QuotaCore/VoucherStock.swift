@@ -789,7 +789,22 @@ public struct VoucherStock: Sendable {
     /// (closed or reclaimed): it was dropped without a return.
     @discardableResult
     public mutating func renewed(_ id: String, outcome: RenewOutcome, sentAt: Instant, now: Instant) -> LocalLease? {
-        guard let i = leases.firstIndex(where: { $0.id == id }) else { return nil }
+        guard let i = leases.firstIndex(where: { $0.id == id }) else {
+            // Served to its last token while the renewal was on the wire: it waits among the finished leases
+            // for its claims in flight. Redis no longer holds it open, so it must never serve again, not even
+            // tokens an aborted claim gives back to it (``revive(_:now:)`` needs a deadline still ahead). It
+            // closes as a finished lease does, once its claims settle; a close of a lease Redis does not hold
+            // is answered `gone`, which ``returnGone(_:)`` handles.
+            switch outcome {
+            case .renewed:
+                break
+            case .expired, .gone:
+                if let j = finishedLeases.firstIndex(where: { $0.id == id }), finishedLeases[j].deadline > now {
+                    finishedLeases[j].deadline = now
+                }
+            }
+            return nil
+        }
         leases[i].renewInFlight = false
         var gone: LocalLease?
         switch outcome {

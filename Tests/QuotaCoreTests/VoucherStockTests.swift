@@ -205,6 +205,33 @@ struct VoucherStockTests {
         #expect(s.counters.tokensLost == 10)
     }
 
+    /// A review finding (2026-11-30): a lease served to its last token while its renewal was on the wire moves
+    /// to the finished leases; Redis then answers the renewal `gone` (or `expired`), and a claim that was pinned
+    /// to the lease aborts and gives its tokens back. The lease must not serve them again: Redis no longer
+    /// holds it open. (The answer used to be ignored for a finished lease, and the abort revived it.)
+    @Test(arguments: [RenewOutcome.gone, .expired])
+    func aFullyServedLeaseThatRedisSaysIsGoneNeverServesAgain(outcome: RenewOutcome) throws {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        c.advance(.seconds(6))
+        #expect(s.renewals(now: c.now) == ["1"])
+        guard case .served(let shares) = s.claim(qty: 10, now: c.now, inFlight: true) else {
+            Issue.record("the lease's 10 tokens are not served")
+            return
+        }
+        #expect(s.finished == ["1"], "fully served, with a claim pinned to it")
+        s.renewed("1", outcome: outcome, sentAt: c.now, now: c.now)
+        s.abort(shares, now: c.now)
+        #expect(s.available(now: c.now) == 0, "a lease Redis does not hold open serves nothing")
+        guard case .wait = s.claim(qty: 1, now: c.now) else {
+            Issue.record("a claim was served from lease 1 after Redis said \(outcome)")
+            return
+        }
+    }
+
     @Test func redisUnreachableServesLocalStockThenFailsClosed() throws {
         var s = stock(LeasePolicy(min: 5, max: 5, lowWatermark: 0.9))
         var c = FakeClock()
