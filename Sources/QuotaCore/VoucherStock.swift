@@ -791,19 +791,28 @@ public struct VoucherStock: Sendable {
     public mutating func renewed(_ id: String, outcome: RenewOutcome, sentAt: Instant, now: Instant) -> LocalLease? {
         guard let i = leases.firstIndex(where: { $0.id == id }) else {
             // Served to its last token while the renewal was on the wire: it waits among the finished leases
-            // for its claims in flight. Redis no longer holds it open, so it must never serve again, not even
-            // tokens an aborted claim gives back to it (``revive(_:now:)`` needs a deadline still ahead). It
-            // closes as a finished lease does, once its claims settle; a close of a lease Redis does not hold
-            // is answered `gone`, which ``returnGone(_:)`` handles.
+            // for its claims in flight, and must never serve again once Redis does not hold it open, not even
+            // tokens an aborted or cancelled claim gives back to it (``revive(_:now:)``).
+            guard let j = finishedLeases.firstIndex(where: { $0.id == id }) else { return nil }
             switch outcome {
             case .renewed:
-                break
-            case .expired, .gone:
-                if let j = finishedLeases.firstIndex(where: { $0.id == id }), finishedLeases[j].deadline > now {
-                    finishedLeases[j].deadline = now
-                }
+                return nil
+            case .expired:
+                // Still open at Redis: it closes as finished leases do, returning what it holds. Its deadline is
+                // put at the start of time, not at `now`: an event whose clock was read before this answer's
+                // (the clock is read before the voucher's lock is taken) must not find it still servable.
+                counters.leasesFenced += 1
+                finishedLeases[j].deadline = Instant(nanoseconds: 0)
+                return nil
+            case .gone:
+                // As for a serving lease: this host's record of it ends here, nothing returned. Tokens of its
+                // claims in flight that abort are lost; cancellations of its claims go to the pool.
+                let l = finishedLeases.remove(at: j)
+                if finishedLeases.isEmpty { finishedSince = nil }
+                counters.leasesFenced += 1
+                counters.tokensLost += l.remaining
+                return l
             }
-            return nil
         }
         leases[i].renewInFlight = false
         var gone: LocalLease?

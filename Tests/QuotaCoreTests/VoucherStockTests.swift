@@ -223,12 +223,24 @@ struct VoucherStockTests {
             return
         }
         #expect(s.finished == ["1"], "fully served, with a claim pinned to it")
-        s.renewed("1", outcome: outcome, sentAt: c.now, now: c.now)
-        s.abort(shares, now: c.now)
-        #expect(s.available(now: c.now) == 0, "a lease Redis does not hold open serves nothing")
-        guard case .wait = s.claim(qty: 1, now: c.now) else {
+        let answeredAt = c.now
+        s.renewed("1", outcome: outcome, sentAt: answeredAt, now: answeredAt)
+        // The abort's clock was read just before the answer's (each event reads it before taking the lock).
+        s.abort(shares, now: answeredAt - .milliseconds(1))
+        #expect(s.available(now: answeredAt - .milliseconds(1)) == 0, "a lease Redis does not hold open serves nothing")
+        guard case .wait = s.claim(qty: 1, now: answeredAt - .milliseconds(1)) else {
             Issue.record("a claim was served from lease 1 after Redis said \(outcome)")
             return
+        }
+        if outcome == .gone {
+            #expect(!s.holds("1"), "gone: this host's record of it ends")
+            #expect(s.counters.tokensLost == 10, "the aborted claim's tokens are lost, not returned to a lease Redis closed")
+            s.closeFinished(now: c.now, after: .zero)
+            #expect(s.takeReturns().allSatisfy { $0.leaseId != "1" }, "nothing returned through a gone lease")
+        } else {
+            #expect(s.holds("1"), "expired: still open at Redis, it closes with a return")
+            s.closeFinished(now: c.now, after: .zero)
+            #expect(s.takeReturns().contains(ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 10, close: true)))
         }
     }
 
