@@ -801,7 +801,8 @@ public struct VoucherStock: Sendable {
                 // Still open at Redis: it closes as finished leases do, returning what it holds. Its deadline is
                 // put at the start of time, not at `now`: an event whose clock was read before this answer's
                 // (the clock is read before the voucher's lock is taken) must not find it still servable.
-                counters.leasesFenced += 1
+                // (A second renewal of it may have been on the wire too: the lease is fenced, and counted, once.)
+                if finishedLeases[j].deadline != Instant(nanoseconds: 0) { counters.leasesFenced += 1 }
                 finishedLeases[j].deadline = Instant(nanoseconds: 0)
                 return nil
             case .gone:

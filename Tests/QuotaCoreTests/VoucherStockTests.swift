@@ -224,7 +224,11 @@ struct VoucherStockTests {
         }
         #expect(s.finished == ["1"], "fully served, with a claim pinned to it")
         let answeredAt = c.now
+        let fenced = s.counters.leasesFenced
         s.renewed("1", outcome: outcome, sentAt: answeredAt, now: answeredAt)
+        // A second renewal's answer (two were on the wire) fences nothing more.
+        s.renewed("1", outcome: outcome, sentAt: answeredAt, now: answeredAt)
+        #expect(s.counters.leasesFenced == fenced + 1, "fenced once")
         // The abort's clock was read just before the answer's (each event reads it before taking the lock).
         s.abort(shares, now: answeredAt - .milliseconds(1))
         #expect(s.available(now: answeredAt - .milliseconds(1)) == 0, "a lease Redis does not hold open serves nothing")
