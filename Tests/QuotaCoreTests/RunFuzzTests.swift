@@ -77,6 +77,16 @@ struct FuzzWorld {
 
     mutating func r(_ n: Int) -> Int { Int.random(in: 0..<n, using: &rng) }
 
+    /// The per-user check script, as the model of Redis runs it: a claim already counted answers counted again.
+    mutating func redisCheck(_ c: ClaimEvent, limit: Int) -> M.UserCheckResult {
+        var u = counted[c.user, default: [:]]
+        defer { counted[c.user] = u }
+        if u[c.claimID] != nil { return .counted }
+        guard u.values.reduce(0, +) + c.qty <= limit else { return .overLimit }
+        u[c.claimID] = c.qty
+        return .counted
+    }
+
     mutating func answered(_ t: Int, _ a: M.Answer) {
         answers[t, default: []].append(a)
         if answers[t]!.count > 1 { errors.append("ticket \(t) answered twice: \(answers[t]!)") }
@@ -319,12 +329,7 @@ struct FuzzWorld {
                 switch r(10) {
                 case 0: results.append(.notSent("down"))
                 case 1: results.append(.unknown("lost"))
-                default:
-                    var u = counted[c.user, default: [:]]
-                    if u[c.claimID] != nil { results.append(.counted) }
-                    else if u.values.reduce(0, +) + c.qty <= limit { u[c.claimID] = c.qty; results.append(.counted) }
-                    else { results.append(.overLimit) }
-                    counted[c.user] = u
+                default: results.append(redisCheck(c, limit: limit))
                 }
             }
             m.usersChecked(seqs: batch.map(\.1), results: results, now: now, effects: &fx)
@@ -405,13 +410,7 @@ struct FuzzWorld {
             if !checks.isEmpty {
                 let b = checks; checks.removeAll()
                 var res: [M.UserCheckResult] = []
-                for (c, _, limit) in b {
-                    var u = counted[c.user, default: [:]]
-                    if u[c.claimID] != nil { res.append(.counted) }
-                    else if u.values.reduce(0, +) + c.qty <= limit { u[c.claimID] = c.qty; res.append(.counted) }
-                    else { res.append(.overLimit) }
-                    counted[c.user] = u
-                }
+                for (c, _, limit) in b { res.append(redisCheck(c, limit: limit)) }
                 m.usersChecked(seqs: b.map(\.1), results: res, now: now, effects: &fx)
             }
             if !records.isEmpty {

@@ -192,13 +192,8 @@ struct VoucherStockTests {
     }
 
     @Test func goneLeaseIsDroppedWithoutAReturn() throws {
-        var s = stock()
-        var c = FakeClock()
-        _ = s.claim(qty: 1, now: c.now)
-        let r = try #require(lease(&s, now: c.now, waiting: 1))
-        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
-        c.advance(.seconds(6))
-        _ = s.renewals(now: c.now)
+        let (start, c) = try leaseOf10WithItsRenewalOnTheWire()
+        var s = start
         s.renewed("1", outcome: .gone, sentAt: c.now, now: c.now)
         #expect(s.available(now: c.now) == 0)
         #expect(s.takeReturns().isEmpty)
@@ -211,13 +206,8 @@ struct VoucherStockTests {
     /// holds it open. (The answer used to be ignored for a finished lease, and the abort revived it.)
     @Test(arguments: [RenewOutcome.gone, .expired])
     func aFullyServedLeaseThatRedisSaysIsGoneNeverServesAgain(outcome: RenewOutcome) throws {
-        var s = stock()
-        var c = FakeClock()
-        _ = s.claim(qty: 1, now: c.now)
-        let r = try #require(lease(&s, now: c.now, waiting: 1))
-        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
-        c.advance(.seconds(6))
-        #expect(s.renewals(now: c.now) == ["1"])
+        let (start, c) = try leaseOf10WithItsRenewalOnTheWire()
+        var s = start
         guard case .served(let shares) = s.claim(qty: 10, now: c.now, inFlight: true) else {
             Issue.record("the lease's 10 tokens are not served")
             return
@@ -246,6 +236,19 @@ struct VoucherStockTests {
             s.closeFinished(now: c.now, after: .zero)
             #expect(s.takeReturns().contains(ReturnRequest(leaseId: "1", granted: 10, returnedTotal: 10, close: true)))
         }
+    }
+
+    /// A stock holding lease "1" of 10 tokens (one claim waited for it and was not yet served), 6 s later, with
+    /// the lease's renewal sent.
+    private func leaseOf10WithItsRenewalOnTheWire() throws -> (VoucherStock, FakeClock) {
+        var s = stock()
+        var c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 10, ttl: .seconds(10), poolAfter: 50), sentAt: r.sentAt, now: c.now)
+        c.advance(.seconds(6))
+        #expect(s.renewals(now: c.now) == ["1"])
+        return (s, c)
     }
 
     @Test func redisUnreachableServesLocalStockThenFailsClosed() throws {
