@@ -133,7 +133,9 @@ public final class RedisServer: @unchecked Sendable {
         var args = ["--port", "0", "--unixsocket", socket, "--dir", dir.path, "--save", "", "--enable-debug-command", "yes"]
         args += durable ? ["--appendonly", "yes", "--appendfsync", "always"] : ["--appendonly", "no"]
         child = try ChildProcess("/usr/bin/redis-server", args, log: dir.file("redis.log"))
-        try await eventually("redis-server answers PING") {
+        // Up to a minute: at the start of a test run every suite starts its servers at once on 2 cores (a CI run
+        // at 08cb6c8 took over 10 s here once).
+        try await eventually("redis-server answers PING", timeout: .seconds(60)) {
             (try? await store.connection.send(["PING"])) == .status("PONG")
         }
     }

@@ -461,7 +461,8 @@ struct FuzzWorld {
     }
 }
 
-@Suite("Runs of claims against one by one, in a random world")
+// One case at a time: the cases are CPU-bound, and the test run starts real servers alongside them.
+@Suite("Runs of claims against one by one, in a random world", .serialized)
 struct RunFuzzTests {
     @Test(arguments: [Durability.none, .journal, .kafka], [0, 3])
     func aRunDecidesEachRequestAsOneByOneAndEveryBookBalances(durability: Durability, perUser: Int) {
