@@ -4,6 +4,7 @@
 # claim); NOJ=1: no journal.dir (what `durability: none` alone configures); NOKAFKA=1: journal mode without
 # shipping. Needs a release build.
 #   MODE=none NOJ=1 scripts/prof.sh
+#   MODE=none NOJ=1 ARGS=PING OUT=/tmp/ping scripts/prof.sh    # another command (here quotad's connection path alone)
 #   perf report -i /tmp/perf.none.data --no-children -g none --sort comm    # per thread
 #   perf report -i /tmp/perf.none.data --children -g none --sort symbol     # per function, callees included
 set -euo pipefail
@@ -26,6 +27,7 @@ qpid=$!
 pids+=($qpid)
 qd_wait_sock "$T/q.sock"
 args="CLAIM bench user"; [ "$MODE" = peruser ] && args="CLAIM benchu u:__rand_int__"
+args=${ARGS:-$args}
 redis-benchmark -s $T/q.sock -n 200000 -c 50 -P 16 -r 1000000000 -q $args >/dev/null 2>&1
 perf record -F 999 -g -p $qpid -o ${OUT:-/tmp}/perf.$MODE.data -- sleep 8 >/dev/null 2>&1 &
 ppid=$!
