@@ -6,7 +6,8 @@
 # itself, with no journal, and with a journal.dir), with a per-user limit (none, no journal),
 # PING on redis-server and on quotad (each one's connection path without the command's work), and
 # (BASE_BIN=dir) an older quotad build side by side. Then one unpipelined connection: p50 of a
-# raw Unix-socket round trip (a 20-line C echo server) against quotad's CLAIM. Rounds are interleaved
+# raw Unix-socket round trip (a 20-line C echo server) against quotad's CLAIM and redis's INCR, from
+# redis-benchmark (8 µs buckets) and from a small C client timing each round trip. Rounds are interleaved
 # and medians reported: the machine is noisy.
 #
 #   scripts/bench-core.sh                          # N=1000000 C=50 P=16 ROUNDS=3
@@ -97,6 +98,57 @@ int main(int argc, char **argv) {
 }
 C
 cc -O2 -o "$T/echo" "$T/echo.c"
+# One unpipelined connection, each round trip timed (clock_gettime) and kept: the exact p50 and mean in µs
+# (redis-benchmark's latency histogram has 8 µs buckets at these round trips). rtt SOCKET N ARG...
+cat > "$T/rtt.c" <<'C'
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+static int cmp(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }
+/* A whole reply is in buf[0..n): a first line ending in CRLF, and for a bulk string ($len) len bytes + CRLF more. */
+static int complete(const char *buf, size_t n) {
+  const char *e = memmem(buf, n, "\r\n", 2);
+  if (!e) return 0;
+  if (buf[0] != '$') return 1;
+  long len = atol(buf + 1);
+  return len < 0 || (size_t)(e - buf) + 2 + (size_t)len + 2 <= n;
+}
+int main(int argc, char **argv) {
+  if (argc < 4) return 2;
+  int n = atoi(argv[2]), s = socket(AF_UNIX, SOCK_STREAM, 0);
+  struct sockaddr_un a = {0};
+  a.sun_family = AF_UNIX;
+  strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
+  if (connect(s, (struct sockaddr *)&a, sizeof a)) return 1;
+  char cmd[1024], buf[4096];
+  int len = snprintf(cmd, sizeof cmd, "*%d\r\n", argc - 3);
+  for (int i = 3; i < argc; i++) len += snprintf(cmd + len, sizeof cmd - len, "$%zu\r\n%s\r\n", strlen(argv[i]), argv[i]);
+  double *t = malloc(sizeof(double) * n), sum = 0;
+  for (int i = 0; i < n; i++) {
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (write(s, cmd, len) != len) return 1;
+    size_t got = 0;
+    do {
+      ssize_t r = read(s, buf + got, sizeof buf - got);
+      if (r <= 0) return 1;
+      got += r;
+    } while (!complete(buf, got));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    t[i] = (t1.tv_sec - t0.tv_sec) * 1e6 + (t1.tv_nsec - t0.tv_nsec) / 1e3;
+    sum += t[i];
+  }
+  qsort(t, n, sizeof(double), cmp);
+  printf("%.2f %.2f\n", t[n / 2], sum / n);
+  return 0;
+}
+C
+cc -O2 -o "$T/rtt" "$T/rtt.c"
 "$T/echo" "$T/echo.sock" &
 pids+=($!)
 qd_wait_sock "$T/echo.sock"
@@ -137,6 +189,7 @@ unpiped() { # name socket command...
   out=$(redis-benchmark -s "$sock" -n 100000 -c 1 -P 1 -q "$@" 2>/dev/null | tr '\r' '\n')
   echo "$out" | p50 >> "$T/p50.$name"
   echo "$out" | rps | awk '{printf "%.1f\n", 1000000 / $1}' >> "$T/rtt.$name"
+  "$T/rtt" "$sock" 100000 "$@" >> "$T/exact.$name"
 }
 for round in $(seq "$ROUNDS"); do
   unpiped echo "$T/echo.sock" PING_INLINE
@@ -187,6 +240,12 @@ printf "one unpipelined connection, p50 ms: raw socket echo %s, redis INCR %s, q
   "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"
 e=$(median < "$T/rtt.echo"); c=$(median < "$T/rtt.claim"); i=$(median < "$T/rtt.incr")
 printf "one unpipelined connection, mean round trip µs: raw socket echo %s, redis INCR %s, quotad CLAIM %s (%.2f× the echo)\n" \
+  "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"
+e=$(cut -d' ' -f1 "$T/exact.echo" | median); c=$(cut -d' ' -f1 "$T/exact.claim" | median); i=$(cut -d' ' -f1 "$T/exact.incr" | median)
+printf "one unpipelined connection, p50 µs timed per round trip: raw socket echo %s, redis INCR %s, quotad CLAIM %s (%.2f× the echo)\n" \
+  "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"
+e=$(cut -d' ' -f2 "$T/exact.echo" | median); c=$(cut -d' ' -f2 "$T/exact.claim" | median); i=$(cut -d' ' -f2 "$T/exact.incr" | median)
+printf "one unpipelined connection, mean µs timed per round trip: raw socket echo %s, redis INCR %s, quotad CLAIM %s (%.2f× the echo)\n" \
   "$e" "$i" "$c" "$(echo "$c / $e" | bc -l)"
 leases=$(redis-cli -s "${QSOCK[none]}" info stats | tr -d '\r' | grep '^leases_taken:' | cut -d: -f2)
 sent=$(redis-cli -s "${QSOCK[none]}" info stats | tr -d '\r' | grep '^redis_commands:' | cut -d: -f2)
