@@ -49,7 +49,8 @@ struct DeployTests {
         #expect(st == 0 && out.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "\(out)")
         let shipped = try Self.read("systemd/quotad.service")
         for key in ["ExecStop=-/usr/bin/redis-cli -s /run/quotad/quotad.sock DRAIN", "Restart=on-failure", "User=quotad",
-                    "TimeoutStopSec=40"] {
+                    "TimeoutStopSec=40",
+                    "Environment=SWIFT_BACKTRACE=enable=yes,swift-backtrace=/usr/local/libexec/quotad/swift-backtrace-static"] {
             #expect(shipped.contains(key), "\(key)")
         }
         let root = dir.file("root")
