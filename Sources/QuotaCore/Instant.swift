@@ -7,6 +7,8 @@ public struct Instant: Sendable, Hashable, Comparable, CustomStringConvertible {
 
     /// Later than any instant a clock reads.
     public static let max = Instant(nanoseconds: .max)
+    /// Not later than any instant a clock reads.
+    public static let min = Instant(nanoseconds: 0)
 
     public static func < (a: Instant, b: Instant) -> Bool { a.nanoseconds < b.nanoseconds }
 

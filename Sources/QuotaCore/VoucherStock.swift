@@ -802,17 +802,15 @@ public struct VoucherStock: Sendable {
                 // put at the start of time, not at `now`: an event whose clock was read before this answer's
                 // (the clock is read before the voucher's lock is taken) must not find it still servable.
                 // (A second renewal of it may have been on the wire too: the lease is fenced, and counted, once.)
-                if finishedLeases[j].deadline != Instant(nanoseconds: 0) { counters.leasesFenced += 1 }
-                finishedLeases[j].deadline = Instant(nanoseconds: 0)
+                if finishedLeases[j].deadline != .min { counters.leasesFenced += 1 }
+                finishedLeases[j].deadline = .min
                 return nil
             case .gone:
                 // As for a serving lease: this host's record of it ends here, nothing returned. Tokens of its
                 // claims in flight that abort are lost; cancellations of its claims go to the pool.
                 let l = finishedLeases.remove(at: j)
                 if finishedLeases.isEmpty { finishedSince = nil }
-                counters.leasesFenced += 1
-                counters.tokensLost += l.remaining
-                return l
+                return dropGone(l)
             }
         }
         leases[i].renewInFlight = false
@@ -828,13 +826,18 @@ public struct VoucherStock: Sendable {
             counters.leasesFenced += 1
             retire(l)
         case .gone:
-            let l = leases.remove(at: i)
-            counters.leasesFenced += 1
-            counters.tokensLost += l.remaining
-            gone = l
+            gone = dropGone(leases.remove(at: i))
         }
         fence(now: now)
         return gone
+    }
+
+    /// Redis no longer holds lease `l` for this host (closed or reclaimed): it is dropped without a return,
+    /// fenced, and what it still held is counted lost.
+    private mutating func dropGone(_ l: LocalLease) -> LocalLease {
+        counters.leasesFenced += 1
+        counters.tokensLost += l.remaining
+        return l
     }
 
     /// The renewal could not be sent or answered: it is tried again; fencing still applies.
