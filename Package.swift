@@ -198,7 +198,7 @@ for target in package.targets where target.type == .executable || target.type ==
     ]
 }
 
-// Release quotad carries the Swift runtime and Foundation in its binary (`-static-stdlib`): calls into the
+// Release executables (quotad above all) carry the Swift runtime and Foundation in their binary (`-static-stdlib`): calls into the
 // runtime (retain/release, exclusivity, allocation) are direct instead of through the PLT, and only the pages
 // it uses are mapped. `ab.sh MODE=none NOJ=1`, 3 × 10 rounds: 1.97 → 1.78–1.89 µs of CPU per claim; RSS 3 MiB
 // less (README, issue 13). A host then needs no Swift toolchain, only the C libraries (`ldd quotad`).
