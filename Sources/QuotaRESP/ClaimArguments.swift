@@ -31,6 +31,18 @@ public struct ClaimArguments: Sendable, Equatable {
     public static func parse(
         _ a: [ByteBuffer], maxQty: Int, isValidVoucher: (String) -> Bool
     ) -> Result<ClaimArguments, Failure> {
+        parse(a, maxQty: maxQty, voucherID: { b in
+            let v = String(buffer: b)
+            return isValidVoucher(v) ? v : nil
+        })
+    }
+
+    /// As ``parse(_:maxQty:isValidVoucher:)``, with the voucher id read by `voucherID`: the id's text, or nil
+    /// when it is not a valid id (a caller may remember the last id it validated and answer it again for the
+    /// same bytes, without a new `String` or a new check).
+    public static func parse(
+        _ a: [ByteBuffer], maxQty: Int, voucherID: (ByteBuffer) -> String?
+    ) -> Result<ClaimArguments, Failure> {
         guard a.count >= 3 else { return .failure(.arity) }
         var qty = 1
         var req: ByteBuffer?
@@ -55,8 +67,7 @@ public struct ClaimArguments: Sendable, Equatable {
                     "unknown CLAIM option '\(String(buffer: a[i]).prefix(32))' (expected QTY n or REQ id)"))
             }
         }
-        let v = String(buffer: a[1])
-        guard isValidVoucher(v) else { return .failure(.badVoucher(v)) }
+        guard let v = voucherID(a[1]) else { return .failure(.badVoucher(String(buffer: a[1]))) }
         guard a[2].readableBytes > 0, a[2].readableBytes <= 256 else {
             return .failure(.syntax("user id must be 1-256 bytes"))
         }

@@ -29,6 +29,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var out: ByteBuffer?
     /// The runtime of this connection's last claimed voucher (``SidecarEngine/request(_:voucher:loop:cache:)``).
     private var lastRuntime = SidecarEngine.RuntimeCache()
+    /// The last valid voucher id a `CLAIM` named (``voucherID(_:)``).
+    private var lastVoucherID: String?
     /// Consecutive `CLAIM`s of one voucher decoded in this turn, not yet handled: handled together
     /// (``flushClaims(context:)``) before any other command, and at the end of the turn.
     private var runVoucher: String?
@@ -728,7 +730,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// A `CLAIM`'s voucher and request, or its refusal.
     private func claimRequest(_ a: [ByteBuffer]) -> Result<(String, VoucherMachine.Request), RefusedClaim> {
         let c: ClaimArguments
-        switch ClaimArguments.parse(a, maxQty: engine.config.limits.maxQty, isValidVoucher: QuotaStore.isValidVoucherID) {
+        switch ClaimArguments.parse(a, maxQty: engine.config.limits.maxQty, voucherID: voucherID) {
         case .success(let parsed): c = parsed
         case .failure(.arity): return .failure(RefusedClaim(outcome: arity("CLAIM")))
         case .failure(.syntax(let m)): return .failure(RefusedClaim(outcome: syntax(m)))
@@ -748,6 +750,20 @@ final class ConnectionHandler: ChannelDuplexHandler {
             req = s
         }
         return .success((c.voucher, .claim(qty: c.qty, user: user, req: req)))
+    }
+
+    /// The text of a `CLAIM`'s voucher id, or nil if it is not a valid id. The last valid id is remembered: a
+    /// connection claims one voucher over and over, and the same bytes are answered without a new `String` or
+    /// a new check (issue 13).
+    private func voucherID(_ b: ByteBuffer) -> String? {
+        if var last = lastVoucherID, b.readableBytes == last.utf8.count {
+            let same = last.withUTF8 { l in b.withUnsafeReadableBytes { r in memcmp(r.baseAddress!, l.baseAddress!, l.count) == 0 } }
+            if same { return last }
+        }
+        let v = String(buffer: b)
+        guard QuotaStore.isValidVoucherID(v) else { return nil }
+        lastVoucherID = v
+        return v
     }
 
     /// Handle the run of `CLAIM`s decoded so far, and queue their replies in order.

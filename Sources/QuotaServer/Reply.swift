@@ -88,11 +88,7 @@ extension ByteBuffer {
             writeStaticString("\r\n")
             for x in rs { writeReply(x, proto: proto) }
         case .claimID(let id):
-            writeInteger(UInt8(ascii: "$"))
-            writeString(String(id.utf8.count))
-            writeStaticString("\r\n")
-            writeString(id)
-            writeStaticString("\r\n")
+            writeClaimID(id)
         case .value(let v):
             writeRESPValue(v)
         case .error(let e):
@@ -102,6 +98,37 @@ extension ByteBuffer {
             // An error line must not break the frame.
             writeString(e.message.replacingOccurrences(of: "\r", with: " ").replacingOccurrences(of: "\n", with: " "))
             writeStaticString("\r\n")
+        }
+    }
+}
+
+extension ByteBuffer {
+    /// `$<length>\r\n<id>\r\n` in one write into the buffer (the claim path's reply: one exclusive access to
+    /// the buffer's storage, not five, and the length's digits without a `String`).
+    mutating func writeClaimID(_ id: String) {
+        var id = id
+        id.withUTF8 { bytes in
+            let n = bytes.count
+            var digits = 1
+            var v = n
+            while v >= 10 { v /= 10; digits += 1 }
+            let total = 1 + digits + 2 + n + 2
+            writeWithUnsafeMutableBytes(minimumWritableBytes: total) { out in
+                out[0] = UInt8(ascii: "$")
+                var m = n
+                var j = digits
+                repeat {
+                    out[j] = UInt8(ascii: "0") + UInt8(m % 10)
+                    m /= 10
+                    j -= 1
+                } while m > 0
+                out[1 + digits] = UInt8(ascii: "\r")
+                out[2 + digits] = UInt8(ascii: "\n")
+                if n > 0 { UnsafeMutableRawBufferPointer(rebasing: out[(3 + digits)...]).copyMemory(from: UnsafeRawBufferPointer(bytes)) }
+                out[3 + digits + n] = UInt8(ascii: "\r")
+                out[4 + digits + n] = UInt8(ascii: "\n")
+                return total
+            }
         }
     }
 }

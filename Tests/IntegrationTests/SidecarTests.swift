@@ -235,6 +235,39 @@ struct SidecarTests {
         #expect(try await q.stop() == 0)
     }
 
+    @Test func aConnectionRemembersOnlyTheExactBytesOfItsLastVoucherID() async throws {
+        // The connection skips validating a voucher id whose bytes equal its last valid one: an id of the same
+        // length, valid or not, must still be read and checked as itself.
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "safe", limit: 1, perUser: 0, totalLimit: 1, region: "sg")
+        _ = try await redis.store.createVoucher(id: "sale", limit: 5, perUser: 0, totalLimit: 5, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a")
+        let c = try await RESPClient.connect(q.socket)
+        let steps: [(String, String?)] = [
+            ("safe", nil), ("safe", "SOLDOUT"), ("sa{e", "ERR invalid voucher id"), ("sale", nil), ("safe", "SOLDOUT"),
+            ("sale", nil), ("sal\u{e9}", "ERR invalid voucher id"),
+        ]
+        for (voucher, want) in steps {
+            let r = try await c.send("CLAIM", voucher, "u")
+            if let want {
+                #expect(r.isError && r.string?.hasPrefix(want) == true, "CLAIM \(voucher) -> \(r)")
+            } else {
+                #expect(!r.isError && r.string?.isEmpty == false, "CLAIM \(voucher) -> \(r)")
+            }
+        }
+        // Pipelined: the same bytes over and over, then another id of the same length.
+        let many = try await c.sendRaw(ByteBuffer(string: String(repeating: "*3\r\n$5\r\nCLAIM\r\n$4\r\nsale\r\n$1\r\nu\r\n", count: 3)
+                                                    + "*3\r\n$5\r\nCLAIM\r\n$4\r\nsa}e\r\n$1\r\nu\r\n"), replies: 4)
+        #expect(many.prefix(3).allSatisfy { !$0.isError }, "\(many)")
+        #expect(many[3].isError && many[3].string?.hasPrefix("ERR invalid voucher id") == true, "\(many[3])")
+        #expect(try await q.stat("claims_ok") == 6)
+        c.close()
+        #expect(try await q.stop() == 0)
+        #expect(try await redis.account("safe").pool == 0)
+        #expect(try await redis.account("sale").pool == 0, "every claim of 'sale' was served from 'sale'")
+    }
+
     @Test func pipelinedRepliesKeepRequestOrderAcrossParkedClaims() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
