@@ -28,47 +28,67 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
     /// untouched) when the frame is incomplete; throws on a frame that breaks the protocol or a limit.
     /// An empty inline line yields a command with no arguments, which callers skip.
     public static func parse(_ buffer: inout ByteBuffer, limits: RESPLimits) throws -> RESPCommand? {
-        guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return nil }
-        if first != UInt8(ascii: "*") { return try parseInline(&buffer, limits: limits) }
-
-        var index = buffer.readerIndex + 1
-        guard let count = try readNumber(buffer, at: &index, maxLineBytes: 24, what: "multibulk length")
-        else { return nil }
-        guard count <= limits.maxArguments else {
-            throw RESPProtocolError("too many arguments (\(count), limit \(limits.maxArguments))")
-        }
-        guard count >= 0 else {
-            throw RESPProtocolError("invalid multibulk length")
-        }
         var args: [ByteBuffer] = []
-        args.reserveCapacity(count)
-        var frameBytes = 0
-        for _ in 0..<count {
-            guard let marker = buffer.getInteger(at: index, as: UInt8.self) else { return nil }
-            guard marker == UInt8(ascii: "$") else {
-                throw RESPProtocolError("expected '$', got '\(printable(marker))'")
-            }
-            index += 1
-            guard let len = try readNumber(buffer, at: &index, maxLineBytes: 24, what: "bulk length") else {
-                return nil
-            }
-            guard len >= 0 else { throw RESPProtocolError("invalid bulk length") }
-            guard len <= limits.maxArgumentBytes else {
-                throw RESPProtocolError("argument too long (\(len) bytes, limit \(limits.maxArgumentBytes))")
-            }
-            frameBytes += len
-            guard frameBytes <= limits.maxFrameBytes else {
-                throw RESPProtocolError("command too large (limit \(limits.maxFrameBytes) bytes)")
-            }
-            guard buffer.writerIndex - index >= len + 2 else { return nil }
-            guard buffer.getInteger(at: index + len, as: UInt8.self) == 13,
-                buffer.getInteger(at: index + len + 1, as: UInt8.self) == 10
-            else { throw RESPProtocolError("bulk argument not terminated by CRLF") }
-            args.append(buffer.getSlice(at: index, length: len)!)
-            index += len + 2
-        }
-        buffer.moveReaderIndex(to: index)
+        guard try parse(&buffer, limits: limits, into: &args) else { return nil }
         return RESPCommand(arguments: args)
+    }
+
+    /// ``parse(_:limits:)`` into `args` (emptied first, its capacity kept): true when a command was parsed
+    /// (its arguments are then in `args`). A caller that keeps one array for its commands allocates none
+    /// per command. The multibulk frame is read from the raw bytes, not byte by byte through the buffer.
+    public static func parse(_ buffer: inout ByteBuffer, limits: RESPLimits, into args: inout [ByteBuffer]) throws -> Bool {
+        args.removeAll(keepingCapacity: true)
+        guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return false }
+        if first != UInt8(ascii: "*") {
+            guard let c = try parseInline(&buffer, limits: limits) else { return false }
+            args.append(contentsOf: c.arguments)
+            return true
+        }
+        let base = buffer.readerIndex
+        let whole = buffer
+        // The frame's length when it is complete, nil when more bytes are needed.
+        let used: Int? = try buffer.withUnsafeReadableBytes { raw in
+            var index = 1
+            guard let count = try readNumber(raw, at: &index, maxLineBytes: 24, what: "multibulk length") else { return nil }
+            guard count <= limits.maxArguments else {
+                throw RESPProtocolError("too many arguments (\(count), limit \(limits.maxArguments))")
+            }
+            guard count >= 0 else {
+                throw RESPProtocolError("invalid multibulk length")
+            }
+            args.reserveCapacity(count)
+            var frameBytes = 0
+            for _ in 0..<count {
+                guard index < raw.count else { return nil }
+                let marker = raw[index]
+                guard marker == UInt8(ascii: "$") else {
+                    throw RESPProtocolError("expected '$', got '\(printable(marker))'")
+                }
+                index += 1
+                guard let len = try readNumber(raw, at: &index, maxLineBytes: 24, what: "bulk length") else { return nil }
+                guard len >= 0 else { throw RESPProtocolError("invalid bulk length") }
+                guard len <= limits.maxArgumentBytes else {
+                    throw RESPProtocolError("argument too long (\(len) bytes, limit \(limits.maxArgumentBytes))")
+                }
+                frameBytes += len
+                guard frameBytes <= limits.maxFrameBytes else {
+                    throw RESPProtocolError("command too large (limit \(limits.maxFrameBytes) bytes)")
+                }
+                guard raw.count - index >= len + 2 else { return nil }
+                guard raw[index + len] == 13, raw[index + len + 1] == 10 else {
+                    throw RESPProtocolError("bulk argument not terminated by CRLF")
+                }
+                args.append(whole.getSlice(at: base + index, length: len)!)
+                index += len + 2
+            }
+            return index
+        }
+        guard let used else {
+            args.removeAll(keepingCapacity: true)
+            return false
+        }
+        buffer.moveReaderIndex(forwardBy: used)
+        return true
     }
 
     private static func parseInline(_ buffer: inout ByteBuffer, limits: RESPLimits) throws -> RESPCommand? {
@@ -111,19 +131,21 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
     }
 
     /// Read a signed decimal terminated by CRLF at `index`; nil when the line is incomplete.
-    static func readNumber(_ buffer: ByteBuffer, at index: inout Int, maxLineBytes: Int, what: String) throws -> Int? {
+    @inline(__always)
+    static func readNumber(_ raw: UnsafeRawBufferPointer, at index: inout Int, maxLineBytes: Int, what: String) throws -> Int? {
         var i = index
         var value = 0
         var negative = false
         var digits = 0
         while true {
-            guard let c = buffer.getInteger(at: i, as: UInt8.self) else {
+            guard i < raw.count else {
                 if i - index > maxLineBytes { throw RESPProtocolError("invalid \(what)") }
                 return nil
             }
+            let c = raw[i]
             if c == 13 {
-                guard let lf = buffer.getInteger(at: i + 1, as: UInt8.self) else { return nil }
-                guard lf == 10, digits > 0 else { throw RESPProtocolError("invalid \(what)") }
+                guard i + 1 < raw.count else { return nil }
+                guard raw[i + 1] == 10, digits > 0 else { throw RESPProtocolError("invalid \(what)") }
                 index = i + 2
                 return negative ? -value : value
             }

@@ -38,6 +38,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// When each claim of the run was read (only with a claim timer).
     private var runStarted: [NIODeadline] = []
     static let maxClaimRun = 64
+    /// The arguments of the command being decoded: one array for all of them (no allocation per command).
+    private var arguments: [ByteBuffer] = []
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
     private var processing = false
@@ -114,6 +116,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         processing = true
         defer {
             flushClaims(context: context)
+            // (The slices would keep the read buffer alive while the connection idles.)
+            arguments.removeAll(keepingCapacity: true)
             processing = false
         }
         var commands = 0
@@ -129,9 +133,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             commands += 1
             input = nil
-            let cmd: RESPCommand?
+            let parsed: Bool
             do {
-                cmd = try RESPCommandDecoder.parse(&buf, limits: limits)
+                parsed = try RESPCommandDecoder.parse(&buf, limits: limits, into: &arguments)
             } catch let e as RESPProtocolError {
                 protocolError(e, context: context)
                 return
@@ -140,11 +144,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 return
             }
             if buf.readableBytes > 0 {
-                if buf.readerIndex >= 16 << 10 && cmd == nil { buf.discardReadBytes() }
+                if buf.readerIndex >= 16 << 10 && !parsed { buf.discardReadBytes() }
                 input = buf
             }
-            guard let cmd else { break }
-            command(cmd, context: context)
+            guard parsed else { break }
+            command(RESPCommand(arguments: arguments), context: context)
         }
     }
 
