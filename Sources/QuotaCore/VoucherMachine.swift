@@ -480,9 +480,12 @@ public struct VoucherMachine: Sendable {
         let seq = nextSeq()
         let event = ClaimEvent(claimID: ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq), voucher: voucher, user: user, qty: qty,
                                region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
-        var flight = InFlight(event: event, ticket: ticket, deadline: now + rules.claimTimeout, stage: .recording,
-                              pinned: needsFlight)
         let limit = perUserLimit
+        // The claim timeout applies only to a claim that waits (a durable record, a per-user check): with
+        // `durability: none` and no per-user limit it is answered now, and its deadline is never read.
+        let waits = rules.durability != .none || limit > 0
+        var flight = InFlight(event: event, ticket: ticket, deadline: waits ? now + rules.claimTimeout : now,
+                              stage: .recording, pinned: needsFlight)
         if limit > 0 {
             // This host's own count is a lower bound of the user's global count: over it, refuse at once.
             let userKey = ByteKey(user)
@@ -527,7 +530,7 @@ public struct VoucherMachine: Sendable {
     private mutating func record(seq: Int, _ f: InFlight, _ fx: inout [Effect]) -> Answer? {
         if rules.durability == .none {
             if f.pinned { stock.commit(f.event.shares) }
-            inFlight.removeValue(forKey: seq)
+            if !inFlight.isEmpty { inFlight.removeValue(forKey: seq) }   // (a lookup of an empty map still hashes)
             if rules.recordsClaims { fx.append(.recordLater(f.event)) }
             fx.append(.remember(f.event, seq: seq))
             return .claimID(f.event.claimID)
