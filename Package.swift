@@ -53,8 +53,10 @@ let package = Package(
         .systemLibrary(name: "CLibPQ", pkgConfig: "libpq", providers: [.apt(["libpq-dev"])]),
         // The only importer of CLibPQ: a blocking PostgreSQL connection (benchmark baseline).
         .target(name: "QuotaPostgres", dependencies: ["CLibPQ"]),
+        // CRC-32C with the CPU's instructions (SSE 4.2, ARMv8 CRC), for the journal's checksums. Owned by QuotaCore.
+        .target(name: "CCRC32C"),
         // The domain: stock, leases, fencing, sizing. No I/O.
-        .target(name: "QuotaCore"),
+        .target(name: "QuotaCore", dependencies: ["CCRC32C"]),
         // The local write-ahead journal: segments, group commit, recovery.
         .target(
             name: "QuotaJournal",
@@ -186,7 +188,9 @@ let package = Package(
     ]
 )
 
-for target in package.targets where target.type != .system {
+// (C targets take no Swift settings.)
+let cTargets: Set<String> = ["CCRC32C"]
+for target in package.targets where target.type != .system && !cTargets.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + strict
 }
 
@@ -209,7 +213,7 @@ for target in package.targets where target.type == .executable || target.type ==
 // objects, on every link; lld also links the four executables in ~4 s).
 // (What `swift build --static-swift-stdlib` does: modules compiled against the static runtime's modules, so their
 // autolink names its libraries, and executables linked with it.)
-for target in package.targets where target.type != .system {
+for target in package.targets where target.type != .system && !cTargets.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-static-stdlib", "-cross-module-optimization"], .when(configuration: .release))]
     if target.type == .executable {
         target.linkerSettings = (target.linkerSettings ?? []) + [.unsafeFlags(["-static-stdlib", "-use-ld=lld"], .when(configuration: .release))]

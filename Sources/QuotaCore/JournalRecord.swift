@@ -1,3 +1,4 @@
+import CCRC32C
 /// One record of the local journal. Claims, cancellations and lease closes are what gets shipped
 /// to Kafka; the other records let a restarted sidecar know exactly what each lease of a previous
 /// run served, which lease requests may have been granted unseen, and under which durability mode
@@ -56,93 +57,101 @@ public enum JournalCodec {
     public static let maxRecordBytes = 64 << 20
 
     public static func encode(_ r: JournalRecord, into out: inout [UInt8]) {
-        var body: [UInt8] = []
-        body.reserveCapacity(112)
+        // The frame is written in place: a header of zeros (length, checksum), the body after it, then the
+        // header filled in. (A body array of its own, and the header's bytes as arrays, were three allocations
+        // and a copy per record.)
+        let start = out.count
+        out.append(contentsOf: headerZeros)
         switch r {
         case .claim(let c):
-            encodeClaim(c, &body)
+            encodeClaim(c, &out)
         case .intentResolved(let v, let c):
-            body.append(13)
-            put(v, &body)
-            put(c, &body)
+            out.append(13)
+            put(v, &out)
+            put(c, &out)
         case .releaseOwed(let v, let u, let c):
-            body.append(15)
-            put(v, &body)
-            put(u, &body)
-            put(c, &body)
+            out.append(15)
+            put(v, &out)
+            put(u, &out)
+            put(c, &out)
         case .restocked(let v, let c):
-            body.append(16)
-            put(v, &body)
-            put(c, &body)
+            out.append(16)
+            put(v, &out)
+            put(c, &out)
         case .leaseRequested(let v, let req):
-            body.append(7)
-            put(v, &body)
-            put(req, &body)
+            out.append(7)
+            put(v, &out)
+            put(req, &out)
         case .leaseGranted(let g):
-            body.append(8)
-            put(g.voucher, &body)
-            put(g.lease, &body)
-            put(UInt64(g.granted), &body)
-            put(g.req, &body)
-            put(g.region, &body)
-            put(g.host, &body)
-            put(g.durability, &body)
-            put(UInt64(bitPattern: g.tsMs), &body)
+            out.append(8)
+            put(g.voucher, &out)
+            put(g.lease, &out)
+            put(UInt64(g.granted), &out)
+            put(g.req, &out)
+            put(g.region, &out)
+            put(g.host, &out)
+            put(g.durability, &out)
+            put(UInt64(bitPattern: g.tsMs), &out)
         case .leaseAnswered(let v, let req):
-            body.append(9)
-            put(v, &body)
-            put(req, &body)
+            out.append(9)
+            put(v, &out)
+            put(req, &out)
         case .leaseClosed(let c):
-            body.append(10)
-            put(c.voucher, &body)
-            put(c.lease, &body)
-            put(c.region, &body)
-            put(c.host, &body)
-            put(UInt64(c.granted), &body)
-            put(UInt64(c.served), &body)
-            put(UInt64(c.returned), &body)
-            put(UInt64(bitPattern: c.tsMs), &body)
-            body.append(c.gone ? 1 : 0)
+            out.append(10)
+            put(c.voucher, &out)
+            put(c.lease, &out)
+            put(c.region, &out)
+            put(c.host, &out)
+            put(UInt64(c.granted), &out)
+            put(UInt64(c.served), &out)
+            put(UInt64(c.returned), &out)
+            put(UInt64(bitPattern: c.tsMs), &out)
+            out.append(c.gone ? 1 : 0)
         case .boot(let b):
-            body.append(11)
-            put(b.boot, &body)
-            put(b.host, &body)
-            put(b.durability, &body)
-            put(UInt64(bitPattern: b.tsMs), &body)
+            out.append(11)
+            put(b.boot, &out)
+            put(b.host, &out)
+            put(b.durability, &out)
+            put(UInt64(bitPattern: b.tsMs), &out)
         case .generation(let g):
-            body.append(14)
-            put(g, &body)
+            out.append(14)
+            put(g, &out)
         case .snapshot(let s):
-            body.append(12)
-            put(formatVersion, &body)
-            put(s.generation ?? "", &body)
-            put(UInt64(s.accounts.count), &body)
+            out.append(12)
+            put(formatVersion, &out)
+            put(s.generation ?? "", &out)
+            put(UInt64(s.accounts.count), &out)
             for a in s.accounts {
-                put(a.voucher, &body)
-                put(a.lease, &body)
-                put(UInt64(a.granted), &body)
-                put(UInt64(a.served), &body)
-                put(UInt64(a.restocked), &body)
-                body.append(a.trusted ? 1 : 0)
+                put(a.voucher, &out)
+                put(a.lease, &out)
+                put(UInt64(a.granted), &out)
+                put(UInt64(a.served), &out)
+                put(UInt64(a.restocked), &out)
+                out.append(a.trusted ? 1 : 0)
             }
-            put(UInt64(s.requests.count), &body)
+            put(UInt64(s.requests.count), &out)
             for q in s.requests {
-                put(q.voucher, &body)
-                put(q.req, &body)
+                put(q.voucher, &out)
+                put(q.req, &out)
             }
-            put(UInt64(s.owedRestocks.count), &body)
-            for e in s.owedRestocks { encodeClaim(e, &body) }
-            put(UInt64(s.owedReleases.count), &body)
+            put(UInt64(s.owedRestocks.count), &out)
+            for e in s.owedRestocks { encodeClaim(e, &out) }
+            put(UInt64(s.owedReleases.count), &out)
             for r in s.owedReleases {
-                put(r.voucher, &body)
-                put(r.user, &body)
-                put(r.claimID, &body)
+                put(r.voucher, &out)
+                put(r.user, &out)
+                put(r.claimID, &out)
             }
         }
-        appendLE(UInt32(body.count), &out)
-        appendLE(CRC32C.checksum(body), &out)
-        out += body
+        let length = out.count - start - headerBytes
+        out.withUnsafeMutableBytes { raw in
+            let crc = CRC32C.update(0xFFFF_FFFF, UnsafeRawBufferPointer(rebasing: raw[(start + headerBytes)...])) ^ 0xFFFF_FFFF
+            raw.storeBytes(of: UInt32(length).littleEndian, toByteOffset: start, as: UInt32.self)
+            raw.storeBytes(of: crc.littleEndian, toByteOffset: start + 4, as: UInt32.self)
+        }
     }
+
+    private static let headerZeros = [UInt8](repeating: 0, count: headerBytes)
 
     /// The outcome of decoding at one offset.
     public enum Decoded: Equatable {
@@ -247,10 +256,6 @@ public enum JournalCodec {
             v >>= 7
         }
         out.append(UInt8(v))
-    }
-
-    static func appendLE(_ v: UInt32, _ out: inout [UInt8]) {
-        out += [UInt8(v & 0xff), UInt8((v >> 8) & 0xff), UInt8((v >> 16) & 0xff), UInt8(v >> 24)]
     }
 
     static func readLE(_ b: [UInt8], _ i: Int) -> UInt32 {
@@ -387,7 +392,16 @@ public enum CRC32C {
         return c ^ 0xFFFF_FFFF
     }
 
+    /// Whether this CPU computes CRC-32C itself (then ``update(_:_:)`` uses its instructions).
+    public static let hardware = quota_crc32c_hardware() == 1
+
     static func update(_ crc: UInt32, _ p: UnsafeRawBufferPointer) -> UInt32 {
+        guard hardware, let base = p.baseAddress else { return updateTable(crc, p) }
+        return quota_crc32c_update_hw(crc, base, p.count)
+    }
+
+    /// The same, from tables (slicing by 8): for CPUs without the instructions, and the reference in tests.
+    static func updateTable(_ crc: UInt32, _ p: UnsafeRawBufferPointer) -> UInt32 {
         var c = crc
         var i = 0
         let n = p.count
