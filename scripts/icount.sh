@@ -6,19 +6,23 @@
 # dump. The kernel's share (syscalls) is not counted. Deterministic to ~0.5 % for one build.
 #   BINS="/tmp/base /tmp/new" MODE=none scripts/icount.sh
 #   KEEP=/tmp/ic BINS=... scripts/icount.sh; callgrind_annotate /tmp/ic/cg.1.out* | head -40   # where they go
-# MODE=none (no journal.dir) | journal (a journal, no Kafka). Needs valgrind and release builds.
+# MODE=none (no journal.dir) | journal (a journal, no Kafka) | shipped (journal, shipped to a private Tansu:
+# bench-core.sh's `journal` row). Needs valgrind and release builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/kafka-env.sh
 source scripts/lib.sh
 MODE=${MODE:-none}; N=${N:-100000}
 qd_init quotad-icount
 qd_start_redis
+[ "$MODE" = shipped ] && qd_start_tansu
 .build/release/quotactl voucher create bench --limit 1000000000000 --redis "unix://$T/redis.sock" >/dev/null
 i=0
 for bin in ${BINS:-.build/release}; do
   i=$((i + 1))
-  j=""; [ "$MODE" = journal ] && j="journal: { dir: $T/journal-$i }"
-  qd_sidecar_yaml "q$i" "$MODE" "$j"
+  j=""; [ "$MODE" != none ] && j="journal: { dir: $T/journal-$i }"
+  k=""; [ "$MODE" = shipped ] && k="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: icount.$i }"
+  qd_sidecar_yaml "q$i" "$( [ "$MODE" = none ] && echo none || echo journal )" "$j" "$k"
   # valgrind 3.19 cannot read the DWARF 5 of Swift 6's debug info: it runs a copy without it (symbols stay).
   strip --strip-debug -o "$T/quotad.$i" "$bin/quotad"
   valgrind --tool=callgrind --callgrind-out-file="$T/cg.$i.out" --dump-instr=no --compress-strings=no \

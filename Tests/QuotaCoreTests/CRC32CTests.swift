@@ -1,3 +1,4 @@
+import Foundation
 @testable import QuotaCore
 import Testing
 
@@ -65,5 +66,33 @@ struct ClaimRecordRoundTripTests {
             off = next
         }
         #expect(off == buf.count, "nothing written past the records")
+    }
+}
+
+/// Kafka values are written into an array sized once from a bound (``JSONBytes``): the worst cases of every
+/// field (every byte escaped, the widest integers, many shares) must fit, and read back as sent.
+struct KafkaValueBoundTests {
+    @Test func theWidestFieldsFitTheirBoundAndComeBackExactly() throws {
+        let worst = String(repeating: "\u{1}", count: 300)   // each byte becomes \u0001: six bytes
+        let shares = (0..<40).map { ClaimShare(leaseId: worst + String($0), tokens: Int.max - $0) }
+        for (qty, ts) in [(Int.max, Int64.min), (0, Int64.max), (1, -1)] {
+            for kind in [ClaimEvent.Kind.claimed, .unclaimed] {
+                let e = ClaimEvent(kind: kind, claimID: worst, voucher: worst, user: worst, qty: qty, region: worst, host: worst,
+                                   shares: shares, tsMs: ts, toPool: 0x5555)
+                let o = try #require(try JSONSerialization.jsonObject(with: Data(e.kafkaValue)) as? [String: Any])
+                #expect(o["user"] as? String == worst && o["claim_id"] as? String == worst)
+                #expect((o["qty"] as? NSNumber)?.int64Value == Int64(qty) && (o["ts_ms"] as? NSNumber)?.int64Value == ts)
+                let leases = try #require(o["leases"] as? [[String: Any]])
+                #expect(leases.count == 40 && leases[39]["id"] as? String == worst + "39")
+                #expect((leases[0]["qty"] as? NSNumber)?.int64Value == Int64.max)
+            }
+        }
+        let close = LeaseClose(voucher: worst, lease: worst, region: worst, host: worst, granted: Int.min + 1, served: Int.max,
+                               returned: Int.min + 1, tsMs: .min, gone: true)
+        let c = try #require(try JSONSerialization.jsonObject(with: Data(close.kafkaValue)) as? [String: Any])
+        #expect(c["lease"] as? String == worst && (c["served"] as? NSNumber)?.int64Value == Int64.max && c["gone"] as? Bool == true)
+        #expect(String(decoding: LeaseClose(voucher: "v", lease: "7", region: "sg", host: "h", granted: 10, served: 4, returned: 6,
+                                            tsMs: 3).kafkaValue, as: UTF8.self)
+                == #"{"type":"lease_closed","voucher":"v","region":"sg","host":"h","lease":"7","granted":10,"served":4,"returned":6,"ts_ms":3}"#)
     }
 }
