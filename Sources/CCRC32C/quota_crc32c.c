@@ -34,6 +34,7 @@ uint32_t quota_crc32c_update_hw(uint32_t crc, const void *data, size_t len) {
 
 #elif defined(__aarch64__)
 
+#include <arm_acle.h>
 #include <sys/auxv.h>
 #ifndef HWCAP_CRC32
 #define HWCAP_CRC32 (1 << 7)
@@ -49,12 +50,12 @@ uint32_t quota_crc32c_update_hw(uint32_t crc, const void *data, size_t len) {
     while (len >= 8) {
         uint64_t v;
         memcpy(&v, p, 8);
-        crc = __builtin_aarch64_crc32cx(crc, v);
+        crc = __crc32cd(crc, v);
         p += 8;
         len -= 8;
     }
     while (len > 0) {
-        crc = __builtin_aarch64_crc32cb(crc, *p);
+        crc = __crc32cb(crc, *p);
         p++;
         len--;
     }
