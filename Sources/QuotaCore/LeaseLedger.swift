@@ -161,16 +161,17 @@ public struct LeaseLedger: Sendable, Equatable {
     }
 
     private mutating func change(_ voucher: String, _ lease: String, claim: String, _ body: (inout Account) -> Void) {
-        let key = Key(voucher: voucher, lease: lease)
-        guard var a = accounts[key] else {
+        // One lookup (the entry is changed in place by its index), not a read and a write: the journal writer
+        // folds every claim through here, and each lookup hashes two strings (issue 13).
+        guard let i = accounts.index(forKey: Key(voucher: voucher, lease: lease)) else {
             anomalies.append("claim \(claim) names lease \(voucher)/\(lease), which this journal does not hold")
             return
         }
-        body(&a)
+        body(&accounts.values[i])
+        let a = accounts.values[i]
         if a.served < 0 || a.served > a.granted {
             anomalies.append("lease \(voucher)/\(lease) served \(a.served) of \(a.granted) after claim \(claim)")
         }
-        accounts[key] = a
     }
 
     private mutating func restore(_ s: Snapshot) {
