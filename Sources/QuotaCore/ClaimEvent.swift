@@ -275,6 +275,20 @@ struct JSONBytes {
         count += digits
     }
 
+    /// Whether any of the eight bytes in `w` is below 0x20, `"` or `\\` (exact for "any": the classic
+    /// "has a byte less than n" and "has a zero byte" tests, n = 0x20 <= 128).
+    @inline(__always)
+    static func anyNeedsEscape(_ w: UInt64) -> Bool {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let high: UInt64 = 0x8080_8080_8080_8080
+        let below = (w &- ones &* 0x20) & ~w & high
+        let q = w ^ (ones &* 0x22)
+        let quote = (q &- ones) & ~q & high
+        let b = w ^ (ones &* 0x5C)
+        let backslash = (b &- ones) & ~b & high
+        return below | quote | backslash != 0
+    }
+
     /// `v` as a JSON string: its bytes copied in runs, only `"`, `\\` and control characters escaped (UTF-8
     /// multi-byte sequences never contain those bytes).
     mutating func string(_ v: String) {
@@ -289,26 +303,40 @@ struct JSONBytes {
                 (p + count).update(from: base + start, count: end - start)
                 count += end - start
             }
-            for i in 0..<buf.count {
-                let b = buf[i]
-                guard b == UInt8(ascii: "\"") || b == UInt8(ascii: "\\") || b < 0x20 else { continue }
-                copyRun(i)
-                switch b {
-                case UInt8(ascii: "\""): raw("\\\"")
-                case UInt8(ascii: "\\"): raw("\\\\")
-                case 0x0A: raw("\\n")
-                case 0x0D: raw("\\r")
-                case 0x09: raw("\\t")
-                default:
-                    let hex: StaticString = "0123456789abcdef"
-                    raw("\\u00")
-                    p[count] = hex.utf8Start[Int(b >> 4)]
-                    p[count + 1] = hex.utf8Start[Int(b & 0xF)]
-                    count += 2
+            let n = buf.count
+            var i = 0
+            while i < n {
+                // Eight bytes at a time while none needs escaping (the usual case: ids and names).
+                if n - i >= 8, let base = buf.baseAddress,
+                   !Self.anyNeedsEscape(UnsafeRawPointer(base + i).loadUnaligned(as: UInt64.self))
+                {
+                    i += 8
+                    continue
                 }
-                start = i + 1
+                let end = min(i + 8, n)
+                while i < end {
+                    let b = buf[i]
+                    if b == UInt8(ascii: "\"") || b == UInt8(ascii: "\\") || b < 0x20 {
+                        copyRun(i)
+                        switch b {
+                        case UInt8(ascii: "\""): raw("\\\"")
+                        case UInt8(ascii: "\\"): raw("\\\\")
+                        case 0x0A: raw("\\n")
+                        case 0x0D: raw("\\r")
+                        case 0x09: raw("\\t")
+                        default:
+                            let hex: StaticString = "0123456789abcdef"
+                            raw("\\u00")
+                            p[count] = hex.utf8Start[Int(b >> 4)]
+                            p[count + 1] = hex.utf8Start[Int(b & 0xF)]
+                            count += 2
+                        }
+                        start = i + 1
+                    }
+                    i += 1
+                }
             }
-            copyRun(buf.count)
+            copyRun(n)
             p[count] = UInt8(ascii: "\"")
             count += 1
         }

@@ -96,3 +96,43 @@ struct KafkaValueBoundTests {
                 == #"{"type":"lease_closed","voucher":"v","region":"sg","host":"h","lease":"7","granted":10,"served":4,"returned":6,"ts_ms":3}"#)
     }
 }
+
+/// The Kafka JSON writer looks at eight bytes at a time for bytes to escape (``JSONBytes/anyNeedsEscape(_:)``).
+struct JSONEscapeScanTests {
+    @Test func theEightByteTestAgreesWithTheByteTestOnEveryByteInEveryPlace() {
+        let needs: (UInt8) -> Bool = { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }
+        var rng = SystemRandomNumberGenerator()
+        for b in 0...255 {
+            for place in 0..<8 {
+                for _ in 0..<20 {
+                    // The other seven bytes: ones that never need escaping, near the edges (0x20, 0x21, 0x23, 0x5B, 0x5D, 0x7F, 0x80, 0xFF).
+                    var bytes = (0..<8).map { _ in [0x20, 0x21, 0x23, 0x5B, 0x5D, 0x7F, 0x80, 0xFF, 0x41].randomElement(using: &rng)! as UInt8 }
+                    bytes[place] = UInt8(b)
+                    let w = bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+                    #expect(JSONBytes.anyNeedsEscape(w) == needs(UInt8(b)), "byte \(b) at \(place): \(bytes)")
+                }
+            }
+        }
+        for _ in 0..<100_000 {
+            let bytes = (0..<8).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let w = bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+            #expect(JSONBytes.anyNeedsEscape(w) == bytes.contains(where: needs), "\(bytes)")
+        }
+    }
+
+    @Test func anEscapeAtEveryOffsetOfLongStringsSurvives() throws {
+        for length in 1..<40 {
+            for at in 0..<length {
+                for special in ["\"", "\\", "\n", "\u{1}", "é"] {
+                    var chars = Array(repeating: "a", count: length)
+                    chars[at] = special
+                    let text = chars.joined()
+                    let e = ClaimEvent(claimID: "c", voucher: "v", user: text, qty: 1, region: "sg", host: "h",
+                                       shares: [ClaimShare(leaseId: "1", tokens: 1)], tsMs: 1)
+                    let o = try #require(try JSONSerialization.jsonObject(with: Data(e.kafkaValue)) as? [String: Any])
+                    #expect(o["user"] as? String == text, "\(length) \(at) \(special.debugDescription)")
+                }
+            }
+        }
+    }
+}
