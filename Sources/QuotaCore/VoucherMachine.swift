@@ -242,7 +242,7 @@ public struct VoucherMachine: Sendable {
     private var parked: [Parked] = []
     private var parkedHead = 0
     private var parkedTokens = 0
-    private var inFlight: [Int: InFlight] = [:]
+    private var inFlight = SeqMap<InFlight>()
     /// Claims in flight by deadline (deadlines grow with time: the front is the oldest).
     private var deadlines: [(Instant, Int)] = []
     private var deadlinesHead = 0

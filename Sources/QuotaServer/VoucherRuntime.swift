@@ -32,7 +32,7 @@ final class VoucherRuntime: @unchecked Sendable {
     // Guarded by `lock`.
     private var machine: VoucherMachine
     /// Who waits for each ticket's answer: a promise, or a connection's ``ReplyAddress``.
-    private var waiters: [Int: Waiter] = [:]
+    private var waiters = SeqMap<Waiter>()
     private var nextTicket = 0
     private var ioInFlight = 0
     /// The voucher's generation in Redis, learned at load: every script call says it.
