@@ -41,3 +41,20 @@ struct SeqMapTests {
         #expect(buckets.count > 1000, "consecutive keys fill the low bits' buckets")
     }
 }
+
+/// The speed-up rests on the standard library calling `SeqKey._rawHashValue(seed:)`: a generic caller (as
+/// `Dictionary` is) and `hashValue` must reach it, or the map has silently fallen back to SipHash.
+struct SeqKeyHookTests {
+    static func rawHash<K: Hashable>(_ k: K, seed: Int) -> Int { k._rawHashValue(seed: seed) }
+
+    @Test func theCustomRawHashIsTheOneGenericCodeUses() {
+        for k in [0, 1, 42, -7, Int.max, Int.min] {
+            let key = SeqKey(k)
+            #expect(Self.rawHash(key, seed: 99) == key._rawHashValue(seed: 99))
+            #expect(key.hashValue == key._rawHashValue(seed: 0))
+            var h = Hasher()
+            h.combine(k)
+            #expect(Self.rawHash(key, seed: 99) != Self.rawHash(k, seed: 99) || k == 0, "the Int hash, not the mix")
+        }
+    }
+}
