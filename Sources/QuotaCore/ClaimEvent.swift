@@ -255,24 +255,11 @@ struct JSONBytes {
     /// Decimal digits written straight into the output (no string made).
     mutating func int<T: BinaryInteger>(_ v: T) {
         reserve(Self.intRoom)
-        var m = UInt64(v.magnitude)
         if v < 0 {
             p[count] = UInt8(ascii: "-")
             count += 1
         }
-        var digits = 1
-        var t = m
-        while t >= 10 {
-            t /= 10
-            digits += 1
-        }
-        var i = count + digits - 1
-        repeat {
-            p[i] = UInt8(ascii: "0") + UInt8(m % 10)
-            m /= 10
-            i -= 1
-        } while m > 0
-        count += digits
+        count += DecimalDigits.write(UInt64(v.magnitude), at: UnsafeMutableRawPointer(p + count))
     }
 
     /// Whether any of the eight bytes in `w` is below 0x20, `"` or `\\` (exact for "any": the classic
@@ -340,6 +327,36 @@ struct JSONBytes {
             p[count] = UInt8(ascii: "\"")
             count += 1
         }
+    }
+}
+
+/// A non-negative integer's decimal digits written at a pointer, without a `String`: the Kafka values' integers
+/// and the claim-id reply's length.
+public enum DecimalDigits {
+    /// How many digits `v` has (1 for 0).
+    @inlinable
+    public static func count(_ v: UInt64) -> Int {
+        var n = 1
+        var t = v
+        while t >= 10 {
+            t /= 10
+            n += 1
+        }
+        return n
+    }
+
+    /// Writes `v`'s digits at `p` (room for ``count(_:)`` bytes); returns how many.
+    @inlinable @discardableResult
+    public static func write(_ v: UInt64, at p: UnsafeMutableRawPointer) -> Int {
+        let n = count(v)
+        var m = v
+        var i = n - 1
+        repeat {
+            p.storeBytes(of: UInt8(ascii: "0") + UInt8(m % 10), toByteOffset: i, as: UInt8.self)
+            m /= 10
+            i -= 1
+        } while m > 0
+        return n
     }
 }
 

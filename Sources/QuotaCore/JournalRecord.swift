@@ -306,13 +306,13 @@ public enum JournalCodec {
         }
     }
 
+    /// (The other records' varints, through the claim records' ``Writer``: one encoder of varints.)
     private static func put(_ v: UInt64, _ out: inout [UInt8]) {
-        var v = v
-        while v >= 0x80 {
-            out.append(UInt8(v & 0x7f) | 0x80)
-            v >>= 7
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 10) { room in
+            var w = Writer(p: room.baseAddress!)
+            w.varint(v)
+            out.append(contentsOf: room[0..<w.at])
         }
-        out.append(UInt8(v))
     }
 
     static func readLE(_ b: [UInt8], _ i: Int) -> UInt32 {

@@ -109,19 +109,11 @@ extension ByteBuffer {
         var id = id
         id.withUTF8 { bytes in
             let n = bytes.count
-            var digits = 1
-            var v = n
-            while v >= 10 { v /= 10; digits += 1 }
+            let digits = DecimalDigits.count(UInt64(n))
             let total = 1 + digits + 2 + n + 2
             writeWithUnsafeMutableBytes(minimumWritableBytes: total) { out in
                 out[0] = UInt8(ascii: "$")
-                var m = n
-                var j = digits
-                repeat {
-                    out[j] = UInt8(ascii: "0") + UInt8(m % 10)
-                    m /= 10
-                    j -= 1
-                } while m > 0
+                DecimalDigits.write(UInt64(n), at: out.baseAddress! + 1)
                 out[1 + digits] = UInt8(ascii: "\r")
                 out[2 + digits] = UInt8(ascii: "\n")
                 if n > 0 { UnsafeMutableRawBufferPointer(rebasing: out[(3 + digits)...]).copyMemory(from: UnsafeRawBufferPointer(bytes)) }
