@@ -40,9 +40,7 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
         args.removeAll(keepingCapacity: true)
         guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return false }
         if first != UInt8(ascii: "*") {
-            guard let c = try parseInline(&buffer, limits: limits) else { return false }
-            args.append(contentsOf: c.arguments)
-            return true
+            return try parseInline(&buffer, limits: limits, into: &args)
         }
         let base = buffer.readerIndex
         let whole = buffer
@@ -91,21 +89,21 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
         return true
     }
 
-    private static func parseInline(_ buffer: inout ByteBuffer, limits: RESPLimits) throws -> RESPCommand? {
+    /// An inline command into `args` (empty on entry); false when its line is incomplete (nothing added).
+    private static func parseInline(_ buffer: inout ByteBuffer, limits: RESPLimits, into args: inout [ByteBuffer]) throws -> Bool {
         let view = buffer.readableBytesView
         guard let nl = view.firstIndex(of: 10) else {
             // A line of exactly the limit may have its CR here and its LF still to come.
             if view.count > limits.maxInlineBytes + (view.last == 13 ? 1 : 0) {
                 throw RESPProtocolError("too big inline request (limit \(limits.maxInlineBytes) bytes)")
             }
-            return nil
+            return false
         }
         var end = nl
         if end > view.startIndex && view[end - 1] == 13 { end -= 1 }
         guard end - view.startIndex <= limits.maxInlineBytes else {
             throw RESPProtocolError("too big inline request (limit \(limits.maxInlineBytes) bytes)")
         }
-        var args: [ByteBuffer] = []
         var frameBytes = 0
         var i = view.startIndex
         while i < end {
@@ -127,7 +125,7 @@ public struct RESPCommandDecoder: ByteToMessageDecoder, Sendable {
             args.append(buffer.getSlice(at: start, length: i - start)!)
         }
         buffer.moveReaderIndex(to: nl + 1)
-        return RESPCommand(arguments: args)
+        return true
     }
 
     /// Read a signed decimal terminated by CRLF at `index`; nil when the line is incomplete.
