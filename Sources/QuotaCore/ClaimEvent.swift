@@ -413,3 +413,20 @@ extension JSONBytes {
         }
     }
 }
+
+/// A claim answered at once that nothing records (``VoucherMachine/Effect/rememberGranted(_:)``): what the
+/// `UNCLAIM` book keeps of it. Its voucher is the machine's, its id `idPrefix` and `seq`.
+public struct GrantedClaim: Sendable, Equatable {
+    public var seq: Int
+    public var user: String
+    public var qty: Int
+    /// Which lease served how many of its tokens (their sum is `qty`).
+    public var shares: [ClaimShare]
+
+    public init(seq: Int, user: String, qty: Int, shares: [ClaimShare]) {
+        self.seq = seq
+        self.user = user
+        self.qty = qty
+        self.shares = shares
+    }
+}

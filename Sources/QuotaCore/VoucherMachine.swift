@@ -143,6 +143,10 @@ public struct VoucherMachine: Sendable {
         case recordLater(ClaimEvent)
         /// Remember an answered claim for `UNCLAIM`.
         case remember(ClaimEvent, seq: Int)
+        /// Remember an answered claim for `UNCLAIM`, from its parts: a claim that nothing records or
+        /// checks (`durability: none`, no journal or Kafka, no per-user limit) builds no ``ClaimEvent``.
+        /// Its id is the rules' `idPrefix` and `seq` (``ClaimEvent/claimID(prefix:seq:)``).
+        case rememberGranted(GrantedClaim)
         /// Journal a cancellation durably; answer with ``cancelRecorded(_:ok:now:effects:)``.
         case recordCancel(ClaimEvent, CancelRef)
         /// Give a cancellation's pool shares back to the pool (once per claim id), retried until done.
@@ -478,9 +482,16 @@ public struct VoucherMachine: Sendable {
     private mutating func granted(_ shares: [ClaimShare], qty: Int, user: String, req: String?, ticket: Ticket,
                                   now: Instant, _ fx: inout [Effect]) -> Answer? {
         let seq = nextSeq()
+        let limit = perUserLimit
+        if limit == 0 && rules.durability == .none && !rules.recordsClaims {
+            // Nothing records, checks or pins this claim (its tokens were taken unpinned: `needsFlight` is
+            // false): it is answered now and only the UNCLAIM book needs it. The same as `record` below
+            // does for it, without an event, its fields' copies and its timestamp (issue 13).
+            fx.append(.rememberGranted(GrantedClaim(seq: seq, user: user, qty: qty, shares: shares)))
+            return .claimID(ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq))
+        }
         let event = ClaimEvent(claimID: ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq), voucher: voucher, user: user, qty: qty,
                                region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
-        let limit = perUserLimit
         // The claim timeout applies only to a claim that waits (a durable record, a per-user check): with
         // `durability: none` and no per-user limit it is answered now, and its deadline is never read.
         let waits = rules.durability != .none || limit > 0

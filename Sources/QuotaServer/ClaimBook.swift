@@ -166,15 +166,20 @@ final class ClaimBook: Sendable {
 
     /// A slot for `e` and, when the slot cannot hold it by itself, its side-table entry.
     private static func compact(_ e: ClaimEvent, voucherIndex: UInt16?) -> (Slot, Spread?) {
+        compact(voucher: e.voucher, user: e.user, qty: e.qty, shares: e.shares, voucherIndex: voucherIndex)
+    }
+
+    private static func compact(voucher: String, user: String, qty: Int, shares: [ClaimShare],
+                                voucherIndex: UInt16?) -> (Slot, Spread?) {
         var slot = Slot()
-        slot.user = e.user
-        if let voucherIndex, let lease = Self.numbered(e), e.qty <= Slot.maxQty {
+        slot.user = user
+        if let voucherIndex, let lease = Self.numbered(qty: qty, shares: shares), qty <= Slot.maxQty {
             slot.lease = lease
             slot.voucher = voucherIndex
-            slot.bits = UInt16(e.qty)
+            slot.bits = UInt16(qty)
             return (slot, nil)
         }
-        return (slot, Spread(voucher: e.voucher, qty: e.qty, shares: e.shares))
+        return (slot, Spread(voucher: voucher, qty: qty, shares: shares))
     }
 
     /// Remember a claim of this boot; `seq` is the sequence number its id ends with, `voucherIndex` its
@@ -182,8 +187,20 @@ final class ClaimBook: Sendable {
     func add(_ e: ClaimEvent, seq: Int, voucherIndex: UInt16?) {
         guard capacity > 0, let mark = lapMark(seq) else { return }
         assert(voucherIndex.map { voucherName($0) == e.voucher } ?? true, "a claim of another voucher's index")
+        put(Self.compact(e, voucherIndex: voucherIndex), seq: seq, mark: mark)
+    }
+
+    /// ``add(_:seq:voucherIndex:)`` for a claim kept as its parts (no event was built for it).
+    func add(_ c: GrantedClaim, voucher: String, voucherIndex: UInt16?) {
+        guard capacity > 0, let mark = lapMark(c.seq) else { return }
+        assert(voucherIndex.map { voucherName($0) == voucher } ?? true, "a claim of another voucher's index")
+        put(Self.compact(voucher: voucher, user: c.user, qty: c.qty, shares: c.shares, voucherIndex: voucherIndex),
+            seq: c.seq, mark: mark)
+    }
+
+    private func put(_ compacted: (Slot, Spread?), seq: Int, mark: UInt32) {
         let (s, i) = locate(seq)
-        var (slot, spread) = Self.compact(e, voucherIndex: voucherIndex)
+        var (slot, spread) = compacted
         slot.lap = mark
         stripes[s].withLockedValue { st in
             let old = st.slots[i]
@@ -215,12 +232,12 @@ final class ClaimBook: Sendable {
 
     /// The lease id of a claim that is one share of a numbered lease (all its tokens), or nil. A hot-key
     /// shard's lease `s.N` is kept as `s << 48 | N` (shards ≤ 64, N < 2⁴⁸).
-    private static func numbered(_ e: ClaimEvent) -> Int64? {
-        guard e.shares.count == 1, e.shares[0].tokens == e.qty, e.qty >= 0 else { return nil }
-        return PackedLease.pack(e.shares[0].leaseId)
+    private static func numbered(qty: Int, shares: [ClaimShare]) -> Int64? {
+        guard shares.count == 1, shares[0].tokens == qty, qty >= 0 else { return nil }
+        return PackedLease.pack(shares[0].leaseId)
     }
 
-    /// The lease id a slot keeps (see ``numbered(_:)``).
+    /// The lease id a slot keeps (see ``numbered(qty:shares:)``).
     static func leaseID(_ v: Int64) -> String { PackedLease.id(v) }
 
     /// Claims of earlier boots (from the journal), in the journal's order.

@@ -215,6 +215,8 @@ final class VoucherRuntime: @unchecked Sendable {
                 // Done here, not deferred: the claim book has its own striped locks and calls nothing back,
                 // and a claim answered at once then needs no deferred list at all.
                 engine.claimBook.add(c, seq: seq, voucherIndex: bookIndex)
+            case .rememberGranted(let c):
+                engine.claimBook.add(c, voucher: id, voucherIndex: bookIndex)
             case .releaseUser(let c, let t?):
                 if let w = waiters.removeValue(forKey: t) { out.append(.releaseThenOK(c, w)) } else { out.append(.effect(e)) }
             case .lease, .renew, .giveBack, .load:
@@ -310,6 +312,7 @@ final class VoucherRuntime: @unchecked Sendable {
         case .giveBack(let r): startReturn(r)
         case .checkUser(let c, let seq, let limit): startUserCheck(c, seq: seq, limit: limit)
         case .remember(let c, let seq): engine.claimBook.add(c, seq: seq, voucherIndex: bookIndex)
+        case .rememberGranted(let c): engine.claimBook.add(c, voucher: id, voucherIndex: bookIndex)
         case .restock(let c): engine.restock(c)
         case .releaseUser(let c, _): engine.releaseUser(c)
         case .unclaimFailed(let claimID): engine.claimBook.restore(claimID)

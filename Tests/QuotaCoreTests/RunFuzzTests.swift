@@ -56,7 +56,7 @@ struct FuzzWorld {
     var diffs = 0
 
     var rich = false
-    init(seed: UInt64, durability: Durability, perUser: Int, rich: Bool = false) {
+    init(seed: UInt64, durability: Durability, perUser: Int, rich: Bool = false, recordsClaims: Bool = true) {
         self.rich = rich
         rng = SplitMix(seed)
         self.durability = durability
@@ -65,6 +65,7 @@ struct FuzzWorld {
         var rules = ClaimRules(region: "sg", host: "h", idPrefix: "c.", durability: durability)
         rules.claimTimeout = .milliseconds(900)
         rules.maxWaiting = rich ? 60 : 12
+        rules.recordsClaims = recordsClaims
         if rich { pool = 100_000 }
         let src = SeqSource()
         m = M(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { src.next() }, wallClock: { 1 })
@@ -136,6 +137,7 @@ struct FuzzWorld {
             case .recordClaim(let c, let seq): taken(c); seqEvent[seq] = c; records.append(seq)
             case .recordLater(let c): if c.kind == .claimed { taken(c); durable.insert(c.claimID) } else { taken(c) }
             case .remember(let c, _): taken(c)
+            case .rememberGranted(let g): taken(Self.event(g))
             case .recordCancel(_, let ref): cancels.append(ref)
             case .restock: break
             case .releaseUser(let c, _): counted[c.user]?[c.claimID] = nil
@@ -146,6 +148,12 @@ struct FuzzWorld {
     }
 
     // MARK: requests
+
+    /// The event a claim kept as its parts stands for (the world's voucher, region, host and id prefix).
+    static func event(_ g: GrantedClaim) -> ClaimEvent {
+        ClaimEvent(claimID: ClaimEvent.claimID(prefix: "c.", seq: g.seq), voucher: "v", user: g.user, qty: g.qty,
+                   region: "sg", host: "h", shares: g.shares, tsMs: 1)
+    }
 
     mutating func request() -> M.Request {
         if r(10) == 0 { return .avail }
@@ -173,6 +181,7 @@ struct FuzzWorld {
         case .recordClaim(let c, _): return "record \(ev(c))"
         case .recordLater(let c): return "later \(ev(c))"
         case .remember(let c, _): return "remember \(ev(c))"
+        case .rememberGranted(let g): return "remember \(ev(event(g)))"
         default: return "\(e)"
         }
     }
@@ -476,21 +485,28 @@ struct RunFuzzTests {
     func runsWithLeasesExpiringInsideThemBalanceEveryBook(durability: Durability, perUser: Int) {
         fuzz(durability: durability, perUser: perUser, oneByOne: false, rich: true)
     }
-    func fuzz(durability: Durability, perUser: Int, oneByOne: Bool, rich: Bool = false) {
+    /// `durability: none` with nothing to record to (no journal, no Kafka): claims are kept as their parts
+    /// (``VoucherMachine/Effect/rememberGranted(_:)``), no event built.
+    @Test(arguments: [0, 3], [false, true])
+    func unrecordedClaimsInRunsDecideAsOneByOneAndBalanceEveryBook(perUser: Int, rich: Bool) {
+        fuzz(durability: .none, perUser: perUser, oneByOne: false, rich: rich, recordsClaims: false)
+        fuzz(durability: .none, perUser: perUser, oneByOne: true, rich: rich, recordsClaims: false)
+    }
+    func fuzz(durability: Durability, perUser: Int, oneByOne: Bool, rich: Bool = false, recordsClaims: Bool = true) {
         var totalRuns = 0
         var cov: [String: Int] = [:]
         // 60 seeds of 250 steps per case in the test run (~1,000 runs each); FUZZ_SEEDS=300 or more to search longer.
         let n = Int(ProcessInfo.processInfo.environment["FUZZ_SEEDS"] ?? "60") ?? 60
         for seed in 1...n {
             var w = FuzzWorld(seed: UInt64(seed) &* 7919 &+ UInt64(perUser) &* 31 &+ UInt64(Durability.allCases.firstIndex(of: durability)!) &* 1_000_003,
-                              durability: durability, perUser: perUser, rich: rich)
+                              durability: durability, perUser: perUser, rich: rich, recordsClaims: recordsClaims)
             w.oneByOne = oneByOne
             for _ in 0..<250 { w.step() }
             w.finish()
             totalRuns += w.runs
             for (k, v) in w.cov { cov[k, default: 0] += v }
             if !w.errors.isEmpty {
-                Issue.record("seed \(seed) \(durability) perUser \(perUser) oneByOne \(oneByOne): \(w.errors.prefix(6).joined(separator: "\n"))")
+                Issue.record("seed \(seed) \(durability) perUser \(perUser) oneByOne \(oneByOne) records \(recordsClaims): \(w.errors.prefix(6).joined(separator: "\n"))")
                 return
             }
         }

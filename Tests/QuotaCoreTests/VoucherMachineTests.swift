@@ -16,9 +16,11 @@ struct Rig {
     var ticket = 0
 
     init(durability: Durability, perUser: Int = 0, claimTimeout: Duration = .seconds(2),
-         policy: LeasePolicy = LeasePolicy(min: 10, max: 10, ttl: .seconds(10), safetyMargin: .seconds(2))) {
+         policy: LeasePolicy = LeasePolicy(min: 10, max: 10, ttl: .seconds(10), safetyMargin: .seconds(2)),
+         recordsClaims: Bool = true) {
         var rules = ClaimRules(region: "sg", host: "h", idPrefix: "sg.h.b.", durability: durability)
         rules.claimTimeout = claimTimeout
+        rules.recordsClaims = recordsClaims
         let seq = SeqSource()
         m = VoucherMachine(voucher: "v", rules: rules, policy: policy, requestPrefix: "h.b.", nextSeq: { seq.next() },
                            wallClock: { 1_000 })
@@ -89,10 +91,37 @@ extension [VoucherMachine.Effect] {
     var remembered: [String] {
         compactMap { if case .remember(let c, _) = $0 { return c.claimID } else { return nil } }
     }
+    var rememberedParts: [GrantedClaim] {
+        compactMap { if case .rememberGranted(let g) = $0 { return g } else { return nil } }
+    }
 }
 
 @Suite("Claim lifecycle (VoucherMachine) on a fake clock")
 struct VoucherMachineTests {
+    @Test func aClaimThatNothingRecordsIsRememberedFromItsPartsUnderItsAnsweredID() throws {
+        var r = Rig(durability: .none, recordsClaims: false)
+        _ = r.claim("u0")   // parks for the first lease
+        try r.grant(10)
+        _ = r.take()
+        let (t, a) = r.claim("u1", qty: 3)
+        let fx = r.take()
+        let parts = try #require(fx.rememberedParts.first)
+        #expect(fx.rememberedParts.count == 1 && fx.remembered.isEmpty)
+        #expect(a == .claimID(ClaimEvent.claimID(prefix: "sg.h.b.", seq: parts.seq)), "ticket \(t)")
+        #expect(parts.user == "u1" && parts.qty == 3)
+        #expect(parts.shares.map(\.tokens).reduce(0, +) == 3)
+        #expect(!fx.contains { if case .recordLater = $0 { return true } else { return false } }, "nothing to record to")
+        // With somewhere to record to, the same claim is an event: recorded in the background and remembered.
+        var j = Rig(durability: .none)
+        _ = j.claim("u0")
+        try j.grant(10)
+        _ = j.take()
+        let (_, b) = j.claim("u1", qty: 3)
+        let jfx = j.take()
+        #expect(jfx.rememberedParts.isEmpty && jfx.remembered.count == 1)
+        #expect(b == .claimID(try #require(jfx.remembered.first)))
+    }
+
     @Test func journalModeAnswersOnlyWhenTheRecordIsDurable() throws {
         var r = Rig(durability: .journal)
         let (t, a) = r.claim("u1")
