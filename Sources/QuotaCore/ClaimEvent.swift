@@ -364,11 +364,7 @@ extension ClaimEvent {
     /// `prefix` then `seq` in lowercase base 36 (the same text as `prefix + String(seq, radix: 36)`),
     /// written into one new string: a claim id costs one allocation, not three.
     public static func claimID(prefix: String, seq: Int) -> String {
-        precondition(seq >= 0, "claim sequence numbers are never negative")
-        let alphabet: StaticString = "0123456789abcdefghijklmnopqrstuvwxyz"
-        var digits = 1
-        var v = seq
-        while v >= 36 { v /= 36; digits += 1 }
+        let digits = ClaimNumber.count(seq)
         let head = prefix.utf8.count
         return String(unsafeUninitializedCapacity: head + digits) { out in
             let copied: Void? = prefix.utf8.withContiguousStorageIfAvailable { p in
@@ -378,15 +374,7 @@ extension ClaimEvent {
                 var i = 0
                 for b in prefix.utf8 { out[i] = b; i += 1 }
             }
-            var n = seq
-            var j = head + digits - 1
-            alphabet.withUTF8Buffer { a in
-                repeat {
-                    out[j] = a[n % 36]
-                    n /= 36
-                    j -= 1
-                } while n > 0
-            }
+            ClaimNumber.write(seq, digits: digits, at: out.baseAddress! + head)
             return head + digits
         }
     }
@@ -428,5 +416,33 @@ public struct GrantedClaim: Sendable, Equatable {
         self.user = user
         self.qty = qty
         self.shares = shares
+    }
+}
+
+/// The end of a claim id: its sequence number in base 36, lowercase (``ClaimEvent/claimID(prefix:seq:)``).
+public enum ClaimNumber {
+    /// How many digits `seq` takes.
+    @inline(__always)
+    public static func count(_ seq: Int) -> Int {
+        precondition(seq >= 0, "claim sequence numbers are never negative")
+        var digits = 1
+        var v = seq
+        while v >= 36 { v /= 36; digits += 1 }
+        return digits
+    }
+
+    /// Write `seq`'s `digits` (``count(_:)``) digits at `at`.
+    @inline(__always)
+    public static func write(_ seq: Int, digits: Int, at: UnsafeMutablePointer<UInt8>) {
+        let alphabet: StaticString = "0123456789abcdefghijklmnopqrstuvwxyz"
+        var n = seq
+        var j = digits - 1
+        alphabet.withUTF8Buffer { a in
+            repeat {
+                at[j] = a[n % 36]
+                n /= 36
+                j -= 1
+            } while n > 0
+        }
     }
 }

@@ -78,6 +78,10 @@ public struct VoucherMachine: Sendable {
 
     public enum Answer: Sendable, Equatable {
         case claimID(String)
+        /// A claim answered with its id, given as its sequence number: the id is the rules' `idPrefix`
+        /// followed by it (``ClaimEvent/claimID(prefix:seq:)``), written straight into the reply with no
+        /// `String` made. Only claims that nothing records answer so (``Effect/rememberGranted(_:)``).
+        case claimNumber(Int)
         case integer(Int)
         case ok
         case refused(QuotaError)
@@ -488,7 +492,7 @@ public struct VoucherMachine: Sendable {
             // false): it is answered now and only the UNCLAIM book needs it. The same as `record` below
             // does for it, without an event, its fields' copies and its timestamp (issue 13).
             fx.append(.rememberGranted(GrantedClaim(seq: seq, user: user, qty: qty, shares: shares)))
-            return .claimID(ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq))
+            return .claimNumber(seq)
         }
         let event = ClaimEvent(claimID: ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq), voucher: voucher, user: user, qty: qty,
                                region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)

@@ -5,6 +5,9 @@ import QuotaRESP
 /// What the sidecar answers to one command.
 public enum Reply: Sendable {
     case claimID(String)
+    /// A claim id given as its parts: `prefix` then `seq` in base 36 (``ClaimEvent/claimID(prefix:seq:)``),
+    /// written into the reply with no `String` made for it.
+    case claimNumber(prefix: String, seq: Int)
     case value(RESPValue)
     case error(QuotaError)
     /// A map: RESP3 `%`, RESP2 a flat array of keys and values.
@@ -89,6 +92,8 @@ extension ByteBuffer {
             for x in rs { writeReply(x, proto: proto) }
         case .claimID(let id):
             writeClaimID(id)
+        case .claimNumber(let prefix, let seq):
+            writeClaimID(prefix: prefix, seq: seq)
         case .value(let v):
             writeRESPValue(v)
         case .error(let e):
@@ -107,20 +112,36 @@ extension ByteBuffer {
     /// the buffer's storage, not five, and the length's digits without a `String`).
     mutating func writeClaimID(_ id: String) {
         var id = id
-        id.withUTF8 { bytes in
-            let n = bytes.count
-            let digits = DecimalDigits.count(UInt64(n))
-            let total = 1 + digits + 2 + n + 2
-            writeWithUnsafeMutableBytes(minimumWritableBytes: total) { out in
-                out[0] = UInt8(ascii: "$")
-                DecimalDigits.write(UInt64(n), at: out.baseAddress! + 1)
-                out[1 + digits] = UInt8(ascii: "\r")
-                out[2 + digits] = UInt8(ascii: "\n")
-                if n > 0 { UnsafeMutableRawBufferPointer(rebasing: out[(3 + digits)...]).copyMemory(from: UnsafeRawBufferPointer(bytes)) }
-                out[3 + digits + n] = UInt8(ascii: "\r")
-                out[4 + digits + n] = UInt8(ascii: "\n")
-                return total
-            }
+        id.withUTF8 { bytes in writeBulk(bytes, count: bytes.count, write: { _ in }) }
+    }
+
+    /// ``writeClaimID(_:)`` of `prefix` then `seq` in base 36, the id built in the buffer.
+    mutating func writeClaimID(prefix: String, seq: Int) {
+        var prefix = prefix
+        let digits = ClaimNumber.count(seq)
+        prefix.withUTF8 { head in
+            writeBulk(head, count: head.count + digits) { tail in ClaimNumber.write(seq, digits: digits, at: tail) }
+        }
+    }
+
+    /// `$<count>\r\n<head><tail>\r\n` in one write: `head`'s bytes, then `write` fills the remaining
+    /// `count - head.count` bytes at the pointer it is given.
+    @inline(__always)
+    private mutating func writeBulk(_ head: UnsafeBufferPointer<UInt8>, count n: Int,
+                                    write tail: (UnsafeMutablePointer<UInt8>) -> Void) {
+        let digits = DecimalDigits.count(UInt64(n))
+        let total = 1 + digits + 2 + n + 2
+        writeWithUnsafeMutableBytes(minimumWritableBytes: total) { raw in
+            let out = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            out[0] = UInt8(ascii: "$")
+            DecimalDigits.write(UInt64(n), at: raw.baseAddress! + 1)
+            out[1 + digits] = UInt8(ascii: "\r")
+            out[2 + digits] = UInt8(ascii: "\n")
+            if let h = head.baseAddress, head.count > 0 { (out + 3 + digits).update(from: h, count: head.count) }
+            if n > head.count { tail(out + 3 + digits + head.count) }
+            out[3 + digits + n] = UInt8(ascii: "\r")
+            out[4 + digits + n] = UInt8(ascii: "\n")
+            return total
         }
     }
 }

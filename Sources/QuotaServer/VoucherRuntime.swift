@@ -46,8 +46,12 @@ final class VoucherRuntime: @unchecked Sendable {
     /// The effects buffer of `handle`, kept (emptied, with its capacity) between claims: no allocation per claim.
     private var scratch: [VoucherMachine.Effect] = []
 
+    /// The claim ids' prefix (``VoucherMachine/Answer/claimNumber(_:)`` answers are this and a number).
+    private let idPrefix: String
+
     init(id: String, engine: SidecarEngine, policy: LeasePolicy, rules: ClaimRules, requestPrefix: String) {
         self.id = id
+        self.idPrefix = rules.idPrefix
         self.engine = engine
         let pipeline = engine.pipeline
         let chores = engine.chores
@@ -127,7 +131,7 @@ final class VoucherRuntime: @unchecked Sendable {
         nextTicket &+= 1
         let answer = inRun ? machine.handleInRun(req, ticket: ticket, now: now, effects: &fx)
             : machine.handle(req, ticket: ticket, now: now, effects: &fx)
-        if let answer { return .now(Self.reply(answer)) }
+        if let answer { return .now(reply(answer)) }
         // (The effects, answers among them, are carried out after every request of the call was admitted.)
         if let address {
             waiters[ticket] = .address(address)
@@ -158,9 +162,10 @@ final class VoucherRuntime: @unchecked Sendable {
         return .later(p.futureResult)
     }
 
-    static func reply(_ a: VoucherMachine.Answer) -> Reply {
+    private func reply(_ a: VoucherMachine.Answer) -> Reply {
         switch a {
         case .claimID(let id): return .claimID(id)
+        case .claimNumber(let seq): return .claimNumber(prefix: idPrefix, seq: seq)
         case .integer(let n): return .value(.integer(n))
         case .ok: return .value(.ok)
         case .refused(let e): return .error(e)
@@ -189,7 +194,7 @@ final class VoucherRuntime: @unchecked Sendable {
         for e in fx {
             switch e {
             case .answer(let t, let a):
-                if let w = waiters.removeValue(forKey: t) { out.append(.reply(w, Self.reply(a))) }
+                if let w = waiters.removeValue(forKey: t) { out.append(.reply(w, reply(a))) }
             case .journal(let r):
                 pipeline.append(r)
             case .recordLater(let c):

@@ -89,6 +89,9 @@ struct FuzzWorld {
     }
 
     mutating func answered(_ t: Int, _ a: M.Answer) {
+        // A claim answered with its number is answered with the id `c.` and the number.
+        var a = a
+        if case .claimNumber(let seq) = a { a = .claimID(ClaimEvent.claimID(prefix: "c.", seq: seq)) }
         answers[t, default: []].append(a)
         if answers[t]!.count > 1 { errors.append("ticket \(t) answered twice: \(answers[t]!)") }
         if case .claimID(let id) = a {
@@ -164,7 +167,7 @@ struct FuzzWorld {
     static func norm(_ a: M.Answer?) -> String {
         switch a {
         case nil: return "nil"
-        case .claimID?: return "id"
+        case .claimID?, .claimNumber?: return "id"
         case .integer(let n)?: return "int \(n)"
         case .ok?: return "ok"
         case .refused(let e)?: return "refused \(e.code) \(e.message)"

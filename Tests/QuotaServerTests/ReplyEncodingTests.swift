@@ -1,4 +1,5 @@
 import NIOCore
+import QuotaCore
 @testable import QuotaServer
 import Testing
 
@@ -12,6 +13,25 @@ struct ReplyEncodingTests {
         fast.writeString("+prefix\r\n")   // written after other replies, not only at the start
         fast.writeReply(.claimID(id))
         #expect(String(buffer: fast) == "+prefix\r\n$\(length)\r\n\(id)\r\n")
+    }
+
+    /// A claim answered as its number (no `String` made) reads exactly as the id the book keeps it under.
+    @Test(arguments: ["", "sg.host-a.k3x9.", String(repeating: "p", count: 200), "é."])
+    func aClaimNumberReplyIsTheBulkStringOfItsID(prefix: String) {
+        var seqs = [0, 1, 9, 10, 35, 36, 37, 1295, 1296, 46_655, 46_656, Int.max, Int.max - 1]
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
+        for _ in 0..<500 {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            seqs.append(Int(x >> UInt64(1 + x % 62)))
+        }
+        for seq in seqs {
+            let id = ClaimEvent.claimID(prefix: prefix, seq: seq)
+            #expect(id == prefix + String(seq, radix: 36))
+            var fast = ByteBuffer()
+            fast.writeString(":1\r\n")
+            fast.writeReply(.claimNumber(prefix: prefix, seq: seq))
+            #expect(String(buffer: fast) == ":1\r\n$\(id.utf8.count)\r\n\(id)\r\n", "seq \(seq)")
+        }
     }
 
     @Test func aNonASCIIClaimIDCountsBytesNotCharacters() {
