@@ -213,6 +213,11 @@ public struct SidecarConfig: Sendable {
         guard let region = try r.string("region"), !region.isEmpty else {
             throw ConfigError(key: "region", "is required (the region this host leases from)")
         }
+        // The region opens every claim id (`region.host.boot.seq`), which `UNCLAIM` takes up to 256 bytes, and
+        // is written into Redis records and Kafka events: the host id's alphabet and bound.
+        guard region.utf8.count <= 64, region.utf8.allSatisfy(Self.isIDByte) else {
+            throw ConfigError(key: "region", "must be 1-64 of A-Z a-z 0-9 _ . : - (got '\(region.prefix(80))')")
+        }
         var regions: [String: String] = [:]
         var rr = try r.child("regions")
         for name in rr.keys {

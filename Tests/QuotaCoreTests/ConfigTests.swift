@@ -61,6 +61,14 @@ struct ConfigTests {
         for bad in ["\"a}b\"", "\"a|b\"", "\"a b\"", "\"a{b\"", "\"hôst\"", String(repeating: "h", count: 65)] {
             #expect(errorKey(minimal.replacingOccurrences(of: "host_id: host-a", with: "host_id: \(bad)")) == "host_id", "\(bad)")
         }
+        // So do regions: a claim id (`region.host.boot.seq`) too long for UNCLAIM, or a region that breaks a record.
+        for bad in ["\"a|b\"", "\"a b\"", "\"ré\"", String(repeating: "r", count: 65)] {
+            let yaml = minimal.replacingOccurrences(of: "region: sg", with: "region: \(bad)")
+                .replacingOccurrences(of: "  sg: {", with: "  \(bad): {")
+            #expect(errorKey(yaml) == "region", "\(bad)")
+        }
+        let longest = String(repeating: "r", count: 64)
+        #expect(errorKey(minimal.replacingOccurrences(of: "sg", with: longest)) == nil, "64 bytes is a region")
     }
 
     @Test func featuresNotBuiltYetAreRefusedNotIgnored() throws {
