@@ -1,12 +1,17 @@
 // Found by review: UNCLAIM under `durability: none` without `journal.dir` re-entered the voucher's lock (the
 // pipeline answered the cancellation's record synchronously, inside performLocked): a crash in debug, a hang in release.
+import Foundation
+import NIOCore
 import QuotaClient
+import QuotaCore
 import QuotaRESP
 import QuotaHarness
 import Testing
 
 @Suite("UNCLAIM without a journal", .serialized, .timeLimit(.minutes(2)))
 struct UnclaimWithoutJournalTests {
+    static func bulkID(_ r: RESPValue) -> String? { if case .bulkString(let b?) = r { return String(buffer: b) } else { return nil } }
+
     @Test func unclaimUnderDurabilityNoneWithoutAJournalAnswersAndTheSidecarLives() async throws {
         let redis = try await RedisServer()
         let dir = TempDir()
@@ -49,6 +54,94 @@ struct UnclaimWithoutJournalTests {
         #expect(soldOut(after), "a second UNCLAIM gave nothing back: \(after)")
         c.close()
         #expect(try await q.stop() == 0)
+        withExtendedLifetime(redis) {}
+    }
+
+    // By helper-37, attacking the claims that nothing records (answered by number, kept as parts).
+    /// durability none, no journal, no Kafka: every way a claim can be answered (parked for the load and the
+    /// first lease, pipelined runs, REQ retries in a run and later, MULTI/EXEC, inline) gives an id
+    /// the UNCLAIM book knows, each id's tokens come back once, and the books balance after stop.
+    @Test func everyWayAClaimIsAnsweredGivesAnIDThatUnclaimsItsOwnTokensOnce() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        let limit = 120
+        _ = try await redis.store.createVoucher(id: "hv", limit: limit, perUser: 0, totalLimit: limit, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
+                                 extraYAML: "lease: { min: 7, max: 7 }\n")
+        let c = try await RESPClient.connect(q.socket)
+        var qtyOf: [String: Int] = [:]
+        var byReq: [String: String] = [:]
+        func note(_ r: RESPValue, qty: Int, req: String?) {
+            guard let i = Self.bulkID(r) else { Issue.record("not an id: \(r)"); return }
+            #expect(i.hasPrefix("sg.host-a."), "\(i)")
+            if let req {
+                if let first = byReq[req] { #expect(first == i, "REQ \(req): \(first) then \(i)"); return }
+                byReq[req] = i
+            }
+            #expect(qtyOf[i] == nil, "id \(i) given twice")
+            qtyOf[i] = qty
+        }
+        // Parked: the first claims of a voucher not loaded yet, pipelined, with REQ duplicates among them.
+        var cmds: [[String]] = []
+        var meta: [(Int, String?)] = []
+        for k in 0..<12 {
+            let qty = 1 + k % 3
+            let req: String? = k % 4 == 0 ? "r\(k % 8)" : nil
+            var cmd = ["CLAIM", "hv", "u\(k)", "QTY", String(qty)]
+            if let req { cmd += ["REQ", req] }
+            cmds.append(cmd)
+            meta.append((qty, req))
+        }
+        let first = try await c.pipeline(cmds)
+        for (r, m) in zip(first, meta) { note(r, qty: m.0, req: m.1) }
+        // A later retry of each REQ (dedupe table) in a run.
+        let retries = try await c.pipeline([["CLAIM", "hv", "x", "QTY", "1", "REQ", "r0"], ["CLAIM", "hv", "x", "QTY", "1", "REQ", "r4"]])
+        note(retries[0], qty: 0, req: "r0")
+        note(retries[1], qty: 0, req: "r4")
+        // MULTI/EXEC.
+        let tx = try await c.pipeline([["MULTI"], ["CLAIM", "hv", "t1"], ["CLAIM", "hv", "t2", "QTY", "2", "REQ", "tx"], ["EXEC"]])
+        if case .array(let rs?) = tx[3], rs.count == 2 {
+            note(rs[0], qty: 1, req: nil)
+            note(rs[1], qty: 2, req: "tx")
+        } else { Issue.record("EXEC: \(tx)") }
+        // Inline.
+        var raw = ByteBuffer()
+        raw.writeString("CLAIM hv inl QTY 3\r\nCLAIM hv inl2 REQ tx\r\n")
+        let inl = try await c.sendRaw(raw, replies: 2)
+        note(inl[0], qty: 3, req: nil)
+        note(inl[1], qty: 0, req: "tx")
+        // A second connection, RESP2, many pipelined claims until sold out.
+        let d = try await RESPClient.connect(q.socket)
+        let many = try await d.pipeline((0..<200).map { ["CLAIM", "hv", "m\($0)"] })
+        var soldOut = 0
+        for r in many { if Self.bulkID(r) != nil { note(r, qty: 1, req: nil) } else if r.errorCode == "SOLDOUT" { soldOut += 1 } else { Issue.record("\(r)") } }
+        let sold = qtyOf.values.reduce(0, +)
+        #expect(sold == limit, "sold \(sold) of \(limit) (\(soldOut) sold out)")
+        // Cancel every other claim, each once (and again: nothing more).
+        var back = 0
+        for (i, (cid, qty)) in qtyOf.sorted(by: { $0.key < $1.key }).enumerated() where i % 2 == 0 {
+            #expect(try await c.send("UNCLAIM", cid) == .simpleString("OK"), "\(cid)")
+            #expect(try await d.send("UNCLAIM", cid) == .simpleString("OK"), "\(cid) again")
+            back += qty
+        }
+        // Exactly `back` tokens serve again.
+        var again = 0
+        for _ in 0..<400 {
+            let r = try await d.send("CLAIM", "hv", "z")
+            if Self.bulkID(r) != nil { again += 1; continue }
+            if r.errorCode == "SOLDOUT" { if again >= back { break }; try await Task.sleep(for: .milliseconds(30)); continue }
+            if r.errorCode == "UNAVAILABLE" { try await Task.sleep(for: .milliseconds(30)); continue }
+            Issue.record("\(r)"); break
+        }
+        #expect(again == back, "unclaimed \(back), claimed again \(again)")
+        let info = try await q.info()
+        c.close(); d.close()
+        #expect(try await q.stop() == 0)
+        let net = sold - back + again
+        let problems = try await redis.audit("hv", netClaimed: net)
+        #expect(problems.isEmpty, "\(problems)")
+        let acct = try await redis.account("hv")
+        #expect(acct.pool + net == limit && acct.leases == 0, "\(acct) net \(net); info claims_ok \(info["claims_ok"] ?? "?")")
         withExtendedLifetime(redis) {}
     }
 }
