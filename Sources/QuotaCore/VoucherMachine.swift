@@ -888,6 +888,13 @@ public struct VoucherMachine: Sendable {
         settleEffects(now: now, &fx)
     }
 
+    /// This host's restock of a cancelled claim put `tokens` back into the pool (``VoucherStock/poolRestocked(_:)``).
+    public mutating func restocked(tokens: Int, now: Instant, effects fx: inout [Effect]) {
+        guard phase == .ready else { return }
+        stock.poolRestocked(tokens)
+        settleEffects(now: now, &fx)
+    }
+
     /// Another host asked for this voucher's stock back (it found the pool empty while leases were out).
     public mutating func recall(now: Instant, from host: String? = nil, effects fx: inout [Effect]) {
         guard phase == .ready else { return }

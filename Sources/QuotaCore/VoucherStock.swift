@@ -915,6 +915,15 @@ public struct VoucherStock: Sendable {
         if s != .active { returnAll() }
     }
 
+    /// This host's own restock put `tokens` back into the region's pool (a cancelled claim whose lease had
+    /// closed): the pool is not empty any more, so claims here ask for a lease again at once instead of being
+    /// told SOLDOUT until the next refresh (up to `avail_refresh` later). Redis still decides what a lease gets.
+    public mutating func poolRestocked(_ tokens: Int) {
+        guard tokens > 0 else { return }
+        poolHint += tokens
+        soldOut = false
+    }
+
     public mutating func refreshed(pool: Int) {
         poolHint = pool
         if pool > 0 { soldOut = false }

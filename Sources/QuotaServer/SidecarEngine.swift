@@ -503,8 +503,10 @@ public final class SidecarEngine: Sendable {
                              metadata: ["quota.claim": "\(cancel.claimID)"])
                 pipeline.append(done)
                 return .done
-            case .success:
+            case .success(let reply):
                 pipeline.append(done)
+                // The pool is not empty now: a claim here need not wait for the next refresh to lease again.
+                if case .applied(let n) = reply, n > 0 { vouchers.withLockedValue { $0[cancel.voucher] }?.restocked(tokens: n) }
                 return .done
             case .failure(.generation(let why)):
                 logger.error("restock refused: \(why)", metadata: ["quota.claim": "\(cancel.claimID)"])

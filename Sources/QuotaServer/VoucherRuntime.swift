@@ -592,6 +592,11 @@ final class VoucherRuntime: @unchecked Sendable {
         event(now: monotonicNow()) { m, now, fx in m.recall(now: now, from: host, effects: &fx) }
     }
 
+    /// This host's restock of a cancelled claim put `tokens` back into the region's pool.
+    func restocked(tokens: Int) {
+        event(now: monotonicNow()) { m, now, fx in m.restocked(tokens: tokens, now: now, effects: &fx) }
+    }
+
     /// The voucher is on the region's warm list: take its opening lease.
     func warm() {
         event(now: monotonicNow()) { m, now, fx in m.warm(now: now, effects: &fx) }

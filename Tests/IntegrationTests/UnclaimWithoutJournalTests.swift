@@ -34,9 +34,8 @@ struct UnclaimWithoutJournalTests {
         _ = try await redis.store.createVoucher(id: "nk", limit: 10, perUser: 0, totalLimit: 10, region: "sg")
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a")   // durability: none, no journal.dir
         let c = try await RESPClient.connect(q.socket)
-        func claimID(_ r: RESPValue) -> String? { if case .bulkString(let b?) = r { return String(buffer: b) } else { return nil } }
         func soldOut(_ r: RESPValue) -> Bool { if case .error(let m) = r { return m.hasPrefix("SOLDOUT") } else { return false } }
-        let id = try #require(claimID(try await c.send("CLAIM", "nk", "u1", "QTY", "10")))
+        let id = try #require(Self.bulkID(try await c.send("CLAIM", "nk", "u1", "QTY", "10")))
         let full = try await c.send("CLAIM", "nk", "u2")
         #expect(soldOut(full), "all ten are claimed: \(full)")
         #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"))
@@ -47,7 +46,7 @@ struct UnclaimWithoutJournalTests {
             try await Task.sleep(for: .milliseconds(50))
             r3 = try await c.send("CLAIM", "nk", "u3", "QTY", "10")
         }
-        let again = try #require(claimID(r3), "the ten serve again: \(r3)")
+        let again = try #require(Self.bulkID(r3), "the ten serve again: \(r3)")
         #expect(again != id)
         #expect(try await c.send("UNCLAIM", id) == .simpleString("OK"), "idempotent")
         let after = try await c.send("CLAIM", "nk", "u4")

@@ -91,6 +91,26 @@ struct SaleEndsTests {
         #expect(e.message.contains("1 leases of hosts silent past their expiry await reconciliation"))
     }
 
+    /// UNCLAIM of a claim whose lease had closed restocks its tokens to the pool: the host that did it asks for a
+    /// lease at its next claim instead of answering SOLDOUT until its next refresh (up to `avail_refresh`).
+    @Test func thisHostsOwnRestockEndsItsSoldOutAtOnce() throws {
+        var s = stock()
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        _ = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseRefused(.soldOut(abandoned: 0), now: c.now)
+        guard case .reject(let e) = s.claim(qty: 1, now: c.now) else { Issue.record("not refused"); return }
+        #expect(e.code == .soldout && s.soldOut)
+        s.poolRestocked(0)
+        #expect(s.soldOut, "nothing restocked: still sold out")
+        s.poolRestocked(3)
+        #expect(!s.soldOut)
+        guard case .wait = s.claim(qty: 1, now: c.now) else { Issue.record("a claim after the restock did not wait for a lease"); return }
+        let r = try #require(lease(&s, now: c.now, waiting: 1), "a lease is asked at once")
+        s.leaseGranted(LeaseGrant(id: "2", granted: 3, ttl: .seconds(10), poolAfter: 0), sentAt: r.sentAt, now: c.now)
+        guard case .served = s.retryParked(qty: 1, now: c.now) else { Issue.record("the restocked token not served"); return }
+    }
+
     @Test func aRecallGivesBackEveryLeaseAtOnceAndClosesFullyServedOnes() throws {
         var s = stock()
         let c = FakeClock()
