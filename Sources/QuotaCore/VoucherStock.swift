@@ -434,8 +434,18 @@ public struct VoucherStock: Sendable {
 
     private mutating func take(_ qty: Int, inFlight: Bool) -> [ClaimShare] {
         var left = qty
-        var shares: [ClaimShare] = []
+        var shares: [ClaimShare]
         var i = 0
+        if qty > 0, let first = leases.first, first.remaining >= qty {
+            // The usual claim: one share of the first lease (the loop below would take the same), its array made
+            // at its size instead of grown from empty.
+            leases[0].served += qty
+            if inFlight { leases[0].pending += qty }
+            shares = [ClaimShare(leaseId: first.id, tokens: qty)]
+            left = 0
+        } else {
+            shares = []
+        }
         while left > 0 && i < leases.count {
             let n = min(left, leases[i].remaining)
             if n > 0 {
