@@ -109,6 +109,30 @@ struct VoucherStockTests {
         #expect(s.claim(qty: 1, now: c.now) == .reject(QuotaError(.soldout, "voucher sold out in this region")))
     }
 
+    /// A claim takes from the oldest lease first: one share while it has enough, else a share of each lease it
+    /// drains; a fully served lease is finished; tokens of claims in flight are pinned to the lease they came from.
+    @Test func aClaimTakesOneShareOfTheFirstLeaseOrASpreadOverTheLeasesItDrains() throws {
+        var s = stock(LeasePolicy(min: 5, max: 5, lowWatermark: 0.9))
+        let c = FakeClock()
+        _ = s.claim(qty: 1, now: c.now)
+        let r1 = try #require(lease(&s, now: c.now, waiting: 1))
+        s.leaseGranted(LeaseGrant(id: "1", granted: 5, ttl: .seconds(10), poolAfter: 100), sentAt: r1.sentAt, now: c.now)
+        guard case .served(let a) = s.retryParked(qty: 1, now: c.now) else { Issue.record("parked claim not served"); return }
+        #expect(a == [ClaimShare(leaseId: "1", tokens: 1)])
+        let r2 = try #require(lease(&s, now: c.now, waiting: 0), "4 of 5 left: under the watermark")
+        s.leaseGranted(LeaseGrant(id: "2", granted: 5, ttl: .seconds(10), poolAfter: 100), sentAt: r2.sentAt, now: c.now)
+        guard case .served(let b) = s.claim(qty: 3, now: c.now, inFlight: true) else { Issue.record("not served"); return }
+        #expect(b == [ClaimShare(leaseId: "1", tokens: 3)], "one share while the first lease has enough")
+        guard case .served(let d) = s.claim(qty: 4, now: c.now, inFlight: true) else { Issue.record("not served"); return }
+        #expect(d == [ClaimShare(leaseId: "1", tokens: 1), ClaimShare(leaseId: "2", tokens: 3)], "the first lease drained")
+        #expect(s.finishedLeases.map(\.id) == ["1"] && s.leases.map(\.id) == ["2"])
+        #expect(s.finishedLeases[0].served == 5 && s.finishedLeases[0].pending == 4)
+        #expect(s.leases[0].served == 3 && s.leases[0].pending == 3)
+        guard case .served(let e) = s.claim(qty: 2, now: c.now) else { Issue.record("not served"); return }
+        #expect(e == [ClaimShare(leaseId: "2", tokens: 2)], "exactly what is left: one share, the lease finished")
+        #expect(s.leases.isEmpty && s.finishedLeases.map(\.id) == ["1", "2"] && s.finishedLeases[1].pending == 3)
+    }
+
     @Test func refillStartsAtTheLowWatermarkBeforeStockRunsOut() throws {
         var s = stock(LeasePolicy(min: 10, max: 10, lowWatermark: 0.5))
         let c = FakeClock()
