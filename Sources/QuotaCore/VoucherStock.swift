@@ -930,7 +930,9 @@ public struct VoucherStock: Sendable {
     /// told SOLDOUT until the next refresh (up to `avail_refresh` later). Redis still decides what a lease gets.
     public mutating func poolRestocked(_ tokens: Int) {
         guard tokens > 0 else { return }
-        poolHint += tokens
+        // At least `tokens` are in the pool now. Not `+=`: a refresh or a lease answer that read the pool after the
+        // restock may have been taken in already, and AVAIL would count the same tokens twice (helper-38).
+        poolHint = max(poolHint, tokens)
         soldOut = false
     }
 
