@@ -309,7 +309,15 @@ public struct VoucherStock: Sendable {
             lastDemand = now
             rate.record(qty, now: now)
         }
-        if available(now: now) >= qty { return .served(take(qty, inFlight: inFlight)) }
+        if available(now: now) >= qty {
+            // One claim takes from at most `ClaimEvent.maxShares` leases: the journal decodes no more, and a
+            // cancellation marks where each share went in 64 bits. Only stock spread over that many small leases
+            // (a sale's tail) can get here; the claim is refused, fail closed, and a retry may find it gathered.
+            guard spansFewLeases(qty) else {
+                return reject(.unavailable, "the stock here is spread over more than \(ClaimEvent.maxShares) leases; retry")
+            }
+            return .served(take(qty, inFlight: inFlight))
+        }
         if soldOut { return reject(.soldout, soldOutMessage) }
         if let b = backoffUntil, now < b, !leaseInFlight {
             return reject(.unavailable, "quota authority unreachable and no local stock")
@@ -432,6 +440,19 @@ public struct VoucherStock: Sendable {
         counters.rejected[code, default: 0] += 1
     }
 
+    /// Whether `take(qty)` takes from at most `ClaimEvent.maxShares` leases (the first has enough, nearly always).
+    private func spansFewLeases(_ qty: Int) -> Bool {
+        if let first = leases.first, first.remaining >= qty { return true }
+        var left = qty
+        var shares = 0
+        for l in leases where l.remaining > 0 {
+            shares += 1
+            left -= l.remaining
+            if left <= 0 { break }
+        }
+        return shares <= ClaimEvent.maxShares
+    }
+
     private mutating func take(_ qty: Int, inFlight: Bool) -> [ClaimShare] {
         var left = qty
         var shares: [ClaimShare]
@@ -457,6 +478,7 @@ public struct VoucherStock: Sendable {
             i += 1
         }
         precondition(left == 0, "take() called without enough stock")
+        precondition(shares.count <= ClaimEvent.maxShares, "take() called for more shares than a record holds")
         counters.claimsOK += 1
         counters.tokensServed += qty
         // Leases fully served are done: they are closed at Redis with the next lease request.

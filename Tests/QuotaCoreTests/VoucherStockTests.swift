@@ -133,6 +133,28 @@ struct VoucherStockTests {
         #expect(s.leases.isEmpty && s.finishedLeases.map(\.id) == ["1", "2"] && s.finishedLeases[1].pending == 3)
     }
 
+    /// A claim's shares are at most ``ClaimEvent/maxShares``: the journal refuses to decode more, and a
+    /// cancellation says which share went where in 64 bits. Stock spread over more small leases (a sale's tail,
+    /// recalled tokens trickling back one lease at a time) must not serve one claim from more of them.
+    @Test func aClaimIsNeverServedFromMoreLeasesThanARecordHoldsShares() throws {
+        var s = stock(LeasePolicy(min: 1, max: 1))
+        let c = FakeClock()
+        let n = ClaimEvent.maxShares + 1
+        for i in 1...n {
+            let r = try #require(lease(&s, now: c.now, waiting: 10_000), "lease \(i)")
+            s.leaseGranted(LeaseGrant(id: "\(i)", granted: 1, ttl: .seconds(10), poolAfter: 1_000), sentAt: r.sentAt, now: c.now)
+        }
+        #expect(s.available(now: c.now) == n)
+        guard case .reject(let e) = s.claim(qty: n, now: c.now) else { Issue.record("served from \(n) leases"); return }
+        #expect(e.code == .unavailable && e.message.contains("\(ClaimEvent.maxShares) leases"), "\(e)")
+        #expect(s.available(now: c.now) == n, "a refused claim takes nothing")
+        guard case .reject = s.retryParked(qty: n, now: c.now) else { Issue.record("a parked claim served from \(n) leases"); return }
+        guard case .served(let shares) = s.claim(qty: n - 1, now: c.now) else { Issue.record("64 leases not served"); return }
+        #expect(shares.count == ClaimEvent.maxShares && shares.map(\.tokens).reduce(0, +) == n - 1)
+        guard case .served(let last) = s.claim(qty: 1, now: c.now) else { Issue.record("the last token not served"); return }
+        #expect(last == [ClaimShare(leaseId: "\(n)", tokens: 1)])
+    }
+
     @Test func refillStartsAtTheLowWatermarkBeforeStockRunsOut() throws {
         var s = stock(LeasePolicy(min: 10, max: 10, lowWatermark: 0.5))
         let c = FakeClock()
