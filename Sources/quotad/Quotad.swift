@@ -72,13 +72,22 @@ struct Quotad: AsyncParsableCommand {
             return h
         }
         let logger = Logger(label: "quotad")
-        let service = try SidecarService(config: cfg, logger: logger)
-        let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup)],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger))
-        try await group.run()
+        do {
+            let service = try SidecarService(config: cfg, logger: logger)
+            let group = ServiceGroup(
+                configuration: .init(
+                    services: [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup)],
+                    gracefulShutdownSignals: [.sigterm, .sigint],
+                    logger: logger))
+            try await group.run()
+        } catch {
+            // Not through ArgumentParser's error exit: it renders the command's usage first, and that crashed now and
+            // then ("attempted to read an unowned reference but object was already destroyed", inside argument-parser's
+            // help generator) when a start was refused (journal.dir in use) while the service's threads wound down.
+            let text = (error as? any LocalizedError)?.errorDescription ?? String(describing: error)
+            FileHandle.standardError.write(Data("Error: \(text)\n".utf8))
+            Foundation.exit(1)
+        }
     }
 
     /// The `region:` of a config file, if set (so `--redis` alone names the right region).
