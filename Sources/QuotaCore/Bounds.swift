@@ -140,6 +140,7 @@ extension VoucherCounters {
         tokensReturned += c.tokensReturned
         leasesFenced += c.leasesFenced
         tokensLost += c.tokensLost
+        consolidations += c.consolidations
         claimsWaited += c.claimsWaited
         for (k, v) in c.rejected { rejected[k, default: 0] += v }
     }

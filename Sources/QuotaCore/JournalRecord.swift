@@ -223,6 +223,9 @@ public enum JournalCodec {
     /// are written through a pointer, and the rest is cut off. (Appended field by field, byte by byte, each
     /// append checked the array's uniqueness and capacity: ~1,000 instructions a claim, issue 13.)
     private static func encodeClaim(_ c: ClaimEvent, _ body: inout [UInt8]) {
+        // The decoder refuses more (recovery would stop trusting the segment there): the stock never takes a claim
+        // from more leases than this, so more is a bug, stopped here rather than written as an unreadable record.
+        precondition(c.shares.count <= ClaimEvent.maxShares, "a claim of more shares than a journal record holds")
         // The most each field takes: a varint is at most 10 bytes; a string is its length's varint and its bytes.
         var bound = 1 + 10 * 5 + 1 + 10 * (5 + 2 * c.shares.count)
         bound += c.claimID.utf8.count + c.voucher.utf8.count + c.user.utf8.count + c.region.utf8.count + c.host.utf8.count

@@ -192,6 +192,9 @@ public struct VoucherCounters: Sendable, Equatable {
     public var tokensReturned = 0
     public var leasesFenced = 0
     public var tokensLost = 0
+    /// Claims that found the stock spread over more leases than one claim may take from (`ClaimEvent.maxShares`),
+    /// so that every lease was given back for the tokens to come back as one lease (`INFO`: `stock_consolidations`).
+    public var consolidations = 0
     /// Claims that had to wait for a lease (no local stock when they came).
     public var claimsWaited = 0
     public var rejected: [QuotaErrorCode: Int] = [:]
@@ -311,12 +314,15 @@ public struct VoucherStock: Sendable {
         }
         if available(now: now) >= qty {
             // One claim takes from at most `ClaimEvent.maxShares` leases: the journal decodes no more, and a
-            // cancellation marks where each share went in 64 bits. Only stock spread over that many small leases
-            // (a sale's tail) can get here; the claim is refused, fail closed, and a retry may find it gathered.
-            guard spansFewLeases(qty) else {
-                return reject(.unavailable, "the stock here is spread over more than \(ClaimEvent.maxShares) leases; retry")
-            }
-            return .served(take(qty, inFlight: inFlight))
+            // cancellation marks where each share went in 64 bits. Only stock spread over many small leases (a
+            // sale's tail: tokens coming back one small lease at a time while a large claim waits) gets past the
+            // first two: the largest leases serve it if they can, else every lease is given back, so that its
+            // tokens return to the pool, and the claim waits for a lease of what it needs.
+            if spansFewLeases(qty) { return .served(take(qty, inFlight: inFlight)) }
+            if let largest = largestLeasesCovering(qty) { return .served(take(qty, from: largest, inFlight: inFlight)) }
+            counters.consolidations += 1
+            returnAll()
+            return .wait
         }
         if soldOut { return reject(.soldout, soldOutMessage) }
         if let b = backoffUntil, now < b, !leaseInFlight {
@@ -451,6 +457,44 @@ public struct VoucherStock: Sendable {
             if left <= 0 { break }
         }
         return shares <= ClaimEvent.maxShares
+    }
+
+    /// Indexes into `leases` of at most `ClaimEvent.maxShares` leases, the largest first, whose tokens cover
+    /// `qty`, in `leases`' order; nil if even the largest do not.
+    private func largestLeasesCovering(_ qty: Int) -> [Int]? {
+        let bySize = leases.indices.filter { leases[$0].remaining > 0 }.sorted { leases[$0].remaining > leases[$1].remaining }
+        var left = qty
+        var chosen: [Int] = []
+        for i in bySize.prefix(ClaimEvent.maxShares) {
+            chosen.append(i)
+            left -= leases[i].remaining
+            if left <= 0 { return chosen.sorted() }
+        }
+        return nil
+    }
+
+    /// ``take(_:inFlight:)`` from the leases at `indexes` only (in `leases`' order); every lease it empties is
+    /// finished, wherever it stands.
+    private mutating func take(_ qty: Int, from indexes: [Int], inFlight: Bool) -> [ClaimShare] {
+        var left = qty
+        var shares: [ClaimShare] = []
+        for i in indexes where left > 0 {
+            let n = min(left, leases[i].remaining)
+            guard n > 0 else { continue }
+            leases[i].served += n
+            if inFlight { leases[i].pending += n }
+            shares.append(ClaimShare(leaseId: leases[i].id, tokens: n))
+            left -= n
+        }
+        precondition(left == 0 && shares.count <= ClaimEvent.maxShares, "take(from:) called without enough stock")
+        counters.claimsOK += 1
+        counters.tokensServed += qty
+        for var l in leases where l.remaining == 0 {
+            l.renewInFlight = false
+            finishedLeases.append(l)
+        }
+        leases.removeAll { $0.remaining == 0 }
+        return shares
     }
 
     private mutating func take(_ qty: Int, inFlight: Bool) -> [ClaimShare] {

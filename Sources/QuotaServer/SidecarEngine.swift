@@ -709,6 +709,7 @@ public final class SidecarEngine: Sendable {
             out += "leases_renewed:\(total.leasesRenewed)\r\n"
             out += "leases_returned:\(total.leasesReturned)\r\ntokens_returned:\(total.tokensReturned)\r\n"
             out += "leases_fenced:\(total.leasesFenced)\r\ntokens_lost_to_expiry:\(total.tokensLost)\r\n"
+            out += "stock_consolidations:\(total.consolidations)\r\n"
             out += "claims_waited_for_lease:\(total.claimsWaited)\r\n"
             out += "redis_commands:\(store.connection.commandsSent)\r\n"
             out += "redis_errors:\(redisErrors.load(ordering: .relaxed))\r\n"

@@ -135,24 +135,49 @@ struct VoucherStockTests {
 
     /// A claim's shares are at most ``ClaimEvent/maxShares``: the journal refuses to decode more, and a
     /// cancellation says which share went where in 64 bits. Stock spread over more small leases (a sale's tail,
-    /// recalled tokens trickling back one lease at a time) must not serve one claim from more of them.
-    @Test func aClaimIsNeverServedFromMoreLeasesThanARecordHoldsShares() throws {
+    /// tokens coming back one small lease at a time while a large claim waits) must not serve one claim from more.
+    func spreadStock(_ sizes: [Int], _ c: FakeClock) throws -> VoucherStock {
         var s = stock(LeasePolicy(min: 1, max: 1))
-        let c = FakeClock()
-        let n = ClaimEvent.maxShares + 1
-        for i in 1...n {
-            let r = try #require(lease(&s, now: c.now, waiting: 10_000), "lease \(i)")
-            s.leaseGranted(LeaseGrant(id: "\(i)", granted: 1, ttl: .seconds(10), poolAfter: 1_000), sentAt: r.sentAt, now: c.now)
+        for (i, n) in sizes.enumerated() {
+            let r = try #require(lease(&s, now: c.now, waiting: 100_000), "lease \(i)")
+            s.leaseGranted(LeaseGrant(id: "\(i + 1)", granted: n, ttl: .seconds(10), poolAfter: 1_000), sentAt: r.sentAt, now: c.now)
         }
+        return s
+    }
+
+    @Test func aClaimSpreadOverMoreThan64LeasesIsServedFromTheLargest() throws {
+        let c = FakeClock()
+        // 64 one-token leases ahead of a lease of 1000: a claim of 100 comes from the large one (by helper-39).
+        var s = try spreadStock(Array(repeating: 1, count: ClaimEvent.maxShares) + [1_000], c)
+        guard case .served(let big) = s.claim(qty: 100, now: c.now, inFlight: true) else { Issue.record("not served"); return }
+        #expect(big == [ClaimShare(leaseId: "65", tokens: 100)])
+        // 70 one-token leases and one of 10: a claim of 73 takes the 10 and 63 ones, 64 shares.
+        var t = try spreadStock(Array(repeating: 1, count: 70) + [10], c)
+        guard case .served(let spread) = t.claim(qty: 73, now: c.now) else { Issue.record("not served"); return }
+        #expect(spread.count == ClaimEvent.maxShares && spread.map(\.tokens).reduce(0, +) == 73)
+        #expect(spread.last == ClaimShare(leaseId: "71", tokens: 10) && spread.first == ClaimShare(leaseId: "1", tokens: 1))
+        #expect(t.available(now: c.now) == 7 && t.leases.count == 7 && t.finishedLeases.count == 64,
+                "every lease it emptied is finished, wherever it stood")
+        guard case .served(let rest) = t.claim(qty: 7, now: c.now) else { Issue.record("the rest not served"); return }
+        #expect(rest.count == 7 && t.leases.isEmpty)
+    }
+
+    @Test func aClaimTheLargest64LeasesCannotCoverGivesEveryLeaseBackAndWaitsForOne() throws {
+        var c = FakeClock()
+        let n = ClaimEvent.maxShares + 1
+        var s = try spreadStock(Array(repeating: 1, count: n), c)
         #expect(s.available(now: c.now) == n)
-        guard case .reject(let e) = s.claim(qty: n, now: c.now) else { Issue.record("served from \(n) leases"); return }
-        #expect(e.code == .unavailable && e.message.contains("\(ClaimEvent.maxShares) leases"), "\(e)")
-        #expect(s.available(now: c.now) == n, "a refused claim takes nothing")
-        guard case .reject = s.retryParked(qty: n, now: c.now) else { Issue.record("a parked claim served from \(n) leases"); return }
-        guard case .served(let shares) = s.claim(qty: n - 1, now: c.now) else { Issue.record("64 leases not served"); return }
-        #expect(shares.count == ClaimEvent.maxShares && shares.map(\.tokens).reduce(0, +) == n - 1)
-        guard case .served(let last) = s.claim(qty: 1, now: c.now) else { Issue.record("the last token not served"); return }
-        #expect(last == [ClaimShare(leaseId: "\(n)", tokens: 1)])
+        #expect(s.claim(qty: n, now: c.now) == .wait, "not served from \(n) leases, not refused while the tokens are here")
+        #expect(s.available(now: c.now) == 0 && s.leases.isEmpty)
+        let back = s.takeReturns()
+        #expect(back.count == n && back.allSatisfy { $0.close } && s.counters.consolidations == 1, "every lease given back")
+        #expect(s.retryParked(qty: n, now: c.now) == .wait, "it waits for a lease")
+        c.advance(.milliseconds(1))
+        let r = try #require(lease(&s, now: c.now, waiting: n), "a lease of what it needs is asked")
+        #expect(r.need == n)
+        s.leaseGranted(LeaseGrant(id: "one", granted: n, ttl: .seconds(10), poolAfter: 0), sentAt: r.sentAt, now: c.now)
+        guard case .served(let shares) = s.retryParked(qty: n, now: c.now) else { Issue.record("not served from one lease"); return }
+        #expect(shares == [ClaimShare(leaseId: "one", tokens: n)])
     }
 
     @Test func refillStartsAtTheLowWatermarkBeforeStockRunsOut() throws {
