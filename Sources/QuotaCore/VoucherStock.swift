@@ -320,7 +320,16 @@ public struct VoucherStock: Sendable {
             // tokens return to the pool, and the claim waits for a lease of what it needs.
             if spansFewLeases(qty) { return .served(take(qty, inFlight: inFlight)) }
             if let largest = largestLeasesCovering(qty) { return .served(take(qty, from: largest, inFlight: inFlight)) }
+            // Give the leases back only when a lease can be asked for the claim next (Redis reachable, the voucher
+            // open); else keep serving the stock to smaller claims and refuse this one, fail closed (helper-40).
+            guard leaseCanFollow(now: now) else {
+                return reject(.unavailable,
+                              "the stock here is spread over more than \(ClaimEvent.maxShares) leases and no lease can be asked now; retry")
+            }
             counters.consolidations += 1
+            // The pool gets these tokens back: it is not sold out (else the claim would be told SOLDOUT, and its
+            // `REQ` would keep that answer, while the pool holds what this host just gave back).
+            soldOut = false
             returnAll()
             return .wait
         }
@@ -338,6 +347,12 @@ public struct VoucherStock: Sendable {
         guard d == .wait else { return d }
         if leaseInFlight || recallPollAt != nil || nextLeaseWouldBeSent(now: now) { return .wait }
         return reject(.unavailable, "quota authority unreachable and no local stock")
+    }
+
+    /// Whether a lease could be asked at `now`, sold out or a recall poll aside (both end when tokens come back).
+    private func leaseCanFollow(now: Instant) -> Bool {
+        lost == nil && !draining && status == .active && (backoffUntil.map { now >= $0 } ?? true)
+            && !(schedule.endsAt.map { now >= $0 } ?? false)
     }
 
     private func nextLeaseWouldBeSent(now: Instant) -> Bool {
