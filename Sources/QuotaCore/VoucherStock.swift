@@ -356,8 +356,7 @@ public struct VoucherStock: Sendable {
     }
 
     private func nextLeaseWouldBeSent(now: Instant) -> Bool {
-        lost == nil && !draining && status == .active && !soldOut && (backoffUntil.map { now >= $0 } ?? true)
-            && (recallPollAt.map { now >= $0 } ?? true) && !(schedule.endsAt.map { now >= $0 } ?? false)
+        leaseCanFollow(now: now) && !soldOut && (recallPollAt.map { now >= $0 } ?? true)
     }
 
     private var soldOutMessage: String {
@@ -494,12 +493,9 @@ public struct VoucherStock: Sendable {
         var left = qty
         var shares: [ClaimShare] = []
         for i in indexes where left > 0 {
-            let n = min(left, leases[i].remaining)
-            guard n > 0 else { continue }
-            leases[i].served += n
-            if inFlight { leases[i].pending += n }
-            shares.append(ClaimShare(leaseId: leases[i].id, tokens: n))
-            left -= n
+            guard let s = share(of: i, upTo: left, inFlight: inFlight) else { continue }
+            shares.append(s)
+            left -= s.tokens
         }
         precondition(left == 0 && shares.count <= ClaimEvent.maxShares, "take(from:) called without enough stock")
         counters.claimsOK += 1
@@ -512,27 +508,33 @@ public struct VoucherStock: Sendable {
         return shares
     }
 
+    /// Take up to `left` tokens of `leases[i]` (pinned until the claim settles with `inFlight`): their share,
+    /// or nil when it has none left.
+    @inline(__always)
+    private mutating func share(of i: Int, upTo left: Int, inFlight: Bool) -> ClaimShare? {
+        let n = min(left, leases[i].remaining)
+        guard n > 0 else { return nil }
+        leases[i].served += n
+        if inFlight { leases[i].pending += n }
+        return ClaimShare(leaseId: leases[i].id, tokens: n)
+    }
+
     private mutating func take(_ qty: Int, inFlight: Bool) -> [ClaimShare] {
         var left = qty
         var shares: [ClaimShare]
         var i = 0
-        if qty > 0, let first = leases.first, first.remaining >= qty {
+        if qty > 0, let first = leases.first, first.remaining >= qty, let s = share(of: 0, upTo: qty, inFlight: inFlight) {
             // The usual claim: one share of the first lease (the loop below would take the same), its array made
             // at its size instead of grown from empty.
-            leases[0].served += qty
-            if inFlight { leases[0].pending += qty }
-            shares = [ClaimShare(leaseId: first.id, tokens: qty)]
+            shares = [s]
             left = 0
         } else {
             shares = []
         }
         while left > 0 && i < leases.count {
-            let n = min(left, leases[i].remaining)
-            if n > 0 {
-                leases[i].served += n
-                if inFlight { leases[i].pending += n }
-                shares.append(ClaimShare(leaseId: leases[i].id, tokens: n))
-                left -= n
+            if let s = share(of: i, upTo: left, inFlight: inFlight) {
+                shares.append(s)
+                left -= s.tokens
             }
             i += 1
         }
