@@ -3,20 +3,11 @@ import Testing
 
 @Suite("Consolidation review (helper-40): sold out")
 struct ConsolidationSoldOutTests {
-    func spread(_ sizes: [Int], _ c: FakeClock) throws -> VoucherStock {
-        var s = VoucherStock(policy: LeasePolicy(min: 1, max: 1))
-        for (i, n) in sizes.enumerated() {
-            let r = try #require(lease(&s, now: c.now, waiting: 100_000), "lease \(i)")
-            s.leaseGranted(LeaseGrant(id: "\(i + 1)", granted: n, ttl: .seconds(10), poolAfter: 0), sentAt: r.sentAt, now: c.now)
-        }
-        return s
-    }
-
     /// The host holds the region's last 100 tokens in 100 one-token leases; its lease for a bigger parked claim
     /// was answered "sold out" (its own leases are not counted as held elsewhere): soldOut is set while it holds stock.
     @Test func consolidationWhileSoldOutAnswersSoldOutWithTheTokensInThePool() throws {
         var c = FakeClock()
-        var s = try spread(Array(repeating: 1, count: 100), c)
+        var s = try spreadStock(Array(repeating: 1, count: 100), c, poolAfter: 0)
         #expect(s.claim(qty: 150, now: c.now) == .wait)
         let r = try #require(lease(&s, now: c.now, waiting: 150))
         s.leaseRefused(.soldOut(abandoned: 0), now: c.now)
@@ -45,7 +36,7 @@ struct ConsolidationOutageTests {
     /// cannot be sent; claims of 1 that the held, valid stock could serve are refused for the whole outage.
     @Test func consolidationDuringAnOutageThrowsAwayServableStock() throws {
         let c = FakeClock()
-        var s = try ConsolidationSoldOutTests().spread(Array(repeating: 1, count: 100), c)
+        var s = try spreadStock(Array(repeating: 1, count: 100), c, poolAfter: 0)
         let r = try #require(lease(&s, now: c.now, waiting: 100_000))
         s.leaseFailed(now: c.now, request: r, outcomeUnknown: false)
         guard case .served = s.claim(qty: 1, now: c.now) else { Issue.record("1 not served from held stock"); return }

@@ -7,6 +7,17 @@ func lease(_ s: inout VoucherStock, now: Instant, waiting: Int) -> LeaseRequest?
     s.nextLease(now: now, waiting: waiting)
 }
 
+/// A stock holding leases of `sizes` tokens (ids "1", "2", …, leases of at most 1 asked), each grant leaving
+/// `poolAfter` in the pool (0: the sale's tail).
+func spreadStock(_ sizes: [Int], _ c: FakeClock, poolAfter: Int = 1_000) throws -> VoucherStock {
+    var s = VoucherStock(policy: LeasePolicy(min: 1, max: 1))
+    for (i, n) in sizes.enumerated() {
+        let r = try #require(lease(&s, now: c.now, waiting: 100_000), "lease \(i)")
+        s.leaseGranted(LeaseGrant(id: "\(i + 1)", granted: n, ttl: .seconds(10), poolAfter: poolAfter), sentAt: r.sentAt, now: c.now)
+    }
+    return s
+}
+
 struct FakeClock {
     var now = Instant(nanoseconds: 1_000_000_000)
     mutating func advance(_ d: Duration) { now = now + d }
@@ -136,14 +147,6 @@ struct VoucherStockTests {
     /// A claim's shares are at most ``ClaimEvent/maxShares``: the journal refuses to decode more, and a
     /// cancellation says which share went where in 64 bits. Stock spread over more small leases (a sale's tail,
     /// tokens coming back one small lease at a time while a large claim waits) must not serve one claim from more.
-    func spreadStock(_ sizes: [Int], _ c: FakeClock) throws -> VoucherStock {
-        var s = stock(LeasePolicy(min: 1, max: 1))
-        for (i, n) in sizes.enumerated() {
-            let r = try #require(lease(&s, now: c.now, waiting: 100_000), "lease \(i)")
-            s.leaseGranted(LeaseGrant(id: "\(i + 1)", granted: n, ttl: .seconds(10), poolAfter: 1_000), sentAt: r.sentAt, now: c.now)
-        }
-        return s
-    }
 
     @Test func aClaimSpreadOverMoreThan64LeasesIsServedFromTheLargest() throws {
         let c = FakeClock()
