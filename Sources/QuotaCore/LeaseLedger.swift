@@ -96,6 +96,18 @@ public struct LeaseLedger: Sendable, Equatable {
     public private(set) var owedReleases: [String: Release] = [:]
     /// Records that break the identity (never expected; reported by audit and recovery).
     public private(set) var anomalies: [String] = []
+    /// The account the last claim changed, by key and index: the claims of a journal batch mostly name the
+    /// same lease, and a lookup hashes two strings (issue 13). Forgotten wherever a key is added or removed
+    /// (``forgetLast()``); entries are changed only through their index, in place, which keeps every index
+    /// valid (a keyed `accounts[key]?.x = …` is not used: on a missing key it may grow the table, which
+    /// moves every entry; a stale index then traps). Not part of the ledger's value.
+    private var last = LastAccount()
+
+    private struct LastAccount: Sendable, Equatable {
+        var key: Key?
+        var index: Dictionary<Key, Account>.Index?
+        static func == (_: Self, _: Self) -> Bool { true }
+    }
 
     public init() {}
 
@@ -120,7 +132,9 @@ public struct LeaseLedger: Sendable, Equatable {
                     let key = Key(voucher: e.voucher, lease: s.leaseId)
                     if e.sharesToPool(i) {
                         // The lease may be closed and gone from the books: the restock stands on its own.
-                        accounts[key]?.restocked += s.tokens
+                        // (Through its index: `accounts[key]?.…` on a missing key may grow the table to make
+                        // room for an insert that never comes, which moves every entry: see `last`.)
+                        if let a = accounts.index(forKey: key) { accounts.values[a].restocked += s.tokens }
                     } else {
                         change(e.voucher, s.leaseId, claim: e.claimID) { $0.served -= s.tokens }
                     }
@@ -140,11 +154,13 @@ public struct LeaseLedger: Sendable, Equatable {
             requests.removeValue(forKey: g.req)
             let key = Key(voucher: g.voucher, lease: g.lease)
             if accounts[key] != nil { anomalies.append("lease \(g.voucher)/\(g.lease) granted twice") }
+            forgetLast()
             accounts[key] = Account(voucher: g.voucher, lease: g.lease, granted: g.granted, served: 0, trusted: g.trusted)
         case .leaseAnswered(_, let req):
             requests.removeValue(forKey: req)
         case .leaseClosed(let c):
             let key = Key(voucher: c.voucher, lease: c.lease)
+            forgetLast()
             // A lease Redis said was gone (closed or reclaimed elsewhere) leaves the books as it is.
             if let a = accounts.removeValue(forKey: key), a.trusted, !c.gone,
                 a.served != c.served || a.granted != c.granted || c.returned != a.unserved
@@ -163,9 +179,17 @@ public struct LeaseLedger: Sendable, Equatable {
     private mutating func change(_ voucher: String, _ lease: String, claim: String, _ body: (inout Account) -> Void) {
         // One lookup (the entry is changed in place by its index), not a read and a write: the journal writer
         // folds every claim through here, and each lookup hashes two strings (issue 13).
-        guard let i = accounts.index(forKey: Key(voucher: voucher, lease: lease)) else {
-            anomalies.append("claim \(claim) names lease \(voucher)/\(lease), which this journal does not hold")
-            return
+        let key = Key(voucher: voucher, lease: lease)
+        let i: Dictionary<Key, Account>.Index
+        if let k = last.key, k == key, let cached = last.index {
+            i = cached
+        } else {
+            guard let found = accounts.index(forKey: key) else {
+                anomalies.append("claim \(claim) names lease \(voucher)/\(lease), which this journal does not hold")
+                return
+            }
+            i = found
+            last = LastAccount(key: key, index: found)
         }
         body(&accounts.values[i])
         let a = accounts.values[i]
@@ -174,7 +198,10 @@ public struct LeaseLedger: Sendable, Equatable {
         }
     }
 
+    private mutating func forgetLast() { last = LastAccount() }
+
     private mutating func restore(_ s: Snapshot) {
+        forgetLast()
         accounts = Dictionary(s.accounts.map { (Key(voucher: $0.voucher, lease: $0.lease), $0) }, uniquingKeysWith: { a, _ in a })
         requests = Dictionary(s.requests.map { ($0.req, $0.voucher) }, uniquingKeysWith: { a, _ in a })
         generation = s.generation
@@ -185,6 +212,7 @@ public struct LeaseLedger: Sendable, Equatable {
     /// Keep every lease, but as untrusted: their served counts can no longer be proven (the journal
     /// was found corrupt), so they are never returned on this journal's word; reconciliation decides.
     public mutating func distrustAll() {
+        forgetLast()
         for k in accounts.keys { accounts[k]!.trusted = false }
     }
 

@@ -21,7 +21,11 @@ public struct ClaimRules: Sendable {
     public var perUserMode: PerUserMode = .central
     public var onUnavailable: OnUnavailable = .failClosed
     /// A claim not answered within this is answered UNAVAILABLE (its tokens settle when its I/O does).
-    public var claimTimeout: Duration = .seconds(2)
+    public var claimTimeout: Duration = .seconds(2) {
+        didSet { claimTimeoutNanoseconds = claimTimeout.nanosecondsClamped }
+    }
+    /// ``claimTimeout`` in nanoseconds, for a waiting claim's deadline (``Instant/adding(nanoseconds:)``).
+    public private(set) var claimTimeoutNanoseconds: Int64 = 2_000_000_000
     /// `REQ` answers are kept this long.
     public var dedupeWindow: Duration = .seconds(60)
     /// Claims parked per voucher waiting for stock (or for the voucher's load).
@@ -473,7 +477,7 @@ public struct VoucherMachine: Sendable {
                 stock.countRejection(.busy)
                 return .refused(QuotaError(.busy, "too many claims waiting for stock of '\(voucher)'"))
             }
-            parked.append(Parked(qty: qty, user: user, req: req, deadline: now + rules.claimTimeout, ticket: ticket,
+            parked.append(Parked(qty: qty, user: user, req: req, deadline: now.adding(nanoseconds: rules.claimTimeoutNanoseconds), ticket: ticket,
                                  parkedAt: now))
             stock.counters.claimsWaited += 1
             parkedTokens += qty
@@ -499,7 +503,7 @@ public struct VoucherMachine: Sendable {
         // The claim timeout applies only to a claim that waits (a durable record, a per-user check): with
         // `durability: none` and no per-user limit it is answered now, and its deadline is never read.
         let waits = rules.durability != .none || limit > 0
-        var flight = InFlight(event: event, ticket: ticket, deadline: waits ? now + rules.claimTimeout : now,
+        var flight = InFlight(event: event, ticket: ticket, deadline: waits ? now.adding(nanoseconds: rules.claimTimeoutNanoseconds) : now,
                               stage: .recording, pinned: needsFlight)
         if limit > 0 {
             // This host's own count is a lower bound of the user's global count: over it, refuse at once.

@@ -17,8 +17,14 @@ public enum ShippedEvent: Sendable, Equatable {
     }
 
     public var kafkaValue: [UInt8] {
+        var cache = KafkaValueCache()
+        return kafkaValue(cache: &cache)
+    }
+
+    /// ``kafkaValue``, a claim's shared fields escaped once per run of values (``KafkaValueCache``).
+    public func kafkaValue(cache: inout KafkaValueCache) -> [UInt8] {
         switch self {
-        case .claim(let e): return e.kafkaValue
+        case .claim(let e): return e.kafkaValue(cache: &cache)
         case .leaseGranted(let g): return g.kafkaValue
         case .leaseClosed(let c): return c.kafkaValue
         }
