@@ -142,11 +142,14 @@ public struct KafkaValueCache: Sendable {
     public init() {}
 
     mutating func fixed(voucher v: String, region g: String, host h: String) -> (voucher: [UInt8], hostFields: [UInt8]) {
-        if v != voucher {
+        // Compared by their bytes: `String`'s `==` is canonical equivalence ("ü" precomposed equals "u" and a
+        // combining mark), which would ship an event with another one's bytes (helper-41).
+        func same(_ a: String, _ b: String?) -> Bool { b.map { a.utf8.elementsEqual($0.utf8) } ?? false }
+        if !same(v, voucher) {
             voucher = v
             voucherJSON = JSONBytes.build(bound: JSONBytes.room(v)) { $0.string(v) }
         }
-        if g != region || h != host {
+        if !same(g, region) || !same(h, host) {
             region = g
             host = h
             hostJSON = JSONBytes.build(bound: 32 + JSONBytes.room(g) + JSONBytes.room(h)) { j in
