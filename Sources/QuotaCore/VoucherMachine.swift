@@ -467,6 +467,14 @@ public struct VoucherMachine: Sendable {
             stock.countRejection(.unavailable)
             return .refused(refusal)
         }
+        // A claim the user's limit refuses as far as this host knows (its count here, claims in flight
+        // included) must not make the stock give every lease back, which a claim wider than 64 of them does
+        // (helper-40: one user's claims could make the host return its stock again and again). Any other claim
+        // is left to ``granted``'s check, which sees counts released meanwhile (a claim in flight that fails).
+        if perUserLimit > 0, localUsers[ByteKey(user), default: 0] + qty > perUserLimit, stock.wouldGiveBack(qty: qty, now: now) {
+            stock.countRejection(.userlimit)
+            return .refused(Self.userLimitError(perUserLimit))
+        }
         switch stock.claim(qty: qty, now: now, inFlight: needsFlight) {
         case .served(let shares):
             return granted(shares, qty: qty, user: user, req: req, ticket: ticket, now: now, &fx)
@@ -483,6 +491,10 @@ public struct VoucherMachine: Sendable {
             parkedTokens += qty
             return nil
         }
+    }
+
+    private static func userLimitError(_ limit: Int) -> QuotaError {
+        QuotaError(.userlimit, "user already holds the voucher's limit of \(limit)")
     }
 
     /// Tokens were taken from local stock for a claim: check the user's limit if the voucher has one,
@@ -512,7 +524,7 @@ public struct VoucherMachine: Sendable {
             if held + qty > limit {
                 stock.abort(shares, now: now)
                 stock.countRejection(.userlimit)
-                return .refused(QuotaError(.userlimit, "user already holds the voucher's limit of \(limit)"))
+                return .refused(Self.userLimitError(limit))
             }
             // Reserved until the claim settles. The map is bounded: past the bound it only keeps users
             // it already has (the pre-check then misses, and Redis decides).
@@ -617,7 +629,7 @@ public struct VoucherMachine: Sendable {
             // The script undid its own count: nothing to release in Redis for this attempt.
             f.mayBeCounted = f.mayBeCounted && f.timedOut
             inFlight[seq] = f
-            abort(seq, QuotaError(.userlimit, "user already holds the voucher's limit of \(perUserLimit)"), now: now, &fx)
+            abort(seq, Self.userLimitError(perUserLimit), now: now, &fx)
         case .released:
             abort(seq, QuotaError(.unavailable, "per-user check ran after the claim was given up"), now: now, &fx)
         case .notSent(let why), .unknown(let why):

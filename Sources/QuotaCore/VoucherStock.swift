@@ -340,6 +340,12 @@ public struct VoucherStock: Sendable {
         return .wait
     }
 
+    /// Whether a claim of `qty` now would make this host give every lease back: the stock is here, but spread
+    /// over more than ``ClaimEvent/maxShares`` leases, the largest of which do not cover it.
+    public func wouldGiveBack(qty: Int, now: Instant) -> Bool {
+        available(now: now) >= qty && !spansFewLeases(qty) && largestLeasesCovering(qty) == nil
+    }
+
     /// Decide a parked claim again after a lease answer: serve it, or say what to answer.
     /// Unlike ``claim(qty:now:countDemand:inFlight:)`` it never parks twice: no stock and no lease coming means refuse.
     public mutating func retryParked(qty: Int, now: Instant, inFlight: Bool = false) -> ClaimDecision {
