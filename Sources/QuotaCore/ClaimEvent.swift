@@ -133,6 +133,25 @@ public struct ClaimEvent: Sendable, Equatable {
 /// (`,"region":"…","host":"…"`). Kept by whoever encodes a run of values (one shipping batch); an event whose
 /// fields differ from the cached ones replaces them, so any event gives the same bytes as without a cache.
 public struct KafkaValueCache: Sendable {
+    /// Whether two runs of bytes of the same length are equal.
+    static func sameBytes(_ x: UnsafeBufferPointer<UInt8>, _ y: UnsafeBufferPointer<UInt8>) -> Bool {
+        guard x.count == y.count else { return false }
+        guard let p = x.baseAddress, let q = y.baseAddress else { return true }
+        let n = x.count
+        var i = 0
+        while n - i >= 8 {
+            if UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self) != UnsafeRawPointer(q + i).loadUnaligned(as: UInt64.self) {
+                return false
+            }
+            i += 8
+        }
+        while i < n {
+            if p[i] != q[i] { return false }
+            i += 1
+        }
+        return true
+    }
+
     private var voucher: String?
     private var voucherJSON: [UInt8] = []
     private var region: String?
@@ -144,7 +163,14 @@ public struct KafkaValueCache: Sendable {
     mutating func fixed(voucher v: String, region g: String, host h: String) -> (voucher: [UInt8], hostFields: [UInt8]) {
         // Compared by their bytes: `String`'s `==` is canonical equivalence ("ü" precomposed equals "u" and a
         // combining mark), which would ship an event with another one's bytes (helper-41).
-        func same(_ a: String, _ b: String?) -> Bool { b.map { a.utf8.elementsEqual($0.utf8) } ?? false }
+        // (Eight bytes at a time: `elementsEqual` cost ~500 instructions a claim for the three fields.)
+        func same(_ a: String, _ b: String?) -> Bool {
+            guard let b, a.utf8.count == b.utf8.count else { return false }
+            let r: Bool?? = a.utf8.withContiguousStorageIfAvailable { x in
+                b.utf8.withContiguousStorageIfAvailable { y in Self.sameBytes(x, y) }
+            }
+            return r == true
+        }
         if !same(v, voucher) {
             voucher = v
             voucherJSON = JSONBytes.build(bound: JSONBytes.room(v)) { $0.string(v) }

@@ -467,15 +467,7 @@ public struct VoucherMachine: Sendable {
             stock.countRejection(.unavailable)
             return .refused(refusal)
         }
-        // A claim the user's limit refuses as far as this host knows (its count here, claims in flight
-        // included) must not make the stock give every lease back, which a claim wider than 64 of them does
-        // (helper-40: one user's claims could make the host return its stock again and again). Any other claim
-        // is left to ``granted``'s check, which sees counts released meanwhile (a claim in flight that fails).
-        if perUserLimit > 0, localUsers[ByteKey(user), default: 0] + qty > perUserLimit, stock.wouldGiveBack(qty: qty, now: now) {
-            stock.countRejection(.userlimit)
-            return .refused(Self.userLimitError(perUserLimit))
-        }
-        switch stock.claim(qty: qty, now: now, inFlight: needsFlight) {
+        switch stock.claim(qty: qty, now: now, inFlight: needsFlight, refusingToGiveBack: userLimitRefusal(user: user, qty: qty)) {
         case .served(let shares):
             return granted(shares, qty: qty, user: user, req: req, ticket: ticket, now: now, &fx)
         case .reject(let e):
@@ -491,6 +483,16 @@ public struct VoucherMachine: Sendable {
             parkedTokens += qty
             return nil
         }
+    }
+
+    /// The refusal of a claim the user's limit refuses as far as this host knows (its count here, claims in
+    /// flight included), for the stock to give instead of giving every lease back (which a claim wider than 64
+    /// of them makes it do; helper-40: one user's claims could make the host return its stock again and again).
+    /// Any other use is left to ``granted``'s check, which sees counts released meanwhile (a claim in flight
+    /// that fails). Nil without a per-user limit. (`qty > limit - held`: a huge `qty` must not overflow.)
+    private func userLimitRefusal(user: String, qty: Int) -> QuotaError? {
+        guard perUserLimit > 0, qty > perUserLimit - localUsers[ByteKey(user), default: 0] else { return nil }
+        return Self.userLimitError(perUserLimit)
     }
 
     private static func userLimitError(_ limit: Int) -> QuotaError {
@@ -807,7 +809,8 @@ public struct VoucherMachine: Sendable {
                 stock.countRejection(.unavailable)
                 answer = .refused(refusal)
             } else {
-                switch stock.retryParked(qty: w.qty, now: now, inFlight: needsFlight) {
+                switch stock.retryParked(qty: w.qty, now: now, inFlight: needsFlight,
+                                         refusingToGiveBack: userLimitRefusal(user: w.user, qty: w.qty)) {
                 case .served(let shares):
                     popParked()
                     if let a = granted(shares, qty: w.qty, user: w.user, req: w.req, ticket: w.ticket, now: now, &fx) {

@@ -293,7 +293,12 @@ public struct VoucherStock: Sendable {
 
     /// Decide one claim of `qty` tokens. With `inFlight` the tokens stay pending until
     /// ``commit(_:)`` or ``abort(_:now:)``; without it the claim is final at once.
-    public mutating func claim(qty: Int, now: Instant, countDemand: Bool = true, inFlight: Bool = false) -> ClaimDecision {
+    ///
+    /// - Parameter refusingToGiveBack: where the claim would make this host give every lease back (stock spread
+    ///   over more than ``ClaimEvent/maxShares`` leases), refuse it with this instead (a claim the user's limit
+    ///   refuses as far as this host knows: one user's claims must not return the host's stock again and again).
+    public mutating func claim(qty: Int, now: Instant, countDemand: Bool = true, inFlight: Bool = false,
+                               refusingToGiveBack: QuotaError? = nil) -> ClaimDecision {
         if let lost { return reject(.unavailable, lost) }
         if draining { return reject(.unavailable, "draining: this host no longer serves claims") }
         switch status {
@@ -326,6 +331,7 @@ public struct VoucherStock: Sendable {
                 return reject(.unavailable,
                               "the stock here is spread over more than \(ClaimEvent.maxShares) leases and no lease can be asked now; retry")
             }
+            if let e = refusingToGiveBack { return reject(e.code, e.message) }
             counters.consolidations += 1
             // The pool gets these tokens back: it is not sold out (else the claim would be told SOLDOUT, and its
             // `REQ` would keep that answer, while the pool holds what this host just gave back).
@@ -340,16 +346,11 @@ public struct VoucherStock: Sendable {
         return .wait
     }
 
-    /// Whether a claim of `qty` now would make this host give every lease back: the stock is here, but spread
-    /// over more than ``ClaimEvent/maxShares`` leases, the largest of which do not cover it.
-    public func wouldGiveBack(qty: Int, now: Instant) -> Bool {
-        available(now: now) >= qty && !spansFewLeases(qty) && largestLeasesCovering(qty) == nil
-    }
-
     /// Decide a parked claim again after a lease answer: serve it, or say what to answer.
     /// Unlike ``claim(qty:now:countDemand:inFlight:)`` it never parks twice: no stock and no lease coming means refuse.
-    public mutating func retryParked(qty: Int, now: Instant, inFlight: Bool = false) -> ClaimDecision {
-        let d = claim(qty: qty, now: now, countDemand: false, inFlight: inFlight)
+    public mutating func retryParked(qty: Int, now: Instant, inFlight: Bool = false,
+                                     refusingToGiveBack: QuotaError? = nil) -> ClaimDecision {
+        let d = claim(qty: qty, now: now, countDemand: false, inFlight: inFlight, refusingToGiveBack: refusingToGiveBack)
         guard d == .wait else { return d }
         if leaseInFlight || recallPollAt != nil || nextLeaseWouldBeSent(now: now) { return .wait }
         return reject(.unavailable, "quota authority unreachable and no local stock")
