@@ -319,7 +319,11 @@ struct JournalFileTests {
         let intent = ClaimEvent(kind: .intent, claimID: "i9", voucher: "v", user: "bob", qty: 1, region: "sg", host: "h",
                                 shares: [ClaimShare(leaseId: "1", tokens: 1)], tsMs: 1)
         let j = try writeJournal(dir, [grant("1", 1000), claim("c0"), .claim(cancel), .claim(intent),
-                                       .releaseOwed(voucher: "v", user: "carol", claimID: "c5")], segmentBytes: 256) { c in
+                                       .releaseOwed(voucher: "v", user: "carol", claimID: "c5"),
+                                       // (A release is owed with its cancellation: `LeaseLedger.releasesAwaitingCancel`.)
+                                       .claim(ClaimEvent(kind: .unclaimed, claimID: "c5", voucher: "v", user: "carol", qty: 1,
+                                                         region: "sg", host: "h", shares: [ClaimShare(leaseId: "1", tokens: 1)],
+                                                         tsMs: 1, toPool: 0))], segmentBytes: 256) { c in
             shipped.withLockedValue { $0 += c }
         }
         // Roll past them and let Kafka acknowledge everything: their segments are deleted.

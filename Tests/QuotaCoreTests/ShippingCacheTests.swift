@@ -128,3 +128,31 @@ struct ClaimDeadlineTests {
         #expect(now.adding(nanoseconds: .min) == Instant.min && Instant.max.adding(nanoseconds: 1) == Instant.max)
     }
 }
+
+@Suite("An UNCLAIM's owed per-user release")
+struct UnclaimReleaseTests {
+    /// Found by `quota-bench chaos` (seed 2246823350): an `UNCLAIM` journals the user's release (`releaseOwed`) and
+    /// then its cancellation. The journal's disk filled between the two: the release was durable, the cancellation
+    /// failed (the `UNCLAIM` answered UNAVAILABLE, the claim stands), and the next start released the user's count
+    /// in Redis on the journal's word, so the user got a third claim under a limit of 2. A release is owed only with
+    /// its cancellation.
+    @Test func aReleaseWhoseCancellationWasNeverJournaledIsNotOwed() throws {
+        let dir = tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cancel = ClaimEvent(kind: .unclaimed, claimID: "c1", voucher: "v", user: "u-c1", qty: 1, region: "sg", host: "h",
+                                shares: [ClaimShare(leaseId: "1", tokens: 1)], tsMs: 1, toPool: 0)
+        // c0: its release journaled, its cancellation not (the write failed). c1: both.
+        let j = try writeJournal(dir, [grant("1", 10), claim("c0"), claim("c1"),
+                                       .releaseOwed(voucher: "v", user: "u-c0", claimID: "c0"),
+                                       .releaseOwed(voucher: "v", user: "u-c1", claimID: "c1"), .claim(cancel)])
+        j.close()
+        let r = JournalRecovery.read(dir: dir)
+        #expect(r.ledger.owedReleases.keys.sorted() == ["c1"], "only the cancelled claim's count is released: \(r.ledger.owedReleases.keys.sorted())")
+        // Folded one record at a time, the same.
+        var l = LeaseLedger()
+        for rec in [grant("1", 10), claim("c0"), .releaseOwed(voucher: "v", user: "u-c0", claimID: "c0")] { l.apply(rec) }
+        #expect(l.owedReleases.isEmpty && LeaseLedger(l.snapshot).owedReleases.isEmpty)
+        l.apply(.claim(cancel.cancellation(tsMs: 2, toPool: 0)))  // c1's cancellation without its release: nothing owed
+        #expect(l.owedReleases.isEmpty)
+    }
+}
