@@ -54,13 +54,8 @@ struct ConsolidationMachineTests {
     @Test func aRequestWhoseStockWasConsolidatedIsToldSoldOutAndKeepsThatAnswer() throws {
         var now = Instant(nanoseconds: 1_000_000_000)
         let policy = LeasePolicy(min: 1, max: 1, ttl: .seconds(30))
-        let rules = ClaimRules(region: "sg", host: "h", idPrefix: "c.", durability: .none)
-        let src = SeqSource()
-        var m = M(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { src.next() }, wallClock: { 1 })
+        var m = loadedMachine(.central, pool: 100, perUser: 0, policy: policy, now: now)
         var fx: [M.Effect] = []
-        _ = m.handle(.avail, ticket: -1, now: now, effects: &fx)
-        fx.removeAll()
-        m.loaded(.success(VoucherRecordInfo(status: .active, pool: 100, perUser: 0)), policy: policy, now: now, effects: &fx)
         var pool = 100
         func leases(_ fx: [M.Effect]) -> [LeaseRequest] { fx.compactMap { if case .lease(let l) = $0 { return l } else { return nil } } }
         func returns(_ fx: [M.Effect]) -> [ReturnRequest] { fx.compactMap { if case .giveBack(let r) = $0 { return r } else { return nil } } }
@@ -108,53 +103,22 @@ struct ConsolidationMachineTests {
 
 @Suite("Consolidation: a claim over the per-user limit")
 struct ConsolidationPerUserTests {
-    typealias M = VoucherMachine
-
     /// Left open by helper-40: the local per-user pre-check came after the stock's decision, so a claim the user's
     /// limit refuses anyway, wider than 64 of the host's leases, first gave every lease back (and parked until a
     /// new one came): one user could make the host return its whole stock with each such claim.
     @Test func aClaimOverTheUsersLimitIsRefusedBeforeTheStockGivesAnythingBack() throws {
         for mode in [ClaimRules.PerUserMode.local, .central] {
             var now = Instant(nanoseconds: 1_000_000_000)
-            let policy = LeasePolicy(min: 1, max: 1, ttl: .seconds(30))
-            // (`durability: none`: a lease's tokens serve at once, without waiting for its grant's record.)
-            var rules = ClaimRules(region: "sg", host: "h", idPrefix: "c.", durability: .none)
-            rules.perUserMode = mode
-            let src = SeqSource()
-            var m = M(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { src.next() }, wallClock: { 1 })
-            var fx: [M.Effect] = []
-            _ = m.handle(.avail, ticket: -1, now: now, effects: &fx)
-            fx.removeAll()
-            m.loaded(.success(VoucherRecordInfo(status: .active, pool: 100, perUser: 0)), policy: policy, now: now, effects: &fx)
-            func leases(_ fx: [M.Effect]) -> [LeaseRequest] { fx.compactMap { if case .lease(let l) = $0 { return l } else { return nil } } }
-            // The region's 100 tokens come in 100 one-token leases, for a parked claim of 150 (told SOLDOUT in the end).
-            fx.removeAll()
-            #expect(m.handle(.claim(qty: 150, user: "a", req: nil), ticket: 1, now: now, effects: &fx) == nil)
-            var n = 0
-            var out = fx
-            while let l = leases(out).first {
-                out.removeAll()
-                now = now + .milliseconds(1)
-                if n < 100 {
-                    n += 1
-                    m.leaseAnswered(.granted(LeaseGrant(id: "L\(n)", granted: 1, ttl: .seconds(30), poolAfter: 0)), request: l,
-                                    trusted: true, now: now, effects: &out)
-                } else {
-                    m.leaseAnswered(.refused(.soldOut(abandoned: 0)), request: l, trusted: true, now: now, effects: &out)
-                    break
-                }
-            }
-            #expect(m.stock.available(now: now) == 100)
-            // The voucher's per-user limit is now 50.
-            fx.removeAll()
-            m.refreshed(VoucherRecordInfo(status: .active, pool: 0, perUser: 50), policy: policy, now: now, effects: &fx)
-            #expect(m.perUserLimit == 50)
+            // The region's 100 tokens in 100 one-token leases (`durability: none`), then a per-user limit of 50.
+            var m = spreadMachine(mode, grants: Array(repeating: (1, .seconds(30)), count: 100), perUser: 50,
+                                  policy: LeasePolicy(min: 1, max: 1, ttl: .seconds(30)), now: &now)
+            #expect(m.stock.available(now: now) == 100 && m.perUserLimit == 50)
+            var fx: [VoucherMachine.Effect] = []
             for attempt in 0..<3 {
                 fx.removeAll()
                 let a = m.handle(.claim(qty: 70, user: "b", req: nil), ticket: 10 + attempt, now: now, effects: &fx)
                 #expect(a.map { "\($0)".contains("USERLIMIT") } == true, "\(mode): a claim of 70 over a limit of 50: \(String(describing: a))")
-                let given = fx.filter { if case .giveBack = $0 { return true } else { return false } }.count
-                #expect(given == 0, "\(mode): leases given back for a claim the limit refuses")
+                #expect(giveBacks(fx).count == 0, "\(mode): leases given back for a claim the limit refuses")
             }
             #expect(m.stock.counters.consolidations == 0 && m.stock.available(now: now) == 100)
         }

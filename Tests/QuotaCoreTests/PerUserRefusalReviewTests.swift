@@ -6,24 +6,30 @@ import Testing
 // `claim` itself, in the branch that would give the leases back (`refusingToGiveBack:`); the stock tests compare
 // a claim with and without it.
 
-private typealias M = VoucherMachine
 
-private func leaseReqs(_ fx: [M.Effect]) -> [LeaseRequest] { fx.compactMap { if case .lease(let l) = $0 { return l } else { return nil } } }
-private func giveBacks(_ fx: [M.Effect]) -> [ReturnRequest] { fx.compactMap { if case .giveBack(let r) = $0 { return r } else { return nil } } }
-private func answers(_ fx: [M.Effect]) -> [(Int, M.Answer)] { fx.compactMap { if case .answer(let t, let a) = $0 { return (t, a) } else { return nil } } }
+func leaseReqs(_ fx: [VoucherMachine.Effect]) -> [LeaseRequest] { fx.compactMap { if case .lease(let l) = $0 { return l } else { return nil } } }
+func giveBacks(_ fx: [VoucherMachine.Effect]) -> [ReturnRequest] { fx.compactMap { if case .giveBack(let r) = $0 { return r } else { return nil } } }
+func answers(_ fx: [VoucherMachine.Effect]) -> [(Int, VoucherMachine.Answer)] { fx.compactMap { if case .answer(let t, let a) = $0 { return (t, a) } else { return nil } } }
 
-/// A loaded machine (`durability: none`, per-user mode `mode`) whose stock is the leases `grants` (tokens, ttl), taken
-/// for a parked claim of user "a" that is then told SOLDOUT; then the voucher's per-user limit becomes `perUser`.
-private func spreadMachine(_ mode: ClaimRules.PerUserMode, grants: [(Int, Duration)], perUser: Int, policy: LeasePolicy,
-                           now: inout Instant) -> M {
+/// A machine (`durability: none`, per-user mode `mode`) whose voucher is loaded with `pool` tokens and a per-user limit.
+func loadedMachine(_ mode: ClaimRules.PerUserMode, pool: Int, perUser: Int, policy: LeasePolicy, now: Instant) -> VoucherMachine {
     var rules = ClaimRules(region: "sg", host: "h", idPrefix: "c.", durability: .none)
     rules.perUserMode = mode
     let src = SeqSource()
-    var m = M(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { src.next() }, wallClock: { 1 })
-    var fx: [M.Effect] = []
+    var m = VoucherMachine(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { src.next() }, wallClock: { 1 })
+    var fx: [VoucherMachine.Effect] = []
     _ = m.handle(.avail, ticket: -1, now: now, effects: &fx)
     fx.removeAll()
-    m.loaded(.success(VoucherRecordInfo(status: .active, pool: 100_000, perUser: 0)), policy: policy, now: now, effects: &fx)
+    m.loaded(.success(VoucherRecordInfo(status: .active, pool: pool, perUser: perUser)), policy: policy, now: now, effects: &fx)
+    return m
+}
+
+/// A loaded machine (`durability: none`, per-user mode `mode`) whose stock is the leases `grants` (tokens, ttl), taken
+/// for a parked claim of user "a" that is then told SOLDOUT; then the voucher's per-user limit becomes `perUser`.
+func spreadMachine(_ mode: ClaimRules.PerUserMode, grants: [(Int, Duration)], perUser: Int, policy: LeasePolicy,
+                   now: inout Instant) -> VoucherMachine {
+    var m = loadedMachine(mode, pool: 100_000, perUser: 0, policy: policy, now: now)
+    var fx: [VoucherMachine.Effect] = []
     fx.removeAll()
     _ = m.handle(.claim(qty: 100_000, user: "a", req: nil), ticket: 1, now: now, effects: &fx)
     var out = fx
@@ -119,7 +125,7 @@ struct PerUserPrecheckMachineTests {
             #expect(m.perUserLimit == 50 && m.stock.soldOut)
             now = now + .seconds(5) // L1 (100 tokens, deadline +2 s) expired but not fenced yet; the others serve
             #expect(m.stock.available(now: now) == 100)
-            var fx: [M.Effect] = []
+            var fx: [VoucherMachine.Effect] = []
             let a = m.handle(.claim(qty: 70, user: "b", req: "x"), ticket: 10, now: now, effects: &fx)
             let back = giveBacks(fx)
             #expect(a.map { "\($0)".contains("USERLIMIT") } == true, "\(mode): claim of 70 over a limit of 50: \(String(describing: a))")
@@ -130,22 +136,15 @@ struct PerUserPrecheckMachineTests {
 
     /// The pre-check runs only for a new claim: a claim over the user's limit that parked (no stock yet) is retried by
     /// `serveParked` → `retryParked` → `claim`, which still gives every lease back once its tokens are here over
-    /// more than 64 leases. (Not a regression of cd54ab7: the path it leaves open.)
+    /// more than 64 leases. (Not a regression of cd54ab7: the path it left open; the refusal now covers it.)
     @Test func aParkedClaimOverTheLimitStillMakesTheHostGiveEverythingBack() throws {
         var now = Instant(nanoseconds: 1_000_000_000)
         let policy = LeasePolicy(min: 1, max: 1, ttl: .seconds(30))
-        var rules = ClaimRules(region: "sg", host: "h", idPrefix: "c.", durability: .none)
-        rules.perUserMode = .local
-        let src = SeqSource()
-        var m = M(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { src.next() }, wallClock: { 1 })
-        var fx: [M.Effect] = []
-        _ = m.handle(.avail, ticket: -1, now: now, effects: &fx)
-        fx.removeAll()
-        m.loaded(.success(VoucherRecordInfo(status: .active, pool: 100, perUser: 50)), policy: policy, now: now, effects: &fx)
-        fx.removeAll()
+        var m = loadedMachine(.local, pool: 100, perUser: 50, policy: policy, now: now)
+        var fx: [VoucherMachine.Effect] = []
         // No stock here yet: the claim of 70 (over the limit of 50 whatever the count) parks.
         #expect(m.handle(.claim(qty: 70, user: "b", req: "x"), ticket: 1, now: now, effects: &fx) == nil)
-        var all: [M.Effect] = []
+        var all: [VoucherMachine.Effect] = []
         var out = fx
         var n = 0
         while let l = leaseReqs(out).first, n < 80 {
@@ -169,8 +168,8 @@ struct PerUserPrecheckMachineTests {
             let policy = LeasePolicy(min: 10, max: 10, ttl: .seconds(30))
             var rules = ClaimRules(region: "sg", host: "h", idPrefix: "c.", durability: .none)
             rules.perUserMode = .local
-            var m = M(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { 1 }, wallClock: { 1 })
-            var fx: [M.Effect] = []
+            var m = VoucherMachine(voucher: "v", rules: rules, policy: policy, requestPrefix: "r.", nextSeq: { 1 }, wallClock: { 1 })
+            var fx: [VoucherMachine.Effect] = []
             _ = m.handle(.avail, ticket: -1, now: now, effects: &fx)
             m.loaded(.success(VoucherRecordInfo(status: .active, pool: 100, perUser: 10)), policy: policy, now: now, effects: &fx)
             fx.removeAll()

@@ -6,13 +6,7 @@ import Testing
 /// helper-41's review of 6ee3732 (issue 13's shipping caches): the first test failed on it (fixed: fields compared by bytes).
 @Suite("Shipping caches, review (helper-41)")
 struct ShippingCacheReviewTests {
-    struct Rand {
-        var s: UInt64
-        mutating func next(_ n: Int) -> Int {
-            s = s &* 6364136223846793005 &+ 1442695040888963407
-            return Int((s >> 33) % UInt64(n))
-        }
-    }
+    typealias Rand = ShippingCacheTests.Rand
 
     func event(_ id: String, voucher: String, region: String = "sg", host: String = "h") -> ClaimEvent {
         ClaimEvent(claimID: id, voucher: voucher, user: "u", qty: 1, region: region, host: host,
