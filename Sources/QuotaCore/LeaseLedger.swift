@@ -97,9 +97,8 @@ public struct LeaseLedger: Sendable, Equatable {
     /// Releases an `UNCLAIM` journaled before its cancellation, by claim id: owed only once the cancellation
     /// follows (then moved to `owedReleases`). A cancellation that failed (its write did not reach the disk) leaves
     /// the claim standing, and its release here, never released (found by the chaos checker: a user's count
-    /// released for a claim that stood, and a third claim under a limit of 2). Not in snapshots: the two records
-    /// are appended together, so a segment rolls between them rarely, and then the release is not owed after a
-    /// crash (the user's count stays taken: fail closed).
+    /// released for a claim that stood, and a third claim under a limit of 2). Not in snapshots: the journal
+    /// writes them again as `releaseOwed` records after each segment's snapshot.
     public private(set) var releasesAwaitingCancel: [String: Release] = [:]
     /// Records that break the identity (never expected; reported by audit and recovery).
     public private(set) var anomalies: [String] = []

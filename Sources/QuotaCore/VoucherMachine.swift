@@ -717,6 +717,10 @@ public struct VoucherMachine: Sendable {
         if case .cancelling(let decided, _) = f.stage { toPool = decided }
         f.stage = .cancelling(toPool: toPool, retryAt: nil)
         inFlight[seq] = f
+        // A count the user's check may have taken is released after the cancellation (``abort``); owed in the
+        // journal with it, as an `UNCLAIM`'s is, so that a crash before Redis has it does not keep the count
+        // taken for good (helper-43: the claim's record had already resolved its intent).
+        if f.mayBeCounted { fx.append(.journal(.releaseOwed(voucher: voucher, user: f.event.user, claimID: f.event.claimID))) }
         fx.append(.recordCancel(f.event.cancellation(tsMs: wallClock(), toPool: toPool), .claim(seq)))
     }
 

@@ -495,6 +495,12 @@ public final class Journal: @unchecked Sendable {
         state.withLockedValue { $0.segments[id] = Segment(bytes: 0, events: 0, sealed: false) }
         var buf: [UInt8] = []
         JournalCodec.encode(.snapshot(ledger.snapshot), into: &buf)
+        // Releases waiting for their claim's cancellation are not in the snapshot: written again after it, so a
+        // cancellation in this segment still makes them owed (helper-43: after a roll between the two, a stop
+        // lost the release).
+        for r in ledger.releasesAwaitingCancel.values.sorted(by: { $0.claimID < $1.claimID }) {
+            JournalCodec.encode(.releaseOwed(voucher: r.voucher, user: r.user, claimID: r.claimID), into: &buf)
+        }
         if let err = writeAll(buf) ?? sync() ?? syncDir() {
             Glibc.close(f)
             fd = -1

@@ -298,7 +298,9 @@ final class ClaimBook: Sendable {
         }
     }
 
-    enum Take { case unknown, already, take(ClaimEvent) }
+    /// `inProgress`: taken by an `UNCLAIM` whose cancellation is not yet answered (it may still fail and put the
+    /// claim back: a retry must not be told +OK yet; helper-43).
+    enum Take { case unknown, already, inProgress, take(ClaimEvent) }
 
     /// Look up and change one claim's entry under its lock.
     private func with<T>(_ id: String, _ body: (inout Entry?) -> T) -> T {
@@ -341,15 +343,32 @@ final class ClaimBook: Sendable {
         }
     }
 
-    /// Mark a claim cancelled; only the first call gets `.take`.
+    /// Mark a claim cancelled; only the first call gets `.take`, and counts as in flight until ``unclaimEnded(_:)``.
     func takeForUnclaim(_ id: String) -> Take {
-        with(id) { e in
-            guard let entry = e else { return .unknown }
-            if entry.unclaimed { return .already }
-            e!.unclaimed = true
-            return .take(entry.event)
+        // Taken and counted in flight in one step (this lock, then the entry's), so a retry never sees one without
+        // the other.
+        unclaimsInFlight.withLockedValue { f in
+            with(id) { e in
+                guard let entry = e else { return .unknown }
+                if entry.unclaimed { return f[id] != nil ? .inProgress : .already }
+                e!.unclaimed = true
+                f[id, default: 0] += 1
+                return .take(entry.event)
+            }
         }
     }
+
+    /// The `UNCLAIM` that took `id` was answered (its cancellation durable, or failed and the claim put back
+    /// with ``restore(_:)`` before).
+    func unclaimEnded(_ id: String) {
+        unclaimsInFlight.withLockedValue { f in
+            if let n = f[id], n > 1 { f[id] = n - 1 } else { f.removeValue(forKey: id) }
+        }
+    }
+
+    /// `UNCLAIM`s taken whose answer has not come, by claim id (how many: a failed one puts the claim back before
+    /// its answer, and a retry may take it again meanwhile).
+    private let unclaimsInFlight = NIOLockedValueBox<[String: Int]>([:])
 
     /// Undo `takeForUnclaim` (the cancellation could not be journaled).
     func restore(_ id: String) { with(id) { e in e?.unclaimed = false } }

@@ -532,15 +532,28 @@ public final class SidecarEngine: Sendable {
             return .now(.error(QuotaError(.err, "unknown claim id '\(claimID.prefix(80))' (UNCLAIM takes claims made through this host)")))
         case .already:
             return .now(.value(.ok))
+        case .inProgress:
+            // The first may still fail and put the claim back: not +OK yet (helper-43).
+            countRejection(.unavailable)
+            return .now(.error(QuotaError(.unavailable, "an UNCLAIM of this claim is not yet durable; retry")))
         case .take(let e):
-            while true {
-                guard let rt = runtime(e.voucher) else {
-                    claimBook.restore(claimID)
-                    countRejection(.busy)
-                    return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
-                }
-                if let o = rt.unclaim(e, loop: loop) { return o }
+            let o = unclaimTaken(e, loop: loop)
+            switch o {
+            case .later(let f): f.whenComplete { [claimBook] _ in claimBook.unclaimEnded(claimID) }
+            default: claimBook.unclaimEnded(claimID)
             }
+            return o
+        }
+    }
+
+    private func unclaimTaken(_ e: ClaimEvent, loop: any EventLoop) -> Outcome {
+        while true {
+            guard let rt = runtime(e.voucher) else {
+                claimBook.restore(e.claimID)
+                countRejection(.busy)
+                return .now(.error(QuotaError(.busy, "too many vouchers tracked by this host")))
+            }
+            if let o = rt.unclaim(e, loop: loop) { return o }
         }
     }
 
