@@ -17,15 +17,18 @@ struct RecoveryStopTests {
     /// the leases are returned (within the drain bound): otherwise the lease granted unseen stays open in
     /// Redis for a stopped host whose journal never learned it (chaos: `J3 … not in its journal: stranded`).
     @Test func aStopDuringRecoveryStillLearnsTheUnansweredLeaseRequestAndReturnsEverything() async throws {
-        // Whether the request reaches Redis's socket before the kill is up to the machine's load (a refresh
-        // that timed out may have the connection reconnecting); an attempt where it did not is set up again.
+        // The request reaches Redis's socket only if no other call holds the sidecar's Redis connection when
+        // Redis stops (one connection, calls in turn: a refresh caught waiting for its reply keeps the lease
+        // request queued until it times out unsent). The refresh therefore runs once a minute here, and an
+        // attempt where the request still did not reach Redis (a loaded machine) is set up again.
         var setup: (redis: RedisServer, dir: TempDir, q: Quotad)?
-        for attempt in 1...5 where setup == nil {
+        for attempt in 1...8 where setup == nil {
             let redis = try await RedisServer()
             let dir = TempDir()
             _ = try await redis.store.createVoucher(id: "rq", limit: 100, perUser: 0, totalLimit: 100, region: "sg")
             let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
-                                     extraYAML: "redis_timeout_ms: 200\nlease: { min: 1, max: 1 }\n", durability: "journal")
+                                     extraYAML: "redis_timeout_ms: 200\navail_refresh: 60\nlease: { min: 1, max: 1 }\n",
+                                     durability: "journal")
             let c = try await RESPClient.connect(q.socket)
             // Leases of one token: the next claim needs a lease request.
             #expect(try await c.send("CLAIM", "rq", "warm").errorCode == nil, "scripts loaded, a lease held")
@@ -54,7 +57,7 @@ struct RecoveryStopTests {
                 print("attempt \(attempt): the request had not reached Redis before the kill; setting up again")
             }
         }
-        let (redis, dir, q) = try #require(setup, "in 5 attempts the lease request never reached Redis before the kill")
+        let (redis, dir, q) = try #require(setup, "in 8 attempts the lease request never reached Redis before the kill")
         let unanswered = JournalRecovery.read(dir: q.journalDir).ledger.requests
         let open = try await redis.store.leases(voucher: "rq").filter { $0.state == .open }
         try #require(open.contains { unanswered[$0.req] != nil },

@@ -8,7 +8,7 @@ import QuotaRESP
 import QuotaHarness
 import Testing
 
-@Suite("UNCLAIM without a journal", .serialized, .timeLimit(.minutes(2)))
+@Suite("UNCLAIM without a journal", .serialized, .timeLimit(.minutes(4)))
 struct UnclaimWithoutJournalTests {
     static func bulkID(_ r: RESPValue) -> String? { if case .bulkString(let b?) = r { return String(buffer: b) } else { return nil } }
 
@@ -68,6 +68,10 @@ struct UnclaimWithoutJournalTests {
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
                                  extraYAML: "lease: { min: 7, max: 7 }\n")
         let c = try await RESPClient.connect(q.socket)
+        // Each step has a deadline that names it, with the sidecar's log (a hang was seen once in CI).
+        func step<T: Sendable>(_ what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+            try await IntegrationTests.step(what, context: { String(q.allLogs.suffix(6000)) }, body)
+        }
         var qtyOf: [String: Int] = [:]
         var byReq: [String: String] = [:]
         func note(_ r: RESPValue, qty: Int, req: String?) {
@@ -91,14 +95,15 @@ struct UnclaimWithoutJournalTests {
             cmds.append(cmd)
             meta.append((qty, req))
         }
-        let first = try await c.pipeline(cmds)
+        let parked = cmds
+        let first = try await step("the first claims, parked") { try await c.pipeline(parked) }
         for (r, m) in zip(first, meta) { note(r, qty: m.0, req: m.1) }
         // A later retry of each REQ (dedupe table) in a run.
-        let retries = try await c.pipeline([["CLAIM", "hv", "x", "QTY", "1", "REQ", "r0"], ["CLAIM", "hv", "x", "QTY", "1", "REQ", "r4"]])
+        let retries = try await step("REQ retries") { try await c.pipeline([["CLAIM", "hv", "x", "QTY", "1", "REQ", "r0"], ["CLAIM", "hv", "x", "QTY", "1", "REQ", "r4"]]) }
         note(retries[0], qty: 0, req: "r0")
         note(retries[1], qty: 0, req: "r4")
         // MULTI/EXEC.
-        let tx = try await c.pipeline([["MULTI"], ["CLAIM", "hv", "t1"], ["CLAIM", "hv", "t2", "QTY", "2", "REQ", "tx"], ["EXEC"]])
+        let tx = try await step("MULTI/EXEC") { try await c.pipeline([["MULTI"], ["CLAIM", "hv", "t1"], ["CLAIM", "hv", "t2", "QTY", "2", "REQ", "tx"], ["EXEC"]]) }
         if case .array(let rs?) = tx[3], rs.count == 2 {
             note(rs[0], qty: 1, req: nil)
             note(rs[1], qty: 2, req: "tx")
@@ -106,12 +111,13 @@ struct UnclaimWithoutJournalTests {
         // Inline.
         var raw = ByteBuffer()
         raw.writeString("CLAIM hv inl QTY 3\r\nCLAIM hv inl2 REQ tx\r\n")
-        let inl = try await c.sendRaw(raw, replies: 2)
+        let inline = raw
+        let inl = try await step("inline claims") { try await c.sendRaw(inline, replies: 2) }
         note(inl[0], qty: 3, req: nil)
         note(inl[1], qty: 0, req: "tx")
         // A second connection, RESP2, many pipelined claims until sold out.
         let d = try await RESPClient.connect(q.socket)
-        let many = try await d.pipeline((0..<200).map { ["CLAIM", "hv", "m\($0)"] })
+        let many = try await step("200 pipelined claims") { try await d.pipeline((0..<200).map { ["CLAIM", "hv", "m\($0)"] }) }
         var soldOut = 0
         for r in many { if Self.bulkID(r) != nil { note(r, qty: 1, req: nil) } else if r.errorCode == "SOLDOUT" { soldOut += 1 } else { Issue.record("\(r)") } }
         let sold = qtyOf.values.reduce(0, +)
@@ -119,23 +125,23 @@ struct UnclaimWithoutJournalTests {
         // Cancel every other claim, each once (and again: nothing more).
         var back = 0
         for (i, (cid, qty)) in qtyOf.sorted(by: { $0.key < $1.key }).enumerated() where i % 2 == 0 {
-            #expect(try await c.send("UNCLAIM", cid) == .simpleString("OK"), "\(cid)")
-            #expect(try await d.send("UNCLAIM", cid) == .simpleString("OK"), "\(cid) again")
+            #expect(try await step("UNCLAIM \(cid)") { try await c.send("UNCLAIM", cid) } == .simpleString("OK"), "\(cid)")
+            #expect(try await step("UNCLAIM \(cid) again") { try await d.send("UNCLAIM", cid) } == .simpleString("OK"), "\(cid) again")
             back += qty
         }
         // Exactly `back` tokens serve again.
         var again = 0
         for _ in 0..<400 {
-            let r = try await d.send("CLAIM", "hv", "z")
+            let r = try await step("claim again after \(again)") { try await d.send("CLAIM", "hv", "z") }
             if Self.bulkID(r) != nil { again += 1; continue }
             if r.errorCode == "SOLDOUT" { if again >= back { break }; try await Task.sleep(for: .milliseconds(30)); continue }
             if r.errorCode == "UNAVAILABLE" { try await Task.sleep(for: .milliseconds(30)); continue }
             Issue.record("\(r)"); break
         }
         #expect(again == back, "unclaimed \(back), claimed again \(again)")
-        let info = try await q.info()
+        let info = try await step("INFO") { try await q.info() }
         c.close(); d.close()
-        #expect(try await q.stop() == 0)
+        #expect(try await step("stop") { try await q.stop() } == 0)
         let net = sold - back + again
         let problems = try await redis.audit("hv", netClaimed: net)
         #expect(problems.isEmpty, "\(problems)")
