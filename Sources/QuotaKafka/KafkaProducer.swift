@@ -111,10 +111,20 @@ public final class KafkaProducer: @unchecked Sendable {
         return outstanding
     }
 
-    /// Flush (bounded), stop the event thread, free the handles. Idempotent.
+    /// Flush (bounded), purge what is left, stop the event thread, free the handles. Idempotent.
+    ///
+    /// What is still queued or in flight after the flush is purged (never reported to `onDelivery`: its
+    /// owner keeps it to produce again). Without the purge, `rd_kafka_destroy` waits for the broker threads,
+    /// and with `message.timeout.ms` 0 a broker thread whose requests a broker that lost its state never
+    /// answers kept a stop waiting past 40 s (chaos seed 1590122988).
     public func close(flushTimeout: Duration = .seconds(5)) {
         guard closed.withLockedValue({ let was = $0; $0 = true; return !was }) else { return }
-        flush(timeout: flushTimeout)
+        if flush(timeout: flushTimeout) > 0 {
+            _ = rd_kafka_purge(rk, Int32(RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT))
+            // The purged messages' reports come through the event thread (and are dropped there).
+            let deadline = ContinuousClock.now + .seconds(2)
+            while outstanding > 0, ContinuousClock.now < deadline { usleep(10_000) }
+        }
         running.withLockedValue { $0 = false }
         while thread?.isFinished == false || probeThread?.isFinished == false { usleep(10_000) }
         rd_kafka_queue_destroy(queue)
@@ -136,6 +146,8 @@ public final class KafkaProducer: @unchecked Sendable {
                     guard let m = msgs[i] else { continue }
                     let seq = UInt64(UInt(bitPattern: m.pointee._private))
                     let e = m.pointee.err
+                    // Purged by close: neither delivered nor failed for the owner, who produces it again.
+                    if e == RD_KAFKA_RESP_ERR__PURGE_QUEUE || e == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT { continue }
                     batch.append(DeliveryReport(sequence: seq, error: e == RD_KAFKA_RESP_ERR_NO_ERROR ? nil : RdKafkaConfig.error(e)))
                 }
                 if !batch.isEmpty { onDelivery(batch) }
