@@ -27,6 +27,9 @@ final class ClaimPipeline: Sendable {
     private let unavailableAfter: Duration
     private let kafka: SidecarConfig.KafkaSettings
     private let needsRecreate = NIOLockedValueBox(false)
+    /// Held while the producer is replaced or closed (never both at once: a recreate's close of the old
+    /// producer would free it under the shutdown's flush); true once closed (then nothing is recreated).
+    private let lifecycle = NIOLockedValueBox(false)
 
     private struct ShipState {
         /// Produced, not yet acknowledged: librdkafka sequence → journal position (nil: not journaled).
@@ -330,6 +333,12 @@ final class ClaimPipeline: Sendable {
 
     /// Replace the producer, and ship everything the journal holds unacknowledged.
     private func recreateProducer(reason: String) {
+        lifecycle.withLockedValue { closed in
+            if !closed { replaceProducer(reason: reason) }
+        }
+    }
+
+    private func replaceProducer(reason: String) {
         let old = producerBox.withLockedValue { p -> KafkaProducer? in
             defer { p = nil }
             return p
@@ -391,8 +400,9 @@ final class ClaimPipeline: Sendable {
     /// journal. What is not shipped stays in the journal and ships at the next start.
     func close(flushTimeout: Duration) {
         journal?.stopWriting()
-        let p = producerBox.withLockedValue { $0 }
-        if let p {
+        lifecycle.withLockedValue { closed in
+            closed = true
+            guard let p = producerBox.withLockedValue({ $0 }) else { return }
             let left = p.flush(timeout: flushTimeout)
             if left > 0 {
                 logger.warning("kafka not fully flushed at shutdown; the journal keeps the rest", metadata: ["outstanding": "\(left)"])

@@ -151,6 +151,8 @@ public final class SidecarService: Service, Sendable {
         refresher.cancel()
         chores.cancel()
         _ = await chores.value
+        // The ticker's last round may recreate the Kafka producer: it ends before the pipeline closes (helper-44).
+        _ = await ticker.value
         engine.pipeline.close(flushTimeout: config.kafka.flushTimeout)
         try? await Task.sleep(for: .milliseconds(50))
         try? FileManager.default.removeItem(atPath: config.socket.path)
