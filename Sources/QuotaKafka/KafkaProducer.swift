@@ -234,6 +234,12 @@ extension KafkaProducer {
         guard left == 0 else {
             throw KafkaDeliveryError(description: "Kafka did not acknowledge \(left) of \(events.count) events within \(timeout)")
         }
-        return acked.withLockedValue { $0 }
+        // Nothing outstanding is not everything delivered: an event that could not be queued, or whose report
+        // was an error, left nothing behind either.
+        let n = acked.withLockedValue { $0 }
+        guard n == events.count else {
+            throw KafkaDeliveryError(description: "Kafka acknowledged \(n) of \(events.count) events (the rest failed)")
+        }
+        return n
     }
 }

@@ -85,3 +85,19 @@ struct KafkaProducerCloseTests {
         #expect(all.count == 500)
     }
 }
+
+@Suite("One-shot delivery", .timeLimit(.minutes(2)))
+struct ProduceAllTests {
+    /// An event Kafka never acknowledged (here one too large to queue) is a failure, not a success with a
+    /// smaller count that a caller ignoring the count takes for "all delivered" (helper-44).
+    @Test func anEventNeverAcknowledgedMakesTheOneShotDeliveryThrow() async throws {
+        let kafka = try await KafkaBroker()
+        let events: [(key: String, value: [UInt8])] = [("a", Array("small".utf8)), ("b", [UInt8](repeating: 65, count: 2_000_000))]
+        #expect(throws: KafkaDeliveryError.self) {
+            _ = try KafkaProducer.produceAll(brokers: kafka.brokers, topic: "one-shot", events, logger: .init(label: "t"),
+                                             timeout: .seconds(20))
+        }
+        #expect(try KafkaProducer.produceAll(brokers: kafka.brokers, topic: "one-shot", [("c", Array("fine".utf8))],
+                                             logger: .init(label: "t"), timeout: .seconds(20)) == 1)
+    }
+}
