@@ -51,6 +51,18 @@ public final class TempDir: @unchecked Sendable {
 }
 
 /// Poll `check` until it is true or `timeout` passes.
+/// Run blocking work (a Kafka drain or flush, seconds long) on a thread of its own, not on Swift concurrency's
+/// pool: the pool has one thread per core (two here), and tests blocking both of them stalled every other test
+/// in the process (CI: a sidecar's replies "not answered" for 30 s and a 600-round-trip test past 3 minutes,
+/// while nothing was wrong with the sidecars).
+public func offThePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
+        let t = Thread { c.resume(with: Result { try body() }) }
+        t.stackSize = 1 << 20
+        t.start()
+    }
+}
+
 public func eventually(_ what: String, timeout: Duration = .seconds(10), _ check: () async throws -> Bool) async throws {
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {
@@ -380,11 +392,15 @@ public final class KafkaBroker: @unchecked Sendable {
         try await eventually("tansu listens on \(port) again") { canConnect(port) }
     }
 
-    /// Every message of `topic`, read by a fresh consumer group until `idle` passes with none.
-    public func consume(_ topic: String, idle: Duration = .seconds(4)) throws -> [KafkaMessage] {
-        let c = try KafkaConsumer(brokers: brokers, topic: topic, group: "test-\(UUID().uuidString)")
-        defer { c.close() }
-        return c.drain(idle: idle, limit: .seconds(120))
+    /// Every message of `topic`, read by a fresh consumer group until `idle` passes with none. (Seconds of
+    /// blocking reads: on a thread of its own, see ``offThePool(_:)``.)
+    public func consume(_ topic: String, idle: Duration = .seconds(4)) async throws -> [KafkaMessage] {
+        let brokers = self.brokers
+        return try await offThePool {
+            let c = try KafkaConsumer(brokers: brokers, topic: topic, group: "test-\(UUID().uuidString)")
+            defer { c.close() }
+            return c.drain(idle: idle, limit: .seconds(120))
+        }
     }
 }
 

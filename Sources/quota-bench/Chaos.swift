@@ -251,7 +251,7 @@ final class ChaosRun: @unchecked Sendable {
                                                  shares: e.shares.map { ($0.leaseId, $0.tokens) }))
             }
         }
-        let stream = try kafka.consume(topic, idle: .seconds(4)).compactMap { StreamEvent(json: $0.value) }
+        let stream = try await kafka.consume(topic, idle: .seconds(4)).compactMap { StreamEvent(json: $0.value) }
         let (allOps, allFaults) = lock.withLock { (ops, faultLog) }
         let runRecord = RunRecord(vouchers: vouchers, ops: allOps, faults: allFaults, stream: stream, journals: journalEvents,
                                   books: books, journalProblems: journalProblems, replyBound: replyBound)

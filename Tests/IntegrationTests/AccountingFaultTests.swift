@@ -215,7 +215,7 @@ struct AccountingFaultTests {
         }
         c.close()
         #expect(try await q.stop() == 0)
-        let s = try streamed(kafka, topic: "t-rr")
+        let s = try await streamed(kafka, topic: "t-rr")
         let id = try #require(answer)
         #expect(s.claimed.keys.contains(id) && !s.unclaimed.contains(id), "the answered claim stands on Kafka")
         #expect(try await redis.audit("rr", journals: [("host-a", q.journalDir)], netClaimed: s.net) == [])
@@ -289,7 +289,7 @@ struct AccountingFaultTests {
         #expect(u.errorCode == "ERR" && u.string?.contains("unknown claim id") == true, "\(u)")
         c.close()
         #expect(try await q.stop() == 0)
-        let s = try streamed(kafka, topic: "t-kt")
+        let s = try await streamed(kafka, topic: "t-kt")
         #expect(s.claimed.keys.contains(guessed) && s.unclaimed.contains(guessed), "the stream nets the timed-out claim to zero")
         #expect(s.net == 1)
         let a = try await redis.account("kt")
@@ -490,7 +490,7 @@ struct AccountingFaultTests {
         }
         c.close()
         #expect(try await q.stop() == 0)
-        let s = try streamed(kafka, topic: "t-kb")
+        let s = try await streamed(kafka, topic: "t-kb")
         #expect(Set(after).isSubset(of: Set(s.claimed.keys)), "every claim answered after the restart is on the new broker")
         let a = try await redis.account("kb")
         #expect(a.pool + answered + after.count == 10_000)
@@ -514,7 +514,7 @@ struct AccountingFaultTests {
         #expect(try await q.stop() == 0)
         try await q.restart()
         #expect(try await q.stop() == 0)
-        let s = try streamed(kafka, topic: "t-cs")
+        let s = try await streamed(kafka, topic: "t-cs")
         #expect(s.claimed.count == 1000)
         let resent = s.claimed.values.filter { $0.count > 1 }.count
         #expect(resent == 0, "\(resent) claims shipped again after a clean stop")

@@ -57,10 +57,10 @@ final class Flag: @unchecked Sendable {
 }
 
 /// The claims on the topic: claim id → every message body with that id, and the net tokens claimed.
-func streamed(_ kafka: KafkaBroker, topic: String) throws -> (claimed: [String: [[UInt8]]], unclaimed: Set<String>, net: Int) {
+func streamed(_ kafka: KafkaBroker, topic: String) async throws -> (claimed: [String: [[UInt8]]], unclaimed: Set<String>, net: Int) {
     var claimed: [String: [[UInt8]]] = [:]
     var unclaimed = Set<String>()
-    for m in try kafka.consume(topic) {
+    for m in try await kafka.consume(topic) {
         guard let c = StreamedClaim(m) else { continue }
         if c.type == "claimed" { claimed[c.claimID, default: []].append(c.raw) } else { unclaimed.insert(c.claimID) }
     }
@@ -75,10 +75,10 @@ struct DurabilityTests {
         let p = try KafkaProducer(brokers: kafka.brokers, topic: "probe", logger: .init(label: "t"),
                                   onDelivery: { rs in for r in rs where r.error == nil { acked.add(String(r.sequence)) } })
         for i in 1...5000 { try p.produce(key: "k\(i % 7)", value: Array("m\(i)".utf8), sequence: UInt64(i)) }
-        #expect(p.flush(timeout: .seconds(30)) == 0)
+        #expect(try await offThePool { p.flush(timeout: .seconds(30)) } == 0)
         p.close()
         #expect(Set(acked.all).count == 5000)
-        let got = try kafka.consume("probe").map { String(decoding: $0.value, as: UTF8.self) }
+        let got = try await kafka.consume("probe").map { String(decoding: $0.value, as: UTF8.self) }
         #expect(got.count == 5000 && Set(got).count == 5000, "each message exactly once")
     }
 
@@ -94,12 +94,15 @@ struct DurabilityTests {
         try await Task.sleep(for: .seconds(2))
         for i in 1001...2000 { try p.produce(key: "k\(i % 5)", value: Array("m\(i)".utf8), sequence: UInt64(i)) }
         mock.setBroker(1, up: true)
-        #expect(p.flush(timeout: .seconds(60)) == 0)
+        #expect(try await offThePool { p.flush(timeout: .seconds(60)) } == 0)
         p.close()
         #expect(Set(acked.all).count == 2000)
-        let c = try KafkaConsumer(brokers: mock.bootstrapServers, topic: "faults", group: "g-faults")
-        let got = c.drain(idle: .seconds(3)).map { String(decoding: $0.value, as: UTF8.self) }
-        c.close()
+        let bootstrap = mock.bootstrapServers
+        let got = try await offThePool {
+            let c = try KafkaConsumer(brokers: bootstrap, topic: "faults", group: "g-faults")
+            defer { c.close() }
+            return c.drain(idle: .seconds(3)).map { String(decoding: $0.value, as: UTF8.self) }
+        }
         #expect(got.count == 2000 && Set(got).count == 2000, "\(got.count) read, \(Set(got).count) distinct")
     }
 
@@ -114,7 +117,7 @@ struct DurabilityTests {
         for i in 0..<300 { ids.append(try #require(try await c.send("CLAIM", "js", "user-\(i)").string)) }
         c.close()
         #expect(try await q.stop() == 0)
-        let all = try kafka.consume("t-js")
+        let all = try await kafka.consume("t-js")
         #expect(Set(all.map(\.key)) == ["js"], "keyed by voucher")
         let objects = all.compactMap { try? JSONSerialization.jsonObject(with: Data($0.value)) as? [String: Any] }
         let msgs = all.filter { (try? JSONSerialization.jsonObject(with: Data($0.value)) as? [String: Any])?["type"] as? String == "claimed" }
@@ -126,7 +129,7 @@ struct DurabilityTests {
         for c in closes {
             #expect((c["granted"] as? Int ?? 0) == (c["served"] as? Int ?? -1) + (c["returned"] as? Int ?? -1))
         }
-        let s = try streamed(kafka, topic: "t-js")
+        let s = try await streamed(kafka, topic: "t-js")
         #expect(Set(s.claimed.keys) == Set(ids), "\(Set(ids).subtracting(s.claimed.keys).count) answered claims missing")
         let o = try JSONSerialization.jsonObject(with: Data(msgs[0].value)) as! [String: Any]
         #expect(o["type"] as? String == "claimed" && o["region"] as? String == "sg" && o["host"] as? String == "host-a")
@@ -166,7 +169,7 @@ struct DurabilityTests {
         #expect(ids.count > 1000, "the load made progress: \(ids.count) claims answered")
         #expect(Set(ids).count == ids.count, "claim ids unique across restarts")
 
-        let s = try streamed(kafka, topic: "t-k9")
+        let s = try await streamed(kafka, topic: "t-k9")
         let missing = Set(ids).subtracting(s.claimed.keys)
         #expect(missing.isEmpty, "\(missing.count) answered claims are not on the topic")
         for (id, bodies) in s.claimed where bodies.count > 1 {
@@ -252,7 +255,7 @@ struct DurabilityTests {
         kc.close()
         #expect(try await jq.stop() == 0)
         #expect(try await kq.stop() == 0)
-        let s = try streamed(kafka, topic: "t-bd")
+        let s = try await streamed(kafka, topic: "t-bd")
         let missing = Set(answered).subtracting(s.claimed.keys)
         #expect(missing.isEmpty, "\(missing.count) answered claims missing from the topic")
         let a = try await redis.account("bd")

@@ -68,7 +68,7 @@ struct LedgerTests {
         c.close()
         #expect(sold.count + rest.ids.count == 200)
         #expect(try await b.stop() == 0)
-        let s = try streamed(kafka, topic: "t-gone")
+        let s = try await streamed(kafka, topic: "t-gone")
         #expect(s.net == 200)
         #expect(try await redis.audit("gone", netClaimed: 200) == [])
         let (st, o) = try await quotactl(["reconcile", "--config", cfg])
@@ -159,10 +159,10 @@ struct LedgerTests {
         _ = try await claimAttempts(rest, sidecars: [a, b], voucher: "rh", connections: 20)
         #expect(try await a.stop() == 0)
         #expect(try await b.stop() == 0)
-        let s = try streamed(kafka, topic: "t-rh")
+        let s = try await streamed(kafka, topic: "t-rh")
         #expect(s.net == 600, "net claims \(s.net): the sale ends exactly at its limit across the loss")
         var perUser: [String: Int] = [:]
-        for m in try kafka.consume("t-rh") {
+        for m in try await kafka.consume("t-rh") {
             if let e = LedgerEvent(json: m.value), case .claimed(let id, _, let u, let q, _, _, _, _) = e, !s.unclaimed.contains(id) {
                 perUser[u, default: 0] += q
             }
@@ -211,7 +211,7 @@ struct LedgerTests {
         #expect(try await q.stop() == 0)
         let p = try ChildProcess(Bin.path("quota-ledger"), ["--config", cfg, "--once", "--quiet"], log: dir.file("ledger-final.log"))
         #expect(try await p.wait(timeout: .seconds(300)) == 0, "\(p.output)")
-        let onTopic = try streamed(kafka, topic: "t-lk")
+        let onTopic = try await streamed(kafka, topic: "t-lk")
         let db = try await openLedgerDatabase(url: "sqlite://\(dir.file("ledger.db"))", logger: .init(label: "t"))
         let ledger = Ledger(db: db)
         let counts = try await ledger.counts()

@@ -132,7 +132,7 @@ struct PerUserTests {
         #expect(again.map(\.string) == [ids[0], ids[0]], "the journal remembers the answer across kill -9")
         c2.close()
         #expect(try await q.stop() == 0)
-        let s = try streamed(kafka, topic: "t-rq")
+        let s = try await streamed(kafka, topic: "t-rq")
         #expect(s.net == 2, "two claims in all")
         let a = try await redis.account("rq")
         #expect(a.pool + a.outstanding == 998)
@@ -207,7 +207,7 @@ struct PerUserTests {
         #expect(try await q.stat("tokens_served") == 1, "the cancelled token went back to local stock")
         c.close()
         #expect(try await q.stop() == 0)
-        let s = try streamed(kafka, topic: "t-uc")
+        let s = try await streamed(kafka, topic: "t-uc")
         #expect(Set(s.claimed.keys) == [id, again])
         #expect(s.unclaimed == [id], "one VoucherUnclaimed event")
         let a = try await redis.account("uc")
@@ -228,7 +228,7 @@ struct PerUserTests {
         var ids: [String] = []
         for i in 0..<4 { ids.append(try #require(try await c.send("CLAIM", "ul", "u\(i)", "QTY", "3").string)) }
         try await eventually("the claims are on Kafka", timeout: .seconds(30)) { try await q.stat("journal_unshipped_claims") == 0 }
-        let s = try streamed(kafka, topic: "t-ul")
+        let s = try await streamed(kafka, topic: "t-ul")
         func shareCount(_ id: String) -> Int {
             guard let body = s.claimed[id]?.first,
                 let o = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] else { return -1 }
@@ -249,7 +249,7 @@ struct PerUserTests {
         #expect(try await c2.send("UNCLAIM", spread2) == .simpleString("OK"))
         c2.close()
         #expect(try await q.stop() == 0)
-        let t = try streamed(kafka, topic: "t-ul")
+        let t = try await streamed(kafka, topic: "t-ul")
         #expect(t.unclaimed == [spread, single, spread2])
         #expect(t.net == 1, "4 claims, 3 cancelled")
         let a = try await redis.account("ul")
@@ -282,7 +282,7 @@ struct PerUserTests {
         #expect(try await c2.send("UNCLAIM", now) == .simpleString("OK"))
         c2.close()
         #expect(try await q.stop() == 0)
-        let t = try streamed(kafka, topic: "t-kv")
+        let t = try await streamed(kafka, topic: "t-kv")
         #expect(Set(t.unclaimed.map { Array($0.utf8) }) == Set([now, earlier].map { Array($0.utf8) }),
                 "cancellations carry the granted ids only: \(t.unclaimed)")
     }
