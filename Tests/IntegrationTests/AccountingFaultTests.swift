@@ -75,7 +75,7 @@ struct StepTimedOut: Error, CustomStringConvertible {
 
 /// Run one step of a test with a deadline: past it, the test fails naming the step (a hung reply would otherwise
 /// only show as the suite's time limit). The step itself is left running; it is not cancellable.
-func step<T: Sendable>(_ what: String, within limit: Duration = .seconds(30), context: @escaping @Sendable () -> String = { "" },
+func step<T: Sendable>(_ what: String, within limit: Duration = .seconds(30), context: @escaping @Sendable () async -> String = { "" },
                        _ body: @escaping @Sendable () async throws -> T) async throws -> T {
     let once = ResumeOnce<T>()
     return try await withCheckedThrowingContinuation { (cont: CheckedContinuation<T, any Error>) in
@@ -83,15 +83,48 @@ func step<T: Sendable>(_ what: String, within limit: Duration = .seconds(30), co
         Task { do { once.finish(.success(try await body())) } catch { once.finish(.failure(error)) } }
         Task {
             try? await Task.sleep(for: limit)
-            once.finish(.failure(StepTimedOut(step: what, limit: limit, context: context())))
+            if once.isPending { once.finish(.failure(StepTimedOut(step: what, limit: limit, context: await context()))) }
         }
     }
+}
+
+/// What a hung sidecar is doing, for a step's failure: its process state, `INFO` through a new connection,
+/// where each of its threads is (gdb, when installed; the whole dump is kept in a file), and its log's end.
+func diagnose(_ q: Quotad) async -> String {
+    let pid = q.child.pid
+    var out = "quotad pid \(pid): " + ((try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?
+        .split(separator: "\n").filter { $0.hasPrefix("State") || $0.hasPrefix("Threads") }.joined(separator: "; ") ?? "?")
+    let info = try? await step("INFO for a diagnosis", within: .seconds(3)) { () -> String in
+        let c = try await RESPClient.connect(q.socket)
+        defer { c.close() }
+        return "\(try await c.send("INFO"))"
+    }
+    out += "\nINFO: " + (info.map { String($0.prefix(3000)) } ?? "no answer within 3 s")
+    if FileManager.default.isExecutableFile(atPath: "/usr/bin/gdb") {
+        let file = "/tmp/quotad-hang-\(pid)-\(UInt32.random(in: 0...UInt32.max)).txt"
+        _ = run("/bin/sh", ["-c", "timeout 60 /usr/bin/gdb -p \(pid) -batch -ex 'thread apply all bt 40' > \(file) 2>&1"])
+        let dump = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+        let frames = dump.split(separator: "\n").filter { $0.hasPrefix("Thread") || $0.contains(" in $s") && ($0.contains("Quota") || $0.contains("NIO")) }
+        out += "\nthreads (full dump: \(file)):\n" + frames.prefix(120).map { String($0.prefix(220)) }.joined(separator: "\n")
+    }
+    // Whose side the bytes wait on: quotad's send queue, or this process's receive queue (unread replies).
+    let sockets = "/tmp/sockets-\(pid)-\(UInt32.random(in: 0...UInt32.max)).txt"
+    _ = run("/bin/sh", ["-c", "ss -xpn | grep -E 'pid=(\(pid)|\(getpid())),' > \(sockets) 2>&1"])
+    out += "\nunix sockets of quotad and of this process (Recv-Q, Send-Q):\n"
+        + ((try? String(contentsOfFile: sockets, encoding: .utf8)) ?? "").split(separator: "\n").prefix(60).joined(separator: "\n")
+    if FileManager.default.isExecutableFile(atPath: "/usr/bin/gdb") {
+        let file = "/tmp/tests-hang-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).txt"
+        _ = run("/bin/sh", ["-c", "timeout 60 /usr/bin/gdb -p \(getpid()) -batch -ex 'thread apply all bt 30' > \(file) 2>&1"])
+        out += "\nthis test process's threads: \(file)"
+    }
+    return out + "\nlog:\n" + String(q.allLogs.suffix(3000))
 }
 
 /// A continuation resumed by whichever comes first.
 final class ResumeOnce<T: Sendable>: Sendable {
     private let pending = Mutex<CheckedContinuation<T, any Error>?>(nil)
     func set(_ c: CheckedContinuation<T, any Error>) { pending.withLock { $0 = c } }
+    var isPending: Bool { pending.withLock { $0 != nil } }
     func finish(_ r: Result<T, any Error>) {
         pending.withLock { c in
             c?.resume(with: r)

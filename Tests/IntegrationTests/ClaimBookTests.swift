@@ -25,14 +25,19 @@ struct ClaimBookTests {
         // 128 = 64 stripes of 2 slots: the ring holds exactly the last 128 claims.
         let q = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: "claims: { max_tracked: 128 }\n")
         let c = try await RESPClient.connect(q.socket)
+        // Each request has a deadline that names it and says what the sidecar is doing (a hang seen only
+        // with every suite running).
+        func send(_ args: String...) async throws -> RESPValue {
+            try await step(args.joined(separator: " "), context: { await diagnose(q) }) { try await c.send(args) }
+        }
         var ids: [String] = []
-        for i in 0..<300 { ids.append(try #require(granted(try await c.send("CLAIM", "ring", "u\(i)")))) }
+        for i in 0..<300 { ids.append(try #require(granted(try await send("CLAIM", "ring", "u\(i)")))) }
         var forgotten = 0
         for id in ids[..<172] {
-            if case .error(let e) = try await c.send("UNCLAIM", id), e.hasPrefix("ERR unknown claim id") { forgotten += 1 }
+            if case .error(let e) = try await send("UNCLAIM", id), e.hasPrefix("ERR unknown claim id") { forgotten += 1 }
         }
         #expect(forgotten == 172, "claims older than the last 128 are forgotten")
-        for id in ids[172...] { #expect(try await c.send("UNCLAIM", id) == .simpleString("OK")) }
+        for id in ids[172...] { #expect(try await send("UNCLAIM", id) == .simpleString("OK")) }
         // Each kept claim went back once: a second UNCLAIM is the idempotent OK, and 128 tokens serve again.
         #expect(try await c.send("UNCLAIM", ids[299]) == .simpleString("OK"))
         c.close()

@@ -70,7 +70,7 @@ struct UnclaimWithoutJournalTests {
         let c = try await RESPClient.connect(q.socket)
         // Each step has a deadline that names it, with the sidecar's log (a hang was seen once in CI).
         func step<T: Sendable>(_ what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-            try await IntegrationTests.step(what, context: { String(q.allLogs.suffix(6000)) }, body)
+            try await IntegrationTests.step(what, context: { await diagnose(q) }, body)
         }
         var qtyOf: [String: Int] = [:]
         var byReq: [String: String] = [:]
