@@ -237,9 +237,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
         case .pending:
             // Its reply comes to `replyBox` (``fill(_:context:)``) at this place.
             queue.append(nil)
+            engine.replyPlacesOpen.add(1, ordering: .relaxed)
         case .later(let f):
             let seq = headSeq + queue.count
             queue.append(nil)
+            engine.replyPlacesOpen.add(1, ordering: .relaxed)
             f.assumeIsolated().whenComplete { [self] result in
                 let reply: Reply
                 switch result {
@@ -281,6 +283,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         assert(i >= 0 && i < queue.count && queue[queue.index(queue.startIndex, offsetBy: i)] == nil,
                "a reply for place \(seq), which is not waiting (head \(headSeq), \(queue.count) queued)")
         guard i >= 0, i < queue.count else { return }
+        if !inactive { engine.replyPlacesOpen.subtract(1, ordering: .relaxed) }   // (closed ones: at channelInactive)
         queue[queue.index(queue.startIndex, offsetBy: i)] = r
     }
 
@@ -400,6 +403,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         replyBox = nil
         pendingStarts.removeAll()
         engine.connectionsCurrent.subtract(1, ordering: .relaxed)
+        let open = queue.reduce(0) { $0 + ($1 == nil ? 1 : 0) }
+        if open > 0 { engine.replyPlacesOpen.subtract(open, ordering: .relaxed) }
         if countedPaused {
             countedPaused = false
             engine.connectionsPaused.subtract(1, ordering: .relaxed)

@@ -69,6 +69,12 @@ public final class SidecarEngine: Sendable {
     let connectionsTotal = Atomic<Int>(0)
     let connectionsRefused = Atomic<Int>(0)
     let protocolErrors = Atomic<Int>(0)
+    /// Places in connections' reply orders waiting for a reply decided later (opened when a claim waits,
+    /// closed when its reply comes), and answers the machine gave for a ticket nobody waited for. Both say
+    /// where a reply that never reached its client was lost (a claim decided under load whose reply never came:
+    /// README, ninth pass).
+    let replyPlacesOpen = Atomic<Int>(0)
+    let answersWithoutWaiter = Atomic<Int>(0)
     let commandErrors = Atomic<Int>(0)
     let globalRejections = NIOLockedValueBox<[QuotaErrorCode: Int]>([:])
     let redisErrors = Atomic<Int>(0)
@@ -740,6 +746,8 @@ public final class SidecarEngine: Sendable {
             let c = chores.stats
             out += "background_jobs:\(c.outstanding)\r\nbackground_jobs_done:\(c.completed)\r\nbackground_retries:\(c.retries)\r\n"
             out += "redis_late_replies:\(store.connection.lateReplies)\r\n"
+            out += "reply_places_open:\(replyPlacesOpen.load(ordering: .relaxed))\r\n"
+            out += "answers_without_waiter:\(answersWithoutWaiter.load(ordering: .relaxed))\r\n"
             out += "region_generation:\(adoptedGeneration ?? "")\r\nregion_lost:\(regionLost == nil ? 0 : 1)\r\n"
             out += "region_hosts:\(regionHosts)\r\nrecalls_received:\(recallsReceived.load(ordering: .relaxed))\r\n"
             if let b = borrower {

@@ -201,7 +201,12 @@ final class VoucherRuntime: @unchecked Sendable {
         for e in fx {
             switch e {
             case .answer(let t, let a):
-                if let w = waiters.removeValue(forKey: t) { out.append(.reply(w, reply(a))) }
+                if let w = waiters.removeValue(forKey: t) {
+                    out.append(.reply(w, reply(a)))
+                } else {
+                    engine.answersWithoutWaiter.add(1, ordering: .relaxed)
+                    engine.logger.error("an answer for a ticket nobody waits for", metadata: ["quota.voucher": "\(id)", "ticket": "\(t)"])
+                }
             case .journal(let r):
                 pipeline.append(r)
             case .recordLater(let c):

@@ -1,6 +1,7 @@
 // Found by review: UNCLAIM under `durability: none` without `journal.dir` re-entered the voucher's lock (the
 // pipeline answered the cancellation's record synchronously, inside performLocked): a crash in debug, a hang in release.
 import Foundation
+import Glibc
 import NIOCore
 import QuotaClient
 import QuotaCore
@@ -52,6 +53,37 @@ struct UnclaimWithoutJournalTests {
         let after = try await c.send("CLAIM", "nk", "u4")
         #expect(soldOut(after), "a second UNCLAIM gave nothing back: \(after)")
         c.close()
+        #expect(try await q.stop() == 0)
+        withExtendedLifetime(redis) {}
+    }
+
+    /// The gauge the failing step's diagnosis reads: a claim waiting for a lease holds a place in its
+    /// connection's reply order, and the place closes when its reply comes.
+    @Test func aClaimWaitingForALeaseHoldsAReplyPlaceUntilItsReplyComes() async throws {
+        let redis = try await RedisServer()
+        let dir = TempDir()
+        _ = try await redis.store.createVoucher(id: "rp", limit: 10, perUser: 0, totalLimit: 10, region: "sg")
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: "lease: { min: 1, max: 1 }\n")
+        let c = try await RESPClient.connect(q.socket)
+        let admin = try await RESPClient.connect(q.socket)
+        // (`INFO stats`: the whole INFO asks Redis for its keyspace, and Redis is stopped below.)
+        func stat(_ key: String) async throws -> Int {
+            guard case .bulkString(let b?) = try await admin.send("INFO", "stats") else { return -1 }
+            let line = String(buffer: b).split(separator: "\r\n").first { $0.hasPrefix(key + ":") }
+            return line.flatMap { Int($0.dropFirst(key.count + 1)) } ?? -1
+        }
+        #expect(Self.bulkID(try await c.send("CLAIM", "rp", "u0")) != nil)
+        try await eventually("the first lease is used up and none is asked") { try await stat("reply_places_open") == 0 }
+        redis.child?.signal(SIGSTOP)
+        // More than the one token a lease holds: it waits for leases, which a stopped Redis does not grant.
+        let waiting = Task { try await c.send("CLAIM", "rp", "u1", "QTY", "3") }
+        try await eventually("the waiting claim holds a place", timeout: .seconds(5)) { try await stat("reply_places_open") == 1 }
+        redis.child?.signal(SIGCONT)
+        _ = try await waiting.value   // an id, or UNAVAILABLE past the claim timeout: a reply either way
+        try await eventually("its reply came") { try await stat("reply_places_open") == 0 }
+        #expect(try await stat("answers_without_waiter") == 0)
+        c.close()
+        admin.close()
         #expect(try await q.stop() == 0)
         withExtendedLifetime(redis) {}
     }
@@ -140,6 +172,7 @@ struct UnclaimWithoutJournalTests {
         }
         #expect(again == back, "unclaimed \(back), claimed again \(again)")
         let info = try await step("INFO") { try await q.info() }
+        #expect(info["reply_places_open"] == "0" && info["answers_without_waiter"] == "0", "every reply delivered: \(info)")
         c.close(); d.close()
         #expect(try await step("stop") { try await q.stop() } == 0)
         let net = sold - back + again
