@@ -63,7 +63,9 @@ struct UnclaimWithoutJournalTests {
         let redis = try await RedisServer()
         let dir = TempDir()
         _ = try await redis.store.createVoucher(id: "rp", limit: 10, perUser: 0, totalLimit: 10, region: "sg")
-        let q = try await Quotad(redis: redis, dir: dir, host: "host-a", extraYAML: "lease: { min: 1, max: 1 }\n")
+        // (A long claim timeout: under load the poll below may come late, and the claim must still be waiting.)
+        let q = try await Quotad(redis: redis, dir: dir, host: "host-a",
+                                 extraYAML: "lease: { min: 1, max: 1 }\nlimits: { claim_timeout_ms: 30000 }\n")
         let c = try await RESPClient.connect(q.socket)
         let admin = try await RESPClient.connect(q.socket)
         // (`INFO stats`: the whole INFO asks Redis for its keyspace, and Redis is stopped below.)
@@ -77,7 +79,7 @@ struct UnclaimWithoutJournalTests {
         redis.child?.signal(SIGSTOP)
         // More than the one token a lease holds: it waits for leases, which a stopped Redis does not grant.
         let waiting = Task { try await c.send("CLAIM", "rp", "u1", "QTY", "3") }
-        try await eventually("the waiting claim holds a place", timeout: .seconds(5)) { try await stat("reply_places_open") == 1 }
+        try await eventually("the waiting claim holds a place", timeout: .seconds(20)) { try await stat("reply_places_open") == 1 }
         redis.child?.signal(SIGCONT)
         _ = try await waiting.value   // an id, or UNAVAILABLE past the claim timeout: a reply either way
         try await eventually("its reply came") { try await stat("reply_places_open") == 0 }
