@@ -50,7 +50,6 @@ public final class TempDir: @unchecked Sendable {
     public func file(_ name: String) -> String { "\(path)/\(name)" }
 }
 
-/// Poll `check` until it is true or `timeout` passes.
 /// Run blocking work (a Kafka drain or flush, seconds long) on a thread of its own, not on Swift concurrency's
 /// pool: the pool has one thread per core (two here), and tests blocking both of them stalled every other test
 /// in the process (CI: a sidecar's replies "not answered" for 30 s and a 600-round-trip test past 3 minutes,
@@ -63,6 +62,7 @@ public func offThePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) 
     }
 }
 
+/// Poll `check` until it is true or `timeout` passes.
 public func eventually(_ what: String, timeout: Duration = .seconds(10), _ check: () async throws -> Bool) async throws {
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {

@@ -53,17 +53,9 @@ func run(_ exe: String, _ args: [String]) -> Int32 {
 }
 
 /// Send one command with a client-side deadline: nil when no reply came in time.
+/// (A ``step(_:within:context:_:)``: a reply that never comes does not keep it waiting.)
 func send(_ c: RESPClient, _ args: [String], within: Duration) async -> RESPValue? {
-    await withTaskGroup(of: RESPValue?.self) { g in
-        g.addTask { try? await c.send(args) }
-        g.addTask {
-            try? await Task.sleep(for: within)
-            return nil
-        }
-        let first = await g.next() ?? nil
-        g.cancelAll()
-        return first
-    }
+    try? await step(args.joined(separator: " "), within: within) { try await c.send(args) }
 }
 
 struct StepTimedOut: Error, CustomStringConvertible {
