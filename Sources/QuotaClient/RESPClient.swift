@@ -8,15 +8,21 @@ final class ClientHandler: ChannelDuplexHandler, @unchecked Sendable {
     typealias OutboundIn = (ByteBuffer, [EventLoopPromise<RESPValue>])
     typealias OutboundOut = ByteBuffer
     private var waiting = CircularBuffer<EventLoopPromise<RESPValue>>()
+    /// For ``RESPClient/state()``: replies decoded, and replies asked for, since the connection was made.
+    private(set) var repliesReceived = 0
+    private(set) var repliesAsked = 0
+    var waitingCount: Int { waiting.count }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let (bytes, promises) = unwrapOutboundIn(data)
         waiting.append(contentsOf: promises)
+        repliesAsked += promises.count
         context.write(wrapOutboundOut(bytes), promise: promise)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let v = unwrapInboundIn(data)
+        repliesReceived += 1
         waiting.popFirst()?.succeed(v)
     }
 
@@ -31,6 +37,18 @@ final class ClientHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 }
 
+/// Counts the bytes read from the socket (``RESPClient/state()``).
+final class ByteCounter: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private(set) var bytesRead = 0
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        bytesRead += unwrapInboundIn(data).readableBytes
+        context.fireChannelRead(data)
+    }
+}
+
 /// A small RESP client over a Unix socket: pipelined, replies in order.
 public final class RESPClient: Sendable {
     public let channel: any Channel
@@ -41,6 +59,7 @@ public final class RESPClient: Sendable {
         let ch = try await ClientBootstrap(group: group)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(ByteCounter())
                     try ch.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPValueDecoder()))
                     try ch.pipeline.syncOperations.addHandler(ClientHandler())
                 }
@@ -77,6 +96,19 @@ public final class RESPClient: Sendable {
     }
 
     public var isActive: Bool { channel.isActive }
+
+    /// What this connection has seen, for a test's diagnosis of a missing reply: bytes read from the socket,
+    /// replies decoded, replies asked for, promises still waiting.
+    public func state() async -> String {
+        let ch = channel
+        let r = try? await ch.eventLoop.submit { () -> String in
+            let counter = try ch.pipeline.syncOperations.handler(type: ByteCounter.self)
+            let h = try ch.pipeline.syncOperations.handler(type: ClientHandler.self)
+            return "client: active=\(ch.isActive) bytes read=\(counter.bytesRead) replies decoded=\(h.repliesReceived) "
+                + "asked=\(h.repliesAsked) waiting=\(h.waitingCount)"
+        }.get()
+        return r ?? "client: state not readable"
+    }
 
     /// Wait until the server closes the connection.
     public func waitClosed(timeout: Duration = .seconds(5)) async throws {

@@ -71,6 +71,12 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var closing = false
     private var flushScheduled = false
     private let claimTimer: Metrics.Timer?
+    /// For `CLIENT LIST`: when the connection was made, commands decoded, replies written, bytes handed
+    /// to the channel.
+    private let created = NIODeadline.now()
+    private var commandsDecoded = 0
+    private var repliesWritten = 0
+    private var bytesFlushed = 0
 
     /// Set for a peer refused at accept (`CODE message`): every command it sends gets this error until it
     /// closes (or the server closes it after a while).
@@ -97,6 +103,41 @@ final class ConnectionHandler: ChannelDuplexHandler {
         self.claimTimer = engine.claimTimer.withLockedValue { $0 }
         self.authenticated = engine.config.socket.password == nil
         self.clientID = engine.nextClientID()
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let entry = SidecarEngine.ClientEntry(
+            loop: context.eventLoop, describe: NIOLoopBound({ [self] in describe(context: context) }, eventLoop: context.eventLoop))
+        engine.clients.withLockedValue { $0[clientID] = entry }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        _ = engine.clients.withLockedValue { $0.removeValue(forKey: clientID) }
+    }
+
+    /// This connection's line of `CLIENT LIST`: Redis's fields where they mean the same (`qbuf` bytes read
+    /// and not decoded, `obl` reply bytes not yet handed to the channel, `oll` replies waiting behind an
+    /// unanswered one, `omem` bytes the peer has not read), then quotad's own (`open` places waiting for a
+    /// reply, `run` claims decoded and not yet decided, `cmds`/`replies` counted since the connection was
+    /// made, `flushed` bytes handed to the channel, `state` the reasons decoding or reading is stopped).
+    private func describe(context: ChannelHandlerContext) -> String {
+        let open = queue.reduce(0) { $0 + ($1 == nil ? 1 : 0) }
+        let omem = (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
+        var state: [String] = []
+        if processing { state.append("processing") }
+        if yielded { state.append("yielded") }
+        if readHeld { state.append("read-held") }
+        if outputPaused { state.append("output-paused") }
+        if pendingPaused { state.append("pending-paused") }
+        if flushScheduled { state.append("flush-scheduled") }
+        if closing { state.append("closing") }
+        if inactive { state.append("inactive") }
+        if transaction != nil { state.append("multi") }
+        let age = (NIODeadline.now() - created).nanoseconds / 1_000_000_000
+        return "id=\(clientID) name=\(clientName ?? "") age=\(age) db=0 multi=\(transaction?.count ?? -1) "
+            + "qbuf=\(input?.readableBytes ?? 0) obl=\(out?.readableBytes ?? 0) oll=\(queue.count) omem=\(omem) "
+            + "resp=\(proto) open=\(open) run=\(runRequests.count) cmds=\(commandsDecoded) replies=\(repliesWritten) "
+            + "flushed=\(bytesFlushed) admin=\(isAdmin ? 1 : 0) state=\(state.isEmpty ? "-" : state.joined(separator: ","))"
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -148,6 +189,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 input = buf
             }
             guard parsed else { break }
+            commandsDecoded &+= 1
             command(RESPCommand(arguments: arguments), context: context)
         }
     }
@@ -370,6 +412,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         let before = out!.writerIndex
         out!.writeReply(r, proto: proto)
         turnBytes &+= out!.writerIndex - before
+        repliesWritten &+= 1
     }
 
     /// Replies completed by other work (leases, journal syncs, user checks) arrive in bursts on the
@@ -387,6 +430,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func flushReplies(context: ChannelHandlerContext) {
         guard var buf = out, buf.readableBytes > 0 else { return }
         out = nil
+        bytesFlushed &+= buf.readableBytes
         buf.reserveCapacity(0)
         context.writeAndFlush(wrapOutboundOut(buf), promise: nil)
         reportPending(context: context)
@@ -511,7 +555,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             return .now(.value(.ok))
         }
-        if name.equalsUppercased("CLIENT") { return client(a) }
+        if name.equalsUppercased("CLIENT") { return client(a, loop: context.eventLoop) }
         if name.equalsUppercased("ECHO") {
             guard a.count == 2 else { return arity("ECHO") }
             return .now(.value(.bulkString(a[1])))
@@ -674,8 +718,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         ]))
     }
 
-    /// `CLIENT SETNAME|GETNAME|SETINFO|ID|INFO`.
-    private func client(_ a: [ByteBuffer]) -> Outcome {
+    /// `CLIENT SETNAME|GETNAME|SETINFO|ID|INFO|LIST`.
+    private func client(_ a: [ByteBuffer], loop: any EventLoop) -> Outcome {
         guard a.count >= 2 else { return arity("CLIENT") }
         let sub = a[1]
         if sub.equalsUppercased("SETNAME") {
@@ -697,10 +741,18 @@ final class ConnectionHandler: ChannelDuplexHandler {
             return .now(.value(.ok))
         }
         if sub.equalsUppercased("ID") { return .now(.value(.integer(clientID))) }
+        if sub.equalsUppercased("LIST") {
+            guard a.count == 2 else { return syntax("quotad's CLIENT LIST takes no options") }
+            guard isAdmin else {
+                engine.countRejection(.noperm)
+                return .now(.error(QuotaError(.noperm, "CLIENT LIST is for admin peers only (root, quotad's uid, socket.admin_uids)")))
+            }
+            return .later(engine.clientList(on: loop).map { .value(.bulk($0)) })
+        }
         if sub.equalsUppercased("INFO") {
             return .now(.value(.bulk("id=\(clientID) name=\(clientName ?? "") db=0 resp=\(proto) lib=quotad\n")))
         }
-        return syntax("unknown subcommand '\(String(buffer: sub).prefix(32))' for CLIENT: quotad answers SETNAME, GETNAME, SETINFO, ID, INFO")
+        return syntax("unknown subcommand '\(String(buffer: sub).prefix(32))' for CLIENT: quotad answers SETNAME, GETNAME, SETINFO, ID, INFO, LIST")
     }
 
     /// A client name as Redis allows it: printable ASCII without spaces, at most 128 bytes.

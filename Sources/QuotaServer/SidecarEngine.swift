@@ -120,6 +120,22 @@ public final class SidecarEngine: Sendable {
     /// A new connection's id (`CLIENT ID`, `HELLO`).
     func nextClientID() -> Int { clientIDs.wrappingAdd(1, ordering: .relaxed).newValue }
 
+    /// The open connections, for `CLIENT LIST`: each describes itself on its own event loop.
+    struct ClientEntry: Sendable {
+        let loop: any EventLoop
+        let describe: NIOLoopBound<() -> String>
+    }
+    let clients = NIOLockedValueBox<[Int: ClientEntry]>([:])
+
+    /// `CLIENT LIST`: one line per open connection, in id order, each read on its own event loop.
+    func clientList(on loop: any EventLoop) -> EventLoopFuture<String> {
+        let entries = clients.withLockedValue { $0 }.sorted { $0.key < $1.key }.map(\.value)
+        let lines = entries.map { e in e.loop.submit { e.describe.value() } }
+        return EventLoopFuture.whenAllComplete(lines, on: loop).map { results in
+            results.compactMap { try? $0.get() }.map { $0 + "\n" }.joined()
+        }
+    }
+
     /// Vouchers this host tracks (`DBSIZE`).
     var vouchersTracked: Int { vouchers.withLockedValue { $0.count } }
 

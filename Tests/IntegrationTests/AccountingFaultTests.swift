@@ -82,7 +82,7 @@ func step<T: Sendable>(_ what: String, within limit: Duration = .seconds(30), co
 
 /// What a hung sidecar is doing, for a step's failure: its process state, `INFO` through a new connection,
 /// where each of its threads is (gdb, when installed; the whole dump is kept in a file), and its log's end.
-func diagnose(_ q: Quotad) async -> String {
+func diagnose(_ q: Quotad, clients: [RESPClient] = []) async -> String {
     let pid = q.child.pid
     var out = "quotad pid \(pid): " + ((try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?
         .split(separator: "\n").filter { $0.hasPrefix("State") || $0.hasPrefix("Threads") }.joined(separator: "; ") ?? "?")
@@ -92,6 +92,14 @@ func diagnose(_ q: Quotad) async -> String {
         return "\(try await c.send("INFO"))"
     }
     out += "\nINFO: " + (info.map { String($0.prefix(3000)) } ?? "no answer within 3 s")
+    // Each connection's own state: bytes left undecoded, replies not flushed, places waiting, paused reads.
+    let list = try? await step("CLIENT LIST for a diagnosis", within: .seconds(3)) { () -> String in
+        let c = try await RESPClient.connect(q.socket)
+        defer { c.close() }
+        return "\(try await c.send("CLIENT", "LIST"))"
+    }
+    out += "\nCLIENT LIST: " + (list.map { String($0.prefix(3000)) } ?? "no answer within 3 s")
+    for c in clients { out += "\n" + (await c.state()) }
     if FileManager.default.isExecutableFile(atPath: "/usr/bin/gdb") {
         let file = "/tmp/quotad-hang-\(pid)-\(UInt32.random(in: 0...UInt32.max)).txt"
         _ = run("/bin/sh", ["-c", "timeout 60 /usr/bin/gdb -p \(pid) -batch -ex 'thread apply all bt 40' > \(file) 2>&1"])

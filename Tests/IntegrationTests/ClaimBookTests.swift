@@ -28,7 +28,7 @@ struct ClaimBookTests {
         // Each request has a deadline that names it and says what the sidecar is doing (a hang seen only
         // with every suite running).
         func send(_ args: String...) async throws -> RESPValue {
-            try await step(args.joined(separator: " "), context: { await diagnose(q) }) { try await c.send(args) }
+            try await step(args.joined(separator: " "), context: { await diagnose(q, clients: [c]) }) { try await c.send(args) }
         }
         var ids: [String] = []
         for i in 0..<300 { ids.append(try #require(granted(try await send("CLAIM", "ring", "u\(i)")))) }

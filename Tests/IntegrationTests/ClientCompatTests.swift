@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import QuotaClient
 import QuotaHarness
 import QuotaRESP
@@ -148,6 +149,43 @@ struct ClientCompatTests {
         #expect(try await c.send("ECHO", "hi").string == "hi")
         #expect(try await c.send("HELLO", "4").errorCode == "NOPROTO")
         #expect(try await c.send("CLAIM", "v1", "u").errorCode == nil)
+        #expect(try await q.stop() == 0)
+        withExtendedLifetime(redis) {}
+    }
+
+    @Test func clientListShowsEachConnectionsUndecodedBytesAndCounts() async throws {
+        let (redis, q) = try await sidecar()
+        let a = try await RESPClient.connect(q.socket)
+        defer { a.close() }
+        let b = try await RESPClient.connect(q.socket)
+        defer { b.close() }
+        #expect(try await a.send("CLIENT", "SETNAME", "app-a") == .simpleString("OK"))
+        let aID = try #require(try await a.send("CLIENT", "ID").string)
+        #expect(try await a.pipeline([["CLAIM", "v1", "u1"], ["CLAIM", "empty", "u2"]]).count == 2)
+        // Half a command on `a`: read, not decoded, no reply.
+        var half = ByteBuffer()
+        half.writeString("*3\r\n$5\r\nCLAIM\r\n$2\r\nv1")
+        let partial = half
+        let pending = Task { try await a.sendRaw(partial, replies: 1) }
+        func lineOfA() async throws -> String {
+            guard case .bulkString(let text?) = try await b.send("CLIENT", "LIST") else { throw TestError.failed("CLIENT LIST") }
+            let lines = String(buffer: text).split(separator: "\n")
+            #expect(lines.count == 2, "\(lines)")
+            return String(try #require(lines.first { $0.hasPrefix("id=\(aID) ") }))
+        }
+        try await eventually("the half command is read") { try await lineOfA().contains(" qbuf=\(partial.readableBytes) ") }
+        let line = try await lineOfA()
+        for field in ["name=app-a", "cmds=4", "replies=4", "oll=0", "open=0", "run=0", "obl=0", "resp=2", "admin=1", "state=-"] {
+            #expect((line + " ").contains(" \(field) "), "\(field) in \(line)")
+        }
+        // The rest of it: decoded and answered.
+        var rest = ByteBuffer()
+        rest.writeString("\r\n$1\r\nu\r\n")
+        _ = try await a.sendRaw(rest, replies: 0)
+        #expect(try await pending.value.first?.errorCode == nil)
+        let after = try await lineOfA()
+        #expect(after.contains(" qbuf=0 ") && after.contains(" cmds=5 ") && after.contains(" replies=5 "), "\(after)")
+        #expect(try await b.send("CLIENT", "LIST", "TYPE", "normal").errorCode == "ERR")
         #expect(try await q.stop() == 0)
         withExtendedLifetime(redis) {}
     }

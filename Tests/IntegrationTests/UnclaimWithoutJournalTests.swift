@@ -151,7 +151,9 @@ struct UnclaimWithoutJournalTests {
         note(inl[1], qty: 0, req: "tx")
         // A second connection, RESP2, many pipelined claims until sold out.
         let d = try await RESPClient.connect(q.socket)
-        let many = try await step("200 pipelined claims") { try await d.pipeline((0..<200).map { ["CLAIM", "hv", "m\($0)"] }) }
+        let many = try await IntegrationTests.step("200 pipelined claims", context: { await diagnose(q, clients: [c, d]) }) {
+            try await d.pipeline((0..<200).map { ["CLAIM", "hv", "m\($0)"] })
+        }
         var soldOut = 0
         for r in many { if Self.bulkID(r) != nil { note(r, qty: 1, req: nil) } else if r.errorCode == "SOLDOUT" { soldOut += 1 } else { Issue.record("\(r)") } }
         let sold = qtyOf.values.reduce(0, +)
