@@ -103,7 +103,8 @@ public final class ChildProcess: @unchecked Sendable {
 
     /// Wait for exit; returns the exit status (or 128+signal).
     public func wait(timeout: Duration = .seconds(20)) async throws -> Int32 {
-        try await eventually("process \(process.executableURL!.lastPathComponent) exits", timeout: timeout) {
+        let what = ([process.executableURL!.lastPathComponent] + (process.arguments ?? []).prefix(4)).joined(separator: " ")
+        try await eventually("process \(what) exits", timeout: timeout) {
             !process.isRunning
         }
         return process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
@@ -349,7 +350,8 @@ public final class Quotad: @unchecked Sendable {
 public func quotactl(_ args: [String]) async throws -> (Int32, String) {
     let dir = TempDir()
     let p = try ChildProcess(Bin.path("quotactl"), args, log: dir.file("out"))
-    let status = try await p.wait()
+    // (Generous: a debug build starting beside the whole suite on 2 cores once took more than 20 s.)
+    let status = try await p.wait(timeout: .seconds(60))
     return (status, p.output)
 }
 
