@@ -42,7 +42,11 @@ public struct LeaseLedger: Sendable, Equatable {
         }
 
         /// What the lease's closing return gives back: every token not served.
-        public var unserved: Int { granted - served }
+        public var unserved: Int {
+            // (Saturating: a served count from absurd journal values must not trap here.)
+            let (d, over) = granted.subtractingReportingOverflow(served)
+            return over ? (served < 0 ? Int.max : Int.min) : d
+        }
     }
 
     /// A lease request whose answer the journal has not seen.
@@ -131,7 +135,7 @@ public struct LeaseLedger: Sendable, Equatable {
             case .claimed:
                 // The claim exists: its intent's count is the claim's own, nothing to release.
                 if !owedReleases.isEmpty { owedReleases.removeValue(forKey: e.claimID) }
-                for s in e.shares { change(e.voucher, s.leaseId, claim: e.claimID) { $0.served += s.tokens } }
+                for s in e.shares { change(e.voucher, s.leaseId, claim: e.claimID, served: s.tokens) }
             case .unclaimed:
                 if e.toPool != 0 { owedRestocks[e.claimID] = e }
                 if let r = releasesAwaitingCancel.removeValue(forKey: e.claimID) { owedReleases[e.claimID] = r }
@@ -141,9 +145,16 @@ public struct LeaseLedger: Sendable, Equatable {
                         // The lease may be closed and gone from the books: the restock stands on its own.
                         // (Through its index: `accounts[key]?.…` on a missing key may grow the table to make
                         // room for an insert that never comes, which moves every entry: see `last`.)
-                        if let a = accounts.index(forKey: key) { accounts.values[a].restocked += s.tokens }
+                        if let a = accounts.index(forKey: key) {
+                            let (sum, over) = accounts.values[a].restocked.addingReportingOverflow(s.tokens)
+                            if over {
+                                anomalies.append("lease \(e.voucher)/\(s.leaseId): restock of \(s.tokens) by claim \(e.claimID) overflows")
+                            } else {
+                                accounts.values[a].restocked = sum
+                            }
+                        }
                     } else {
-                        change(e.voucher, s.leaseId, claim: e.claimID) { $0.served -= s.tokens }
+                        change(e.voucher, s.leaseId, claim: e.claimID, served: -s.tokens)
                     }
                 }
             }
@@ -184,7 +195,9 @@ public struct LeaseLedger: Sendable, Equatable {
         }
     }
 
-    private mutating func change(_ voucher: String, _ lease: String, claim: String, _ body: (inout Account) -> Void) {
+    /// Add `delta` to the lease's `served`. Values come from the journal's bytes: an absurd one (a record
+    /// quotad would never write, but whose checksum holds) is an anomaly, never an overflow trap.
+    private mutating func change(_ voucher: String, _ lease: String, claim: String, served delta: Int) {
         // One lookup (the entry is changed in place by its index), not a read and a write: the journal writer
         // folds every claim through here, and each lookup hashes two strings (issue 13).
         let key = Key(voucher: voucher, lease: lease)
@@ -199,7 +212,12 @@ public struct LeaseLedger: Sendable, Equatable {
             i = found
             last = LastAccount(key: key, index: found)
         }
-        body(&accounts.values[i])
+        let (sum, over) = accounts.values[i].served.addingReportingOverflow(delta)
+        guard !over else {
+            anomalies.append("lease \(voucher)/\(lease): \(delta) served by claim \(claim) overflows its count")
+            return
+        }
+        accounts.values[i].served = sum
         let a = accounts.values[i]
         if a.served < 0 || a.served > a.granted {
             anomalies.append("lease \(voucher)/\(lease) served \(a.served) of \(a.granted) after claim \(claim)")

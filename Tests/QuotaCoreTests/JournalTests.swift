@@ -477,3 +477,45 @@ func waitUntil(_ check: () -> Bool) throws {
     for _ in 0..<1000 where !check() { usleep(10_000) }
     try #require(check(), "timed out")
 }
+
+struct Undecoded: Error { var record: String }
+
+@Suite("The lease ledger folds absurd journal values without trapping")
+struct LeaseLedgerOverflowTests {
+    /// Records whose checksums hold but whose counts quotad would never write (values up to `Int.max` decode):
+    /// folding them reports anomalies instead of trapping on an overflow.
+    @Test func countsNearIntMaxAreAnomaliesNotTraps() throws {
+        func viaCodec(_ r: JournalRecord) throws -> JournalRecord {
+            var buf: [UInt8] = []
+            JournalCodec.encode(r, into: &buf)
+            guard case .record(let got, _) = JournalCodec.decode(buf, at: 0) else { throw Undecoded(record: "\(r)") }
+            return got
+        }
+        var l = LeaseLedger()
+        l.apply(try viaCodec(grant("1", Int.max)))
+        l.apply(try viaCodec(claim("a", lease: "1", qty: Int.max)))
+        #expect(l.accounts.values.first?.served == Int.max)
+        #expect(l.anomalies.isEmpty, "\(l.anomalies)")
+        // A second claim of Int.max tokens would overflow `served`.
+        l.apply(try viaCodec(claim("b", lease: "1", qty: Int.max)))
+        #expect(l.accounts.values.first?.served == Int.max)
+        #expect(l.anomalies.contains { $0.contains("overflows") }, "\(l.anomalies)")
+        // A cancellation of `a` and `b` back to the lease: served goes to 0, then -Int.max.
+        var cancel = ClaimEvent(kind: .unclaimed, claimID: "a", voucher: "v", user: "u", qty: Int.max, region: "sg", host: "h",
+                                shares: [ClaimShare(leaseId: "1", tokens: Int.max)], tsMs: 1)
+        l.apply(try viaCodec(.claim(cancel)))
+        cancel.claimID = "b"
+        l.apply(try viaCodec(.claim(cancel)))
+        let a = try #require(l.accounts.values.first)
+        #expect(a.served == -Int.max)
+        #expect(a.unserved == Int.max, "granted - served saturates")
+        // Restocks (shares to the pool) of Int.max twice: the second overflows `restocked`.
+        cancel.toPool = 1
+        for id in ["c", "d"] {
+            cancel.claimID = id
+            l.apply(try viaCodec(.claim(cancel)))
+        }
+        #expect(l.accounts.values.first?.restocked == Int.max)
+        #expect(l.anomalies.filter { $0.contains("overflows") }.count == 2, "\(l.anomalies)")
+    }
+}
