@@ -82,6 +82,19 @@ func step<T: Sendable>(_ what: String, within limit: Duration = .seconds(30), co
 
 /// What a hung sidecar is doing, for a step's failure: its process state, `INFO` through a new connection,
 /// where each of its threads is (gdb, when installed; the whole dump is kept in a file), and its log's end.
+/// The threads of process `pid` (gdb), Swift frames of quotad's own modules and NIO only; the full dump is kept
+/// in a file it names. Empty without gdb.
+func threadStacks(_ pid: Int32) -> String {
+    guard FileManager.default.isExecutableFile(atPath: "/usr/bin/gdb") else { return "" }
+    let file = "/tmp/quotad-hang-\(pid)-\(UInt32.random(in: 0...UInt32.max)).txt"
+    _ = run("/bin/sh", ["-c", "timeout 60 /usr/bin/gdb -p \(pid) -batch -ex 'thread apply all bt 40' > \(file) 2>&1"])
+    let dump = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+    let frames = dump.split(separator: "\n").filter {
+        $0.hasPrefix("Thread") || $0.contains(" in $s") && ($0.contains("Quota") || $0.contains("NIO")) || $0.contains("rd_kafka")
+    }
+    return "\nthreads (full dump: \(file)):\n" + frames.prefix(150).map { String($0.prefix(220)) }.joined(separator: "\n")
+}
+
 func diagnose(_ q: Quotad, clients: [RESPClient] = []) async -> String {
     let pid = q.child.pid
     var out = "quotad pid \(pid): " + ((try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?
@@ -100,13 +113,7 @@ func diagnose(_ q: Quotad, clients: [RESPClient] = []) async -> String {
     }
     out += "\nCLIENT LIST: " + (list.map { String($0.prefix(3000)) } ?? "no answer within 3 s")
     for c in clients { out += "\n" + (await c.state()) }
-    if FileManager.default.isExecutableFile(atPath: "/usr/bin/gdb") {
-        let file = "/tmp/quotad-hang-\(pid)-\(UInt32.random(in: 0...UInt32.max)).txt"
-        _ = run("/bin/sh", ["-c", "timeout 60 /usr/bin/gdb -p \(pid) -batch -ex 'thread apply all bt 40' > \(file) 2>&1"])
-        let dump = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
-        let frames = dump.split(separator: "\n").filter { $0.hasPrefix("Thread") || $0.contains(" in $s") && ($0.contains("Quota") || $0.contains("NIO")) }
-        out += "\nthreads (full dump: \(file)):\n" + frames.prefix(120).map { String($0.prefix(220)) }.joined(separator: "\n")
-    }
+    out += threadStacks(pid)
     // Whose side the bytes wait on: quotad's send queue, or this process's receive queue (unread replies).
     let sockets = "/tmp/sockets-\(pid)-\(UInt32.random(in: 0...UInt32.max)).txt"
     _ = run("/bin/sh", ["-c", "ss -xpn | grep -E 'pid=(\(pid)|\(getpid())),' > \(sockets) 2>&1"])

@@ -47,9 +47,18 @@ struct KafkaStopTests {
         let t0 = ContinuousClock.now
         q.child.signal(SIGTERM)
         // Drain (10 s) + Kafka flush (10 s) + slack for a loaded machine; the stop seen hung was past 40 s.
-        let status = try await q.child.wait(timeout: .seconds(35))
+        // (Past 25 s, where the stop waits is printed: gdb's stacks, taken before the bound fails the test.)
+        let early = try? await q.child.wait(timeout: .seconds(25))
+        let stacks = early == nil ? threadStacks(q.child.pid) : ""
+        let left = (t0 + .seconds(35)) - ContinuousClock.now
+        var status = early ?? -1
+        if early == nil {
+            status = try await step("quotad exits within 35 s of SIGTERM", within: left,
+                                    context: { "\(stacks)\nlog:\n\(q.allLogs.suffix(3000))" }) { try await q.child.wait(timeout: .seconds(40)) }
+        }
         let took = ContinuousClock.now - t0
         #expect(status == 0, "\(q.allLogs.suffix(3000))")
+        if !stacks.isEmpty { print("the stop took more than 25 s; where it waited:\(stacks)") }
         print("durability \(durability): \(sent) claims sent, \(answered.count) answered; stop took \(took)")
         c.close()
         // What the stop did not ship (purged from the producer) is in the journal, and the next run ships it.
