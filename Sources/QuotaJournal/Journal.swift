@@ -379,14 +379,17 @@ public final class Journal: @unchecked Sendable {
         positions.reserveCapacity(batch.count)
         let saved = ledger
         var next = state.withLockedValue { $0.segments[current]?.events ?? 0 }
-        for p in batch {
-            JournalCodec.encode(p.record, into: &buf)
-            ledger.apply(p.record)
-            if let ev = ShippedEvent(p.record) {
+        let ships = options.ships
+        // (By index: `for p in batch` copied each record, its closure and its sink, a retain and a release each.)
+        for i in batch.indices {
+            JournalCodec.encode(batch[i].record, into: &buf)
+            ledger.apply(batch[i].record)
+            if ShippedEvent.isShipped(batch[i].record) {
                 let pos = JournalPosition(segment: current, index: next)
                 next += 1
                 positions.append(pos)
-                shipped.append(DurableEvent(position: pos, event: ev))
+                // (Without Kafka nobody reads the events: not made.)
+                if ships, let ev = ShippedEvent(batch[i].record) { shipped.append(DurableEvent(position: pos, event: ev)) }
             } else {
                 positions.append(JournalPosition(segment: current, index: -1))
             }
@@ -446,10 +449,10 @@ public final class Journal: @unchecked Sendable {
             }
             run.removeAll(keepingCapacity: true)
         }
-        for (i, p) in batch.enumerated() {
-            if let sink = p.sink {
-                run.append((sink, p.token, i))
-            } else if let done = p.done {
+        for i in batch.indices {
+            if let sink = batch[i].sink {
+                run.append((sink, batch[i].token, i))
+            } else if let done = batch[i].done {
                 handOver()
                 switch result {
                 case .success(let positions): done(.success(positions[i]))

@@ -30,6 +30,15 @@ public enum ShippedEvent: Sendable, Equatable {
         }
     }
 
+    /// Whether `r` is shipped (``init(_:)`` would make an event of it), without making the event.
+    public static func isShipped(_ r: JournalRecord) -> Bool {
+        switch r {
+        case .claim(let e): return e.kind != .intent
+        case .leaseGranted, .leaseClosed: return true
+        default: return false
+        }
+    }
+
     /// The shipped form of a journal record, if it is one.
     public init?(_ r: JournalRecord) {
         switch r {
