@@ -130,9 +130,17 @@ public final class SidecarEngine: Sendable {
     /// `CLIENT LIST`: one line per open connection, in id order, each read on its own event loop.
     func clientList(on loop: any EventLoop) -> EventLoopFuture<String> {
         let entries = clients.withLockedValue { $0 }.sorted { $0.key < $1.key }.map(\.value)
-        let lines = entries.map { e in e.loop.submit { e.describe.value() } }
+        // Each line's promise is the asking loop's, completed by the connection's loop or, after a second, with
+        // nothing (helper-46: a task sent to a loop that has shut down is dropped, and its promise then never
+        // completed, holding this reply's place for ever). A second completion is ignored.
+        let lines = entries.map { e -> EventLoopFuture<String?> in
+            let p = loop.makePromise(of: String?.self)
+            e.loop.execute { p.succeed(e.describe.value()) }
+            loop.scheduleTask(in: .seconds(1)) { p.succeed(nil) }
+            return p.futureResult
+        }
         return EventLoopFuture.whenAllComplete(lines, on: loop).map { results in
-            results.compactMap { try? $0.get() }.map { $0 + "\n" }.joined()
+            results.compactMap { try? $0.get() }.compactMap { $0 }.map { $0 + "\n" }.joined()
         }
     }
 
