@@ -94,6 +94,9 @@ public final class Journal: @unchecked Sendable {
     private let logger: Logger
     private let lock = ConditionLock(value: 0)
     private var queue: [Pending] = []  // guarded by lock
+    /// The writer thread's batch buffer: swapped with `queue`, emptied (keeping its capacity) after each
+    /// write, so neither grows again batch after batch (issue 13: growing `queue` was ~145 instructions a claim).
+    private var spare: [Pending] = []  // writer thread only
     private var stopping = false  // guarded by lock
 
     private let state = NIOLockedValueBox(State())
@@ -350,15 +353,16 @@ public final class Journal: @unchecked Sendable {
     private func run() {
         while true {
             let got = lock.lock(whenValue: 1, timeoutSeconds: 0.5)
-            var batch: [Pending] = []
             var stop = false
             if got {
-                swap(&batch, &queue)
-                queue.reserveCapacity(batch.count)
+                swap(&spare, &queue)
                 stop = stopping
                 lock.unlock(withValue: 0)
             }
-            if !batch.isEmpty { write(batch) }
+            if !spare.isEmpty {
+                write(spare)
+                spare.removeAll(keepingCapacity: true)
+            }
             maybeRoll(force: false)
             sweep()
             if stop { return }
@@ -375,6 +379,7 @@ public final class Journal: @unchecked Sendable {
         var buf: [UInt8] = []
         buf.reserveCapacity(batch.count * 128)
         var shipped: [DurableEvent] = []
+        if options.ships { shipped.reserveCapacity(batch.count) }
         var positions: [JournalPosition] = []
         positions.reserveCapacity(batch.count)
         let saved = ledger

@@ -298,6 +298,7 @@ final class VoucherRuntime: @unchecked Sendable {
         }
         var promised: [(EventLoopPromise<Reply>, Reply)] = []
         var addressed: [(ReplyAddress, Reply)] = []
+        addressed.reserveCapacity(replies.count)
         for (w, r) in replies {
             switch w {
             case .promise(let p):
