@@ -17,7 +17,11 @@ public struct ClaimEvent: Sendable, Equatable {
 
     private struct Fields: Equatable {
         var kind: Kind
-        var claimID: String
+        /// The claim id: `idHead` itself when `idSeq` is negative, else `idHead` followed by `idSeq` in base 36
+        /// (``ClaimEvent/claimID(prefix:seq:)``). A claim made here keeps its id as its parts, and every
+        /// encoder writes the digits where they go: no `String` is made for it on the claim path (issue 13).
+        var idHead: String
+        var idSeq: Int
         var voucher: String
         var user: String
         var qty: Int
@@ -27,6 +31,21 @@ public struct ClaimEvent: Sendable, Equatable {
         var tsMs: Int64
         var req: String?
         var toPool: UInt64
+
+        var claimID: String { idSeq < 0 ? idHead : ClaimEvent.claimID(prefix: idHead, seq: idSeq) }
+
+        /// Ids compare as their text, whichever way each is kept.
+        func sameID(_ o: Fields) -> Bool {
+            if idSeq >= 0, o.idSeq >= 0, idHead == o.idHead { return idSeq == o.idSeq }
+            if idSeq < 0, o.idSeq < 0 { return idHead == o.idHead }
+            return claimID == o.claimID
+        }
+
+        static func == (a: Fields, b: Fields) -> Bool {
+            a.kind == b.kind && a.sameID(b) && a.voucher == b.voucher && a.user == b.user && a.qty == b.qty
+                && a.region == b.region && a.host == b.host && a.shares == b.shares && a.tsMs == b.tsMs && a.req == b.req
+                && a.toPool == b.toPool
+        }
     }
 
     private var box: Box
@@ -40,7 +59,19 @@ public struct ClaimEvent: Sendable, Equatable {
     }
 
     public var kind: Kind { get { box.f.kind } set { fields.kind = newValue } }
-    public var claimID: String { get { box.f.claimID } set { fields.claimID = newValue } }
+    public var claimID: String {
+        get { box.f.claimID }
+        set {
+            fields.idHead = newValue
+            fields.idSeq = -1
+        }
+    }
+    /// The id's parts when it is a prefix and a sequence number (a claim made by this process), else nil.
+    public var claimNumber: (prefix: String, seq: Int)? { box.f.idSeq < 0 ? nil : (box.f.idHead, box.f.idSeq) }
+    /// The id's length in bytes, without making it.
+    public var claimIDByteCount: Int {
+        box.f.idSeq < 0 ? box.f.idHead.utf8.count : box.f.idHead.utf8.count + ClaimNumber.count(box.f.idSeq)
+    }
     public var voucher: String { get { box.f.voucher } set { fields.voucher = newValue } }
     public var user: String { get { box.f.user } set { fields.user = newValue } }
     public var qty: Int { get { box.f.qty } set { fields.qty = newValue } }
@@ -58,7 +89,15 @@ public struct ClaimEvent: Sendable, Equatable {
 
     public init(kind: Kind = .claimed, claimID: String, voucher: String, user: String, qty: Int, region: String,
                 host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
-        box = Box(Fields(kind: kind, claimID: claimID, voucher: voucher, user: user, qty: qty, region: region,
+        box = Box(Fields(kind: kind, idHead: claimID, idSeq: -1, voucher: voucher, user: user, qty: qty, region: region,
+                         host: host, shares: shares, tsMs: tsMs, req: req, toPool: toPool))
+    }
+
+    /// A claim whose id is `idPrefix` followed by `seq` in base 36 (``claimID(prefix:seq:)``), kept as those parts.
+    public init(kind: Kind = .claimed, idPrefix: String, seq: Int, voucher: String, user: String, qty: Int, region: String,
+                host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
+        precondition(seq >= 0, "claim sequence numbers are never negative")
+        box = Box(Fields(kind: kind, idHead: idPrefix, idSeq: seq, voucher: voucher, user: user, qty: qty, region: region,
                          host: host, shares: shares, tsMs: tsMs, req: req, toPool: toPool))
     }
 
@@ -102,11 +141,11 @@ public struct ClaimEvent: Sendable, Equatable {
         let f = box.f
         let fixed = cache.fixed(voucher: f.voucher, region: f.region, host: f.host)
         let r = JSONBytes.room
-        var bound = 160 + r(f.claimID) + fixed.voucher.count + r(f.user) + fixed.hostFields.count + 3 * JSONBytes.intRoom
+        var bound = 160 + r(f.idHead) + JSONBytes.intRoom + fixed.voucher.count + r(f.user) + fixed.hostFields.count + 3 * JSONBytes.intRoom
         for sh in f.shares { bound += 64 + r(sh.leaseId) + JSONBytes.intRoom }
         return JSONBytes.build(bound: bound) { j in
             j.raw(f.kind == .claimed ? "{\"type\":\"claimed\",\"claim_id\":" : "{\"type\":\"unclaimed\",\"claim_id\":")
-            j.string(f.claimID)
+            if f.idSeq < 0 { j.string(f.idHead) } else { j.string(f.idHead, thenNumber: f.idSeq) }
             j.raw(",\"voucher\":")
             j.bytes(fixed.voucher)
             j.raw(",\"user\":")
@@ -350,10 +389,11 @@ struct JSONBytes {
 
     /// `v` as a JSON string: its bytes copied in runs, only `"`, `\\` and control characters escaped (UTF-8
     /// multi-byte sequences never contain those bytes).
-    mutating func string(_ v: String) {
+    /// `v` as a JSON string; with `number`, its base-36 digits (``ClaimNumber``) follow `v` inside the quotes.
+    mutating func string(_ v: String, thenNumber number: Int? = nil) {
         var v = v
         v.withUTF8 { buf in
-            reserve(6 * buf.count + 2)
+            reserve(6 * buf.count + 2 + (number == nil ? 0 : 14))
             p[count] = UInt8(ascii: "\"")
             count += 1
             var start = 0
@@ -396,6 +436,11 @@ struct JSONBytes {
                 }
             }
             copyRun(n)
+            if let number {
+                let digits = ClaimNumber.count(number)
+                ClaimNumber.write(number, digits: digits, at: p + count)
+                count += digits
+            }
             p[count] = UInt8(ascii: "\"")
             count += 1
         }

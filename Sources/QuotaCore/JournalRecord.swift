@@ -228,7 +228,7 @@ public enum JournalCodec {
         precondition(c.shares.count <= ClaimEvent.maxShares, "a claim of more shares than a journal record holds")
         // The most each field takes: a varint is at most 10 bytes; a string is its length's varint and its bytes.
         var bound = 1 + 10 * 5 + 1 + 10 * (5 + 2 * c.shares.count)
-        bound += c.claimID.utf8.count + c.voucher.utf8.count + c.user.utf8.count + c.region.utf8.count + c.host.utf8.count
+        bound += c.claimIDByteCount + c.voucher.utf8.count + c.user.utf8.count + c.region.utf8.count + c.host.utf8.count
         for s in c.shares { bound += s.leaseId.utf8.count }
         if let req = c.req { bound += 10 + req.utf8.count }
         let start = body.count
@@ -240,7 +240,7 @@ public enum JournalCodec {
         let used = body.withUnsafeMutableBufferPointer { buf -> Int in
             var w = Writer(p: buf.baseAddress! + start)
             w.byte(c.kind == .claimed ? 1 : c.kind == .unclaimed ? 5 : 6)
-            w.string(c.claimID)
+            if let (prefix, seq) = c.claimNumber { w.string(prefix, thenNumber: seq) } else { w.string(c.claimID) }
             w.string(c.voucher)
             w.string(c.user)
             w.varint(UInt64(c.qty))
@@ -298,6 +298,19 @@ public enum JournalCodec {
                 if let from = u.baseAddress, u.count > 0 { (p + at).update(from: from, count: u.count) }
                 at += u.count
             }
+        }
+
+        /// `s` followed by `number`'s base-36 digits (``ClaimNumber``), as one string.
+        mutating func string(_ s: String, thenNumber number: Int) {
+            var s = s
+            let digits = ClaimNumber.count(number)
+            s.withUTF8 { u in
+                varint(UInt64(u.count + digits))
+                if let from = u.baseAddress, u.count > 0 { (p + at).update(from: from, count: u.count) }
+                at += u.count
+            }
+            ClaimNumber.write(number, digits: digits, at: p + at)
+            at += digits
         }
     }
 

@@ -197,7 +197,7 @@ public struct LeaseLedger: Sendable, Equatable {
 
     /// Add `delta` to the lease's `served`. Values come from the journal's bytes: an absurd one (a record
     /// quotad would never write, but whose checksum holds) is an anomaly, never an overflow trap.
-    private mutating func change(_ voucher: String, _ lease: String, claim: String, served delta: Int) {
+    private mutating func change(_ voucher: String, _ lease: String, claim: @autoclosure () -> String, served delta: Int) {
         // One lookup (the entry is changed in place by its index), not a read and a write: the journal writer
         // folds every claim through here, and each lookup hashes two strings (issue 13).
         let key = Key(voucher: voucher, lease: lease)
@@ -206,7 +206,7 @@ public struct LeaseLedger: Sendable, Equatable {
             i = cached
         } else {
             guard let found = accounts.index(forKey: key) else {
-                anomalies.append("claim \(claim) names lease \(voucher)/\(lease), which this journal does not hold")
+                anomalies.append("claim \(claim()) names lease \(voucher)/\(lease), which this journal does not hold")
                 return
             }
             i = found
@@ -214,13 +214,13 @@ public struct LeaseLedger: Sendable, Equatable {
         }
         let (sum, over) = accounts.values[i].served.addingReportingOverflow(delta)
         guard !over else {
-            anomalies.append("lease \(voucher)/\(lease): \(delta) served by claim \(claim) overflows its count")
+            anomalies.append("lease \(voucher)/\(lease): \(delta) served by claim \(claim()) overflows its count")
             return
         }
         accounts.values[i].served = sum
         let a = accounts.values[i]
         if a.served < 0 || a.served > a.granted {
-            anomalies.append("lease \(voucher)/\(lease) served \(a.served) of \(a.granted) after claim \(claim)")
+            anomalies.append("lease \(voucher)/\(lease) served \(a.served) of \(a.granted) after claim \(claim())")
         }
     }
 

@@ -15,8 +15,9 @@ public struct ClaimRules: Sendable {
 
     public var region: String
     public var host: String
-    /// Claim ids are `idPrefix` + the claim's sequence number in base 36.
-    public var idPrefix: String
+    /// Claim ids are `idPrefix` + the claim's sequence number in base 36. Fixed for the machine's life: answers
+    /// carry only the number, and the runtime spells them with its own copy of it (helper-47).
+    public let idPrefix: String
     public var durability: Durability
     public var perUserMode: PerUserMode = .central
     public var onUnavailable: OnUnavailable = .failClosed
@@ -84,7 +85,8 @@ public struct VoucherMachine: Sendable {
         case claimID(String)
         /// A claim answered with its id, given as its sequence number: the id is the rules' `idPrefix`
         /// followed by it (``ClaimEvent/claimID(prefix:seq:)``), written straight into the reply with no
-        /// `String` made. Only claims that nothing records answer so (``Effect/rememberGranted(_:)``).
+        /// `String` made. Every claim made by this machine is answered so; `claimID` is for ids of other
+        /// runs (a `REQ` answer recovered from the journal).
         case claimNumber(Int)
         case integer(Int)
         case ok
@@ -512,8 +514,13 @@ public struct VoucherMachine: Sendable {
             fx.append(.rememberGranted(GrantedClaim(seq: seq, user: user, qty: qty, shares: shares)))
             return .claimNumber(seq)
         }
-        let event = ClaimEvent(claimID: ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq), voucher: voucher, user: user, qty: qty,
-                               region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
+        // With a per-user limit the id's text is read several times (the intent record, the user check, the
+        // ledger's owed releases): made once here. Without one, kept as its parts and never made (helper-47).
+        let event = limit > 0
+            ? ClaimEvent(claimID: ClaimEvent.claimID(prefix: rules.idPrefix, seq: seq), voucher: voucher, user: user, qty: qty,
+                         region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
+            : ClaimEvent(idPrefix: rules.idPrefix, seq: seq, voucher: voucher, user: user, qty: qty,
+                         region: rules.region, host: rules.host, shares: shares, tsMs: wallClock(), req: req)
         // The claim timeout applies only to a claim that waits (a durable record, a per-user check): with
         // `durability: none` and no per-user limit it is answered now, and its deadline is never read.
         let waits = rules.durability != .none || limit > 0
@@ -566,7 +573,7 @@ public struct VoucherMachine: Sendable {
             if !inFlight.isEmpty { inFlight.removeValue(forKey: seq) }   // (a lookup of an empty map still hashes)
             if rules.recordsClaims { fx.append(.recordLater(f.event)) }
             fx.append(.remember(f.event, seq: seq))
-            return .claimID(f.event.claimID)
+            return idAnswer(f.event)
         }
         var f = f
         f.stage = .recording
@@ -577,6 +584,13 @@ public struct VoucherMachine: Sendable {
         }
         fx.append(.recordClaim(f.event, seq: seq))
         return nil
+    }
+
+    /// A granted claim's answer: its sequence number when its id is this machine's prefix and that number (every
+    /// claim made here: no `String` is made for the id, the reply writes it), else the id's text.
+    private func idAnswer(_ e: ClaimEvent) -> Answer {
+        if let (prefix, seq) = e.claimNumber, prefix == rules.idPrefix { return .claimNumber(seq) }
+        return .claimID(e.claimID)
     }
 
     /// Complete `ticket` (and every racing retry with the same request id).
@@ -687,7 +701,7 @@ public struct VoucherMachine: Sendable {
         inFlight.removeValue(forKey: seq)
         stock.commit(f.event.shares)
         fx.append(.remember(f.event, seq: seq))
-        finish(f.ticket, req: f.event.req, .claimID(f.event.claimID), now: now, &fx)
+        finish(f.ticket, req: f.event.req, idAnswer(f.event), now: now, &fx)
     }
 
     /// A claim in flight ends without being a claim: tokens back to their lease, user released, caller told.

@@ -519,3 +519,41 @@ struct LeaseLedgerOverflowTests {
         #expect(l.anomalies.filter { $0.contains("overflows") }.count == 2, "\(l.anomalies)")
     }
 }
+
+@Suite("A claim id kept as its parts")
+struct ClaimIDPartsTests {
+    /// A claim made here keeps its id as prefix and number (no `String` made on the claim path); every encoder
+    /// must write exactly the bytes of the id's text (helper-47: nothing asserted that).
+    @Test func theJournalAndKafkaBytesOfANumberedIdAreThoseOfItsText() throws {
+        let prefixes = ["", "sg.h.b.", "a\"b\\c\nd\u{1}.", String(repeating: "\u{1}", count: 300), "e\u{301}.", "日本."]
+        let seqs = [0, 35, 36, 46_655, 46_656, Int.max - 1, Int.max]
+        for prefix in prefixes {
+            for seq in seqs {
+                let text = ClaimEvent.claimID(prefix: prefix, seq: seq)
+                for kind in [ClaimEvent.Kind.claimed, .unclaimed] {
+                    let shares = [ClaimShare(leaseId: "l1", tokens: 2), ClaimShare(leaseId: "l2", tokens: 1)]
+                    let numbered = ClaimEvent(kind: kind, idPrefix: prefix, seq: seq, voucher: "v", user: "u", qty: 3,
+                                              region: "sg", host: "h", shares: shares, tsMs: 7, req: "r", toPool: 2)
+                    let spelled = ClaimEvent(kind: kind, claimID: text, voucher: "v", user: "u", qty: 3,
+                                             region: "sg", host: "h", shares: shares, tsMs: 7, req: "r", toPool: 2)
+                    #expect(numbered.claimID == text && numbered.claimIDByteCount == text.utf8.count)
+                    #expect(numbered == spelled)
+                    #expect(numbered.kafkaValue == spelled.kafkaValue, "Kafka value of \(prefix.debugDescription) + \(seq)")
+                    var a: [UInt8] = []
+                    var b: [UInt8] = []
+                    JournalCodec.encode(.claim(numbered), into: &a)
+                    JournalCodec.encode(.claim(spelled), into: &b)
+                    #expect(a == b, "journal record of \(prefix.debugDescription) + \(seq)")
+                    guard case .record(.claim(let back), _) = JournalCodec.decode(a, at: 0) else {
+                        Issue.record("not decoded")
+                        continue
+                    }
+                    #expect(Array(back.claimID.utf8) == Array(text.utf8))
+                }
+            }
+        }
+        // Two splits of one text are one id.
+        #expect(ClaimEvent(idPrefix: "a.1", seq: 5, voucher: "v", user: "u", qty: 1, region: "r", host: "h", shares: [], tsMs: 0)
+            == ClaimEvent(idPrefix: "a.", seq: 41, voucher: "v", user: "u", qty: 1, region: "r", host: "h", shares: [], tsMs: 0))
+    }
+}
