@@ -361,7 +361,8 @@ public final class Journal: @unchecked Sendable {
             }
             if !spare.isEmpty {
                 write(spare)
-                spare.removeAll(keepingCapacity: true)
+                // (Kept for the next batch, unless a burst made it huge: then given back; helper-48.)
+                if spare.capacity > 65_536 { spare = [] } else { spare.removeAll(keepingCapacity: true) }
             }
             maybeRoll(force: false)
             sweep()

@@ -46,12 +46,9 @@ final class VoucherRuntime: @unchecked Sendable {
     /// The effects buffer of `handle`, kept (emptied, with its capacity) between claims: no allocation per claim.
     private var scratch: [VoucherMachine.Effect] = []
 
-    /// The claim ids' prefix (``VoucherMachine/Answer/claimNumber(_:)`` answers are this and a number).
-    private let idPrefix: String
 
     init(id: String, engine: SidecarEngine, policy: LeasePolicy, rules: ClaimRules, requestPrefix: String) {
         self.id = id
-        self.idPrefix = rules.idPrefix
         self.engine = engine
         let pipeline = engine.pipeline
         let chores = engine.chores
@@ -165,7 +162,8 @@ final class VoucherRuntime: @unchecked Sendable {
     private func reply(_ a: VoucherMachine.Answer) -> Reply {
         switch a {
         case .claimID(let id): return .claimID(id)
-        case .claimNumber(let seq): return .claimNumber(prefix: idPrefix, seq: seq)
+        // (Under the lock, both callers: the machine's own prefix, whatever its rules are now; helper-48.)
+        case .claimNumber(let seq): return .claimNumber(prefix: machine.rules.idPrefix, seq: seq)
         case .integer(let n): return .value(.integer(n))
         case .ok: return .value(.ok)
         case .refused(let e): return .error(e)
