@@ -171,7 +171,7 @@ public final class Journal: @unchecked Sendable {
             state.withLockedValue { $0.segments[current]?.bytes = goodOffset }
         }
         publish()
-        let t = Thread { [unowned self] in self.run() }
+        let t = Thread { [self] in self.run() }
         t.name = "journal"
         thread = t
         t.start()

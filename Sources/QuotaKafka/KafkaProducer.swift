@@ -62,11 +62,11 @@ public final class KafkaProducer: @unchecked Sendable {
         self.logger = logger
         self.onDelivery = onDelivery
         self.onError = onError
-        let t = Thread { [unowned self] in self.pollLoop() }
+        let t = Thread { [self] in self.pollLoop() }
         t.name = "kafka-events"
         thread = t
         t.start()
-        let p = Thread { [unowned self] in self.probeLoop() }
+        let p = Thread { [self] in self.probeLoop() }
         p.name = "kafka-probe"
         probeThread = p
         p.start()

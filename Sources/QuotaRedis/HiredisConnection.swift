@@ -91,11 +91,11 @@ public final class HiredisConnection: @unchecked Sendable {
         self.socketTimeout = socketTimeout ?? max(timeout * 5, .seconds(5))
         self.maxQueued = maxQueued
         self.logger = logger
-        let t = Thread { [unowned self] in self.run() }
+        let t = Thread { [self] in self.run() }
         t.name = name
         self.thread = t
         t.start()
-        let w = Thread { [unowned self] in self.watch() }
+        let w = Thread { [self] in self.watch() }
         w.name = name + "-watchdog"
         self.watchdog = w
         w.start()
