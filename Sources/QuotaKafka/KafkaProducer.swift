@@ -75,14 +75,22 @@ public final class KafkaProducer: @unchecked Sendable {
     }
 
     /// Queue one message. Throws when librdkafka's local queue is full (`_QUEUE_FULL`) or the topic is unknown.
+    /// Queue one message. Throws `CLOSED` once ``close(flushTimeout:)`` has begun: a produce never runs on
+    /// handles being freed (helper-49: the pipeline's recreate closed a producer that another thread was
+    /// still producing on); the caller keeps the message for the next producer.
     public func produce(key: String, value: [UInt8], sequence: UInt64) throws(KafkaError) {
-        let rc = value.withUnsafeBytes { v in
-            key.withCString { k in
-                rd_kafka_produce(
-                    rkt, RD_KAFKA_PARTITION_UA, RD_KAFKA_MSG_F_COPY, UnsafeMutableRawPointer(mutating: v.baseAddress),
-                    v.count, k, strlen(k), UnsafeMutableRawPointer(bitPattern: UInt(sequence)))
+        // Under `closed`'s lock, which close takes first: no produce is running once close goes on.
+        let rc: Int32? = closed.withLockedValue { isClosed in
+            guard !isClosed else { return nil }
+            return value.withUnsafeBytes { v in
+                key.withCString { k in
+                    rd_kafka_produce(
+                        rkt, RD_KAFKA_PARTITION_UA, RD_KAFKA_MSG_F_COPY, UnsafeMutableRawPointer(mutating: v.baseAddress),
+                        v.count, k, strlen(k), UnsafeMutableRawPointer(bitPattern: UInt(sequence)))
+                }
             }
         }
+        guard let rc else { throw KafkaError(code: -1, name: "CLOSED", message: "the producer is closed") }
         if rc != 0 { throw RdKafkaConfig.error(rd_kafka_last_error()) }
     }
 

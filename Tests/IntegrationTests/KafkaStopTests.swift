@@ -105,6 +105,29 @@ struct KafkaProducerCloseTests {
     }
 }
 
+@Suite("A closed producer", .timeLimit(.minutes(2)))
+struct KafkaProducerClosedTests {
+    /// helper-49: the pipeline's recreate could close a producer another thread was still producing on. A produce
+    /// after close begins is refused (`CLOSED`, the caller keeps the message) and never reaches the freed handles.
+    @Test func aProduceAfterCloseIsRefusedAndNeverReported() async throws {
+        let kafka = try await KafkaBroker()
+        let reports = Answered()
+        let p = try KafkaProducer(brokers: kafka.brokers, topic: "closed", logger: .init(label: "t"),
+                                  onDelivery: { rs in for r in rs { reports.add(r.error.map { "\($0)" } ?? "ok") } })
+        try p.produce(key: "k", value: Array("m1".utf8), sequence: 1)
+        try await offThePool { p.close(flushTimeout: .seconds(10)) }
+        #expect(reports.all == ["ok"])
+        #expect(throws: KafkaError.self) { try p.produce(key: "k", value: Array("m2".utf8), sequence: 2) }
+        do {
+            try p.produce(key: "k", value: Array("m3".utf8), sequence: 3)
+        } catch {
+            #expect(error.name == "CLOSED", "\(error)")
+        }
+        #expect(reports.all == ["ok"])
+        withExtendedLifetime(kafka) {}
+    }
+}
+
 @Suite("One-shot delivery", .timeLimit(.minutes(2)))
 struct ProduceAllTests {
     /// An event Kafka never acknowledged (here one too large to queue) is a failure, not a success with a
