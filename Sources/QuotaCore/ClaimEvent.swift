@@ -388,8 +388,8 @@ struct JSONBytes {
     }
 
     /// `v` as a JSON string: its bytes copied in runs, only `"`, `\\` and control characters escaped (UTF-8
-    /// multi-byte sequences never contain those bytes).
-    /// `v` as a JSON string; with `number`, its base-36 digits (``ClaimNumber``) follow `v` inside the quotes.
+    /// multi-byte sequences never contain those bytes). With `number`, its base-36 digits (``ClaimNumber``)
+    /// follow `v` inside the quotes.
     mutating func string(_ v: String, thenNumber number: Int? = nil) {
         var v = v
         v.withUTF8 { buf in

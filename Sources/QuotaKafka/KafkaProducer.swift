@@ -74,8 +74,8 @@ public final class KafkaProducer: @unchecked Sendable {
                                                          "librdkafka": "\(RdKafkaConfig.version)"])
     }
 
-    /// Queue one message. Throws when librdkafka's local queue is full (`_QUEUE_FULL`) or the topic is unknown.
-    /// Queue one message. Throws `CLOSED` once ``close(flushTimeout:)`` has begun: a produce never runs on
+    /// Queue one message. Throws when librdkafka's local queue is full (`_QUEUE_FULL`) or the topic is unknown,
+    /// and `CLOSED` once ``close(flushTimeout:)`` has begun: a produce never runs on
     /// handles being freed (helper-49: the pipeline's recreate closed a producer that another thread was
     /// still producing on); the caller keeps the message for the next producer.
     public func produce(key: String, value: [UInt8], sequence: UInt64) throws(KafkaError) {
