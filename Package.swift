@@ -169,7 +169,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
-        .testTarget(name: "QuotaServerTests", dependencies: ["QuotaServer", "QuotaCore", "QuotaChaos"]),
+        .testTarget(name: "QuotaServerTests", dependencies: ["QuotaServer", "QuotaCore", "QuotaChaos", "QuotaHarness"]),
         .testTarget(name: "QuotaCoreTests", dependencies: ["QuotaCore", "QuotaConfig", "QuotaJournal", "QuotaChaos"]),
         .testTarget(
             name: "QuotaRESPTests",

@@ -2,6 +2,7 @@ import CRdKafka
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
+import Synchronization
 
 /// An idempotent producer (`enable.idempotence=true`, `acks=all`) for one topic.
 ///
@@ -94,6 +95,14 @@ public final class KafkaProducer: @unchecked Sendable {
         if rc != 0 { throw RdKafkaConfig.error(rd_kafka_last_error()) }
     }
 
+    /// Raises a fatal error in librdkafka as a broker's would (`rd_kafka_test_fatal_error`, librdkafka's own
+    /// testing entry point): it reaches `onError` with `isFatal` set. For tests of what the owner does then.
+    public func raiseFatalErrorForTesting(_ reason: String) {
+        closed.withLockedValue { isClosed in
+            if !isClosed { _ = rd_kafka_test_fatal_error(rk, RD_KAFKA_RESP_ERR__FATAL, reason) }
+        }
+    }
+
     /// Time since a broker last answered the liveness probe (a metadata request every 500 ms),
     /// so an unreachable broker is noticed even when nothing is being produced.
     public var sinceBrokerAnswered: Duration { ContinuousClock.now - lastProbeOK.withLockedValue { $0 } }
@@ -142,20 +151,35 @@ public final class KafkaProducer: @unchecked Sendable {
         // thread in `rd_kafka_destroy_internal`, a broker thread in `rd_kafka_broker_serve`). Nothing of ours is
         // left in it (the event thread has stopped, the purged messages stay in the journal), so a destroy that
         // takes longer than `destroyWait` goes on on its own thread and close returns; at exit the process ends it.
-        let done = NIOLockedValueBox(false)
+        // (done, left running): both under one lock, so a destroy that ends just after the wait is counted out.
+        let state = NIOLockedValueBox((done: false, left: false))
         let destroyer = Thread { [self] in
             rd_kafka_destroy(rk)
-            done.withLockedValue { $0 = true }
+            let wasLeft = state.withLockedValue { s in
+                s.done = true
+                return s.left
+            }
+            if wasLeft { Self.lingering.subtract(1, ordering: .relaxed) }
         }
         destroyer.name = "kafka-destroy"
         destroyer.start()
         let deadline = ContinuousClock.now + Self.destroyWait
-        while !done.withLockedValue({ $0 }), ContinuousClock.now < deadline { usleep(5_000) }
-        if !done.withLockedValue({ $0 }) {
+        while !state.withLockedValue({ $0.done }), ContinuousClock.now < deadline { usleep(5_000) }
+        let left = state.withLockedValue { s in
+            if !s.done { s.left = true }
+            return s.left
+        }
+        if left {
+            let n = Self.lingering.add(1, ordering: .relaxed).newValue
             logger.warning("librdkafka's destroy did not finish in time; it goes on in the background",
-                           metadata: ["kafka.topic": "\(topic)", "waited": "\(Self.destroyWait)"])
+                           metadata: ["kafka.topic": "\(topic)", "waited": "\(Self.destroyWait)", "running": "\(n)"])
         }
     }
+
+    /// How many producers' `rd_kafka_destroy` ``close(flushTimeout:)`` left running (each holds librdkafka's
+    /// threads and sockets until it ends): whoever makes producers again and again bounds it (helper-49 C).
+    public static var lingeringDestroys: Int { lingering.load(ordering: .relaxed) }
+    private static let lingering = Atomic<Int>(0)
 
     /// How long ``close(flushTimeout:)`` waits for librdkafka's destroy.
     static let destroyWait = Duration.seconds(5)
@@ -209,14 +233,14 @@ public final class KafkaProducer: @unchecked Sendable {
 }
 
 /// Admits the first message of each kind, then at most one per `every`, counting what it held back.
-struct LogLimiter {
-    let every: Duration
+public struct LogLimiter: Sendable {
+    public let every: Duration
     private var last: [String: (at: ContinuousClock.Instant, suppressed: Int)] = [:]
 
-    init(every: Duration) { self.every = every }
+    public init(every: Duration) { self.every = every }
 
     /// nil: hold this one back. Else the number held back since the last one admitted.
-    mutating func admit(_ kind: String) -> Int? {
+    public mutating func admit(_ kind: String) -> Int? {
         let now = ContinuousClock.now
         if let l = last[kind], now - l.at < every {
             last[kind]!.suppressed += 1

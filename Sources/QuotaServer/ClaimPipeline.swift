@@ -89,8 +89,15 @@ final class ClaimPipeline: Sendable {
             journal = nil
         }
         if config.kafka.brokers != nil {
-            let producer = try makeProducer()
-            producerBox.withLockedValue { $0 = producer }
+            do {
+                let producer = try makeProducer()
+                producerBox.withLockedValue { $0 = producer }
+            } catch {
+                // No pipeline comes of this: the journal opened above must not keep its writer thread and its
+                // lock (helper-49 E: a caller that goes on in the same process could not open it again).
+                journal?.close()
+                throw error
+            }
         }
     }
 
@@ -332,11 +339,33 @@ final class ClaimPipeline: Sendable {
     }
 
     /// Replace the producer, and ship everything the journal holds unacknowledged.
+    ///
+    /// Not more often than every ``recreateGap``, and not while ``maxLingeringDestroys`` closed producers'
+    /// destroys still run (a close leaves a destroy that hangs running, with its threads and sockets: a broker
+    /// that keeps failing must not pile them up, helper-49 C). A recreate put off is done by a later tick;
+    /// meanwhile the journal keeps what is not shipped (and `durability: kafka` refuses claims).
     private func recreateProducer(reason: String) {
+        let since = ship.withLockedValue { ContinuousClock.now - $0.lastRecreate }
+        let lingering = KafkaProducer.lingeringDestroys
+        guard since >= Self.recreateGap, lingering < Self.maxLingeringDestroys else {
+            needsRecreate.withLockedValue { $0 = true }
+            if deferralLimiter.withLockedValue({ $0.admit("recreate") }) != nil {
+                logger.warning("kafka producer recreate put off", metadata: [
+                    "reason": "\(reason)", "since_last": "\(since)", "destroys_running": "\(lingering)",
+                ])
+            }
+            return
+        }
         lifecycle.withLockedValue { closed in
             if !closed { replaceProducer(reason: reason) }
         }
     }
+
+    /// The least time between two producer recreations.
+    static let recreateGap: Duration = .seconds(2)
+    /// At this many destroys of closed producers still running, no producer is recreated.
+    static let maxLingeringDestroys = 2
+    private let deferralLimiter = NIOLockedValueBox(LogLimiter(every: .seconds(30)))
 
     private func replaceProducer(reason: String) {
         let old = producerBox.withLockedValue { p -> KafkaProducer? in
@@ -373,6 +402,11 @@ final class ClaimPipeline: Sendable {
     }
 
     var kafkaDown: Bool { _kafkaDown.load(ordering: .relaxed) }
+
+    /// Tests: a fatal error in the current producer, as a broker's (see ``KafkaProducer/raiseFatalErrorForTesting(_:)``).
+    func raiseFatalErrorForTesting() {
+        producerBox.withLockedValue { $0 }?.raiseFatalErrorForTesting("raised by a test")
+    }
 
     struct Stats {
         /// Acknowledgements kept for a waiter that has not come (kafka mode).

@@ -70,15 +70,21 @@ struct KafkaStopTests {
     }
 }
 
+/// A broker of its own, and a producer to it whose reports are collected ("ok" or the error).
+private func producerWithReports(topic: String) async throws -> (KafkaBroker, Answered, KafkaProducer) {
+    let kafka = try await KafkaBroker()
+    let reports = Answered()
+    let p = try KafkaProducer(brokers: kafka.brokers, topic: topic, logger: .init(label: "t"),
+                              onDelivery: { rs in for r in rs { reports.add(r.error.map { "\($0)" } ?? "ok") } })
+    return (kafka, reports, p)
+}
+
 @Suite("The producer's close", .serialized, .timeLimit(.minutes(3)))
 struct KafkaProducerCloseTests {
     /// A broker that stopped answering with messages in flight: close returns within its flush bound and a
     /// little more, and the purged messages are not reported to the owner (it keeps them to produce again).
     @Test func closeWithABrokerThatStoppedAnsweringReturnsPromptlyAndReportsNoPurgedMessage() async throws {
-        let kafka = try await KafkaBroker()
-        let reports = Answered()
-        let p = try KafkaProducer(brokers: kafka.brokers, topic: "stuck", logger: .init(label: "t"),
-                                  onDelivery: { rs in for r in rs { reports.add(r.error.map { "\($0)" } ?? "ok") } })
+        let (kafka, reports, p) = try await producerWithReports(topic: "stuck")
         for i in 1...500 { try p.produce(key: "k", value: Array("m\(i)".utf8), sequence: UInt64(i)) }
         #expect(try await offThePool { p.flush(timeout: .seconds(30)) } == 0)
         kafka.child.signal(SIGSTOP)
@@ -110,10 +116,7 @@ struct KafkaProducerClosedTests {
     /// helper-49: the pipeline's recreate could close a producer another thread was still producing on. A produce
     /// after close begins is refused (`CLOSED`, the caller keeps the message) and never reaches the freed handles.
     @Test func aProduceAfterCloseIsRefusedAndNeverReported() async throws {
-        let kafka = try await KafkaBroker()
-        let reports = Answered()
-        let p = try KafkaProducer(brokers: kafka.brokers, topic: "closed", logger: .init(label: "t"),
-                                  onDelivery: { rs in for r in rs { reports.add(r.error.map { "\($0)" } ?? "ok") } })
+        let (kafka, reports, p) = try await producerWithReports(topic: "closed")
         try p.produce(key: "k", value: Array("m1".utf8), sequence: 1)
         try await offThePool { p.close(flushTimeout: .seconds(10)) }
         #expect(reports.all == ["ok"])

@@ -1,0 +1,84 @@
+import Foundation
+import Logging
+import QuotaHarness
+import QuotaConfig
+import QuotaCore
+import QuotaJournal
+@testable import QuotaServer
+import Testing
+
+/// helper-49 E: a pipeline whose Kafka producer cannot be made must not leave its journal open (writer thread,
+/// the directory's lock): whoever goes on in the same process could not open that journal again.
+@Suite("ClaimPipeline init")
+struct ClaimPipelineInitTests {
+    @Test func aProducerThatCannotBeMadeLeavesTheJournalClosedAndItsDirectoryFree() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cp-init-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var config = SidecarConfig(hostID: "h", region: "sg", regions: ["sg": "redis://127.0.0.1:1"])
+        config.journal.dir = dir
+        config.kafka.brokers = "127.0.0.1:1"
+        config.kafka.properties = ["no.such.librdkafka.property": "1"]
+        let logger = Logger(label: "test")
+        let boot = JournalBoot(boot: "b1", host: "h", durability: "journal", tsMs: 1)
+        #expect(throws: (any Error).self) {
+            _ = try ClaimPipeline(config: config, recovered: nil, boot: boot, logger: logger)
+        }
+        // The directory is free: a journal opens on it (a journal left open holds its lock, and this throws).
+        // (Retried for a second: a process that another test spawns at that moment holds a copy of the lock's
+        // descriptor until its exec closes it.)
+        var lastError: (any Error)?
+        for _ in 0..<50 {
+            do {
+                let again = try Journal(options: Journal.Options(dir: dir), recovered: JournalRecovery.read(dir: dir),
+                                        boot: boot, logger: logger) { _ in }
+                again.close()
+                lastError = nil
+                break
+            } catch {
+                lastError = error
+                usleep(20_000)
+            }
+        }
+        #expect(lastError == nil, "\(lastError.map { "\($0)" } ?? "")")
+    }
+}
+
+/// helper-49 C: each recreate of the producer after a fatal error may leave librdkafka's destroy of the old one
+/// running (bounded wait in `KafkaProducer.close`); a broker that fails again and again must not get a new producer
+/// at every tick. (A broker that answers: a producer to one that does not takes ~1.5 s to close, longer than
+/// the gap, and the test could not tell.)
+@Suite("ClaimPipeline recreate", .timeLimit(.minutes(2)))
+struct ClaimPipelineRecreateTests {
+    @Test func fatalErrorsInARowRecreateTheProducerAtMostOncePerGap() async throws {
+        let kafka = try await KafkaBroker()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cp-recreate-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var config = SidecarConfig(hostID: "h", region: "sg", regions: ["sg": "redis://127.0.0.1:1"])
+        config.journal.dir = dir
+        config.kafka.brokers = kafka.brokers
+        let pipeline = try ClaimPipeline(config: config, recovered: nil, boot: JournalBoot(boot: "b1", host: "h", durability: "journal", tsMs: 1),
+                                         logger: Logger(label: "test"))
+        defer { pipeline.close(flushTimeout: .zero) }
+        /// Ticks (as the engine's ticker does) until `recreations` reaches `n` or `within` passes.
+        func tick(until n: Int, within: Duration) async throws -> Int {
+            let deadline = ContinuousClock.now + within
+            while pipeline.stats.recreations < n, ContinuousClock.now < deadline {
+                pipeline.tick()
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            return pipeline.stats.recreations
+        }
+        pipeline.raiseFatalErrorForTesting()
+        #expect(try await tick(until: 1, within: .seconds(10)) == 1, "a fatal error did not recreate the producer")
+        let first = ContinuousClock.now
+        pipeline.raiseFatalErrorForTesting()
+        // The new producer fails at once: its recreate waits for the gap.
+        let soon = try await tick(until: 2, within: .milliseconds(1500))   // (the gap is 2 s)
+        #expect(soon == 1, "recreated again \(ContinuousClock.now - first) after the last recreate")
+        #expect(try await tick(until: 2, within: .seconds(10)) == 2, "the put-off recreate never came")
+        #expect(ContinuousClock.now - first >= ClaimPipeline.recreateGap - .milliseconds(50))
+        withExtendedLifetime(kafka) {}
+    }
+}
