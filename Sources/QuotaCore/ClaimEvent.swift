@@ -145,7 +145,13 @@ public struct ClaimEvent: Sendable, Equatable {
         for sh in f.shares { bound += 64 + r(sh.leaseId) + JSONBytes.intRoom }
         return JSONBytes.build(bound: bound) { j in
             j.raw(f.kind == .claimed ? "{\"type\":\"claimed\",\"claim_id\":" : "{\"type\":\"unclaimed\",\"claim_id\":")
-            if f.idSeq < 0 { j.string(f.idHead) } else { j.string(f.idHead, thenNumber: f.idSeq) }
+            if f.idSeq < 0 {
+                j.string(f.idHead)
+            } else {
+                j.bytes(cache.idHead(f.idHead))
+                j.claimNumber(f.idSeq)
+                j.raw("\"")
+            }
             j.raw(",\"voucher\":")
             j.bytes(fixed.voucher)
             j.raw(",\"user\":")
@@ -157,7 +163,7 @@ public struct ClaimEvent: Sendable, Equatable {
             for (i, sh) in f.shares.enumerated() {
                 if i > 0 { j.raw(",") }
                 j.raw("{\"id\":")
-                j.string(sh.leaseId)
+                j.bytes(cache.lease(sh.leaseId))
                 j.raw(",\"qty\":")
                 j.int(sh.tokens)
                 if f.kind == .unclaimed { j.raw(sharesToPool(i) ? ",\"to\":\"pool\"" : ",\"to\":\"lease\"") }
@@ -186,28 +192,56 @@ public struct KafkaValueCache: Sendable {
     private var region: String?
     private var host: String?
     private var hostJSON: [UInt8] = []
+    private var idHead: String?
+    private var idHeadJSON: [UInt8] = []
+    private var lease: String?
+    private var leaseJSON: [UInt8] = []
 
     public init() {}
 
-    mutating func fixed(voucher v: String, region g: String, host h: String) -> (voucher: [UInt8], hostFields: [UInt8]) {
-        // Compared by their bytes: `String`'s `==` is canonical equivalence ("ü" precomposed equals "u" and a
-        // combining mark), which would ship an event with another one's bytes (helper-41).
-        // (With `memcmp`: `elementsEqual` cost ~500 instructions a claim for the three fields. First
-        // the strings' own two words: equal words are the same bytes, inline (up to 15 bytes) or the same
-        // storage, which cannot change while the cache holds it too; a claim's fields share its rules'.)
-        func same(_ a: String, _ b: String?) -> Bool {
-            guard let b else { return false }
-            if MemoryLayout<String>.size == 16,
-                unsafeBitCast(a, to: (UInt64, UInt64).self) == unsafeBitCast(b, to: (UInt64, UInt64).self)
-            {
-                return true
-            }
-            guard a.utf8.count == b.utf8.count else { return false }
-            let r: Bool?? = a.utf8.withContiguousStorageIfAvailable { x in
-                b.utf8.withContiguousStorageIfAvailable { y in Self.sameBytes(x, y) }
-            }
-            return r == true
+    /// Whether `a` and `b` are the same bytes. Compared by their bytes: `String`'s `==` is canonical equivalence
+    /// ("ü" precomposed equals "u" and a combining mark), which would ship an event with another one's bytes
+    /// (helper-41). (With `memcmp`: `elementsEqual` cost ~500 instructions a claim for the three fields. First
+    /// the strings' own two words: equal words are the same bytes, inline (up to 15 bytes) or the same storage,
+    /// which cannot change while the cache holds it too; a claim's fields share its rules'.)
+    @inline(__always)
+    static func same(_ a: String, _ b: String?) -> Bool {
+        guard let b else { return false }
+        if MemoryLayout<String>.size == 16,
+            unsafeBitCast(a, to: (UInt64, UInt64).self) == unsafeBitCast(b, to: (UInt64, UInt64).self)
+        {
+            return true
         }
+        guard a.utf8.count == b.utf8.count else { return false }
+        let r: Bool?? = a.utf8.withContiguousStorageIfAvailable { x in
+            b.utf8.withContiguousStorageIfAvailable { y in Self.sameBytes(x, y) }
+        }
+        return r == true
+    }
+
+    /// A claim id's prefix as the start of a JSON string: its opening quote and escaped bytes, no closing quote
+    /// (the number's digits and the quote follow). A voucher's claims share one prefix.
+    mutating func idHead(_ h: String) -> [UInt8] {
+        if !Self.same(h, idHead) {
+            idHead = h
+            var json = JSONBytes.build(bound: JSONBytes.room(h)) { $0.string(h) }
+            json.removeLast()   // the closing quote
+            idHeadJSON = json
+        }
+        return idHeadJSON
+    }
+
+    /// A lease id as a JSON string (the last one's kept: a run of claims is mostly served by one lease).
+    mutating func lease(_ l: String) -> [UInt8] {
+        if !Self.same(l, lease) {
+            lease = l
+            leaseJSON = JSONBytes.build(bound: JSONBytes.room(l)) { $0.string(l) }
+        }
+        return leaseJSON
+    }
+
+    mutating func fixed(voucher v: String, region g: String, host h: String) -> (voucher: [UInt8], hostFields: [UInt8]) {
+        let same = Self.same
         if !same(v, voucher) {
             voucher = v
             voucherJSON = JSONBytes.build(bound: JSONBytes.room(v)) { $0.string(v) }
@@ -444,6 +478,14 @@ struct JSONBytes {
             p[count] = UInt8(ascii: "\"")
             count += 1
         }
+    }
+
+    /// A claim number's base-36 digits (``ClaimNumber``), raw (inside a string begun by the caller).
+    mutating func claimNumber(_ number: Int) {
+        reserve(14)
+        let digits = ClaimNumber.count(number)
+        ClaimNumber.write(number, digits: digits, at: p + count)
+        count += digits
     }
 }
 

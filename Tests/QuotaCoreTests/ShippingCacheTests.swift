@@ -37,6 +37,25 @@ struct ShippingCacheTests {
             let o = try #require(try JSONSerialization.jsonObject(with: Data(alone)) as? [String: Any])
             #expect(o["voucher"] as? String == e.voucher && o["region"] as? String == e.region && o["host"] as? String == e.host)
         }
+        // Numbered ids (the prefix is cached, its digits written after) and a few lease ids (the last one is
+        // cached), runs and changes in every order; prefixes and leases with escapes and canonically equivalent
+        // but different bytes (a cache hit must be the same bytes, not an equal String).
+        let prefixes = ["sg.h.bench.", "p\"q.", "back\\slash.", "\u{FC}.", "u\u{308}.", "K.", "\u{212A}.", "tab\t.", ""]
+        let leases = ["sg:h:1", "sg:h:2", "l\"q", "\u{FC}", "u\u{308}", "K", "\u{212A}"]
+        for n in 0..<6000 {
+            let shares = (0..<(1 + r.next(3))).map { _ in ClaimShare(leaseId: leases[r.next(leases.count)], tokens: 1 + r.next(5)) }
+            let seq = [0, 35, 36, Int.max, r.next(1 << 30)][r.next(5)]
+            let e = ClaimEvent(kind: r.next(4) == 0 ? .unclaimed : .claimed, idPrefix: prefixes[r.next(prefixes.count)], seq: seq,
+                               voucher: vouchers[r.next(2)], user: "u\(r.next(9))", qty: shares.reduce(0) { $0 + $1.tokens },
+                               region: "sg", host: "h", shares: shares, tsMs: Int64(r.next(1 << 30)), toPool: UInt64(r.next(8)))
+            let alone = e.kafkaValue
+            #expect(e.kafkaValue(cache: &cache) == alone, "numbered event \(n)")
+            #expect(ShippedEvent.claim(e).kafkaValue(cache: &shippedCache) == alone, "numbered event \(n), shipped")
+            let o = try #require(try JSONSerialization.jsonObject(with: Data(alone)) as? [String: Any])
+            #expect((o["claim_id"] as? String).map { Array($0.utf8) } == Array(e.claimID.utf8), "numbered event \(n)")
+            let ids = (o["leases"] as? [[String: Any]])?.compactMap { $0["id"] as? String }
+            #expect(ids.map { $0.map { Array($0.utf8) } } == e.shares.map { Array($0.leaseId.utf8) }, "numbered event \(n)")
+        }
         // Lease events in a run of claims leave the cached fields alone.
         let g = ShippedEvent.leaseGranted(LeaseGrantRecord(voucher: "g", lease: "1", granted: 5, req: "r", region: "x", host: "y",
                                                            durability: "journal", tsMs: 1))
