@@ -307,7 +307,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// task of their own). Flushed once at the end of the loop's tick, like the promises' replies: in
     /// `durability: kafka` acknowledgements come one claim at a time, and a flush per delivery was a write
     /// per claim.
-    func fill(_ items: [(seq: Int, reply: Reply)], context: ChannelHandlerContext) {
+    func fill<Items: Sequence>(_ items: Items, context: ChannelHandlerContext) where Items.Element == (seq: Int, reply: Reply) {
         let now: NIODeadline? = claimTimer == nil || pendingStarts.isEmpty ? nil : .now()
         for (seq, r) in items {
             place(seq: seq, r)

@@ -37,6 +37,21 @@ struct ReplyAddress: Sendable {
     let seq: Int
 }
 
+/// A reply for an address, with the keys it is grouped by on its way (its event loop, then its connection).
+struct AddressedReply: Sendable {
+    let loop: ObjectIdentifier
+    let box: ObjectIdentifier
+    let address: ReplyAddress
+    let reply: Reply
+
+    init(_ address: ReplyAddress, _ reply: Reply) {
+        self.loop = ObjectIdentifier(address.box.loop)
+        self.box = ObjectIdentifier(address.box)
+        self.address = address
+        self.reply = reply
+    }
+}
+
 /// A connection's receiver of replies decided on other threads. Everything in it happens on `loop`:
 /// ``deliver(_:)`` is called there (runtimes reach it with one `execute` per event loop and batch), and
 /// the connection detaches it there when it closes; replies that come after are dropped, as the channel
@@ -53,7 +68,7 @@ final class ReplyBox: @unchecked Sendable {
     }
 
     /// On `loop`: hand the connection its replies (in any order; it writes them in its own order).
-    func deliver(_ items: [(seq: Int, reply: Reply)]) {
+    func deliver<Items: Sequence>(_ items: Items) where Items.Element == (seq: Int, reply: Reply) {
         loop.preconditionInEventLoop()
         guard let handler, let context else { return }
         handler.fill(items, context: context)
