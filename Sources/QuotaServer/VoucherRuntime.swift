@@ -196,8 +196,9 @@ final class VoucherRuntime: @unchecked Sendable {
         // A batch's answers at once (a claim answered now usually defers nothing: no array for it).
         if fx.count > 16 { out.reserveCapacity(fx.count) }
         let pipeline = engine.pipeline
-        for e in fx {
-            switch e {
+        // (By index, switching on the element in place: `for e in fx` copied each effect and destroyed the copy.)
+        for i in fx.indices {
+            switch fx[i] {
             case .answer(let t, let a):
                 if let w = waiters.removeValue(forKey: t) {
                     out.append(.reply(w, reply(a)))
@@ -233,12 +234,12 @@ final class VoucherRuntime: @unchecked Sendable {
             case .rememberGranted(let c):
                 engine.claimBook.add(c, voucher: id, voucherIndex: bookIndex)
             case .releaseUser(let c, let t?):
-                if let w = waiters.removeValue(forKey: t) { out.append(.releaseThenOK(c, w)) } else { out.append(.effect(e)) }
+                if let w = waiters.removeValue(forKey: t) { out.append(.releaseThenOK(c, w)) } else { out.append(.effect(fx[i])) }
             case .lease, .renew, .giveBack, .load:
                 ioInFlight += 1
-                out.append(.effect(e))
+                out.append(.effect(fx[i]))
             default:
-                out.append(.effect(e))
+                out.append(.effect(fx[i]))
             }
         }
         return out
@@ -259,8 +260,8 @@ final class VoucherRuntime: @unchecked Sendable {
     private func perform(_ deferred: [Deferred]) {
         var replies: [(Waiter, Reply)] = []
         defer { Self.complete(replies) }
-        for d in deferred {
-            switch d {
+        for i in deferred.indices {
+            switch deferred[i] {
             case .run(let body): body()
             case .reply(let w, let r): replies.append((w, r))
             case .effect(let e): start(e)
