@@ -2,7 +2,6 @@ import CRdKafka
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
-import Synchronization
 
 /// An idempotent producer (`enable.idempotence=true`, `acks=all`) for one topic.
 ///
@@ -151,35 +150,25 @@ public final class KafkaProducer: @unchecked Sendable {
         // thread in `rd_kafka_destroy_internal`, a broker thread in `rd_kafka_broker_serve`). Nothing of ours is
         // left in it (the event thread has stopped, the purged messages stay in the journal), so a destroy that
         // takes longer than `destroyWait` goes on on its own thread and close returns; at exit the process ends it.
-        // (done, left running): both under one lock, so a destroy that ends just after the wait is counted out.
-        let state = NIOLockedValueBox((done: false, left: false))
         let destroyer = Thread { [self] in
             rd_kafka_destroy(rk)
-            let wasLeft = state.withLockedValue { s in
-                s.done = true
-                return s.left
-            }
-            if wasLeft { Self.lingering.subtract(1, ordering: .relaxed) }
+            destroyed.withLockedValue { $0 = true }
         }
         destroyer.name = "kafka-destroy"
         destroyer.start()
         let deadline = ContinuousClock.now + Self.destroyWait
-        while !state.withLockedValue({ $0.done }), ContinuousClock.now < deadline { usleep(5_000) }
-        let left = state.withLockedValue { s in
-            if !s.done { s.left = true }
-            return s.left
-        }
-        if left {
-            let n = Self.lingering.add(1, ordering: .relaxed).newValue
+        while !destroyFinished, ContinuousClock.now < deadline { usleep(5_000) }
+        if !destroyFinished {
             logger.warning("librdkafka's destroy did not finish in time; it goes on in the background",
-                           metadata: ["kafka.topic": "\(topic)", "waited": "\(Self.destroyWait)", "running": "\(n)"])
+                           metadata: ["kafka.topic": "\(topic)", "waited": "\(Self.destroyWait)"])
         }
     }
 
-    /// How many producers' `rd_kafka_destroy` ``close(flushTimeout:)`` left running (each holds librdkafka's
-    /// threads and sockets until it ends): whoever makes producers again and again bounds it (helper-49 C).
-    public static var lingeringDestroys: Int { lingering.load(ordering: .relaxed) }
-    private static let lingering = Atomic<Int>(0)
+    /// Whether librdkafka's destroy of this producer has ended (a ``close(flushTimeout:)`` that returned may have left
+    /// it running, with librdkafka's threads and sockets: whoever makes producers again and again bounds how many
+    /// of those it leaves, helper-49 C).
+    public var destroyFinished: Bool { destroyed.withLockedValue { $0 } }
+    private let destroyed = NIOLockedValueBox(false)
 
     /// How long ``close(flushTimeout:)`` waits for librdkafka's destroy.
     static let destroyWait = Duration.seconds(5)

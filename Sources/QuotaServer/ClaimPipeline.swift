@@ -26,7 +26,15 @@ final class ClaimPipeline: Sendable {
     private let logger: Logger
     private let unavailableAfter: Duration
     private let kafka: SidecarConfig.KafkaSettings
-    private let needsRecreate = NIOLockedValueBox(false)
+    /// Why the producer must be recreated (nil: it need not): set by a fatal error, and again by a recreate that is
+    /// put off or fails, so a later tick does it, with the first reason.
+    private let needsRecreate = NIOLockedValueBox<String?>(nil)
+    /// The producer had a fatal error and is not replaced yet: Kafka counts as down (helper-50: while a recreate
+    /// was put off, every produce failed into the retry list, nothing was in flight to count as stalled, the
+    /// probe answered, and `durability: kafka` went on taking claims that could only time out).
+    private let producerFailed = NIOLockedValueBox(false)
+    /// Closed producers whose librdkafka destroy was still running when their close returned.
+    private let lingering = NIOLockedValueBox<[KafkaProducer]>([])
     /// Held while the producer is replaced or closed (never both at once: a recreate's close of the old
     /// producer would free it under the shutdown's flush); true once closed (then nothing is recreated).
     private let lifecycle = NIOLockedValueBox(false)
@@ -110,13 +118,18 @@ final class ClaimPipeline: Sendable {
         let journal = self.journal
         let logger = self.logger
         let recreate = needsRecreate
+        let failed = producerFailed
         let kafkaMode = durability == .kafka
         return try KafkaProducer(
             brokers: brokers, topic: kafka.topic, properties: props, logger: logger,
             onDelivery: { reports in
                 ClaimPipeline.delivered(reports, ship: shipBox, journal: journal, kafkaMode: kafkaMode, logger: logger)
             },
-            onError: { e in if e.isFatal { recreate.withLockedValue { $0 = true } } })
+            onError: { e in
+                guard e.isFatal else { return }
+                failed.withLockedValue { $0 = true }
+                recreate.withLockedValue { if $0 == nil { $0 = "fatal error: \(e)" } }
+            })
     }
 
     /// Ship the unacknowledged events of recovered segments again (same claim ids).
@@ -282,8 +295,8 @@ final class ClaimPipeline: Sendable {
     /// Periodic: retry events librdkafka could not queue; recreate a producer after a fatal error or when
     /// it is stuck; decide whether Kafka counts as down.
     func tick() {
-        if needsRecreate.withLockedValue({ v in defer { v = false }; return v }) {
-            recreateProducer(reason: "fatal error")
+        if let reason = needsRecreate.withLockedValue({ v in defer { v = nil }; return v }) {
+            recreateProducer(reason: reason)
         } else if let p = producerBox.withLockedValue({ $0 }), p.sinceBrokerAnswered < .seconds(2) {
             let stuck = ship.withLockedValue { s in
                 !s.bySeq.isEmpty && ContinuousClock.now - s.lastProgress > Self.stuckAfter
@@ -327,7 +340,7 @@ final class ClaimPipeline: Sendable {
         }
         let stalled = ship.withLockedValue { s in !s.bySeq.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }
         let silent = producerBox.withLockedValue { $0 }.map { $0.sinceBrokerAnswered > unavailableAfter } ?? false
-        let down = stalled || silent
+        let down = stalled || silent || producerFailed.withLockedValue { $0 }
         let was = _kafkaDown.exchange(down, ordering: .relaxed)
         if down != was {
             if down {
@@ -346,9 +359,12 @@ final class ClaimPipeline: Sendable {
     /// meanwhile the journal keeps what is not shipped (and `durability: kafka` refuses claims).
     private func recreateProducer(reason: String) {
         let since = ship.withLockedValue { ContinuousClock.now - $0.lastRecreate }
-        let lingering = KafkaProducer.lingeringDestroys
+        let lingering = lingering.withLockedValue { closed in
+            closed.removeAll { $0.destroyFinished }
+            return closed.count
+        }
         guard since >= Self.recreateGap, lingering < Self.maxLingeringDestroys else {
-            needsRecreate.withLockedValue { $0 = true }
+            needsRecreate.withLockedValue { if $0 == nil { $0 = reason } }
             if deferralLimiter.withLockedValue({ $0.admit("recreate") }) != nil {
                 logger.warning("kafka producer recreate put off", metadata: [
                     "reason": "\(reason)", "since_last": "\(since)", "destroys_running": "\(lingering)",
@@ -372,13 +388,18 @@ final class ClaimPipeline: Sendable {
             defer { p = nil }
             return p
         }
-        old?.close(flushTimeout: .zero)
+        if let old {
+            old.close(flushTimeout: .zero)
+            if !old.destroyFinished { lingering.withLockedValue { $0.append(old) } }
+        }
         let fresh: KafkaProducer
         do {
             fresh = try makeProducer()
         } catch {
             logger.error("cannot recreate the kafka producer; retrying", metadata: ["error": "\(error)"])
-            needsRecreate.withLockedValue { $0 = true }
+            // (Not sooner than the gap either: a producer's init that fails may destroy a handle on this thread.)
+            ship.withLockedValue { $0.lastRecreate = .now }
+            needsRecreate.withLockedValue { if $0 == nil { $0 = reason } }
             return
         }
         ship.withLockedValue { s in
@@ -389,6 +410,7 @@ final class ClaimPipeline: Sendable {
             s.lastRecreate = .now
         }
         producerBox.withLockedValue { $0 = fresh }
+        producerFailed.withLockedValue { $0 = false }
         guard let journal else { return }
         var items: [Outgoing] = []
         let bySegment = Dictionary(grouping: journal.unacknowledged, by: \.segment)

@@ -82,3 +82,46 @@ struct ClaimPipelineRecreateTests {
         withExtendedLifetime(kafka) {}
     }
 }
+
+/// helper-50: while a recreate after a fatal error is put off, the failed producer stays: every produce fails into
+/// the retry list (nothing in flight to count as stalled) and the liveness probe still answers, so `durability:
+/// kafka` took claims that could only time out. A failed producer not yet replaced counts as Kafka down.
+@Suite("ClaimPipeline recreate put off", .timeLimit(.minutes(2)))
+struct ClaimPipelineRecreateDeferralTests {
+    @Test func aFatalProducerWhoseRecreateIsPutOffRefusesKafkaModeClaims() async throws {
+        let kafka = try await KafkaBroker()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cp-defer-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var config = SidecarConfig(hostID: "h", region: "sg", regions: ["sg": "redis://127.0.0.1:1"])
+        config.journal.dir = dir
+        config.kafka.brokers = kafka.brokers
+        config.durability = .kafka
+        let pipeline = try ClaimPipeline(config: config, recovered: nil,
+                                         boot: JournalBoot(boot: "b1", host: "h", durability: "kafka", tsMs: 1),
+                                         logger: Logger(label: "test"))
+        defer { pipeline.close(flushTimeout: .zero) }
+        pipeline.raiseFatalErrorForTesting()
+        let deadline = ContinuousClock.now + .seconds(10)
+        while pipeline.stats.recreations < 1, ContinuousClock.now < deadline {
+            pipeline.tick()
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        try #require(pipeline.stats.recreations == 1)
+        #expect(pipeline.refusal() == nil, "a replaced producer still counts as down")
+        pipeline.raiseFatalErrorForTesting()
+        // The fatal error reaches the pipeline through the producer's event thread.
+        try await Task.sleep(for: .milliseconds(300))
+        var ticks = 0, admitted = 0
+        let until = ContinuousClock.now + .milliseconds(1200)
+        while ContinuousClock.now < until, pipeline.stats.recreations == 1 {
+            pipeline.tick()
+            ticks += 1
+            if pipeline.refusal() == nil { admitted += 1 }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(ticks > 0 && admitted == 0, "\(admitted) of \(ticks) ticks admitted kafka-mode claims with a failed producer")
+        #expect(pipeline.kafkaDown)
+        withExtendedLifetime(kafka) {}
+    }
+}
