@@ -239,10 +239,11 @@ final class ClaimPipeline: Sendable {
         var cache = KafkaValueCache()
         var seq = first
         for i in items.indices {
+            let event = items[i].shipEvent   // (once: each read of it is a copy)
             do {
-                try p.produce(key: items[i].shipEvent.key, value: items[i].shipEvent.kafkaValue(cache: &cache), sequence: seq)
+                try p.produce(key: event.key, value: event.kafkaValue(cache: &cache), sequence: seq)
             } catch {
-                failed.append(Outgoing(position: items[i].shipPosition, event: items[i].shipEvent))
+                failed.append(Outgoing(position: items[i].shipPosition, event: event))
                 failedSeqs.append(seq)
             }
             seq += 1
