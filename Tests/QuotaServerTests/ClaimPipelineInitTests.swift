@@ -7,23 +7,39 @@ import QuotaJournal
 @testable import QuotaServer
 import Testing
 
+/// A journal directory of its own (removed with the fixture) and a sidecar config that journals there and ships to
+/// `brokers`.
+final class PipelineFixture {
+    let dir: String
+    var config: SidecarConfig
+
+    init(_ name: String, brokers: String, durability: Durability = .journal) throws {
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("\(name)-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        config = SidecarConfig(hostID: "h", region: "sg", regions: ["sg": "redis://127.0.0.1:1"])
+        config.journal.dir = dir
+        config.kafka.brokers = brokers
+        config.durability = durability
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
+
+    var boot: JournalBoot { JournalBoot(boot: "b1", host: "h", durability: config.durability.rawValue, tsMs: 1) }
+
+    func pipeline() throws -> ClaimPipeline {
+        try ClaimPipeline(config: config, recovered: nil, boot: boot, logger: Logger(label: "test"))
+    }
+}
+
 /// helper-49 E: a pipeline whose Kafka producer cannot be made must not leave its journal open (writer thread,
 /// the directory's lock): whoever goes on in the same process could not open that journal again.
 @Suite("ClaimPipeline init")
 struct ClaimPipelineInitTests {
     @Test func aProducerThatCannotBeMadeLeavesTheJournalClosedAndItsDirectoryFree() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cp-init-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        var config = SidecarConfig(hostID: "h", region: "sg", regions: ["sg": "redis://127.0.0.1:1"])
-        config.journal.dir = dir
-        config.kafka.brokers = "127.0.0.1:1"
-        config.kafka.properties = ["no.such.librdkafka.property": "1"]
-        let logger = Logger(label: "test")
-        let boot = JournalBoot(boot: "b1", host: "h", durability: "journal", tsMs: 1)
-        #expect(throws: (any Error).self) {
-            _ = try ClaimPipeline(config: config, recovered: nil, boot: boot, logger: logger)
-        }
+        let fx = try PipelineFixture("cp-init", brokers: "127.0.0.1:1")
+        fx.config.kafka.properties = ["no.such.librdkafka.property": "1"]
+        let dir = fx.dir, boot = fx.boot, logger = Logger(label: "test")
+        #expect(throws: (any Error).self) { _ = try fx.pipeline() }
         // The directory is free: a journal opens on it (a journal left open holds its lock, and this throws).
         // (Retried for a second: a process that another test spawns at that moment holds a copy of the lock's
         // descriptor until its exec closes it.)
@@ -52,14 +68,8 @@ struct ClaimPipelineInitTests {
 struct ClaimPipelineRecreateTests {
     @Test func fatalErrorsInARowRecreateTheProducerAtMostOncePerGap() async throws {
         let kafka = try await KafkaBroker()
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cp-recreate-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        var config = SidecarConfig(hostID: "h", region: "sg", regions: ["sg": "redis://127.0.0.1:1"])
-        config.journal.dir = dir
-        config.kafka.brokers = kafka.brokers
-        let pipeline = try ClaimPipeline(config: config, recovered: nil, boot: JournalBoot(boot: "b1", host: "h", durability: "journal", tsMs: 1),
-                                         logger: Logger(label: "test"))
+        let fx = try PipelineFixture("cp-recreate", brokers: kafka.brokers)
+        let pipeline = try fx.pipeline()
         defer { pipeline.close(flushTimeout: .zero) }
         /// Ticks (as the engine's ticker does) until `recreations` reaches `n` or `within` passes.
         func tick(until n: Int, within: Duration) async throws -> Int {
@@ -79,7 +89,7 @@ struct ClaimPipelineRecreateTests {
         #expect(soon == 1, "recreated again \(ContinuousClock.now - first) after the last recreate")
         #expect(try await tick(until: 2, within: .seconds(10)) == 2, "the put-off recreate never came")
         #expect(ContinuousClock.now - first >= ClaimPipeline.recreateGap - .milliseconds(50))
-        withExtendedLifetime(kafka) {}
+        withExtendedLifetime((kafka, fx)) {}
     }
 }
 
@@ -90,16 +100,8 @@ struct ClaimPipelineRecreateTests {
 struct ClaimPipelineRecreateDeferralTests {
     @Test func aFatalProducerWhoseRecreateIsPutOffRefusesKafkaModeClaims() async throws {
         let kafka = try await KafkaBroker()
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cp-defer-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        var config = SidecarConfig(hostID: "h", region: "sg", regions: ["sg": "redis://127.0.0.1:1"])
-        config.journal.dir = dir
-        config.kafka.brokers = kafka.brokers
-        config.durability = .kafka
-        let pipeline = try ClaimPipeline(config: config, recovered: nil,
-                                         boot: JournalBoot(boot: "b1", host: "h", durability: "kafka", tsMs: 1),
-                                         logger: Logger(label: "test"))
+        let fx = try PipelineFixture("cp-defer", brokers: kafka.brokers, durability: .kafka)
+        let pipeline = try fx.pipeline()
         defer { pipeline.close(flushTimeout: .zero) }
         pipeline.raiseFatalErrorForTesting()
         let deadline = ContinuousClock.now + .seconds(10)
@@ -122,6 +124,6 @@ struct ClaimPipelineRecreateDeferralTests {
         }
         #expect(ticks > 0 && admitted == 0, "\(admitted) of \(ticks) ticks admitted kafka-mode claims with a failed producer")
         #expect(pipeline.kafkaDown)
-        withExtendedLifetime(kafka) {}
+        withExtendedLifetime((kafka, fx)) {}
     }
 }
