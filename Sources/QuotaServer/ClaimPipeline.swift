@@ -341,11 +341,13 @@ final class ClaimPipeline: Sendable {
         }
         let stalled = ship.withLockedValue { s in !s.bySeq.isEmpty && ContinuousClock.now - s.lastProgress > unavailableAfter }
         let silent = producerBox.withLockedValue { $0 }.map { $0.sinceBrokerAnswered > unavailableAfter } ?? false
-        let down = stalled || silent || producerFailed.withLockedValue { $0 }
+        let failed = producerFailed.withLockedValue { $0 }
+        let down = stalled || silent || failed
         let was = _kafkaDown.exchange(down, ordering: .relaxed)
         if down != was {
             if down {
-                logger.error("kafka counts as down: no delivery progress", metadata: ["after": "\(unavailableAfter)"])
+                let why = failed ? "the producer failed and is not replaced yet" : stalled ? "no delivery progress" : "the broker does not answer"
+                logger.error("kafka counts as down", metadata: ["why": "\(why)", "after": "\(unavailableAfter)"])
             } else {
                 logger.info("kafka deliveries resumed")
             }
@@ -367,9 +369,15 @@ final class ClaimPipeline: Sendable {
         guard since >= Self.recreateGap, lingering < Self.maxLingeringDestroys else {
             needsRecreate.withLockedValue { if $0 == nil { $0 = reason } }
             if deferralLimiter.withLockedValue({ $0.admit("recreate") }) != nil {
-                logger.warning("kafka producer recreate put off", metadata: [
-                    "reason": "\(reason)", "since_last": "\(since)", "destroys_running": "\(lingering)",
-                ])
+                // Held by destroys that do not end, it waits for good (Kafka counts as down meanwhile): an error,
+                // for the operator, whose restart of quotad ends them.
+                let meta: Logger.Metadata = ["reason": "\(reason)", "since_last": "\(since)", "destroys_running": "\(lingering)"]
+                if lingering >= Self.maxLingeringDestroys {
+                    logger.error("kafka producer recreate waits for librdkafka destroys that have not ended; a restart ends them",
+                                 metadata: meta)
+                } else {
+                    logger.warning("kafka producer recreate put off", metadata: meta)
+                }
             }
             return
         }
@@ -393,6 +401,9 @@ final class ClaimPipeline: Sendable {
             old.close(flushTimeout: .zero)
             if !old.destroyFinished { lingering.withLockedValue { $0.append(old) } }
         }
+        // Cleared before the new producer exists (its event thread starts in its init: a fatal error it reports
+        // must not be cleared after; helper-51), and set again below if none could be made (no producer is down too).
+        producerFailed.withLockedValue { $0 = false }
         let fresh: KafkaProducer
         do {
             fresh = try makeProducer()
@@ -400,6 +411,7 @@ final class ClaimPipeline: Sendable {
             logger.error("cannot recreate the kafka producer; retrying", metadata: ["error": "\(error)"])
             // (Not sooner than the gap either: a producer's init that fails may destroy a handle on this thread.)
             ship.withLockedValue { $0.lastRecreate = .now }
+            producerFailed.withLockedValue { $0 = true }
             needsRecreate.withLockedValue { if $0 == nil { $0 = reason } }
             return
         }
@@ -411,7 +423,6 @@ final class ClaimPipeline: Sendable {
             s.lastRecreate = .now
         }
         producerBox.withLockedValue { $0 = fresh }
-        producerFailed.withLockedValue { $0 = false }
         guard let journal else { return }
         var items: [Outgoing] = []
         let bySegment = Dictionary(grouping: journal.unacknowledged, by: \.segment)
