@@ -72,8 +72,11 @@ final class ClaimPipeline: Sendable {
     static let maxUnjournaled = 100_000
 
     /// - Parameter boot: written to the journal (durably) before anything else.
-    init(config: SidecarConfig, recovered: JournalRecovery?, boot: JournalBoot, logger: Logger) throws {
+    /// - Parameter recreateGap: the least time between two producer recreations (tests lengthen it).
+    init(config: SidecarConfig, recovered: JournalRecovery?, boot: JournalBoot, logger: Logger,
+         recreateGap: Duration = ClaimPipeline.defaultRecreateGap) throws {
         self.durability = config.durability
+        self.recreateGap = recreateGap
         self.logger = logger
         self.unavailableAfter = config.kafka.unavailableAfter
         self.kafka = config.kafka
@@ -366,7 +369,7 @@ final class ClaimPipeline: Sendable {
             closed.removeAll { $0.destroyFinished }
             return closed.count
         }
-        guard since >= Self.recreateGap, lingering < Self.maxLingeringDestroys else {
+        guard since >= recreateGap, lingering < Self.maxLingeringDestroys else {
             needsRecreate.withLockedValue { if $0 == nil { $0 = reason } }
             if deferralLimiter.withLockedValue({ $0.admit("recreate") }) != nil {
                 // Held by destroys that do not end, it waits for good (Kafka counts as down meanwhile): an error,
@@ -387,7 +390,8 @@ final class ClaimPipeline: Sendable {
     }
 
     /// The least time between two producer recreations.
-    static let recreateGap: Duration = .seconds(2)
+    static let defaultRecreateGap: Duration = .seconds(2)
+    let recreateGap: Duration
     /// At this many destroys of closed producers still running, no producer is recreated.
     static let maxLingeringDestroys = 2
     private let deferralLimiter = NIOLockedValueBox(LogLimiter(every: .seconds(30)))

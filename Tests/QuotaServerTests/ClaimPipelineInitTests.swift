@@ -26,8 +26,8 @@ final class PipelineFixture {
 
     var boot: JournalBoot { JournalBoot(boot: "b1", host: "h", durability: config.durability.rawValue, tsMs: 1) }
 
-    func pipeline() throws -> ClaimPipeline {
-        try ClaimPipeline(config: config, recovered: nil, boot: boot, logger: Logger(label: "test"))
+    func pipeline(recreateGap: Duration = ClaimPipeline.defaultRecreateGap) throws -> ClaimPipeline {
+        try ClaimPipeline(config: config, recovered: nil, boot: boot, logger: Logger(label: "test"), recreateGap: recreateGap)
     }
 }
 
@@ -88,7 +88,7 @@ struct ClaimPipelineRecreateTests {
         let soon = try await tick(until: 2, within: .milliseconds(1500))   // (the gap is 2 s)
         #expect(soon == 1, "recreated again \(ContinuousClock.now - first) after the last recreate")
         #expect(try await tick(until: 2, within: .seconds(10)) == 2, "the put-off recreate never came")
-        #expect(ContinuousClock.now - first >= ClaimPipeline.recreateGap - .milliseconds(50))
+        #expect(ContinuousClock.now - first >= pipeline.recreateGap - .milliseconds(50))
         withExtendedLifetime((kafka, fx)) {}
     }
 }
@@ -101,29 +101,30 @@ struct ClaimPipelineRecreateDeferralTests {
     @Test func aFatalProducerWhoseRecreateIsPutOffRefusesKafkaModeClaims() async throws {
         let kafka = try await KafkaBroker()
         let fx = try PipelineFixture("cp-defer", brokers: kafka.brokers, durability: .kafka)
-        let pipeline = try fx.pipeline()
+        // A gap far longer than the test: the recreate after the fatal error below is put off throughout, however
+        // slowly a loaded machine runs it (the first run under the whole suite took 21 s).
+        let pipeline = try fx.pipeline(recreateGap: .seconds(600))
         defer { pipeline.close(flushTimeout: .zero) }
+        pipeline.tick()
+        #expect(pipeline.refusal() == nil, "a healthy producer counts as down")
         pipeline.raiseFatalErrorForTesting()
-        let deadline = ContinuousClock.now + .seconds(10)
-        while pipeline.stats.recreations < 1, ContinuousClock.now < deadline {
+        // The fatal error reaches the pipeline through the producer's event thread.
+        let deadline = ContinuousClock.now + .seconds(20)
+        while !pipeline.kafkaDown, ContinuousClock.now < deadline {
             pipeline.tick()
             try await Task.sleep(for: .milliseconds(20))
         }
-        try #require(pipeline.stats.recreations == 1)
-        #expect(pipeline.refusal() == nil, "a replaced producer still counts as down")
-        pipeline.raiseFatalErrorForTesting()
-        // The fatal error reaches the pipeline through the producer's event thread.
-        try await Task.sleep(for: .milliseconds(300))
+        #expect(pipeline.kafkaDown, "a failed producer whose recreate is put off does not count as down")
         var ticks = 0, admitted = 0
-        let until = ContinuousClock.now + .milliseconds(1200)
-        while ContinuousClock.now < until, pipeline.stats.recreations == 1 {
+        let until = ContinuousClock.now + .seconds(1)
+        while ContinuousClock.now < until {
             pipeline.tick()
             ticks += 1
             if pipeline.refusal() == nil { admitted += 1 }
             try await Task.sleep(for: .milliseconds(20))
         }
+        #expect(pipeline.stats.recreations == 0)
         #expect(ticks > 0 && admitted == 0, "\(admitted) of \(ticks) ticks admitted kafka-mode claims with a failed producer")
-        #expect(pipeline.kafkaDown)
         withExtendedLifetime((kafka, fx)) {}
     }
 }
