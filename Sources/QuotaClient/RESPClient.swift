@@ -42,9 +42,11 @@ final class ByteCounter: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     private(set) var bytesRead = 0
+    private(set) var lastRead: NIODeadline?
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         bytesRead += unwrapInboundIn(data).readableBytes
+        lastRead = .now()
         context.fireChannelRead(data)
     }
 }
@@ -104,7 +106,8 @@ public final class RESPClient: Sendable {
         let r = try? await ch.eventLoop.submit { () -> String in
             let counter = try ch.pipeline.syncOperations.handler(type: ByteCounter.self)
             let h = try ch.pipeline.syncOperations.handler(type: ClientHandler.self)
-            return "client: active=\(ch.isActive) bytes read=\(counter.bytesRead) replies decoded=\(h.repliesReceived) "
+            let lastRead = counter.lastRead.map { "\((NIODeadline.now() - $0).nanoseconds / 1_000_000) ms ago" } ?? "never"
+            return "client: active=\(ch.isActive) bytes read=\(counter.bytesRead) (last \(lastRead)) replies decoded=\(h.repliesReceived) "
                 + "asked=\(h.repliesAsked) waiting=\(h.waitingCount)"
         }.get()
         return r ?? "client: state not readable"

@@ -77,6 +77,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var commandsDecoded = 0
     private var repliesWritten = 0
     private var bytesFlushed = 0
+    /// When replies were last handed to the channel (`CLIENT LIST`'s `flush_age_ms`: whether a reply a client waits
+    /// for went out long ago or only now).
+    private var lastFlush: NIODeadline?
 
     /// Set for a peer refused at accept (`CODE message`): every command it sends gets this error until it
     /// closes (or the server closes it after a while).
@@ -119,7 +122,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// and not decoded, `obl` reply bytes not yet handed to the channel, `oll` replies waiting behind an
     /// unanswered one, `omem` bytes the peer has not read), then quotad's own (`open` places waiting for a
     /// reply, `run` claims decoded and not yet decided, `cmds`/`replies` counted since the connection was
-    /// made, `flushed` bytes handed to the channel, `state` the reasons decoding or reading is stopped).
+    /// made, `flushed` bytes handed to the channel, `flush_age_ms` since the last of them (-1: none), `state` the
+    /// reasons decoding or reading is stopped).
     private func describe(context: ChannelHandlerContext) -> String {
         let open = queue.reduce(0) { $0 + ($1 == nil ? 1 : 0) }
         let omem = (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
@@ -133,11 +137,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
         if closing { state.append("closing") }
         if inactive { state.append("inactive") }
         if transaction != nil { state.append("multi") }
-        let age = (NIODeadline.now() - created).nanoseconds / 1_000_000_000
+        let now = NIODeadline.now()
+        let age = (now - created).nanoseconds / 1_000_000_000
+        let flushAge = lastFlush.map { (now - $0).nanoseconds / 1_000_000 } ?? -1
         return "id=\(clientID) name=\(clientName ?? "") age=\(age) db=0 multi=\(transaction?.count ?? -1) "
             + "qbuf=\(input?.readableBytes ?? 0) obl=\(out?.readableBytes ?? 0) oll=\(queue.count) omem=\(omem) "
             + "resp=\(proto) open=\(open) run=\(runRequests.count) cmds=\(commandsDecoded) replies=\(repliesWritten) "
-            + "flushed=\(bytesFlushed) admin=\(isAdmin ? 1 : 0) state=\(state.isEmpty ? "-" : state.joined(separator: ","))"
+            + "flushed=\(bytesFlushed) flush_age_ms=\(flushAge) admin=\(isAdmin ? 1 : 0) state=\(state.isEmpty ? "-" : state.joined(separator: ","))"
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -431,6 +437,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         guard var buf = out, buf.readableBytes > 0 else { return }
         out = nil
         bytesFlushed &+= buf.readableBytes
+        lastFlush = .now()
         buf.reserveCapacity(0)
         context.writeAndFlush(wrapOutboundOut(buf), promise: nil)
         reportPending(context: context)
