@@ -79,7 +79,22 @@ struct UnclaimWithoutJournalTests {
         redis.child?.signal(SIGSTOP)
         // More than the one token a lease holds: it waits for leases, which a stopped Redis does not grant.
         let waiting = Task { try await c.send("CLAIM", "rp", "u1", "QTY", "3") }
-        try await eventually("the waiting claim holds a place", timeout: .seconds(20)) { try await stat("reply_places_open") == 1 }
+        do {
+            try await eventually("the waiting claim holds a place", timeout: .seconds(20)) { try await stat("reply_places_open") == 1 }
+        } catch {
+            // (Once under the whole suite's load. Which it was: the claim answered at once, never sent, or waiting
+            // without a place.)
+            let view = await diagnose(q, clients: [c, admin])
+            redis.child?.signal(SIGCONT)
+            let reply = await withTaskGroup(of: String.self) { g in
+                g.addTask { (try? await waiting.value).map { "\($0)" } ?? "an error" }
+                g.addTask { try? await Task.sleep(for: .seconds(5)); return "none within 5 s" }
+                defer { g.cancelAll() }
+                return await g.next() ?? "?"
+            }
+            Issue.record("no reply place seen; the claim's reply after Redis resumed: \(reply)\n\(view)")
+            throw error
+        }
         redis.child?.signal(SIGCONT)
         _ = try await waiting.value   // an id, or UNAVAILABLE past the claim timeout: a reply either way
         try await eventually("its reply came") { try await stat("reply_places_open") == 0 }

@@ -9,7 +9,7 @@ import Testing
 
 /// A journal directory of its own (removed with the fixture) and a sidecar config that journals there and ships to
 /// `brokers`.
-final class PipelineFixture {
+final class PipelineFixture: @unchecked Sendable {
     let dir: String
     var config: SidecarConfig
 
@@ -69,13 +69,13 @@ struct ClaimPipelineRecreateTests {
     @Test func fatalErrorsInARowRecreateTheProducerAtMostOncePerGap() async throws {
         let kafka = try await KafkaBroker()
         let fx = try PipelineFixture("cp-recreate", brokers: kafka.brokers)
-        let pipeline = try fx.pipeline()
-        defer { pipeline.close(flushTimeout: .zero) }
-        /// Ticks (as the engine's ticker does) until `recreations` reaches `n` or `within` passes.
+        let pipeline = try await offThePool { try fx.pipeline() }
+        /// Ticks (as the engine's ticker does, off Swift's cooperative pool: a recreate closes a producer, which
+        /// blocks for up to seconds) until `recreations` reaches `n` or `within` passes.
         func tick(until n: Int, within: Duration) async throws -> Int {
             let deadline = ContinuousClock.now + within
             while pipeline.stats.recreations < n, ContinuousClock.now < deadline {
-                pipeline.tick()
+                try await offThePool { pipeline.tick() }
                 try await Task.sleep(for: .milliseconds(20))
             }
             return pipeline.stats.recreations
@@ -89,6 +89,7 @@ struct ClaimPipelineRecreateTests {
         #expect(soon == 1, "recreated again \(ContinuousClock.now - first) after the last recreate")
         #expect(try await tick(until: 2, within: .seconds(10)) == 2, "the put-off recreate never came")
         #expect(ContinuousClock.now - first >= pipeline.recreateGap - .milliseconds(50))
+        try await offThePool { pipeline.close(flushTimeout: .zero) }
         withExtendedLifetime((kafka, fx)) {}
     }
 }
@@ -103,28 +104,28 @@ struct ClaimPipelineRecreateDeferralTests {
         let fx = try PipelineFixture("cp-defer", brokers: kafka.brokers, durability: .kafka)
         // A gap far longer than the test: the recreate after the fatal error below is put off throughout, however
         // slowly a loaded machine runs it (the first run under the whole suite took 21 s).
-        let pipeline = try fx.pipeline(recreateGap: .seconds(600))
-        defer { pipeline.close(flushTimeout: .zero) }
-        pipeline.tick()
+        let pipeline = try await offThePool { try fx.pipeline(recreateGap: .seconds(600)) }
+        try await offThePool { pipeline.tick() }
         #expect(pipeline.refusal() == nil, "a healthy producer counts as down")
         pipeline.raiseFatalErrorForTesting()
         // The fatal error reaches the pipeline through the producer's event thread.
         let deadline = ContinuousClock.now + .seconds(20)
         while !pipeline.kafkaDown, ContinuousClock.now < deadline {
-            pipeline.tick()
+            try await offThePool { pipeline.tick() }
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(pipeline.kafkaDown, "a failed producer whose recreate is put off does not count as down")
         var ticks = 0, admitted = 0
         let until = ContinuousClock.now + .seconds(1)
         while ContinuousClock.now < until {
-            pipeline.tick()
+            try await offThePool { pipeline.tick() }
             ticks += 1
             if pipeline.refusal() == nil { admitted += 1 }
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(pipeline.stats.recreations == 0)
         #expect(ticks > 0 && admitted == 0, "\(admitted) of \(ticks) ticks admitted kafka-mode claims with a failed producer")
+        try await offThePool { pipeline.close(flushTimeout: .zero) }
         withExtendedLifetime((kafka, fx)) {}
     }
 }
