@@ -453,6 +453,8 @@ final class ClaimPipeline: Sendable {
         var shipped: Int
         var deliveryErrors: Int
         var recreations: Int
+        /// When the producer was last recreated (or the pipeline made).
+        var lastRecreate: ContinuousClock.Instant
         var journalBacklogBytes: Int
         var journalUnshipped: Int
         var journalSegments: Int
@@ -461,9 +463,9 @@ final class ClaimPipeline: Sendable {
     }
 
     var stats: Stats {
-        let s = ship.withLockedValue { ($0.bySeq.count + $0.retry.count, $0.shipped, $0.deliveryErrors, $0.recreations, $0.earlyAcks.count) }
+        let s = ship.withLockedValue { ($0.bySeq.count + $0.retry.count, $0.shipped, $0.deliveryErrors, $0.recreations, $0.earlyAcks.count, $0.lastRecreate) }
         let sync = journal?.syncStats ?? (0, 0)
-        return Stats(earlyAcks: s.4, inFlight: s.0, shipped: s.1, deliveryErrors: s.2, recreations: s.3,
+        return Stats(earlyAcks: s.4, inFlight: s.0, shipped: s.1, deliveryErrors: s.2, recreations: s.3, lastRecreate: s.5,
                      journalBacklogBytes: journal?.backlogBytes ?? 0, journalUnshipped: journal?.unshippedClaims ?? 0,
                      journalSegments: journal?.segmentCount ?? 0, syncs: sync.0, recordsSynced: sync.1)
     }
