@@ -190,17 +190,31 @@ public struct KafkaValueCache: Sendable {
         return memcmp(p, q, x.count) == 0
     }
 
-    private var voucher: String?
-    private var voucherJSON: [UInt8] = []
+    /// One field's last value and its JSON, made again only for a value of other bytes.
+    private struct Slot {
+        var value: String?
+        var json: [UInt8] = []
+
+        mutating func json(for v: String, _ make: (String) -> [UInt8]) -> [UInt8] {
+            if !KafkaValueCache.same(v, value) {
+                value = v
+                json = make(v)
+            }
+            return json
+        }
+    }
+
+    private var voucher = Slot()
+    private var idHead = Slot()
+    private var lease = Slot()
     private var region: String?
     private var host: String?
     private var hostJSON: [UInt8] = []
-    private var idHead: String?
-    private var idHeadJSON: [UInt8] = []
-    private var lease: String?
-    private var leaseJSON: [UInt8] = []
 
     public init() {}
+
+    /// `v` as a JSON string.
+    private static func quoted(_ v: String) -> [UInt8] { JSONBytes.build(bound: JSONBytes.room(v)) { $0.string(v) } }
 
     /// Whether `a` and `b` are the same bytes. Compared by their bytes: `String`'s `==` is canonical equivalence
     /// ("ü" precomposed equals "u" and a combining mark), which would ship an event with another one's bytes
@@ -225,30 +239,15 @@ public struct KafkaValueCache: Sendable {
     /// A claim id's prefix as the start of a JSON string: its opening quote and escaped bytes, no closing quote
     /// (the number's digits and the quote follow). A voucher's claims share one prefix.
     mutating func idHead(_ h: String) -> [UInt8] {
-        if !Self.same(h, idHead) {
-            idHead = h
-            var json = JSONBytes.build(bound: JSONBytes.room(h)) { $0.string(h) }
-            json.removeLast()   // the closing quote
-            idHeadJSON = json
-        }
-        return idHeadJSON
+        idHead.json(for: h) { Array(Self.quoted($0).dropLast()) }   // (without the closing quote)
     }
 
     /// A lease id as a JSON string (the last one's kept: a run of claims is mostly served by one lease).
-    mutating func lease(_ l: String) -> [UInt8] {
-        if !Self.same(l, lease) {
-            lease = l
-            leaseJSON = JSONBytes.build(bound: JSONBytes.room(l)) { $0.string(l) }
-        }
-        return leaseJSON
-    }
+    mutating func lease(_ l: String) -> [UInt8] { lease.json(for: l, Self.quoted) }
 
     mutating func fixed(voucher v: String, region g: String, host h: String) -> (voucher: [UInt8], hostFields: [UInt8]) {
+        let voucherJSON = voucher.json(for: v, Self.quoted)
         let same = Self.same
-        if !same(v, voucher) {
-            voucher = v
-            voucherJSON = JSONBytes.build(bound: JSONBytes.room(v)) { $0.string(v) }
-        }
         if !same(g, region) || !same(h, host) {
             region = g
             host = h

@@ -29,3 +29,17 @@ public func grouped<T>(_ items: [T], by key: (T) -> ObjectIdentifier) -> [[T]] {
     }
     return groups
 }
+
+/// Calls `body` with each run of consecutive items of `items` whose `key`s are equal, in order (for a batch
+/// sorted by its receivers: each receiver's run, with no array made per group).
+@inlinable
+public func forEachRun<T, Key: Equatable>(_ items: ArraySlice<T>, by key: (T) -> Key, _ body: (ArraySlice<T>) -> Void) {
+    var start = items.startIndex
+    while start < items.endIndex {
+        let k = key(items[start])
+        var end = start + 1
+        while end < items.endIndex, key(items[end]) == k { end += 1 }
+        body(items[start..<end])
+        start = end
+    }
+}

@@ -316,23 +316,12 @@ final class VoucherRuntime: @unchecked Sendable {
         // and each connection a run of it (issue 13: an array per loop and another per connection, grown reply by
         // reply, were ~800 instructions a claim).
         addressed.sort { $0.loop != $1.loop ? $0.loop < $1.loop : $0.box < $1.box }
-        var i = addressed.startIndex
-        while i < addressed.endIndex {
-            let loop = addressed[i].loop
-            var j = i + 1
-            while j < addressed.endIndex, addressed[j].loop == loop { j += 1 }
-            let run = addressed[i..<j]
-            run[i].address.box.loop.execute {
-                var k = run.startIndex
-                while k < run.endIndex {
-                    let box = run[k].box
-                    var m = k + 1
-                    while m < run.endIndex, run[m].box == box { m += 1 }
-                    run[k].address.box.deliver(run[k..<m].lazy.map { (seq: $0.address.seq, reply: $0.reply) })
-                    k = m
+        forEachRun(addressed[...], by: \.loop) { loopRun in
+            loopRun[loopRun.startIndex].address.box.loop.execute {
+                forEachRun(loopRun, by: \.box) { connection in
+                    connection[connection.startIndex].address.box.deliver(connection.lazy.map { (seq: $0.address.seq, reply: $0.reply) })
                 }
             }
-            i = j
         }
     }
 

@@ -28,4 +28,23 @@ struct GroupingTests {
             #expect(got.allSatisfy { g in g.allSatisfy { $0.0 == g[0].0 } })
         }
     }
+
+    /// forEachRun: the runs of equal keys, in order, covering every item once; on a slice, with its own indices.
+    @Test func runsOfEqualKeysCoverEveryItemOnceInOrder() {
+        var rng = SystemRandomNumberGenerator()
+        for n in [0, 1, 2, 7, 100] {
+            let items = (0..<n).map { i in (Int.random(in: 0..<3, using: &rng), i) }
+            for slice in [items[...], items.dropFirst(min(n, 2))] {
+                var seen: [Int] = []
+                var keys: [Int] = []
+                forEachRun(slice, by: \.0) { run in
+                    #expect(!run.isEmpty && run.allSatisfy { $0.0 == run[run.startIndex].0 })
+                    keys.append(run[run.startIndex].0)
+                    seen += run.map(\.1)
+                }
+                #expect(seen == slice.map(\.1), "items \(n)")
+                #expect(zip(keys, keys.dropFirst()).allSatisfy { $0 != $1 }, "two runs of one key side by side")
+            }
+        }
+    }
 }
