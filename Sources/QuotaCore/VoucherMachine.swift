@@ -560,14 +560,16 @@ public struct VoucherMachine: Sendable {
         return record(seq: seq, flight, &fx)
     }
 
-    private mutating func track(_ seq: Int, _ f: InFlight) {
-        inFlight[seq] = f
+    private mutating func track(_ seq: Int, _ f: consuming InFlight) {
         deadlines.append((f.deadline, seq))
+        inFlight[seq] = f
     }
 
     /// Record a claim whose user (if any) is settled: at once with `durability: none` (returns the
     /// answer), else durably (returns nil: ``claimsRecorded(seqs:ok:now:effects:)`` continues).
-    private mutating func record(seq: Int, _ f: InFlight, _ fx: inout [Effect]) -> Answer? {
+    /// (`f` is consumed: it is moved into the in-flight map, not copied; a copy of an `InFlight` is ~60
+    /// instructions and a retain, and this path made three; issue 13.)
+    private mutating func record(seq: Int, _ f: consuming InFlight, _ fx: inout [Effect]) -> Answer? {
         if rules.durability == .none {
             if f.pinned { stock.commit(f.event.shares) }
             if !inFlight.isEmpty { inFlight.removeValue(forKey: seq) }   // (a lookup of an empty map still hashes)
@@ -575,14 +577,13 @@ public struct VoucherMachine: Sendable {
             fx.append(.remember(f.event, seq: seq))
             return idAnswer(f.event)
         }
-        var f = f
         f.stage = .recording
+        fx.append(.recordClaim(f.event, seq: seq))
         if inFlight[seq] == nil {
             track(seq, f)
         } else {
             inFlight[seq] = f
         }
-        fx.append(.recordClaim(f.event, seq: seq))
         return nil
     }
 
@@ -672,15 +673,22 @@ public struct VoucherMachine: Sendable {
     }
 
     private mutating func recorded(seq: Int, ok: Bool, now: Instant, _ fx: inout [Effect]) {
-        guard var f = inFlight[seq], f.stage == .recording else { return }
+        // Taken out of the map (moved, not copied: issue 13); every way but a commit puts it back first.
+        guard var f = inFlight.removeValue(forKey: seq) else { return }
+        guard f.stage == .recording else {
+            inFlight[seq] = f
+            return
+        }
         if !ok {
+            inFlight[seq] = f
             abort(seq, QuotaError(.unavailable, "claim could not be made durable: journal write failed"), now: now, &fx)
         } else if f.timedOut {
             // Durable, but its caller was told UNAVAILABLE: cancel it before its tokens serve again.
             if rules.injectedBug == "no-timeout-cancel" {
+                inFlight[seq] = f
                 abort(seq, nil, now: now, &fx)
             } else {
-                startCancel(seq, &f, &fx)
+                startCancel(seq, &f, &fx)   // (puts it back, cancelling)
             }
         } else if rules.durability == .kafka {
             f.stage = .acking
@@ -692,13 +700,17 @@ public struct VoucherMachine: Sendable {
 
     /// Kafka acknowledged the claim record (`durability: kafka`).
     public mutating func claimAcknowledged(seq: Int, now: Instant, effects fx: inout [Effect]) {
-        guard let f = inFlight[seq], f.stage == .acking, !f.timedOut else { return }
+        guard let f = inFlight.removeValue(forKey: seq) else { return }
+        guard f.stage == .acking, !f.timedOut else {
+            inFlight[seq] = f
+            return
+        }
         commit(seq, f, now: now, &fx)
         settleEffects(now: now, &fx)
     }
 
-    private mutating func commit(_ seq: Int, _ f: InFlight, now: Instant, _ fx: inout [Effect]) {
-        inFlight.removeValue(forKey: seq)
+    /// A claim taken out of the in-flight map is committed: its tokens are sold, its caller is answered.
+    private mutating func commit(_ seq: Int, _ f: consuming InFlight, now: Instant, _ fx: inout [Effect]) {
         stock.commit(f.event.shares)
         fx.append(.remember(f.event, seq: seq))
         finish(f.ticket, req: f.event.req, idAnswer(f.event), now: now, &fx)

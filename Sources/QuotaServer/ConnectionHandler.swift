@@ -21,6 +21,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private let engine: SidecarEngine
+    /// The engine's claim prefix, written before a ``Reply/claimNumber(seq:)``.
+    private let claimPrefix: String
     private let isAdmin: Bool
     private let limits: RESPLimits
     private let maxPending: Int
@@ -98,6 +100,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     init(engine: SidecarEngine, isAdmin: Bool, limits: RESPLimits, refusal: String? = nil) {
         self.engine = engine
+        self.claimPrefix = engine.claimPrefix
         self.isAdmin = isAdmin
         self.limits = limits
         self.refusal = refusal
@@ -416,7 +419,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func write(_ r: Reply, context: ChannelHandlerContext) {
         if out == nil { out = context.channel.allocator.buffer(capacity: 512) }
         let before = out!.writerIndex
-        out!.writeReply(r, proto: proto)
+        out!.writeReply(r, proto: proto, claimPrefix: claimPrefix)
         turnBytes &+= out!.writerIndex - before
         repliesWritten &+= 1
     }

@@ -5,9 +5,12 @@ import QuotaRESP
 /// What the sidecar answers to one command.
 public enum Reply: Sendable {
     case claimID(String)
-    /// A claim id given as its parts: `prefix` then `seq` in base 36 (``ClaimEvent/claimID(prefix:seq:)``),
-    /// written into the reply with no `String` made for it.
-    case claimNumber(prefix: String, seq: Int)
+    /// A claim id made by this process: its claim prefix (every claim id this process makes starts with it) then
+    /// `seq` in base 36 (``ClaimEvent/claimID(prefix:seq:)``), written into the reply by the connection, which
+    /// knows the prefix, with no `String` made for it. (No prefix in it: a reply is copied ~8 times on its way
+    /// from the journal thread to its connection, and the prefix's retain and release in each copy were ~1,000
+    /// instructions a claim; issue 13.)
+    case claimNumber(seq: Int)
     case value(RESPValue)
     case error(QuotaError)
     /// A map: RESP3 `%`, RESP2 a flat array of keys and values.
@@ -83,8 +86,9 @@ final class ReplyBox: @unchecked Sendable {
 }
 
 extension ByteBuffer {
-    /// Append `r` for a client speaking RESP `proto` (2 or 3).
-    mutating func writeReply(_ r: Reply, proto: Int = 2) {
+    /// Append `r` for a client speaking RESP `proto` (2 or 3); a ``Reply/claimNumber(seq:)`` is written after
+    /// `claimPrefix` (the process's).
+    mutating func writeReply(_ r: Reply, proto: Int = 2, claimPrefix: String) {
         switch r {
         case .map(let pairs):
             if proto >= 3 {
@@ -104,11 +108,11 @@ extension ByteBuffer {
             writeInteger(UInt8(ascii: "*"))
             writeString(String(rs.count))
             writeStaticString("\r\n")
-            for x in rs { writeReply(x, proto: proto) }
+            for x in rs { writeReply(x, proto: proto, claimPrefix: claimPrefix) }
         case .claimID(let id):
             writeClaimID(id)
-        case .claimNumber(let prefix, let seq):
-            writeClaimID(prefix: prefix, seq: seq)
+        case .claimNumber(let seq):
+            writeClaimID(prefix: claimPrefix, seq: seq)
         case .value(let v):
             writeRESPValue(v)
         case .error(let e):

@@ -42,7 +42,8 @@ public final class SidecarEngine: Sendable {
     let dedupeBudget: DedupeBudget
     private let _regionPolicy = NIOLockedValueBox(LeasePolicyOverride())
     private let claimSeq = Atomic<Int>(0)
-    private let claimPrefix: String
+    /// Every claim id this process makes starts with it (`region.host.boot.`).
+    let claimPrefix: String
     private let _draining = Atomic<Bool>(false)
     /// Live sidecars of the region, from the last heartbeat (sizes the default opening lease).
     private let _regionHosts = Atomic<Int>(1)

@@ -50,6 +50,8 @@ final class VoucherRuntime: @unchecked Sendable {
     init(id: String, engine: SidecarEngine, policy: LeasePolicy, rules: ClaimRules, requestPrefix: String) {
         self.id = id
         self.engine = engine
+        // A claim's reply carries its number only; its connection writes the engine's prefix before it.
+        precondition(rules.idPrefix == engine.claimPrefix, "a voucher's claim prefix is not the process's")
         let pipeline = engine.pipeline
         let chores = engine.chores
         let maxJobs = engine.config.limits.maxBackgroundJobs
@@ -162,8 +164,8 @@ final class VoucherRuntime: @unchecked Sendable {
     private func reply(_ a: VoucherMachine.Answer) -> Reply {
         switch a {
         case .claimID(let id): return .claimID(id)
-        // (Under the lock, both callers: the machine's own prefix, whatever its rules are now; helper-48.)
-        case .claimNumber(let seq): return .claimNumber(prefix: machine.rules.idPrefix, seq: seq)
+        // The machine's prefix is the engine's, which the connection writes (checked at init).
+        case .claimNumber(let seq): return .claimNumber(seq: seq)
         case .integer(let n): return .value(.integer(n))
         case .ok: return .value(.ok)
         case .refused(let e): return .error(e)

@@ -11,7 +11,7 @@ struct ReplyEncodingTests {
         let id = String((0..<length).map { i in Character(UnicodeScalar(UInt8(97 + i % 26))) })
         var fast = ByteBuffer()
         fast.writeString("+prefix\r\n")   // written after other replies, not only at the start
-        fast.writeReply(.claimID(id))
+        fast.writeReply(.claimID(id), claimPrefix: "unused.")
         #expect(String(buffer: fast) == "+prefix\r\n$\(length)\r\n\(id)\r\n")
     }
 
@@ -29,8 +29,12 @@ struct ReplyEncodingTests {
             #expect(id == prefix + String(seq, radix: 36))
             var fast = ByteBuffer()
             fast.writeString(":1\r\n")
-            fast.writeReply(.claimNumber(prefix: prefix, seq: seq))
+            fast.writeReply(.claimNumber(seq: seq), claimPrefix: prefix)
             #expect(String(buffer: fast) == ":1\r\n$\(id.utf8.count)\r\n\(id)\r\n", "seq \(seq)")
+            // Inside a transaction's replies (EXEC) too.
+            var nested = ByteBuffer()
+            nested.writeReply(.replies([.claimNumber(seq: seq), .value(.ok)]), claimPrefix: prefix)
+            #expect(String(buffer: nested) == "*2\r\n$\(id.utf8.count)\r\n\(id)\r\n+OK\r\n", "seq \(seq)")
         }
     }
 
