@@ -173,7 +173,7 @@ public struct ClaimEvent: Sendable, Equatable {
                 j.raw("}")
             }
             j.raw("],\"ts_ms\":")
-            j.int(b.f.tsMs)
+            j.bytes(cache.timestamp(b.f.tsMs))
             j.raw("}")
         }
     }
@@ -244,6 +244,19 @@ public struct KafkaValueCache: Sendable {
 
     /// A lease id as a JSON string (the last one's kept: a run of claims is mostly served by one lease).
     mutating func lease(_ l: String) -> [UInt8] { lease.json(for: l, Self.quoted) }
+
+    private var ts: Int64?
+    private var tsDigits: [UInt8] = []
+
+    /// A timestamp's digits (the last one's kept: a run of claims shares its millisecond mostly, and 13 digits
+    /// made one by one were ~300 instructions a claim; issue 13).
+    mutating func timestamp(_ t: Int64) -> [UInt8] {
+        if t != ts {
+            ts = t
+            tsDigits = JSONBytes.build(bound: JSONBytes.intRoom + 1) { $0.int(t) }
+        }
+        return tsDigits
+    }
 
     mutating func fixed(voucher v: String, region g: String, host h: String) -> (voucher: [UInt8], hostFields: [UInt8]) {
         let voucherJSON = voucher.json(for: v, Self.quoted)
@@ -427,8 +440,7 @@ struct JSONBytes {
     /// multi-byte sequences never contain those bytes). With `number`, its base-36 digits (``ClaimNumber``)
     /// follow `v` inside the quotes.
     mutating func string(_ v: String, thenNumber number: Int? = nil) {
-        var v = v
-        v.withUTF8 { buf in
+        v.withUTF8Bytes { buf in
             reserve(6 * buf.count + 2 + (number == nil ? 0 : 14))
             p[count] = UInt8(ascii: "\"")
             count += 1

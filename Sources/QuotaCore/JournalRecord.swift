@@ -292,8 +292,7 @@ public enum JournalCodec {
 
         @inline(__always)
         mutating func string(_ s: String) {
-            var s = s
-            s.withUTF8 { u in
+            s.withUTF8Bytes { u in
                 varint(UInt64(u.count))
                 if let from = u.baseAddress, u.count > 0 { (p + at).update(from: from, count: u.count) }
                 at += u.count
@@ -302,9 +301,8 @@ public enum JournalCodec {
 
         /// `s` followed by `number`'s base-36 digits (``ClaimNumber``), as one string.
         mutating func string(_ s: String, thenNumber number: Int) {
-            var s = s
             let digits = ClaimNumber.count(number)
-            s.withUTF8 { u in
+            s.withUTF8Bytes { u in
                 varint(UInt64(u.count + digits))
                 if let from = u.baseAddress, u.count > 0 { (p + at).update(from: from, count: u.count) }
                 at += u.count
@@ -315,8 +313,7 @@ public enum JournalCodec {
     }
 
     private static func put(_ s: String, _ out: inout [UInt8]) {
-        var s = s
-        s.withUTF8 { u in
+        s.withUTF8Bytes { u in
             put(UInt64(u.count), &out)
             out.append(contentsOf: u)
         }

@@ -212,16 +212,27 @@ public struct LeaseLedger: Sendable, Equatable {
             i = found
             last = LastAccount(key: key, index: found)
         }
-        let (sum, over) = accounts.values[i].served.addingReportingOverflow(delta)
-        guard !over else {
+        // In place, in one access: each `accounts.values[i]` read was a copy of the account (its two strings
+        // retained and released), three a claim (~300 instructions; issue 13).
+        switch Self.serve(delta, &accounts.values[i]) {
+        case .overflow:
             anomalies.append("lease \(voucher)/\(lease): \(delta) served by claim \(claim()) overflows its count")
-            return
+        case .outOfRange(let served, let granted):
+            anomalies.append("lease \(voucher)/\(lease) served \(served) of \(granted) after claim \(claim())")
+        case .ok:
+            break
         }
-        accounts.values[i].served = sum
-        let a = accounts.values[i]
-        if a.served < 0 || a.served > a.granted {
-            anomalies.append("lease \(voucher)/\(lease) served \(a.served) of \(a.granted) after claim \(claim())")
-        }
+    }
+
+    private enum Served { case ok, overflow, outOfRange(served: Int, granted: Int) }
+
+    /// Add `delta` to the account's served count, unless it overflows (then nothing changes).
+    @inline(__always)
+    private static func serve(_ delta: Int, _ a: inout Account) -> Served {
+        let (sum, over) = a.served.addingReportingOverflow(delta)
+        if over { return .overflow }
+        a.served = sum
+        return sum < 0 || sum > a.granted ? .outOfRange(served: sum, granted: a.granted) : .ok
     }
 
     private mutating func forgetLast() { last = LastAccount() }

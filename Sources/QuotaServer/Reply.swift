@@ -130,15 +130,13 @@ extension ByteBuffer {
     /// `$<length>\r\n<id>\r\n` in one write into the buffer (the claim path's reply: one exclusive access to
     /// the buffer's storage, not five, and the length's digits without a `String`).
     mutating func writeClaimID(_ id: String) {
-        var id = id
-        id.withUTF8 { bytes in writeBulk(bytes, count: bytes.count, write: { _ in }) }
+        id.withUTF8Bytes { bytes in writeBulk(bytes, count: bytes.count, write: { _ in }) }
     }
 
     /// ``writeClaimID(_:)`` of `prefix` then `seq` in base 36, the id built in the buffer.
     mutating func writeClaimID(prefix: String, seq: Int) {
-        var prefix = prefix
         let digits = ClaimNumber.count(seq)
-        prefix.withUTF8 { head in
+        prefix.withUTF8Bytes { head in
             writeBulk(head, count: head.count + digits) { tail in ClaimNumber.write(seq, digits: digits, at: tail) }
         }
     }
