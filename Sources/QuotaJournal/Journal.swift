@@ -200,28 +200,37 @@ public final class Journal: @unchecked Sendable {
     }
 
     /// Queue a record; `done` runs (on the writer thread) once it is on disk, or failed.
-    public func append(_ r: JournalRecord, done: (@Sendable (Result<JournalPosition, JournalError>) -> Void)? = nil) {
+    public func append(_ r: consuming JournalRecord, done: (@Sendable (Result<JournalPosition, JournalError>) -> Void)? = nil) {
         lock.lock()
         if stopping {
             lock.unlock()
             done?(.failure(JournalError(message: "journal closed")))
             return
         }
-        queue.append(Pending(record: r, done: done))
-        lock.unlock(withValue: 1)
+        enqueueLocked(Pending(record: r, done: done))
+    }
+
+    /// Queue `p` and release the lock (held). Only the first record of an empty queue wakes the writer: the
+    /// condition's value is 1 whenever the queue is not empty (the writer sets 0 only as it takes the queue, which
+    /// leaves it empty), so a later record's broadcast woke nobody (~190 instructions a claim; issue 13).
+    @inline(__always)
+    private func enqueueLocked(_ p: consuming Pending) {
+        let wake = queue.isEmpty
+        queue.append(p)
+        if wake { lock.unlock(withValue: 1) } else { lock.unlock() }
     }
 
     /// Queue a record whose answer goes to `sink` together with every other record of the same write
     /// batch that names it: one call per sink and batch, not one closure per record (the claim path's
     /// hot records). Returns false, and calls nothing, when the journal is stopping (the record failed).
-    public func append(_ r: JournalRecord, sink: any JournalBatchSink, token: Int) -> Bool {
+    public func append(_ r: consuming JournalRecord, sink: any JournalBatchSink, token: Int) -> Bool {
         lock.lock()
         if stopping {
             lock.unlock()
             return false
         }
-        queue.append(Pending(record: r, done: nil, sink: sink, token: token))
-        lock.unlock(withValue: 1)
+        // (The record is consumed: moved into the queue, not copied; ~190 instructions a claim.)
+        enqueueLocked(Pending(record: r, done: nil, sink: sink, token: token))
         return true
     }
 

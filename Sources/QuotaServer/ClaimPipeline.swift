@@ -195,7 +195,7 @@ final class ClaimPipeline: Sendable {
     /// Append a claim's record whose answer goes to `sink` with the rest of its write batch
     /// (``JournalBatchSink``). False: not queued (no journal, or the journal is stopping); the caller
     /// answers it as failed.
-    func append(_ r: JournalRecord, sink: any JournalBatchSink, token: Int) -> Bool {
+    func append(_ r: consuming JournalRecord, sink: any JournalBatchSink, token: Int) -> Bool {
         journal?.append(r, sink: sink, token: token) ?? false
     }
 
