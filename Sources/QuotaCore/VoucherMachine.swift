@@ -694,7 +694,7 @@ public struct VoucherMachine: Sendable {
             f.stage = .acking
             inFlight[seq] = f
         } else {
-            commit(seq, f, now: now, &fx)
+            commit(seq, f.event, ticket: f.ticket, now: now, &fx)
         }
     }
 
@@ -705,15 +705,16 @@ public struct VoucherMachine: Sendable {
             inFlight[seq] = f
             return
         }
-        commit(seq, f, now: now, &fx)
+        commit(seq, f.event, ticket: f.ticket, now: now, &fx)
         settleEffects(now: now, &fx)
     }
 
     /// A claim taken out of the in-flight map is committed: its tokens are sold, its caller is answered.
-    private mutating func commit(_ seq: Int, _ f: consuming InFlight, now: Instant, _ fx: inout [Effect]) {
-        stock.commit(f.event.shares)
-        fx.append(.remember(f.event, seq: seq))
-        finish(f.ticket, req: f.event.req, idAnswer(f.event), now: now, &fx)
+    /// (Its event and ticket, not the in-flight entry: a whole entry passed in was copied twice here; issue 13.)
+    private mutating func commit(_ seq: Int, _ event: ClaimEvent, ticket: Ticket, now: Instant, _ fx: inout [Effect]) {
+        stock.commit(event.shares)
+        fx.append(.remember(event, seq: seq))
+        finish(ticket, req: event.req, idAnswer(event), now: now, &fx)
     }
 
     /// A claim in flight ends without being a claim: tokens back to their lease, user released, caller told.

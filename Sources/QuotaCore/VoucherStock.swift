@@ -562,10 +562,20 @@ public struct VoucherStock: Sendable {
     private enum Place { case serving(Int), finished(Int), settling(Int) }
 
     private func place(_ id: String) -> Place? {
-        if let i = leases.firstIndex(where: { $0.id == id }) { return .serving(i) }
-        if let i = finishedLeases.firstIndex(where: { $0.id == id }) { return .finished(i) }
-        if let i = settling.firstIndex(where: { $0.id == id }) { return .settling(i) }
+        if let i = Self.index(of: id, in: leases) { return .serving(i) }
+        if let i = Self.index(of: id, in: finishedLeases) { return .finished(i) }
+        if let i = Self.index(of: id, in: settling) { return .settling(i) }
         return nil
+    }
+
+    /// The index of lease `id` in `a`, read through its buffer: `firstIndex(where:)` copied each lease it
+    /// looked at (its strings retained and released).
+    @inline(__always)
+    private static func index(of id: String, in a: [LocalLease]) -> Int? {
+        a.withUnsafeBufferPointer { b in
+            for i in b.indices where b[i].id == id { return i }
+            return nil
+        }
     }
 
     private mutating func modify(_ p: Place, _ body: (inout LocalLease) -> Void) {
@@ -581,8 +591,16 @@ public struct VoucherStock: Sendable {
 
     /// A claim in flight became final (durable, answered): its tokens stay served.
     public mutating func commit(_ shares: [ClaimShare]) {
+        // Each array changed in place by index. (Through `place` and `modify` the serving leases' array was found
+        // shared at the change and copied whole, once a claim: issue 13.)
         for s in shares {
-            if let p = place(s.leaseId) { modify(p) { $0.pending -= s.tokens } }
+            if let i = Self.index(of: s.leaseId, in: leases) {
+                leases[i].pending -= s.tokens
+            } else if let i = Self.index(of: s.leaseId, in: finishedLeases) {
+                finishedLeases[i].pending -= s.tokens
+            } else if let i = Self.index(of: s.leaseId, in: settling) {
+                settling[i].pending -= s.tokens
+            }
         }
         settle()
     }
