@@ -567,8 +567,9 @@ public struct VoucherMachine: Sendable {
 
     /// Record a claim whose user (if any) is settled: at once with `durability: none` (returns the
     /// answer), else durably (returns nil: ``claimsRecorded(seqs:ok:now:effects:)`` continues).
-    /// (`f` is consumed: it is moved into the in-flight map, not copied; a copy of an `InFlight` is ~60
-    /// instructions and a retain, and this path made three; issue 13.)
+    /// (`f` is consumed: no `var f = f` copy of it here. With `recorded` taking the entry out of the map this
+    /// measured −253 instructions a claim; a DWARF profile still shows outlined copies of `InFlight` in `granted`,
+    /// `record` and `claimsRecorded`, one each: left for later; issue 13.)
     private mutating func record(seq: Int, _ f: consuming InFlight, _ fx: inout [Effect]) -> Answer? {
         if rules.durability == .none {
             if f.pinned { stock.commit(f.event.shares) }
