@@ -540,12 +540,8 @@ extension ClaimEvent {
         let digits = ClaimNumber.count(seq)
         let head = prefix.utf8.count
         return String(unsafeUninitializedCapacity: head + digits) { out in
-            let copied: Void? = prefix.utf8.withContiguousStorageIfAvailable { p in
+            prefix.withUTF8Bytes { p in
                 if let from = p.baseAddress, let to = out.baseAddress { to.update(from: from, count: p.count) }
-            }
-            if copied == nil {
-                var i = 0
-                for b in prefix.utf8 { out[i] = b; i += 1 }
             }
             ClaimNumber.write(seq, digits: digits, at: out.baseAddress! + head)
             return head + digits

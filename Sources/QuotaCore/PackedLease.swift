@@ -4,8 +4,7 @@
 public enum PackedLease {
     /// The packed form of `id`, or nil. Reads the bytes; makes no string (it runs for every claim).
     public static func pack(_ id: String) -> Int64? {
-        var id = id
-        return id.withUTF8 { u -> Int64? in
+        id.withUTF8Bytes { u -> Int64? in
             /// A canonical decimal number in `u[from..<to]` below `limit`.
             func number(_ from: Int, _ to: Int, below limit: Int64) -> Int64? {
                 guard to > from, to - from <= 15, u[from] != UInt8(ascii: "0") || to - from == 1 else { return nil }

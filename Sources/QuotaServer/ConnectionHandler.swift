@@ -827,8 +827,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// connection claims one voucher over and over, and the same bytes are answered without a new `String` or
     /// a new check (issue 13).
     private func voucherID(_ b: ByteBuffer) -> String? {
-        if var last = lastVoucherID, b.readableBytes == last.utf8.count {
-            let same = last.withUTF8 { l in b.withUnsafeReadableBytes { r in memcmp(r.baseAddress!, l.baseAddress!, l.count) == 0 } }
+        if let last = lastVoucherID, b.readableBytes == last.utf8.count {
+            let same = last.withUTF8Bytes { l in b.withUnsafeReadableBytes { r in memcmp(r.baseAddress!, l.baseAddress!, l.count) == 0 } }
             if same { return last }
         }
         let v = String(buffer: b)
