@@ -9,13 +9,15 @@ public struct ClaimEvent: Sendable, Equatable {
     /// The fields, in one heap box shared by copies (copy-on-write). An event is copied several times
     /// per claim (the machine's effects, the journal, the UNCLAIM book, the Kafka queue); inline, each
     /// copy retained and released its six strings and its shares array (measured: issue 13, README).
-    private final class Box: @unchecked Sendable {
-        // Mutated only through `ClaimEvent.fields`'s `_modify`, which copies a box that is shared.
-        var f: Fields
+    /// (Immutable: a change makes a new box (``update(_:)``; changes are rare, off the claim path). A `let` field is
+    /// read in place: through a `var` every read of a string or the shares was a retain and a release, ~25 a claim
+    /// on the journal thread; issue 13.)
+    private final class Box: Sendable {
+        let f: Fields
         init(_ f: Fields) { self.f = f }
     }
 
-    private struct Fields: Equatable {
+    private struct Fields: Equatable, Sendable {
         var kind: Kind
         /// The claim id: `idHead` itself when `idSeq` is negative, else `idHead` followed by `idSeq` in base 36
         /// (``ClaimEvent/claimID(prefix:seq:)``). A claim made here keeps its id as its parts, and every
@@ -53,17 +55,27 @@ public struct ClaimEvent: Sendable, Equatable {
     private var fields: Fields {
         get { box.f }
         _modify {
-            if !isKnownUniquelyReferenced(&box) { box = Box(box.f) }
-            yield &box.f
+            var f = box.f
+            yield &f
+            box = Box(f)
         }
+    }
+
+    /// Several changes in one new box.
+    private mutating func update(_ body: (inout Fields) -> Void) {
+        var f = box.f
+        body(&f)
+        box = Box(f)
     }
 
     public var kind: Kind { get { box.f.kind } set { fields.kind = newValue } }
     public var claimID: String {
         get { box.f.claimID }
         set {
-            fields.idHead = newValue
-            fields.idSeq = -1
+            update {
+                $0.idHead = newValue
+                $0.idSeq = -1
+            }
         }
     }
     /// The id's parts when it is a prefix and a sequence number (a claim made by this process), else nil.
@@ -120,10 +132,12 @@ public struct ClaimEvent: Sendable, Equatable {
     /// which shares went back to the pool.
     public func cancellation(tsMs: Int64, toPool: UInt64) -> ClaimEvent {
         var c = self
-        c.kind = .unclaimed
-        c.tsMs = tsMs
-        c.req = nil
-        c.toPool = toPool
+        c.update {
+            $0.kind = .unclaimed
+            $0.tsMs = tsMs
+            $0.req = nil
+            $0.toPool = toPool
+        }
         return c
     }
 
@@ -138,44 +152,89 @@ public struct ClaimEvent: Sendable, Equatable {
     /// per sidecar) escaped once per run and copied in after (issue 13: ~40 % of a value's cost was escaping
     /// those three strings again for every claim).
     public func kafkaValue(cache: inout KafkaValueCache) -> [UInt8] {
-        // Read through the box (a copy of its fields was a retain and a release of each of its strings: ~330
-        // instructions a value).
+        var scratch = ScratchBytes()
+        return withKafkaValue(cache: &cache, scratch: &scratch) { Array($0) }
+    }
+
+    /// ``kafkaValue(cache:)`` written into `scratch` and handed to `body`, valid only during it: a run of values
+    /// produced one after the other reuses one buffer (librdkafka copies each), no array made and freed per
+    /// value; and the cache's escaped fields are copied in from where they are kept, not returned as arrays
+    /// (a retain and a release each; issue 13).
+    public func withKafkaValue<R, E: Error>(cache: inout KafkaValueCache, scratch: inout ScratchBytes,
+                                            _ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        // Read through the box: its fields are `let`, read in place.
         let b = box
-        let shares = b.f.shares
-        let fixed = cache.fixed(voucher: b.f.voucher, region: b.f.region, host: b.f.host)
+        cache.update(voucher: b.f.voucher, region: b.f.region, host: b.f.host)
+        let numbered = b.f.idSeq >= 0
+        if numbered { cache.updateIdHead(b.f.idHead) }
+        cache.updateTimestamp(b.f.tsMs)
         let r = JSONBytes.room
-        var bound = 160 + r(b.f.idHead) + JSONBytes.intRoom + fixed.voucher.count + r(b.f.user) + fixed.hostFields.count + 3 * JSONBytes.intRoom
-        for sh in shares { bound += 64 + r(sh.leaseId) + JSONBytes.intRoom }
-        return JSONBytes.build(bound: bound) { j in
-            j.raw(b.f.kind == .claimed ? "{\"type\":\"claimed\",\"claim_id\":" : "{\"type\":\"unclaimed\",\"claim_id\":")
-            if b.f.idSeq < 0 {
-                j.string(b.f.idHead)
-            } else {
-                j.bytes(cache.idHead(b.f.idHead))
-                j.claimNumber(b.f.idSeq)
-                j.raw("\"")
-            }
-            j.raw(",\"voucher\":")
-            j.bytes(fixed.voucher)
-            j.raw(",\"user\":")
-            j.string(b.f.user)
+        var bound = 160 + (numbered ? cache.idHead.json.count : r(b.f.idHead)) + JSONBytes.intRoom + cache.voucher.json.count
+            + r(b.f.user) + cache.hostJSON.count + cache.tsDigits.count + 2 * JSONBytes.intRoom
+        for i in b.f.shares.indices { bound += 64 + r(b.f.shares[i].leaseId) + JSONBytes.intRoom }
+        // (Written here, not in a closure: the cache's kept JSON, read through a closure's capture of it, was
+        // retained and released around each use.)
+        var j = scratch.begin(bound: bound)
+        j.raw(b.f.kind == .claimed ? "{\"type\":\"claimed\",\"claim_id\":" : "{\"type\":\"unclaimed\",\"claim_id\":")
+        if numbered {
+            cache.idHead.json.withUnsafeBufferPointer { j.bytes($0) }
+            j.claimNumber(b.f.idSeq)
+            j.raw("\"")
+        } else {
+            j.string(b.f.idHead)
+        }
+        j.raw(",\"voucher\":")
+        cache.voucher.json.withUnsafeBufferPointer { j.bytes($0) }
+        j.raw(",\"user\":")
+        j.string(b.f.user)
+        j.raw(",\"qty\":")
+        j.int(b.f.qty)
+        cache.hostJSON.withUnsafeBufferPointer { j.bytes($0) }
+        j.raw(",\"leases\":[")
+        for i in b.f.shares.indices {
+            if i > 0 { j.raw(",") }
+            j.raw("{\"id\":")
+            cache.updateLease(b.f.shares[i].leaseId)
+            cache.lease.json.withUnsafeBufferPointer { j.bytes($0) }
             j.raw(",\"qty\":")
-            j.int(b.f.qty)
-            j.bytes(fixed.hostFields)
-            j.raw(",\"leases\":[")
-            for (i, sh) in shares.enumerated() {
-                if i > 0 { j.raw(",") }
-                j.raw("{\"id\":")
-                j.bytes(cache.lease(sh.leaseId))
-                j.raw(",\"qty\":")
-                j.int(sh.tokens)
-                if b.f.kind == .unclaimed { j.raw(sharesToPool(i) ? ",\"to\":\"pool\"" : ",\"to\":\"lease\"") }
-                j.raw("}")
-            }
-            j.raw("],\"ts_ms\":")
-            j.bytes(cache.timestamp(b.f.tsMs))
+            j.int(b.f.shares[i].tokens)
+            if b.f.kind == .unclaimed { j.raw(sharesToPool(i) ? ",\"to\":\"pool\"" : ",\"to\":\"lease\"") }
             j.raw("}")
         }
+        j.raw("],\"ts_ms\":")
+        cache.tsDigits.withUnsafeBufferPointer { j.bytes($0) }
+        j.raw("}")
+        let n = j.count
+        return try scratch.withBytes(count: n, body)
+    }
+}
+
+/// Bytes that a run of values is written into one after the other, each used (copied out) before the next is
+/// written: one buffer for the run, grown when a value needs more. (Not copyable: it owns its memory.)
+public struct ScratchBytes: ~Copyable {
+    private var p: UnsafeMutablePointer<UInt8>
+    private var capacity: Int
+
+    public init(capacity: Int = 512) {
+        self.capacity = max(capacity, 16)
+        p = .allocate(capacity: self.capacity)
+    }
+
+    deinit { p.deallocate() }
+
+    /// A writer of at most `bound` bytes at the start of the buffer, valid until the next call.
+    mutating func begin(bound: Int) -> JSONBytes {
+        if bound > capacity {
+            p.deallocate()
+            capacity = max(bound, 2 * capacity)
+            p = .allocate(capacity: capacity)
+        }
+        return JSONBytes(p: p, capacity: bound)
+    }
+
+    /// The first `count` bytes written.
+    func withBytes<R, E: Error>(count: Int, _ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try body(UnsafeRawBufferPointer(start: p, count: count))
     }
 }
 
@@ -191,25 +250,25 @@ public struct KafkaValueCache: Sendable {
     }
 
     /// One field's last value and its JSON, made again only for a value of other bytes.
-    private struct Slot {
+    struct Slot {
         var value: String?
         var json: [UInt8] = []
 
-        mutating func json(for v: String, _ make: (String) -> [UInt8]) -> [UInt8] {
+        mutating func update(_ v: String, _ make: (String) -> [UInt8]) {
             if !KafkaValueCache.same(v, value) {
                 value = v
                 json = make(v)
             }
-            return json
         }
     }
 
-    private var voucher = Slot()
-    private var idHead = Slot()
-    private var lease = Slot()
+    // (Read in place by ``ClaimEvent/withKafkaValue(cache:scratch:_:)`` after an `update…`.)
+    private(set) var voucher = Slot()
+    private(set) var idHead = Slot()
+    private(set) var lease = Slot()
     private var region: String?
     private var host: String?
-    private var hostJSON: [UInt8] = []
+    private(set) var hostJSON: [UInt8] = []
 
     public init() {}
 
@@ -236,30 +295,31 @@ public struct KafkaValueCache: Sendable {
         return r == true
     }
 
-    /// A claim id's prefix as the start of a JSON string: its opening quote and escaped bytes, no closing quote
-    /// (the number's digits and the quote follow). A voucher's claims share one prefix.
-    mutating func idHead(_ h: String) -> [UInt8] {
-        idHead.json(for: h) { Array(Self.quoted($0).dropLast()) }   // (without the closing quote)
+    /// A claim id's prefix as the start of a JSON string (``idHead``): its opening quote and escaped bytes, no
+    /// closing quote (the number's digits and the quote follow). A voucher's claims share one prefix.
+    mutating func updateIdHead(_ h: String) {
+        idHead.update(h) { Array(Self.quoted($0).dropLast()) }   // (without the closing quote)
     }
 
-    /// A lease id as a JSON string (the last one's kept: a run of claims is mostly served by one lease).
-    mutating func lease(_ l: String) -> [UInt8] { lease.json(for: l, Self.quoted) }
+    /// A lease id as a JSON string (``lease``; the last one's kept: a run of claims is mostly served by one lease).
+    mutating func updateLease(_ l: String) { lease.update(l, Self.quoted) }
 
     private var ts: Int64?
-    private var tsDigits: [UInt8] = []
+    /// The last timestamp's digits (``updateTimestamp(_:)``).
+    private(set) var tsDigits: [UInt8] = []
 
     /// A timestamp's digits (the last one's kept: a run of claims shares its millisecond mostly, and 13 digits
     /// made one by one were ~300 instructions a claim; issue 13).
-    mutating func timestamp(_ t: Int64) -> [UInt8] {
+    mutating func updateTimestamp(_ t: Int64) {
         if t != ts {
             ts = t
             tsDigits = JSONBytes.build(bound: JSONBytes.intRoom + 1) { $0.int(t) }
         }
-        return tsDigits
     }
 
-    mutating func fixed(voucher v: String, region g: String, host h: String) -> (voucher: [UInt8], hostFields: [UInt8]) {
-        let voucherJSON = voucher.json(for: v, Self.quoted)
+    /// The voucher's JSON string (``voucher``) and the region's and host's fields (``hostJSON``).
+    mutating func update(voucher v: String, region g: String, host h: String) {
+        voucher.update(v, Self.quoted)
         let same = Self.same
         if !same(g, region) || !same(h, host) {
             region = g
@@ -271,7 +331,6 @@ public struct KafkaValueCache: Sendable {
                 j.string(h)
             }
         }
-        return (voucherJSON, hostJSON)
     }
 }
 
@@ -369,9 +428,9 @@ public struct LeaseClose: Sendable, Equatable {
 struct JSONBytes {
     private let p: UnsafeMutablePointer<UInt8>
     private let capacity: Int
-    private var count = 0
+    private(set) var count = 0
 
-    private init(p: UnsafeMutablePointer<UInt8>, capacity: Int) {
+    init(p: UnsafeMutablePointer<UInt8>, capacity: Int) {
         self.p = p
         self.capacity = capacity
     }
@@ -403,6 +462,14 @@ struct JSONBytes {
         reserve(n)
         (p + count).update(from: s.utf8Start, count: n)
         count += n
+    }
+
+    /// Bytes already encoded as JSON, copied in. (The cache's kept fields come through their buffers: an array
+    /// passed from where it is kept was a retain and a release each; issue 13.)
+    mutating func bytes(_ b: UnsafeBufferPointer<UInt8>) {
+        reserve(b.count)
+        if let base = b.baseAddress { (p + count).update(from: base, count: b.count) }
+        count += b.count
     }
 
     /// Bytes already encoded as JSON, copied in.

@@ -23,11 +23,27 @@ public enum ShippedEvent: Sendable, Equatable {
 
     /// ``kafkaValue``, a claim's shared fields escaped once per run of values (``KafkaValueCache``).
     public func kafkaValue(cache: inout KafkaValueCache) -> [UInt8] {
+        var scratch = ScratchBytes()
+        return withKafkaValue(cache: &cache, scratch: &scratch) { Array($0) }
+    }
+
+    /// ``kafkaValue(cache:)`` handed to `body`, valid only during it: a claim's is written into `scratch`
+    /// (``ClaimEvent/withKafkaValue(cache:scratch:_:)``).
+    public func withKafkaValue<R, E: Error>(cache: inout KafkaValueCache, scratch: inout ScratchBytes,
+                                            _ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
         switch self {
-        case .claim(let e): return e.kafkaValue(cache: &cache)
-        case .leaseGranted(let g): return g.kafkaValue
-        case .leaseClosed(let c): return c.kafkaValue
+        case .claim(let e): return try e.withKafkaValue(cache: &cache, scratch: &scratch, body)
+        case .leaseGranted(let g): return try Self.with(g.kafkaValue, body)
+        case .leaseClosed(let c): return try Self.with(c.kafkaValue, body)
         }
+    }
+
+    private static func with<R, E: Error>(_ v: [UInt8], _ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        // (`withUnsafeBytes` rethrows untyped: the error is carried out as a result.)
+        let r: Result<R, E> = v.withUnsafeBytes { b in
+            do throws(E) { return .success(try body(b)) } catch { return .failure(error) }
+        }
+        return try r.get()
     }
 
     /// Whether `r` is shipped (``init(_:)`` would make an event of it), without making the event.

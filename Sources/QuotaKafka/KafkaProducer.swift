@@ -78,6 +78,31 @@ public final class KafkaProducer: @unchecked Sendable {
     /// and `CLOSED` once ``close(flushTimeout:)`` has begun: a produce never runs on
     /// handles being freed (helper-49: the pipeline's recreate closed a producer that another thread was
     /// still producing on); the caller keeps the message for the next producer.
+    /// The producer held open for a run of messages (``producing(_:)``): close waits until the run ends. Used
+    /// only inside that call.
+    public struct Open {
+        fileprivate let rkt: OpaquePointer
+
+        /// Queue one message (librdkafka copies the key and value); `sequence` comes back in its delivery report.
+        public func produce(key: String, value: UnsafeRawBufferPointer, sequence: UInt64) throws(KafkaError) {
+            func send(_ k: UnsafeBufferPointer<UInt8>) -> Int32 {
+                rd_kafka_produce(
+                    rkt, RD_KAFKA_PARTITION_UA, RD_KAFKA_MSG_F_COPY, UnsafeMutableRawPointer(mutating: value.baseAddress),
+                    value.count, k.baseAddress, k.count, UnsafeMutableRawPointer(bitPattern: UInt(sequence)))
+            }
+            // (The key's bytes where they are; a foreign string made native first.)
+            var k = key
+            let rc = key.utf8.withContiguousStorageIfAvailable(send) ?? k.withUTF8(send)
+            if rc != 0 { throw RdKafkaConfig.error(rd_kafka_last_error()) }
+        }
+    }
+
+    /// Runs `body` with the producer held open, under one taking of `closed`'s lock for the whole run (not one a
+    /// message; issue 13). Nil, without calling `body`, when the producer is closed.
+    public func producing<R>(_ body: (Open) -> R) -> R? {
+        closed.withLockedValue { isClosed in isClosed ? nil : body(Open(rkt: rkt)) }
+    }
+
     public func produce(key: String, value: [UInt8], sequence: UInt64) throws(KafkaError) {
         // Under `closed`'s lock, which close takes first: no produce is running once close goes on.
         let rc: Int32? = closed.withLockedValue { isClosed in

@@ -240,16 +240,32 @@ final class ClaimPipeline: Sendable {
         var failed: [Outgoing] = []
         var failedSeqs: [UInt64] = []
         var cache = KafkaValueCache()
-        var seq = first
-        for i in items.indices {
-            let event = items[i].shipEvent   // (once: each read of it is a copy)
-            do {
-                try p.produce(key: event.key, value: event.kafkaValue(cache: &cache), sequence: seq)
-            } catch {
-                failed.append(Outgoing(position: items[i].shipPosition, event: event))
-                failedSeqs.append(seq)
+        var scratch = ScratchBytes()
+        // The whole run under one hold of the producer (not a lock a message), each value written into one
+        // reused buffer (not an array a message; issue 13).
+        let ran: Void? = p.producing { open in
+            var seq = first
+            for i in items.indices {
+                let event = items[i].shipEvent   // (once: each read of it is a copy)
+                do throws(KafkaError) {
+                    try event.withKafkaValue(cache: &cache, scratch: &scratch) { (v) throws(KafkaError) in
+                        try open.produce(key: event.key, value: v, sequence: seq)
+                    }
+                } catch {
+                    failed.append(Outgoing(position: items[i].shipPosition, event: event))
+                    failedSeqs.append(seq)
+                }
+                seq += 1
             }
-            seq += 1
+        }
+        if ran == nil {
+            // Closed: nothing was produced (as each message's produce failed before).
+            var seq = first
+            for i in items.indices {
+                failed.append(Outgoing(position: items[i].shipPosition, event: items[i].shipEvent))
+                failedSeqs.append(seq)
+                seq += 1
+            }
         }
         if !failed.isEmpty {
             ship.withLockedValue { s in

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Reference-count operations and heap allocations per claim of release quotad builds, counted exactly with
+# uprobes (perf probe on swift_retain, swift_release, their bridgeObject and _n forms, and libc's malloc), per
+# thread: the event loops (NIO-ELT-*) and the rest (the journal writer, Kafka's threads). Issue 13: a claim's
+# retain/release pairs were ~1/6 of its CPU in a profile, and CPU time on this VM moves ±30 % between runs of
+# one build, so this count (deterministic to ~1 %) is how a change to them is measured. Each build serves
+# N claims after a warm-up (redis-benchmark -c 50 -P 16); a probe hit costs ~1 µs, so N is small.
+#   BINS="/tmp/base /tmp/new" MODE=shipped scripts/rcount.sh
+# MODE=none | journal | shipped, as in scripts/icount.sh. Needs root (uprobes) and release builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/kafka-env.sh
+source scripts/lib.sh
+MODE=${MODE:-shipped}; N=${N:-20000}
+qd_init quotad-rcount
+qd_start_redis
+[ "$MODE" = shipped ] && qd_start_tansu
+.build/release/quotactl voucher create bench --limit 1000000000000 --redis "unix://$T/redis.sock" >/dev/null
+libc=$(ldd .build/release/quotad | awk '/libc\.so/ {print $3}')
+fns="swift_retain swift_release swift_retain_n swift_release_n swift_bridgeObjectRetain swift_bridgeObjectRelease swift_bridgeObjectRetain_n swift_bridgeObjectRelease_n"
+i=0
+for bin in ${BINS:-.build/release}; do
+  i=$((i + 1))
+  perf probe -q -d 'probe_quotad*:*' 2>/dev/null || true
+  perf probe -q -d 'probe_libc:*' 2>/dev/null || true
+  cp "$bin/quotad" "$T/quotad.$i"
+  ev=""
+  for f in $fns; do perf probe -q -x "$T/quotad.$i" --add "$f obj=%di" && ev="$ev,probe_quotad:$f"; done
+  perf probe -q -x "$libc" --add malloc
+  ev="${ev#,},probe_libc:malloc"
+  j=""; [ "$MODE" != none ] && j="journal: { dir: $T/journal-$i }"
+  k=""; [ "$MODE" = shipped ] && k="kafka: { brokers: \"127.0.0.1:$KPORT\", topic: rcount.$i }"
+  qd_sidecar_yaml "q$i" "$( [ "$MODE" = none ] && echo none || echo journal )" "$j" "$k"
+  "$T/quotad.$i" --config "$T/q$i.yaml" 2>>"$T/q$i.log" &
+  qpid=$!; pids+=($qpid)
+  qd_wait_sock "$T/q$i.sock"
+  redis-benchmark -s "$T/q$i.sock" -n 20000 -c 50 -P 16 -q CLAIM bench user >/dev/null 2>&1
+  perf stat --per-thread -x, -e "$ev" -p $qpid -o "$T/stat.$i" &
+  spid=$!
+  sleep 1
+  redis-benchmark -s "$T/q$i.sock" -n "$N" -c 50 -P 16 -q CLAIM bench user >/dev/null 2>&1
+  sleep 1
+  kill -INT $spid; wait $spid 2>/dev/null || true
+  # Per thread kind: event loops, and everything else; refcount ops (all probes but malloc) and mallocs.
+  awk -F, -v n="$N" -v bin="$bin" '
+    /probe_/ {
+      split($1, a, "-"); loop = ($1 ~ /^NIO-ELT/) ? "loops" : "other"
+      if ($4 ~ /malloc/) m[loop] += $2; else r[loop] += $2
+    }
+    END {
+      printf "%s: refcount ops per claim %.1f (event loops %.1f, other threads %.1f); mallocs per claim %.2f (loops %.2f, other %.2f)\n",
+        bin, (r["loops"] + r["other"]) / n, r["loops"] / n, r["other"] / n, (m["loops"] + m["other"]) / n, m["loops"] / n, m["other"] / n
+    }' "$T/stat.$i"
+  kill $qpid 2>/dev/null || true
+  wait $qpid 2>/dev/null || true
+  perf probe -q -d 'probe_quotad*:*' 2>/dev/null || true
+  perf probe -q -d 'probe_libc:*' 2>/dev/null || true
+done
