@@ -43,34 +43,56 @@ public struct ClaimArguments: Sendable, Equatable {
     public static func parse(
         _ a: [ByteBuffer], maxQty: Int, voucherID: (ByteBuffer) -> String?
     ) -> Result<ClaimArguments, Failure> {
-        guard a.count >= 3 else { return .failure(.arity) }
+        parseFields(a, maxQty: maxQty, voucherID: { _ in voucherID(a[1]) }).map { f in
+            ClaimArguments(voucher: f.voucher, user: a[2], qty: f.qty, req: f.reqIndex.map { a[$0] })
+        }
+    }
+
+    /// What ``parse(_:maxQty:voucherID:)`` finds, with the user id and the request id left where they are: the
+    /// user id is argument 2, the request id argument `reqIndex`.
+    public struct Fields: Sendable, Equatable {
+        public var voucher: String
+        public var qty: Int
+        public var reqIndex: Int?
+    }
+
+    /// ``parse(_:maxQty:voucherID:)`` of arguments read in place (``RESPArgumentBytes``), the same checks in the
+    /// same order: the claim path reads a `CLAIM` where it was decoded, without a slice of the read buffer per
+    /// argument (issue 13).
+    public static func parseFields<A: RESPArgumentBytes>(
+        _ a: A, maxQty: Int, voucherID: (UnsafeRawBufferPointer) -> String?
+    ) -> Result<Fields, Failure> {
+        let n = a.argumentCount
+        guard n >= 3 else { return .failure(.arity) }
         var qty = 1
-        var req: ByteBuffer?
+        var reqIndex: Int?
         var i = 3
-        while i < a.count {
-            if a[i].equalsUppercased("QTY") {
-                guard i + 1 < a.count else { return .failure(.syntax("QTY needs a value")) }
-                guard let n = a[i + 1].parsePositiveInt(), n >= 1, n <= maxQty else {
+        while i < n {
+            if a.withArgument(i, { RESPBytes.equalsUppercased($0, "QTY") }) {
+                guard i + 1 < n else { return .failure(.syntax("QTY needs a value")) }
+                guard let v = a.withArgument(i + 1, RESPBytes.parsePositiveInt), v >= 1, v <= maxQty else {
                     return .failure(.syntax("QTY must be an integer from 1 to \(maxQty)"))
                 }
-                qty = n
+                qty = v
                 i += 2
-            } else if a[i].equalsUppercased("REQ") {
-                guard i + 1 < a.count else { return .failure(.syntax("REQ needs a request id")) }
-                guard a[i + 1].readableBytes >= 1, a[i + 1].readableBytes <= 128 else {
+            } else if a.withArgument(i, { RESPBytes.equalsUppercased($0, "REQ") }) {
+                guard i + 1 < n else { return .failure(.syntax("REQ needs a request id")) }
+                guard a.withArgument(i + 1, { $0.count >= 1 && $0.count <= 128 }) else {
                     return .failure(.syntax("REQ request id must be 1-128 bytes"))
                 }
-                req = a[i + 1]
+                reqIndex = i + 1
                 i += 2
             } else {
-                return .failure(.syntax(
-                    "unknown CLAIM option '\(String(buffer: a[i]).prefix(32))' (expected QTY n or REQ id)"))
+                let option = a.withArgument(i) { String(decoding: $0, as: UTF8.self) }
+                return .failure(.syntax("unknown CLAIM option '\(option.prefix(32))' (expected QTY n or REQ id)"))
             }
         }
-        guard let v = voucherID(a[1]) else { return .failure(.badVoucher(String(buffer: a[1]))) }
-        guard a[2].readableBytes > 0, a[2].readableBytes <= 256 else {
+        guard let v = a.withArgument(1, voucherID) else {
+            return .failure(.badVoucher(a.withArgument(1) { String(decoding: $0, as: UTF8.self) }))
+        }
+        guard a.withArgument(2, { $0.count > 0 && $0.count <= 256 }) else {
             return .failure(.syntax("user id must be 1-256 bytes"))
         }
-        return .success(ClaimArguments(voucher: v, user: a[2], qty: qty, req: req))
+        return .success(Fields(voucher: v, qty: qty, reqIndex: reqIndex))
     }
 }

@@ -42,6 +42,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     static let maxClaimRun = 64
     /// The arguments of the command being decoded: one array for all of them (no allocation per command).
     private var arguments: [ByteBuffer] = []
+    /// The command's arguments as places in the read buffer: a `CLAIM` is read there, without slices.
+    private var spans: [RESPSpan] = []
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
     private var processing = false
@@ -185,7 +187,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             input = nil
             let parsed: Bool
             do {
-                parsed = try RESPCommandDecoder.parse(&buf, limits: limits, into: &arguments)
+                parsed = try RESPCommandDecoder.parse(&buf, limits: limits, spans: &spans)
             } catch let e as RESPProtocolError {
                 protocolError(e, context: context)
                 return
@@ -199,9 +201,32 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
             guard parsed else { break }
             commandsDecoded &+= 1
+            // A `CLAIM` read where it was decoded (`buf` still holds its bytes: they are discarded only when no
+            // command was parsed); any other command as slices.
+            if claimsServed, !spans.isEmpty,
+               buf.withVeryUnsafeBytes({ RESPBytes.equalsUppercased(UnsafeRawBufferPointer(rebasing: $0[spans[0].start..<spans[0].start + spans[0].count]), "CLAIM") })
+            {
+                let t0: NIODeadline? = claimTimer == nil ? nil : .now()
+                let request = buf.withVeryUnsafeBytes { storage in
+                    spans.withUnsafeBufferPointer { claimRequest(RESPSpannedArguments(storage: storage, spans: $0)) }
+                }
+                claim(request, started: t0, context: context)
+                continue
+            }
+            arguments.removeAll(keepingCapacity: true)
+            if let first = spans.first {
+                // (Slices are made with the reader index moved back to the command: below it, `getSlice` gives nil.)
+                var whole = buf
+                whole.moveReaderIndex(to: first.start)
+                for s in spans { arguments.append(whole.getSlice(at: s.start, length: s.count)!) }
+            }
             command(RESPCommand(arguments: arguments), context: context)
         }
     }
+
+    /// Whether a `CLAIM` goes to its voucher now (else ``command(_:context:)`` answers it: a refusal, a
+    /// transaction, no authentication).
+    private var claimsServed: Bool { refusal == nil && transaction == nil && authenticated }
 
     /// At most this many commands, or this many reply bytes, are handled per connection per event-loop turn.
     static let commandsPerTurn = 256
@@ -227,23 +252,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private func command(_ cmd: RESPCommand, context: ChannelHandlerContext) {
         guard !cmd.arguments.isEmpty else { return }
-        if refusal == nil, transaction == nil, authenticated, cmd.arguments[0].equalsUppercased("CLAIM") {
+        if claimsServed, cmd.arguments[0].equalsUppercased("CLAIM") {
             let t0: NIODeadline? = claimTimer == nil ? nil : .now()
-            switch claimRequest(cmd.arguments) {
-            case .success(let (voucher, req)):
-                if let v = runVoucher, v != voucher { flushClaims(context: context) }
-                runVoucher = voucher
-                runRequests.append(req)
-                if let t0 { runStarted.append(t0) }
-                // The run counts toward the connection's pending bound (``shouldPause(context:)``).
-                if runRequests.count >= Self.maxClaimRun || queue.count + runRequests.count >= maxPending {
-                    flushClaims(context: context)
-                }
-            case .failure(let refused):
-                flushClaims(context: context)
-                if let t0, let timer = claimTimer { timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
-                enqueue(refused.outcome, context: context)
-            }
+            claim(claimRequest(cmd.arguments), started: t0, context: context)
             return
         }
         flushClaims(context: context)
@@ -259,6 +270,27 @@ final class ConnectionHandler: ChannelDuplexHandler {
             outcome = dispatch(cmd, context: context)
         }
         enqueue(outcome, context: context)
+    }
+
+    /// A checked `CLAIM` joins the run of claims (decided together at ``flushClaims(context:)``); a refused one
+    /// is answered in its place.
+    private func claim(_ request: Result<(String, VoucherMachine.Request), RefusedClaim>, started t0: NIODeadline?,
+                       context: ChannelHandlerContext) {
+        switch request {
+        case .success(let (voucher, req)):
+            if let v = runVoucher, v != voucher { flushClaims(context: context) }
+            runVoucher = voucher
+            runRequests.append(req)
+            if let t0 { runStarted.append(t0) }
+            // The run counts toward the connection's pending bound (``shouldPause(context:)``).
+            if runRequests.count >= Self.maxClaimRun || queue.count + runRequests.count >= maxPending {
+                flushClaims(context: context)
+            }
+        case .failure(let refused):
+            flushClaims(context: context)
+            if let t0, let timer = claimTimer { timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
+            enqueue(refused.outcome, context: context)
+        }
     }
 
     private func protocolError(_ e: RESPProtocolError, context: ChannelHandlerContext) {
@@ -799,25 +831,29 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     /// A `CLAIM`'s voucher and request, or its refusal.
-    private func claimRequest(_ a: [ByteBuffer]) -> Result<(String, VoucherMachine.Request), RefusedClaim> {
-        let c: ClaimArguments
-        switch ClaimArguments.parse(a, maxQty: engine.config.limits.maxQty, voucherID: voucherID) {
+    private func claimRequest<A: RESPArgumentBytes>(_ a: A) -> Result<(String, VoucherMachine.Request), RefusedClaim> {
+        let c: ClaimArguments.Fields
+        switch ClaimArguments.parseFields(a, maxQty: engine.config.limits.maxQty, voucherID: voucherID) {
         case .success(let parsed): c = parsed
         case .failure(.arity): return .failure(RefusedClaim(outcome: arity("CLAIM")))
         case .failure(.syntax(let m)): return .failure(RefusedClaim(outcome: syntax(m)))
         case .failure(.badVoucher(let v)): return .failure(RefusedClaim(outcome: badVoucher(v)))
         }
-        if c.req == nil && engine.config.claims.requireReq {
+        if c.reqIndex == nil && engine.config.claims.requireReq {
             return .failure(RefusedClaim(outcome: syntax(
                 "REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
                 + "for every retry of one claim")))
         }
         // Ids are compared as bytes; bytes that are not UTF-8 would not survive the journal and the JSON
         // events as themselves (two such ids would become one string), so they are refused.
-        guard let user = Self.utf8(c.user) else { return .failure(RefusedClaim(outcome: syntax("user id must be valid UTF-8"))) }
+        guard let user = a.withArgument(2, Self.utf8) else {
+            return .failure(RefusedClaim(outcome: syntax("user id must be valid UTF-8")))
+        }
         var req: String?
-        if let r = c.req {
-            guard let s = Self.utf8(r) else { return .failure(RefusedClaim(outcome: syntax("REQ request id must be valid UTF-8"))) }
+        if let r = c.reqIndex {
+            guard let s = a.withArgument(r, Self.utf8) else {
+                return .failure(RefusedClaim(outcome: syntax("REQ request id must be valid UTF-8")))
+            }
             req = s
         }
         return .success((c.voucher, .claim(qty: c.qty, user: user, req: req)))
@@ -826,12 +862,12 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// The text of a `CLAIM`'s voucher id, or nil if it is not a valid id. The last valid id is remembered: a
     /// connection claims one voucher over and over, and the same bytes are answered without a new `String` or
     /// a new check (issue 13).
-    private func voucherID(_ b: ByteBuffer) -> String? {
-        if let last = lastVoucherID, b.readableBytes == last.utf8.count {
-            let same = last.withUTF8Bytes { l in b.withUnsafeReadableBytes { r in memcmp(r.baseAddress!, l.baseAddress!, l.count) == 0 } }
+    private func voucherID(_ b: UnsafeRawBufferPointer) -> String? {
+        if let last = lastVoucherID, b.count == last.utf8.count {
+            let same = last.withUTF8Bytes { l in b.count == 0 || memcmp(b.baseAddress!, l.baseAddress!, l.count) == 0 }
             if same { return last }
         }
-        let v = String(buffer: b)
+        let v = String(decoding: b, as: UTF8.self)
         guard QuotaStore.isValidVoucherID(v) else { return nil }
         lastVoucherID = v
         return v
@@ -890,15 +926,12 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     /// The argument as a string if it is valid UTF-8 (ASCII, the common case, is checked first).
-    private static func utf8(_ b: ByteBuffer) -> String? {
+    private static func utf8(_ raw: UnsafeRawBufferPointer) -> String? {
         // (`String(validating:as:)` is generic: it costs runtime metadata lookups, ~600 instructions a call.)
-        let ascii = b.withUnsafeReadableBytes { raw in
-            var any: UInt8 = 0
-            for c in raw { any |= c }
-            return any < 0x80
-        }
-        if ascii { return String(buffer: b) }
-        return String(validating: b.readableBytesView, as: UTF8.self)
+        var any: UInt8 = 0
+        for c in raw { any |= c }
+        if any < 0x80 { return String(decoding: raw, as: UTF8.self) }
+        return String(validating: raw, as: UTF8.self)
     }
 
     private func syntax(_ m: String) -> Outcome {
