@@ -22,6 +22,10 @@ import Synchronization
 final class ClaimPipeline: Sendable {
     let durability: Durability
     let journal: Journal?
+    /// ``journal`` without a reference count (``journal`` keeps it alive): ``refusal()`` reads its health for every
+    /// claim, from both event loops, and an `if let journal` there was a retain and a release each of one object
+    /// the writer thread uses too (issue 13).
+    private unowned(unsafe) let journalUnretained: Journal?
     private let producerBox = NIOLockedValueBox<KafkaProducer?>(nil)
     private let logger: Logger
     private let unavailableAfter: Duration
@@ -99,6 +103,7 @@ final class ClaimPipeline: Sendable {
         } else {
             journal = nil
         }
+        journalUnretained = journal
         if config.kafka.brokers != nil {
             do {
                 let producer = try makeProducer()
@@ -149,7 +154,7 @@ final class ClaimPipeline: Sendable {
 
     /// Why a claim must be refused now (fail closed), or nil.
     func refusal() -> QuotaError? {
-        if let journal {
+        if let journal = journalUnretained {
             if !journal.isHealthy {
                 return QuotaError(.unavailable, "journal not writable: \(journal.lastError ?? "unknown error")")
             }

@@ -44,6 +44,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var arguments: [ByteBuffer] = []
     /// The command's arguments as places in the read buffer: a `CLAIM` is read there, without slices.
     private var spans: [RESPSpan] = []
+    /// The channel's writability as its last change told (NIO tells every change, on this loop, as it happens):
+    /// `shouldPause` runs before every command, and `context.channel.isWritable` there retained and released
+    /// the channel each time (issue 13).
+    private var writable = true
     /// Bytes read and not yet decoded (a partial frame, or everything read while paused).
     private var input: ByteBuffer?
     private var processing = false
@@ -385,7 +389,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// writability says how much the peer has not read.
     private func shouldPause(context: ChannelHandlerContext) -> Bool {
         if let o = out, o.readableBytes >= flushChunk { flushReplies(context: context) }
-        if !outputPaused && !context.channel.isWritable { outputPaused = true }
+        if !outputPaused && !writable { outputPaused = true }
         if !pendingPaused && queue.count + runRequests.count >= maxPending { pendingPaused = true }
         guard outputPaused || pendingPaused else { return false }
         if !countedPaused {
@@ -424,6 +428,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
+        writable = context.channel.isWritable
         reportPending(context: context)
         if context.channel.isWritable && outputPaused { resume(context: context) }
         context.fireChannelWritabilityChanged()
