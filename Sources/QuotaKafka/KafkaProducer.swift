@@ -78,9 +78,9 @@ public final class KafkaProducer: @unchecked Sendable {
     /// and `CLOSED` once ``close(flushTimeout:)`` has begun: a produce never runs on
     /// handles being freed (helper-49: the pipeline's recreate closed a producer that another thread was
     /// still producing on); the caller keeps the message for the next producer.
-    /// The producer held open for a run of messages (``producing(_:)``): close waits until the run ends. Used
-    /// only inside that call.
-    public struct Open {
+    /// The producer held open for a run of messages (``producing(_:)``): close waits until the run ends. Not
+    /// copyable, and lent to the run only: it cannot outlive the call (helper-55).
+    public struct Open: ~Copyable {
         fileprivate let rkt: OpaquePointer
 
         /// Queue one message (librdkafka copies the key and value); `sequence` comes back in its delivery report.
@@ -99,8 +99,12 @@ public final class KafkaProducer: @unchecked Sendable {
 
     /// Runs `body` with the producer held open, under one taking of `closed`'s lock for the whole run (not one a
     /// message; issue 13). Nil, without calling `body`, when the producer is closed.
-    public func producing<R>(_ body: (Open) -> R) -> R? {
-        closed.withLockedValue { isClosed in isClosed ? nil : body(Open(rkt: rkt)) }
+    public func producing<R>(_ body: (borrowing Open) -> R) -> R? {
+        closed.withLockedValue { isClosed in
+            guard !isClosed else { return nil }
+            let open = Open(rkt: rkt)
+            return body(open)
+        }
     }
 
     public func produce(key: String, value: [UInt8], sequence: UInt64) throws(KafkaError) {

@@ -246,31 +246,39 @@ final class ClaimPipeline: Sendable {
         var failedSeqs: [UInt64] = []
         var cache = KafkaValueCache()
         var scratch = ScratchBytes()
-        // The whole run under one hold of the producer (not a lock a message), each value written into one
-        // reused buffer (not an array a message; issue 13).
-        let ran: Void? = p.producing { open in
-            var seq = first
-            for i in items.indices {
-                let event = items[i].shipEvent   // (once: each read of it is a copy)
-                do throws(KafkaError) {
-                    try event.withKafkaValue(cache: &cache, scratch: &scratch) { (v) throws(KafkaError) in
-                        try open.produce(key: event.key, value: v, sequence: seq)
+        // Runs of up to `heldRun` messages under one hold of the producer (not a lock a message), each value
+        // written into one reused buffer (not an array a message; issue 13). (Bounded: a reship of a whole
+        // journal after a recreate must not hold the producer from the journal writer's own batches for its
+        // whole length; helper-55.)
+        var seq = first
+        var start = items.startIndex
+        while start != items.endIndex {
+            let end = items.index(start, offsetBy: Self.heldRun, limitedBy: items.endIndex) ?? items.endIndex
+            let runFirst = seq
+            let ran: Void? = p.producing { open in
+                for i in items[start..<end].indices {
+                    let event = items[i].shipEvent   // (once: each read of it is a copy)
+                    do throws(KafkaError) {
+                        try event.withKafkaValue(cache: &cache, scratch: &scratch) { (v) throws(KafkaError) in
+                            try open.produce(key: event.key, value: v, sequence: seq)
+                        }
+                    } catch {
+                        failed.append(Outgoing(position: items[i].shipPosition, event: event))
+                        failedSeqs.append(seq)
                     }
-                } catch {
-                    failed.append(Outgoing(position: items[i].shipPosition, event: event))
-                    failedSeqs.append(seq)
+                    seq += 1
                 }
-                seq += 1
             }
-        }
-        if ran == nil {
-            // Closed: nothing was produced (as each message's produce failed before).
-            var seq = first
-            for i in items.indices {
-                failed.append(Outgoing(position: items[i].shipPosition, event: items[i].shipEvent))
-                failedSeqs.append(seq)
-                seq += 1
+            if ran == nil {
+                // Closed: nothing of this run was produced (as each message's produce failed before).
+                seq = runFirst
+                for i in items[start..<end].indices {
+                    failed.append(Outgoing(position: items[i].shipPosition, event: items[i].shipEvent))
+                    failedSeqs.append(seq)
+                    seq += 1
+                }
             }
+            start = end
         }
         if !failed.isEmpty {
             ship.withLockedValue { s in
@@ -279,6 +287,9 @@ final class ClaimPipeline: Sendable {
             }
         }
     }
+
+    /// The most messages produced under one hold of the producer.
+    static let heldRun = 1024
 
     private static func delivered(_ reports: [DeliveryReport], ship: NIOLockedValueBox<ShipState>, journal: Journal?,
                                   kafkaMode: Bool, logger: Logger) {
