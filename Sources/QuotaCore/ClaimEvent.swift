@@ -289,10 +289,7 @@ public struct KafkaValueCache: Sendable {
             return true
         }
         guard a.utf8.count == b.utf8.count else { return false }
-        let r: Bool?? = a.utf8.withContiguousStorageIfAvailable { x in
-            b.utf8.withContiguousStorageIfAvailable { y in Self.sameBytes(x, y) }
-        }
-        return r == true
+        return a.withUTF8Bytes { x in b.withUTF8Bytes { y in Self.sameBytes(x, y) } }
     }
 
     /// A claim id's prefix as the start of a JSON string (``idHead``): its opening quote and escaped bytes, no
@@ -469,13 +466,6 @@ struct JSONBytes {
     mutating func bytes(_ b: UnsafeBufferPointer<UInt8>) {
         reserve(b.count)
         if let base = b.baseAddress { (p + count).update(from: base, count: b.count) }
-        count += b.count
-    }
-
-    /// Bytes already encoded as JSON, copied in.
-    mutating func bytes(_ b: [UInt8]) {
-        reserve(b.count)
-        b.withUnsafeBufferPointer { if let base = $0.baseAddress { (p + count).update(from: base, count: $0.count) } }
         count += b.count
     }
 

@@ -74,10 +74,6 @@ public final class KafkaProducer: @unchecked Sendable {
                                                          "librdkafka": "\(RdKafkaConfig.version)"])
     }
 
-    /// Queue one message. Throws when librdkafka's local queue is full (`_QUEUE_FULL`) or the topic is unknown,
-    /// and `CLOSED` once ``close(flushTimeout:)`` has begun: a produce never runs on
-    /// handles being freed (helper-49: the pipeline's recreate closed a producer that another thread was
-    /// still producing on); the caller keeps the message for the next producer.
     /// The producer held open for a run of messages (``producing(_:)``): close waits until the run ends. Not
     /// copyable, and lent to the run only: it cannot outlive the call (helper-55).
     public struct Open: ~Copyable {
@@ -107,20 +103,17 @@ public final class KafkaProducer: @unchecked Sendable {
         }
     }
 
+    /// Queue one message. Throws when librdkafka's local queue is full (`_QUEUE_FULL`) or the topic is unknown,
+    /// and `CLOSED` once ``close(flushTimeout:)`` has begun: a produce never runs on
+    /// handles being freed (helper-49: the pipeline's recreate closed a producer that another thread was
+    /// still producing on); the caller keeps the message for the next producer.
+    /// (One message as a run of one: ``Open/produce(key:value:sequence:)`` is the one place a message is queued.)
     public func produce(key: String, value: [UInt8], sequence: UInt64) throws(KafkaError) {
-        // Under `closed`'s lock, which close takes first: no produce is running once close goes on.
-        let rc: Int32? = closed.withLockedValue { isClosed in
-            guard !isClosed else { return nil }
-            return value.withUnsafeBytes { v in
-                key.withCString { k in
-                    rd_kafka_produce(
-                        rkt, RD_KAFKA_PARTITION_UA, RD_KAFKA_MSG_F_COPY, UnsafeMutableRawPointer(mutating: v.baseAddress),
-                        v.count, k, strlen(k), UnsafeMutableRawPointer(bitPattern: UInt(sequence)))
-                }
-            }
+        let r: Result<Void, KafkaError>? = producing { open in
+            value.withUnsafeBytes { v in Result { () throws(KafkaError) in try open.produce(key: key, value: v, sequence: sequence) } }
         }
-        guard let rc else { throw KafkaError(code: -1, name: "CLOSED", message: "the producer is closed") }
-        if rc != 0 { throw RdKafkaConfig.error(rd_kafka_last_error()) }
+        guard let r else { throw KafkaError(code: -1, name: "CLOSED", message: "the producer is closed") }
+        try r.get()
     }
 
     /// Raises a fatal error in librdkafka as a broker's would (`rd_kafka_test_fatal_error`, librdkafka's own

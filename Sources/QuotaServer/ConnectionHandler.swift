@@ -214,7 +214,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 let request = buf.withVeryUnsafeBytes { storage in
                     spans.withUnsafeBufferPointer { claimRequest(RESPSpannedArguments(storage: storage, spans: $0)) }
                 }
-                claim(request, started: t0, context: context)
+                addToRun(request, started: t0, context: context)
                 continue
             }
             arguments.removeAll(keepingCapacity: true)
@@ -229,7 +229,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Whether a `CLAIM` goes to its voucher now (else ``command(_:context:)`` answers it: a refusal, a
-    /// transaction, no authentication).
+    /// transaction, no authentication). Checked only in ``process(context:)``.
     private var claimsServed: Bool { refusal == nil && transaction == nil && authenticated }
 
     /// At most this many commands, or this many reply bytes, are handled per connection per event-loop turn.
@@ -256,11 +256,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     private func command(_ cmd: RESPCommand, context: ChannelHandlerContext) {
         guard !cmd.arguments.isEmpty else { return }
-        if claimsServed, cmd.arguments[0].equalsUppercased("CLAIM") {
-            let t0: NIODeadline? = claimTimer == nil ? nil : .now()
-            claim(claimRequest(cmd.arguments), started: t0, context: context)
-            return
-        }
+        // (A `CLAIM` that goes to its voucher now never comes here: ``process(context:)`` reads it in place.)
         flushClaims(context: context)
         if let refusal {
             // Told on every command, so a client that swallows errors of its setup commands still sees it.
@@ -278,8 +274,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     /// A checked `CLAIM` joins the run of claims (decided together at ``flushClaims(context:)``); a refused one
     /// is answered in its place.
-    private func claim(_ request: Result<(String, VoucherMachine.Request), RefusedClaim>, started t0: NIODeadline?,
-                       context: ChannelHandlerContext) {
+    private func addToRun(_ request: Result<(String, VoucherMachine.Request), RefusedClaim>, started t0: NIODeadline?,
+                          context: ChannelHandlerContext) {
         switch request {
         case .success(let (voucher, req)):
             if let v = runVoucher, v != voucher { flushClaims(context: context) }
