@@ -12,8 +12,9 @@ swift build --package-path examples/hummingbird/quota-claim-app --scratch-path .
 # Three passes: everything else in parallel; then the Redis Cluster suites (six redis-servers and several
 # sidecars each; beside the rest they starved the throughput- and deadline-bound fault tests on 2 cores);
 # then the suites that load the machine on purpose (a peer flooding quotad, hundreds of pooled callers, the
-# example app), each group on its own so that its load does not change the timing the others depend on.
-heavy="AbuseTests|QuotaClientTests"
+# example app, a producer recreated under four writers, a peer pipelining 60,000 commands unread), each group on
+# its own so that its load does not change the timing the others depend on.
+heavy="AbuseTests|QuotaClientTests|ProducingRunReviewTests|LateReaderTests"
 cluster="RedisClusterTests|RedisClusterReviewTests|RedisClusterShardTests"
 status=0
 swift test --skip "$heavy|$cluster" 2>&1 | tee .build/test-output.txt || status=1
