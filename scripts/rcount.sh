@@ -7,6 +7,9 @@
 # N claims after a warm-up (redis-benchmark -c 50 -P 16); a probe hit costs ~1 µs, so N is small.
 #   BINS="/tmp/base /tmp/new" MODE=shipped scripts/rcount.sh
 # MODE=none | journal | shipped, as in scripts/icount.sh. Needs root (uprobes) and release builds.
+# WHERE=1: instead of counting, record each counted operation's call stack (perf record -g, N=3000 is plenty) and print,
+# per thread kind and probe, the callers that make them: the first frame that is not runtime glue
+# (outlined copies, value witnesses, destroy functions), demangled, with operations per claim.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/kafka-env.sh
@@ -41,12 +44,34 @@ for bin in ${BINS:-.build/release}; do
   qpid=$!; pids+=($qpid)
   qd_wait_sock "$T/q$i.sock"
   redis-benchmark -s "$T/q$i.sock" -n 20000 -c 50 -P 16 -q CLAIM bench user >/dev/null 2>&1
-  perf stat --per-thread -x, "${ev[@]}" -p $qpid -o "$T/stat.$i" &
+  if [ -n "${WHERE:-}" ]; then
+    perf record -q -g "${ev[@]}" -p $qpid -o "$T/where.$i" >/dev/null 2>&1 &
+  else
+    perf stat --per-thread -x, "${ev[@]}" -p $qpid -o "$T/stat.$i" &
+  fi
   spid=$!
   sleep 1
   redis-benchmark -s "$T/q$i.sock" -n "$N" -c 50 -P 16 -q CLAIM bench user >/dev/null 2>&1
   sleep 1
   kill -INT $spid; wait $spid 2>/dev/null || true
+  if [ -n "${WHERE:-}" ]; then
+    # (KEEP=/tmp/w: the recording is kept as /tmp/w.1, .2…, for `perf script -i` by hand.)
+    if [ -n "${KEEP:-}" ]; then cp "$T/where.$i" "$KEEP.$i"; fi
+    echo "== $bin: operations per claim by caller (thread kind, probe, first non-glue frame)"
+    perf script -i "$T/where.$i" -F comm,event,ip,sym 2>/dev/null | awk -v n="$N" '
+      # A sample: a header line (comm, event), then one frame per line, then a blank line.
+      /^[^ \t]/ { comm = $1; ev = ""; for (k = 2; k <= NF; k++) if ($k ~ /probe_/) ev = $k; sub(/:$/, "", ev); sub(/.*:/, "", ev)
+                  kind = (comm ~ /^NIO-ELT/) ? "loops" : "other"; want = 1; next }
+      /^[ \t]+[0-9a-f]+ / && want {
+        sym = $2
+        if (sym ~ /^(swift_|_swift_|_ZN5swift|swift::|malloc|\$s.*(WOc|WOe|WOh|WOy|WOs|WOb|Wxx|Wcp|wxx|wcp|WOi|WOr|Tm|fD|fd)$|\$ss23_ContiguousArrayStorage|\$ss12_ArrayBuffer|\$sSa|tuple_|destroy|outlined|\[unknown\])/) next
+        c[kind " " ev " " sym]++; want = 0 }
+      END { for (k in c) printf "%8.2f %s\n", c[k] / n, k }' | sort -rn | head -${TOP:-40} |
+      swift-demangle --simplified | cut -c1-${WIDTH:-220}
+    kill $qpid 2>/dev/null || true
+    wait $qpid 2>/dev/null || true
+    continue
+  fi
   # Per thread kind: event loops, and everything else; refcount ops (all probes but malloc) and mallocs.
   awk -F, -v n="$N" -v bin="$bin" '
     /probe_/ {
