@@ -91,6 +91,9 @@ public struct ClaimEvent: Sendable, Equatable {
     public var host: String { get { box.f.host } set { fields.host = newValue } }
     /// Which lease served how many of the claim's tokens (their sum is `qty`).
     public var shares: [ClaimShare] { get { box.f.shares } set { fields.shares = newValue } }
+    /// `body` given the shares where they are kept: ``shares`` gives a copy of the array, a retain and a
+    /// release, which a caller that only reads them need not pay (issue 13).
+    public func withShares<R>(_ body: ([ClaimShare]) throws -> R) rethrows -> R { try body(box.f.shares) }
     public var tsMs: Int64 { get { box.f.tsMs } set { fields.tsMs = newValue } }
     /// The client's request id (`CLAIM … REQ id`), journal only.
     public var req: String? { get { box.f.req } set { fields.req = newValue } }

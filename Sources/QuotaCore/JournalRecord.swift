@@ -3,6 +3,10 @@ import CCRC32C
 /// to Kafka; the other records let a restarted sidecar know exactly what each lease of a previous
 /// run served, which lease requests may have been granted unseen, and under which durability mode
 /// and region generation it ran. The fold of these records is ``LeaseLedger`` (one place).
+///
+/// (The cases whose payloads are large, one per lease or per boot, are `indirect`: boxed, so a record is a few
+/// words. Inline, they made every record ~130 bytes: copied through an outlined copy of the whole enum (~145
+/// instructions) wherever a switch or a call took one, once per claim in `LeaseLedger.apply` alone; issue 13.)
 public enum JournalRecord: Sendable, Equatable {
     /// A granted claim, a cancellation (with where each share went) or a per-user intent.
     case claim(ClaimEvent)
@@ -17,17 +21,17 @@ public enum JournalRecord: Sendable, Equatable {
     case leaseRequested(voucher: String, req: String)
     /// Redis granted a lease (shipped as `lease_granted`). Written under `durability: journal|kafka`
     /// (`trusted`), every answered claim is in the journal before its reply, so the served count is exact.
-    case leaseGranted(LeaseGrantRecord)
+    indirect case leaseGranted(LeaseGrantRecord)
     /// Redis answered request `req` without a lease (sold out, inactive, unknown).
     case leaseAnswered(voucher: String, req: String)
     /// Redis acknowledged the closing return of a lease (shipped as a `lease_closed` event).
-    case leaseClosed(LeaseClose)
+    indirect case leaseClosed(LeaseClose)
     /// A process started on this journal.
-    case boot(JournalBoot)
+    indirect case boot(JournalBoot)
     /// The region's Redis generation this host adopted (see docs/accounting.md, "Redis that forgets").
     case generation(String)
     /// The ledger's state at the start of a segment, so older segments can be deleted.
-    case snapshot(LeaseLedger.Snapshot)
+    indirect case snapshot(LeaseLedger.Snapshot)
 }
 
 /// Who wrote the records that follow: one per process start.
@@ -61,7 +65,7 @@ public enum JournalCodec {
         // header filled in. (A body array of its own, and the header's bytes as arrays, were three allocations
         // and a copy per record.)
         let start = out.count
-        out.append(contentsOf: headerZeros)
+        out.append(contentsOf: repeatElement(0, count: headerBytes))   // (not a static array: a retain and a release)
         switch r {
         case .claim(let c):
             encodeClaim(c, &out)
@@ -151,7 +155,6 @@ public enum JournalCodec {
         }
     }
 
-    private static let headerZeros = [UInt8](repeating: 0, count: headerBytes)
 
     /// The outcome of decoding at one offset.
     public enum Decoded: Equatable {

@@ -129,35 +129,9 @@ public struct LeaseLedger: Sendable, Equatable {
     public mutating func apply(_ r: JournalRecord) {
         switch r {
         case .claim(let e):
-            switch e.kind {
-            case .intent:
-                owedReleases[e.claimID] = Release(voucher: e.voucher, user: e.user, claimID: e.claimID)
-            case .claimed:
-                // The claim exists: its intent's count is the claim's own, nothing to release.
-                if !owedReleases.isEmpty { owedReleases.removeValue(forKey: e.claimID) }
-                for s in e.shares { change(e.voucher, s.leaseId, claim: e.claimID, served: s.tokens) }
-            case .unclaimed:
-                if e.toPool != 0 { owedRestocks[e.claimID] = e }
-                if let r = releasesAwaitingCancel.removeValue(forKey: e.claimID) { owedReleases[e.claimID] = r }
-                for (i, s) in e.shares.enumerated() {
-                    let key = Key(voucher: e.voucher, lease: s.leaseId)
-                    if e.sharesToPool(i) {
-                        // The lease may be closed and gone from the books: the restock stands on its own.
-                        // (Through its index: `accounts[key]?.…` on a missing key may grow the table to make
-                        // room for an insert that never comes, which moves every entry: see `last`.)
-                        if let a = accounts.index(forKey: key) {
-                            let (sum, over) = accounts.values[a].restocked.addingReportingOverflow(s.tokens)
-                            if over {
-                                anomalies.append("lease \(e.voucher)/\(s.leaseId): restock of \(s.tokens) by claim \(e.claimID) overflows")
-                            } else {
-                                accounts.values[a].restocked = sum
-                            }
-                        }
-                    } else {
-                        change(e.voucher, s.leaseId, claim: e.claimID, served: -s.tokens)
-                    }
-                }
-            }
+            // (In a function of its own: with the claim's fold inline here, the record was copied on entry (a retain
+            // and a release of the event) for every claim the journal writer folds; issue 13.)
+            applyClaim(e)
         case .intentResolved(_, let c):
             owedReleases.removeValue(forKey: c)
             releasesAwaitingCancel.removeValue(forKey: c)
@@ -192,6 +166,38 @@ public struct LeaseLedger: Sendable, Equatable {
             generation = g
         case .snapshot(let s):
             restore(s)
+        }
+    }
+
+    private mutating func applyClaim(_ e: ClaimEvent) {
+        switch e.kind {
+        case .intent:
+            owedReleases[e.claimID] = Release(voucher: e.voucher, user: e.user, claimID: e.claimID)
+        case .claimed:
+            // The claim exists: its intent's count is the claim's own, nothing to release.
+            if !owedReleases.isEmpty { owedReleases.removeValue(forKey: e.claimID) }
+            e.withShares { for s in $0 { change(e.voucher, s.leaseId, claim: e.claimID, served: s.tokens) } }
+        case .unclaimed:
+            if e.toPool != 0 { owedRestocks[e.claimID] = e }
+            if let r = releasesAwaitingCancel.removeValue(forKey: e.claimID) { owedReleases[e.claimID] = r }
+            for (i, s) in e.shares.enumerated() {
+                let key = Key(voucher: e.voucher, lease: s.leaseId)
+                if e.sharesToPool(i) {
+                    // The lease may be closed and gone from the books: the restock stands on its own.
+                    // (Through its index: `accounts[key]?.…` on a missing key may grow the table to make
+                    // room for an insert that never comes, which moves every entry: see `last`.)
+                    if let a = accounts.index(forKey: key) {
+                        let (sum, over) = accounts.values[a].restocked.addingReportingOverflow(s.tokens)
+                        if over {
+                            anomalies.append("lease \(e.voucher)/\(s.leaseId): restock of \(s.tokens) by claim \(e.claimID) overflows")
+                        } else {
+                            accounts.values[a].restocked = sum
+                        }
+                    }
+                } else {
+                    change(e.voucher, s.leaseId, claim: e.claimID, served: -s.tokens)
+                }
+            }
         }
     }
 

@@ -68,7 +68,14 @@ final class ClaimBook: Sendable {
     let capacity: Int
     private let prefix: String
     private let perStripe: Int
-    private let stripes: [NIOLockedValueBox<Stripe>]
+    /// A stripe and its lock, in one object (a `Mutex` holds its value inline).
+    private final class StripeBox: Sendable {
+        let m: Mutex<Stripe>
+        init(_ s: Stripe) { m = Mutex(s) }
+    }
+    private let stripes: [StripeBox]
+    /// The same boxes, unretained (`stripes` keeps them for the book's life): see ``stripe(_:_:)``.
+    private let stripesUnretained: [Unmanaged<StripeBox>]
     /// Claims of earlier boots, by their id's prefix (`region.host.boot.`) and sequence number: an integer
     /// key per claim instead of its whole id (a restart with a million claims in the journal hashed and
     /// compared a million ids that share their first 25 bytes: seconds before the socket could open).
@@ -108,8 +115,9 @@ final class ClaimBook: Sendable {
         self.capacity = max(0, capacity)
         perStripe = max(1, (self.capacity + Self.stripeCount - 1) / Self.stripeCount)
         stripes = (0..<Self.stripeCount).map { _ in
-            NIOLockedValueBox(Stripe(slots: [Slot](repeating: Slot(), count: capacity > 0 ? max(1, (capacity + 63) / 64) : 0)))
+            StripeBox(Stripe(slots: [Slot](repeating: Slot(), count: capacity > 0 ? max(1, (capacity + 63) / 64) : 0)))
         }
+        stripesUnretained = stripes.map { Unmanaged.passUnretained($0) }
     }
 
     /// The sequence number of a claim id of this boot, or nil.
@@ -166,7 +174,8 @@ final class ClaimBook: Sendable {
 
     /// A slot for `e` and, when the slot cannot hold it by itself, its side-table entry.
     private static func compact(_ e: ClaimEvent, voucherIndex: UInt16?) -> (Slot, Spread?) {
-        compact(voucher: e.voucher, user: e.user, qty: e.qty, shares: e.shares, voucherIndex: voucherIndex)
+        // (The shares read in place: most claims keep none of them, only their lease's number.)
+        e.withShares { compact(voucher: e.voucher, user: e.user, qty: e.qty, shares: $0, voucherIndex: voucherIndex) }
     }
 
     private static func compact(voucher: String, user: String, qty: Int, shares: [ClaimShare],
@@ -198,11 +207,17 @@ final class ClaimBook: Sendable {
             seq: c.seq, mark: mark)
     }
 
+    /// Stripe `s` under its lock, reached without a retain: `stripes[s].withLockedValue` retained and released
+    /// the stripe's box for each claim added, two atomic writes on a line every thread that adds shares (issue 13).
+    private func stripe<T: Sendable>(_ s: Int, _ body: (inout sending Stripe) -> sending T) -> T {
+        stripesUnretained[s]._withUnsafeGuaranteedRef { $0.m.withLock(body) }
+    }
+
     private func put(_ compacted: (Slot, Spread?), seq: Int, mark: UInt32) {
         let (s, i) = locate(seq)
         var (slot, spread) = compacted
         slot.lap = mark
-        stripes[s].withLockedValue { st in
+        stripe(s) { st in
             let old = st.slots[i]
             if old.lease < 0, old.lap != 0 { st.spread.removeValue(forKey: sequence(mark: old.lap, stripe: s, slot: i)) }
             st.slots[i] = slot
@@ -303,11 +318,11 @@ final class ClaimBook: Sendable {
     enum Take { case unknown, already, inProgress, take(ClaimEvent) }
 
     /// Look up and change one claim's entry under its lock.
-    private func with<T>(_ id: String, _ body: (inout Entry?) -> T) -> T {
+    private func with<T: Sendable>(_ id: String, _ body: (inout Entry?) -> T) -> T {
         if let seq = sequence(id) {
             guard capacity > 0, let mark = lapMark(seq) else { var none: Entry? = nil; return body(&none) }
             let (s, i) = locate(seq)
-            return stripes[s].withLockedValue { st in
+            return stripe(s) { st in
                 guard st.slots[i].lap == mark else {
                     var none: Entry? = nil
                     return body(&none)
@@ -377,7 +392,7 @@ final class ClaimBook: Sendable {
 
     /// Claims of this boot kept in the side table (not one share of a numbered lease of at most 32,767 tokens,
     /// or of a voucher past the table's bound): ~140 bytes each instead of the slot's 32.
-    var spreadCount: Int { stripes.reduce(0) { n, st in n + st.withLockedValue { $0.spread.count } } }
+    var spreadCount: Int { stripes.reduce(0) { n, st in n + st.m.withLock { $0.spread.count } } }
 
     /// Voucher ids in the book's table (bounded by ``maxVouchers``, kept for the process's life).
     var voucherCount: Int { vouchers.withLockedValue { $0.names.count } }
