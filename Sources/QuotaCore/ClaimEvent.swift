@@ -80,6 +80,9 @@ public struct ClaimEvent: Sendable, Equatable {
     }
     /// The id's parts when it is a prefix and a sequence number (a claim made by this process), else nil.
     public var claimNumber: (prefix: String, seq: Int)? { box.f.idSeq < 0 ? nil : (box.f.idHead, box.f.idSeq) }
+    /// The id's sequence number when the id is `prefix` followed by it, else nil (``claimNumber``'s, without a copy of
+    /// its prefix).
+    public func claimNumber(ifPrefix prefix: String) -> Int? { box.f.idSeq >= 0 && box.f.idHead == prefix ? box.f.idSeq : nil }
     /// The id's length in bytes, without making it.
     public var claimIDByteCount: Int {
         box.f.idSeq < 0 ? box.f.idHead.utf8.count : box.f.idHead.utf8.count + ClaimNumber.count(box.f.idSeq)

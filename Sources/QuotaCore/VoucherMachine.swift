@@ -557,12 +557,12 @@ public struct VoucherMachine: Sendable {
                 return nil
             }
         }
-        return record(seq: seq, flight, &fx)
+        return record(seq: seq, consume flight, &fx)
     }
 
     private mutating func track(_ seq: Int, _ f: consuming InFlight) {
         deadlines.append((f.deadline, seq))
-        inFlight[seq] = f
+        inFlight[seq] = consume f
     }
 
     /// Record a claim whose user (if any) is settled: at once with `durability: none` (returns the
@@ -581,7 +581,7 @@ public struct VoucherMachine: Sendable {
         f.stage = .recording
         fx.append(.recordClaim(f.event, seq: seq))
         if inFlight[seq] == nil {
-            track(seq, f)
+            track(seq, consume f)
         } else {
             inFlight[seq] = f
         }
@@ -591,7 +591,8 @@ public struct VoucherMachine: Sendable {
     /// A granted claim's answer: its sequence number when its id is this machine's prefix and that number (every
     /// claim made here: no `String` is made for the id, the reply writes it), else the id's text.
     private func idAnswer(_ e: ClaimEvent) -> Answer {
-        if let (prefix, seq) = e.claimNumber, prefix == rules.idPrefix { return .claimNumber(seq) }
+        // (Compared in place: `claimNumber` gives a copy of the prefix, a retain and a release; issue 13.)
+        if let seq = e.claimNumber(ifPrefix: rules.idPrefix) { return .claimNumber(seq) }
         return .claimID(e.claimID)
     }
 

@@ -178,7 +178,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
         var commands = 0
         turnBytes = 0
-        while !closing, !inactive, var buf = input {
+        while !closing, !inactive, input != nil {
             // (A flush in `shouldPause` that finds the peer gone closes the channel at once: `inactive`.)
             if shouldPause(context: context) || inactive { break }
             // Fairness: one connection's burst does not hold the event loop (and the other connections on it)
@@ -188,7 +188,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 break
             }
             commands += 1
-            input = nil
+            // Taken out of `input` and put back (moved, both ways), what is left of it before the command runs.
+            // (`var buf = input`, `input = nil` and `input = buf` were copies of the buffer: a retain and a release
+            // of its storage each, per command; issue 13.)
+            var buf = input.take()!
             let parsed: Bool
             do {
                 parsed = try RESPCommandDecoder.parse(&buf, limits: limits, spans: &spans)
@@ -199,11 +202,13 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 context.close(promise: nil)
                 return
             }
-            if buf.readableBytes > 0 {
-                if buf.readerIndex >= 16 << 10 && !parsed { buf.discardReadBytes() }
-                input = buf
+            guard parsed else {
+                if buf.readableBytes > 0 {
+                    if buf.readerIndex >= 16 << 10 { buf.discardReadBytes() }
+                    input = consume buf
+                }
+                break
             }
-            guard parsed else { break }
             commandsDecoded &+= 1
             // A `CLAIM` read where it was decoded (`buf` still holds its bytes: they are discarded only when no
             // command was parsed); any other command as slices.
@@ -214,6 +219,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 let request = buf.withVeryUnsafeBytes { storage in
                     spans.withUnsafeBufferPointer { claimRequest(RESPSpannedArguments(storage: storage, spans: $0)) }
                 }
+                if buf.readableBytes > 0 { input = consume buf }
                 addToRun(request, started: t0, context: context)
                 continue
             }
@@ -224,6 +230,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 whole.moveReaderIndex(to: first.start)
                 for s in spans { arguments.append(whole.getSlice(at: s.start, length: s.count)!) }
             }
+            if buf.readableBytes > 0 { input = consume buf }
             command(RESPCommand(arguments: arguments), context: context)
         }
     }
