@@ -23,7 +23,7 @@ libc=$(ldd .build/release/quotad | awk '/libc\.so/ {print $3}')
 # (swift_bridgeObjectRetain/Release, a string's or an array's, call swift_retain/release with the object: counted
 # there. Only an object in a thread's heap arena (0x7f…) is an atomic write: tagged values (small strings) and
 # the static empty array return at once, and are left out by the filter.)
-fns="swift_retain swift_release swift_retain_n swift_release_n"
+fns="swift_retain swift_release swift_retain_n swift_release_n swift_unownedRetainStrong swift_unownedRetain swift_unownedRelease"
 heap='obj >= 0x7f0000000000 && obj < 0x800000000000'
 
 i=0

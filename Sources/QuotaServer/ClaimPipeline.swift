@@ -24,8 +24,9 @@ final class ClaimPipeline: Sendable {
     let journal: Journal?
     /// ``journal`` without a reference count (``journal`` keeps it alive): ``refusal()`` reads its health for every
     /// claim, from both event loops, and an `if let journal` there was a retain and a release each of one object
-    /// the writer thread uses too (issue 13).
-    private unowned(unsafe) let journalUnretained: Journal?
+    /// the writer thread uses too (issue 13). (Unmanaged, read through `_withUnsafeGuaranteedRef`: an
+    /// `unowned(unsafe)` reference bound by `if let` is still retained for its scope.)
+    private let journalUnretained: Unmanaged<Journal>?
     private let producerBox = NIOLockedValueBox<KafkaProducer?>(nil)
     private let logger: Logger
     private let unavailableAfter: Duration
@@ -103,7 +104,7 @@ final class ClaimPipeline: Sendable {
         } else {
             journal = nil
         }
-        journalUnretained = journal
+        journalUnretained = journal.map { Unmanaged.passUnretained($0) }
         if config.kafka.brokers != nil {
             do {
                 let producer = try makeProducer()
@@ -153,15 +154,18 @@ final class ClaimPipeline: Sendable {
     // MARK: - Admission (hot path: atomic loads)
 
     /// Why a claim must be refused now (fail closed), or nil.
-    func refusal() -> QuotaError? {
-        if let journal = journalUnretained {
-            if !journal.isHealthy {
-                return QuotaError(.unavailable, "journal not writable: \(journal.lastError ?? "unknown error")")
-            }
-            if journal.isOverBound {
-                return QuotaError(.unavailable, "unshipped journal backlog over journal.max_bytes (\(journal.options.maxBytes))")
-            }
+    private static func refusal(journal: Journal) -> QuotaError? {
+        if !journal.isHealthy {
+            return QuotaError(.unavailable, "journal not writable: \(journal.lastError ?? "unknown error")")
         }
+        if journal.isOverBound {
+            return QuotaError(.unavailable, "unshipped journal backlog over journal.max_bytes (\(journal.options.maxBytes))")
+        }
+        return nil
+    }
+
+    func refusal() -> QuotaError? {
+        if let j = journalUnretained, let e = j._withUnsafeGuaranteedRef(Self.refusal(journal:)) { return e }
         if _memoryBacklogFull.load(ordering: .relaxed) {
             return QuotaError(.unavailable, "over \(Self.maxUnjournaled) claim events wait for Kafka in memory (no journal.dir)")
         }

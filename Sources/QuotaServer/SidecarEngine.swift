@@ -41,7 +41,8 @@ public final class SidecarEngine: Sendable {
     /// The process-wide bound of `REQ` answers (`claims.max_dedupe_entries` / `max_dedupe_bytes`).
     let dedupeBudget: DedupeBudget
     private let _regionPolicy = NIOLockedValueBox(LeasePolicyOverride())
-    private let claimSeq = Atomic<Int>(0)
+    /// New claim sequence numbers (the `UNCLAIM` book is indexed by them).
+    let claimSequence = ClaimSequence()
     /// Every claim id this process makes starts with it (`region.host.boot.`).
     let claimPrefix: String
     private let _draining = Atomic<Bool>(false)
@@ -114,9 +115,6 @@ public final class SidecarEngine: Sendable {
     var regionPolicy: LeasePolicyOverride { _regionPolicy.withLockedValue { $0 } }
     var regionHosts: Int { max(1, _regionHosts.load(ordering: .relaxed)) }
     public var isDraining: Bool { _draining.load(ordering: .relaxed) }
-
-    /// A new claim sequence number (the `UNCLAIM` book is indexed by it).
-    func nextClaimSeq() -> Int { claimSeq.wrappingAdd(1, ordering: .relaxed).newValue }
 
     /// A new connection's id (`CLIENT ID`, `HELLO`).
     func nextClientID() -> Int { clientIDs.wrappingAdd(1, ordering: .relaxed).newValue }
@@ -835,4 +833,12 @@ extension SidecarEngine {
 
 public enum QuotadVersion {
     public static let string = "0.1.0"
+}
+
+/// The process's claim sequence numbers, in an object of their own: each voucher's machine holds it strongly and
+/// takes a number for every claim without going through the engine (an `unowned` engine reference there was an
+/// atomic strong retain and a release a claim; issue 13).
+final class ClaimSequence: Sendable {
+    private let n = Atomic<Int>(0)
+    func next() -> Int { n.wrappingAdd(1, ordering: .relaxed).newValue }
 }

@@ -55,9 +55,10 @@ final class VoucherRuntime: @unchecked Sendable {
         let pipeline = engine.pipeline
         let chores = engine.chores
         let maxJobs = engine.config.limits.maxBackgroundJobs
+        let claimSequence = engine.claimSequence
         machine = VoucherMachine(
             voucher: id, rules: rules, policy: policy, requestPrefix: requestPrefix,
-            nextSeq: { [unowned engine] in engine.nextClaimSeq() }, wallClock: { wallClockMs() },
+            nextSeq: { claimSequence.next() }, wallClock: { wallClockMs() },
             admission: { pipeline.refusal() ?? chores.refusal(limit: maxJobs) })
     }
 
@@ -199,6 +200,7 @@ final class VoucherRuntime: @unchecked Sendable {
         // A batch's answers at once (a claim answered now usually defers nothing: no array for it).
         if fx.count > 16 { out.reserveCapacity(fx.count) }
         let pipeline = engine.pipeline
+        let book = engine.claimBook   // (once: each read through the `unowned` engine is an atomic retain and release)
         // (By index, each effect taken out: `for e in fx` and `switch fx[i]` copied each effect (an outlined copy of
         // the enum, ~146 instructions, and a retain and a release of its event) and destroyed the copy; issue 13.)
         for i in fx.indices {
@@ -236,9 +238,9 @@ final class VoucherRuntime: @unchecked Sendable {
             case .remember(let c, let seq):
                 // Done here, not deferred: the claim book has its own striped locks and calls nothing back,
                 // and a claim answered at once then needs no deferred list at all.
-                engine.claimBook.add(c, seq: seq, voucherIndex: bookIndex)
+                book.add(c, seq: seq, voucherIndex: bookIndex)
             case .rememberGranted(let c):
-                engine.claimBook.add(c, voucher: id, voucherIndex: bookIndex)
+                book.add(c, voucher: id, voucherIndex: bookIndex)
             case .releaseUser(let c, let t?):
                 if let w = waiters.removeValue(forKey: t) { out.append(.releaseThenOK(c, w)) } else { out.append(.effect(e)) }
             case .lease, .renew, .giveBack, .load:
