@@ -327,7 +327,10 @@ final class VoucherRuntime: @unchecked Sendable {
         forEachRun(addressed[...], by: \.loop) { loopRun in
             loopRun[loopRun.startIndex].address.box.loop.execute {
                 forEachRun(loopRun, by: \.box) { connection in
-                    connection[connection.startIndex].address.box.deliver(connection.lazy.map { (seq: $0.address.seq, reply: $0.reply) })
+                    // (By index, each reply's number and reply read where they are: mapping the elements copied each
+                    // one, a retain and a release of its connection's box; issue 13.)
+                    connection[connection.startIndex].address.box.deliver(
+                        connection.indices.lazy.map { (seq: connection[$0].address.seq, reply: connection[$0].reply) })
                 }
             }
         }
