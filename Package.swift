@@ -223,8 +223,10 @@ for target in package.targets where target.type != .system && !cTargets.contains
 // The claim path's own modules skip the run-time exclusivity checks in release builds (~4 % of a claim's
 // CPU in `perf`: swift_beginAccess on the voucher machine and the engine's tables; README, issue 13). QuotaRESP
 // too: the decoder's and the command-name compare's two checks were ~230 of a claim's ~7,500 instructions
-// (`scripts/icount.sh`). Debug builds, which run the tests, keep them: a violation still traps there.
-for target in package.targets where ["QuotaCore", "QuotaServer", "QuotaRESP"].contains(target.name) {
+// (`scripts/icount.sh`). QuotaJournal too: `Journal.append` (two checks a claim, on the event loops) and the
+// writer's `write` were ~320 of a durable claim's ~13,000 (fourteenth pass). Debug builds, which run the tests,
+// keep them: a violation still traps there.
+for target in package.targets where ["QuotaCore", "QuotaServer", "QuotaRESP", "QuotaJournal"].contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [
         .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))
     ]

@@ -530,7 +530,9 @@ public struct VoucherStock: Sendable {
         var left = qty
         var shares: [ClaimShare]
         var i = 0
-        if qty > 0, let first = leases.first, first.remaining >= qty, let s = share(of: 0, upTo: qty, inFlight: inFlight) {
+        // (`leases[0]` read in place: `let first = leases.first` copied the whole lease, a memcpy and a retain and a
+        // release of its id, for every claim; issue 13.)
+        if qty > 0, !leases.isEmpty, leases[0].remaining >= qty, let s = share(of: 0, upTo: qty, inFlight: inFlight) {
             // The usual claim: one share of the first lease (the loop below would take the same), its array made
             // at its size instead of grown from empty.
             shares = [s]
@@ -550,10 +552,10 @@ public struct VoucherStock: Sendable {
         counters.claimsOK += 1
         counters.tokensServed += qty
         // Leases fully served are done: they are closed at Redis with the next lease request.
-        while var first = leases.first, first.remaining == 0 {
+        while !leases.isEmpty, leases[0].remaining == 0 {
+            var first = leases.removeFirst()
             first.renewInFlight = false
             finishedLeases.append(first)
-            leases.removeFirst()
         }
         return shares
     }
