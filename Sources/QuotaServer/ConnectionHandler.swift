@@ -94,8 +94,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let refusal: String?
 
     // Client-compatibility state (HELLO, AUTH, CLIENT SETNAME, MULTI).
-    /// The RESP version the client asked for with `HELLO` (2 or 3).
+    /// The RESP version the client asked for with `HELLO` (2 or 3): the one commands run in.
     private var proto = 2
+    /// The RESP version replies are written in. It lags ``proto`` while replies to commands that ran before a `HELLO`
+    /// that changed it still wait in the queue (behind a claim waiting for its journal record): each reply is
+    /// encoded in the protocol its command ran in, as Redis does, so a RESP2 client that pipelines `…; HELLO 3` can
+    /// read every reply before HELLO's in RESP2 (helper-58).
+    private var writeProto = 2
+    /// Changes of ``proto`` the writer has not reached: from reply place `seq` on, `proto`.
+    private var protoChanges: [(seq: Int, proto: Int)] = []
     private var authenticated: Bool
     private var clientName: String?
     private let clientID: Int
@@ -381,8 +388,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func drain(context: ChannelHandlerContext) {
         while let first = queue.first, let reply = first {
             queue.removeFirst()
+            write(reply, context: context)   // (at place `headSeq`)
             headSeq += 1
-            write(reply, context: context)
         }
     }
 
@@ -456,10 +463,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Write the reply of place `headSeq`.
     private func write(_ r: Reply, context: ChannelHandlerContext) {
+        while let c = protoChanges.first, c.seq <= headSeq {
+            writeProto = c.proto
+            protoChanges.removeFirst()
+        }
         if out == nil { out = context.channel.allocator.buffer(capacity: 512) }
         let before = out!.writerIndex
-        out!.writeReply(r, proto: proto, claimPrefix: claimPrefix)
+        out!.writeReply(r, proto: writeProto, claimPrefix: claimPrefix)
         turnBytes &+= out!.writerIndex - before
         repliesWritten &+= 1
     }
@@ -760,6 +772,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
         }
         guard authenticated else { return .now(.value(.error("NOAUTH HELLO must be called with the client's password"))) }
+        // (From this command's reply on: its place is the next one, after every reply still waiting.)
+        if version != proto { protoChanges.append((seq: headSeq + queue.count, proto: version)) }
         proto = version
         return .now(.map([
             (.bulk("server"), .bulk("quotad")), (.bulk("version"), .bulk(QuotadVersion.string)),
