@@ -155,7 +155,6 @@ public enum JournalCodec {
         }
     }
 
-
     /// The outcome of decoding at one offset.
     public enum Decoded: Equatable {
         case record(JournalRecord, next: Int)
