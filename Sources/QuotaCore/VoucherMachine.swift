@@ -492,6 +492,7 @@ public struct VoucherMachine: Sendable {
     /// of them makes it do; helper-40: one user's claims could make the host return its stock again and again).
     /// Any other use is left to ``granted``'s check, which sees counts released meanwhile (a claim in flight
     /// that fails). Nil without a per-user limit. (`qty > limit - held`: a huge `qty` must not overflow.)
+    @inline(__always)  // called from mutating code: an out-of-line call copies all of `self` first (issue 13)
     private func userLimitRefusal(user: String, qty: Int) -> QuotaError? {
         guard perUserLimit > 0, qty > perUserLimit - localUsers[ByteKey(user), default: 0] else { return nil }
         return Self.userLimitError(perUserLimit)
@@ -590,6 +591,7 @@ public struct VoucherMachine: Sendable {
 
     /// A granted claim's answer: its sequence number when its id is this machine's prefix and that number (every
     /// claim made here: no `String` is made for the id, the reply writes it), else the id's text.
+    @inline(__always)  // as `userLimitRefusal`
     private func idAnswer(_ e: ClaimEvent) -> Answer {
         // (Compared in place: `claimNumber` gives a copy of the prefix, a retain and a release; issue 13.)
         if let seq = e.claimNumber(ifPrefix: rules.idPrefix) { return .claimNumber(seq) }

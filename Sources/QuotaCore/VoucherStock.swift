@@ -285,6 +285,7 @@ public struct VoucherStock: Sendable {
     // MARK: - Claims
 
     /// Tokens that may be served at `now`.
+    @inline(__always)  // called from mutating code: an out-of-line call copies all of `self` first (issue 13)
     public func available(now: Instant) -> Int {
         var n = 0
         for l in leases where l.deadline > now { n += l.remaining }
@@ -468,6 +469,7 @@ public struct VoucherStock: Sendable {
     }
 
     /// Whether `take(qty)` takes from at most `ClaimEvent.maxShares` leases (the first has enough, nearly always).
+    @inline(__always)  // as `available(now:)`
     private func spansFewLeases(_ qty: Int) -> Bool {
         if let first = leases.first, first.remaining >= qty { return true }
         var left = qty
