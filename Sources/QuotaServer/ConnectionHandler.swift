@@ -288,10 +288,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     /// A checked `CLAIM` joins the run of claims (decided together at ``flushClaims(context:)``); a refused one
     /// is answered in its place.
-    private func addToRun(_ request: Result<(String, VoucherMachine.Request), RefusedClaim>, started t0: NIODeadline?,
+    private func addToRun(_ request: consuming ClaimRequest, started t0: NIODeadline?,
                           context: ChannelHandlerContext) {
-        switch request {
-        case .success(let (voucher, req)):
+        switch consume request {
+        case .claim(let voucher, let req):
             if let v = runVoucher, v != voucher { flushClaims(context: context) }
             runVoucher = voucher
             runRequests.append(req)
@@ -300,7 +300,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
             if runRequests.count >= Self.maxClaimRun || queue.count + runRequests.count >= maxPending {
                 flushClaims(context: context)
             }
-        case .failure(let refused):
+        case .refused(let refused):
             flushClaims(context: context)
             if let t0, let timer = claimTimer { timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
             enqueue(refused.outcome, context: context)
@@ -842,8 +842,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// `CLAIM voucher user [QTY n] [REQ id]`: the stateless checks are `ClaimArguments.parse` (fuzzed in Fuzz/).
     private func claim(_ a: [ByteBuffer], loop: any EventLoop) -> Outcome {
         switch claimRequest(a) {
-        case .success(let (voucher, req)): return engine.request(req, voucher: voucher, loop: loop, cache: &lastRuntime)
-        case .failure(let refused): return refused.outcome
+        case .claim(let voucher, let req): return engine.request(req, voucher: voucher, loop: loop, cache: &lastRuntime)
+        case .refused(let refused): return refused.outcome
         }
     }
 
@@ -852,33 +852,40 @@ final class ConnectionHandler: ChannelDuplexHandler {
         var outcome: Outcome
     }
 
+    /// A `CLAIM`'s voucher and request, or its refusal. (Not a `Result` of a tuple: that is destroyed through
+    /// its metadata, ~250 instructions a claim; issue 13.)
+    private enum ClaimRequest {
+        case claim(voucher: String, VoucherMachine.Request)
+        case refused(RefusedClaim)
+    }
+
     /// A `CLAIM`'s voucher and request, or its refusal.
-    private func claimRequest<A: RESPArgumentBytes>(_ a: A) -> Result<(String, VoucherMachine.Request), RefusedClaim> {
+    private func claimRequest<A: RESPArgumentBytes>(_ a: A) -> ClaimRequest {
         let c: ClaimArguments.Fields
         switch ClaimArguments.parseFields(a, maxQty: engine.config.limits.maxQty, voucherID: voucherID) {
         case .success(let parsed): c = parsed
-        case .failure(.arity): return .failure(RefusedClaim(outcome: arity("CLAIM")))
-        case .failure(.syntax(let m)): return .failure(RefusedClaim(outcome: syntax(m)))
-        case .failure(.badVoucher(let v)): return .failure(RefusedClaim(outcome: badVoucher(v)))
+        case .failure(.arity): return .refused(RefusedClaim(outcome: arity("CLAIM")))
+        case .failure(.syntax(let m)): return .refused(RefusedClaim(outcome: syntax(m)))
+        case .failure(.badVoucher(let v)): return .refused(RefusedClaim(outcome: badVoucher(v)))
         }
         if c.reqIndex == nil && engine.config.claims.requireReq {
-            return .failure(RefusedClaim(outcome: syntax(
+            return .refused(RefusedClaim(outcome: syntax(
                 "REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
                 + "for every retry of one claim")))
         }
         // Ids are compared as bytes; bytes that are not UTF-8 would not survive the journal and the JSON
         // events as themselves (two such ids would become one string), so they are refused.
         guard let user = a.withArgument(2, Self.utf8) else {
-            return .failure(RefusedClaim(outcome: syntax("user id must be valid UTF-8")))
+            return .refused(RefusedClaim(outcome: syntax("user id must be valid UTF-8")))
         }
         var req: String?
         if let r = c.reqIndex {
             guard let s = a.withArgument(r, Self.utf8) else {
-                return .failure(RefusedClaim(outcome: syntax("REQ request id must be valid UTF-8")))
+                return .refused(RefusedClaim(outcome: syntax("REQ request id must be valid UTF-8")))
             }
             req = s
         }
-        return .success((c.voucher, .claim(qty: c.qty, user: user, req: req)))
+        return .claim(voucher: c.voucher, .claim(qty: c.qty, user: user, req: req))
     }
 
     /// The text of a `CLAIM`'s voucher id, or nil if it is not a valid id. The last valid id is remembered: a
