@@ -29,7 +29,7 @@ public struct ClaimEvent: Sendable, Equatable {
         var qty: Int
         var region: String
         var host: String
-        var shares: [ClaimShare]
+        var shares: ClaimShares
         var tsMs: Int64
         var req: String?
         var toPool: UInt64
@@ -93,10 +93,10 @@ public struct ClaimEvent: Sendable, Equatable {
     public var region: String { get { box.f.region } set { fields.region = newValue } }
     public var host: String { get { box.f.host } set { fields.host = newValue } }
     /// Which lease served how many of the claim's tokens (their sum is `qty`).
-    public var shares: [ClaimShare] { get { box.f.shares } set { fields.shares = newValue } }
-    /// `body` given the shares where they are kept: ``shares`` gives a copy of the array, a retain and a
-    /// release, which a caller that only reads them need not pay (issue 13).
-    public func withShares<R>(_ body: ([ClaimShare]) throws -> R) rethrows -> R { try body(box.f.shares) }
+    public var shares: ClaimShares { get { box.f.shares } set { fields.shares = newValue } }
+    /// `body` given the shares where they are kept: ``shares`` gives a copy, a retain and a release of a lease id
+    /// or an array, which a caller that only reads them need not pay (issue 13).
+    public func withShares<R>(_ body: (ClaimShares) throws -> R) rethrows -> R { try body(box.f.shares) }
     public var tsMs: Int64 { get { box.f.tsMs } set { fields.tsMs = newValue } }
     /// The client's request id (`CLAIM … REQ id`), journal only.
     public var req: String? { get { box.f.req } set { fields.req = newValue } }
@@ -106,14 +106,14 @@ public struct ClaimEvent: Sendable, Equatable {
     public var toPool: UInt64 { get { box.f.toPool } set { fields.toPool = newValue } }
 
     public init(kind: Kind = .claimed, claimID: String, voucher: String, user: String, qty: Int, region: String,
-                host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
+                host: String, shares: ClaimShares, tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
         box = Box(Fields(kind: kind, idHead: claimID, idSeq: -1, voucher: voucher, user: user, qty: qty, region: region,
                          host: host, shares: shares, tsMs: tsMs, req: req, toPool: toPool))
     }
 
     /// A claim whose id is `idPrefix` followed by `seq` in base 36 (``claimID(prefix:seq:)``), kept as those parts.
     public init(kind: Kind = .claimed, idPrefix: String, seq: Int, voucher: String, user: String, qty: Int, region: String,
-                host: String, shares: [ClaimShare], tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
+                host: String, shares: ClaimShares, tsMs: Int64, req: String? = nil, toPool: UInt64 = 0) {
         precondition(seq >= 0, "claim sequence numbers are never negative")
         box = Box(Fields(kind: kind, idHead: idPrefix, idSeq: seq, voucher: voucher, user: user, qty: qty, region: region,
                          host: host, shares: shares, tsMs: tsMs, req: req, toPool: toPool))
@@ -641,9 +641,9 @@ public struct GrantedClaim: Sendable, Equatable {
     public var user: String
     public var qty: Int
     /// Which lease served how many of its tokens (their sum is `qty`).
-    public var shares: [ClaimShare]
+    public var shares: ClaimShares
 
-    public init(seq: Int, user: String, qty: Int, shares: [ClaimShare]) {
+    public init(seq: Int, user: String, qty: Int, shares: ClaimShares) {
         self.seq = seq
         self.user = user
         self.qty = qty

@@ -386,7 +386,7 @@ public enum JournalCodec {
             guard let id = string(), let v = string(), let u = string(), let q = int(), let rg = string(),
                 let h = string(), let ts = varint(), let n = int(), n <= ClaimEvent.maxShares
             else { return nil }
-            var shares: [ClaimShare] = []
+            var shares = ClaimShares()
             for _ in 0..<n {
                 guard let l = string(), let t = int() else { return nil }
                 shares.append(ClaimShare(leaseId: l, tokens: t))

@@ -504,7 +504,7 @@ public struct VoucherMachine: Sendable {
 
     /// Tokens were taken from local stock for a claim: check the user's limit if the voucher has one,
     /// then record the claim as the durability mode requires. Returns the answer if it is known now.
-    private mutating func granted(_ shares: [ClaimShare], qty: Int, user: String, req: String?, ticket: Ticket,
+    private mutating func granted(_ shares: ClaimShares, qty: Int, user: String, req: String?, ticket: Ticket,
                                   now: Instant, _ fx: inout [Effect]) -> Answer? {
         let seq = nextSeq()
         let limit = perUserLimit
@@ -735,7 +735,7 @@ public struct VoucherMachine: Sendable {
     }
 
     /// The mask of shares whose lease this host no longer holds (they can only go to the pool).
-    private func sharesNotHeld(_ shares: [ClaimShare]) -> UInt64 {
+    private func sharesNotHeld(_ shares: ClaimShares) -> UInt64 {
         var m: UInt64 = 0
         for (i, s) in shares.enumerated() where !stock.holds(s.leaseId) { m |= 1 << UInt64(i) }
         return m

@@ -85,6 +85,60 @@ public struct ClaimShare: Sendable, Equatable {
     }
 }
 
+/// The shares of one claim, in order: at most ``ClaimEvent/maxShares``, nearly always one. One share is kept
+/// inline; only a claim spread over several leases has an array. (An array for every claim was an allocation
+/// on the event loop and a free on the journal thread, ~500 instructions a claim with what goes with them;
+/// issue 13.)
+public struct ClaimShares: RandomAccessCollection, ExpressibleByArrayLiteral, Sendable, Equatable {
+    private enum Storage: Sendable {
+        case none
+        case one(ClaimShare)
+        case many([ClaimShare])
+    }
+
+    private var storage: Storage
+
+    public init() { storage = .none }
+    public init(_ share: ClaimShare) { storage = .one(share) }
+    public init<S: Sequence>(_ shares: S) where S.Element == ClaimShare {
+        storage = .none
+        for s in shares { append(s) }
+    }
+    public init(arrayLiteral shares: ClaimShare...) { self.init(shares) }
+
+    public var startIndex: Int { 0 }
+    public var endIndex: Int {
+        switch storage {
+        case .none: 0
+        case .one: 1
+        case .many(let a): a.count
+        }
+    }
+
+    public subscript(i: Int) -> ClaimShare {
+        switch storage {
+        case .one(let s):
+            precondition(i == 0, "ClaimShares index out of range")
+            return s
+        case .many(let a): return a[i]
+        case .none: preconditionFailure("ClaimShares index out of range")
+        }
+    }
+
+    public mutating func append(_ s: ClaimShare) {
+        switch storage {
+        case .none: storage = .one(s)
+        case .one(let first): storage = .many([first, s])
+        case .many(var a):
+            storage = .none   // (so that `a` is the array's only reference: appended in place)
+            a.append(s)
+            storage = .many(a)
+        }
+    }
+
+    public static func == (a: ClaimShares, b: ClaimShares) -> Bool { a.elementsEqual(b) }
+}
+
 public enum VoucherStatus: String, Sendable, Equatable {
     case active, paused, closed
 }
@@ -92,7 +146,7 @@ public enum VoucherStatus: String, Sendable, Equatable {
 /// The answer of the local stock to one claim.
 public enum ClaimDecision: Sendable, Equatable {
     /// Granted from local leases.
-    case served([ClaimShare])
+    case served(ClaimShares)
     /// Not enough local stock yet, but a lease may bring it: park the claim.
     case wait
     /// Refused with this error.
@@ -498,9 +552,9 @@ public struct VoucherStock: Sendable {
 
     /// ``take(_:inFlight:)`` from the leases at `indexes` only (in `leases`' order); every lease it empties is
     /// finished, wherever it stands.
-    private mutating func take(_ qty: Int, from indexes: [Int], inFlight: Bool) -> [ClaimShare] {
+    private mutating func take(_ qty: Int, from indexes: [Int], inFlight: Bool) -> ClaimShares {
         var left = qty
-        var shares: [ClaimShare] = []
+        var shares = ClaimShares()
         for i in indexes where left > 0 {
             guard let s = share(of: i, upTo: left, inFlight: inFlight) else { continue }
             shares.append(s)
@@ -528,19 +582,18 @@ public struct VoucherStock: Sendable {
         return ClaimShare(leaseId: leases[i].id, tokens: n)
     }
 
-    private mutating func take(_ qty: Int, inFlight: Bool) -> [ClaimShare] {
+    private mutating func take(_ qty: Int, inFlight: Bool) -> ClaimShares {
         var left = qty
-        var shares: [ClaimShare]
+        var shares: ClaimShares
         var i = 0
         // (`leases[0]` read in place: `let first = leases.first` copied the whole lease, a memcpy and a retain and a
         // release of its id, for every claim; issue 13.)
         if qty > 0, !leases.isEmpty, leases[0].remaining >= qty, let s = share(of: 0, upTo: qty, inFlight: inFlight) {
-            // The usual claim: one share of the first lease (the loop below would take the same), its array made
-            // at its size instead of grown from empty.
-            shares = [s]
+            // The usual claim: one share of the first lease (the loop below would take the same).
+            shares = ClaimShares(s)
             left = 0
         } else {
-            shares = []
+            shares = ClaimShares()
         }
         while left > 0 && i < leases.count {
             if let s = share(of: i, upTo: left, inFlight: inFlight) {
@@ -594,7 +647,7 @@ public struct VoucherStock: Sendable {
     public func holds(_ id: String) -> Bool { place(id) != nil }
 
     /// A claim in flight became final (durable, answered): its tokens stay served.
-    public mutating func commit(_ shares: [ClaimShare]) {
+    public mutating func commit(_ shares: ClaimShares) {
         // Each array changed in place by index. (Through `place` and `modify` the serving leases' array was found
         // shared at the change and copied whole, once a claim: issue 13.)
         for s in shares {
@@ -613,7 +666,7 @@ public struct VoucherStock: Sendable {
     /// cannot have closed meanwhile). A fully served lease still valid serves them again; a
     /// settling one returns them with its close. Returns tokens whose lease is gone (Redis said so).
     @discardableResult
-    public mutating func abort(_ shares: [ClaimShare], now: Instant) -> Int {
+    public mutating func abort(_ shares: ClaimShares, now: Instant) -> Int {
         var lost = 0
         for s in shares {
             guard let p = place(s.leaseId) else {
@@ -646,7 +699,7 @@ public struct VoucherStock: Sendable {
     /// A committed claim is being cancelled: each share whose lease is still held here is pinned
     /// (the lease cannot close until ``cancelled(_:toPool:applied:now:)``) and goes back to it; the
     /// others go to the pool (a restock by claim id). Returns the mask of shares that go to the pool.
-    public mutating func pinForCancel(_ shares: [ClaimShare]) -> UInt64 {
+    public mutating func pinForCancel(_ shares: ClaimShares) -> UInt64 {
         var toPool: UInt64 = 0
         for (i, s) in shares.enumerated() {
             if lost == nil, let p = place(s.leaseId) {
@@ -660,7 +713,7 @@ public struct VoucherStock: Sendable {
 
     /// The cancellation record is durable (`applied`) or could not be written: unpin, and with
     /// `applied` put the tokens back into their leases.
-    public mutating func cancelled(_ shares: [ClaimShare], toPool: UInt64, applied: Bool, now: Instant) {
+    public mutating func cancelled(_ shares: ClaimShares, toPool: UInt64, applied: Bool, now: Instant) {
         var back = 0
         for (i, s) in shares.enumerated() where toPool & (1 << UInt64(i)) == 0 {
             guard let p = place(s.leaseId) else { continue }

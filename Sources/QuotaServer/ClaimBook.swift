@@ -47,7 +47,7 @@ final class ClaimBook: Sendable {
     private struct Spread {
         var voucher: String
         var qty: Int
-        var shares: [ClaimShare]
+        var shares: ClaimShares
     }
     private struct Stripe {
         var slots: [Slot]
@@ -178,7 +178,7 @@ final class ClaimBook: Sendable {
         e.withShares { compact(voucher: e.voucher, user: e.user, qty: e.qty, shares: $0, voucherIndex: voucherIndex) }
     }
 
-    private static func compact(voucher: String, user: String, qty: Int, shares: [ClaimShare],
+    private static func compact(voucher: String, user: String, qty: Int, shares: ClaimShares,
                                 voucherIndex: UInt16?) -> (Slot, Spread?) {
         var slot = Slot()
         slot.user = user
@@ -228,7 +228,7 @@ final class ClaimBook: Sendable {
 
     /// A slot's claim as an entry (`spread`: its side-table entry when it has one).
     private func entry(_ id: String, _ slot: Slot, spread: Spread?, region: String, host: String) -> Entry {
-        let shares: [ClaimShare]
+        let shares: ClaimShares
         let qty: Int
         let voucher: String
         if slot.lease >= 0 {
@@ -247,7 +247,7 @@ final class ClaimBook: Sendable {
 
     /// The lease id of a claim that is one share of a numbered lease (all its tokens), or nil. A hot-key
     /// shard's lease `s.N` is kept as `s << 48 | N` (shards ≤ 64, N < 2⁴⁸).
-    private static func numbered(qty: Int, shares: [ClaimShare]) -> Int64? {
+    private static func numbered(qty: Int, shares: ClaimShares) -> Int64? {
         guard shares.count == 1, shares[0].tokens == qty, qty >= 0 else { return nil }
         return PackedLease.pack(shares[0].leaseId)
     }

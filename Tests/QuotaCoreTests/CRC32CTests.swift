@@ -50,7 +50,7 @@ struct ClaimRecordRoundTripTests {
             records.append(.claim(ClaimEvent(
                 kind: kind, claimID: Self.text(&rng, max: 40), voucher: Self.text(&rng, max: 64),
                 user: Self.text(&rng, max: i % 100 == 0 ? 3_000 : 256), qty: Int.random(in: 0...Int.max, using: &rng),
-                region: Self.text(&rng, max: 10), host: Self.text(&rng, max: 30), shares: shares,
+                region: Self.text(&rng, max: 10), host: Self.text(&rng, max: 30), shares: ClaimShares(shares),
                 tsMs: Int64.random(in: .min ... .max, using: &rng), req: Bool.random(using: &rng) ? Self.text(&rng, max: 128) : nil,
                 toPool: UInt64.random(in: 0 ... .max, using: &rng))))
         }
@@ -78,7 +78,7 @@ struct KafkaValueBoundTests {
         for (qty, ts) in [(Int.max, Int64.min), (0, Int64.max), (1, -1)] {
             for kind in [ClaimEvent.Kind.claimed, .unclaimed] {
                 let e = ClaimEvent(kind: kind, claimID: worst, voucher: worst, user: worst, qty: qty, region: worst, host: worst,
-                                   shares: shares, tsMs: ts, toPool: 0x5555)
+                                   shares: ClaimShares(shares), tsMs: ts, toPool: 0x5555)
                 let o = try #require(try JSONSerialization.jsonObject(with: Data(e.kafkaValue)) as? [String: Any])
                 #expect(o["user"] as? String == worst && o["claim_id"] as? String == worst)
                 #expect((o["qty"] as? NSNumber)?.int64Value == Int64(qty) && (o["ts_ms"] as? NSNumber)?.int64Value == ts)

@@ -533,9 +533,9 @@ struct ClaimIDPartsTests {
                 for kind in [ClaimEvent.Kind.claimed, .unclaimed] {
                     let shares = [ClaimShare(leaseId: "l1", tokens: 2), ClaimShare(leaseId: "l2", tokens: 1)]
                     let numbered = ClaimEvent(kind: kind, idPrefix: prefix, seq: seq, voucher: "v", user: "u", qty: 3,
-                                              region: "sg", host: "h", shares: shares, tsMs: 7, req: "r", toPool: 2)
+                                              region: "sg", host: "h", shares: ClaimShares(shares), tsMs: 7, req: "r", toPool: 2)
                     let spelled = ClaimEvent(kind: kind, claimID: text, voucher: "v", user: "u", qty: 3,
-                                             region: "sg", host: "h", shares: shares, tsMs: 7, req: "r", toPool: 2)
+                                             region: "sg", host: "h", shares: ClaimShares(shares), tsMs: 7, req: "r", toPool: 2)
                     #expect(numbered.claimID == text && numbered.claimIDByteCount == text.utf8.count)
                     #expect(numbered == spelled)
                     #expect(numbered.kafkaValue == spelled.kafkaValue, "Kafka value of \(prefix.debugDescription) + \(seq)")

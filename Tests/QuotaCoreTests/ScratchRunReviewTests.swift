@@ -74,11 +74,11 @@ struct ScratchRunReviewTests {
                 var e: ClaimEvent
                 if r.next(3) == 0 {
                     e = ClaimEvent(kind: kind, claimID: str(&r), voucher: vouchers[r.next(3)], user: str(&r), qty: qty,
-                                   region: hosts[r.next(2)], host: hosts[r.next(2)], shares: shares, tsMs: ts, toPool: toPool)
+                                   region: hosts[r.next(2)], host: hosts[r.next(2)], shares: ClaimShares(shares), tsMs: ts, toPool: toPool)
                 } else {
                     e = ClaimEvent(kind: kind, idPrefix: prefixes[r.next(3)], seq: [0, 35, 36, .max, r.next(1 << 30)][r.next(5)],
                                    voucher: vouchers[r.next(3)], user: str(&r), qty: qty, region: hosts[r.next(2)],
-                                   host: hosts[r.next(2)], shares: shares, tsMs: ts, toPool: toPool)
+                                   host: hosts[r.next(2)], shares: ClaimShares(shares), tsMs: ts, toPool: toPool)
                     if r.next(5) == 0 { e = e.cancellation(tsMs: ts &+ 1, toPool: toPool >> 1) }
                 }
                 let want = Self.reference(e)

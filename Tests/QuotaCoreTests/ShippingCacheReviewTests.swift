@@ -71,7 +71,7 @@ struct ShippingCacheReviewTests {
                     let k = 1 + r.next(4)
                     let shares = (0..<k).map { _ in ClaimShare(leaseId: r.next(3) == 0 ? lease : "\(r.next(leases))", tokens: 1) }
                     return .claim(ClaimEvent(kind: .unclaimed, claimID: "c\(r.next(max(n, 1)))", voucher: voucher, user: "u", qty: k,
-                                             region: "sg", host: "h", shares: shares, tsMs: 1, toPool: UInt64(r.next(1 << k))))
+                                             region: "sg", host: "h", shares: ClaimShares(shares), tsMs: 1, toPool: UInt64(r.next(1 << k))))
                 case 4:
                     return .snapshot(l.snapshot)
                 default:
@@ -79,7 +79,7 @@ struct ShippingCacheReviewTests {
                     let k = 1 + r.next(3)
                     let shares = (0..<k).map { _ in ClaimShare(leaseId: r.next(2) == 0 ? lease : "\(r.next(leases))", tokens: 1 + r.next(2)) }
                     return .claim(ClaimEvent(claimID: "c\(n)", voucher: voucher, user: "u", qty: shares.reduce(0) { $0 + $1.tokens },
-                                             region: "sg", host: "h", shares: shares, tsMs: 1))
+                                             region: "sg", host: "h", shares: ClaimShares(shares), tsMs: 1))
                 }
             }
             for step in 0..<1500 {

@@ -29,7 +29,7 @@ struct ShippingCacheTests {
             let shares = (0..<(1 + r.next(3))).map { _ in ClaimShare(leaseId: "sg:h:\(r.next(1000))", tokens: 1 + r.next(5)) }
             let e = ClaimEvent(kind: r.next(4) == 0 ? .unclaimed : .claimed, claimID: "h-\(n)", voucher: vouchers[r.next(vouchers.count)],
                                user: "u\"\(r.next(50))", qty: shares.reduce(0) { $0 + $1.tokens }, region: regions[r.next(regions.count) / 2],
-                               host: hosts[r.next(hosts.count)], shares: shares, tsMs: Int64(r.next(1 << 30)),
+                               host: hosts[r.next(hosts.count)], shares: ClaimShares(shares), tsMs: Int64(r.next(1 << 30)),
                                toPool: UInt64(r.next(8)))
             let alone = e.kafkaValue
             #expect(e.kafkaValue(cache: &cache) == alone, "event \(n)")
@@ -47,7 +47,7 @@ struct ShippingCacheTests {
             let seq = [0, 35, 36, Int.max, r.next(1 << 30)][r.next(5)]
             let e = ClaimEvent(kind: r.next(4) == 0 ? .unclaimed : .claimed, idPrefix: prefixes[r.next(prefixes.count)], seq: seq,
                                voucher: vouchers[r.next(2)], user: "u\(r.next(9))", qty: shares.reduce(0) { $0 + $1.tokens },
-                               region: "sg", host: "h", shares: shares,
+                               region: "sg", host: "h", shares: ClaimShares(shares),
                                // (Runs of one millisecond, and changes: the last timestamp's digits are cached.)
                                tsMs: [0, -1, 9, 10, 1_764_000_000_000, 1_764_000_000_001, .max, .min][r.next(8)],
                                toPool: UInt64(r.next(8)))

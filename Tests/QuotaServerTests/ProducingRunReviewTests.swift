@@ -27,7 +27,7 @@ struct ProducingRunReviewTests {
                     let shares = (0..<(1 + n % 3)).map { _ in ClaimShare(leaseId: "sg:h:\(w):\(n % 5)\u{1}\"", tokens: 1) }
                     let e = ClaimEvent(kind: n % 7 == 0 ? .unclaimed : .claimed, idPrefix: "sg.h.\(w)\\.", seq: n,
                                        voucher: ["v1", "v2"][n % 2], user: String(repeating: "u\"", count: n % 90),
-                                       qty: shares.count, region: "sg", host: "h", shares: shares, tsMs: Int64(n / 3), toPool: UInt64(n))
+                                       qty: shares.count, region: "sg", host: "h", shares: ClaimShares(shares), tsMs: Int64(n / 3), toPool: UInt64(n))
                     sent.withLockedValue { $0[e.claimID] = e.kafkaValue }
                     pipeline.append(.claim(e))
                     n += 1
