@@ -525,38 +525,42 @@ public struct VoucherMachine: Sendable {
         // The claim timeout applies only to a claim that waits (a durable record, a per-user check): with
         // `durability: none` and no per-user limit it is answered now, and its deadline is never read.
         let waits = rules.durability != .none || limit > 0
-        var flight = InFlight(event: event, ticket: ticket, deadline: waits ? now.adding(nanoseconds: rules.claimTimeoutNanoseconds) : now,
-                              stage: .recording, pinned: needsFlight)
-        if limit > 0 {
-            // This host's own count is a lower bound of the user's global count: over it, refuse at once.
-            let userKey = ByteKey(user)
-            let held = localUsers[userKey, default: 0]
-            if held + qty > limit {
-                stock.abort(shares, now: now)
-                stock.countRejection(.userlimit)
-                return .refused(Self.userLimitError(limit))
-            }
-            // Reserved until the claim settles. The map is bounded: past the bound it only keeps users
-            // it already has (the pre-check then misses, and Redis decides).
-            if held > 0 || localUsers.count < rules.maxTrackedUsers { localUsers[userKey] = held + qty }
-            if rules.perUserMode == .central && rules.injectedBug != "skip-user-check" {
-                var intent = event
-                if rules.durability == .none {
-                    if rules.recordsIntents {
-                        intent.kind = .intent
-                        fx.append(.recordLater(intent))
-                    }
-                    flight.stage = .checking(retryAt: nil)
-                    flight.mayBeCounted = true
-                    fx.append(.checkUser(event, seq: seq, limit: limit))
-                } else {
+        let deadline = waits ? now.adding(nanoseconds: rules.claimTimeoutNanoseconds) : now
+        if limit == 0 {
+            // (The event moved into its entry: the copy kept for the per-user branch below was a retain and a
+            // release a claim; issue 13.)
+            return record(seq: seq, InFlight(event: consume event, ticket: ticket, deadline: deadline, stage: .recording,
+                                             pinned: needsFlight), &fx)
+        }
+        var flight = InFlight(event: event, ticket: ticket, deadline: deadline, stage: .recording, pinned: needsFlight)
+        // This host's own count is a lower bound of the user's global count: over it, refuse at once.
+        let userKey = ByteKey(user)
+        let held = localUsers[userKey, default: 0]
+        if held + qty > limit {
+            stock.abort(shares, now: now)
+            stock.countRejection(.userlimit)
+            return .refused(Self.userLimitError(limit))
+        }
+        // Reserved until the claim settles. The map is bounded: past the bound it only keeps users
+        // it already has (the pre-check then misses, and Redis decides).
+        if held > 0 || localUsers.count < rules.maxTrackedUsers { localUsers[userKey] = held + qty }
+        if rules.perUserMode == .central && rules.injectedBug != "skip-user-check" {
+            var intent = event
+            if rules.durability == .none {
+                if rules.recordsIntents {
                     intent.kind = .intent
-                    flight.stage = .intent
-                    fx.append(.journalIntent(intent, seq: seq))
+                    fx.append(.recordLater(intent))
                 }
-                track(seq, flight)
-                return nil
+                flight.stage = .checking(retryAt: nil)
+                flight.mayBeCounted = true
+                fx.append(.checkUser(event, seq: seq, limit: limit))
+            } else {
+                intent.kind = .intent
+                flight.stage = .intent
+                fx.append(.journalIntent(intent, seq: seq))
             }
+            track(seq, flight)
+            return nil
         }
         return record(seq: seq, consume flight, &fx)
     }

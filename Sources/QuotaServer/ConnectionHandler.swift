@@ -862,7 +862,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
     /// A `CLAIM`'s voucher and request, or its refusal.
     private func claimRequest<A: RESPArgumentBytes>(_ a: A) -> ClaimRequest {
         let c: ClaimArguments.Fields
-        switch ClaimArguments.parseFields(a, maxQty: engine.config.limits.maxQty, voucherID: voucherID) {
+        // (The handler reached through `Unmanaged` in the closure: `voucherID` or `{ self.voucherID($0) }` retained
+        // and released the handler around the call, an atomic pair a claim; issue 13.)
+        let me = Unmanaged.passUnretained(self)
+        switch ClaimArguments.parseFields(a, maxQty: engine.config.limits.maxQty,
+                                          voucherID: { b in me._withUnsafeGuaranteedRef { $0.voucherID(b) } }) {
         case .success(let parsed): c = parsed
         case .failure(.arity): return .refused(RefusedClaim(outcome: arity("CLAIM")))
         case .failure(.syntax(let m)): return .refused(RefusedClaim(outcome: syntax(m)))
