@@ -526,9 +526,10 @@ public struct VoucherMachine: Sendable {
         // `durability: none` and no per-user limit it is answered now, and its deadline is never read.
         let waits = rules.durability != .none || limit > 0
         let deadline = waits ? now.adding(nanoseconds: rules.claimTimeoutNanoseconds) : now
-        if limit == 0 {
+        if limit <= 0 {
             // (The event moved into its entry: the copy kept for the per-user branch below was a retain and a
-            // release a claim; issue 13.)
+            // release a claim; issue 13. `<= 0` as everywhere a limit is tested: a negative `per_user` read from
+            // Redis is no limit; helper-61 found `== 0` refusing every claim of such a voucher.)
             return record(seq: seq, InFlight(event: consume event, ticket: ticket, deadline: deadline, stage: .recording,
                                              pinned: needsFlight), &fx)
         }
