@@ -314,7 +314,7 @@ final class ClaimPipeline: Sendable {
                 guard let pos = entry else { continue }
                 acked.append(pos)
                 // (Looked up only when someone waits: a lookup hashes the position even in an empty dictionary,
-                // ~250 instructions a claim in journal mode, where nobody waits; issue 13.)
+                // measured 227 instructions a claim shipping in journal mode, where nobody waits; issue 13.)
                 if !s.waiters.isEmpty, let w = s.waiters.removeValue(forKey: pos) {
                     waiters.append(w)
                 } else if kafkaMode {

@@ -853,7 +853,7 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     /// A `CLAIM`'s voucher and request, or its refusal. (Not a `Result` of a tuple: that is destroyed through
-    /// its metadata, ~250 instructions a claim; issue 13.)
+    /// its metadata: with ``VoucherRuntime``'s `WaiterReply`, measured 273 instructions a claim; issue 13.)
     private enum ClaimRequest {
         case claim(voucher: String, VoucherMachine.Request)
         case refused(RefusedClaim)
