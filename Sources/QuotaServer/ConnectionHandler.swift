@@ -300,10 +300,10 @@ final class ConnectionHandler: ChannelDuplexHandler {
             if runRequests.count >= Self.maxClaimRun || queue.count + runRequests.count >= maxPending {
                 flushClaims(context: context)
             }
-        case .refused(let refused):
+        case .refused(let outcome):
             flushClaims(context: context)
             if let t0, let timer = claimTimer { timer.recordNanoseconds((NIODeadline.now() - t0).nanoseconds) }
-            enqueue(refused.outcome, context: context)
+            enqueue(outcome, context: context)
         }
     }
 
@@ -843,20 +843,16 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func claim(_ a: [ByteBuffer], loop: any EventLoop) -> Outcome {
         switch claimRequest(a) {
         case .claim(let voucher, let req): return engine.request(req, voucher: voucher, loop: loop, cache: &lastRuntime)
-        case .refused(let refused): return refused.outcome
+        case .refused(let outcome): return outcome
         }
     }
 
-    /// A `CLAIM`'s arguments refused before any voucher sees them.
-    private struct RefusedClaim: Error {
-        var outcome: Outcome
-    }
-
-    /// A `CLAIM`'s voucher and request, or its refusal. (Not a `Result` of a tuple: that is destroyed through
-    /// its metadata: with ``VoucherRuntime``'s `WaiterReply`, measured 273 instructions a claim; issue 13.)
+    /// A `CLAIM`'s voucher and request, or the answer refusing its arguments before any voucher sees them. (Not a
+    /// `Result` of a tuple: that is destroyed through its metadata: with ``VoucherRuntime``'s `WaiterReply`, measured
+    /// 273 instructions a claim; issue 13.)
     private enum ClaimRequest {
         case claim(voucher: String, VoucherMachine.Request)
-        case refused(RefusedClaim)
+        case refused(Outcome)
     }
 
     /// A `CLAIM`'s voucher and request, or its refusal.
@@ -868,24 +864,24 @@ final class ConnectionHandler: ChannelDuplexHandler {
         switch ClaimArguments.parseFields(a, maxQty: engine.config.limits.maxQty,
                                           voucherID: { b in me._withUnsafeGuaranteedRef { $0.voucherID(b) } }) {
         case .success(let parsed): c = parsed
-        case .failure(.arity): return .refused(RefusedClaim(outcome: arity("CLAIM")))
-        case .failure(.syntax(let m)): return .refused(RefusedClaim(outcome: syntax(m)))
-        case .failure(.badVoucher(let v)): return .refused(RefusedClaim(outcome: badVoucher(v)))
+        case .failure(.arity): return .refused(arity("CLAIM"))
+        case .failure(.syntax(let m)): return .refused(syntax(m))
+        case .failure(.badVoucher(let v)): return .refused(badVoucher(v))
         }
         if c.reqIndex == nil && engine.config.claims.requireReq {
-            return .refused(RefusedClaim(outcome: syntax(
+            return .refused(syntax(
                 "REQ is required (claims.require_req): send CLAIM voucher user REQ <request-id>, the same id "
-                + "for every retry of one claim")))
+                + "for every retry of one claim"))
         }
         // Ids are compared as bytes; bytes that are not UTF-8 would not survive the journal and the JSON
         // events as themselves (two such ids would become one string), so they are refused.
         guard let user = a.withArgument(2, Self.utf8) else {
-            return .refused(RefusedClaim(outcome: syntax("user id must be valid UTF-8")))
+            return .refused(syntax("user id must be valid UTF-8"))
         }
         var req: String?
         if let r = c.reqIndex {
             guard let s = a.withArgument(r, Self.utf8) else {
-                return .refused(RefusedClaim(outcome: syntax("REQ request id must be valid UTF-8")))
+                return .refused(syntax("REQ request id must be valid UTF-8"))
             }
             req = s
         }

@@ -77,7 +77,8 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// Deferred work: what happens after the lock is released.
     private enum Deferred {
-        case reply(Waiter, Reply)
+        /// An answer for a promise (one for a connection's place goes straight to the delivered list instead).
+        case reply(EventLoopPromise<Reply>, Reply)
         case effect(VoucherMachine.Effect)
         /// Release a user's count once, then answer `+OK` (the release is retried in the background if it failed).
         case releaseThenOK(ClaimEvent, Waiter)
@@ -222,7 +223,7 @@ final class VoucherRuntime: @unchecked Sendable {
             case .answer(let t, let a):
                 switch waiters.removeValue(forKey: t) {
                 case .address(let place)?: addressed.append(AddressedReply(place, reply(a)))
-                case .promise(let p)?: out.append(.reply(.promise(p), reply(a)))
+                case .promise(let p)?: out.append(.reply(p, reply(a)))
                 case nil:
                     engine.answersWithoutWaiter.add(1, ordering: .relaxed)
                     engine.logger.error("an answer for a ticket nobody waits for", metadata: ["quota.voucher": "\(id)", "ticket": "\(t)"])
@@ -280,12 +281,12 @@ final class VoucherRuntime: @unchecked Sendable {
 
     /// (`addressed` is consumed, down to ``deliver(_:)``, which sorts it in place: a borrowed array would be
     /// copied whole to sort.)
-    private func perform(_ deferred: [Deferred], _ addressed: consuming [AddressedReply] = []) {
+    private func perform(_ deferred: [Deferred], _ addressed: consuming [AddressedReply]) {
         var replies: [WaiterReply] = []
         for i in deferred.indices {
             switch deferred[i] {
             case .run(let body): body()
-            case .reply(let w, let r): replies.append(WaiterReply(waiter: w, reply: r))
+            case .reply(let p, let r): replies.append(WaiterReply(waiter: .promise(p), reply: r))
             case .effect(let e): start(e)
             case .releaseThenOK(let c, let w):
                 let engine = self.engine
