@@ -6,6 +6,7 @@
 # dump. The kernel's share (syscalls) is not counted. Deterministic to ~0.5 % for one build.
 #   BINS="/tmp/base /tmp/new" MODE=none scripts/icount.sh
 #   KEEP=/tmp/ic BINS=... scripts/icount.sh; callgrind_annotate /tmp/ic/cg.1.out* | head -40   # where they go
+# A build's directory may hold a file `preload` naming a library to LD_PRELOAD (another malloc, say).
 # MODE=none (no journal.dir) | journal (a journal, no Kafka) | shipped (journal, shipped to a private Tansu:
 # bench-core.sh's `journal` row). Needs valgrind and release builds.
 set -euo pipefail
@@ -25,7 +26,8 @@ for bin in ${BINS:-.build/release}; do
   qd_sidecar_yaml "q$i" "$( [ "$MODE" = none ] && echo none || echo journal )" "$j" "$k"
   # valgrind 3.19 cannot read the DWARF 5 of Swift 6's debug info: it runs a copy without it (symbols stay).
   strip --strip-debug -o "$T/quotad.$i" "$bin/quotad"
-  valgrind --tool=callgrind --callgrind-out-file="$T/cg.$i.out" --dump-instr=no --compress-strings=no \
+  pre=""; [ -f "$bin/preload" ] && pre=$(cat "$bin/preload")
+  env ${pre:+LD_PRELOAD=$pre} valgrind --tool=callgrind --callgrind-out-file="$T/cg.$i.out" --dump-instr=no --compress-strings=no \
     "$T/quotad.$i" --config "$T/q$i.yaml" 2>>"$T/q$i.log" &
   vpid=$!; pids+=($vpid)
   for _ in $(seq 600); do [ -S "$T/q$i.sock" ] && break; sleep 0.1; done
