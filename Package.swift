@@ -29,9 +29,11 @@ let package = Package(
     ],
     targets: [
         // C library, owned by QuotaRedis only.
+        // (No pkgConfig: hiredis.pc's Cflags carry -D_FILE_OFFSET_BITS=64, which SwiftPM refuses with a warning on every
+        // build; off_t is 64 bits on the 64-bit platforms quotad builds for, and the shim includes <hiredis/hiredis.h>
+        // from the default include path.)
         .systemLibrary(
             name: "CHiredis",
-            pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
         ),
         // C library, owned by QuotaKafka only.
