@@ -62,12 +62,13 @@ public func offThePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) 
     }
 }
 
-/// Poll `check` until it is true or `timeout` passes.
-public func eventually(_ what: String, timeout: Duration = .seconds(10), _ check: () async throws -> Bool) async throws {
+/// Poll `check` every `every` until it is true or `timeout` passes.
+public func eventually(_ what: String, timeout: Duration = .seconds(10), every: Duration = .milliseconds(50),
+                       _ check: () async throws -> Bool) async throws {
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {
         if (try? await check()) == true { return }
-        try await Task.sleep(for: .milliseconds(50))
+        try await Task.sleep(for: every)
     }
     throw TestError.timeout(what)
 }

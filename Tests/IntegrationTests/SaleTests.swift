@@ -98,16 +98,17 @@ struct SaleTests {
         let (st2, out2) = try await quotactl(["voucher", "set-schedule", "timed", "--end", "+3s", "--redis", redis.url])
         #expect(st2 == 0, "\(out2)")
         // Polled every 250 ms (claims sold until then are counted): ~20 before the end, far from the limit.
-        var ended = false
-        let deadline = ContinuousClock.now + .seconds(30)
-        while !ended && ContinuousClock.now < deadline {
-            let v = try await c.send("CLAIM", "timed", "late")
-            if v.errorCode == nil { sold += 1 }
-            last = "\(v)"
-            ended = v.errorMessage?.contains("sale ended at") == true
-            if !ended { try await Task.sleep(for: .milliseconds(250)) }
+        do {
+            try await eventually("the sale ends", timeout: .seconds(30), every: .milliseconds(250)) {
+                let v = try await c.send("CLAIM", "timed", "late")
+                if v.errorCode == nil { sold += 1 }
+                last = "\(v)"
+                return v.errorMessage?.contains("sale ended at") == true
+            }
+        } catch {
+            Issue.record("the sale did not end; the last reply: \(last)")
+            throw error
         }
-        #expect(ended, "the sale did not end; the last reply: \(last)")
         #expect(sold < 100)
         try await eventually("its leases are back in the pool", timeout: .seconds(15)) {
             let a = try await redis.account("timed")
